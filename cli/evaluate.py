@@ -1,0 +1,34 @@
+"""`mfcache eval`: stage 3, COCO mask and box AP of a trained head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mfcache.cli.common import CacheOpt, QuietOpt, SplitOpt, user_errors
+from mfcache.engine import evaluate
+from mfcache.evaluation import metrics_table
+from mfcache.runtime import console
+
+
+@user_errors
+def command(
+    cache: CacheOpt,
+    run: Annotated[Path, typer.Option("--run", help="Run folder written by `mfcache train`.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write metrics.json (default: RUN/metrics.json).")] = None,
+    split: SplitOpt = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    quiet: QuietOpt = False,
+):
+    """Evaluate a trained head on a cache split with pycocotools (segm and bbox AP).
+
+    Also scores the same detections with each mask filled to its box ("box_filled"),
+    the floor a mask head must clear.
+
+    Example: mfcache eval --cache caches/ddetr --run runs/baseline --out runs/baseline/metrics.json
+    """
+    metrics = evaluate(cache_path=cache, run_dir=run, split=split, out=out, device=device, progress=not quiet)
+    console.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images)"))
+    console.print(f"metrics written to {out or run / 'metrics.json'}")

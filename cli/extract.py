@@ -1,0 +1,46 @@
+"""`mfcache extract`: stage 1, run the frozen detector once and cache its outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mfcache.cli.common import QuietOpt, SplitOpt, user_errors
+from mfcache.config import ExtractConfig
+from mfcache.extract import extract
+from mfcache.runtime import console
+
+_D = ExtractConfig()
+
+
+@user_errors
+def command(
+    detector: Annotated[str, typer.Option("--detector", help="Detector spec: 'demo' or 'hf:<checkpoint dir>'.")],
+    images: Annotated[Path, typer.Option("--images", help="Folder the annotation file's file_names are relative to.")],
+    annotations: Annotated[Path, typer.Option("--annotations", help="COCO instances JSON of the split.")],
+    out: Annotated[Path, typer.Option("--out", help="Cache folder (created, or completed if it exists).")],
+    split: SplitOpt = None,
+    topk: Annotated[int, typer.Option("--topk", min=1, help="Detections cached per image.")] = _D.topk,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Detector batch size.")] = _D.batch_size,
+    c1: Annotated[str, typer.Option("--c1", help="Backbone stride-4 map: store or none.")] = _D.c1,
+    dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype of features: float16 or float32.")] = _D.dtype,
+    target_size: Annotated[int, typer.Option("--target-size", min=8, help="Side of the cached per-query GT mask crops.")] = _D.target_size,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding processes.")] = _D.num_workers,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = _D.device,
+    quiet: QuietOpt = False,
+):
+    """Run the frozen detector over a COCO split and write its outputs to a Zarr cache.
+
+    The split is named after the annotation file (instances_val2017.json -> val2017) unless
+    --split is given. Re-running the same command resumes an interrupted extraction.
+
+    Example: mfcache extract --detector hf:checkpoints/deformable-detr --images coco/val2017 --annotations coco/annotations/instances_val2017.json --out caches/ddetr
+    """
+    config = ExtractConfig(topk=topk, batch_size=batch_size, c1=c1, dtype=dtype, target_size=target_size,
+                           num_workers=workers, device=device)
+    summary = extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
+                      config=config, progress=not quiet)
+    console.print(f"split {summary.split!r}: {summary.num_images} images cached in {summary.cache} "
+                  f"({summary.written} written now)")

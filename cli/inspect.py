@@ -1,0 +1,56 @@
+"""`mfcache inspect`: what a cache holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import zarr
+from rich.table import Table
+
+from mfcache.cli.common import user_errors
+from mfcache.cache.reader import Cache
+from mfcache.runtime import console
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+@user_errors
+def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
+    """Show a cache's fingerprint, splits, and every array's shape, dtype and size.
+
+    Example: mfcache inspect caches/ddetr
+    """
+    c = Cache(cache)
+    det, ext = c.detector, c.extract
+    console.print(f"[bold]{c.path}[/bold]  (schema {c.fingerprint['schema_version']}, "
+                  f"written by mfcache {c.fingerprint['mfcache_version']})")
+    console.print(f"detector  {det.spec}  family={det.family}  weights={det.weights_sha256[:16]}  "
+                  f"trained={det.trained}")
+    console.print(f"          d_model={det.d_model} queries={det.num_queries} classes={len(det.label_names)} "
+                  f"strides={list(det.strides)} c1_channels={det.c1_channels} sigmoid={det.sigmoid}")
+    p = det.preprocess
+    console.print(f"preprocess shortest_edge={p.shortest_edge} longest_edge={p.longest_edge} "
+                  f"pad_divisor={p.pad_divisor} mean={list(p.mean)} std={list(p.std)}")
+    console.print("extract   " + " ".join(f"{k}={v}" for k, v in ext.items()))
+    for name in c.splits:
+        split = c.split(name)
+        done = len(split.done)
+        console.print(f"\n[bold]split {name}[/bold]: {done}/{split.num_images} images complete; "
+                      f"annotations {split.attrs['annotation_file']} (sha256 {split.attrs['annotations_sha256'][:16]})")
+        table = Table("array", "shape", "dtype", "chunks", "bytes", "stored")
+        total = 0
+        for path, node in sorted(split.group.members(max_depth=None)):
+            if isinstance(node, zarr.Array):
+                stored = node.nbytes_stored()
+                total += stored
+                table.add_row(path, str(node.shape), str(node.dtype), str(node.chunks), _size(node.nbytes), _size(stored))
+        console.print(table)
+        console.print(f"split {name}: {_size(total)} on disk, {_size(total / max(split.num_images, 1))} per image")

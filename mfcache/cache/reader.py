@@ -1,0 +1,207 @@
+"""Reading a cache: the RAM index, one image's arrays, and a torch Dataset of batches.
+
+Nothing here imports detector code: training and evaluation read the cache alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from pycocotools.coco import COCO
+from torch import Tensor
+
+from mfcache.cache.schema import INDEX_ARRAYS, SCHEMA_VERSION
+from mfcache.detectors.base import DetectorInfo
+from mfcache.errors import MfcacheError
+from mfcache.masks import unpack_masks
+
+
+class Cache:
+    """An mfcache cache on disk: its fingerprint and its splits."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise MfcacheError(f"no mfcache cache at {self.path} (run `mfcache extract` first)")
+        try:
+            self.root = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+        except Exception as exc:  # zarr raises many types for a damaged store
+            raise MfcacheError(f"cannot open cache {self.path}: {exc}") from None
+        self.fingerprint = self.root.attrs.get("mfcache")
+        if not self.fingerprint:
+            raise MfcacheError(f"{self.path} is a Zarr group but not an mfcache cache")
+        if self.fingerprint.get("schema_version") != SCHEMA_VERSION:
+            raise MfcacheError(
+                f"cache {self.path} has schema version {self.fingerprint.get('schema_version')}; "
+                f"this mfcache reads version {SCHEMA_VERSION}: extract it again"
+            )
+        self.detector = DetectorInfo.from_dict(self.fingerprint["detector"])
+        self.extract = self.fingerprint["extract"]
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(name for name, _ in self.root.groups())
+
+    def split(self, name: str | None = None, *, role: str = "train") -> CacheSplit:
+        """Split ``name``; without a name, the only split or the one whose name starts
+        with the role (``train``; ``val`` or ``test`` for evaluation)."""
+        splits = self.splits
+        if not splits:
+            raise MfcacheError(f"cache {self.path} holds no split yet (run `mfcache extract`)")
+        if name is None:
+            prefixes = ("train",) if role == "train" else ("val", "test")
+            matches = [s for s in splits if s.startswith(prefixes)]
+            if len(splits) == 1:
+                matches = splits
+            if len(matches) != 1:
+                raise MfcacheError(
+                    f"cache {self.path} has splits {', '.join(splits)}: choose one with --split"
+                )
+            name = matches[0]
+        if name not in splits:
+            raise MfcacheError(f"cache {self.path} has no split {name!r} (it has {', '.join(splits)})")
+        return CacheSplit(self, name)
+
+
+class CacheSplit:
+    """One split: the index in RAM (numpy arrays named as in the schema, without the
+    ``index/`` prefix) and per-image reads."""
+
+    def __init__(self, cache: Cache, name: str):
+        self.cache = cache
+        self.name = name
+        self.group = cache.root[name]
+        self.attrs = dict(self.group.attrs)
+        if not self.attrs.get("ready"):
+            raise MfcacheError(f"split {name!r} of {cache.path} was never fully created; run extract again")
+        self.index = {key.split("/", 1)[1]: self.group[key][:] for key in INDEX_ARRAYS}
+        self.index["token_end"] = self.index["token_offset"] + self.index["level_hw"].prod(-1).sum(-1)
+        self.label_to_category = np.asarray(self.attrs["label_to_category"], dtype=np.int64)
+        self.has_c1 = "c1" in self.group
+        self.target_size = int(cache.extract["target_size"])
+
+    @property
+    def num_images(self) -> int:
+        return len(self.index["image_id"])
+
+    @property
+    def done(self) -> np.ndarray:
+        """Positions of the images whose data is complete."""
+        return np.flatnonzero(self.index["done"] == 1)
+
+    def require_complete(self) -> None:
+        missing = self.num_images - len(self.done)
+        if missing:
+            raise MfcacheError(
+                f"split {self.name!r} of {self.cache.path} is incomplete ({missing} of {self.num_images} "
+                "images missing): run the same `mfcache extract` command again to finish it"
+            )
+
+    def coco(self) -> COCO:
+        """The split's ground truth, from the annotation file stored in the cache."""
+        coco = COCO()
+        coco.dataset = json.loads(self.group["annotations"][:].tobytes())
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+
+    def read(self, i: int, *, levels: tuple[int, ...] | None = None, c1: bool = True,
+             targets: bool = True) -> dict[str, Tensor]:
+        """Image ``i`` (a position in the split): ``queries [K, D]``, ``boxes [K, 4]`` xyxy
+        input px, ``scores``, ``labels`` ``[K]``, ``levels`` = list of ``[D, h, w]``
+        (the requested levels), ``c1 [C, h/4, w/4]``, and with ``targets`` the
+        ``gt_id``, ``gt_iou [K]`` and ``target_masks [K, S, S]`` bool. Float16 stays float16."""
+        g = self.group
+        level_hw = self.index["level_hw"][i]
+        sizes = level_hw.prod(-1)
+        starts = self.index["token_offset"][i] + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        wanted = range(len(sizes)) if levels is None else levels
+        lo, hi = int(min(starts[l] for l in wanted)), int(max(starts[l] + sizes[l] for l in wanted))
+        block = g["memory"][lo:hi]  # one read covering the wanted levels
+        out = {
+            "queries": torch.from_numpy(g["queries"][i]),
+            "boxes": torch.from_numpy(g["boxes"][i]),
+            "scores": torch.from_numpy(g["scores"][i]),
+            "labels": torch.from_numpy(g["labels"][i].astype(np.int64)),
+            "levels": [
+                torch.from_numpy(np.ascontiguousarray(
+                    block[starts[l] - lo: starts[l] - lo + sizes[l]].reshape(*level_hw[l], -1).transpose(2, 0, 1)
+                ))
+                for l in wanted
+            ],
+            "input_hw": torch.from_numpy(self.index["input_hw"][i].astype(np.int64)),
+            "orig_hw": torch.from_numpy(self.index["orig_hw"][i].astype(np.int64)),
+            "image_id": int(self.index["image_id"][i]),
+        }
+        if c1 and self.has_c1:
+            h, w = (-(-self.index["input_hw"][i] // 4)).tolist()
+            start = int(self.index["c1_offset"][i])
+            out["c1"] = torch.from_numpy(
+                np.ascontiguousarray(g["c1"][start: start + h * w].reshape(h, w, -1).transpose(2, 0, 1))
+            )
+        if targets:
+            out["gt_id"] = torch.from_numpy(g["targets/gt_id"][i])
+            out["gt_iou"] = torch.from_numpy(g["targets/gt_iou"][i])
+            out["target_masks"] = unpack_masks(g["targets/masks"][i], self.target_size)
+        return out
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """The complete images of a split as training/eval samples (see :meth:`CacheSplit.read`).
+
+    Holds only the path, so it pickles cheaply into DataLoader workers, each of which
+    opens the store itself.
+    """
+
+    def __init__(self, cache_path: str | Path, split: str, *, levels: tuple[int, ...] | None,
+                 c1: bool, targets: bool):
+        self.cache_path, self.split_name = Path(cache_path), split
+        self.kwargs = {"levels": levels, "c1": c1, "targets": targets}
+        self._split: CacheSplit | None = None
+        self.positions = self._open().done
+
+    def _open(self) -> CacheSplit:
+        if self._split is None:
+            self._split = Cache(self.cache_path).split(self.split_name)
+        return self._split
+
+    def __getstate__(self):
+        return {**self.__dict__, "_split": None}
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, j: int) -> dict:
+        return self._open().read(int(self.positions[j]), **self.kwargs)
+
+
+def pad_maps(maps: list[Tensor]) -> Tensor:
+    """``[C, h_i, w_i]`` maps -> ``[B, C, max h, max w]`` float32, zero-padded bottom/right
+    (the same padding the detector's batch had)."""
+    height = max(m.shape[1] for m in maps)
+    width = max(m.shape[2] for m in maps)
+    out = maps[0].new_zeros(len(maps), maps[0].shape[0], height, width, dtype=torch.float32)
+    for i, m in enumerate(maps):
+        out[i, :, : m.shape[1], : m.shape[2]] = m
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples into a batch: per-query tensors ``[B, K, ...]``, ``levels`` a list of
+    ``[B, D, H_l, W_l]`` and ``c1 [B, C, H, W]`` (float32, zero-padded), ``image_id`` a list."""
+    batch: dict = {"image_id": [s["image_id"] for s in samples]}
+    for key in samples[0]:
+        if key == "levels":
+            batch["levels"] = [pad_maps([s["levels"][l] for s in samples]) for l in range(len(samples[0]["levels"]))]
+        elif key == "c1":
+            batch["c1"] = pad_maps([s["c1"] for s in samples])
+        elif key != "image_id":
+            batch[key] = torch.stack([s[key] for s in samples])
+    batch["queries"] = batch["queries"].float()
+    return batch

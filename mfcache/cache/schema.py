@@ -1,0 +1,145 @@
+"""The cache layout: one table of arrays, the token plan, and the fingerprint.
+
+A cache is one Zarr v3 group per detector x preprocessing, holding one subgroup per
+dataset split (``train``, ``val``, ...)::
+
+    CACHE/                      root attrs: {"mfcache": fingerprint}
+      <split>/                  attrs: annotation hash, label -> category map, chunking
+        index/*                 [N, ...] small per-image arrays, loaded whole into RAM
+        queries, boxes, ...     [N, K, ...] regular arrays, chunked by write block
+        memory                  [T, D] every image's encoder levels back to back (ragged)
+        c1                      [P, C] every image's stride-4 backbone map (ragged)
+        annotations             [bytes] the split's COCO JSON, so eval needs nothing else
+
+Ragged arrays: image i owns rows ``[offset[i], offset[i] + count[i])``; every image starts
+on a chunk boundary, so reading one image touches only its own chunks and two writers never
+share a chunk. Counts follow from the resize rule, so offsets are planned before the
+detector runs. ``index/done`` is written last for each block: only images with
+``done == 1`` are valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mfcache import __version__
+from mfcache.detectors.base import DetectorInfo, level_shapes
+
+SCHEMA_VERSION = 1
+C1_STRIDE = 4
+
+# name: (dtype or None for the storage dtype, trailing shape keys, description)
+# Trailing keys: K = top-k, D = d_model, C = C1 channels, L = levels, B = packed target bytes.
+IMAGE_ARRAYS: dict[str, tuple[str | None, tuple[str, ...], str]] = {
+    "index/image_id": ("int64", (), "COCO image id"),
+    "index/orig_hw": ("int32", (2,), "original (h, w)"),
+    "index/input_hw": ("int32", (2,), "detector input (h, w), unpadded"),
+    "index/level_hw": ("int32", ("L", 2), "valid (h, w) per encoder level"),
+    "index/token_offset": ("int64", (), "first row of the image in memory"),
+    "index/c1_offset": ("int64", (), "first row of the image in c1"),
+    "index/done": ("uint8", (), "1 once every array of the image is written"),
+    "queries": (None, ("K", "D"), "top-k decoder queries, score order"),
+    "boxes": ("float32", ("K", 4), "xyxy, input pixels"),
+    "scores": ("float32", ("K",), "detector score"),
+    "labels": ("int32", ("K",), "detector label index (attrs label_to_category maps it)"),
+    "query_index": ("int32", ("K",), "index among the detector's queries"),
+    "targets/gt_id": ("int64", ("K",), "annotation id of the non-crowd GT with the highest box IoU, -1 if none"),
+    "targets/gt_iou": ("float32", ("K",), "box IoU with that GT"),
+    "targets/masks": ("uint8", ("K", "B"), "that GT's mask inside the box, bit-packed S x S"),
+}
+RAGGED_ARRAYS: dict[str, tuple[str, str]] = {
+    "memory": ("D", "encoder output, levels flattened row-major, finest first"),
+    "c1": ("C", "backbone stride-4 map, row-major (h, w) pixels"),
+}
+INDEX_ARRAYS = tuple(name for name in IMAGE_ARRAYS if name.startswith("index/"))
+
+
+def fingerprint(info: DetectorInfo, *, topk: int, target_size: int, c1: str, dtype: str) -> dict:
+    """What a cache's contents depend on, besides the images and annotations."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "detector": info.to_dict(),
+        "extract": {"topk": topk, "target_size": target_size, "c1": c1, "dtype": dtype},
+        "mfcache_version": __version__,
+    }
+
+
+def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
+    """A one-line description of the first difference that makes a cache unusable, or None.
+
+    The mfcache version is informative only; everything else must match exactly.
+    """
+    if stored.get("schema_version") != wanted["schema_version"]:
+        return f"schema version {stored.get('schema_version')} (this mfcache writes {wanted['schema_version']})"
+    sd, wd = stored["detector"], wanted["detector"]
+    for key in ("family", "weights_sha256", "preprocess", "strides", "label_names", "num_queries", "d_model"):
+        if sd.get(key) != wd.get(key):
+            what = "weights" if key == "weights_sha256" else key
+            return f"another detector ({what} differ: cache has {sd.get('spec')!r})"
+    for key, value in wanted["extract"].items():
+        if stored["extract"].get(key) != value:
+            return f"extract option {key}={stored['extract'].get(key)!r} (asked for {value!r})"
+    return None
+
+
+@dataclass
+class SplitPlan:
+    """Where every image of a split goes, decided before the detector runs.
+
+    image_id [N]; orig_hw, input_hw [N, 2]; level_hw [N, L, 2];
+    token_offset / c1_offset [N + 1] (the last entry is the array length).
+    """
+
+    image_id: np.ndarray
+    orig_hw: np.ndarray
+    input_hw: np.ndarray
+    level_hw: np.ndarray
+    token_offset: np.ndarray
+    c1_offset: np.ndarray
+    chunk_tokens: int
+    c1_chunk: int
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_id)
+
+
+def _aligned_offsets(counts: np.ndarray, chunk: int) -> np.ndarray:
+    padded = -(-counts // chunk) * chunk
+    return np.concatenate([[0], np.cumsum(padded)]).astype(np.int64)
+
+
+def auto_chunk_tokens(tokens_per_image: np.ndarray) -> int:
+    """A power of two near a quarter of the median image: padding wastes < ~25%,
+    and chunks stay in the MB range at COCO scale (4096 tokens x 256 x fp16 = 2 MiB)."""
+    median = float(np.median(tokens_per_image)) if len(tokens_per_image) else 1024.0
+    return int(min(4096, max(64, 2 ** round(np.log2(max(median / 4, 1))))))
+
+
+def plan_split(image_ids, orig_hw, info: DetectorInfo, chunk_tokens: int = 0) -> SplitPlan:
+    """Token and C1 offsets of every image: ``image_ids [N]``, ``orig_hw [N, 2]``."""
+    orig_hw = np.asarray(orig_hw, dtype=np.int32).reshape(-1, 2)
+    input_hw = np.array([info.preprocess.input_size(int(h), int(w)) for h, w in orig_hw], dtype=np.int32)
+    input_hw = input_hw.reshape(-1, 2)
+    level_hw = np.array([level_shapes(tuple(hw), info.strides) for hw in input_hw], dtype=np.int32)
+    level_hw = level_hw.reshape(-1, len(info.strides), 2)
+    tokens = level_hw.prod(-1).sum(-1).astype(np.int64)
+    c1_pixels = (-(-input_hw // C1_STRIDE)).prod(-1).astype(np.int64)
+    chunk_tokens = chunk_tokens or auto_chunk_tokens(tokens)
+    c1_chunk = chunk_tokens * 2  # a stride-4 map has ~3x the pixels of all encoder levels
+    return SplitPlan(
+        image_id=np.asarray(image_ids, dtype=np.int64),
+        orig_hw=orig_hw,
+        input_hw=input_hw,
+        level_hw=level_hw,
+        token_offset=_aligned_offsets(tokens, chunk_tokens),
+        c1_offset=_aligned_offsets(c1_pixels, c1_chunk),
+        chunk_tokens=chunk_tokens,
+        c1_chunk=c1_chunk,
+    )
+
+
+def packed_bytes(target_size: int) -> int:
+    return (target_size * target_size + 7) // 8

@@ -1,0 +1,188 @@
+"""Configuration: frozen dataclasses, TOML files and ``--set a.b=value`` overrides,
+resolved in one place (:func:`resolve_run_config`) and saved into every checkpoint and
+metrics file.
+
+A head preset is a short TOML file whose top-level keys are :class:`HeadConfig` fields and
+whose optional ``[train]`` / ``[eval]`` tables override :class:`TrainConfig` /
+:class:`EvalConfig` (see ``mfcache/heads/presets/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mfcache.errors import MfcacheError
+
+PRESET_DIR = Path(__file__).parent / "heads" / "presets"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Stage 1: how the frozen detector's outputs are cached."""
+
+    topk: int = 100            # detections kept per image (the paper's top-100 queries)
+    target_size: int = 64      # side of the stored per-query GT mask crops (heads resample)
+    batch_size: int = 2        # detector batch
+    block_size: int = 16       # images per write; each block owns whole chunks (resume unit)
+    chunk_tokens: int = 0      # memory chunk length in tokens; 0 = derive from image size
+    c1: str = "store"          # store | none
+    dtype: str = "float16"     # storage dtype of memory / c1 / queries
+    num_workers: int = 2       # image-decoding processes
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Stage 2: the mask head (DESIGN §5). The default is the paper's box-level baseline."""
+
+    name: str = "box_baseline"
+    region: str = "box"        # box: RoIAlign inside each box
+    roi_size: int = 32         # M: masks are predicted at M x M inside the box
+    level: int = 0             # encoder level fused with C1 (0 = finest, stride 8)
+    use_c1: bool = True        # add the backbone's stride-4 map to the fused feature map
+    channels: int = 0          # fused-map channels; 0 = the detector's d_model
+    scoring: str = "mask_prob"  # class | mask_prob (class score x mean prob over pixels > 0.5)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage 2: optimisation. Defaults follow the paper's recipe (DESIGN §5)."""
+
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1.5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-5
+    lr_drops: tuple[float, ...] = (0.9, 0.95)   # lr x0.1 at these fractions of the schedule
+    grad_clip: float = 1.0
+    min_iou: float = 0.5       # a query trains on the GT it overlaps most if box IoU >= this
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    seed: int = 0
+    num_workers: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 25
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Stage 3: turning head outputs into COCO results."""
+
+    mask_threshold: float = 0.5
+    batch_size: int = 8
+    max_detections: int = 100
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run depends on besides the cache; stored in its checkpoint."""
+
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return cls(
+            head=_build(HeadConfig, d.get("head", {}), "head"),
+            train=_build(TrainConfig, d.get("train", {}), "train"),
+            eval=_build(EvalConfig, d.get("eval", {}), "eval"),
+        )
+
+
+def _coerce(value, annotation, where: str):
+    """Check a TOML value against a dataclass field type (lists become tuples)."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise MfcacheError(f"{where}: expected a list, got {value!r}")
+        return tuple(float(v) if isinstance(v, int) else v for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise MfcacheError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str) and (isinstance(value, bool) or not isinstance(value, annotation)):
+        raise MfcacheError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, section: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise MfcacheError(f"unknown {section} option(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
+
+
+def _parse_value(text: str):
+    """TOML value syntax (numbers, true/false, [lists], "strings"); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict]:
+    """``["train.lr=1e-4", "head.roi_size=64"]`` -> ``{"train": {"lr": 1e-4}, "head": {...}}``."""
+    nested: dict[str, dict] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or section not in ("head", "train", "eval"):
+            raise MfcacheError(f"--set expects head.KEY=VALUE, train.KEY=VALUE or eval.KEY=VALUE, got {item!r}")
+        nested.setdefault(section, {})[name] = _parse_value(value.strip())
+    return nested
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_head_file(head: str) -> dict:
+    """A preset name or a TOML file path -> ``{"head": {...}, "train": {...}, "eval": {...}}``."""
+    path = Path(head)
+    if not (head.endswith(".toml") or path.is_file()):
+        path = PRESET_DIR / f"{head}.toml"
+        if not path.is_file():
+            raise MfcacheError(f"unknown head preset {head!r}; presets: {', '.join(preset_names())}")
+    elif not path.is_file():
+        raise MfcacheError(f"head file not found: {head}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise MfcacheError(f"invalid TOML in {path}: {exc}") from None
+    sections = {"train": data.pop("train", {}), "eval": data.pop("eval", {})}
+    data.setdefault("name", path.stem)
+    return {"head": data, **sections}
+
+
+def resolve_run_config(head: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The one place a run's configuration is decided: defaults < head preset/file < --set."""
+    merged: dict[str, dict] = {"head": {}, "train": {}, "eval": {}}
+    if head:
+        for section, values in load_head_file(head).items():
+            merged[section].update(values)
+    for section, values in parse_overrides(overrides or []).items():
+        merged[section].update(values)
+    return RunConfig.from_dict(merged)
+
+
+def with_overrides(config, overrides: dict):
+    """A frozen dataclass with some fields replaced, type-checked like a TOML file."""
+    hints = typing.get_type_hints(type(config))
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise MfcacheError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    return dataclasses.replace(config, **{k: _coerce(v, hints[k], k) for k, v in overrides.items()})

@@ -1,0 +1,69 @@
+"""Images in, detector input out: decoding, resizing, normalising and batch padding.
+
+Conventions: an image is a ``uint8 [3, H, W]`` RGB tensor in its *displayed* orientation
+(EXIF rotation applied); detector input is ``float [3, h_in, w_in]`` normalised with the
+detector's mean/std; a batch is zero-padded to a multiple of ``Preprocess.pad_divisor``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from mfcache.detectors.base import Preprocess
+from mfcache.errors import MfcacheError
+
+
+def load_image(path: str | Path) -> Tensor:
+    """Decode any PIL-readable file to ``uint8 [3, H, W]`` RGB.
+
+    Grayscale, palette and RGBA images become RGB (alpha dropped); 16-bit images are
+    scaled to 8 bits; EXIF orientation is applied, as COCO's width/height assume.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                arr = np.repeat(arr[..., None], 3, axis=2)
+            else:
+                arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise MfcacheError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise MfcacheError(f"cannot decode image {path}: {exc}") from None
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+
+
+def to_input(image: Tensor, preprocess: Preprocess) -> Tensor:
+    """``uint8 [3, H, W]`` -> normalised ``float [3, h_in, w_in]`` (h_in, w_in from the resize rule)."""
+    h_in, w_in = preprocess.input_size(image.shape[1], image.shape[2])
+    x = image.float().div_(255.0)[None]
+    if (h_in, w_in) != tuple(image.shape[1:]):
+        x = F.interpolate(x, size=(h_in, w_in), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
+    return ((x - mean) / std)[0]
+
+
+def pad_batch(inputs: list[Tensor], divisor: int) -> tuple[Tensor, Tensor]:
+    """Zero-pad ``[3, h_i, w_i]`` inputs to one ``[B, 3, H, W]`` batch, H and W multiples of
+    ``divisor``; returns it with ``pixel_mask [B, H, W]`` (True on real pixels)."""
+    height = max(x.shape[1] for x in inputs)
+    width = max(x.shape[2] for x in inputs)
+    height = -(-height // divisor) * divisor
+    width = -(-width // divisor) * divisor
+    batch = inputs[0].new_zeros(len(inputs), 3, height, width)
+    mask = torch.zeros(len(inputs), height, width, dtype=torch.bool)
+    for i, x in enumerate(inputs):
+        batch[i, :, : x.shape[1], : x.shape[2]] = x
+        mask[i, : x.shape[1], : x.shape[2]] = True
+    return batch, mask

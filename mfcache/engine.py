@@ -1,0 +1,250 @@
+"""Stages 2 and 3: train a mask head from a cache, and evaluate it with COCO AP.
+
+Plain functions and a visible loop (the detector is never loaded here). A run folder holds
+``checkpoint.pt`` (model, optimizer, config, step, the cache's fingerprint), ``config.json``
+and ``log.jsonl`` (one line per logged step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from mfcache.cache.reader import Cache, CacheDataset, CacheSplit, collate
+from mfcache.cache.schema import fingerprint_mismatch
+from mfcache.cache.targets import scale_boxes
+from mfcache.config import RunConfig
+from mfcache.errors import MfcacheError
+from mfcache.evaluation import coco_evaluate, results_from_detections
+from mfcache.heads import MaskHead, build_head
+from mfcache.losses import mask_losses, resize_targets
+from mfcache.masks import encode_rle, paste_masks
+from mfcache.runtime import progress_bar, resolve_device
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def lr_at(step: int, total: int, base: float, drops: tuple[float, ...]) -> float:
+    """Step schedule: ``base`` x 0.1 for every fraction in ``drops`` already passed."""
+    return base * 0.1 ** sum(step >= int(f * total) for f in drops)
+
+
+class StepBatches(Sampler):
+    """Batch ``s`` of a run is a pure function of (seed, s): a fresh permutation per epoch.
+    Resuming at step s therefore sees exactly the batches an uninterrupted run would."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int):
+        self.n, self.bs, self.seed, self.start, self.stop = num_items, min(batch_size, num_items), seed, start, stop
+
+    def batch(self, step: int) -> list[int]:
+        per_epoch = self.n // self.bs
+        epoch, pos = divmod(step, per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return perm[pos * self.bs: (pos + 1) * self.bs].tolist()
+
+    def __iter__(self):
+        return (self.batch(s) for s in range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def head_for(cache: Cache, config: RunConfig) -> MaskHead:
+    return build_head(
+        config.head, d_model=cache.detector.d_model,
+        c1_channels=cache.detector.c1_channels if cache.extract["c1"] == "store" else 0,
+        num_levels=len(cache.detector.strides),
+    )
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: [t.to(device) for t in v] if k == "levels" else v.to(device) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def _save(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+
+
+def train(*, cache_path: Path, run_dir: Path, config: RunConfig, split: str | None = None,
+          resume: bool = False, progress: bool = True) -> dict:
+    """Train ``config.head`` on a cache split; returns the final log entry."""
+    cache = Cache(cache_path)
+    data = cache.split(split, role="train")
+    data.require_complete()
+    tc = config.train
+    torch.manual_seed(tc.seed)
+    device = resolve_device(tc.device)
+    head = head_for(cache, config).to(device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    run_dir = Path(run_dir)
+    checkpoint_path = run_dir / CHECKPOINT
+    step = 0
+    if checkpoint_path.exists():
+        if not resume:
+            raise MfcacheError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if state["config"] != config.to_dict():
+            raise MfcacheError(f"{run_dir} was trained with another configuration; resume it without --head/--set")
+        head.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    elif resume:
+        raise MfcacheError(f"nothing to resume: no {CHECKPOINT} in {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(
+        {"config": config.to_dict(), "cache": str(cache_path), "split": data.name}, indent=2))
+
+    dataset = CacheDataset(cache_path, data.name, levels=head.levels, c1=head.uses_c1, targets=True)
+    if len(dataset) == 0:
+        raise MfcacheError(f"split {data.name!r} has no images to train on")
+    loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), tc.batch_size, tc.seed, step, tc.steps),
+                        collate_fn=collate, num_workers=tc.num_workers, pin_memory=device.type == "cuda")
+
+    def checkpoint(at: int) -> None:
+        _save(checkpoint_path, {"model": head.state_dict(), "optimizer": optimizer.state_dict(),
+                                "config": config.to_dict(), "step": at, "fingerprint": cache.fingerprint})
+
+    log = (run_dir / "log.jsonl").open("a")
+    entry: dict = {"step": step}
+    head.train()
+    started = time.perf_counter()
+    with progress_bar(progress) as bar:
+        task = bar.add_task("train", total=tc.steps, completed=step, status="")
+        for batch in loader:
+            batch = _to(batch, device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, tc.steps, tc.lr, tc.lr_drops)
+            select = (batch["gt_id"] >= 0) & (batch["gt_iou"] >= tc.min_iou)
+            step += 1
+            if select.any():
+                out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"), select)
+                targets = resize_targets(batch["target_masks"][select], head.roi_size)
+                losses = mask_losses(out.mask_logits, targets)
+                loss = tc.bce_weight * losses["bce"] + tc.dice_weight * losses["dice"]
+                if not torch.isfinite(loss):
+                    raise MfcacheError(
+                        f"loss became non-finite at step {step}; the last good checkpoint is {checkpoint_path}"
+                        if checkpoint_path.exists() else f"loss became non-finite at step {step}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(head.parameters(), tc.grad_clip)
+                optimizer.step()
+                entry = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
+                         "positives": int(select.sum()), "lr": optimizer.param_groups[0]["lr"]}
+            else:  # no query overlaps a GT well enough: nothing to learn from this batch
+                entry = {"step": step, "loss": None, "positives": 0, "lr": optimizer.param_groups[0]["lr"]}
+            if step % tc.log_every == 0 or step == tc.steps:
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                checkpoint(step)
+            loss_text = f"loss {entry['loss']:.4f}" if entry.get("loss") is not None else "no positives"
+            bar.update(task, advance=1, status=loss_text)
+    log.close()
+    if step < tc.steps or not checkpoint_path.exists():
+        checkpoint(step)
+    entry["seconds"] = time.perf_counter() - started
+    return entry
+
+
+def load_run(run_dir: Path, cache: Cache, device: torch.device) -> tuple[MaskHead, RunConfig]:
+    """The trained head of a run folder, checked against the cache it will read."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise MfcacheError(f"no trained head in {run_dir} (expected {CHECKPOINT}; run `mfcache train`)")
+    state = torch.load(path, map_location=device, weights_only=False)
+    problem = fingerprint_mismatch(state["fingerprint"], cache.fingerprint)
+    if problem:
+        raise MfcacheError(f"the head in {run_dir} was trained on a cache made with {problem}")
+    config = RunConfig.from_dict(state["config"])
+    head = head_for(cache, config).to(device)
+    head.load_state_dict(state["model"])
+    return head.eval(), config
+
+
+def mask_scores(class_scores: torch.Tensor, mask_prob: torch.Tensor, scoring: str) -> torch.Tensor:
+    """[N] class scores x (for ``mask_prob``) the mean probability of the pixels > 0.5 of
+    each [N, M, M] mask (the paper's baseline rescoring)."""
+    if scoring == "class":
+        return class_scores
+    fg = (mask_prob > 0.5).float()
+    return class_scores * (mask_prob * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp(min=1.0)
+
+
+@torch.no_grad()
+def predict_split(head: MaskHead, config: RunConfig, data: CacheSplit, device: torch.device,
+                  progress: bool = True, box_filled: bool = False) -> dict[str, list[dict]]:
+    """COCO results for every image of ``data``: ``{"head": [...]}`` and, with
+    ``box_filled``, the same detections with each mask set to its whole box."""
+    dataset = CacheDataset(data.cache.path, data.name, levels=head.levels, c1=head.uses_c1, targets=False)
+    loader = DataLoader(dataset, batch_size=config.eval.batch_size, collate_fn=collate)
+    to_category = torch.as_tensor(data.label_to_category)
+    results: dict[str, list[dict]] = {"head": [], **({"box_filled": []} if box_filled else {})}
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"eval {data.name}", total=len(dataset), status="")
+        for batch in loader:
+            batch = _to(batch, device)
+            out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"))
+            k = batch["queries"].shape[1]
+            prob = out.mask_logits.sigmoid()[:, 0].reshape(len(batch["image_id"]), k, *out.mask_logits.shape[-2:])
+            for b, image_id in enumerate(batch["image_id"]):
+                category = to_category[batch["labels"][b].cpu()]
+                keep = torch.flatnonzero(category >= 0)[: config.eval.max_detections]
+                orig_hw = tuple(batch["orig_hw"][b].tolist())
+                boxes = scale_boxes(batch["boxes"][b][keep], tuple(batch["input_hw"][b].tolist()), orig_hw)
+                scores = mask_scores(batch["scores"][b][keep], prob[b][keep], config.head.scoring)
+                masks = paste_masks(prob[b][keep], boxes, orig_hw, threshold=config.eval.mask_threshold)
+                results["head"] += results_from_detections(image_id, boxes.cpu(), scores.cpu(), category[keep],
+                                                           encode_rle(masks.cpu()))
+                if box_filled:
+                    filled = paste_masks(torch.ones_like(prob[b][keep]), boxes, orig_hw, threshold=0.5)
+                    results["box_filled"] += results_from_detections(
+                        image_id, boxes.cpu(), batch["scores"][b][keep].cpu(), category[keep], encode_rle(filled.cpu()))
+            bar.advance(task, len(batch["image_id"]))
+    return results
+
+
+def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: Path | None = None,
+             box_filled: bool = True, progress: bool = True, device: str = "auto") -> dict:
+    """COCO segm + bbox AP of a trained head on a cache split; writes ``metrics.json``
+    (default: inside the run folder) and returns the metrics."""
+    cache = Cache(cache_path)
+    data = cache.split(split, role="eval")
+    data.require_complete()
+    torch_device = resolve_device(device)
+    head, config = load_run(Path(run_dir), cache, torch_device)
+    results = predict_split(head, config, data, torch_device, progress=progress, box_filled=box_filled)
+    coco_gt = data.coco()
+    metrics = coco_evaluate(coco_gt, results["head"])
+    if box_filled:
+        metrics["box_filled"] = {"segm": coco_evaluate(coco_gt, results["box_filled"], iou_types=("segm",))["segm"]}
+    metrics.update({
+        "split": data.name, "num_images": data.num_images, "num_detections": len(results["head"]),
+        "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
+        "config": config.to_dict(),
+    })
+    out = Path(out) if out else Path(run_dir) / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2, default=_json_default))
+    return metrics
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+

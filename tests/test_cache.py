@@ -1,0 +1,112 @@
+"""The cache stores exactly what it is given, image by image, ragged memory included."""
+
+import numpy as np
+import pytest
+import torch
+
+from mfcache.cache.reader import Cache, CacheDataset, collate
+from mfcache.cache.schema import fingerprint, plan_split
+from mfcache.cache.writer import BlockWriter, ImageRecord, create_split, open_root
+from mfcache.detectors.base import DetectorInfo, Preprocess
+from mfcache.errors import MfcacheError
+
+K, D, C, S = 5, 8, 4, 16
+
+
+def info(weights="abc"):
+    return DetectorInfo(spec="test", family="fake", d_model=D, num_queries=10, label_names=("a", "b"),
+                        strides=(8, 16, 32, 64), c1_channels=C, sigmoid=True, weights_sha256=weights,
+                        preprocess=Preprocess(shortest_edge=64, longest_edge=128))
+
+
+def make_cache(path, sizes, block=2, weights="abc"):
+    det = info(weights)
+    fp = fingerprint(det, topk=K, target_size=S, c1="store", dtype="float16")
+    root = open_root(path, fp)
+    plan = plan_split(list(range(100, 100 + len(sizes))), sizes, det, chunk_tokens=32)
+    meta = {"annotations_sha256": "x", "annotation_file": "a.json", "images_dir": ".",
+            "label_to_category": [1, 2], "category_names": {"1": "a", "2": "b"}}
+    group = create_split(root, "train", plan, meta=meta, annotations=b'{"images": [], "annotations": [], "categories": []}',
+                         topk=K, d_model=D, c1_channels=C, target_size=S, block_size=block, dtype="float16")
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(len(sizes)):
+        tokens = int(plan.level_hw[i].prod(-1).sum())
+        h4, w4 = (-(-plan.input_hw[i] // 4)).tolist()
+        records.append(ImageRecord(
+            queries=rng.standard_normal((K, D)).astype(np.float16),
+            boxes=rng.uniform(0, 60, (K, 4)).astype(np.float32),
+            scores=rng.uniform(size=K).astype(np.float32),
+            labels=rng.integers(0, 2, K).astype(np.int32),
+            query_index=rng.integers(0, 10, K).astype(np.int32),
+            gt_id=rng.integers(-1, 5, K).astype(np.int64),
+            gt_iou=rng.uniform(size=K).astype(np.float32),
+            target_masks=np.packbits(rng.integers(0, 2, (K, S * S)).astype(bool), axis=-1),
+            memory=rng.standard_normal((tokens, D)).astype(np.float16),
+            c1=rng.standard_normal((h4 * w4, C)).astype(np.float16),
+        ))
+    return group, plan, records
+
+
+SIZES = [(64, 96), (80, 64), (64, 64), (100, 70), (64, 120)]
+
+
+def test_round_trip_is_exact_per_image(tmp_path):
+    group, plan, records = make_cache(tmp_path / "c", SIZES)
+    writer = BlockWriter(group)
+    for start in range(0, len(records), 2):
+        writer.write(start, records[start: start + 2])
+    split = Cache(tmp_path / "c").split()
+    assert len(split.done) == len(SIZES)
+    for i, rec in enumerate(records):
+        got = split.read(i)
+        np.testing.assert_array_equal(got["queries"].numpy(), rec.queries)
+        np.testing.assert_array_equal(got["boxes"].numpy(), rec.boxes)
+        np.testing.assert_array_equal(got["gt_id"].numpy(), rec.gt_id)
+        np.testing.assert_array_equal(np.packbits(got["target_masks"].numpy().reshape(K, -1), axis=-1), rec.target_masks)
+        flat = torch.cat([lvl.permute(1, 2, 0).reshape(-1, D) for lvl in got["levels"]]).numpy()
+        np.testing.assert_array_equal(flat, rec.memory)
+        for lvl, (h, w) in zip(got["levels"], plan.level_hw[i]):
+            assert lvl.shape == (D, h, w)
+        np.testing.assert_array_equal(got["c1"].permute(1, 2, 0).reshape(-1, C).numpy(), rec.c1)
+        assert got["image_id"] == 100 + i
+        # only the requested levels are returned, with the same values
+        only = split.read(i, levels=(2,), c1=False, targets=False)
+        assert len(only["levels"]) == 1 and torch.equal(only["levels"][0], got["levels"][2])
+        assert "c1" not in only and "gt_id" not in only
+
+
+def test_images_start_on_chunk_boundaries(tmp_path):
+    _, plan, _ = make_cache(tmp_path / "c", SIZES)
+    assert (plan.token_offset % plan.chunk_tokens == 0).all()
+    assert (plan.c1_offset % plan.c1_chunk == 0).all()
+    tokens = plan.level_hw.prod(-1).sum(-1)
+    assert (np.diff(plan.token_offset) >= tokens).all()
+
+
+def test_unfinished_blocks_read_as_not_done(tmp_path):
+    group, _, records = make_cache(tmp_path / "c", SIZES)
+    BlockWriter(group).write(2, records[2:4])
+    split = Cache(tmp_path / "c").split()
+    assert split.done.tolist() == [2, 3]
+    with pytest.raises(MfcacheError, match="incomplete"):
+        split.require_complete()
+    assert len(CacheDataset(tmp_path / "c", "train", levels=None, c1=True, targets=True)) == 2
+
+
+def test_another_detector_is_refused(tmp_path):
+    make_cache(tmp_path / "c", SIZES)
+    other = fingerprint(info("other-weights"), topk=K, target_size=S, c1="store", dtype="float16")
+    with pytest.raises(MfcacheError, match="another detector"):
+        open_root(tmp_path / "c", other)
+
+
+def test_collate_pads_to_the_batch(tmp_path):
+    group, _, records = make_cache(tmp_path / "c", SIZES)
+    BlockWriter(group).write(0, records[:2])
+    ds = CacheDataset(tmp_path / "c", "train", levels=(0,), c1=True, targets=True)
+    batch = collate([ds[0], ds[1]])
+    assert batch["queries"].shape == (2, K, D) and batch["queries"].dtype == torch.float32
+    assert batch["levels"][0].shape == (2, D, 10, 12)  # ceil(80/8), ceil(96/8)
+    assert batch["c1"].shape == (2, C, 20, 24)
+    assert batch["target_masks"].shape == (2, K, S, S)

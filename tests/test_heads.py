@@ -1,0 +1,82 @@
+import torch
+
+from mfcache.config import HeadConfig
+from mfcache.engine import StepBatches, lr_at, mask_scores
+from mfcache.heads import build_head
+from mfcache.losses import mask_losses, resize_targets
+
+
+def batch(b=2, k=6, d=16, c=8, h8=5, w8=7):
+    torch.manual_seed(0)
+    boxes = torch.rand(b, k, 2) * 20
+    boxes = torch.cat([boxes, boxes + 4 + torch.rand(b, k, 2) * 20], -1)
+    return {
+        "queries": torch.randn(b, k, d), "boxes": boxes,
+        "levels": [torch.randn(b, d, h8, w8)], "c1": torch.randn(b, c, 2 * h8 - 1, 2 * w8),
+    }
+
+
+def test_box_head_shapes_and_backward():
+    x = batch()
+    head = build_head(HeadConfig(roi_size=16), d_model=16, c1_channels=8, num_levels=4)
+    select = torch.zeros(2, 6, dtype=torch.bool)
+    select[0, 1] = select[1, 3] = select[1, 5] = True
+    out = head(x["queries"], x["boxes"], x["levels"], x["c1"], select)
+    assert out.mask_logits.shape == (3, 1, 16, 16)
+    target = torch.rand(3, 16, 16).round()
+    losses = mask_losses(out.mask_logits, target)
+    (losses["bce"] + losses["dice"]).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+    everything = head(x["queries"], x["boxes"], x["levels"], x["c1"])
+    assert everything.mask_logits.shape == (12, 1, 16, 16)
+    # selecting is the same as computing all and indexing
+    torch.testing.assert_close(everything.mask_logits[select.flatten()], out.mask_logits)
+
+
+def test_mask_of_one_query_depends_on_its_box_only():
+    x = batch()
+    head = build_head(HeadConfig(use_c1=False), d_model=16, c1_channels=0, num_levels=4)
+    a = head(x["queries"], x["boxes"], x["levels"], None).mask_logits
+    moved = x["boxes"].clone()
+    moved[0, 0] += 3.0
+    b = head(x["queries"], moved, x["levels"], None).mask_logits
+    assert not torch.allclose(a[0], b[0])
+    torch.testing.assert_close(a[1:], b[1:])
+
+
+def test_perfect_logits_have_low_loss():
+    target = torch.zeros(2, 8, 8)
+    target[:, 2:6, 2:6] = 1
+    good = mask_losses((target * 2 - 1) * 20, target)
+    bad = mask_losses(-(target * 2 - 1) * 20, target)
+    assert good["bce"] < 1e-3 and good["dice"] < 0.05
+    assert bad["bce"] > 5 and bad["dice"] > 0.9
+
+
+def test_resize_targets_keeps_area():
+    t = torch.zeros(1, 64, 64, dtype=torch.bool)
+    t[0, 16:48, 8:40] = True
+    small = resize_targets(t, 32)
+    assert small.shape == (1, 32, 32)
+    assert abs(small.sum().item() * 4 - t.sum().item()) < 1e-3
+
+
+def test_lr_schedule_drops_at_90_and_95_percent():
+    lrs = [lr_at(s, 100, 1.0, (0.9, 0.95)) for s in (0, 89, 90, 94, 95, 99)]
+    assert lrs == [1.0, 1.0, 0.1, 0.1, 0.1 ** 2, 0.1 ** 2]
+
+
+def test_step_batches_are_a_function_of_the_step():
+    full = list(StepBatches(10, 4, seed=1, start=0, stop=9))
+    resumed = list(StepBatches(10, 4, seed=1, start=5, stop=9))
+    assert full[5:] == resumed
+    assert all(len(b) == 4 and len(set(b)) == 4 for b in full)
+    epoch0 = full[0] + full[1]
+    assert len(set(epoch0)) == 8
+
+
+def test_mask_prob_scoring():
+    prob = torch.tensor([[[0.9, 0.7], [0.2, 0.1]], [[0.3, 0.2], [0.1, 0.0]]])
+    scores = mask_scores(torch.tensor([1.0, 0.5]), prob, "mask_prob")
+    torch.testing.assert_close(scores, torch.tensor([0.8, 0.0]))
+    torch.testing.assert_close(mask_scores(torch.tensor([1.0, 0.5]), prob, "class"), torch.tensor([1.0, 0.5]))
