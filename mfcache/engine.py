@@ -201,7 +201,7 @@ def predict_split(head: MaskHead, config: RunConfig, data: CacheSplit, device: t
             prob = out.mask_logits.sigmoid()[:, 0].reshape(len(batch["image_id"]), k, *out.mask_logits.shape[-2:])
             for b, image_id in enumerate(batch["image_id"]):
                 category = to_category[batch["labels"][b].cpu()]
-                keep = torch.flatnonzero(category >= 0)[: config.eval.max_detections]
+                keep = torch.nonzero(category >= 0).flatten()[: config.eval.max_detections]
                 orig_hw = tuple(batch["orig_hw"][b].tolist())
                 boxes = scale_boxes(batch["boxes"][b][keep], tuple(batch["input_hw"][b].tolist()), orig_hw)
                 scores = mask_scores(batch["scores"][b][keep], prob[b][keep], config.head.scoring)

@@ -80,3 +80,21 @@ def test_mask_prob_scoring():
     scores = mask_scores(torch.tensor([1.0, 0.5]), prob, "mask_prob")
     torch.testing.assert_close(scores, torch.tensor([0.8, 0.0]))
     torch.testing.assert_close(mask_scores(torch.tensor([1.0, 0.5]), prob, "class"), torch.tensor([1.0, 0.5]))
+
+
+def test_matmul_roi_align_equals_torchvision():
+    from torchvision.ops import roi_align as reference
+
+    from mfcache.heads.roi import roi_align
+
+    torch.manual_seed(1)
+    features = torch.randn(3, 5, 12, 17, requires_grad=True)
+    xy = torch.rand(20, 2) * 80 - 10  # some boxes cross the border or lie outside
+    rois = torch.cat([torch.randint(0, 3, (20, 1)).float(), xy, xy + torch.rand(20, 2) * 30 + 0.5], 1)
+    for m, ratio in ((7, 2), (16, 1), (4, 3)):
+        ours = roi_align(features, rois, m, 0.25, ratio)
+        theirs = reference(features, rois, m, 0.25, ratio, aligned=True)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+        g_ours, = torch.autograd.grad(ours.sum(), features)
+        g_theirs, = torch.autograd.grad(theirs.sum(), features)
+        torch.testing.assert_close(g_ours, g_theirs, atol=1e-4, rtol=1e-4)

@@ -20,6 +20,7 @@ detector runs. ``index/done`` is written last for each block: only images with
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,7 @@ def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
 
     The mfcache version is informative only; everything else must match exactly.
     """
+    stored, wanted = json.loads(json.dumps(stored)), json.loads(json.dumps(wanted))  # tuples == lists
     if stored.get("schema_version") != wanted["schema_version"]:
         return f"schema version {stored.get('schema_version')} (this mfcache writes {wanted['schema_version']})"
     sd, wd = stored["detector"], wanted["detector"]

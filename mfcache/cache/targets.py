@@ -27,7 +27,7 @@ def match_queries(boxes: Tensor, gt: GroundTruth) -> tuple[Tensor, Tensor]:
     """``boxes [K, 4]`` xyxy original px -> (position in ``gt`` of the non-crowd instance
     with the highest box IoU ``[K]`` long, -1 if none overlaps; that IoU ``[K]`` float)."""
     k = boxes.shape[0]
-    keep = torch.flatnonzero(~gt.iscrowd)
+    keep = torch.nonzero(~gt.iscrowd).flatten()
     if keep.numel() == 0:
         return torch.full((k,), -1, dtype=torch.long), torch.zeros(k)
     iou = box_iou(boxes.float(), gt.boxes[keep].float())

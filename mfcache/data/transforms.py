@@ -40,7 +40,7 @@ def load_image(path: str | Path) -> Tensor:
         raise MfcacheError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MfcacheError(f"cannot decode image {path}: {exc}") from None
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
 
 
 def to_input(image: Tensor, preprocess: Preprocess) -> Tensor:

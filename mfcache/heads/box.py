@@ -8,9 +8,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from mfcache.heads.base import HeadOutput, MaskHead
+from mfcache.heads.roi import roi_align
 
 FUSED_STRIDE = 4
 
@@ -48,7 +48,7 @@ class BoxDotHead(MaskHead):
                 select: Tensor | None = None) -> HeadOutput:
         fused = self.fused_map(levels[0], c1)
         rois = roi_align(fused, selected_rois(boxes, select), output_size=self.roi_size,
-                         spatial_scale=1.0 / FUSED_STRIDE, sampling_ratio=2, aligned=True)
+                         spatial_scale=1.0 / FUSED_STRIDE, sampling_ratio=2)
         q = self.query_proj(queries.reshape(-1, queries.shape[-1]) if select is None else queries[select])
         logits = torch.einsum("nc,nchw->nhw", q, rois) * self.scale
         return HeadOutput(mask_logits=logits[:, None])

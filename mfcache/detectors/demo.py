@@ -1,0 +1,78 @@
+"""The built-in demo detector (spec ``demo``): a small Deformable DETR for the synthetic
+shapes data set (:mod:`mfcache.data.shapes`).
+
+Trained weights, when shipped, live in ``demo_weights/`` next to this file
+(``config.json`` + ``model.safetensors``, optionally ``preprocessor_config.json``);
+without them :func:`load_demo` builds the same architecture from a fixed seed and marks
+it ``trained=False`` so nothing mistakes its outputs for detections.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mfcache.detectors.base import Detector, Preprocess, state_dict_sha256
+
+DEMO_WEIGHTS = Path(__file__).with_name("demo_weights")
+
+# The shapes images have width and height each drawn from [128, 256], and every shape is
+# sized as a share of the image's short side. Resizing the short side to 256 therefore
+# fixes object scale in input pixels (~38-154 px) whatever the image size, keeps images
+# whose short side is already 256 at their native scale (no resampling blur), and
+# enlarges the rest at most 2x. Longest edge 384 caps the elongated ones (aspect up to 2)
+# at 384 px, so their short side stays >= 192 and CPU cost stays small: a 256x384 input
+# gives 2,040 memory tokens and a 64x96 C1 map.
+DEMO_PREPROCESS = Preprocess(shortest_edge=256, longest_edge=384)
+DEMO_SEED = 0
+
+
+def demo_config():
+    """The demo architecture: ResNet-ish 4-stage basic-block backbone (C3-C5 + one extra
+    level, strides 8/16/32/64), d_model 128, 2+2 layers, 50 queries, box refinement."""
+    from transformers import DeformableDetrConfig, ResNetConfig
+
+    from mfcache.data.shapes import CATEGORIES
+
+    backbone = ResNetConfig(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 2, 1],
+                            layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    return DeformableDetrConfig(
+        backbone_config=backbone,
+        d_model=128,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_ffn_dim=512,
+        decoder_ffn_dim=512,
+        encoder_attention_heads=8,
+        decoder_attention_heads=8,
+        num_feature_levels=4,
+        num_queries=50,
+        with_box_refine=True,
+        two_stage=False,
+        id2label={i: name for i, name in enumerate(CATEGORIES)},
+        label2id={name: i for i, name in enumerate(CATEGORIES)},
+    )
+
+
+def build_demo_model(seed: int = DEMO_SEED):
+    """The demo architecture, randomly initialised from ``seed`` (global RNG left untouched)."""
+    from transformers import DeformableDetrForObjectDetection
+
+    config = demo_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DeformableDetrForObjectDetection(config)
+    return model.eval()
+
+
+def load_demo() -> Detector:
+    """The ``demo`` detector: shipped weights if present, else an untrained seed-0 model."""
+    from mfcache.detectors.hf import HFDeformableDetr, load_hf
+
+    if (DEMO_WEIGHTS / "config.json").is_file() and (DEMO_WEIGHTS / "model.safetensors").is_file():
+        has_own = (DEMO_WEIGHTS / "preprocessor_config.json").is_file()
+        return load_hf(str(DEMO_WEIGHTS), spec="demo", preprocess=None if has_own else DEMO_PREPROCESS)
+    model = build_demo_model(DEMO_SEED)
+    return HFDeformableDetr(model, spec="demo", preprocess=DEMO_PREPROCESS,
+                            weights_sha256=state_dict_sha256(model), trained=False)
