@@ -24,7 +24,7 @@ def command(
     out: Annotated[Path, typer.Option("--out", help="Folder for data, cache, run and metrics.")] = Path("mfcache-demo"),
     train_images: Annotated[int, typer.Option("--train", min=1, help="Generated training images.")] = 400,
     val_images: Annotated[int, typer.Option("--val", min=1, help="Generated validation images.")] = 100,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Mask-head training steps.")] = 1000,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Mask-head training steps.")] = 600,
     quiet: QuietOpt = False,
 ):
     """Run everything on the embedded default: generate shapes data, extract the demo

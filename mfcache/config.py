@@ -63,7 +63,7 @@ class TrainConfig:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int = 1      # cache-reading processes (overlap reads with compute)
     checkpoint_every: int = 500
     log_every: int = 25
     device: str = "auto"
