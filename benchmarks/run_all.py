@@ -1,0 +1,182 @@
+"""Measure what mfcache's design choices buy, as ratios taken side by side in one run.
+
+    python benchmarks/run_all.py --quick --out bench-out
+
+Writes ``OUT/results.json`` and ``OUT/results.md`` and prints the table. Each benchmark
+times the mfcache path and its baseline alternately (interleaved repeats, median), so load
+from other processes on a shared machine affects both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, run alternately ``repeats`` times after a warm-up."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_paste(quick: bool) -> dict:
+    """Batched paste + RLE (mfcache.masks) vs torchvision's per-mask paste loop + RLE."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from mfcache.masks import encode_rle, paste_masks
+
+    torch.manual_seed(0)
+    n, height, width = 100, 480, 640
+    masks = torch.rand(n, 28, 28)
+    xy = torch.rand(n, 2) * torch.tensor([width * 0.8, height * 0.8])
+    boxes = torch.cat([xy, xy + 20 + torch.rand(n, 2) * 150], 1)
+
+    def ours():
+        encode_rle(paste_masks(masks, boxes, (height, width), threshold=0.5))
+
+    def torchvision_loop():
+        pasted = paste_masks_in_image(masks[:, None], boxes, (height, width))[:, 0] >= 0.5
+        encode_rle(pasted)
+
+    t = interleaved({"mfcache": ours, "torchvision": torchvision_loop}, 3 if quick else 10)
+    return {"masks": n, "image": [height, width], "mfcache_s": t["mfcache"], "torchvision_s": t["torchvision"],
+            "paste_speedup": t["torchvision"] / t["mfcache"]}
+
+
+def bench_roi_align(quick: bool) -> dict:
+    """Forward + backward of the baseline head's RoIAlign: matmul form vs torchvision."""
+    from torchvision.ops import roi_align as reference
+
+    from mfcache.heads.roi import roi_align
+
+    torch.manual_seed(0)
+    features = torch.randn(8, 128, 64, 96, requires_grad=True)
+    xy = torch.rand(64, 2) * 300
+    rois = torch.cat([torch.randint(0, 8, (64, 1)).float(), xy, xy + 8 + torch.rand(64, 2) * 80], 1)
+
+    def step(fn):
+        return lambda: fn().square().sum().backward()
+
+    t = interleaved({
+        "mfcache": step(lambda: roi_align(features, rois, 32, 0.25, 2)),
+        "torchvision": step(lambda: reference(features, rois, 32, 0.25, 2, aligned=True)),
+    }, 3 if quick else 10)
+    return {"rois": 64, "map": [8, 128, 64, 96], "mfcache_s": t["mfcache"], "torchvision_s": t["torchvision"],
+            "speedup": t["torchvision"] / t["mfcache"]}
+
+
+def bench_cache_payoff(quick: bool) -> dict:
+    """Mask-head training images/s fed from the cache vs fed live by the same frozen
+    full-size Deformable DETR R50 (random weights: the compute is the same) at 512 px."""
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    from mfcache.config import resolve_run_config
+    from mfcache.data.shapes import CATEGORIES, write_shapes_dataset
+    from mfcache.data.transforms import load_image, pad_batch, to_input
+    from mfcache.detectors import load_detector
+    from mfcache.detectors.base import select_topk
+    from mfcache.engine import train
+    from mfcache.extract import extract
+    from mfcache.heads import build_head
+    from mfcache.losses import mask_losses
+
+    batch, images = 2, 4 if quick else 16
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        config = DeformableDetrConfig(
+            backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]), with_box_refine=True,
+            num_labels=len(CATEGORIES), id2label=dict(enumerate(CATEGORIES)),
+        )
+        DeformableDetrForObjectDetection(config).save_pretrained(tmp / "r50")
+        (tmp / "r50" / "preprocessor_config.json").write_text(json.dumps(
+            {"size": {"shortest_edge": 512, "longest_edge": 853},
+             "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+        write_shapes_dataset(tmp / "data", num_train=images, num_val=1, seed=0)
+        spec = f"hf:{tmp / 'r50'}"
+        extract(detector=spec, images=tmp / "data" / "train", out=tmp / "cache",
+                annotations=tmp / "data" / "annotations" / "train.json", progress=False)
+
+        detector = load_detector(spec)
+        run_config = resolve_run_config("box_baseline", ["train.min_iou=0.0", f"train.batch_size={batch}"])
+        head = build_head(run_config.head, d_model=256, c1_channels=detector.info.c1_channels, num_levels=4)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=1e-4)
+        files = sorted((tmp / "data" / "train").glob("*.png"))[:batch]
+        pixels, mask = pad_batch([to_input(load_image(f), detector.info.preprocess) for f in files], 64)
+
+        def live_step():
+            out = detector(pixels, mask)
+            top = select_topk(out, 100, sigmoid=True)
+            h8, w8 = out.spatial_shapes[0].tolist()
+            level = out.memory[:, : h8 * w8].transpose(1, 2).reshape(batch, -1, h8, w8)
+            select = torch.zeros(top.scores.shape, dtype=torch.bool)
+            select[:, :32] = True  # as many positives as the cached run trains on, at most
+            result = head(top.queries, top.boxes, [level], out.c1, select)
+            loss = mask_losses(result.mask_logits, torch.rand(len(result.mask_logits), 32, 32).round())["bce"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        live = interleaved({"live": live_step}, 1 if quick else 3)["live"] / batch
+        steps = 10 if quick else 40
+        start = time.perf_counter()
+        train(cache_path=tmp / "cache", run_dir=tmp / "run", progress=False,
+              config=resolve_run_config("box_baseline", [f"train.steps={steps}", f"train.batch_size={batch}",
+                                                         "train.min_iou=0.0"]))
+        cached = (time.perf_counter() - start) / (steps * batch)
+    return {"live_s_per_image": live, "cache_s_per_image": cached, "ratio": live / cached,
+            "setup": "Deformable DETR R50 (box refine, random weights), 512 px shortest edge, box_baseline head"}
+
+
+BENCHMARKS = {"eval": bench_paste, "roi_align": bench_roi_align, "cache_payoff": bench_cache_payoff}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller runs")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                           "threads": torch.get_num_threads(), "torch": torch.__version__},
+               "quick": args.quick}
+    for name in args.only or BENCHMARKS:
+        print(f"running {name} ...", flush=True)
+        results[name] = BENCHMARKS[name](args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    rows = ["| benchmark | measured | ratio |", "|---|---|---|"]
+    if "eval" in results:
+        r = results["eval"]
+        rows.append(f"| eval.paste_speedup (100 masks, 480x640, + RLE) | {r['mfcache_s']*1e3:.0f} ms vs "
+                    f"{r['torchvision_s']*1e3:.0f} ms (torchvision loop) | {r['paste_speedup']:.2f}x |")
+    if "roi_align" in results:
+        r = results["roi_align"]
+        rows.append(f"| roi_align fwd+bwd (64 RoIs, 8x128x64x96) | {r['mfcache_s']*1e3:.0f} ms vs "
+                    f"{r['torchvision_s']*1e3:.0f} ms (torchvision) | {r['speedup']:.2f}x |")
+    if "cache_payoff" in results:
+        r = results["cache_payoff"]
+        rows.append(f"| cache_payoff.ratio (head training, s/image) | {r['cache_s_per_image']:.3f} s cached vs "
+                    f"{r['live_s_per_image']:.2f} s live R50 | {r['ratio']:.1f}x |")
+    table = "\n".join(rows)
+    (args.out / "results.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
