@@ -17,6 +17,9 @@ from mfcache.engine import evaluate, train
 from mfcache.evaluation import metrics_table
 from mfcache.extract import extract
 from mfcache.runtime import console, progress_bar
+from mfcache.visualize import visualize_split
+
+DEMO_OVERLAYS = 4  # val images drawn as ground truth | prediction panels
 
 
 @user_errors
@@ -30,7 +33,8 @@ def command(
     """Run everything on the embedded default: generate shapes data, extract the demo
     detector into a cache, train the baseline mask head, evaluate it.
 
-    Leaves OUT/data, OUT/cache, OUT/run and OUT/metrics.json; running it again resumes.
+    Leaves OUT/data, OUT/cache, OUT/run, OUT/metrics.json and OUT/overlays/ (4 val images,
+    ground truth | prediction); running it again resumes.
 
     Example: mfcache demo --out mfcache-demo
     """
@@ -53,12 +57,16 @@ def command(
     train(cache_path=out / "cache", run_dir=run, config=config, resume=(run / "checkpoint.pt").exists(),
           progress=progress)
     console.rule("4/4  eval: COCO AP with pycocotools")
-    metrics = evaluate(cache_path=out / "cache", run_dir=run, out=out / "metrics.json", progress=progress)
+    overlays: list[Path] = []
+    metrics = evaluate(cache_path=out / "cache", run_dir=run, out=out / "metrics.json", progress=progress,
+                       on_results=lambda split, results: overlays.extend(
+                           visualize_split(split, results, out / "overlays", DEMO_OVERLAYS)))
     shutil.copyfile(out / "metrics.json", run / "metrics.json")
     console.print(metrics_table(metrics, title=f"demo: COCO AP on {metrics['num_images']} val images"))
     if not metrics["detector"]["trained"]:
         console.print("[bold yellow]note:[/bold yellow] the demo detector is UNTRAINED (random weights from a fixed "
                       "seed): its boxes are random, so these APs are near zero. The pipeline is real; the "
                       "numbers are not meaningful until a trained demo detector ships.")
+    console.print(f"{len(overlays)} overlays (ground truth | prediction): {out / 'overlays'}/")
     console.print(f"done in {time.perf_counter() - started:.0f} s: {out}/metrics.json, cache {summary.cache}, run {run}")
     json.loads((out / "metrics.json").read_text())  # written and readable

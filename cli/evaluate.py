@@ -11,6 +11,7 @@ from mfcache.cli.common import CacheOpt, QuietOpt, SplitOpt, user_errors
 from mfcache.engine import evaluate
 from mfcache.evaluation import metrics_table
 from mfcache.runtime import console
+from mfcache.visualize import visualize_split
 
 
 @user_errors
@@ -20,15 +21,22 @@ def command(
     out: Annotated[Path | None, typer.Option("--out", help="Where to write metrics.json (default: RUN/metrics.json).")] = None,
     split: SplitOpt = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    visualize: Annotated[int, typer.Option("--visualize", min=0, help="Draw N images as ground truth | prediction "
+                                           "panels in <metrics dir>/visualize/.")] = 0,
     quiet: QuietOpt = False,
 ):
     """Evaluate a trained head on a cache split with pycocotools (segm and bbox AP).
 
     Also scores the same detections with each mask filled to its box ("box_filled"),
-    the floor a mask head must clear.
+    the floor a mask head must clear. --visualize N draws the first N images.
 
     Example: mfcache eval --cache caches/ddetr --run runs/baseline --out runs/baseline/metrics.json
     """
-    metrics = evaluate(cache_path=cache, run_dir=run, split=split, out=out, device=device, progress=not quiet)
+    panels = (out or run / "metrics.json").parent / "visualize"
+    draw = (lambda data, results: visualize_split(data, results, panels, visualize)) if visualize else None
+    metrics = evaluate(cache_path=cache, run_dir=run, split=split, out=out, device=device, progress=not quiet,
+                       on_results=draw)
     console.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images)"))
     console.print(f"metrics written to {out or run / 'metrics.json'}")
+    if visualize:
+        console.print(f"{min(visualize, metrics['num_images'])} panels (ground truth | prediction) in {panels}/")

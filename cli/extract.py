@@ -9,6 +9,7 @@ import typer
 
 from mfcache.cli.common import QuietOpt, SplitOpt, user_errors
 from mfcache.config import ExtractConfig
+from mfcache.distributed import world_from_env
 from mfcache.extract import extract
 from mfcache.runtime import console
 
@@ -28,6 +29,8 @@ def command(
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype of features: float16 or float32.")] = _D.dtype,
     target_size: Annotated[int, typer.Option("--target-size", min=8, help="Side of the cached per-query GT mask crops.")] = _D.target_size,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding processes.")] = _D.num_workers,
+    block_size: Annotated[int, typer.Option("--block-size", min=1, help="Images per write (the resume unit); fixed when the split is created.")] = _D.block_size,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images as skipped (see `mfcache inspect`) instead of stopping.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = _D.device,
     quiet: QuietOpt = False,
 ):
@@ -39,8 +42,11 @@ def command(
     Example: mfcache extract --detector hf:checkpoints/deformable-detr --images coco/val2017 --annotations coco/annotations/instances_val2017.json --out caches/ddetr
     """
     config = ExtractConfig(topk=topk, batch_size=batch_size, c1=c1, dtype=dtype, target_size=target_size,
-                           num_workers=workers, device=device)
+                           num_workers=workers, device=device, block_size=block_size)
     summary = extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
-                      config=config, progress=not quiet)
+                      config=config, skip_bad=skip_bad, progress=not quiet)
+    if world_from_env().rank:  # under torchrun, rank 0 reports for all
+        return
+    skipped = f", {summary.skipped} skipped: see `mfcache inspect {summary.cache}`" if summary.skipped else ""
     console.print(f"split {summary.split!r}: {summary.num_images} images cached in {summary.cache} "
-                  f"({summary.written} written now)")
+                  f"({summary.written} written now{skipped})")

@@ -43,8 +43,12 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
     for name in c.splits:
         split = c.split(name)
         done = len(split.done)
-        console.print(f"\n[bold]split {name}[/bold]: {done}/{split.num_images} images complete; "
+        skipped = split.skipped
+        console.print(f"\n[bold]split {name}[/bold]: {done}/{split.num_images} images complete"
+                      + (f", {len(skipped)} skipped" if skipped else "") + "; "
                       f"annotations {split.attrs['annotation_file']} (sha256 {split.attrs['annotations_sha256'][:16]})")
+        for image_id, reason in sorted(skipped.items()):
+            console.print(f"  skipped image id {image_id}: {reason}", highlight=False, soft_wrap=True)
         table = Table("array", "shape", "dtype", "chunks", "bytes", "stored")
         total = 0
         for path, node in sorted(split.group.members(max_depth=None)):

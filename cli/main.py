@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mfcache.cli import data, demo, evaluate, extract, inspect, train
+from mfcache.cli import data, demo, evaluate, extract, heads, inspect, predict, sweep, train, verify
 
 app = typer.Typer(
     name="mfcache",
@@ -19,6 +19,10 @@ app.command("extract")(extract.command)
 app.command("train")(train.command)
 app.command("eval")(evaluate.command)
 app.command("inspect")(inspect.command)
+app.command("verify")(verify.command)
+app.command("predict")(predict.command)
+app.command("heads")(heads.command)
+app.command("sweep")(sweep.command)
 
 
 def main() -> None:

@@ -40,12 +40,26 @@ class HeadConfig:
     """Stage 2: the mask head (DESIGN §5). The default is the paper's box-level baseline."""
 
     name: str = "box_baseline"
-    region: str = "box"        # box: RoIAlign inside each box
-    roi_size: int = 32         # M: masks are predicted at M x M inside the box
+    description: str = ""      # one line shown by `mfcache heads`
+    region: str = "box"        # box: RoIAlign inside each box | image: q . F over the whole map, then crop
+    roi_size: int = 32         # M: masks are predicted at M x M inside the box (16, 32 or 64)
     level: int = 0             # encoder level fused with C1 (0 = finest, stride 8)
     use_c1: bool = True        # add the backbone's stride-4 map to the fused feature map
-    channels: int = 0          # fused-map channels; 0 = the detector's d_model
-    scoring: str = "mask_prob"  # class | mask_prob (class score x mean prob over pixels > 0.5)
+    channels: int = 0          # fused-map channels (channel mapper d -> d'); 0 = the detector's d_model
+    encoder: str = "none"      # image feature encoder on the cached memory: none | deformable | swin | convnext
+    encoder_depth: int = 1     # blocks of that encoder
+    neck: str = "none"         # on C1: none (1x1 projection only if channels differ) | conv_gn (1x1 conv + GroupNorm)
+    box_encoder_depth: int = 0  # transformer layers over the M x M RoI tokens (query token prepended)
+    query_encoder: tuple[str, ...] = ()  # in order, from: self_attn, box_cross_attn, ffn
+    predictor: str = "dot"     # dot | blender (BlendMask) | fcn (Mask R-CNN style)
+    blender_bases: int = 4     # blender: K bases from the fused map
+    blender_attn_size: int = 14  # blender: m, per-query K x m x m attentions
+    scoring: str = "mask_prob"  # class | mask_prob (class x mean prob over pixels > 0.5) | mask_iou (class x learned IoU)
+    quality_weight: float = 1.0  # mask_iou: weight of the quality (IoU regression) loss
+    loss: str = "bce_dice"     # bce_dice on the whole RoI | point (BCE + dice on sampled points)
+    points: int = 1024         # point loss: N sampled points per mask
+    oversample: float = 3.0    # point loss: k, candidates = k * N random points
+    importance: float = 0.75   # point loss: beta, share of the N points taken as the most uncertain
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,11 @@ from mfcache.cache.reader import Cache, CacheDataset, CacheSplit, collate
 from mfcache.cache.schema import fingerprint_mismatch
 from mfcache.cache.targets import scale_boxes
 from mfcache.config import RunConfig
+from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
 from mfcache.evaluation import coco_evaluate, results_from_detections
 from mfcache.heads import MaskHead, build_head
-from mfcache.losses import mask_losses, resize_targets
+from mfcache.losses import mask_losses, point_mask_losses, quality_loss, resize_targets
 from mfcache.masks import encode_rle, paste_masks
 from mfcache.runtime import progress_bar, resolve_device
 
@@ -75,16 +77,48 @@ def _save(path: Path, payload: dict) -> None:
     os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
 
 
+class RankSlice(Sampler):
+    """This rank's share of each global batch of ``batches``: items ``rank::size``, so the
+    ranks together see exactly the batches of a one-process run."""
+
+    def __init__(self, batches: StepBatches, world: World):
+        if batches.bs < world.size:
+            raise MfcacheError(f"train.batch_size={batches.bs} is smaller than the {world.size} torchrun processes")
+        self.batches, self.world = batches, world
+
+    def __iter__(self):
+        return (b[self.world.rank:: self.world.size] for b in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def train(*, cache_path: Path, run_dir: Path, config: RunConfig, split: str | None = None,
           resume: bool = False, progress: bool = True) -> dict:
-    """Train ``config.head`` on a cache split; returns the final log entry."""
+    """Train ``config.head`` on a cache split; returns the final log entry.
+
+    Under ``torchrun --nproc_per_node N`` the head is wrapped in DistributedDataParallel and
+    every rank takes a disjoint slice of each step's batch (the global batch stays
+    ``train.batch_size``); each rank's loss is weighted by its share of the step's positives,
+    so the averaged gradient equals a one-process run's. Only rank 0 writes the run folder."""
+    device = resolve_device(config.train.device)
+    world, created = init_world(device)
+    try:
+        return _train(cache_path=cache_path, run_dir=run_dir, config=config, split=split, resume=resume,
+                      progress=progress and world.is_main, world=world, device=world.device(device))
+    finally:
+        close_world(created)
+
+
+def _train(*, cache_path: Path, run_dir: Path, config: RunConfig, split: str | None, resume: bool,
+           progress: bool, world: World, device: torch.device) -> dict:
     cache = Cache(cache_path)
     data = cache.split(split, role="train")
     data.require_complete()
     tc = config.train
     torch.manual_seed(tc.seed)
-    device = resolve_device(tc.device)
     head = head_for(cache, config).to(device)
+    model = torch.nn.parallel.DistributedDataParallel(head) if world.enabled else head
     optimizer = torch.optim.AdamW(head.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     run_dir = Path(run_dir)
     checkpoint_path = run_dir / CHECKPOINT
@@ -98,23 +132,30 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig, split: str | No
         head.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+        if "rng" in state:  # random ops after step s match an uninterrupted run's
+            torch.set_rng_state(state["rng"])
     elif resume:
         raise MfcacheError(f"nothing to resume: no {CHECKPOINT} in {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(
-        {"config": config.to_dict(), "cache": str(cache_path), "split": data.name}, indent=2))
+    if world.is_main:
+        (run_dir / "config.json").write_text(json.dumps(
+            {"config": config.to_dict(), "cache": str(cache_path), "split": data.name}, indent=2))
 
     dataset = CacheDataset(cache_path, data.name, levels=head.levels, c1=head.uses_c1, targets=True)
     if len(dataset) == 0:
         raise MfcacheError(f"split {data.name!r} has no images to train on")
-    loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), tc.batch_size, tc.seed, step, tc.steps),
+    batches = StepBatches(len(dataset), tc.batch_size, tc.seed, step, tc.steps)
+    loader = DataLoader(dataset, batch_sampler=RankSlice(batches, world) if world.enabled else batches,
                         collate_fn=collate, num_workers=tc.num_workers, pin_memory=device.type == "cuda")
 
     def checkpoint(at: int) -> None:
+        if not world.is_main:
+            return
         _save(checkpoint_path, {"model": head.state_dict(), "optimizer": optimizer.state_dict(),
-                                "config": config.to_dict(), "step": at, "fingerprint": cache.fingerprint})
+                                "config": config.to_dict(), "step": at, "fingerprint": cache.fingerprint,
+                                "rng": torch.get_rng_state()})
 
-    log = (run_dir / "log.jsonl").open("a")
+    log = (run_dir / "log.jsonl").open("a") if world.is_main else open(os.devnull, "w")
     entry: dict = {"step": step}
     head.train()
     started = time.perf_counter()
@@ -126,23 +167,40 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig, split: str | No
                 group["lr"] = lr_at(step, tc.steps, tc.lr, tc.lr_drops)
             select = (batch["gt_id"] >= 0) & (batch["gt_iou"] >= tc.min_iou)
             step += 1
-            if select.any():
-                out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"), select)
+            local = int(select.sum())
+            positives = int(all_sum(local, device))  # over every rank's slice of the batch
+            if positives:
+                if not local:  # run one query at weight 0, so every rank's DDP reduces the same graph
+                    select = select.clone()
+                    select.view(-1)[0] = True
+                out = model(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"), select)
                 targets = resize_targets(batch["target_masks"][select], head.roi_size)
-                losses = mask_losses(out.mask_logits, targets)
+                hc = config.head
+                losses = (point_mask_losses(out.mask_logits, targets, num_points=hc.points,
+                                            oversample=hc.oversample, importance=hc.importance)
+                          if hc.loss == "point" else mask_losses(out.mask_logits, targets))
                 loss = tc.bce_weight * losses["bce"] + tc.dice_weight * losses["dice"]
-                if not torch.isfinite(loss):
+                if out.quality is not None:  # learned mask-IoU: regress the true IoU at the head's M
+                    losses["quality"] = quality_loss(out.quality, out.mask_logits, targets)
+                    loss = loss + hc.quality_weight * losses["quality"]
+                share = local * world.size / positives  # DDP averages over ranks: this gives the global mean
+                if world.enabled:  # the step's losses over the whole batch, as a one-process run logs them
+                    losses = {k: torch.tensor(all_sum(v.item() * local, device) / positives) for k, v in losses.items()}
+                value = all_sum(loss.item() * local, device) / positives if world.enabled else loss.item()
+                if not math.isfinite(value):
                     raise MfcacheError(
-                        f"loss became non-finite at step {step}; the last good checkpoint is {checkpoint_path}"
-                        if checkpoint_path.exists() else f"loss became non-finite at step {step}"
+                        f"loss became non-finite ({value}) at step {step}; nothing was updated, the last "
+                        f"good checkpoint is {checkpoint_path}: lower train.lr or set train.grad_clip and --resume"
+                        if checkpoint_path.exists() else f"loss became non-finite ({value}) at step {step}, "
+                        "before the first checkpoint: lower train.lr or set train.grad_clip"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * share if world.enabled else loss).backward()
                 if tc.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(head.parameters(), tc.grad_clip)
                 optimizer.step()
-                entry = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-                         "positives": int(select.sum()), "lr": optimizer.param_groups[0]["lr"]}
+                entry = {"step": step, "loss": value, **{k: v.item() for k, v in losses.items()},
+                         "positives": positives, "lr": optimizer.param_groups[0]["lr"]}
             else:  # no query overlaps a GT well enough: nothing to learn from this batch
                 entry = {"step": step, "loss": None, "positives": 0, "lr": optimizer.param_groups[0]["lr"]}
             if step % tc.log_every == 0 or step == tc.steps:
@@ -174,13 +232,56 @@ def load_run(run_dir: Path, cache: Cache, device: torch.device) -> tuple[MaskHea
     return head.eval(), config
 
 
-def mask_scores(class_scores: torch.Tensor, mask_prob: torch.Tensor, scoring: str) -> torch.Tensor:
+def mask_scores(class_scores: torch.Tensor, mask_prob: torch.Tensor, scoring: str,
+                quality: torch.Tensor | None = None) -> torch.Tensor:
     """[N] class scores x (for ``mask_prob``) the mean probability of the pixels > 0.5 of
-    each [N, M, M] mask (the paper's baseline rescoring)."""
+    each [N, M, M] mask (the paper's baseline rescoring), or x (for ``mask_iou``) the
+    head's predicted mask quality ``[N]``."""
     if scoring == "class":
         return class_scores
+    if scoring == "mask_iou":
+        if quality is None:
+            raise MfcacheError("scoring mask_iou needs a head with a quality branch (HeadOutput.quality)")
+        return class_scores * quality
     fg = (mask_prob > 0.5).float()
     return class_scores * (mask_prob * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp(min=1.0)
+
+
+def mask_probs(head: MaskHead, batch: dict, with_quality: bool = False):
+    """Mask probabilities ``[B, K, M, M]`` inside each query's box for a collated batch
+    (:func:`mfcache.cache.reader.collate`, on the head's device); with ``with_quality``,
+    the pair (probabilities, quality ``[B, K]`` or None if the head has no scoring branch)."""
+    out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"))
+    b, k = batch["queries"].shape[:2]
+    prob = out.mask_logits.sigmoid()[:, 0].reshape(b, k, *out.mask_logits.shape[-2:])
+    if not with_quality:
+        return prob
+    return prob, None if out.quality is None else out.quality.reshape(b, k)
+
+
+def image_results(batch: dict, b: int, prob: torch.Tensor, to_category: torch.Tensor, config: RunConfig,
+                  box_filled: bool = False, quality: torch.Tensor | None = None) -> dict[str, list[dict]]:
+    """COCO results of image ``b`` of a collated batch, whose mask probabilities are
+    ``prob [K, M, M]``: detections whose label maps to a category (``to_category [num labels]``,
+    -1 = none), the first ``max_detections`` in score order, boxes and masks in original
+    pixels. ``{"head": [...]}`` and, with ``box_filled``, the same detections with each
+    mask set to its whole box (scored by the class score). ``quality [K]``: the head's
+    predicted mask quality, needed by ``mask_iou`` scoring."""
+    image_id = batch["image_id"][b]
+    category = to_category[batch["labels"][b].cpu()]
+    keep = torch.nonzero(category >= 0).flatten()[: config.eval.max_detections]
+    orig_hw = tuple(batch["orig_hw"][b].tolist())
+    boxes = scale_boxes(batch["boxes"][b][keep], tuple(batch["input_hw"][b].tolist()), orig_hw)
+    scores = mask_scores(batch["scores"][b][keep], prob[keep], config.head.scoring,
+                         None if quality is None else quality[keep])
+    masks = paste_masks(prob[keep], boxes, orig_hw, threshold=config.eval.mask_threshold)
+    results = {"head": results_from_detections(image_id, boxes.cpu(), scores.cpu(), category[keep],
+                                               encode_rle(masks.cpu()))}
+    if box_filled:
+        filled = paste_masks(torch.ones_like(prob[keep]), boxes, orig_hw, threshold=0.5)
+        results["box_filled"] = results_from_detections(
+            image_id, boxes.cpu(), batch["scores"][b][keep].cpu(), category[keep], encode_rle(filled.cpu()))
+    return results
 
 
 @torch.no_grad()
@@ -196,30 +297,21 @@ def predict_split(head: MaskHead, config: RunConfig, data: CacheSplit, device: t
         task = bar.add_task(f"eval {data.name}", total=len(dataset), status="")
         for batch in loader:
             batch = _to(batch, device)
-            out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"))
-            k = batch["queries"].shape[1]
-            prob = out.mask_logits.sigmoid()[:, 0].reshape(len(batch["image_id"]), k, *out.mask_logits.shape[-2:])
-            for b, image_id in enumerate(batch["image_id"]):
-                category = to_category[batch["labels"][b].cpu()]
-                keep = torch.nonzero(category >= 0).flatten()[: config.eval.max_detections]
-                orig_hw = tuple(batch["orig_hw"][b].tolist())
-                boxes = scale_boxes(batch["boxes"][b][keep], tuple(batch["input_hw"][b].tolist()), orig_hw)
-                scores = mask_scores(batch["scores"][b][keep], prob[b][keep], config.head.scoring)
-                masks = paste_masks(prob[b][keep], boxes, orig_hw, threshold=config.eval.mask_threshold)
-                results["head"] += results_from_detections(image_id, boxes.cpu(), scores.cpu(), category[keep],
-                                                           encode_rle(masks.cpu()))
-                if box_filled:
-                    filled = paste_masks(torch.ones_like(prob[b][keep]), boxes, orig_hw, threshold=0.5)
-                    results["box_filled"] += results_from_detections(
-                        image_id, boxes.cpu(), batch["scores"][b][keep].cpu(), category[keep], encode_rle(filled.cpu()))
+            prob, quality = mask_probs(head, batch, with_quality=True)
+            for b in range(len(batch["image_id"])):
+                q = None if quality is None else quality[b]
+                for key, items in image_results(batch, b, prob[b], to_category, config, box_filled, q).items():
+                    results[key] += items
             bar.advance(task, len(batch["image_id"]))
     return results
 
 
 def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: Path | None = None,
-             box_filled: bool = True, progress: bool = True, device: str = "auto") -> dict:
+             box_filled: bool = True, progress: bool = True, device: str = "auto",
+             on_results: Callable[[CacheSplit, list[dict]], None] | None = None) -> dict:
     """COCO segm + bbox AP of a trained head on a cache split; writes ``metrics.json``
-    (default: inside the run folder) and returns the metrics."""
+    (default: inside the run folder) and returns the metrics. ``on_results(split, results)``,
+    if given, receives the head's COCO results once the metrics are written (e.g. to draw them)."""
     cache = Cache(cache_path)
     data = cache.split(split, role="eval")
     data.require_complete()
@@ -227,17 +319,21 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
     head, config = load_run(Path(run_dir), cache, torch_device)
     results = predict_split(head, config, data, torch_device, progress=progress, box_filled=box_filled)
     coco_gt = data.coco()
-    metrics = coco_evaluate(coco_gt, results["head"])
+    evaluated = data.index["image_id"][data.done].tolist()  # images skipped at extraction are not scored
+    metrics = coco_evaluate(coco_gt, results["head"], image_ids=evaluated)
     if box_filled:
-        metrics["box_filled"] = {"segm": coco_evaluate(coco_gt, results["box_filled"], iou_types=("segm",))["segm"]}
+        metrics["box_filled"] = {"segm": coco_evaluate(coco_gt, results["box_filled"], iou_types=("segm",), image_ids=evaluated)["segm"]}
     metrics.update({
-        "split": data.name, "num_images": data.num_images, "num_detections": len(results["head"]),
+        "split": data.name, "num_images": len(evaluated), "skipped_images": sorted(data.skipped),
+        "num_detections": len(results["head"]),
         "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
         "config": config.to_dict(),
     })
     out = Path(out) if out else Path(run_dir) / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2, default=_json_default))
+    if on_results is not None:
+        on_results(data, results["head"])
     return metrics
 
 

@@ -79,8 +79,11 @@ def coco_evaluate(
     coco_gt: COCO,
     results: Sequence[dict],
     iou_types: Sequence[str] = ("segm", "bbox"),
+    image_ids: Sequence[int] | None = None,
 ) -> dict[str, dict[str, float | None]]:
-    """Run pycocotools' COCOeval for each iou type over every image of ``coco_gt``.
+    """Run pycocotools' COCOeval for each iou type over every image of ``coco_gt``, or only
+    over ``image_ids`` (e.g. leaving out images skipped at extraction, whose GT would
+    otherwise count as misses).
 
     results: COCO result dicts (``image_id``, ``category_id``, ``score``, ``bbox`` [x, y, w, h],
         ``segmentation`` compressed RLE); not modified. Every image_id must be in coco_gt;
@@ -94,6 +97,10 @@ def coco_evaluate(
     does. pycocotools' progress prints are swallowed.
     """
     gt_images = set(coco_gt.getImgIds())
+    if image_ids is not None:
+        if unknown := set(int(i) for i in image_ids) - gt_images:
+            raise ValueError(f"image_ids not in the GT, e.g. {min(unknown)}")
+        gt_images = set(int(i) for i in image_ids)
     stray = {r["image_id"] for r in results} - gt_images
     if stray:
         raise ValueError(f"results for {len(stray)} image(s) not in the GT, e.g. {min(stray)}")

@@ -6,6 +6,7 @@ last, so running the same command again skips every finished block.
 
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,19 +15,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mfcache.cache.schema import fingerprint, plan_split
+from mfcache.cache.schema import SKIPPED, fingerprint, plan_split
 from mfcache.cache.targets import query_targets
-from mfcache.cache.writer import BlockWriter, ImageRecord, create_split, open_root
+from mfcache.cache.writer import BackgroundWriter, BlockWriter, ImageRecord, create_split, open_root
 from mfcache.config import ExtractConfig
 from mfcache.data.coco import CocoDataset
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors import load_detector
 from mfcache.detectors.base import DetectorOutput, Preprocess, TopK, select_topk
+from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
 from mfcache.masks import pack_masks
 from mfcache.runtime import progress_bar, resolve_device
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+WRITE_QUEUE = 2  # finished blocks waiting for the writer thread before the detector waits
 
 
 @dataclass
@@ -35,6 +38,7 @@ class ExtractSummary:
     num_images: int
     written: int
     cache: Path
+    skipped: int = 0
 
 
 def split_name(annotation_file: Path) -> str:
@@ -57,7 +61,8 @@ def label_to_category(label_names: tuple[str, ...], category_names: dict[int, st
 
 class _ImageSource(Dataset):
     """Decodes image ``positions[j]`` and its ground truth (runs in DataLoader workers).
-    Problems come back as a message, so the main process can report them in one line."""
+    Problems come back as a message, so the main process can report them in one line
+    (or, with ``--skip-bad``, record them and go on)."""
 
     def __init__(self, dataset: CocoDataset, positions: np.ndarray, preprocess: Preprocess):
         self.dataset, self.positions, self.preprocess = dataset, positions, preprocess
@@ -68,53 +73,134 @@ class _ImageSource(Dataset):
     def __getitem__(self, j: int) -> dict:
         i = int(self.positions[j])
         image = self.dataset.images[i]
+        path = self.dataset.image_path(image)
         try:
-            pixels = load_image(self.dataset.image_path(image))
+            pixels = load_image(path)
             if tuple(pixels.shape[1:]) != (image.height, image.width):
                 raise MfcacheError(
-                    f"image {self.dataset.image_path(image)} is {pixels.shape[1]}x{pixels.shape[2]} (h x w) "
+                    f"image {path} is {pixels.shape[1]}x{pixels.shape[2]} (h x w) "
                     f"but the annotations say {image.height}x{image.width}"
                 )
-            return {"position": i, "input": to_input(pixels, self.preprocess),
-                    "gt": self.dataset.ground_truth(image)}
+            try:
+                gt = self.dataset.ground_truth(image)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                raise MfcacheError(f"cannot decode the annotations of image id {image.id} ({path}): {exc}") from None
+            return {"position": i, "input": to_input(pixels, self.preprocess), "gt": gt}
         except MfcacheError as exc:
             return {"position": i, "error": str(exc)}
 
 
-def image_record(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray, input_hw, gt,
-                 target_size: int, dtype) -> ImageRecord:
-    """Image ``b`` of a detector batch, cropped to its valid region, with its targets."""
+def crop_outputs(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray, input_hw) -> dict:
+    """Image ``b`` of a detector batch, cropped to its valid region, as the tensors
+    :meth:`mfcache.cache.reader.CacheSplit.read` returns (on the detector's device and dtype):
+    ``queries [K, D]``, ``boxes [K, 4]`` xyxy input px (float32), ``scores [K]`` float32,
+    ``labels [K]`` int64, ``query_index [K]``, ``levels`` = list of ``[D, h_l, w_l]`` (all
+    levels, finest first), ``c1 [C, ceil(h/4), ceil(w/4)]`` (only if the detector gives one)
+    and ``input_hw [2]``. ``level_hw [L, 2]`` is the planned valid size of each level."""
     valid = out.valid[b].cpu().numpy()
     if not np.array_equal(valid, level_hw):
         raise MfcacheError(f"detector feature sizes {valid.tolist()} differ from the planned {level_hw.tolist()}")
     levels, start = [], 0
     for (height, width), (h, w) in zip(out.spatial_shapes.tolist(), level_hw.tolist()):
         level = out.memory[b, start: start + height * width].view(height, width, -1)
-        levels.append(level[:h, :w].reshape(h * w, -1))
+        levels.append(level[:h, :w].permute(2, 0, 1))
         start += height * width
-    c1 = None
+    crop = {
+        "queries": top.queries[b],
+        "boxes": top.boxes[b].float(),
+        "scores": top.scores[b].float(),
+        "labels": top.labels[b].long(),
+        "query_index": top.query_index[b],
+        "levels": levels,
+        "input_hw": torch.as_tensor(tuple(input_hw), dtype=torch.int64),
+    }
     if out.c1 is not None:
-        h, w = -(-input_hw[0] // 4), -(-input_hw[1] // 4)
-        c1 = out.c1[b, :, :h, :w].permute(1, 2, 0).reshape(h * w, -1).cpu().numpy().astype(dtype)
-    boxes = top.boxes[b].float().cpu()
+        crop["c1"] = out.c1[b, :, : -(-input_hw[0] // 4), : -(-input_hw[1] // 4)]
+    return crop
+
+
+def image_record(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray, input_hw, gt,
+                 target_size: int, dtype) -> ImageRecord:
+    """Image ``b`` of a detector batch, cropped to its valid region, with its targets."""
+    crop = crop_outputs(out, top, b, level_hw=level_hw, input_hw=input_hw)
+    c1 = None
+    if "c1" in crop:
+        c1 = crop["c1"].flatten(1).T.cpu().numpy().astype(dtype)  # [h*w, C] row-major pixels
+    boxes = crop["boxes"].cpu()
     gt_id, gt_iou, masks = query_targets(boxes, input_hw, gt, target_size)
     return ImageRecord(
-        queries=top.queries[b].cpu().numpy().astype(dtype),
+        queries=crop["queries"].cpu().numpy().astype(dtype),
         boxes=boxes.numpy().astype(np.float32),
-        scores=top.scores[b].float().cpu().numpy(),
-        labels=top.labels[b].cpu().numpy().astype(np.int32),
-        query_index=top.query_index[b].cpu().numpy().astype(np.int32),
+        scores=crop["scores"].cpu().numpy(),
+        labels=crop["labels"].cpu().numpy().astype(np.int32),
+        query_index=crop["query_index"].cpu().numpy().astype(np.int32),
         gt_id=gt_id.numpy().astype(np.int64),
         gt_iou=gt_iou.numpy().astype(np.float32),
         target_masks=pack_masks(masks),
-        memory=torch.cat(levels).cpu().numpy().astype(dtype),
+        memory=torch.cat([level.flatten(1).T for level in crop["levels"]]).cpu().numpy().astype(dtype),
         c1=c1,
     )
 
 
+def pending_positions(done: np.ndarray, block: int, *, retry_skipped: bool) -> np.ndarray:
+    """Positions of every image in a block that still has to be written: a block with an
+    image not written yet (``done == 0``), or, with ``retry_skipped``, a skipped one.
+    Blocks are the unit of writing, so a pending block is recomputed whole."""
+    todo = (done == 0) | ((done == SKIPPED) if retry_skipped else False)
+    starts = np.unique(np.flatnonzero(todo) // block * block)
+    positions = [np.arange(s, min(s + block, len(done))) for s in starts]
+    return np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
+
+
+def _write_block(writer: BlockWriter, start: int, parts: dict[int, ImageRecord | str], out: Path) -> None:
+    """Write one finished block; ``parts`` maps each position to its record or skip reason."""
+    positions = sorted(parts)
+    records = [parts[p] if not isinstance(parts[p], str) else None for p in positions]
+    skipped = {p: parts[p] for p in positions if isinstance(parts[p], str)}
+    try:
+        writer.write(start, records, skipped)
+    except OSError as exc:
+        what = "disk full" if exc.errno == errno.ENOSPC else f"cannot write ({exc.strerror or exc})"
+        raise MfcacheError(
+            f"{what} while writing images {start}..{start + len(records) - 1} to {out}; "
+            "finished blocks are kept: free space and run the same command again"
+        ) from None
+
+
+def own_blocks(pending: np.ndarray, block: int, world: World) -> np.ndarray:
+    """The pending positions this rank writes: whole blocks, block ``b`` -> rank ``b % world``,
+    so no two ranks ever write one chunk (regular arrays are chunked by block, ragged ones
+    start every image on a chunk boundary)."""
+    return pending[(pending // block) % world.size == world.rank]
+
+
 def extract(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None = None,
-            config: ExtractConfig = ExtractConfig(), progress: bool = True) -> ExtractSummary:
-    """Cache detector ``detector`` (a spec) on one COCO split; returns what was done."""
+            config: ExtractConfig = ExtractConfig(), skip_bad: bool = False, progress: bool = True) -> ExtractSummary:
+    """Cache detector ``detector`` (a spec) on one COCO split; returns what was done.
+
+    With ``skip_bad``, images that cannot be read are recorded as skipped (``index/done ==
+    2``, reason in the split's ``skipped`` attrs) instead of stopping the run; without it,
+    the first one stops the run with an error, after every finished block is stored, and
+    images skipped by an earlier run are tried again.
+
+    Under ``torchrun --nproc_per_node N`` the ranks share the work: rank 0 creates the
+    layout, then each rank runs the detector (``cuda:LOCAL_RANK`` on GPU) on its own whole
+    blocks (:func:`own_blocks`); the cache equals a one-process run's array by array.
+    Blocks are written by a background thread (:class:`BackgroundWriter`) while the
+    detector runs on the next batches."""
+    device = resolve_device(config.device)
+    world, created = init_world(device)
+    try:
+        return _extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
+                        config=config, skip_bad=skip_bad, progress=progress and world.is_main,
+                        world=world, device=world.device(device))
+    finally:
+        close_world(created)
+
+
+def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
+             config: ExtractConfig, skip_bad: bool, progress: bool, world: World,
+             device: torch.device) -> ExtractSummary:
     if config.c1 not in ("store", "none"):
         raise MfcacheError(f"--c1 must be store or none, got {config.c1!r}")
     if config.dtype not in STORAGE_DTYPES:
@@ -122,13 +208,16 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
     dataset = CocoDataset(annotations, images)
     if not len(dataset):
         raise MfcacheError(f"{annotations} lists no images")
+    if world.enabled and skip_bad:  # skip reasons live in the split's attrs: one writer only
+        raise MfcacheError("--skip-bad needs a single process: run extract without torchrun")
     split = split or split_name(Path(annotations))
-    device = resolve_device(config.device)
     model = load_detector(detector, device=device)
     info = model.info
     num_classes = len(info.label_names)
     topk = min(config.topk, info.num_queries * (num_classes if info.sigmoid else 1))
 
+    if not world.is_main:
+        world.barrier()  # rank 0 creates the root and the split's layout alone
     root = open_root(Path(out), fingerprint(info, topk=topk, target_size=config.target_size,
                                            c1=config.c1, dtype=config.dtype))
     plan = plan_split([im.id for im in dataset.images], [(im.height, im.width) for im in dataset.images],
@@ -143,39 +232,62 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
         d_model=info.d_model, c1_channels=info.c1_channels if config.c1 == "store" else 0,
         target_size=config.target_size, block_size=config.block_size, dtype=config.dtype,
     )
+    if world.is_main:
+        world.barrier()
     writer = BlockWriter(group)
-    block = int(group.attrs["block_size"])
-    pending = np.flatnonzero(group["index/done"][:] != 1)
+    block = int(group.attrs["block_size"])  # the split's own, whatever this run asked for
+    if world.enabled and (writer.index["index/done"] == SKIPPED).any():
+        raise MfcacheError(f"split {split!r} of {out} has skipped images: retry them with a single process "
+                           "(without torchrun)")
+    pending = own_blocks(pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad),
+                         block, world)
     dtype = STORAGE_DTYPES[config.dtype]
+    # Batches never straddle a block and start at its first image, so a resumed run batches
+    # (and pads) every image exactly as an uninterrupted run does: outputs are identical.
+    batches = [list(range(j, min(j + config.batch_size, k)))
+               for b0 in range(0, len(pending), block)
+               for k in [min(b0 + block, len(pending))]
+               for j in range(b0, k, config.batch_size)]
     loader = DataLoader(
-        _ImageSource(dataset, pending, info.preprocess), batch_size=config.batch_size,
+        _ImageSource(dataset, pending, info.preprocess), batch_sampler=batches,
         num_workers=config.num_workers, collate_fn=list,
         persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
     )
-    buffers: dict[int, list[ImageRecord]] = {}
+    buffers: dict[int, dict[int, ImageRecord | str]] = {}
     written = 0
-    with progress_bar(progress) as bar:
-        task = bar.add_task(f"extract {split}", total=plan.num_images, completed=plan.num_images - len(pending),
-                            status=f"{info.family} on {device.type}")
+    where = f"{info.family} on {device.type}" + (f", rank 0 of {world.size}" if world.enabled else "")
+    with progress_bar(progress) as bar, BackgroundWriter(_write_block, depth=WRITE_QUEUE) as background:
+        task = bar.add_task(f"extract {split}", total=len(pending), status=where)
         for items in loader:
+            good = [item for item in items if "error" not in item]
+            in_batch = {item["position"]: b for b, item in enumerate(good)}
             for item in items:
-                if "error" in item:
-                    raise MfcacheError(item["error"])
-            pixel_values, pixel_mask = pad_batch([item["input"] for item in items], info.preprocess.pad_divisor)
-            out_batch = model(pixel_values.to(device), pixel_mask.to(device))
-            top = select_topk(out_batch, topk, sigmoid=info.sigmoid)
-            for b, item in enumerate(items):
+                if "error" in item and not skip_bad:
+                    raise MfcacheError(f"{item['error']} (pass --skip-bad to record it as skipped and go on)")
+            if good:
+                pixel_values, pixel_mask = pad_batch([item["input"] for item in good], info.preprocess.pad_divisor)
+                out_batch = model(pixel_values.to(device), pixel_mask.to(device))
+                top = select_topk(out_batch, topk, sigmoid=info.sigmoid)
+            for item in items:
                 i = item["position"]
-                record = image_record(
-                    out_batch, top, b, level_hw=plan.level_hw[i], input_hw=tuple(plan.input_hw[i].tolist()),
-                    gt=item["gt"], target_size=config.target_size, dtype=dtype,
-                )
+                if "error" in item:
+                    part: ImageRecord | str = item["error"]
+                else:
+                    part = image_record(
+                        out_batch, top, in_batch[i], level_hw=plan.level_hw[i], input_hw=tuple(plan.input_hw[i].tolist()),
+                        gt=item["gt"], target_size=config.target_size, dtype=dtype,
+                    )
                 start = i - i % block
-                buffers.setdefault(start, []).append(record)
+                buffers.setdefault(start, {})[i] = part
                 if len(buffers[start]) == min(block, plan.num_images - start):
-                    writer.write(start, buffers.pop(start))
+                    background.submit(writer, start, buffers.pop(start), Path(out))
                     written += min(block, plan.num_images - start)
             bar.advance(task, len(items))
-    if buffers:  # only possible if blocks were partly done before, which writes never leave
+    if buffers:  # pending holds whole blocks, so every block fills up
         raise MfcacheError(f"internal error: unfinished blocks {sorted(buffers)}")
-    return ExtractSummary(split=split, num_images=plan.num_images, written=written, cache=Path(out))
+    if world.enabled:  # every rank's blocks are written once all ranks get here
+        written = int(all_sum(written, device))
+        world.barrier()
+    done = group["index/done"][:] if world.enabled else writer.index["index/done"]
+    return ExtractSummary(split=split, num_images=plan.num_images, written=written, cache=Path(out),
+                          skipped=int((done == SKIPPED).sum()))

@@ -32,3 +32,60 @@ def mask_losses(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
         "bce": F.binary_cross_entropy_with_logits(logits, targets),
         "dice": dice_loss(logits, targets),
     }
+
+
+def point_sample(maps: Tensor, points: Tensor) -> Tensor:
+    """Bilinear values of ``maps [N, C, H, W]`` at ``points [N, P, 2]`` (x, y) in [0, 1] of
+    the map (pixel centres at (i + 0.5) / size) -> ``[N, C, P]``. Points within half a pixel
+    of the border take the border value (not a blend with zeros, as padding would give)."""
+    grid = (2 * points - 1)[:, :, None]  # [N, P, 1, 2]
+    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)[..., 0]
+
+
+def uncertain_points(logits: Tensor, *, num_points: int, oversample: float, importance: float,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """PointRend's training-time sampling: draw ``oversample * num_points`` uniform random
+    points, keep the ``importance * num_points`` most uncertain (logit nearest 0, read off
+    bilinearly) and add uniform random points up to ``num_points``.
+    ``logits [N, 1, M, M]`` -> points ``[N, num_points, 2]`` (x, y) in [0, 1]; no gradient."""
+    n = logits.shape[0]
+    candidates = int(oversample * num_points)
+    important = int(importance * num_points)
+    coords = torch.rand(n, candidates, 2, device=logits.device, dtype=logits.dtype, generator=generator)
+    with torch.no_grad():
+        uncertainty = -point_sample(logits.detach(), coords)[:, 0].abs()  # [N, candidates]
+        top = uncertainty.topk(important, dim=1).indices
+    chosen = coords.gather(1, top[..., None].expand(-1, -1, 2))
+    rest = torch.rand(n, num_points - important, 2, device=logits.device, dtype=logits.dtype, generator=generator)
+    return torch.cat([chosen, rest], 1)
+
+
+def point_mask_losses(logits: Tensor, targets: Tensor, *, num_points: int, oversample: float,
+                      importance: float) -> dict[str, Tensor]:
+    """BCE + dice on ``num_points`` points per mask chosen by :func:`uncertain_points`
+    (Mask2Former's point loss). logits ``[N, 1, M, M]``, targets ``[N, M, M]`` float ->
+    ``{"bce", "dice"}`` (means); targets are sampled bilinearly at the same points."""
+    logits = logits.reshape(-1, 1, *targets.shape[-2:])
+    points = uncertain_points(logits, num_points=num_points, oversample=oversample, importance=importance)
+    point_logits = point_sample(logits, points)[:, 0]
+    point_targets = point_sample(targets[:, None], points)[:, 0]
+    return {
+        "bce": F.binary_cross_entropy_with_logits(point_logits, point_targets),
+        "dice": dice_loss(point_logits, point_targets),
+    }
+
+
+def mask_iou(logits: Tensor, targets: Tensor, threshold: float = 0.5) -> Tensor:
+    """IoU ``[N]`` of the binarised predicted masks (prob > threshold) with targets > 0.5;
+    logits ``[N, 1, M, M]``, targets ``[N, M, M]``. An empty union counts as IoU 1."""
+    pred = (logits.detach().reshape(targets.shape).sigmoid() > threshold).flatten(1)
+    gt = (targets > 0.5).flatten(1)
+    inter = (pred & gt).sum(1).float()
+    union = (pred | gt).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def quality_loss(quality: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
+    """MSE between predicted quality ``[N]`` and the true IoU of the predicted masks
+    (computed at the head's resolution M, no gradient into the masks)."""
+    return F.mse_loss(quality, mask_iou(logits, targets))

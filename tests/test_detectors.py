@@ -161,9 +161,9 @@ def test_load_errors(tmp_path):
         load_detector(f"hf:{tmp_path}")
     other = save_tiny(tmp_path / "detr")
     cfg = json.loads((other / "config.json").read_text())
-    cfg["model_type"] = "detr"
+    cfg["model_type"] = "yolos"
     (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MfcacheError, match=r"'detr' is not supported; supported: deformable_detr"):
+    with pytest.raises(MfcacheError, match=r"'yolos' is not supported; supported: conditional_detr, .*deformable_detr"):
         load_detector(f"hf:{other}")
     with pytest.raises(MfcacheError, match=r"valid forms: hf:<local dir or hub id>, demo"):
         load_detector("yolo:foo")

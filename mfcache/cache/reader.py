@@ -16,7 +16,7 @@ import zarr
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from mfcache.cache.schema import INDEX_ARRAYS, SCHEMA_VERSION
+from mfcache.cache.schema import DONE, INDEX_ARRAYS, SCHEMA_VERSION, SKIPPED
 from mfcache.detectors.base import DetectorInfo
 from mfcache.errors import MfcacheError
 from mfcache.masks import unpack_masks
@@ -92,11 +92,20 @@ class CacheSplit:
 
     @property
     def done(self) -> np.ndarray:
-        """Positions of the images whose data is complete."""
-        return np.flatnonzero(self.index["done"] == 1)
+        """Positions of the images whose data is complete (skipped images excluded)."""
+        return np.flatnonzero(self.index["done"] == DONE)
+
+    @property
+    def skipped(self) -> dict[int, str]:
+        """``{image_id: reason}`` of the images extraction skipped (``--skip-bad``): finished
+        but absent, so training and evaluation leave them out."""
+        reasons = self.attrs.get("skipped", {})
+        ids = self.index["image_id"][self.index["done"] == SKIPPED]
+        return {int(i): reasons.get(str(int(i)), "no reason recorded") for i in ids}
 
     def require_complete(self) -> None:
-        missing = self.num_images - len(self.done)
+        """Raise unless every image is written or skipped."""
+        missing = int((self.index["done"] == 0).sum())
         if missing:
             raise MfcacheError(
                 f"split {self.name!r} of {self.cache.path} is incomplete ({missing} of {self.num_images} "

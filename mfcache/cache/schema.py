@@ -14,13 +14,19 @@ dataset split (``train``, ``val``, ...)::
 Ragged arrays: image i owns rows ``[offset[i], offset[i] + count[i])``; every image starts
 on a chunk boundary, so reading one image touches only its own chunks and two writers never
 share a chunk. Counts follow from the resize rule, so offsets are planned before the
-detector runs. ``index/done`` is written last for each block: only images with
-``done == 1`` are valid.
+detector runs. ``index/done`` is written last for each block: ``0`` = not written yet,
+``1`` = every array of the image is written, ``2`` = skipped (its input could not be read
+and ``extract --skip-bad`` was given; the reason is in the split's attrs
+``skipped: {image_id: reason}``). Skipped images are finished but absent: readers leave
+them out. ``index/checksum`` holds a CRC-32 of everything stored for the image
+(:func:`image_checksum`), written with its block's data, so ``mfcache verify`` detects
+flipped bytes and lost chunk files that zarr itself would read back silently.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +34,7 @@ import numpy as np
 from mfcache import __version__
 from mfcache.detectors.base import DetectorInfo, level_shapes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: index/checksum, done == 2 (skipped)
 C1_STRIDE = 4
 
 # name: (dtype or None for the storage dtype, trailing shape keys, description)
@@ -40,7 +46,8 @@ IMAGE_ARRAYS: dict[str, tuple[str | None, tuple[str, ...], str]] = {
     "index/level_hw": ("int32", ("L", 2), "valid (h, w) per encoder level"),
     "index/token_offset": ("int64", (), "first row of the image in memory"),
     "index/c1_offset": ("int64", (), "first row of the image in c1"),
-    "index/done": ("uint8", (), "1 once every array of the image is written"),
+    "index/done": ("uint8", (), "0 pending, 1 written (set after the data), 2 skipped (bad input)"),
+    "index/checksum": ("uint32", (), "CRC-32 of the image's stored rows, all arrays (image_checksum)"),
     "queries": (None, ("K", "D"), "top-k decoder queries, score order"),
     "boxes": ("float32", ("K", 4), "xyxy, input pixels"),
     "scores": ("float32", ("K",), "detector score"),
@@ -55,6 +62,20 @@ RAGGED_ARRAYS: dict[str, tuple[str, str]] = {
     "c1": ("C", "backbone stride-4 map, row-major (h, w) pixels"),
 }
 INDEX_ARRAYS = tuple(name for name in IMAGE_ARRAYS if name.startswith("index/"))
+DONE, SKIPPED = 1, 2
+# Arrays a checksum covers, in order: everything but the flags themselves, then the ragged rows.
+CHECKSUM_ARRAYS = tuple(n for n in IMAGE_ARRAYS if n not in ("index/done", "index/checksum")) + tuple(RAGGED_ARRAYS)
+
+
+def image_checksum(rows: dict[str, np.ndarray]) -> int:
+    """CRC-32 of one image's stored values: ``rows[name]`` is the image's row of each array in
+    :data:`CHECKSUM_ARRAYS` (ragged arrays: its valid rows, padding excluded; absent arrays
+    are skipped), in storage dtype."""
+    crc = 0
+    for name in CHECKSUM_ARRAYS:
+        if name in rows:
+            crc = zlib.crc32(np.ascontiguousarray(rows[name]).tobytes(), crc)
+    return crc
 
 
 def fingerprint(info: DetectorInfo, *, topk: int, target_size: int, c1: str, dtype: str) -> dict:

@@ -3,12 +3,17 @@
 A *block* is ``block_size`` consecutive images. Regular arrays are chunked by block and
 every image starts on a chunk boundary of the ragged arrays, so a block's write covers
 whole chunks that no other block touches; ``index/done`` is written only after a block's
-data, so a killed run leaves at worst a block that reads as not done and is redone.
+data and checksums, so a killed run leaves at worst a block that reads as not done and is
+redone. The local store writes every file to a temporary name and renames it, so a kill
+never leaves a half-written chunk or attribute file under its real name.
 """
 
 from __future__ import annotations
 
+import queue
 import shutil
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +22,15 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from mfcache.cache.schema import (
+    CHECKSUM_ARRAYS,
+    DONE,
     IMAGE_ARRAYS,
+    INDEX_ARRAYS,
+    SKIPPED,
     RAGGED_ARRAYS,
     SplitPlan,
     fingerprint_mismatch,
+    image_checksum,
     packed_bytes,
 )
 from mfcache.errors import MfcacheError
@@ -101,7 +111,7 @@ def create_split(
         "index/level_hw": plan.level_hw, "index/token_offset": plan.token_offset[:-1],
         "index/c1_offset": plan.c1_offset[:-1],
     }.items():
-        group[key][:] = values
+        group[key].with_config({"write_empty_chunks": True})[:] = values  # every chunk file exists
     group.attrs.update({
         **meta, "chunk_tokens": plan.chunk_tokens, "c1_chunk": plan.c1_chunk, "block_size": block_size,
         "num_images": n, "ready": True,
@@ -110,36 +120,78 @@ def create_split(
 
 
 class BlockWriter:
-    """Writes whole blocks of images into a split created by :func:`create_split`."""
+    """Writes whole blocks of images into a split created by :func:`create_split`.
+
+    Every chunk of a block is written, even an all-zero one (zarr skips those by default),
+    so a missing chunk file is always damage that ``mfcache verify`` can name.
+    """
+
+    FIELDS = {
+        "queries": "queries", "boxes": "boxes", "scores": "scores", "labels": "labels",
+        "query_index": "query_index", "targets/gt_id": "gt_id", "targets/gt_iou": "gt_iou",
+        "targets/masks": "target_masks",
+    }
 
     def __init__(self, group: zarr.Group):
         self.group = group
-        self.token_offset = np.append(group["index/token_offset"][:], group["memory"].shape[0])
+        self.index = {name: group[name][:] for name in INDEX_ARRAYS}
+        self.token_offset = np.append(self.index["index/token_offset"], group["memory"].shape[0])
         self.has_c1 = "c1" in group
         if self.has_c1:
-            self.c1_offset = np.append(group["index/c1_offset"][:], group["c1"].shape[0])
+            self.c1_offset = np.append(self.index["index/c1_offset"], group["c1"].shape[0])
 
-    def write(self, start: int, records: list[ImageRecord]) -> None:
-        """Store images ``start .. start + len(records)``, data first, then their done flags."""
+    def _array(self, name: str) -> zarr.Array:
+        return self.group[name].with_config({"write_empty_chunks": True})
+
+    def write(self, start: int, records: list[ImageRecord | None], skipped: dict[int, str] | None = None) -> None:
+        """Store images ``start .. start + len(records)``: data and checksums first, their
+        done flags last. ``None`` records are skipped images (``skipped`` maps their
+        position to the reason, kept in the split's attrs); their rows hold zeros."""
         stop = start + len(records)
-        fields = {
-            "queries": "queries", "boxes": "boxes", "scores": "scores", "labels": "labels",
-            "query_index": "query_index", "targets/gt_id": "gt_id", "targets/gt_iou": "gt_iou",
-            "targets/masks": "target_masks",
-        }
-        for array_name, attr in fields.items():
-            self.group[array_name][start:stop] = np.stack([getattr(r, attr) for r in records])
-        self._write_ragged("memory", self.token_offset, start, [r.memory for r in records])
+        skipped = skipped or {}
+        ids = self.index["index/image_id"]
+        present = [r for r in records if r is not None]
+        if len(present) + len(skipped) != len(records) or any(records[p - start] is not None for p in skipped):
+            raise ValueError("skipped must name exactly the positions whose record is None")
+        if skipped:  # reasons first: a done == 2 flag is never without its reason
+            reasons = dict(self.group.attrs.get("skipped", {}))
+            reasons.update({str(int(ids[p])): why for p, why in skipped.items()})
+            self.group.attrs["skipped"] = reasons
+        rows: list[dict[str, np.ndarray]] = []
+        for i, r in enumerate(records):
+            rows.append({name: self.index[name][start + i] for name in CHECKSUM_ARRAYS if name in self.index})
+            if r is not None:
+                rows[-1].update({name: getattr(r, attr) for name, attr in self.FIELDS.items()})
+                rows[-1]["memory"] = r.memory
+                if self.has_c1:
+                    rows[-1]["c1"] = r.c1
+        for array_name, attr in self.FIELDS.items():
+            array = self.group[array_name]
+            template = np.zeros(array.shape[1:], dtype=array.dtype)
+            self._array(array_name)[start:stop] = np.stack(
+                [getattr(r, attr) if r is not None else template for r in records])
+        self._write_ragged("memory", self.token_offset, start, [r.memory if r is not None else None for r in records])
         if self.has_c1:
-            self._write_ragged("c1", self.c1_offset, start, [r.c1 for r in records])
-        self.group["index/done"][start:stop] = 1
+            self._write_ragged("c1", self.c1_offset, start, [r.c1 if r is not None else None for r in records])
+        checksum = np.array([image_checksum(row) if r is not None else 0 for row, r in zip(rows, records)],
+                            dtype=np.uint32)
+        self._array("index/checksum")[start:stop] = checksum
+        done = np.array([SKIPPED if r is None else DONE for r in records], dtype=np.uint8)
+        self._array("index/done")[start:stop] = done
+        self.index["index/done"][start:stop] = done
+        retried = [str(int(ids[start + i])) for i, r in enumerate(records) if r is not None]
+        reasons = self.group.attrs.get("skipped", {})
+        if any(k in reasons for k in retried):  # an image skipped before has now been read
+            self.group.attrs["skipped"] = {k: v for k, v in reasons.items() if k not in retried}
 
-    def _write_ragged(self, name: str, offsets: np.ndarray, start: int, rows: list[np.ndarray]) -> None:
+    def _write_ragged(self, name: str, offsets: np.ndarray, start: int, rows: list[np.ndarray | None]) -> None:
         # One write spanning the block's chunks, padding included, so no chunk is written twice.
-        array = self.group[name]
+        array = self._array(name)
         lo, hi = int(offsets[start]), int(offsets[start + len(rows)])
         buffer = np.zeros((hi - lo, array.shape[1]), dtype=array.dtype)
         for i, part in enumerate(rows):
+            if part is None:
+                continue
             at = int(offsets[start + i]) - lo
             limit = int(offsets[start + i + 1]) - lo
             if at + len(part) > limit:
@@ -147,3 +199,61 @@ class BlockWriter:
             buffer[at: at + len(part)] = part
         array[lo:hi] = buffer
 
+
+class BackgroundWriter:
+    """Runs ``write(*job)`` for submitted jobs on one thread, in order, behind a queue of
+    ``depth`` jobs: the producer (the detector loop) waits only while the queue is full.
+
+    Use as a context manager. Leaving the block finishes every queued job (so blocks done
+    before an error are kept), then re-raises the first error the thread hit, unchanged
+    (``write`` turns OS errors into one-line :class:`MfcacheError`). After an error the
+    thread drops later jobs, and :meth:`submit` raises it at once. A killed process leaves
+    at worst the block being written, which reads as not done (its flags are written last).
+    """
+
+    def __init__(self, write: Callable[..., None], depth: int = 2):
+        self._write = write
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mfcache-block-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    self._write(*job)
+                except BaseException as exc:  # handed to the producer thread
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, *job) -> None:
+        """Queue ``write(*job)``; blocks while ``depth`` jobs are already waiting."""
+        self._raise()
+        self._queue.put(job)
+
+    def close(self) -> None:
+        """Finish every queued job and stop the thread; raise the first error it hit."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.close()
+        else:  # the producer failed: keep what is queued, report the producer's error
+            try:
+                self.close()
+            except BaseException:
+                pass

@@ -13,7 +13,7 @@ import torch
 from mfcache.detectors.base import Detector
 from mfcache.errors import MfcacheError
 
-SPEC_FORMS = ("hf:<local dir or hub id>", "demo")
+SPEC_FORMS = ("hf:<local dir or hub id>", "demo", "hdetr:<file.pth>[?options]", "dino:<file.pth>[?options]")
 
 
 def _load_hf(arg: str) -> Detector:
@@ -32,7 +32,20 @@ def _load_demo(arg: str) -> Detector:
     return load_demo()
 
 
-LOADERS: dict[str, Callable[[str], Detector]] = {"hf": _load_hf, "demo": _load_demo}
+def _native_loader(family: str) -> Callable[[str], Detector]:
+    """Loader of an original-repo checkpoint (options: mfcache.detectors.native.checkpoint)."""
+
+    def load(arg: str) -> Detector:
+        from mfcache.detectors.native import load_native
+
+        return load_native(family, arg)
+
+    return load
+
+
+LOADERS: dict[str, Callable[[str], Detector]] = {
+    "hf": _load_hf, "demo": _load_demo, "hdetr": _native_loader("hdetr"), "dino": _native_loader("dino"),
+}
 
 
 def load_detector(spec: str, *, device: str | torch.device = "cpu") -> Detector:

@@ -48,6 +48,10 @@ class Preprocess:
     """How an image becomes detector input: DETR's shortest-edge resize, ImageNet
     normalisation, and zero padding of the batch to a multiple of ``pad_divisor``.
 
+    ``fixed_size = (h, w)`` replaces the aspect-preserving resize by a plain resize to
+    exactly that size, as RT-DETR-style processors do (their ``size={"height", "width"}``);
+    those processors also skip normalisation, expressed as ``mean=(0,0,0), std=(1,1,1)``.
+
     Padding to a multiple of the coarsest stride makes every level's valid size exactly
     ``ceil(input / stride)``, so the cache can plan token offsets before the detector runs.
     """
@@ -57,9 +61,13 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     pad_divisor: int = 64
+    fixed_size: tuple[int, int] | None = None
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w) of the resized image; the same rule as transformers' DETR processors."""
+        """(h, w) of the resized image; the same rule as transformers' DETR processors
+        (or ``fixed_size`` when set, whatever the image's aspect ratio)."""
+        if self.fixed_size is not None:
+            return int(self.fixed_size[0]), int(self.fixed_size[1])
         size, max_size = self.shortest_edge, self.longest_edge
         raw_size = None
         small, large = float(min(height, width)), float(max(height, width))

@@ -16,6 +16,9 @@ import torch
 from mfcache.detectors.base import Detector, Preprocess, state_dict_sha256
 
 DEMO_WEIGHTS = Path(__file__).with_name("demo_weights")
+# Written next to shipped weights by mfcache.detectors.demo_training:
+# {"generator_version": ..., "seed": ..., "num_train": ...} of the shapes data trained on.
+GENERATOR_FILE = "shapes_generator.json"
 
 # The shapes images have width and height each drawn from [128, 256], and every shape is
 # sized as a share of the image's short side. Resizing the short side to 256 therefore
@@ -66,13 +69,39 @@ def build_demo_model(seed: int = DEMO_SEED):
     return model.eval()
 
 
-def load_demo() -> Detector:
-    """The ``demo`` detector: shipped weights if present, else an untrained seed-0 model."""
+def check_generator(weights: Path) -> dict:
+    """``weights/shapes_generator.json``, which must name the current shapes
+    ``GENERATOR_VERSION`` (weights trained on other shapes would silently mis-detect)."""
+    import json
+
+    from mfcache.data.shapes import GENERATOR_VERSION
+    from mfcache.errors import MfcacheError
+
+    path = weights / GENERATOR_FILE
+    try:
+        info = json.loads(path.read_text())
+        version = info["generator_version"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MfcacheError(f"{path}: cannot read the shapes generator version of the demo weights "
+                           f"({type(exc).__name__}: {exc})") from None
+    if str(version) != GENERATOR_VERSION:
+        raise MfcacheError(f"{path}: demo weights were trained on shapes generator version {version!r}, "
+                           f"but this mfcache generates version {GENERATOR_VERSION!r}; retrain them with "
+                           "python -m mfcache.detectors.demo_training")
+    return info
+
+
+def load_demo(weights: Path | None = None) -> Detector:
+    """The ``demo`` detector: trained weights from ``weights`` (default: the shipped
+    ``demo_weights/``) if present and made for the current shapes generator, else an
+    untrained seed-0 model."""
     from mfcache.detectors.hf import HFDeformableDetr, load_hf
 
-    if (DEMO_WEIGHTS / "config.json").is_file() and (DEMO_WEIGHTS / "model.safetensors").is_file():
-        has_own = (DEMO_WEIGHTS / "preprocessor_config.json").is_file()
-        return load_hf(str(DEMO_WEIGHTS), spec="demo", preprocess=None if has_own else DEMO_PREPROCESS)
+    weights = DEMO_WEIGHTS if weights is None else Path(weights)
+    if (weights / "config.json").is_file() and (weights / "model.safetensors").is_file():
+        check_generator(weights)
+        has_own = (weights / "preprocessor_config.json").is_file()
+        return load_hf(str(weights), spec="demo", preprocess=None if has_own else DEMO_PREPROCESS)
     model = build_demo_model(DEMO_SEED)
     return HFDeformableDetr(model, spec="demo", preprocess=DEMO_PREPROCESS,
                             weights_sha256=state_dict_sha256(model), trained=False)

@@ -1,27 +1,117 @@
-"""Mask heads, built from a :class:`~mfcache.config.HeadConfig`."""
+"""Mask heads, composed from parts by :func:`build_head` from a :class:`~mfcache.config.HeadConfig`
+(the only place that reads the config; parts take keyword-only typed arguments)."""
 
 from __future__ import annotations
+
+from torch import nn
 
 from mfcache.config import HeadConfig
 from mfcache.errors import MfcacheError
 from mfcache.heads.base import HeadOutput, MaskHead
-from mfcache.heads.box import BoxDotHead
+from mfcache.heads.blender import BlenderPredictor
+from mfcache.heads.box_encoder import BoxEncoder
+from mfcache.heads.composed import ComposedHead
+from mfcache.heads.convnext import ConvNeXtEncoder
+from mfcache.heads.deformable import DeformableEncoder
+from mfcache.heads.dot import DotPredictor, ImageDotPredictor
+from mfcache.heads.fcn import FCNPredictor
+from mfcache.heads.fusion import FusedMap, conv_gn
+from mfcache.heads.query_encoder import KINDS, QueryEncoder
+from mfcache.heads.scoring import MaskIoUHead
+from mfcache.heads.swin import SwinEncoder
 
-__all__ = ["HeadOutput", "MaskHead", "build_head"]
+__all__ = ["HeadOutput", "MaskHead", "build_head", "check_head_config"]
+
+ENCODERS = ("none", "deformable", "swin", "convnext")
+NECKS = ("none", "conv_gn")
+PREDICTORS = ("dot", "blender", "fcn")
+SCORINGS = ("class", "mask_prob", "mask_iou")
+LOSSES = ("bce_dice", "point")
+ATTENTION_HEADS = 4
+
+
+def _one_of(name: str, value, valid: tuple) -> None:
+    if value not in valid:
+        raise MfcacheError(f"head.{name} must be one of {', '.join(map(str, valid))}, got {value!r}")
+
+
+def check_head_config(c: HeadConfig, *, channels: int, c1_channels: int, num_levels: int) -> None:
+    """Raise :class:`MfcacheError` naming the first option of ``c`` that cannot be built."""
+    _one_of("region", c.region, ("box", "image"))
+    _one_of("roi_size", c.roi_size, (16, 32, 64))
+    _one_of("encoder", c.encoder, ENCODERS)
+    _one_of("neck", c.neck, NECKS)
+    _one_of("predictor", c.predictor, PREDICTORS)
+    _one_of("scoring", c.scoring, SCORINGS)
+    _one_of("loss", c.loss, LOSSES)
+    if not 0 <= c.level < num_levels:
+        raise MfcacheError(f"head.level {c.level} is out of range: the cache has {num_levels} levels")
+    if c.use_c1 and not c1_channels:
+        raise MfcacheError("head.use_c1 = true but the cache holds no C1 map (extracted with --c1 none); "
+                           "use --set head.use_c1=false")
+    if c.neck != "none" and not c.use_c1:
+        raise MfcacheError(f"head.neck = {c.neck!r} needs head.use_c1 = true (the neck maps C1)")
+    if c.channels < 0 or c.encoder_depth < 1 or c.box_encoder_depth < 0:
+        raise MfcacheError("head.channels must be >= 0, head.encoder_depth >= 1 and head.box_encoder_depth >= 0")
+    unknown = [k for k in c.query_encoder if k not in KINDS]
+    if unknown:
+        raise MfcacheError(f"head.query_encoder: unknown layer {unknown[0]!r}; valid: {', '.join(KINDS)}")
+    if "box_cross_attn" in c.query_encoder and "self_attn" in c.query_encoder[c.query_encoder.index("box_cross_attn"):]:
+        raise MfcacheError("head.query_encoder: self_attn must come before box_cross_attn "
+                           "(it runs on all K queries of an image, before selection)")
+    attention = c.box_encoder_depth > 0 or c.query_encoder or c.encoder in ("deformable", "swin")
+    if attention and channels % ATTENTION_HEADS:
+        raise MfcacheError(f"head.channels ({channels}) must be divisible by {ATTENTION_HEADS} for attention layers")
+    if c.region == "image" and (c.predictor != "dot" or c.box_encoder_depth or "box_cross_attn" in c.query_encoder):
+        raise MfcacheError("head.region = 'image' works with predictor = 'dot' and no box-level parts "
+                           "(box_encoder_depth = 0, no box_cross_attn)")
+    if c.predictor == "fcn" and c.query_encoder:
+        raise MfcacheError("head.predictor = 'fcn' ignores the queries: set head.query_encoder = []")
+    if c.blender_bases < 1 or c.blender_attn_size < 1:
+        raise MfcacheError("head.blender_bases and head.blender_attn_size must be >= 1")
+    if c.points < 1 or c.oversample < 1 or not 0 <= c.importance <= 1:
+        raise MfcacheError("head.points must be >= 1, head.oversample >= 1 and head.importance in [0, 1]")
 
 
 def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels: int) -> MaskHead:
     """The head ``config`` describes, sized for a cache's detector (c1_channels 0 = no C1 cached)."""
-    if config.region != "box":
-        raise MfcacheError(f"head.region {config.region!r} is not available; valid: box")
-    if config.roi_size not in (16, 32, 64):
-        raise MfcacheError(f"head.roi_size must be 16, 32 or 64, got {config.roi_size}")
-    if not 0 <= config.level < num_levels:
-        raise MfcacheError(f"head.level {config.level} is out of range: the cache has {num_levels} levels")
-    if config.use_c1 and not c1_channels:
-        raise MfcacheError("head.use_c1 = true but the cache holds no C1 map (extracted with --c1 none); "
-                           "use --set head.use_c1=false")
-    if config.scoring not in ("class", "mask_prob"):
-        raise MfcacheError(f"head.scoring must be class or mask_prob, got {config.scoring!r}")
-    return BoxDotHead(d_model=d_model, c1_channels=c1_channels, channels=config.channels or d_model,
-                      roi_size=config.roi_size, level=config.level, use_c1=config.use_c1)
+    c = config
+    channels = c.channels or d_model
+    check_head_config(c, channels=channels, c1_channels=c1_channels, num_levels=num_levels)
+    multi_scale = c.encoder == "deformable"
+    levels = tuple(range(num_levels)) if multi_scale else (c.level,)
+    encoder = {
+        "none": lambda: None,
+        "deformable": lambda: DeformableEncoder(dim=d_model, num_levels=num_levels, depth=c.encoder_depth),
+        "swin": lambda: SwinEncoder(dim=d_model, depth=c.encoder_depth),
+        "convnext": lambda: ConvNeXtEncoder(dim=d_model, depth=c.encoder_depth),
+    }[c.encoder]()
+    if not c.use_c1:
+        neck = None
+    elif c.neck == "conv_gn":
+        neck = conv_gn(c1_channels, channels)
+    else:
+        neck = nn.Conv2d(c1_channels, channels, 1) if c1_channels != channels else nn.Identity()
+    fusion = FusedMap(encoder=encoder, multi_scale=multi_scale, index=levels.index(c.level),
+                      upsample=2 ** (c.level + 1),  # level l has stride 8 * 2^l; F has stride 4
+                      mapper=nn.Conv2d(d_model, channels, 1) if channels != d_model else nn.Identity(), neck=neck)
+    feature_size = c.roi_size // 2 if c.predictor == "fcn" else c.roi_size
+    if c.region == "image":
+        predictor: nn.Module = ImageDotPredictor(channels=channels, roi_size=c.roi_size)
+    else:
+        predictor = {
+            "dot": lambda: DotPredictor(channels=channels),
+            "blender": lambda: BlenderPredictor(channels=channels, bases=c.blender_bases,
+                                                attn_size=c.blender_attn_size, roi_size=c.roi_size),
+            "fcn": lambda: FCNPredictor(channels=channels, hidden=min(channels, 128)),
+        }[c.predictor]()
+    return ComposedHead(
+        levels=levels, uses_c1=c.use_c1, roi_size=c.roi_size, feature_size=feature_size, fusion=fusion,
+        query_proj=None if c.predictor == "fcn" else nn.Linear(d_model, channels),
+        query_encoder=QueryEncoder(dim=channels, kinds=c.query_encoder),
+        box_encoder=BoxEncoder(dim=channels, depth=c.box_encoder_depth) if c.box_encoder_depth else None,
+        predictor=predictor,
+        scorer=MaskIoUHead(channels=channels) if c.scoring == "mask_iou" else None,
+        needs_roi_features=c.region == "box" and c.predictor in ("dot", "fcn"),
+        channels=channels,
+    )

@@ -10,7 +10,9 @@ from torch import Tensor, nn
 @dataclass
 class HeadOutput:
     """mask_logits [N, 1, M, M] inside each selected query's box (row-major over (b, k));
-    quality [N] a predicted mask quality, or None if the head has no scoring branch."""
+    quality [N] a predicted mask quality in (0, 1) (the learned mask-IoU of ``scoring =
+    "mask_iou"``, trained against the IoU of the binarised mask), or None if the head has no
+    scoring branch."""
 
     mask_logits: Tensor
     quality: Tensor | None = None

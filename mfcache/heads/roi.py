@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 
-def _axis_weights(lo: Tensor, hi: Tensor, bins: int, samples: int, size: int) -> Tensor:
+def axis_weights(lo: Tensor, hi: Tensor, bins: int, samples: int, size: int) -> Tensor:
     """Interpolation weights ``[N, bins, size]`` along one axis for boxes spanning
     ``[lo, hi]`` (continuous coords, pixel centres at integers): each bin averages
     ``samples`` evenly spaced bilinear samples, with torchvision's border rules."""
@@ -38,8 +38,8 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: f
     if n == 0:
         return features.new_zeros(0, channels, m, m)
     boxes = rois[:, 1:].to(features.dtype) * spatial_scale - 0.5
-    wy = _axis_weights(boxes[:, 1], boxes[:, 3], m, sampling_ratio, height)  # [N, M, H]
-    wx = _axis_weights(boxes[:, 0], boxes[:, 2], m, sampling_ratio, width)   # [N, M, W]
+    wy = axis_weights(boxes[:, 1], boxes[:, 3], m, sampling_ratio, height)  # [N, M, H]
+    wx = axis_weights(boxes[:, 0], boxes[:, 2], m, sampling_ratio, width)   # [N, M, W]
     batch_index = rois[:, 0].long()
     out = features.new_empty(n, channels, m, m)
     for b in torch.unique(batch_index).tolist():  # one pair of matmuls per image, not per box

@@ -1,0 +1,39 @@
+"""`mfcache predict`: the frozen detector and a trained head on any images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mfcache.cli.common import QuietOpt, user_errors
+from mfcache.predict import predict_images
+from mfcache.runtime import console
+
+
+@user_errors
+def command(
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (a folder's images, sorted).")],
+    detector: Annotated[str, typer.Option("--detector", help="Detector spec the run's cache was extracted with.")],
+    run: Annotated[Path, typer.Option("--run", help="Run folder written by `mfcache train`.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for results.json, images.json and overlays/.")],
+    score_threshold: Annotated[float, typer.Option("--score-threshold", min=0.0, max=1.0,
+                                                   help="Overlays draw detections scoring at least this "
+                                                        "(results.json keeps all: COCO AP needs the full ranking).")] = 0.3,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per detector batch.")] = 1,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    quiet: QuietOpt = False,
+):
+    """Segment images with the frozen detector and a trained mask head.
+
+    Writes OUT/results.json (COCO results: bbox, score, RLE mask), OUT/images.json (a COCO
+    file of the images, ids 1..N in input order, so pycocotools can load the results) and
+    one overlay per image in OUT/overlays/<name>.png.
+
+    Example: mfcache predict --detector demo --run runs/baseline photos/ extra.jpg --out predictions
+    """
+    summary = predict_images(detector=detector, run_dir=run, inputs=images, out=out, score_threshold=score_threshold,
+                             device=device, batch_size=batch_size, progress=not quiet)
+    console.print(f"{summary.num_images} images, {summary.num_detections} detections: {summary.results}, "
+                  f"overlays in {summary.overlays}/")

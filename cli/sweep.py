@@ -1,0 +1,44 @@
+"""`mfcache sweep`: train and evaluate many heads from one cache, one table of the runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mfcache.cli.common import CacheOpt, QuietOpt, SetOpt, user_errors
+from mfcache.runtime import console
+from mfcache.sweep import AP_KEYS, sweep
+
+
+@user_errors
+def command(
+    cache: CacheOpt,
+    heads: Annotated[list[str], typer.Option("--heads", help="`all`, a preset name or a head TOML file (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", help="Sweep folder: one run folder per head + sweep.json/md/png.")],
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training steps per head (overrides train.steps).")] = None,
+    overrides: SetOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Train (from the cache alone) and evaluate each head, then tabulate mask AP, size,
+    training time and peak memory. Heads that already have metrics in --out are not retrained.
+
+    Example: mfcache sweep --cache caches/ddetr --heads box_baseline --heads paper_final --steps 2000 --out sweeps/ablation
+    """
+    def report(row: dict, reused: bool) -> None:
+        ap = row["segm_AP"]
+        console.print(f"{row['name']}: mask AP {'-' if ap is None else f'{100 * ap:.1f}'}"
+                      f"{' (already done)' if reused else ''}")
+
+    rows = sweep(cache_path=cache, heads=heads, out_dir=out, steps=steps, overrides=overrides,
+                 progress=not quiet, on_row=report)
+    table = Table(title=f"mask AP (%) of {len(rows)} heads")
+    for column in ("head", *AP_KEYS, "params", "train s", "peak MiB"):
+        table.add_column(column, justify="left" if column == "head" else "right")
+    for r in rows:
+        aps = ["-" if r[f"segm_{k}"] is None else f"{100 * r[f'segm_{k}']:.1f}" for k in AP_KEYS]
+        table.add_row(r["name"], *aps, f"{r['params']:,}", f"{r['train_seconds']:.1f}", f"{r['peak_memory_mb']:.0f}")
+    console.print(table)
+    console.print(f"written {out / 'sweep.json'}, sweep.md and sweep.png")

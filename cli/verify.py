@@ -1,0 +1,38 @@
+"""`mfcache verify`: read every chunk of a cache and check it against its index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mfcache.cache.verify import verify
+from mfcache.cli.common import user_errors
+from mfcache.runtime import console
+
+
+@user_errors
+def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
+    """Check a cache: index consistency, completion flags, every chunk readable, finite and
+    matching its checksum, the fingerprint well formed. Exits 1 listing every problem found.
+
+    Example: mfcache verify caches/ddetr
+    """
+    report = verify(cache)
+    if not report.ok:
+        console.print(f"[bold red]cache {report.path} is damaged[/bold red] ({len(report.problems)} problems):",
+                      highlight=False)
+        for line in report.problems:
+            console.print(f"  [red]-[/red] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    table = Table("split", "images", "written", "skipped", "pending", "chunks read", "bytes checked",
+                  title=f"{report.path}: OK")
+    for s in report.splits:
+        table.add_row(s.name, str(s.num_images), str(s.written), str(s.skipped), str(s.pending),
+                      str(s.chunks), f"{s.bytes / 2**20:.1f} MiB")
+    console.print(table)
+    pending = sum(s.pending for s in report.splits)
+    if pending:
+        console.print(f"{pending} images not extracted yet: run the same `mfcache extract` command to finish")

@@ -1,0 +1,261 @@
+"""`mfcache verify`: check a cache end to end, reading every chunk of every array.
+
+What is checked, per split (see :mod:`mfcache.cache.schema` for the layout):
+
+- the fingerprint is well formed and the split was fully created (``ready``);
+- every array has the planned shape: ``N`` rows (regular arrays) or the planned ragged
+  length, trailing dims from the fingerprint;
+- the index matches the plan recomputed from the original sizes and the detector's resize
+  rule and strides (input sizes, level shapes, offsets), offsets are chunk aligned,
+  increasing, non-overlapping and within the ragged arrays;
+- completion flags are 0/1/2, set block-wise, and every skipped image has a reason;
+- every chunk of a written block exists on disk (the writer writes all of them), every
+  chunk of every array decodes, float data is finite, and each written image's CRC-32
+  (``index/checksum``) matches its data, which catches flipped bytes in uncompressed
+  chunks that zarr reads back silently;
+- the stored annotation file matches its recorded sha256.
+
+Problems are collected, not raised, so one run lists all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from mfcache.cache.reader import Cache
+from mfcache.cache.schema import (
+    CHECKSUM_ARRAYS,
+    DONE,
+    IMAGE_ARRAYS,
+    RAGGED_ARRAYS,
+    SKIPPED,
+    image_checksum,
+    packed_bytes,
+    plan_split,
+)
+from mfcache.errors import MfcacheError
+
+FINGERPRINT_KEYS = {"schema_version", "detector", "extract", "mfcache_version"}
+EXTRACT_KEYS = {"topk", "target_size", "c1", "dtype"}
+# Index arrays written whole when the split is created; the rest are written block by block.
+STATIC_INDEX = ("index/image_id", "index/orig_hw", "index/input_hw", "index/level_hw",
+                "index/token_offset", "index/c1_offset")
+SPLIT_ATTRS = ("annotations_sha256", "label_to_category", "chunk_tokens", "c1_chunk", "block_size", "num_images")
+
+
+@dataclass
+class SplitReport:
+    name: str
+    num_images: int = 0
+    written: int = 0
+    skipped: int = 0
+    pending: int = 0
+    chunks: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class VerifyReport:
+    """``problems``: one line each, naming split, array, chunk or image; empty = healthy."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    splits: list[SplitReport] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: str | Path) -> VerifyReport:
+    """Check the cache at ``path``; see the module docstring for what is checked."""
+    report = VerifyReport(Path(path))
+    try:
+        fp = zarr.open_group(str(path), mode="r", zarr_format=3).attrs.get("mfcache")
+    except Exception:
+        fp = None  # Cache() below says why
+    if isinstance(fp, dict):
+        if missing := FINGERPRINT_KEYS - set(fp):
+            report.problems.append(f"fingerprint lacks {', '.join(sorted(missing))}")
+        elif not isinstance(fp["extract"], dict) or (missing := EXTRACT_KEYS - set(fp["extract"])):
+            report.problems.append(f"fingerprint 'extract' lacks {', '.join(sorted(missing or EXTRACT_KEYS))}")
+        if report.problems:
+            return report
+    try:
+        cache = Cache(path)
+    except MfcacheError as exc:
+        report.problems.append(str(exc))
+        return report
+    except Exception as exc:  # a damaged fingerprint can fail in many ways
+        report.problems.append(f"fingerprint of {path} is malformed: {exc!r}")
+        return report
+    for name in cache.splits:
+        report.splits.append(_verify_split(cache, name, report.problems))
+    if not cache.splits:
+        report.problems.append(f"cache {path} holds no split")
+    return report
+
+
+def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
+    group = cache.root[name]
+    attrs = dict(group.attrs)
+    out = SplitReport(name)
+
+    def problem(text: str) -> None:
+        problems.append(f"split {name}: {text}")
+
+    if not attrs.get("ready"):
+        problem("was never fully created (attrs 'ready' missing): run extract again")
+        return out
+    if missing := [a for a in SPLIT_ATTRS if a not in attrs]:
+        problem(f"attrs lack {', '.join(missing)}")
+        return out
+    arrays = {p: node for p, node in group.members(max_depth=None) if isinstance(node, zarr.Array)}
+    if missing := [a for a in IMAGE_ARRAYS if a not in arrays] + [a for a in ("memory", "annotations") if a not in arrays]:
+        problem(f"arrays missing: {', '.join(missing)}")
+        return out
+
+    n = int(attrs["num_images"])
+    out.num_images = n
+    det, ext = cache.detector, cache.extract
+    has_c1 = "c1" in arrays
+    dims = {"K": int(ext["topk"]), "D": det.d_model, "C": det.c1_channels, "L": len(det.strides),
+            "B": packed_bytes(int(ext["target_size"]))}
+    shapes_ok = True
+    for array_name, (_, trailing, _) in IMAGE_ARRAYS.items():
+        want = (n, *(dims[t] if isinstance(t, str) else t for t in trailing))
+        if arrays[array_name].shape != want:
+            problem(f"{array_name} has shape {arrays[array_name].shape}, expected {want} (index/array length mismatch)")
+            shapes_ok = False
+    if not shapes_ok:
+        return out
+
+    index = {key: arrays[key][:] for key in IMAGE_ARRAYS if key.startswith("index/")}
+    plan = plan_split(index["index/image_id"], index["index/orig_hw"], det, int(attrs["chunk_tokens"]))
+    ragged = {"memory": ("index/token_offset", plan.token_offset, plan.chunk_tokens, det.d_model)}
+    if has_c1:
+        ragged["c1"] = ("index/c1_offset", plan.c1_offset, plan.c1_chunk, det.c1_channels)
+    for key, planned in (("index/input_hw", plan.input_hw), ("index/level_hw", plan.level_hw)):
+        bad = np.flatnonzero((index[key] != planned).reshape(n, -1).any(1))
+        if len(bad):
+            problem(f"{key} differs from the detector's resize rule and strides at {_positions(bad, index)}")
+    counts = {"memory": plan.level_hw.prod(-1).sum(-1), "c1": (-(-plan.input_hw // 4)).prod(-1)}
+    for array_name, (key, planned, chunk, width) in ragged.items():
+        offsets, length = index[key].astype(np.int64), arrays[array_name].shape[0]
+        if arrays[array_name].shape[1:] != (width,):
+            problem(f"{array_name} has {arrays[array_name].shape[1:]} columns, expected ({width},)")
+        if arrays[array_name].chunks[0] != chunk:
+            problem(f"{array_name} chunks {arrays[array_name].chunks[0]} rows, attrs say {chunk}")
+        if length != planned[-1]:
+            problem(f"{array_name} has {length} rows, the index plans {planned[-1]} (index/array length mismatch)")
+        end = offsets + counts[array_name]
+        checks = {
+            "not chunk aligned": offsets % chunk != 0,
+            "overlapping the next image": np.append(end[:-1] > offsets[1:], False),
+            "beyond the array": end > length,
+            "not the planned offset": offsets != planned[:-1],
+        }
+        for what, bad in checks.items():
+            if bad.any():
+                problem(f"{key} {what} at {_positions(np.flatnonzero(bad), index)}")
+
+    done, block = index["index/done"], int(attrs["block_size"])
+    if (bad := np.flatnonzero(~np.isin(done, (0, DONE, SKIPPED)))).size:
+        problem(f"index/done has invalid values at {_positions(bad, index)}")
+    reasons = attrs.get("skipped", {})
+    lost = [int(i) for i in index["index/image_id"][done == SKIPPED] if str(int(i)) not in reasons]
+    if lost:
+        problem(f"skipped images without a recorded reason: ids {lost[:10]}")
+    out.written, out.skipped, out.pending = int((done == DONE).sum()), int((done == SKIPPED).sum()), int((done == 0).sum())
+
+    stored = arrays["annotations"]
+    try:
+        digest = hashlib.sha256(stored[:].tobytes()).hexdigest()
+        if digest != attrs["annotations_sha256"]:
+            problem("stored annotation file does not match its recorded sha256")
+    except Exception as exc:
+        problem(f"annotations unreadable: {exc}")
+
+    store_root = Path(cache.root.store.root)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        flags = done[start:stop]
+        if flags.any() and not flags.all():
+            problem(f"block {start}..{stop - 1} is partly marked done {flags.tolist()}")
+        rows = _read_block(arrays, ragged, index, start, stop, bool(flags.any()), store_root, problem, out)
+        if rows is None:
+            continue
+        for i in range(start, stop):
+            if done[i] != DONE:
+                continue
+            image_rows = {k: v[i - start] for k, v in rows.items() if k not in RAGGED_ARRAYS}
+            for array_name, parts in rows.items():
+                if array_name in RAGGED_ARRAYS:
+                    image_rows[array_name] = parts[i - start]
+            if image_checksum(image_rows) != int(index["index/checksum"][i]):
+                problem(f"image id {int(index['index/image_id'][i])} (position {i}): checksum mismatch, "
+                        "its stored data changed after writing (flipped bytes or a lost chunk)")
+    for array_name in STATIC_INDEX:
+        _check_chunk_files(arrays[array_name], range(arrays[array_name].cdata_shape[0]), store_root, problem)
+    return out
+
+
+def _read_block(arrays, ragged, index, start, stop, written, store_root, problem, out):
+    """Every array's rows of images ``start:stop`` (ragged: a list of each image's valid
+    rows), or None if any chunk is missing or unreadable (each reported)."""
+    rows: dict = {}
+    ok = True
+    for array_name in [*CHECKSUM_ARRAYS, "index/done", "index/checksum"]:
+        if array_name not in arrays:
+            continue
+        array = arrays[array_name]
+        if array_name in ragged:
+            key, planned, chunk, _ = ragged[array_name]
+            lo, hi = int(planned[start]), int(planned[stop])
+        else:
+            lo, hi, chunk = start, stop, array.chunks[0]
+        if written and array_name not in STATIC_INDEX:  # the writer wrote every chunk of the block
+            ok &= _check_chunk_files(array, range(lo // chunk, -(-hi // chunk)), store_root, problem)
+        try:
+            data = array[lo:hi]
+        except Exception as exc:
+            problem(f"{array_name} rows {lo}..{hi - 1}: unreadable chunk ({exc})")
+            ok = False
+            continue
+        out.chunks += -(-(hi - lo) // chunk)
+        out.bytes += data.nbytes
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            bad = int((~np.isfinite(data)).sum())
+            problem(f"{array_name} rows {lo}..{hi - 1}: {bad} non-finite values")
+        if array_name in ragged:
+            key = ragged[array_name][0]
+            count = {"memory": index["index/level_hw"][start:stop].prod(-1).sum(-1),
+                     "c1": (-(-index["index/input_hw"][start:stop] // 4)).prod(-1)}[array_name]
+            offs = index[key][start:stop].astype(np.int64) - lo
+            rows[array_name] = [data[o: o + c] for o, c in zip(offs, count)]
+        else:
+            rows[array_name] = data
+    return rows if ok else None
+
+
+def _check_chunk_files(array: zarr.Array, chunks, store_root: Path, problem) -> bool:
+    """Report chunk files (along axis 0) missing from disk; True if all are there."""
+    ok = True
+    extra = (0,) * (array.ndim - 1)
+    for k in chunks:
+        key = array.metadata.encode_chunk_key((k, *extra))
+        if not (store_root / array.path / key).is_file():
+            problem(f"{array.path}: chunk file {key} is missing")
+            ok = False
+    return ok
+
+
+def _positions(bad: np.ndarray, index: dict) -> str:
+    ids = index["index/image_id"][bad[:5]].tolist()
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return f"image ids {ids}{more}"

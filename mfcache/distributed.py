@@ -1,0 +1,75 @@
+"""torchrun support shared by `extract` and `train`: rank, world size and the process group.
+
+Under ``torchrun --nproc_per_node N`` every process sees ``WORLD_SIZE``, ``RANK`` and
+``LOCAL_RANK`` in its environment; a plain run is world size 1 and touches no
+``torch.distributed`` state. Backends: ``nccl`` when the stage runs on CUDA, else ``gloo``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the torchrun processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """CUDA runs use ``cuda:LOCAL_RANK`` (one GPU per process); CPU stays CPU."""
+        return torch.device("cuda", self.local_rank) if self.enabled and device.type == "cuda" else device
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def world_from_env() -> World:
+    """The torchrun world this process belongs to, from ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK``."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    return World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_world(device: torch.device) -> tuple[World, bool]:
+    """Join the torchrun process group (if there is one and it is not joined yet).
+
+    Returns the world and whether this call created the group (the caller then destroys
+    it with :func:`close_world`)."""
+    world = world_from_env()
+    if not world.enabled or dist.is_initialized():
+        return world, False
+    if device.type == "cuda":
+        torch.cuda.set_device(world.local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, True
+
+
+def close_world(created: bool) -> None:
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(value: float | int, device: torch.device) -> float:
+    """Sum of a number over all ranks (the number itself without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()

@@ -1,0 +1,151 @@
+"""Train and evaluate many heads from one cache (the detector is never loaded) and tabulate
+mask AP against cost: ``DIR/<head>/`` run folders, ``DIR/sweep.json``, ``sweep.md``, ``sweep.png``.
+
+Resumable: a head whose run folder already holds ``metrics.json`` is not retrained (its row
+is read back from ``sweep_row.json``); a run interrupted mid-training resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mfcache.cache.reader import Cache
+from mfcache.config import RunConfig, load_head_file, preset_names, resolve_run_config
+from mfcache.engine import CHECKPOINT, evaluate, head_for, train
+from mfcache.errors import MfcacheError
+from mfcache.runtime import resolve_device
+
+ROW_FILE = "sweep_row.json"
+AP_KEYS = ("AP", "AP50", "APs", "APm", "APl")
+
+
+def resolve_heads(heads: list[str]) -> list[str]:
+    """``["all"]`` -> every preset; otherwise preset names / TOML files, checked to exist."""
+    names = preset_names() if heads == ["all"] or not heads else list(heads)
+    for head in names:
+        load_head_file(head)  # raises a one-line MfcacheError for an unknown name or a missing file
+    return names
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _peak_rss_mb() -> float:
+    """The process's peak resident set size so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def run_head(*, cache_path: Path, config: RunConfig, run_dir: Path, split: str | None, eval_split: str | None,
+             progress: bool) -> dict:
+    """Train + evaluate one head in ``run_dir`` and return its sweep row.
+
+    ``peak_memory_mb``: on CUDA the peak allocated memory while training; on the CPU the growth
+    of the process's peak RSS during training (0 when an earlier head already peaked higher)."""
+    device = resolve_device(config.train.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = _peak_rss_mb()
+    resume = (run_dir / CHECKPOINT).exists()
+    last = train(cache_path=cache_path, run_dir=run_dir, config=config, split=split, resume=resume, progress=progress)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mb() - rss_before
+    metrics = evaluate(cache_path=cache_path, run_dir=run_dir, split=eval_split, box_filled=False,
+                       progress=progress, device=config.train.device)
+    row = {
+        "name": config.head.name,
+        **{f"segm_{k}": metrics["segm"].get(k) for k in AP_KEYS},
+        "params": parameter_count(head_for(Cache(cache_path), config)),
+        "train_seconds": round(last["seconds"], 3),
+        "peak_memory_mb": round(peak, 1),
+        "config": config.to_dict(),
+    }
+    (run_dir / ROW_FILE).write_text(json.dumps(row, indent=2))
+    return row
+
+
+def sweep(*, cache_path: Path, heads: list[str], out_dir: Path, steps: int | None = None,
+          overrides: list[str] | None = None, split: str | None = None, eval_split: str | None = None,
+          progress: bool = True, on_row=None) -> list[dict]:
+    """Train and evaluate each head of ``heads`` (preset names, TOML files or ``["all"]``)
+    on ``cache_path``; ``steps`` overrides ``train.steps`` and ``overrides`` are ``--set``
+    strings applied to every head. Writes ``out_dir/sweep.{json,md,png}``; returns the rows.
+    ``on_row(row, reused)`` is called as each head finishes."""
+    out_dir = Path(out_dir)
+    names = resolve_heads(heads)
+    extra = list(overrides or []) + ([f"train.steps={steps}"] if steps is not None else [])
+    configs = [resolve_run_config(name, extra) for name in names]
+    taken: dict[str, str] = {}
+    for name, config in zip(names, configs):
+        if config.head.name in taken:
+            raise MfcacheError(f"heads {taken[config.head.name]!r} and {name!r} share the name "
+                               f"{config.head.name!r}; give one a different `name`")
+        taken[config.head.name] = name
+    Cache(cache_path)  # a missing or foreign cache fails before any run folder is made
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for config in configs:
+        run_dir = out_dir / config.head.name
+        row_file = run_dir / ROW_FILE
+        reused = (run_dir / "metrics.json").is_file() and row_file.is_file()
+        if reused:
+            row = json.loads(row_file.read_text())
+            if RunConfig.from_dict(row["config"]) != config:
+                raise MfcacheError(f"{run_dir} holds a run with another configuration; "
+                                   "delete it or choose another --out")
+        else:
+            row = run_head(cache_path=cache_path, config=config, run_dir=run_dir, split=split,
+                           eval_split=eval_split, progress=progress)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row, reused)
+        write_outputs(rows, out_dir)  # after every head, so an interrupted sweep keeps its table
+    return rows
+
+
+def _fmt_ap(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Mask AP (in %) and cost per head, one row each."""
+    lines = ["| head | AP | AP50 | APs | APm | APl | params | train s | peak MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        aps = " | ".join(_fmt_ap(r[f"segm_{k}"]) for k in AP_KEYS)
+        lines.append(f"| {r['name']} | {aps} | {r['params']:,} | {r['train_seconds']:.1f} | {r['peak_memory_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Mask AP vs training seconds, one labelled point per head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ap = 100 * (r["segm_AP"] or 0.0)
+        ax.scatter(r["train_seconds"], ap, s=20)
+        ax.annotate(r["name"], (r["train_seconds"], ap), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("mask AP (%)")
+    ax.set_title("mask AP vs training cost")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], out_dir: Path) -> None:
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
+    (out_dir / "sweep.md").write_text(markdown_table(rows))
+    plot(rows, out_dir / "sweep.png")

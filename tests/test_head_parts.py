@@ -1,0 +1,159 @@
+"""The head design space: every preset builds, runs forward and backward; parts checked
+against hand-computed references."""
+
+import math
+
+import pytest
+import torch
+
+from mfcache.config import HeadConfig, preset_names, resolve_run_config
+from mfcache.errors import MfcacheError
+from mfcache.heads import build_head
+from mfcache.heads.blender import blend
+from mfcache.heads.region import crop_maps
+from mfcache.heads.roi import roi_align
+from mfcache.losses import mask_iou, point_mask_losses, point_sample, quality_loss, resize_targets, uncertain_points
+
+D, C1 = 32, 8
+
+
+def tiny_batch(b=2, k=5, h8=6, w8=7, levels=4):
+    torch.manual_seed(0)
+    xy = torch.rand(b, k, 2) * 30
+    boxes = torch.cat([xy, xy + 6 + torch.rand(b, k, 2) * 20], -1)
+    sizes = [(max(1, h8 >> l), max(1, w8 >> l)) for l in range(levels)]
+    return {
+        "queries": torch.randn(b, k, D), "boxes": boxes,
+        "levels": [torch.randn(b, D, h, w) for h, w in sizes],
+        "c1": torch.randn(b, C1, 2 * h8 - 1, 2 * w8),
+    }
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_trains_one_step(preset):
+    config = resolve_run_config(preset).head
+    assert config.description, f"preset {preset} has no description"
+    head = build_head(config, d_model=D, c1_channels=C1, num_levels=4)
+    x = tiny_batch()
+    select = torch.zeros(2, 5, dtype=torch.bool)
+    select[0, :2] = select[1, 3] = True
+    out = head(x["queries"], x["boxes"], [x["levels"][l] for l in head.levels], x["c1"], select)
+    m = head.roi_size
+    assert out.mask_logits.shape == (3, 1, m, m)
+    assert (out.quality is not None) == (config.scoring == "mask_iou")
+    targets = resize_targets(torch.rand(3, 64, 64) > 0.5, m)
+    losses = (point_mask_losses(out.mask_logits, targets, num_points=64, oversample=3.0, importance=0.75)
+              if config.loss == "point" else {"bce": out.mask_logits.mean(), "dice": 0})
+    loss = losses["bce"] + losses["dice"]
+    if out.quality is not None:
+        loss = loss + quality_loss(out.quality, out.mask_logits, targets)
+    loss.backward()
+    for name, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"{preset}: no finite grad for {name}"
+    # without a selection every query gets a mask, and the selected ones are the same masks
+    head.eval()
+    with torch.no_grad():
+        everything = head(x["queries"], x["boxes"], [x["levels"][l] for l in head.levels], x["c1"]).mask_logits
+        picked = head(x["queries"], x["boxes"], [x["levels"][l] for l in head.levels], x["c1"], select).mask_logits
+    torch.testing.assert_close(everything[select.flatten()], picked, atol=1e-4, rtol=1e-4)
+
+
+def test_blend_equals_hand_computation():
+    torch.manual_seed(2)
+    bases = torch.randn(1, 2, 4, 4)          # K = 2 bases at R = 4
+    attn = torch.randn(1, 2, 2, 2)           # m = 2
+    # bilinear 2 -> 4, align_corners=False: output i samples input at (i + 0.5) / 2 - 0.5
+    def up(a):
+        out = torch.zeros(4, 4)
+        for i in range(4):
+            for j in range(4):
+                y = min(max((i + 0.5) / 2 - 0.5, 0), 1)
+                x = min(max((j + 0.5) / 2 - 0.5, 0), 1)
+                y0, x0 = int(y), int(x)
+                y1, x1 = min(y0 + 1, 1), min(x0 + 1, 1)
+                fy, fx = y - y0, x - x0
+                out[i, j] = ((1 - fy) * (1 - fx) * a[y0, x0] + (1 - fy) * fx * a[y0, x1]
+                             + fy * (1 - fx) * a[y1, x0] + fy * fx * a[y1, x1])
+        return out
+    u0, u1 = up(attn[0, 0]), up(attn[0, 1])
+    w0 = u0.exp() / (u0.exp() + u1.exp())
+    expected = w0 * bases[0, 0] + (1 - w0) * bases[0, 1]
+    torch.testing.assert_close(blend(bases, attn)[0, 0], expected)
+
+
+def test_uncertain_points_are_the_most_uncertain():
+    # logits = |x - 0.3| * 20 - 1: zero on two thin bands; only points near them are uncertain
+    xs = (torch.arange(64) + 0.5) / 64
+    logits = ((xs - 0.3).abs() * 20 - 1).expand(64, 64)[None, None].repeat(3, 1, 1, 1)
+    torch.manual_seed(0)
+    points = uncertain_points(logits, num_points=50, oversample=100.0, importance=1.0)
+    assert points.shape == (3, 50, 2)
+    values = point_sample(logits, points)[:, 0].abs()
+    assert values.max() < 0.1  # all chosen points sit on the zero crossings
+    random_values = point_sample(logits, torch.rand(3, 50, 2))[:, 0].abs()
+    assert random_values.mean() > 10 * values.mean()
+
+
+def test_point_loss_matches_dense_loss_on_a_constant_target():
+    logits = torch.full((2, 1, 16, 16), 0.7, requires_grad=True)
+    targets = torch.ones(2, 16, 16)
+    point = point_mask_losses(logits, targets, num_points=32, oversample=3.0, importance=0.75)
+    torch.testing.assert_close(point["bce"], torch.nn.functional.softplus(torch.tensor(-0.7)))
+    point["bce"].backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_mask_iou_of_known_masks():
+    target = torch.zeros(2, 4, 4)
+    target[:, :2] = 1                          # 8 pixels
+    logits = torch.full((2, 1, 4, 4), -5.0)
+    logits[0, 0, :2] = 5                       # exact
+    logits[1, 0, :1] = 5                       # 4 of 8
+    torch.testing.assert_close(mask_iou(logits, target), torch.tensor([1.0, 0.5]))
+
+
+def test_image_level_crop_is_roi_align_of_the_full_map():
+    torch.manual_seed(3)
+    maps = torch.randn(3, 2, 10, 12)
+    boxes = torch.tensor([[0.0, 0, 40, 30], [5, 7, 20, 33], [-4, 2, 50, 60]])
+    rois = torch.cat([torch.arange(3.0)[:, None], boxes], 1)
+    torch.testing.assert_close(crop_maps(maps, boxes, 8, 0.25, 2), roi_align(maps, rois, 8, 0.25, 2))
+
+
+def test_image_and_box_region_agree_up_to_sampling():
+    x = tiny_batch()
+    box = build_head(HeadConfig(region="box"), d_model=D, c1_channels=C1, num_levels=4)
+    image = build_head(HeadConfig(region="image"), d_model=D, c1_channels=C1, num_levels=4)
+    image.load_state_dict(box.state_dict())
+    a = box(x["queries"], x["boxes"], x["levels"][:1], x["c1"]).mask_logits
+    b = image(x["queries"], x["boxes"], x["levels"][:1], x["c1"]).mask_logits
+    assert a.shape == b.shape
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"encoder": "resnet"}, "head.encoder must be one of"),
+    ({"query_encoder": ("box_cross_attn", "self_attn")}, "self_attn must come before"),
+    ({"region": "image", "predictor": "fcn"}, "region = 'image'"),
+    ({"neck": "conv_gn", "use_c1": False}, "needs head.use_c1"),
+    ({"channels": 30, "query_encoder": ("ffn", "self_attn")}, "divisible by 4"),
+    ({"scoring": "iou"}, "head.scoring must be one of"),
+])
+def test_bad_combinations_are_clear_errors(override, message):
+    with pytest.raises(MfcacheError, match=message):
+        build_head(HeadConfig(**override), d_model=D, c1_channels=C1, num_levels=4)
+
+
+def test_swin_shift_mask_and_window_padding():
+    from mfcache.heads.swin import SwinEncoder
+
+    torch.manual_seed(0)
+    enc = SwinEncoder(dim=8, depth=2, window=3)
+    x = torch.randn(1, 8, 7, 8)
+    assert enc(x).shape == x.shape
+    # a non-shifted block mixes nothing across windows: changing one window leaves another alone
+    block = enc[0]
+    y = x.clone()
+    y[..., :3, :3] += 1
+    diff = (block(y) - block(x)).abs().sum(1)[0]
+    assert diff[:3, :3].sum() > 0 and diff[3:6, 3:6].sum() == 0 and math.isfinite(diff.sum().item())

@@ -1,0 +1,180 @@
+"""Killing `mfcache extract` with SIGKILL at any point and re-running the same command gives
+exactly the cache an uninterrupted run writes, array by array."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import pytest
+import zarr
+
+from mfcache.cache.verify import verify
+from mfcache.config import ExtractConfig
+from mfcache.data.shapes import write_shapes_dataset
+from mfcache.extract import extract
+
+BLOCK = 3
+# The real command, with each block write slowed down (before its data, and between its
+# regular and ragged arrays) so that the test can kill it at chosen moments.
+CHILD = """
+import sys, time
+from mfcache.cache import writer
+write, ragged = writer.BlockWriter.write, writer.BlockWriter._write_ragged
+writer.BlockWriter.write = lambda self, *a, **k: (time.sleep(0.3), write(self, *a, **k))[1]
+writer.BlockWriter._write_ragged = lambda self, *a, **k: (time.sleep(0.3), ragged(self, *a, **k))[1]
+from mfcache.cli.main import main
+sys.argv = ["mfcache", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    write_shapes_dataset(root, num_train=12, num_val=0, seed=5, min_size=64, max_size=80)
+    return root
+
+
+def args(data, out):
+    return ["extract", "--detector", "demo", "--images", str(data / "train"), "--annotations",
+            str(data / "annotations" / "train.json"), "--out", str(out), "--workers", "0", "--topk", "10",
+            "--target-size", "8", "--block-size", str(BLOCK), "--batch-size", "2", "--device", "cpu", "-q"]
+
+
+def config():
+    return ExtractConfig(topk=10, target_size=8, block_size=BLOCK, batch_size=2, num_workers=0, device="cpu")
+
+
+def done_flags(out):
+    try:
+        return zarr.open_array(out / "train" / "index" / "done", mode="r")[:]
+    except Exception:  # not created yet
+        return None
+
+
+def kill_when(data, out, condition, delay=0.0):
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args(data, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not condition(done_flags(out)):
+        assert proc.poll() is None, f"extract ended before the kill point: {proc.stderr.read().decode()}"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.02)
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    return done_flags(out)
+
+
+def assert_same_cache(a, b):
+    ga, gb = zarr.open_group(a / "train", mode="r"), zarr.open_group(b / "train", mode="r")
+    arrays_a = {p: n for p, n in ga.members(max_depth=None) if isinstance(n, zarr.Array)}
+    arrays_b = {p: n for p, n in gb.members(max_depth=None) if isinstance(n, zarr.Array)}
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for name, array in arrays_a.items():
+        assert array.dtype == arrays_b[name].dtype and array.chunks == arrays_b[name].chunks, name
+        np.testing.assert_array_equal(array[:], arrays_b[name][:], err_msg=name)
+    assert dict(ga.attrs) == dict(gb.attrs)
+    assert zarr.open_group(a, mode="r").attrs["mfcache"] == zarr.open_group(b, mode="r").attrs["mfcache"]
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "cache"
+    extract(detector="demo", images=data / "train", annotations=data / "annotations" / "train.json",
+            out=out, config=config(), progress=False)
+    return out
+
+
+KILL_POINTS = {
+    "layout created": (lambda d: d is not None, 0.0),
+    "after one block": (lambda d: d is not None and d.sum() >= BLOCK, 0.0),
+    "inside a block write": (lambda d: d is not None and d.sum() >= 2 * BLOCK, 0.45),
+}
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_and_rerun_equals_uninterrupted(point, data, reference, tmp_path):
+    out = tmp_path / "cache"
+    condition, delay = KILL_POINTS[point]
+    flags = kill_when(data, out, condition, delay)
+    assert flags is not None and 0 <= int((flags == 1).sum()) < 12, "the kill came too late to test anything"
+    # whatever the kill left reads as not done, never as done with partial data
+    assert int((flags == 1).sum()) % BLOCK == 0
+    summary = extract(detector="demo", images=data / "train", annotations=data / "annotations" / "train.json",
+                      out=out, config=config(), progress=False)
+    assert summary.written == 12 - int((flags == 1).sum())
+    assert_same_cache(out, reference)
+    assert verify(out).ok
+
+
+# --- training: a non-finite loss stops cleanly; --resume continues the exact loss curve ---
+
+import json  # noqa: E402
+
+from mfcache import engine  # noqa: E402
+from mfcache.config import resolve_run_config  # noqa: E402
+from mfcache.errors import MfcacheError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def train_cache(shapes_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "cache"
+    extract(detector="demo", images=shapes_data / "train", annotations=shapes_data / "annotations" / "train.json",
+            out=out, config=ExtractConfig(topk=10, target_size=16, block_size=4, num_workers=0, device="cpu"),
+            progress=False)
+    return out
+
+
+def run_config():
+    return resolve_run_config(None, ["train.steps=6", "train.checkpoint_every=3", "train.log_every=1",
+                                     "train.batch_size=2", "train.num_workers=0", "train.device=cpu",
+                                     "train.min_iou=0.1"])
+
+
+def losses(run):
+    return [(e["step"], e["loss"]) for e in map(json.loads, (run / "log.jsonl").read_text().splitlines())]
+
+
+def fail_at(monkeypatch, call, error):
+    calls, original = [], engine.mask_losses
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        out = original(*args, **kwargs)
+        if len(calls) == call:
+            if isinstance(error, BaseException):
+                raise error
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(engine, "mask_losses", patched)
+
+
+def test_resume_reproduces_the_loss_curve(train_cache, tmp_path, monkeypatch):
+    full, part = tmp_path / "full", tmp_path / "part"
+    engine.train(cache_path=train_cache, run_dir=full, config=run_config(), progress=False)
+    fail_at(monkeypatch, 4, KeyboardInterrupt())  # killed during step 4, after the step-3 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(cache_path=train_cache, run_dir=part, config=run_config(), progress=False)
+    monkeypatch.undo()
+    assert [s for s, _ in losses(part)] == [1, 2, 3]
+    engine.train(cache_path=train_cache, run_dir=part, config=run_config(), resume=True, progress=False)
+    assert losses(part) == losses(full) and len(losses(full)) == 6
+    a = torch.load(full / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(part / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(train_cache, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    fail_at(monkeypatch, 5, "nan")
+    with pytest.raises(MfcacheError, match="loss became non-finite .* at step 5.*last good checkpoint"):
+        engine.train(cache_path=train_cache, run_dir=run, config=run_config(), progress=False)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

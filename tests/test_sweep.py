@@ -1,0 +1,90 @@
+"""`mfcache sweep` / `mfcache heads`: many heads from one cache, never the detector."""
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from mfcache.cli.main import app
+from mfcache.config import preset_names
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    import functools
+
+    import mfcache.extract
+    from mfcache.config import ExtractConfig
+    from mfcache.data.shapes import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("sweep")
+    data = write_shapes_dataset(root / "data", num_train=6, num_val=3, seed=5, min_size=64, max_size=96)
+    cache = root / "cache"
+    with pytest.MonkeyPatch.context() as patch:  # build the demo detector once for both splits
+        patch.setattr(mfcache.extract, "load_detector", functools.cache(mfcache.extract.load_detector))
+        for split in ("train", "val"):
+            mfcache.extract.extract(detector="demo", images=data[f"{split}_images"], annotations=data[split],
+                                    out=cache, config=ExtractConfig(num_workers=0, topk=20), progress=False)
+    return cache
+
+
+def test_sweep_two_heads_without_the_detector(tiny_cache, tmp_path, monkeypatch):
+    import mfcache.detectors
+
+    def no_detector(*args, **kwargs):
+        raise AssertionError("the sweep loaded a detector")
+
+    monkeypatch.setattr(mfcache.detectors, "load_detector", no_detector)
+    monkeypatch.delitem(sys.modules, "mfcache.detectors.hf", raising=False)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--cache", str(tiny_cache), "--heads", "box_baseline", "--heads", "mask_scoring",
+            "--steps", "2", "--set", "train.batch_size=2", "--out", str(out), "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "mfcache.detectors.hf" not in sys.modules
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["name"] for r in rows] == ["box_baseline", "mask_scoring"]
+    for r in rows:
+        assert set(r) >= {"name", "segm_AP", "segm_AP50", "segm_APs", "segm_APm", "segm_APl", "params",
+                          "train_seconds", "peak_memory_mb", "config"}
+        assert r["segm_AP"] is None or 0.0 <= r["segm_AP"] <= 1.0
+        assert r["params"] > 0 and r["train_seconds"] > 0 and r["peak_memory_mb"] >= 0
+        assert r["config"]["train"]["steps"] == 2
+    assert rows[1]["params"] > rows[0]["params"]  # the mask-IoU branch adds parameters
+    assert rows[1]["config"]["head"]["scoring"] == "mask_iou"
+    md = (out / "sweep.md").read_text()
+    assert "| box_baseline |" in md and "| mask_scoring |" in md
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # resumable: finished heads are read back, not retrained
+    mtime = (out / "box_baseline" / "checkpoint.pt").stat().st_mtime_ns
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("already done") == 2
+    assert (out / "box_baseline" / "checkpoint.pt").stat().st_mtime_ns == mtime
+    assert json.loads((out / "sweep.json").read_text()) == rows
+
+
+def test_sweep_unknown_head_is_one_line_error(tiny_cache, tmp_path):
+    result = runner.invoke(app, ["sweep", "--cache", str(tiny_cache), "--heads", "nope", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    assert "unknown head preset 'nope'" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_heads_lists_every_preset_with_its_size():
+    result = runner.invoke(app, ["heads"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for name in preset_names():
+        assert name in result.output
+    assert "20,736" in result.output  # box baseline: query map 128x128 + 128, C1 map 32x128 + 128
+
+
+@pytest.mark.parametrize("command", [["heads"], ["sweep"]])
+def test_help_has_an_example(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Example: mfcache " + command[0] in " ".join(result.output.split())
