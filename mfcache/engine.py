@@ -247,15 +247,13 @@ def mask_scores(class_scores: torch.Tensor, mask_prob: torch.Tensor, scoring: st
     return class_scores * (mask_prob * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp(min=1.0)
 
 
-def mask_probs(head: MaskHead, batch: dict, with_quality: bool = False):
+def mask_probs(head: MaskHead, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mask probabilities ``[B, K, M, M]`` inside each query's box for a collated batch
-    (:func:`mfcache.cache.reader.collate`, on the head's device); with ``with_quality``,
-    the pair (probabilities, quality ``[B, K]`` or None if the head has no scoring branch)."""
+    (:func:`mfcache.cache.reader.collate`, on the head's device), and the head's predicted
+    quality ``[B, K]`` (None if the head has no scoring branch)."""
     out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"))
     b, k = batch["queries"].shape[:2]
     prob = out.mask_logits.sigmoid()[:, 0].reshape(b, k, *out.mask_logits.shape[-2:])
-    if not with_quality:
-        return prob
     return prob, None if out.quality is None else out.quality.reshape(b, k)
 
 
@@ -297,7 +295,7 @@ def predict_split(head: MaskHead, config: RunConfig, data: CacheSplit, device: t
         task = bar.add_task(f"eval {data.name}", total=len(dataset), status="")
         for batch in loader:
             batch = _to(batch, device)
-            prob, quality = mask_probs(head, batch, with_quality=True)
+            prob, quality = mask_probs(head, batch)
             for b in range(len(batch["image_id"])):
                 q = None if quality is None else quality[b]
                 for key, items in image_results(batch, b, prob[b], to_category, config, box_filled, q).items():

@@ -149,9 +149,10 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
                 chunk = list(enumerate(paths[start: start + batch_size], start=start + 1))
                 pixels = {image_id: load_image(path) for image_id, path in chunk}
                 batch = _detect(model, info, run, pixels, storage, torch_device)
-                prob = mask_probs(run.head, batch)
+                prob, quality = mask_probs(run.head, batch)
                 for b, (image_id, path) in enumerate(chunk):
-                    found = image_results(batch, b, prob[b], run.to_category, run.config)["head"]
+                    found = image_results(batch, b, prob[b], run.to_category, run.config,
+                                          quality=None if quality is None else quality[b])["head"]
                     results += found
                     height, width = pixels[image_id].shape[1:]
                     images.append({"id": image_id, "file_name": str(path.resolve()), "height": height, "width": width})

@@ -1,6 +1,7 @@
 """The commands as a user runs them."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -8,14 +9,35 @@ from typer.testing import CliRunner
 from mfcache.cli.main import app
 
 runner = CliRunner()
-COMMANDS = [["demo"], ["data", "shapes"], ["extract"], ["train"], ["eval"], ["inspect"]]
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
-def test_every_command_has_help_with_an_example(command):
+def command_paths(group=None, prefix=()):
+    """Every leaf command of the app, e.g. ("data", "shapes"), read from the app itself."""
+    import typer.main
+
+    group = group or typer.main.get_command(app)
+    for name, command in sorted(group.commands.items()):
+        if hasattr(command, "commands"):
+            yield from command_paths(command, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+COMMANDS = list(command_paths())
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def test_the_commands_are_the_documented_set():
+    names = {" ".join(c) for c in COMMANDS}
+    assert {"demo", "data shapes", "extract", "train", "eval", "inspect", "verify", "sweep", "predict"} <= names
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_with_an_example_and_a_readme_section(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Example: mfcache " + command[0] in " ".join(result.output.split())
+    assert f"`mfcache {' '.join(command)}`" in README, f"README has no section for mfcache {' '.join(command)}"
 
 
 def run(*args):
