@@ -18,7 +18,7 @@ _D = ExtractConfig()
 
 @user_errors
 def command(
-    detector: Annotated[str, typer.Option("--detector", help="Detector spec: 'demo' or 'hf:<checkpoint dir>'.")],
+    detector: Annotated[str, typer.Option("--detector", help="Detector spec: 'demo', 'hf:<checkpoint dir>', 'hdetr:<file.pth>[?options]' or 'dino:<file.pth>[?options]'.")],
     images: Annotated[Path, typer.Option("--images", help="Folder the annotation file's file_names are relative to.")],
     annotations: Annotated[Path, typer.Option("--annotations", help="COCO instances JSON of the split.")],
     out: Annotated[Path, typer.Option("--out", help="Cache folder (created, or completed if it exists).")],

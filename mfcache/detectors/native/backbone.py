@@ -1,0 +1,52 @@
+"""Backbones of the DETR lineage, keys ``backbone.0.body.*``: torchvision's ResNet with
+frozen BatchNorm (conv1, bn1, layer1..layer4; no fc) here, Swin in :mod:`.swin`.
+
+forward(pixels [B, 3, H, W]) -> (c1 [B, C1, H/4, W/4] = first-stage output,
+[the maps of ``return_layers`` (1..4 = stages), finest first]); attributes ``num_channels``,
+``strides`` (of the returned maps) and ``c1_channels``.
+"""
+
+from __future__ import annotations
+
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from mfcache.errors import MfcacheError
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def build_backbone(name: str, return_layers: tuple[int, ...]) -> nn.Module:
+    """A ResNet (``resnet50`` ...) or Swin (``swin_large``, ``swin_tiny``) backbone body."""
+    from mfcache.detectors.native.swin import SWINS, SwinBody
+
+    if name in SWINS:
+        return SwinBody(name, return_layers)
+    if name in RESNETS:
+        return ResNetBody(name, return_layers)
+    raise MfcacheError(f"backbone {name!r} is not supported; choose one of {', '.join(RESNETS + tuple(SWINS))}")
+
+
+class ResNetBody(nn.Module):
+    """Holds ``body`` (the ResNet trunk) so parameter names read ``backbone.0.body.*``."""
+
+    def __init__(self, name: str, return_layers: tuple[int, ...]):
+        super().__init__()
+        body = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+        del body.fc, body.avgpool
+        self.body = body
+        self.return_layers = return_layers  # 1..4 = layer1..layer4
+        widths = (64, 128, 256, 512) if name in ("resnet18", "resnet34") else (256, 512, 1024, 2048)
+        self.num_channels = [widths[i - 1] for i in return_layers]
+        self.c1_channels = widths[0]
+        self.strides = [2 ** (i + 1) for i in return_layers]
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor, list[Tensor]]:
+        b = self.body
+        x = b.maxpool(b.relu(b.bn1(b.conv1(pixels))))
+        maps = []
+        for i in range(1, 5):
+            x = getattr(b, f"layer{i}")(x)
+            maps.append(x)
+        return maps[0], [maps[i - 1] for i in self.return_layers]

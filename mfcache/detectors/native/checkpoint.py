@@ -1,0 +1,173 @@
+"""Loading H-DETR / DINO checkpoints of the original repos: spec options, the key table,
+and strict state-dict matching.
+
+Spec: ``hdetr:<file.pth>[?option=value&...]`` / ``dino:<file.pth>[?...]``. The file is a
+``torch.save`` dict whose ``"model"`` entry is the state dict (as both repos save it).
+Options (all optional; defaults are the published R50 models):
+
+- architecture (:class:`~mfcache.detectors.native.detector.NativeConfig` and the family
+  config): ``backbone`` (resnet50 | resnet101 | resnet18 | resnet34 | swin_large | swin_tiny),
+  ``d_model``, ``nheads``,
+  ``enc_layers``, ``dec_layers``, ``dim_feedforward``, ``num_feature_levels``,
+  ``backbone_levels``, ``enc_n_points``, ``dec_n_points``, ``num_classes``; H-DETR:
+  ``num_queries`` (one-to-one queries, 300), ``num_queries_one2many`` (1500), ``two_stage``,
+  ``box_refine``, ``mixed_selection`` (1/0); DINO: ``num_queries`` (900), ``dn_labelbook_size``
+  (default: read from the checkpoint's ``label_enc.weight``, which inference never uses);
+- ``labels=<file.json>``: a JSON list of class names, index = class id (default: the 91-entry
+  COCO list of the original repos); sets ``num_classes``;
+- ``shortest_edge`` / ``longest_edge``: the resize rule (default 800 / 1333).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import torch
+from torch import Tensor, nn
+
+from mfcache.errors import MfcacheError
+
+# ---------------------------------------------------------------------------- the key table
+# Native modules carry the published names, so a checkpoint key maps to itself unless one of
+# these rules applies. Correct names here, in one place.
+RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^module\.", ""),  # saved from a DistributedDataParallel wrapper
+    # DINO's Joiner wraps its Swin directly (backbone.0.layers...); H-DETR's has a body
+    (r"^backbone\.0\.(patch_embed|layers|norm\d)\.", r"backbone.0.body.\1."),
+)
+# The originals hang their per-layer heads on the decoder as well, so their state dicts hold
+# each head under two names; a checkpoint may carry either, the other is filled from it.
+ALIASES: tuple[tuple[str, str], ...] = (
+    ("transformer.decoder.bbox_embed.", "bbox_embed."),
+    ("transformer.decoder.class_embed.", "class_embed."),
+)
+IGNORED = re.compile(r"\.num_batches_tracked$")  # BatchNorm counters (the backbone's BN is frozen)
+
+EXTRA_OPTIONS = ("labels", "shortest_edge", "longest_edge")
+_SHOWN = 4  # names listed in an error before "..."
+
+
+def parse_spec(arg: str, family: str) -> tuple[Path, dict[str, str]]:
+    """``<file>[?k=v&...]`` -> (file, options)."""
+    path, _, query = arg.partition("?")
+    if not path:
+        raise MfcacheError(f"detector spec '{family}:' needs a checkpoint file, e.g. {family}:./checkpoint.pth")
+    options: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        if key in options:
+            raise MfcacheError(f"detector spec {family}:{arg}: option {key!r} given twice")
+        options[key] = value
+    if query and not options:
+        raise MfcacheError(f"detector spec {family}:{arg}: cannot read options {query!r} (use ?key=value&key=value)")
+    return Path(path).expanduser(), options
+
+
+def _coerce(key: str, value: str, kind: str, where: str):
+    try:
+        if kind == "bool":
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(value)
+        return value
+    except ValueError:
+        expected = "1 or 0" if kind == "bool" else "an integer"
+        raise MfcacheError(f"{where}: option {key}={value!r} must be {expected}") from None
+
+
+def build_config(cfg_cls: type, options: dict[str, str], where: str) -> tuple[object, dict[str, str]]:
+    """The family config from the spec options, and the non-architecture options."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(options) - set(fields) - set(EXTRA_OPTIONS))
+    if unknown:
+        raise MfcacheError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: "
+                           f"{', '.join(sorted(fields) + list(EXTRA_OPTIONS))}")
+    values = {k: _coerce(k, v, fields[k], where) for k, v in options.items() if k in fields}
+    extra = {k: v for k, v in options.items() if k in EXTRA_OPTIONS}
+    return cfg_cls(**values), extra
+
+
+def read_labels(path: str, where: str) -> tuple[str, ...]:
+    try:
+        names = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as exc:
+        raise MfcacheError(f"{where}: cannot read labels file {path}: {exc}") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise MfcacheError(f"{where}: labels file {path} must hold a JSON list of class names")
+    return tuple(names)
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """``torch.load(path)["model"]``, with user-facing errors."""
+    if not path.is_file():
+        raise MfcacheError(f"checkpoint file not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file is the user's to fix
+        raise MfcacheError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        keys = ", ".join(map(str, list(ckpt)[:_SHOWN])) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise MfcacheError(f"{path}: expected a dict with the state dict under 'model' (found: {keys})")
+    return ckpt["model"]
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > _SHOWN else ''})"
+
+
+def map_state_dict(state: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Checkpoint names -> native names (RENAMES, ALIASES, IGNORED); no checks."""
+    out = {}
+    for key, value in state.items():
+        if IGNORED.search(key):
+            continue
+        for pattern, repl in RENAMES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    for alias, canonical in ALIASES:
+        for key in expected:
+            for a, b in ((alias, canonical), (canonical, alias)):
+                if key.startswith(a) and key not in out and b + key[len(a):] in out:
+                    out[key] = out[b + key[len(a):]]
+    return out
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], where: str, family: str) -> None:
+    """Strictly load ``state`` into ``model``; one MfcacheError naming what does not fit."""
+    expected = model.state_dict()
+    state = map_state_dict(state, expected)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = ([f"missing {_names(missing)}"] if missing else []) + (
+            [f"unexpected {_names(unexpected)}"] if unexpected else [])
+        raise MfcacheError(f"{where}: checkpoint does not fit the {family} architecture: {'; '.join(parts)}; "
+                           "check the spec options (two_stage, box_refine, num_feature_levels, layers, ...)")
+    differ = [a + k[len(a):] for a, c in ALIASES for k in expected if k.startswith(a)
+              and c + k[len(a):] in state and not torch.equal(state[k], state[c + k[len(a):]])]
+    if differ:
+        raise MfcacheError(f"{where}: the heads listed twice in the checkpoint differ: {_names(differ)}")
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise MfcacheError(f"{where}: {len(wrong)} weight(s) have other shapes than the {family} architecture "
+                           f"(checkpoint vs model), e.g. {'; '.join(wrong[:2])}; check the spec options "
+                           "(d_model, dim_feedforward, num_queries, labels/num_classes, backbone, ...)")
+    model.load_state_dict(state, strict=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
