@@ -1,5 +1,6 @@
-"""Deformable DETR encoder blocks over the cached multi-scale memory E, in pure PyTorch:
-multi-scale deformable attention samples each level with ``grid_sample``.
+"""Deformable DETR encoder blocks over the cached multi-scale memory E, in pure PyTorch
+(the sampling is :func:`mfcache.deformable_attention.ms_deform_attn`, shared with the
+native detectors).
 
 Padding of batched maps is not masked (the detector's valid ratios are not cached per
 level here): padded tokens are zeros, and each image's content is at the top left.
@@ -10,15 +11,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mfcache.deformable_attention import ms_deform_attn
 
 from mfcache.heads.position import sine_position
 
 
 class MultiScaleDeformableAttention(nn.Module):
     """``query [B, Q, C]``, ``reference [B, Q, 2]`` (x, y) in [0, 1] of the image,
-    ``values``: list of ``[B, C, H_l, W_l]`` -> ``[B, Q, C]``. Each of ``heads`` heads samples
+    ``tokens [B, sum(h*w), C]`` all levels flattened, ``shapes`` their (h, w) -> ``[B, Q, C]``. Each of ``heads`` heads samples
     ``points`` points per level around the reference (offsets in level pixels, predicted
     from the query) and averages them with softmax weights over levels x points."""
 
@@ -40,22 +42,16 @@ class MultiScaleDeformableAttention(nn.Module):
         nn.init.zeros_(self.weights.weight)
         nn.init.zeros_(self.weights.bias)
 
-    def forward(self, query: Tensor, reference: Tensor, values: list[Tensor]) -> Tensor:
+    def forward(self, query: Tensor, reference: Tensor, tokens: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         b, q, c = query.shape
         h, p = self.heads, self.points
+        value = self.value(tokens).view(b, tokens.shape[1], h, c // h)
+        spatial_shapes = torch.tensor(shapes, device=query.device)
+        scale = spatial_shapes.flip(-1).to(query.dtype)  # (w, h) per level: offsets are in level pixels
         offsets = self.offsets(query).view(b, q, h, self.num_levels, p, 2)
+        locations = reference[:, :, None, None, None, :] + offsets / scale[None, None, None, :, None, :]
         weights = self.weights(query).view(b, q, h, -1).softmax(-1).view(b, q, h, self.num_levels, p)
-        out = query.new_zeros(b * h, c // h, q)
-        for l, v in enumerate(values):
-            height, width = v.shape[-2:]
-            v = self.value(v.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b * h, c // h, height, width)
-            scale = torch.tensor([width, height], device=query.device, dtype=query.dtype)
-            loc = reference[:, :, None, None, :] + offsets[:, :, :, l] / scale  # [B, Q, H, P, 2]
-            grid = (2 * loc - 1).transpose(1, 2).reshape(b * h, q, p, 2)
-            sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            w = weights[:, :, :, l].transpose(1, 2).reshape(b * h, 1, q, p)
-            out = out + (sampled * w).sum(-1)  # [B*H, C/H, Q]
-        return self.out(out.view(b, c, q).transpose(1, 2))
+        return self.out(ms_deform_attn(value, spatial_shapes, locations, weights))
 
 
 class DeformableEncoderBlock(nn.Module):
@@ -69,8 +65,7 @@ class DeformableEncoderBlock(nn.Module):
 
     def forward(self, tokens: Tensor, pos: Tensor, reference: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         """tokens, pos [B, T, C] (all levels flattened, T = sum h*w); reference [B, T, 2]."""
-        values = [v.transpose(1, 2).unflatten(2, hw) for v, hw in zip(tokens.split([h * w for h, w in shapes], 1), shapes)]
-        tokens = self.norm1(tokens + self.attn(tokens + pos, reference, values))
+        tokens = self.norm1(tokens + self.attn(tokens + pos, reference, tokens, shapes))
         return self.norm2(tokens + self.ffn(tokens))
 
 
