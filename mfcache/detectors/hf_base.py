@@ -123,16 +123,21 @@ class HFDetector(Detector):
             strides.append(strides[-1] * 2)
         return strides
 
+    def _conv_encoder(self) -> nn.Module:
+        """transformers' ``*ConvEncoder`` (backbone + pixel-mask downsampling); most families
+        keep it at ``model.model.backbone``."""
+        return self.model.model.backbone
+
     def _backbone(self) -> nn.Module:
         """The backbone network itself (HF ``ResNetBackbone`` or an unwrapped timm model)."""
-        raise NotImplementedError
+        return self._conv_encoder().model
 
     def _backbone_features(self, pixel_values: Tensor, pixel_mask: Tensor) -> list[Tensor]:
         """Backbone feature maps that feed the encoder (used only to probe strides)."""
-        raise NotImplementedError
+        return [f for f, _ in self._conv_encoder()(pixel_values, pixel_mask)]
 
     def _num_levels(self) -> int:
-        raise NotImplementedError
+        return int(self.model.config.num_feature_levels)
 
     def _collect(self, raw: Any, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:
         raise NotImplementedError

@@ -21,15 +21,6 @@ class HFDeformableDetr(HFDetector):
     family = "deformable_detr"
     model_class = "DeformableDetrForObjectDetection"
 
-    def _backbone(self) -> nn.Module:
-        return self.model.model.backbone.model
-
-    def _backbone_features(self, pixel_values: Tensor, pixel_mask: Tensor) -> list[Tensor]:
-        return [f for f, _ in self.model.model.backbone(pixel_values, pixel_mask)]
-
-    def _num_levels(self) -> int:
-        return int(self.model.config.num_feature_levels)
-
     def _num_queries(self) -> int:
         config = self.model.config
         return int(config.two_stage_num_proposals if config.two_stage else config.num_queries)

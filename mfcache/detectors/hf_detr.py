@@ -28,16 +28,6 @@ from mfcache.detectors.hf_base import HFDetector, valid_from_level_mask
 class HFSingleScaleDetr(HFDetector):
     """Shared adapter of the single-scale DETRs; subclasses name the class and backbone path."""
 
-    def _conv_encoder(self) -> nn.Module:
-        """transformers' ``*ConvEncoder`` (backbone + pixel-mask downsampling)."""
-        return self.model.model.backbone
-
-    def _backbone(self) -> nn.Module:
-        return self._conv_encoder().model
-
-    def _backbone_features(self, pixel_values: Tensor, pixel_mask: Tensor) -> list[Tensor]:
-        return [f for f, _ in self._conv_encoder()(pixel_values, pixel_mask)]
-
     def _num_levels(self) -> int:
         return 1
 

@@ -46,18 +46,6 @@ class HFRTDetrFamily(HFDetector):
                 raise MfcacheError(f"{self.info.spec}: the model's anchors are fixed for {anchor_hw[0]}x"
                                    f"{anchor_hw[1]} inputs; preprocessing must resize to exactly that size")
 
-    def _conv_encoder(self) -> nn.Module:
-        return self.model.model.backbone
-
-    def _backbone(self) -> nn.Module:
-        return self._conv_encoder().model
-
-    def _backbone_features(self, pixel_values: Tensor, pixel_mask: Tensor) -> list[Tensor]:
-        return [f for f, _ in self._conv_encoder()(pixel_values, pixel_mask)]
-
-    def _num_levels(self) -> int:
-        return int(self.model.config.num_feature_levels)
-
     def _install_hooks(self) -> None:
         self._handles.append(
             self.model.model.decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True))
