@@ -10,6 +10,7 @@ from other processes on a shared machine affects both sides alike.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import platform
 import statistics
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from cache_io import bench_extract_overhead, bench_reader, bench_storage, rows as cache_io_rows
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -142,7 +145,8 @@ def bench_cache_payoff(quick: bool) -> dict:
             "setup": "Deformable DETR R50 (box refine, random weights), 512 px shortest edge, box_baseline head"}
 
 
-BENCHMARKS = {"eval": bench_paste, "roi_align": bench_roi_align, "cache_payoff": bench_cache_payoff}
+BENCHMARKS = {"eval": bench_paste, "roi_align": bench_roi_align, "reader": bench_reader,
+              "extract": bench_extract_overhead, "storage": bench_storage, "cache_payoff": bench_cache_payoff}
 
 
 def main() -> None:
@@ -153,11 +157,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                           "threads": torch.get_num_threads(), "torch": torch.__version__},
+                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "load_average_at_start": os.getloadavg()},
                "quick": args.quick}
     for name in args.only or BENCHMARKS:
         print(f"running {name} ...", flush=True)
         results[name] = BENCHMARKS[name](args.quick)
+    results["machine"]["load_average_at_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     rows = ["| benchmark | measured | ratio |", "|---|---|---|"]
@@ -169,10 +175,14 @@ def main() -> None:
         r = results["roi_align"]
         rows.append(f"| roi_align fwd+bwd (64 RoIs, 8x128x64x96) | {r['mfcache_s']*1e3:.0f} ms vs "
                     f"{r['torchvision_s']*1e3:.0f} ms (torchvision) | {r['speedup']:.2f}x |")
+    rows += cache_io_rows(results)
     if "cache_payoff" in results:
         r = results["cache_payoff"]
         rows.append(f"| cache_payoff.ratio (head training, s/image) | {r['cache_s_per_image']:.3f} s cached vs "
                     f"{r['live_s_per_image']:.2f} s live R50 | {r['ratio']:.1f}x |")
+    load = results["machine"]
+    rows.append(f"\nload average (1/5/15 min) at start {load['load_average_at_start']}, "
+                f"at end {load['load_average_at_end']} on {os.cpu_count()} cores")
     table = "\n".join(rows)
     (args.out / "results.md").write_text(table + "\n")
     print(table)

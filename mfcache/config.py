@@ -30,7 +30,9 @@ class ExtractConfig:
     block_size: int = 16       # images per write; each block owns whole chunks (resume unit)
     chunk_tokens: int = 0      # memory chunk length in tokens; 0 = derive from image size
     c1: str = "store"          # store | none
-    dtype: str = "float16"     # storage dtype of memory / c1 / queries
+    dtype: str = "float16"     # storage dtype of memory / c1 / queries: float16 | float32 | int8 (per-channel)
+    levels: tuple[int, ...] = ()  # encoder levels stored in memory (0 = finest); () = all
+    compress: bool = False     # blosc zstd + shuffle on the feature arrays (slow storage only)
     num_workers: int = 2       # image-decoding processes
     device: str = "auto"
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mfcache.cache.schema import SKIPPED, fingerprint, plan_split
+from mfcache.cache.schema import QUANTIZED, SKIPPED, fingerprint, plan_split, quantize
 from mfcache.cache.targets import query_targets
 from mfcache.cache.writer import BackgroundWriter, BlockWriter, ImageRecord, create_split, open_root
 from mfcache.config import ExtractConfig
@@ -28,7 +28,7 @@ from mfcache.errors import MfcacheError
 from mfcache.masks import pack_masks
 from mfcache.runtime import progress_bar, resolve_device
 
-STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
 WRITE_QUEUE = 2  # finished blocks waiting for the writer thread before the detector waits
 
 
@@ -120,16 +120,28 @@ def crop_outputs(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray
 
 
 def image_record(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray, input_hw, gt,
-                 target_size: int, dtype) -> ImageRecord:
-    """Image ``b`` of a detector batch, cropped to its valid region, with its targets."""
+                 target_size: int, dtype, levels: list[int] | None = None) -> ImageRecord:
+    """Image ``b`` of a detector batch, cropped to its valid region, with its targets;
+    ``memory`` holds the stored ``levels`` (None = all); int8 is quantised per channel."""
     crop = crop_outputs(out, top, b, level_hw=level_hw, input_hw=input_hw)
-    c1 = None
-    if "c1" in crop:
-        c1 = crop["c1"].flatten(1).T.cpu().numpy().astype(dtype)  # [h*w, C] row-major pixels
+    wanted = range(len(crop["levels"])) if levels is None else levels
+    features = {
+        "queries": crop["queries"],
+        "memory": torch.cat([crop["levels"][l].flatten(1).T for l in wanted]),
+        **({"c1": crop["c1"].flatten(1).T} if "c1" in crop else {}),  # [h*w, C] row-major pixels
+    }
+    features = {k: v.float().cpu().numpy() for k, v in features.items()}
+    scales = None
+    if dtype == np.int8:
+        quantized = {k: quantize(v) for k, v in features.items()}
+        features = {k: q for k, (q, _) in quantized.items()}
+        scales = {QUANTIZED[k]: scale for k, (_, scale) in quantized.items()}
+    else:
+        features = {k: v.astype(dtype) for k, v in features.items()}
     boxes = crop["boxes"].cpu()
     gt_id, gt_iou, masks = query_targets(boxes, input_hw, gt, target_size)
     return ImageRecord(
-        queries=crop["queries"].cpu().numpy().astype(dtype),
+        queries=features["queries"],
         boxes=boxes.numpy().astype(np.float32),
         scores=crop["scores"].cpu().numpy(),
         labels=crop["labels"].cpu().numpy().astype(np.int32),
@@ -137,8 +149,9 @@ def image_record(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray
         gt_id=gt_id.numpy().astype(np.int64),
         gt_iou=gt_iou.numpy().astype(np.float32),
         target_masks=pack_masks(masks),
-        memory=torch.cat([level.flatten(1).T for level in crop["levels"]]).cpu().numpy().astype(dtype),
-        c1=c1,
+        memory=features["memory"],
+        c1=features.get("c1"),
+        scales=scales,
     )
 
 
@@ -216,12 +229,17 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     num_classes = len(info.label_names)
     topk = min(config.topk, info.num_queries * (num_classes if info.sigmoid else 1))
 
+    levels = sorted(set(config.levels)) if config.levels else list(range(len(info.strides)))
+    if levels[0] < 0 or levels[-1] >= len(info.strides):
+        raise MfcacheError(f"--levels {','.join(map(str, config.levels))}: the detector has levels "
+                           f"0..{len(info.strides) - 1} (strides {list(info.strides)})")
     if not world.is_main:
         world.barrier()  # rank 0 creates the root and the split's layout alone
     root = open_root(Path(out), fingerprint(info, topk=topk, target_size=config.target_size,
-                                           c1=config.c1, dtype=config.dtype))
+                                           c1=config.c1, dtype=config.dtype, levels=levels,
+                                           compress=config.compress))
     plan = plan_split([im.id for im in dataset.images], [(im.height, im.width) for im in dataset.images],
-                      info, config.chunk_tokens)
+                      info, config.chunk_tokens, levels)
     meta = {
         "annotations_sha256": dataset.sha256, "annotation_file": str(annotations), "images_dir": str(images),
         "label_to_category": label_to_category(info.label_names, dataset.category_names),
@@ -231,6 +249,7 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
         root, split, plan, meta=meta, annotations=Path(annotations).read_bytes(), topk=topk,
         d_model=info.d_model, c1_channels=info.c1_channels if config.c1 == "store" else 0,
         target_size=config.target_size, block_size=config.block_size, dtype=config.dtype,
+        compress=config.compress,
     )
     if world.is_main:
         world.barrier()
@@ -275,7 +294,7 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
                 else:
                     part = image_record(
                         out_batch, top, in_batch[i], level_hw=plan.level_hw[i], input_hw=tuple(plan.input_hw[i].tolist()),
-                        gt=item["gt"], target_size=config.target_size, dtype=dtype,
+                        gt=item["gt"], target_size=config.target_size, dtype=dtype, levels=levels,
                     )
                 start = i - i % block
                 buffers.setdefault(start, {})[i] = part

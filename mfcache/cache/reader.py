@@ -5,6 +5,7 @@ Nothing here imports detector code: training and evaluation read the cache alone
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -15,8 +16,9 @@ import torch
 import zarr
 from pycocotools.coco import COCO
 from torch import Tensor
+from zarr.core.sync import sync as zarr_sync
 
-from mfcache.cache.schema import DONE, INDEX_ARRAYS, SCHEMA_VERSION, SKIPPED
+from mfcache.cache.schema import DONE, INDEX_ARRAYS, QUANTIZED, SCHEMA_VERSION, SKIPPED, dequantize, stored_levels
 from mfcache.detectors.base import DetectorInfo
 from mfcache.errors import MfcacheError
 from mfcache.masks import unpack_masks
@@ -73,6 +75,8 @@ class CacheSplit:
     """One split: the index in RAM (numpy arrays named as in the schema, without the
     ``index/`` prefix) and per-image reads."""
 
+    concurrent = True  # _fetch: an image's reads all in flight at once (benchmarks/run_all.py reader)
+
     def __init__(self, cache: Cache, name: str):
         self.cache = cache
         self.name = name
@@ -81,10 +85,14 @@ class CacheSplit:
         if not self.attrs.get("ready"):
             raise MfcacheError(f"split {name!r} of {cache.path} was never fully created; run extract again")
         self.index = {key.split("/", 1)[1]: self.group[key][:] for key in INDEX_ARRAYS}
-        self.index["token_end"] = self.index["token_offset"] + self.index["level_hw"].prod(-1).sum(-1)
         self.label_to_category = np.asarray(self.attrs["label_to_category"], dtype=np.int64)
         self.has_c1 = "c1" in self.group
         self.target_size = int(cache.extract["target_size"])
+        self.stored_levels = stored_levels(cache.fingerprint)  # detector level indices in memory
+        self.scales = {name: scale for name, scale in QUANTIZED.items() if scale in self.group}
+        self._arrays: dict[str, zarr.Array] = {}
+        self.index["token_end"] = (self.index["token_offset"]
+                                   + self.index["level_hw"][:, self.stored_levels].prod(-1).sum(-1))
 
     @property
     def num_images(self) -> int:
@@ -120,24 +128,63 @@ class CacheSplit:
             coco.createIndex()
         return coco
 
+    def check_levels(self, levels: tuple[int, ...] | None) -> None:
+        """Raise unless every detector level in ``levels`` (None = all) is stored."""
+        missing = sorted(set(range(len(self.cache.detector.strides)) if levels is None else levels)
+                         - set(self.stored_levels))
+        if missing:
+            raise MfcacheError(
+                f"the head reads encoder levels {missing}, but cache {self.cache.path} stores only levels "
+                f"{self.stored_levels} (extract --levels): extract again with them, or pick another head"
+            )
+
+    def array(self, name: str) -> zarr.Array:
+        """Array ``name`` of the split, opened once (opening reads its metadata file)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def _fetch(self, requests: dict[str, tuple[str, object]]) -> dict[str, np.ndarray]:
+        """``{key: (array name, selection)}`` -> ``{key: data}``; with ``concurrent``, every
+        read is in flight at once on zarr's event loop (one round trip per image)."""
+        if not self.concurrent:
+            return {key: self.array(name)[sel] for key, (name, sel) in requests.items()}
+        reads = [self.array(name)._async_array.getitem(sel) for name, sel in requests.values()]
+        return dict(zip(requests, zarr_sync(_gather(reads))))
+
     def read(self, i: int, *, levels: tuple[int, ...] | None = None, c1: bool = True,
              targets: bool = True) -> dict[str, Tensor]:
         """Image ``i`` (a position in the split): ``queries [K, D]``, ``boxes [K, 4]`` xyxy
         input px, ``scores``, ``labels`` ``[K]``, ``levels`` = list of ``[D, h, w]``
-        (the requested levels), ``c1 [C, h/4, w/4]``, and with ``targets`` the
-        ``gt_id``, ``gt_iou [K]`` and ``target_masks [K, S, S]`` bool. Float16 stays float16."""
-        g = self.group
-        level_hw = self.index["level_hw"][i]
+        (the requested detector levels, None = all; each must be stored), ``c1 [C, h/4, w/4]``,
+        and with ``targets`` the ``gt_id``, ``gt_iou [K]`` and ``target_masks [K, S, S]`` bool.
+        Float16 stays float16; int8 caches come back dequantised to float32."""
+        self.check_levels(levels)
+        level_hw = self.index["level_hw"][i][self.stored_levels]  # [stored L, 2]
         sizes = level_hw.prod(-1)
         starts = self.index["token_offset"][i] + np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        wanted = range(len(sizes)) if levels is None else levels
+        wanted = [self.stored_levels.index(l) for l in (self.stored_levels if levels is None else levels)]
         lo, hi = int(min(starts[l] for l in wanted)), int(max(starts[l] + sizes[l] for l in wanted))
-        block = g["memory"][lo:hi]  # one read covering the wanted levels
+        requests = {name: (name, i) for name in ("queries", "boxes", "scores", "labels")}
+        requests["memory"] = ("memory", slice(lo, hi))  # one read covering the wanted levels
+        with_c1 = c1 and self.has_c1
+        if with_c1:
+            c1_hw = (-(-self.index["input_hw"][i] // 4)).tolist()
+            c1_start = int(self.index["c1_offset"][i])
+            requests["c1"] = ("c1", slice(c1_start, c1_start + c1_hw[0] * c1_hw[1]))
+        if targets:
+            requests.update({name: (f"targets/{name}", i) for name in ("gt_id", "gt_iou", "masks")})
+        requests.update({scale: (scale, i) for name, scale in self.scales.items() if name in requests})
+        data = self._fetch(requests)
+        for name, scale in self.scales.items():
+            if name in data:
+                data[name] = dequantize(data[name], data[scale])
+        block = data["memory"]
         out = {
-            "queries": torch.from_numpy(g["queries"][i]),
-            "boxes": torch.from_numpy(g["boxes"][i]),
-            "scores": torch.from_numpy(g["scores"][i]),
-            "labels": torch.from_numpy(g["labels"][i].astype(np.int64)),
+            "queries": torch.from_numpy(data["queries"]),
+            "boxes": torch.from_numpy(data["boxes"]),
+            "scores": torch.from_numpy(data["scores"]),
+            "labels": torch.from_numpy(data["labels"].astype(np.int64)),
             "levels": [
                 torch.from_numpy(np.ascontiguousarray(
                     block[starts[l] - lo: starts[l] - lo + sizes[l]].reshape(*level_hw[l], -1).transpose(2, 0, 1)
@@ -148,17 +195,17 @@ class CacheSplit:
             "orig_hw": torch.from_numpy(self.index["orig_hw"][i].astype(np.int64)),
             "image_id": int(self.index["image_id"][i]),
         }
-        if c1 and self.has_c1:
-            h, w = (-(-self.index["input_hw"][i] // 4)).tolist()
-            start = int(self.index["c1_offset"][i])
-            out["c1"] = torch.from_numpy(
-                np.ascontiguousarray(g["c1"][start: start + h * w].reshape(h, w, -1).transpose(2, 0, 1))
-            )
+        if with_c1:
+            out["c1"] = torch.from_numpy(np.ascontiguousarray(data["c1"].reshape(*c1_hw, -1).transpose(2, 0, 1)))
         if targets:
-            out["gt_id"] = torch.from_numpy(g["targets/gt_id"][i])
-            out["gt_iou"] = torch.from_numpy(g["targets/gt_iou"][i])
-            out["target_masks"] = unpack_masks(g["targets/masks"][i], self.target_size)
+            out["gt_id"] = torch.from_numpy(data["gt_id"])
+            out["gt_iou"] = torch.from_numpy(data["gt_iou"])
+            out["target_masks"] = unpack_masks(data["masks"], self.target_size)
         return out
+
+
+async def _gather(reads):
+    return await asyncio.gather(*reads)
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -173,6 +220,7 @@ class CacheDataset(torch.utils.data.Dataset):
         self.cache_path, self.split_name = Path(cache_path), split
         self.kwargs = {"levels": levels, "c1": c1, "targets": targets}
         self._split: CacheSplit | None = None
+        self._open().check_levels(levels)  # a missing level is one clear error, before any worker starts
         self.positions = self._open().done
 
     def _open(self) -> CacheSplit:

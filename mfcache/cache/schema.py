@@ -21,6 +21,17 @@ and ``extract --skip-bad`` was given; the reason is in the split's attrs
 them out. ``index/checksum`` holds a CRC-32 of everything stored for the image
 (:func:`image_checksum`), written with its block's data, so ``mfcache verify`` detects
 flipped bytes and lost chunk files that zarr itself would read back silently.
+
+Storage options (recorded in the fingerprint's extract options):
+
+- ``dtype`` float16 | float32 | int8. With int8, ``queries``, ``memory`` and ``c1`` hold
+  per-channel symmetric int8 values and :data:`SCALE_ARRAYS` their float32 scales per image
+  and channel (``x ~= q * scale``, ``scale = max|x| / 127`` over the image's rows of that
+  channel); the reader dequantises (:func:`dequantize`).
+- ``levels``: the encoder levels stored in ``memory`` (detector level indices, finest = 0);
+  ``index/level_hw`` keeps every level's shape, tokens are planned for stored levels only.
+- ``compress``: blosc zstd + byte shuffle (typesize = the dtype's size, 1 MiB blocks) on
+  ``queries``, ``memory`` and ``c1`` — worth it only on slow storage (~8-17% smaller).
 """
 
 from __future__ import annotations
@@ -58,13 +69,36 @@ IMAGE_ARRAYS: dict[str, tuple[str | None, tuple[str, ...], str]] = {
     "targets/masks": ("uint8", ("K", "B"), "that GT's mask inside the box, bit-packed S x S"),
 }
 RAGGED_ARRAYS: dict[str, tuple[str, str]] = {
-    "memory": ("D", "encoder output, levels flattened row-major, finest first"),
+    "memory": ("D", "encoder output, the stored levels flattened row-major, finest first"),
     "c1": ("C", "backbone stride-4 map, row-major (h, w) pixels"),
 }
+# int8 caches: float32 per-image, per-channel scales of the quantised arrays.
+SCALE_ARRAYS: dict[str, tuple[str, str]] = {
+    "scales/queries": ("D", "queries scale per channel"),
+    "scales/memory": ("D", "memory scale per channel (all stored levels)"),
+    "scales/c1": ("C", "c1 scale per channel"),
+}
+QUANTIZED = {"queries": "scales/queries", "memory": "scales/memory", "c1": "scales/c1"}
+STORAGE_DTYPES = ("float16", "float32", "int8")
 INDEX_ARRAYS = tuple(name for name in IMAGE_ARRAYS if name.startswith("index/"))
 DONE, SKIPPED = 1, 2
 # Arrays a checksum covers, in order: everything but the flags themselves, then the ragged rows.
-CHECKSUM_ARRAYS = tuple(n for n in IMAGE_ARRAYS if n not in ("index/done", "index/checksum")) + tuple(RAGGED_ARRAYS)
+CHECKSUM_ARRAYS = (tuple(n for n in IMAGE_ARRAYS if n not in ("index/done", "index/checksum"))
+                   + tuple(RAGGED_ARRAYS) + tuple(SCALE_ARRAYS))
+
+
+def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x [R, C]`` float -> (``q [R, C]`` int8, ``scale [C]`` float32): per-channel symmetric,
+    ``scale = max|x| / 127`` (1 for an all-zero channel), ``q = round(x / scale)``."""
+    x = np.asarray(x, dtype=np.float32)
+    peak = np.abs(x).max(0) if len(x) else np.zeros(x.shape[1], np.float32)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    return np.clip(np.rint(x / scale), -127, 127).astype(np.int8), scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``q [..., C]`` int8 and ``scale [C]`` -> float32 ``q * scale``."""
+    return q.astype(np.float32) * scale
 
 
 def image_checksum(rows: dict[str, np.ndarray]) -> int:
@@ -78,14 +112,24 @@ def image_checksum(rows: dict[str, np.ndarray]) -> int:
     return crc
 
 
-def fingerprint(info: DetectorInfo, *, topk: int, target_size: int, c1: str, dtype: str) -> dict:
-    """What a cache's contents depend on, besides the images and annotations."""
+def fingerprint(info: DetectorInfo, *, topk: int, target_size: int, c1: str, dtype: str,
+                levels: tuple[int, ...] | None = None, compress: bool = False) -> dict:
+    """What a cache's contents depend on, besides the images and annotations.
+    ``levels``: stored encoder level indices (None = all)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "detector": info.to_dict(),
-        "extract": {"topk": topk, "target_size": target_size, "c1": c1, "dtype": dtype},
+        "extract": {"topk": topk, "target_size": target_size, "c1": c1, "dtype": dtype,
+                    "levels": list(range(len(info.strides)) if levels is None else levels),
+                    "compress": compress},
         "mfcache_version": __version__,
     }
+
+
+def stored_levels(fp: dict) -> list[int]:
+    """Encoder level indices held in ``memory`` (caches from before the option: all)."""
+    levels = fp["extract"].get("levels")
+    return list(range(len(fp["detector"]["strides"]))) if levels is None else list(levels)
 
 
 def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
@@ -101,9 +145,12 @@ def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
         if sd.get(key) != wd.get(key):
             what = "weights" if key == "weights_sha256" else key
             return f"another detector ({what} differ: cache has {sd.get('spec')!r})"
+    # options added later read as their defaults in caches written before them
+    defaults = {"levels": stored_levels(stored), "compress": False}
     for key, value in wanted["extract"].items():
-        if stored["extract"].get(key) != value:
-            return f"extract option {key}={stored['extract'].get(key)!r} (asked for {value!r})"
+        have = stored["extract"].get(key, defaults.get(key))
+        if have != value:
+            return f"extract option {key}={have!r} (asked for {value!r})"
     return None
 
 
@@ -141,14 +188,17 @@ def auto_chunk_tokens(tokens_per_image: np.ndarray) -> int:
     return int(min(4096, max(64, 2 ** round(np.log2(max(median / 4, 1))))))
 
 
-def plan_split(image_ids, orig_hw, info: DetectorInfo, chunk_tokens: int = 0) -> SplitPlan:
-    """Token and C1 offsets of every image: ``image_ids [N]``, ``orig_hw [N, 2]``."""
+def plan_split(image_ids, orig_hw, info: DetectorInfo, chunk_tokens: int = 0,
+               levels: list[int] | tuple[int, ...] | None = None) -> SplitPlan:
+    """Token and C1 offsets of every image: ``image_ids [N]``, ``orig_hw [N, 2]``; tokens
+    count the stored ``levels`` only (None = all), ``level_hw`` holds every level."""
     orig_hw = np.asarray(orig_hw, dtype=np.int32).reshape(-1, 2)
     input_hw = np.array([info.preprocess.input_size(int(h), int(w)) for h, w in orig_hw], dtype=np.int32)
     input_hw = input_hw.reshape(-1, 2)
     level_hw = np.array([level_shapes(tuple(hw), info.strides) for hw in input_hw], dtype=np.int32)
     level_hw = level_hw.reshape(-1, len(info.strides), 2)
-    tokens = level_hw.prod(-1).sum(-1).astype(np.int64)
+    stored = list(range(len(info.strides))) if levels is None else list(levels)
+    tokens = level_hw[:, stored].prod(-1).sum(-1).astype(np.int64)
     c1_pixels = (-(-input_hw // C1_STRIDE)).prod(-1).astype(np.int64)
     chunk_tokens = chunk_tokens or auto_chunk_tokens(tokens)
     c1_chunk = chunk_tokens * 2  # a stride-4 map has ~3x the pixels of all encoder levels

@@ -13,7 +13,9 @@ What is checked, per split (see :mod:`mfcache.cache.schema` for the layout):
   chunk of every array decodes, float data is finite, and each written image's CRC-32
   (``index/checksum``) matches its data, which catches flipped bytes in uncompressed
   chunks that zarr reads back silently;
-- the stored annotation file matches its recorded sha256.
+- the stored annotation file matches its recorded sha256;
+- int8 caches hold exactly the scale arrays (``scales/*``, covered by the checksums), and
+  ``memory`` is planned for the stored levels (fingerprint ``extract.levels``).
 
 Problems are collected, not raised, so one run lists all of them.
 """
@@ -34,9 +36,11 @@ from mfcache.cache.schema import (
     IMAGE_ARRAYS,
     RAGGED_ARRAYS,
     SKIPPED,
+    SCALE_ARRAYS,
     image_checksum,
     packed_bytes,
     plan_split,
+    stored_levels,
 )
 from mfcache.errors import MfcacheError
 
@@ -136,7 +140,13 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
         return out
 
     index = {key: arrays[key][:] for key in IMAGE_ARRAYS if key.startswith("index/")}
-    plan = plan_split(index["index/image_id"], index["index/orig_hw"], det, int(attrs["chunk_tokens"]))
+    levels = stored_levels(cache.fingerprint)
+    plan = plan_split(index["index/image_id"], index["index/orig_hw"], det, int(attrs["chunk_tokens"]), levels)
+    have_scales = sorted(k for k in arrays if k.startswith("scales/"))
+    want_scales = sorted(k for k in SCALE_ARRAYS if ext["dtype"] == "int8" and (k != "scales/c1" or has_c1))
+    if have_scales != want_scales:
+        problem(f"scale arrays {have_scales}, expected {want_scales} for dtype {ext['dtype']}")
+        return out
     ragged = {"memory": ("index/token_offset", plan.token_offset, plan.chunk_tokens, det.d_model)}
     if has_c1:
         ragged["c1"] = ("index/c1_offset", plan.c1_offset, plan.c1_chunk, det.c1_channels)
@@ -144,7 +154,7 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
         bad = np.flatnonzero((index[key] != planned).reshape(n, -1).any(1))
         if len(bad):
             problem(f"{key} differs from the detector's resize rule and strides at {_positions(bad, index)}")
-    counts = {"memory": plan.level_hw.prod(-1).sum(-1), "c1": (-(-plan.input_hw // 4)).prod(-1)}
+    counts = {"memory": plan.level_hw[:, levels].prod(-1).sum(-1), "c1": (-(-plan.input_hw // 4)).prod(-1)}
     for array_name, (key, planned, chunk, width) in ragged.items():
         offsets, length = index[key].astype(np.int64), arrays[array_name].shape[0]
         if arrays[array_name].shape[1:] != (width,):
@@ -187,7 +197,7 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
         flags = done[start:stop]
         if flags.any() and not flags.all():
             problem(f"block {start}..{stop - 1} is partly marked done {flags.tolist()}")
-        rows = _read_block(arrays, ragged, index, start, stop, bool(flags.any()), store_root, problem, out)
+        rows = _read_block(arrays, ragged, index, start, stop, bool(flags.any()), store_root, problem, out, levels)
         if rows is None:
             continue
         for i in range(start, stop):
@@ -205,7 +215,7 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
     return out
 
 
-def _read_block(arrays, ragged, index, start, stop, written, store_root, problem, out):
+def _read_block(arrays, ragged, index, start, stop, written, store_root, problem, out, levels):
     """Every array's rows of images ``start:stop`` (ragged: a list of each image's valid
     rows), or None if any chunk is missing or unreadable (each reported)."""
     rows: dict = {}
@@ -234,7 +244,7 @@ def _read_block(arrays, ragged, index, start, stop, written, store_root, problem
             problem(f"{array_name} rows {lo}..{hi - 1}: {bad} non-finite values")
         if array_name in ragged:
             key = ragged[array_name][0]
-            count = {"memory": index["index/level_hw"][start:stop].prod(-1).sum(-1),
+            count = {"memory": index["index/level_hw"][start:stop][:, levels].prod(-1).sum(-1),
                      "c1": (-(-index["index/input_hw"][start:stop] // 4)).prod(-1)}[array_name]
             offs = index[key][start:stop].astype(np.int64) - lo
             rows[array_name] = [data[o: o + c] for o, c in zip(offs, count)]

@@ -26,6 +26,7 @@ from mfcache.cache.schema import (
     DONE,
     IMAGE_ARRAYS,
     INDEX_ARRAYS,
+    SCALE_ARRAYS,
     SKIPPED,
     RAGGED_ARRAYS,
     SplitPlan,
@@ -42,7 +43,8 @@ class ImageRecord:
 
     queries [K, D]; boxes [K, 4] xyxy input px; scores, labels, query_index [K];
     gt_id, gt_iou [K]; target_masks [K, B] packed bits;
-    memory [T, D] valid tokens of all levels; c1 [P, C] or None.
+    memory [T, D] valid tokens of the stored levels; c1 [P, C] or None;
+    scales: int8 caches only, ``{"scales/queries": [D], "scales/memory": [D], "scales/c1": [C]}``.
     """
 
     queries: np.ndarray
@@ -55,6 +57,7 @@ class ImageRecord:
     target_masks: np.ndarray
     memory: np.ndarray
     c1: np.ndarray | None
+    scales: dict[str, np.ndarray] | None = None
 
 
 def open_root(path: Path, fingerprint: dict) -> zarr.Group:
@@ -75,9 +78,11 @@ def open_root(path: Path, fingerprint: dict) -> zarr.Group:
 def create_split(
     root: zarr.Group, name: str, plan: SplitPlan, *, meta: dict, annotations: bytes,
     topk: int, d_model: int, c1_channels: int, target_size: int, block_size: int, dtype: str,
+    compress: bool = False,
 ) -> zarr.Group:
     """Create split ``name`` with every array allocated and the index written, or reopen
-    it if it was made from the same annotations. ``meta`` lands in the split's attrs."""
+    it if it was made from the same annotations. ``meta`` lands in the split's attrs.
+    ``dtype`` int8 adds the scale arrays; ``compress`` blosc-compresses the feature arrays."""
     if name in root:
         group = root[name]
         if group.attrs.get("ready"):
@@ -92,17 +97,23 @@ def create_split(
     group = root.create_group(name)
     n = plan.num_images
     dims = {"K": topk, "D": d_model, "C": c1_channels, "L": plan.level_hw.shape[1], "B": packed_bytes(target_size)}
-    for array_name, (array_dtype, trailing, _) in IMAGE_ARRAYS.items():
+    features = (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize,
+                           blocksize=1 << 20),) if compress else None
+    arrays = dict(IMAGE_ARRAYS)
+    if dtype == "int8":
+        arrays.update({k: ("float32", (trailing,), what) for k, (trailing, what) in SCALE_ARRAYS.items()
+                       if k != "scales/c1" or c1_channels})
+    for array_name, (array_dtype, trailing, _) in arrays.items():
         shape = (n, *(dims[t] if isinstance(t, str) else t for t in trailing))
         group.create_array(
             array_name, shape=shape, chunks=(min(block_size, max(n, 1)), *shape[1:]),
-            dtype=array_dtype or dtype, fill_value=0, compressors=None,
+            dtype=array_dtype or dtype, fill_value=0, compressors=features if array_name == "queries" else None,
         )
     group.create_array("memory", shape=(int(plan.token_offset[-1]), d_model),
-                       chunks=(plan.chunk_tokens, d_model), dtype=dtype, fill_value=0, compressors=None)
+                       chunks=(plan.chunk_tokens, d_model), dtype=dtype, fill_value=0, compressors=features)
     if c1_channels:
         group.create_array("c1", shape=(int(plan.c1_offset[-1]), c1_channels),
-                           chunks=(plan.c1_chunk, c1_channels), dtype=dtype, fill_value=0, compressors=None)
+                           chunks=(plan.c1_chunk, c1_channels), dtype=dtype, fill_value=0, compressors=features)
     group.create_array("annotations", shape=(len(annotations),), chunks=(1 << 24,), dtype="uint8",
                        compressors=BloscCodec(cname="zstd", clevel=3))
     group["annotations"][:] = np.frombuffer(annotations, dtype=np.uint8)
@@ -137,6 +148,7 @@ class BlockWriter:
         self.index = {name: group[name][:] for name in INDEX_ARRAYS}
         self.token_offset = np.append(self.index["index/token_offset"], group["memory"].shape[0])
         self.has_c1 = "c1" in group
+        self.scales = [name for name in SCALE_ARRAYS if name in group]
         if self.has_c1:
             self.c1_offset = np.append(self.index["index/c1_offset"], group["c1"].shape[0])
 
@@ -165,11 +177,15 @@ class BlockWriter:
                 rows[-1]["memory"] = r.memory
                 if self.has_c1:
                     rows[-1]["c1"] = r.c1
+                rows[-1].update({name: r.scales[name] for name in self.scales})
         for array_name, attr in self.FIELDS.items():
             array = self.group[array_name]
             template = np.zeros(array.shape[1:], dtype=array.dtype)
             self._array(array_name)[start:stop] = np.stack(
                 [getattr(r, attr) if r is not None else template for r in records])
+        for name in self.scales:
+            template = np.zeros(self.group[name].shape[1:], dtype=np.float32)
+            self._array(name)[start:stop] = np.stack([r.scales[name] if r is not None else template for r in records])
         self._write_ragged("memory", self.token_offset, start, [r.memory if r is not None else None for r in records])
         if self.has_c1:
             self._write_ragged("c1", self.c1_offset, start, [r.c1 if r is not None else None for r in records])
@@ -215,6 +231,7 @@ class BackgroundWriter:
         self._write = write
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._error: BaseException | None = None
+        self._failed = False  # set for good by the first error: later jobs are dropped
         self._thread = threading.Thread(target=self._run, name="mfcache-block-writer", daemon=True)
         self._thread.start()
 
@@ -223,11 +240,11 @@ class BackgroundWriter:
             job = self._queue.get()
             if job is None:
                 return
-            if self._error is None:
+            if not self._failed:
                 try:
                     self._write(*job)
                 except BaseException as exc:  # handed to the producer thread
-                    self._error = exc
+                    self._error, self._failed = exc, True
 
     def _raise(self) -> None:
         if self._error is not None:

@@ -1,0 +1,108 @@
+"""The demo detector's trainer: steps run, resume is exact, the export loads as a detector."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mfcache.data.shapes import GENERATOR_VERSION, write_shapes_dataset
+from mfcache.detectors import load_detector
+from mfcache.detectors.demo import GENERATOR_FILE, check_generator, load_demo
+from mfcache.detectors.demo_training import (
+    CHECKPOINT,
+    EXPORT,
+    LOG,
+    ShapesTrainSet,
+    StepBatches,
+    TrainConfig,
+    category_to_label,
+    read_split,
+    read_targets,
+    train,
+    trainable_demo_model,
+)
+from mfcache.errors import MfcacheError
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_shapes")
+    write_shapes_dataset(root, num_train=4, num_val=2, seed=5)
+    return root
+
+
+def _config(data, out, **kw) -> TrainConfig:
+    # 64-px inputs keep each step cheap; the architecture is the demo's
+    base = TrainConfig(data=str(data), out=str(out), batch_size=1, workers=1, eval_batch_size=2,
+                       progress=False, seed=0, shortest_edge=64, longest_edge=96)
+    return replace(base, **kw)
+
+
+def _params(out) -> dict:
+    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)["model"]
+
+
+def test_targets_are_normalised_cxcywh_and_flip_mirrors_them(tiny_shapes):
+    coco = read_split(tiny_shapes, "train")
+    model = trainable_demo_model(0)
+    dataset = ShapesTrainSet(coco, read_targets(coco, category_to_label(coco, model.config.id2label)))
+    x, labels, boxes = dataset[(0, False)]
+    xf, labels_f, boxes_f = dataset[(0, True)]
+    assert boxes.shape == (labels.shape[0], 4) and labels.shape[0] > 0
+    assert ((boxes >= 0) & (boxes <= 1)).all()
+    assert torch.equal(xf, x.flip(-1)) and torch.equal(labels_f, labels)
+    assert torch.allclose(boxes_f[:, 0], 1 - boxes[:, 0]) and torch.allclose(boxes_f[:, 1:], boxes[:, 1:])
+    # every parameter trains (transformers would freeze the ResNet backbone) and aux losses are on
+    assert all(p.requires_grad for p in model.parameters()) and model.config.auxiliary_loss
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    a, b = StepBatches(10, 3, seed=1, start=0, stop=9), StepBatches(10, 3, seed=1, start=4, stop=9)
+    assert list(a)[4:] == list(b)
+    epoch0 = [i for batch in list(a)[:3] for i, _ in batch]
+    assert len(set(epoch0)) == 9  # one epoch: no image twice, the partial batch dropped
+
+
+def test_resume_after_two_steps_matches_an_uninterrupted_run(tiny_shapes, tmp_path):
+    whole = train(_config(tiny_shapes, tmp_path / "whole", max_steps=3))
+    assert whole["step"] == 3
+    records = [json.loads(line) for line in (tmp_path / "whole" / LOG).read_text().splitlines()]
+    losses = [r["train_loss"] for r in records if r["event"] == "checkpoint"]
+    assert losses and all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+
+    train(_config(tiny_shapes, tmp_path / "split", max_steps=2))
+    after_two = _params(tmp_path / "split")
+    train(_config(tiny_shapes, tmp_path / "split", max_steps=3), resume=True)
+    expected, got = _params(tmp_path / "whole"), _params(tmp_path / "split")
+    assert expected.keys() == got.keys()
+    # step 3 moved the weights, so the equality below means something
+    assert any(not torch.equal(expected[k], after_two[k]) for k in expected)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_resume_refuses_other_hyperparameters(tiny_shapes, tmp_path):
+    train(_config(tiny_shapes, tmp_path, max_steps=1))
+    with pytest.raises(MfcacheError, match="lr="):
+        train(_config(tiny_shapes, tmp_path, max_steps=2, lr=1e-3), resume=True)
+    with pytest.raises(MfcacheError, match="--resume"):
+        train(_config(tiny_shapes, tmp_path, max_steps=2))
+
+
+def test_export_loads_as_a_detector_and_the_generator_is_checked(tiny_shapes, tmp_path):
+    summary = train(_config(tiny_shapes, tmp_path, epochs=1, batch_size=2))
+    assert summary["step"] == 2 and summary["last_metrics"]["AP"] is not None
+    records = [json.loads(line) for line in (tmp_path / LOG).read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [2]  # once, at the epoch's end
+    export = tmp_path / EXPORT
+    generator = json.loads((export / GENERATOR_FILE).read_text())
+    assert generator == {"generator_version": GENERATOR_VERSION, "seed": 5, "num_train": 4}
+
+    detector = load_detector("hf:" + str(export))
+    assert detector.info.family == "deformable_detr" and detector.info.label_names[0] == "ring"
+    assert (detector.info.preprocess.shortest_edge, detector.info.preprocess.longest_edge) == (64, 96)
+    assert check_generator(export) == generator
+
+    (export / GENERATOR_FILE).write_text(json.dumps({**generator, "generator_version": "0"}))
+    with pytest.raises(MfcacheError, match="generator version '0'"):
+        load_demo(export)
