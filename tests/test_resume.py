@@ -8,8 +8,8 @@ import sys
 import time
 
 import numpy as np
-import torch
 import pytest
+import torch
 import zarr
 
 from mfcache.cache.verify import verify
@@ -57,8 +57,10 @@ def done_flags(out):
 
 
 def kill_when(data, out, condition, delay=0.0):
+    # the same thread count as the in-process reference run: float sums differ across counts
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *args(data, out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     deadline = time.monotonic() + 120
     while not condition(done_flags(out)):
         assert proc.poll() is None, f"extract ended before the kill point: {proc.stderr.read().decode()}"

@@ -427,12 +427,11 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
                                                     f"{rate:.1f} img/s")
             if step % per_epoch == 0:
                 evaluate(partial=False)
-            out_of_time = time.perf_counter() >= deadline
-            if out_of_time or time.perf_counter() - last_ckpt >= config.checkpoint_minutes * 60:
+            if time.perf_counter() >= deadline:
+                break  # the final checkpoint below
+            if time.perf_counter() - last_ckpt >= config.checkpoint_minutes * 60:
                 log_and_checkpoint()
                 last_ckpt = time.perf_counter()
-            if out_of_time:
-                break
     if evaluated_at != step:
         evaluate(partial=step % per_epoch != 0)
     log_and_checkpoint()
