@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from mfcache.cli.common import QuietOpt, user_errors
-from mfcache.data.shapes import write_shapes_dataset
 from mfcache.runtime import console, progress_bar
 
 app = typer.Typer(help="Generate datasets.", no_args_is_help=True)
@@ -27,6 +26,8 @@ def shapes(
 
     Example: mfcache data shapes --out data/shapes --train 400 --val 100
     """
+    from mfcache.data.shapes import write_shapes_dataset
+
     with progress_bar(not quiet) as bar:
         task = bar.add_task("shapes", total=train + val, status="")
         paths = write_shapes_dataset(out, num_train=train, num_val=val, seed=seed,

@@ -12,12 +12,7 @@ import typer
 
 from mfcache.cli.common import QuietOpt, user_errors
 from mfcache.config import ExtractConfig, resolve_run_config
-from mfcache.data.shapes import write_shapes_dataset
-from mfcache.engine import evaluate, train
-from mfcache.evaluation import metrics_table
-from mfcache.extract import extract
 from mfcache.runtime import console, progress_bar
-from mfcache.visualize import visualize_split
 
 DEMO_OVERLAYS = 4  # val images drawn as ground truth | prediction panels
 
@@ -30,14 +25,22 @@ def command(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Mask-head training steps.")] = 600,
     quiet: QuietOpt = False,
 ):
-    """Run everything on the embedded default: generate shapes data, extract the demo
-    detector into a cache, train the baseline mask head, evaluate it.
+    """Run the whole pipeline on generated data and the built-in detector.
+
+    Generates the shapes dataset, extracts the demo detector into a cache, trains the
+    baseline mask head from the cache and evaluates it.
 
     Leaves OUT/data, OUT/cache, OUT/run, OUT/metrics.json and OUT/overlays/ (4 val images,
     ground truth | prediction); running it again resumes.
 
     Example: mfcache demo --out mfcache-demo
     """
+    from mfcache.data.shapes import write_shapes_dataset
+    from mfcache.engine import evaluate, train
+    from mfcache.evaluation import metrics_table
+    from mfcache.extract import extract
+    from mfcache.visualize import visualize_split
+
     started = time.perf_counter()
     data = out / "data"
     progress = not quiet

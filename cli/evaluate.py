@@ -8,10 +8,7 @@ from typing import Annotated
 import typer
 
 from mfcache.cli.common import CacheOpt, QuietOpt, SplitOpt, user_errors
-from mfcache.engine import evaluate
-from mfcache.evaluation import metrics_table
 from mfcache.runtime import console
-from mfcache.visualize import visualize_split
 
 
 @user_errors
@@ -32,6 +29,10 @@ def command(
 
     Example: mfcache eval --cache caches/ddetr --run runs/baseline --out runs/baseline/metrics.json
     """
+    from mfcache.engine import evaluate
+    from mfcache.evaluation import metrics_table
+    from mfcache.visualize import visualize_split
+
     panels = (out or run / "metrics.json").parent / "visualize"
     draw = (lambda data, results: visualize_split(data, results, panels, visualize)) if visualize else None
     metrics = evaluate(cache_path=cache, run_dir=run, split=split, out=out, device=device, progress=not quiet,

@@ -9,9 +9,7 @@ import typer
 
 from mfcache.cli.common import QuietOpt, SplitOpt, user_errors
 from mfcache.config import ExtractConfig
-from mfcache.distributed import world_from_env
 from mfcache.errors import MfcacheError
-from mfcache.extract import extract
 from mfcache.runtime import console
 
 _D = ExtractConfig()
@@ -47,6 +45,9 @@ def command(
 
     Example: mfcache extract --detector hf:checkpoints/deformable-detr --images coco/val2017 --annotations coco/annotations/instances_val2017.json --out caches/ddetr
     """
+    from mfcache.distributed import world_from_env
+    from mfcache.extract import extract
+
     try:
         level_list = tuple(int(v) for v in levels.split(",") if v.strip())
     except ValueError:

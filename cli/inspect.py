@@ -6,11 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import zarr
-from rich.table import Table
 
 from mfcache.cli.common import user_errors
-from mfcache.cache.reader import Cache
 from mfcache.runtime import console
 
 
@@ -28,6 +25,10 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
 
     Example: mfcache inspect caches/ddetr
     """
+    import zarr
+    from rich.table import Table
+    from mfcache.cache.reader import Cache
+
     c = Cache(cache)
     det, ext = c.detector, c.extract
     console.print(f"[bold]{c.path}[/bold]  (schema {c.fingerprint['schema_version']}, "

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from mfcache.cli.common import QuietOpt, user_errors
-from mfcache.predict import predict_images
 from mfcache.runtime import console
 
 
@@ -33,6 +32,8 @@ def command(
 
     Example: mfcache predict --detector demo --run runs/baseline photos/ extra.jpg --out predictions
     """
+    from mfcache.predict import predict_images
+
     summary = predict_images(detector=detector, run_dir=run, inputs=images, out=out, score_threshold=score_threshold,
                              device=device, batch_size=batch_size, progress=not quiet)
     console.print(f"{summary.num_images} images, {summary.num_detections} detections: {summary.results}, "

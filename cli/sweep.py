@@ -6,11 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from mfcache.cli.common import CacheOpt, QuietOpt, SetOpt, user_errors
 from mfcache.runtime import console
-from mfcache.sweep import AP_KEYS, sweep
 
 
 @user_errors
@@ -22,11 +20,16 @@ def command(
     overrides: SetOpt = None,
     quiet: QuietOpt = False,
 ):
-    """Train (from the cache alone) and evaluate each head, then tabulate mask AP, size,
-    training time and peak memory. Heads that already have metrics in --out are not retrained.
+    """Train and evaluate many heads from one cache, then tabulate them.
+
+    Each head trains from the cache alone; the table has mask AP, size, training time and
+    peak memory. Heads that already have metrics in --out are not retrained.
 
     Example: mfcache sweep --cache caches/ddetr --heads box_baseline --heads paper_final --steps 2000 --out sweeps/ablation
     """
+    from rich.table import Table
+    from mfcache.sweep import AP_KEYS, sweep
+
     def report(row: dict, reused: bool) -> None:
         ap = row["segm_AP"]
         console.print(f"{row['name']}: mask AP {'-' if ap is None else f'{100 * ap:.1f}'}"

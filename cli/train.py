@@ -9,7 +9,6 @@ import typer
 
 from mfcache.cli.common import CacheOpt, QuietOpt, SetOpt, SplitOpt, user_errors
 from mfcache.config import resolve_run_config
-from mfcache.engine import train
 from mfcache.runtime import console
 
 
@@ -27,6 +26,8 @@ def command(
 
     Example: mfcache train --cache caches/ddetr --head box_baseline --set train.steps=2000 --out runs/baseline
     """
+    from mfcache.engine import train
+
     config = resolve_run_config(head, overrides)
     last = train(cache_path=cache, run_dir=out, config=config, split=split, resume=resume, progress=not quiet)
     loss = f"loss {last['loss']:.4f}" if last.get("loss") is not None else "no loss logged"

@@ -6,20 +6,23 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from mfcache.cache.verify import verify
 from mfcache.cli.common import user_errors
 from mfcache.runtime import console
 
 
 @user_errors
 def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
-    """Check a cache: index consistency, completion flags, every chunk readable, finite and
-    matching its checksum, the fingerprint well formed. Exits 1 listing every problem found.
+    """Check a cache for damage; exits 1 listing every problem found.
+
+    Checks index consistency, completion flags, that every chunk is readable, finite and
+    matches its checksum, and that the fingerprint is well formed.
 
     Example: mfcache verify caches/ddetr
     """
+    from rich.table import Table
+    from mfcache.cache.verify import verify
+
     report = verify(cache)
     if not report.ok:
         console.print(f"[bold red]cache {report.path} is damaged[/bold red] ({len(report.problems)} problems):",

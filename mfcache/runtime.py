@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -16,11 +17,16 @@ from rich.progress import (
 
 from mfcache.errors import MfcacheError
 
+if TYPE_CHECKING:
+    import torch
+
 console = Console(stderr=True)
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> the first CUDA device if there is one, else the CPU."""
+    import torch  # here, so that `mfcache --help` does not pay for importing torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
