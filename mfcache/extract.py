@@ -233,6 +233,11 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     if levels[0] < 0 or levels[-1] >= len(info.strides):
         raise MfcacheError(f"--levels {','.join(map(str, config.levels))}: the detector has levels "
                            f"0..{len(info.strides) - 1} (strides {list(info.strides)})")
+    meta = {  # decided before anything is written: a label mismatch leaves no empty cache behind
+        "annotations_sha256": dataset.sha256, "annotation_file": str(annotations), "images_dir": str(images),
+        "label_to_category": label_to_category(info.label_names, dataset.category_names),
+        "category_names": {str(k): v for k, v in dataset.category_names.items()},
+    }
     if not world.is_main:
         world.barrier()  # rank 0 creates the root and the split's layout alone
     root = open_root(Path(out), fingerprint(info, topk=topk, target_size=config.target_size,
@@ -240,11 +245,6 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
                                            compress=config.compress))
     plan = plan_split([im.id for im in dataset.images], [(im.height, im.width) for im in dataset.images],
                       info, config.chunk_tokens, levels)
-    meta = {
-        "annotations_sha256": dataset.sha256, "annotation_file": str(annotations), "images_dir": str(images),
-        "label_to_category": label_to_category(info.label_names, dataset.category_names),
-        "category_names": {str(k): v for k, v in dataset.category_names.items()},
-    }
     group = create_split(
         root, split, plan, meta=meta, annotations=Path(annotations).read_bytes(), topk=topk,
         d_model=info.d_model, c1_channels=info.c1_channels if config.c1 == "store" else 0,

@@ -208,3 +208,19 @@ def test_eval_scores_only_evaluated_images():
     result = [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "score": 0.9}]
     assert coco_evaluate(coco, result, iou_types=("bbox",))["bbox"]["AP"] < 0.9
     assert coco_evaluate(coco, result, iou_types=("bbox",), image_ids=[1])["bbox"]["AP"] == pytest.approx(1.0)
+
+
+def test_labels_matching_no_category_leave_no_cache_behind(shapes_data, tmp_path):
+    import json
+
+    from mfcache.extract import extract as run_extract
+
+    data = json.loads((shapes_data / "annotations" / "val.json").read_text())
+    for category in data["categories"]:
+        category["name"] = "not-a-shape-" + category["name"]
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps(data))
+    with pytest.raises(MfcacheError, match="none of the detector's labels"):
+        run_extract(detector="demo", images=shapes_data / "val", annotations=renamed, out=tmp_path / "cache",
+                    progress=False)
+    assert not (tmp_path / "cache").exists()
