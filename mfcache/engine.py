@@ -247,27 +247,45 @@ def mask_scores(class_scores: torch.Tensor, mask_prob: torch.Tensor, scoring: st
     return class_scores * (mask_prob * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp(min=1.0)
 
 
-def mask_probs(head: MaskHead, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+def kept_queries(labels: torch.Tensor, to_category: torch.Tensor, max_detections: int) -> torch.Tensor:
+    """``[B, K]`` bool: the detections evaluation reports, i.e. labels that map to a dataset
+    category (``to_category [num labels]``, -1 = none), the first ``max_detections`` of each
+    image in score order (the cache stores queries in score order)."""
+    mapped = to_category.to(labels.device)[labels] >= 0
+    return mapped & (mapped.cumsum(1) <= max_detections)
+
+
+def mask_probs(head: MaskHead, batch: dict, select: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mask probabilities ``[B, K, M, M]`` inside each query's box for a collated batch
     (:func:`mfcache.cache.reader.collate`, on the head's device), and the head's predicted
-    quality ``[B, K]`` (None if the head has no scoring branch)."""
-    out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"))
+    quality ``[B, K]`` (None if the head has no scoring branch). With ``select [B, K]`` the
+    head runs on the selected queries only; the others are left at zero."""
+    out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"), select)
     b, k = batch["queries"].shape[:2]
-    prob = out.mask_logits.sigmoid()[:, 0].reshape(b, k, *out.mask_logits.shape[-2:])
-    return prob, None if out.quality is None else out.quality.reshape(b, k)
+    m = out.mask_logits.shape[-1]
+    if select is None:
+        select = torch.ones(b, k, dtype=torch.bool, device=out.mask_logits.device)
+    prob = out.mask_logits.new_zeros(b, k, m, m)
+    prob[select] = out.mask_logits.sigmoid()[:, 0]
+    if out.quality is None:
+        return prob, None
+    quality = out.quality.new_zeros(b, k)
+    quality[select] = out.quality.reshape(-1)
+    return prob, quality
 
 
 def image_results(batch: dict, b: int, prob: torch.Tensor, to_category: torch.Tensor, config: RunConfig,
                   box_filled: bool = False, quality: torch.Tensor | None = None) -> dict[str, list[dict]]:
     """COCO results of image ``b`` of a collated batch, whose mask probabilities are
-    ``prob [K, M, M]``: detections whose label maps to a category (``to_category [num labels]``,
-    -1 = none), the first ``max_detections`` in score order, boxes and masks in original
-    pixels. ``{"head": [...]}`` and, with ``box_filled``, the same detections with each
+    ``prob [K, M, M]``: the detections :func:`kept_queries` selects, boxes and masks in
+    original pixels. ``{"head": [...]}`` and, with ``box_filled``, the same detections with each
     mask set to its whole box (scored by the class score). ``quality [K]``: the head's
     predicted mask quality, needed by ``mask_iou`` scoring."""
     image_id = batch["image_id"][b]
-    category = to_category[batch["labels"][b].cpu()]
-    keep = torch.nonzero(category >= 0).flatten()[: config.eval.max_detections]
+    labels = batch["labels"][b].cpu()
+    category = to_category[labels]
+    keep = torch.nonzero(kept_queries(labels[None], to_category, config.eval.max_detections)[0]).flatten()
     orig_hw = tuple(batch["orig_hw"][b].tolist())
     boxes = scale_boxes(batch["boxes"][b][keep], tuple(batch["input_hw"][b].tolist()), orig_hw)
     scores = mask_scores(batch["scores"][b][keep], prob[keep], config.head.scoring,
@@ -295,7 +313,8 @@ def predict_split(head: MaskHead, config: RunConfig, data: CacheSplit, device: t
         task = bar.add_task(f"eval {data.name}", total=len(dataset), status="")
         for batch in loader:
             batch = _to(batch, device)
-            prob, quality = mask_probs(head, batch)
+            prob, quality = mask_probs(head, batch, kept_queries(batch["labels"], to_category,
+                                                                 config.eval.max_detections))
             for b in range(len(batch["image_id"])):
                 q = None if quality is None else quality[b]
                 for key, items in image_results(batch, b, prob[b], to_category, config, box_filled, q).items():

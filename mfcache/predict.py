@@ -31,7 +31,7 @@ from mfcache.config import RunConfig
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors import load_detector
 from mfcache.detectors.base import DetectorInfo, level_shapes, select_topk
-from mfcache.engine import CHECKPOINT, image_results, mask_probs
+from mfcache.engine import CHECKPOINT, image_results, kept_queries, mask_probs
 from mfcache.engine import _to as to_device
 from mfcache.errors import MfcacheError
 from mfcache.extract import STORAGE_DTYPES, crop_outputs
@@ -149,7 +149,8 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
                 chunk = list(enumerate(paths[start: start + batch_size], start=start + 1))
                 pixels = {image_id: load_image(path) for image_id, path in chunk}
                 batch = _detect(model, info, run, pixels, storage, torch_device)
-                prob, quality = mask_probs(run.head, batch)
+                prob, quality = mask_probs(run.head, batch, kept_queries(
+                    batch["labels"], run.to_category, run.config.eval.max_detections))
                 for b, (image_id, path) in enumerate(chunk):
                     found = image_results(batch, b, prob[b], run.to_category, run.config,
                                           quality=None if quality is None else quality[b])["head"]

@@ -98,3 +98,20 @@ def test_matmul_roi_align_equals_torchvision():
         g_ours, = torch.autograd.grad(ours.sum(), features)
         g_theirs, = torch.autograd.grad(theirs.sum(), features)
         torch.testing.assert_close(g_ours, g_theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_eval_runs_the_head_only_on_kept_queries():
+    from mfcache.engine import kept_queries, mask_probs
+
+    labels = torch.tensor([[0, 2, 1, 2, 0, 1], [2, 2, 0, 1, 1, 0]])
+    to_category = torch.tensor([5, 7, -1])  # label 2 maps to no dataset category
+    kept = kept_queries(labels, to_category, max_detections=2)
+    assert kept.tolist() == [[True, False, True, False, False, False], [False, False, True, True, False, False]]
+
+    x = batch()
+    head = build_head(HeadConfig(roi_size=16), d_model=16, c1_channels=8, num_levels=4).eval()
+    batch_dict = {"queries": x["queries"], "boxes": x["boxes"], "levels": x["levels"], "c1": x["c1"]}
+    full, _ = mask_probs(head, batch_dict)
+    some, _ = mask_probs(head, batch_dict, kept)
+    torch.testing.assert_close(some[kept], full[kept])
+    assert (some[~kept] == 0).all()
