@@ -27,3 +27,7 @@ app.command("sweep")(sweep.command)
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

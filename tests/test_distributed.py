@@ -4,7 +4,6 @@ batch ends with the weights of a one-process run."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,8 +65,8 @@ def arrays(path: Path) -> dict:
 
 def test_two_rank_extract_equals_one_process(data, reference, tmp_path):
     out = tmp_path / "cache"
-    mfcache = shutil.which("mfcache", path=str(Path(sys.executable).parent))
-    proc = torchrun(mfcache, "extract", "--detector", "demo", "--images", str(data / "train"),
+    # `torchrun -m mfcache extract ...`, the form the README documents
+    proc = torchrun("-m", "mfcache", "extract", "--detector", "demo", "--images", str(data / "train"),
                     "--annotations", str(data / "annotations" / "train.json"), "--out", str(out),
                     "--workers", "0", "--topk", "10", "--target-size", "8", "--block-size", str(BLOCK),
                     "--batch-size", "2", "--device", "cpu", "-q")
