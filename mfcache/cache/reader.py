@@ -156,7 +156,8 @@ class CacheSplit:
              targets: bool = True) -> dict[str, Tensor]:
         """Image ``i`` (a position in the split): ``queries [K, D]``, ``boxes [K, 4]`` xyxy
         input px, ``scores``, ``labels`` ``[K]``, ``levels`` = list of ``[D, h, w]``
-        (the requested detector levels, None = all; each must be stored), ``c1 [C, h/4, w/4]``,
+        (the requested detector levels, None = all; each must be stored), ``c1 [C, h/4, w/4]``
+        (maps are channels-last views of the stored rows, not contiguous),
         and with ``targets`` the ``gt_id``, ``gt_iou [K]`` and ``target_masks [K, S, S]`` bool.
         Float16 stays float16; int8 caches come back dequantised to float32."""
         self.check_levels(levels)
@@ -185,10 +186,9 @@ class CacheSplit:
             "boxes": torch.from_numpy(data["boxes"]),
             "scores": torch.from_numpy(data["scores"]),
             "labels": torch.from_numpy(data["labels"].astype(np.int64)),
+            # [D, h, w] views of the stored row-major (h, w, D) rows: collate copies them once
             "levels": [
-                torch.from_numpy(np.ascontiguousarray(
-                    block[starts[l] - lo: starts[l] - lo + sizes[l]].reshape(*level_hw[l], -1).transpose(2, 0, 1)
-                ))
+                torch.from_numpy(block[starts[l] - lo: starts[l] - lo + sizes[l]].reshape(*level_hw[l], -1)).permute(2, 0, 1)
                 for l in wanted
             ],
             "input_hw": torch.from_numpy(self.index["input_hw"][i].astype(np.int64)),
@@ -196,7 +196,7 @@ class CacheSplit:
             "image_id": int(self.index["image_id"][i]),
         }
         if with_c1:
-            out["c1"] = torch.from_numpy(np.ascontiguousarray(data["c1"].reshape(*c1_hw, -1).transpose(2, 0, 1)))
+            out["c1"] = torch.from_numpy(data["c1"].reshape(*c1_hw, -1)).permute(2, 0, 1)
         if targets:
             out["gt_id"] = torch.from_numpy(data["gt_id"])
             out["gt_iou"] = torch.from_numpy(data["gt_iou"])
@@ -239,11 +239,12 @@ class CacheDataset(torch.utils.data.Dataset):
 
 
 def pad_maps(maps: list[Tensor]) -> Tensor:
-    """``[C, h_i, w_i]`` maps -> ``[B, C, max h, max w]`` float32, zero-padded bottom/right
-    (the same padding the detector's batch had)."""
+    """``[C, h_i, w_i]`` maps -> ``[B, C, max h, max w]`` float32 (channels-last memory
+    format), zero-padded bottom/right (the same padding the detector's batch had)."""
     height = max(m.shape[1] for m in maps)
     width = max(m.shape[2] for m in maps)
-    out = maps[0].new_zeros(len(maps), maps[0].shape[0], height, width, dtype=torch.float32)
+    # channels-last, like the stored rows, so each copy below runs over contiguous memory
+    out = maps[0].new_zeros(len(maps), height, width, maps[0].shape[0], dtype=torch.float32).permute(0, 3, 1, 2)
     for i, m in enumerate(maps):
         out[i, :, : m.shape[1], : m.shape[2]] = m
     return out
