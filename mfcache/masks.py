@@ -111,7 +111,9 @@ def _paste(
     device = masks.device
     dtype = torch.float64 if masks.dtype == torch.float64 else torch.float32
     out_dtype = torch.bool if threshold is not None else dtype
-    out = torch.zeros((n, height, width), dtype=out_dtype, device=device)
+    # Column-major pixels ([N, W, H] in memory, returned as an [N, H, W] view): the layout
+    # COCO's RLE encoder reads, so encode_rle needs no transpose copy of whole images.
+    out = torch.zeros((n, width, height), dtype=out_dtype, device=device).transpose(1, 2)
     if n == 0 or height == 0 or width == 0 or mh == 0 or mw == 0:
         return out
 
@@ -228,9 +230,11 @@ def encode_rle(masks: Tensor) -> list[dict]:
         raise ValueError(f"masks must be [N, H, W], got {tuple(masks.shape)}")
     if masks.shape[0] == 0:
         return []
-    # [N, H, W] -> [N, W, H] contiguous, viewed as [H, W, N]: already Fortran order, one copy.
-    arr = masks.detach().to("cpu", torch.uint8).transpose(1, 2).contiguous().numpy()
-    rles = mask_utils.encode(np.asfortranarray(arr.transpose(2, 1, 0)))
+    # [N, H, W] -> [N, W, H] contiguous, viewed as [H, W, N]: Fortran order. Masks from
+    # paste_masks are already laid out so: no copy then (bool is reinterpreted as uint8).
+    cols = masks.detach().cpu().transpose(1, 2).contiguous()
+    cols = cols.view(torch.uint8) if cols.dtype == torch.bool else cols.to(torch.uint8)
+    rles = mask_utils.encode(np.asfortranarray(cols.numpy().transpose(2, 1, 0)))
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
