@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cache_io import bench_extract_overhead, bench_reader, bench_storage, rows as cache_io_rows
+from cache_io import bench_extract_overhead, bench_reader, bench_storage, rows as cache_io_rows, write_r50_checkpoint
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -85,10 +85,8 @@ def bench_roi_align(quick: bool) -> dict:
 def bench_cache_payoff(quick: bool) -> dict:
     """Mask-head training images/s fed from the cache vs fed live by the same frozen
     full-size Deformable DETR R50 (random weights: the compute is the same) at 512 px."""
-    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
-
     from mfcache.config import resolve_run_config
-    from mfcache.data.shapes import CATEGORIES, write_shapes_dataset
+    from mfcache.data.shapes import write_shapes_dataset
     from mfcache.data.transforms import load_image, pad_batch, to_input
     from mfcache.detectors import load_detector
     from mfcache.detectors.base import select_topk
@@ -100,17 +98,8 @@ def bench_cache_payoff(quick: bool) -> dict:
     batch, images = 2, 4 if quick else 16
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(0)
-        config = DeformableDetrConfig(
-            backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]), with_box_refine=True,
-            num_labels=len(CATEGORIES), id2label=dict(enumerate(CATEGORIES)),
-        )
-        DeformableDetrForObjectDetection(config).save_pretrained(tmp / "r50")
-        (tmp / "r50" / "preprocessor_config.json").write_text(json.dumps(
-            {"size": {"shortest_edge": 512, "longest_edge": 853},
-             "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
         write_shapes_dataset(tmp / "data", num_train=images, num_val=1, seed=0)
-        spec = f"hf:{tmp / 'r50'}"
+        spec = write_r50_checkpoint(tmp / "r50")
         extract(detector=spec, images=tmp / "data" / "train", out=tmp / "cache",
                 annotations=tmp / "data" / "annotations" / "train.json", progress=False)
 
