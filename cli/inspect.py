@@ -50,7 +50,10 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
                       f"annotations {split.attrs['annotation_file']} (sha256 {split.attrs['annotations_sha256'][:16]})")
         for image_id, reason in sorted(skipped.items()):
             console.print(f"  skipped image id {image_id}: {reason}", highlight=False, soft_wrap=True)
-        table = Table("array", "shape", "dtype", "chunks", "bytes", "stored")
+        table = Table()
+        for column in ("array", "shape", "dtype", "chunks", "bytes", "stored"):
+            table.add_column(column, no_wrap=column in ("array", "shape"),
+                             justify="right" if column in ("bytes", "stored") else "left")
         total = 0
         for path, node in sorted(split.group.members(max_depth=None)):
             if isinstance(node, zarr.Array):
