@@ -42,6 +42,7 @@ def command(
         table.add_column(column, justify="left" if column == "head" else "right")
     for r in rows:
         aps = ["-" if r[f"segm_{k}"] is None else f"{100 * r[f'segm_{k}']:.1f}" for k in AP_KEYS]
-        table.add_row(r["name"], *aps, f"{r['params']:,}", f"{r['train_seconds']:.1f}", f"{r['peak_memory_mb']:.0f}")
+        memory = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        table.add_row(r["name"], *aps, f"{r['params']:,}", f"{r['train_seconds']:.1f}", memory)
     console.print(table)
     console.print(f"written {out / 'sweep.json'}, sweep.md and sweep.png")

@@ -8,8 +8,8 @@ is read back from ``sweep_row.json``); a run interrupted mid-training resumes fr
 from __future__ import annotations
 
 import json
-import resource
-import sys
+import os
+import threading
 from pathlib import Path
 
 import torch
@@ -36,26 +36,53 @@ def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _peak_rss_mb() -> float:
-    """The process's peak resident set size so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+class ResidentPeak:
+    """Peak resident memory of this process (MiB) while the ``with`` block runs, sampled every
+    20 ms from ``/proc/self/statm`` by a background thread; ``peak_mb`` is None where there is
+    no ``/proc`` (the process-wide ``ru_maxrss`` cannot be reset between heads)."""
+
+    STATM = Path("/proc/self/statm")
+
+    def __init__(self):
+        self.peak_mb: float | None = None
+        self._stop = threading.Event()
+
+    def _sample(self) -> float:
+        return int(self.STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_mb = max(self.peak_mb, self._sample())
+
+    def __enter__(self) -> ResidentPeak:
+        if self.STATM.exists():
+            self.peak_mb = self._sample()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.peak_mb is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, self._sample())
 
 
 def run_head(*, cache_path: Path, config: RunConfig, run_dir: Path, split: str | None, eval_split: str | None,
              progress: bool) -> dict:
     """Train + evaluate one head in ``run_dir`` and return its sweep row.
 
-    ``peak_memory_mb``: on CUDA the peak allocated memory while training; on the CPU the growth
-    of the process's peak RSS during training (0 when an earlier head already peaked higher)."""
+    ``peak_memory_mb``: on CUDA the peak allocated memory while training; on the CPU the
+    process's peak resident memory while training (:class:`ResidentPeak`), or None if unknown."""
     device = resolve_device(config.train.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _peak_rss_mb()
     resume = (run_dir / CHECKPOINT).exists()
-    last = train(cache_path=cache_path, run_dir=run_dir, config=config, split=split, resume=resume, progress=progress)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mb() - rss_before
+    with ResidentPeak() as resident:
+        last = train(cache_path=cache_path, run_dir=run_dir, config=config, split=split, resume=resume,
+                     progress=progress)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else resident.peak_mb
     metrics = evaluate(cache_path=cache_path, run_dir=run_dir, split=eval_split, box_filled=False,
                        progress=progress, device=config.train.device)
     row = {
@@ -63,7 +90,7 @@ def run_head(*, cache_path: Path, config: RunConfig, run_dir: Path, split: str |
         **{f"segm_{k}": metrics["segm"].get(k) for k in AP_KEYS},
         "params": parameter_count(head_for(Cache(cache_path), config)),
         "train_seconds": round(last["seconds"], 3),
-        "peak_memory_mb": round(peak, 1),
+        "peak_memory_mb": None if peak is None else round(peak, 1),
         "config": config.to_dict(),
     }
     (run_dir / ROW_FILE).write_text(json.dumps(row, indent=2))
@@ -119,7 +146,8 @@ def markdown_table(rows: list[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         aps = " | ".join(_fmt_ap(r[f"segm_{k}"]) for k in AP_KEYS)
-        lines.append(f"| {r['name']} | {aps} | {r['params']:,} | {r['train_seconds']:.1f} | {r['peak_memory_mb']:.0f} |")
+        memory = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(f"| {r['name']} | {aps} | {r['params']:,} | {r['train_seconds']:.1f} | {memory} |")
     return "\n".join(lines) + "\n"
 
 

@@ -51,7 +51,7 @@ def test_sweep_two_heads_without_the_detector(tiny_cache, tmp_path, monkeypatch)
         assert set(r) >= {"name", "segm_AP", "segm_AP50", "segm_APs", "segm_APm", "segm_APl", "params",
                           "train_seconds", "peak_memory_mb", "config"}
         assert r["segm_AP"] is None or 0.0 <= r["segm_AP"] <= 1.0
-        assert r["params"] > 0 and r["train_seconds"] > 0 and r["peak_memory_mb"] >= 0
+        assert r["params"] > 0 and r["train_seconds"] > 0 and r["peak_memory_mb"] > 0
         assert r["config"]["train"]["steps"] == 2
     assert rows[1]["params"] > rows[0]["params"]  # the mask-IoU branch adds parameters
     assert rows[1]["config"]["head"]["scoring"] == "mask_iou"
@@ -88,3 +88,19 @@ def test_help_has_an_example(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
     assert "Example: mfcache " + command[0] in " ".join(result.output.split())
+
+
+def test_resident_peak_keeps_the_highest_resident_size_seen():
+    import time
+
+    import torch
+
+    from mfcache.sweep import ResidentPeak
+
+    with ResidentPeak() as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched so that it is resident
+        time.sleep(0.1)
+        while_alive = peak._sample()
+        del block
+        time.sleep(0.1)
+    assert peak.peak_mb is not None and peak.peak_mb >= while_alive > 0
