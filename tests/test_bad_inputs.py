@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from mfcache.cache import writer as writer_module
 from mfcache.cache.reader import Cache
-from mfcache.cache.schema import fingerprint
 from mfcache.cache.verify import verify
 from mfcache.cache.writer import open_root
 from mfcache.cli.main import app

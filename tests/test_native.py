@@ -17,8 +17,7 @@ from mfcache.data.shapes import CATEGORIES, write_shapes_dataset
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors import load_detector
 from mfcache.detectors.native import COCO91_LABELS
-from mfcache.deformable_attention import ms_deform_attn
-from mfcache.detectors.native.msda import MSDeformAttn
+from mfcache.deformable_attention import MSDeformAttn, ms_deform_attn
 from mfcache.errors import MfcacheError
 from mfcache.extract import extract
 

@@ -28,7 +28,6 @@ from mfcache.cache.schema import (
     INDEX_ARRAYS,
     SCALE_ARRAYS,
     SKIPPED,
-    RAGGED_ARRAYS,
     SplitPlan,
     fingerprint_mismatch,
     image_checksum,

@@ -1,5 +1,5 @@
 """Deformable DETR encoder blocks over the cached multi-scale memory E, in pure PyTorch
-(the sampling is :func:`mfcache.deformable_attention.ms_deform_attn`, shared with the
+(the attention is :class:`mfcache.deformable_attention.MSDeformAttn`, shared with the
 native detectors).
 
 Padding of batched maps is not masked (the detector's valid ratios are not cached per
@@ -8,50 +8,11 @@ level here): padded tokens are zeros, and each image's content is at the top lef
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from mfcache.deformable_attention import ms_deform_attn
-
+from mfcache.deformable_attention import MSDeformAttn
 from mfcache.heads.position import sine_position
-
-
-class MultiScaleDeformableAttention(nn.Module):
-    """``query [B, Q, C]``, ``reference [B, Q, 2]`` (x, y) in [0, 1] of the image,
-    ``tokens [B, sum(h*w), C]`` all levels flattened, ``shapes`` their (h, w) -> ``[B, Q, C]``. Each of ``heads`` heads samples
-    ``points`` points per level around the reference (offsets in level pixels, predicted
-    from the query) and averages them with softmax weights over levels x points."""
-
-    def __init__(self, *, dim: int, num_levels: int, heads: int = 4, points: int = 4):
-        super().__init__()
-        self.heads, self.num_levels, self.points = heads, num_levels, points
-        self.offsets = nn.Linear(dim, heads * num_levels * points * 2)
-        self.weights = nn.Linear(dim, heads * num_levels * points)
-        self.value = nn.Linear(dim, dim)
-        self.out = nn.Linear(dim, dim)
-        # Deformable DETR's init: head h starts on a ray at angle 2*pi*h/heads, point p at distance p + 1
-        nn.init.zeros_(self.offsets.weight)
-        angle = torch.arange(heads) * (2 * math.pi / heads)
-        ray = torch.stack([angle.cos(), angle.sin()], -1)
-        ray = ray / ray.abs().max(-1, keepdim=True).values
-        bias = ray[:, None, None, :] * torch.arange(1, points + 1)[None, None, :, None]
-        with torch.no_grad():
-            self.offsets.bias.copy_(bias.expand(heads, num_levels, points, 2).flatten())
-        nn.init.zeros_(self.weights.weight)
-        nn.init.zeros_(self.weights.bias)
-
-    def forward(self, query: Tensor, reference: Tensor, tokens: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
-        b, q, c = query.shape
-        h, p = self.heads, self.points
-        value = self.value(tokens).view(b, tokens.shape[1], h, c // h)
-        spatial_shapes = torch.tensor(shapes, device=query.device)
-        scale = spatial_shapes.flip(-1).to(query.dtype)  # (w, h) per level: offsets are in level pixels
-        offsets = self.offsets(query).view(b, q, h, self.num_levels, p, 2)
-        locations = reference[:, :, None, None, None, :] + offsets / scale[None, None, None, :, None, :]
-        weights = self.weights(query).view(b, q, h, -1).softmax(-1).view(b, q, h, self.num_levels, p)
-        return self.out(ms_deform_attn(value, spatial_shapes, locations, weights))
 
 
 class DeformableEncoderBlock(nn.Module):
@@ -59,13 +20,15 @@ class DeformableEncoderBlock(nn.Module):
 
     def __init__(self, *, dim: int, num_levels: int, hidden: int):
         super().__init__()
-        self.attn = MultiScaleDeformableAttention(dim=dim, num_levels=num_levels)
+        self.attn = MSDeformAttn(d_model=dim, n_levels=num_levels, n_heads=4, n_points=4)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
     def forward(self, tokens: Tensor, pos: Tensor, reference: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         """tokens, pos [B, T, C] (all levels flattened, T = sum h*w); reference [B, T, 2]."""
-        tokens = self.norm1(tokens + self.attn(tokens + pos, reference, tokens, shapes))
+        spatial_shapes = torch.tensor(shapes, device=tokens.device)
+        references = reference[:, :, None, :].expand(-1, -1, len(shapes), -1)  # the same point on every level
+        tokens = self.norm1(tokens + self.attn(tokens + pos, references, tokens, spatial_shapes))
         return self.norm2(tokens + self.ffn(tokens))
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfcache.detectors.native.msda import MSDeformAttn
+from mfcache.deformable_attention import MSDeformAttn
 from mfcache.detectors.native.position import box_sine_embedding
 
 
@@ -194,6 +194,20 @@ class Decoder(nn.Module):
             if self.bbox_embed is not None:
                 reference_points = refine_boxes(self.bbox_embed[lid], output, reference_points)
         return output, used
+
+
+def encoder_for(cfg) -> Encoder:
+    """``transformer.encoder`` as a native config (d_model, dim_feedforward, nheads,
+    num_feature_levels, enc_n_points, enc_layers) describes it."""
+    return Encoder(EncoderLayer(d_model=cfg.d_model, dim_feedforward=cfg.dim_feedforward,
+                                n_levels=cfg.num_feature_levels, n_heads=cfg.nheads,
+                                n_points=cfg.enc_n_points), cfg.enc_layers)
+
+
+def decoder_layer_for(cfg) -> DecoderLayer:
+    """One ``transformer.decoder`` layer as a native config describes it."""
+    return DecoderLayer(d_model=cfg.d_model, dim_feedforward=cfg.dim_feedforward,
+                        n_levels=cfg.num_feature_levels, n_heads=cfg.nheads, n_points=cfg.dec_n_points)
 
 
 class DinoDecoder(Decoder):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mfcache.detectors.native.deformable_transformer import (MLP, DecoderLayer, DinoDecoder, Encoder, EncoderLayer,
+from mfcache.detectors.native.deformable_transformer import (MLP, DinoDecoder, decoder_layer_for, encoder_for,
                                                              encoder_proposals)
 from mfcache.detectors.native.detector import NativeConfig, NativeDetector
 
@@ -38,12 +38,8 @@ class DinoTransformer(nn.Module):
         d = cfg.d_model
         self.cfg = cfg
         self.level_embed = nn.Parameter(torch.zeros(cfg.num_feature_levels, d))
-        self.encoder = Encoder(EncoderLayer(d_model=d, dim_feedforward=cfg.dim_feedforward,
-                                            n_levels=cfg.num_feature_levels, n_heads=cfg.nheads,
-                                            n_points=cfg.enc_n_points), cfg.enc_layers)
-        self.decoder = DinoDecoder(DecoderLayer(d_model=d, dim_feedforward=cfg.dim_feedforward,
-                                                n_levels=cfg.num_feature_levels, n_heads=cfg.nheads,
-                                                n_points=cfg.dec_n_points), cfg.dec_layers, d_model=d)
+        self.encoder = encoder_for(cfg)
+        self.decoder = DinoDecoder(decoder_layer_for(cfg), cfg.dec_layers, d_model=d)
         self.tgt_embed = nn.Embedding(cfg.num_queries, d)
         self.enc_output = nn.Linear(d, d)
         self.enc_output_norm = nn.LayerNorm(d)

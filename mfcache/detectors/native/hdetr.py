@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mfcache.detectors.native.deformable_transformer import (Decoder, DecoderLayer, Encoder, EncoderLayer,
+from mfcache.detectors.native.deformable_transformer import (Decoder, decoder_layer_for, encoder_for,
                                                              encoder_proposals)
 from mfcache.detectors.native.detector import NativeConfig, NativeDetector
 from mfcache.detectors.native.position import proposal_position_embedding
@@ -46,12 +46,8 @@ class HDetrTransformer(nn.Module):
         d = cfg.d_model
         self.cfg = cfg
         self.level_embed = nn.Parameter(torch.zeros(cfg.num_feature_levels, d))
-        self.encoder = Encoder(EncoderLayer(d_model=d, dim_feedforward=cfg.dim_feedforward,
-                                            n_levels=cfg.num_feature_levels, n_heads=cfg.nheads,
-                                            n_points=cfg.enc_n_points), cfg.enc_layers)
-        self.decoder = Decoder(DecoderLayer(d_model=d, dim_feedforward=cfg.dim_feedforward,
-                                            n_levels=cfg.num_feature_levels, n_heads=cfg.nheads,
-                                            n_points=cfg.dec_n_points), cfg.dec_layers)
+        self.encoder = encoder_for(cfg)
+        self.decoder = Decoder(decoder_layer_for(cfg), cfg.dec_layers)
         if cfg.two_stage:
             self.enc_output = nn.Linear(d, d)
             self.enc_output_norm = nn.LayerNorm(d)
