@@ -24,7 +24,7 @@ def command(
     split: SplitOpt = None,
     topk: Annotated[int, typer.Option("--topk", min=1, help="Detections cached per image.")] = _D.topk,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Detector batch size.")] = _D.batch_size,
-    c1: Annotated[str, typer.Option("--c1", help="Backbone stride-4 map: store or none.")] = _D.c1,
+    c1: Annotated[str, typer.Option("--c1", help="Backbone stride-4 map: store, recompute (from the image at training time) or none.")] = _D.c1,
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype of features: float16, float32 or int8 (per-channel scales, ~1% error, half of float16).")] = _D.dtype,
     levels: Annotated[str, typer.Option("--levels", help="Encoder levels to store, e.g. 0,1 (0 = finest); default all.")] = "",
     compress: Annotated[bool, typer.Option("--compress", help="Blosc zstd + shuffle on the features (only pays on slow storage).")] = _D.compress,

@@ -29,7 +29,7 @@ class ExtractConfig:
     batch_size: int = 2        # detector batch
     block_size: int = 16       # images per write; each block owns whole chunks (resume unit)
     chunk_tokens: int = 0      # memory chunk length in tokens; 0 = derive from image size
-    c1: str = "store"          # store | none
+    c1: str = "store"          # store | recompute (from the image at train time) | none
     dtype: str = "float16"     # storage dtype of memory / c1 / queries: float16 | float32 | int8 (per-channel)
     levels: tuple[int, ...] = ()  # encoder levels stored in memory (0 = finest); () = all
     compress: bool = False     # blosc zstd + shuffle on the feature arrays (slow storage only)

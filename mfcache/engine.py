@@ -61,7 +61,7 @@ class StepBatches(Sampler):
 def head_for(cache: Cache, config: RunConfig) -> MaskHead:
     return build_head(
         config.head, d_model=cache.detector.d_model,
-        c1_channels=cache.detector.c1_channels if cache.extract["c1"] == "store" else 0,
+        c1_channels=cache.detector.c1_channels if cache.extract["c1"] != "none" else 0,
         num_levels=len(cache.detector.strides),
     )
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mfcache.cache.c1_stem import STEM_ARRAY, export_stem
 from mfcache.cache.schema import QUANTIZED, SKIPPED, fingerprint, plan_split, quantize
 from mfcache.cache.targets import query_targets
 from mfcache.cache.writer import BackgroundWriter, BlockWriter, ImageRecord, create_split, open_root
@@ -214,8 +215,8 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
 def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
              config: ExtractConfig, skip_bad: bool, progress: bool, world: World,
              device: torch.device) -> ExtractSummary:
-    if config.c1 not in ("store", "none"):
-        raise MfcacheError(f"--c1 must be store or none, got {config.c1!r}")
+    if config.c1 not in ("store", "recompute", "none"):
+        raise MfcacheError(f"--c1 must be store, recompute or none, got {config.c1!r}")
     if config.dtype not in STORAGE_DTYPES:
         raise MfcacheError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {config.dtype!r}")
     dataset = CocoDataset(annotations, images)
@@ -251,6 +252,11 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
         target_size=config.target_size, block_size=config.block_size, dtype=config.dtype,
         compress=config.compress,
     )
+    if config.c1 == "recompute" and world.is_main and not (Path(out) / STEM_ARRAY).is_dir():
+        stem = model.c1_stem()
+        if stem is None:
+            raise MfcacheError(f"--c1 recompute is not available for {info.family} detectors; use store or none")
+        export_stem(stem, root)
     if world.is_main:
         world.barrier()
     writer = BlockWriter(group)

@@ -93,7 +93,7 @@ def load_run_for_detector(run_dir: Path, info: DetectorInfo, device: torch.devic
         raise MfcacheError(f"the head in {run_dir} was trained on a cache made with {problem}, "
                            f"not with detector {info.spec!r}")
     config = RunConfig.from_dict(state["config"])
-    c1_channels = info.c1_channels if stored["extract"]["c1"] == "store" else 0
+    c1_channels = info.c1_channels if stored["extract"]["c1"] != "none" else 0
     head = build_head(config.head, d_model=info.d_model, c1_channels=c1_channels, num_levels=len(info.strides))
     head.load_state_dict(state["model"])
     to_category, names = _categories(run_dir, info)

@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from zarr.core.sync import sync as zarr_sync
 
+from mfcache.cache.c1_stem import C1Recomputer
 from mfcache.cache.schema import DONE, INDEX_ARRAYS, QUANTIZED, SCHEMA_VERSION, SKIPPED, dequantize, stored_levels
 from mfcache.detectors.base import DetectorInfo
 from mfcache.errors import MfcacheError
@@ -86,7 +87,11 @@ class CacheSplit:
             raise MfcacheError(f"split {name!r} of {cache.path} was never fully created; run extract again")
         self.index = {key.split("/", 1)[1]: self.group[key][:] for key in INDEX_ARRAYS}
         self.label_to_category = np.asarray(self.attrs["label_to_category"], dtype=np.int64)
-        self.has_c1 = "c1" in self.group
+        self.recompute_c1 = cache.extract["c1"] == "recompute"  # made from the image at read time
+        self.has_c1 = "c1" in self.group or self.recompute_c1
+        self._c1_recomputer = (C1Recomputer(cache.path, cache.detector.preprocess)
+                               if self.recompute_c1 else None)
+        self._file_names: dict[int, str] | None = None
         self.target_size = int(cache.extract["target_size"])
         self.stored_levels = stored_levels(cache.fingerprint)  # detector level indices in memory
         self.scales = {name: scale for name, scale in QUANTIZED.items() if scale in self.group}
@@ -127,6 +132,17 @@ class CacheSplit:
         with contextlib.redirect_stdout(io.StringIO()):
             coco.createIndex()
         return coco
+
+    def image_path(self, i: int) -> Path:
+        """The image file of position ``i``, as extraction read it (the split's image folder +
+        its ``file_name`` in the stored annotations)."""
+        if self._file_names is None:
+            images = json.loads(self.group["annotations"][:].tobytes())["images"]
+            self._file_names = {int(im["id"]): str(im["file_name"]) for im in images}
+        folder = Path(self.attrs["images_dir"])
+        if not folder.is_dir():
+            raise MfcacheError(f"image folder {folder} is gone: this cache recomputes C1 from the images")
+        return folder / self._file_names[int(self.index["image_id"][i])]
 
     def check_levels(self, levels: tuple[int, ...] | None) -> None:
         """Raise unless every detector level in ``levels`` (None = all) is stored."""
@@ -169,7 +185,7 @@ class CacheSplit:
         requests = {name: (name, i) for name in ("queries", "boxes", "scores", "labels")}
         requests["memory"] = ("memory", slice(lo, hi))  # one read covering the wanted levels
         with_c1 = c1 and self.has_c1
-        if with_c1:
+        if with_c1 and not self.recompute_c1:
             c1_hw = (-(-self.index["input_hw"][i] // 4)).tolist()
             c1_start = int(self.index["c1_offset"][i])
             requests["c1"] = ("c1", slice(c1_start, c1_start + c1_hw[0] * c1_hw[1]))
@@ -195,7 +211,9 @@ class CacheSplit:
             "orig_hw": torch.from_numpy(self.index["orig_hw"][i].astype(np.int64)),
             "image_id": int(self.index["image_id"][i]),
         }
-        if with_c1:
+        if with_c1 and self.recompute_c1:
+            out["c1"] = self._c1_recomputer(self.image_path(i), tuple(self.index["input_hw"][i].tolist()))
+        elif with_c1:
             out["c1"] = torch.from_numpy(data["c1"].reshape(*c1_hw, -1)).permute(2, 0, 1)
         if targets:
             out["gt_id"] = torch.from_numpy(data["gt_id"])

@@ -127,6 +127,12 @@ class Detector(nn.Module):
     def forward(self, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:  # pragma: no cover
         raise NotImplementedError
 
+    def c1_stem(self) -> nn.Module | None:
+        """The frozen part of the backbone that makes C1 on its own: ``[B, 3, H, W]`` normalised
+        pixels -> ``[B, C, H/4, W/4]`` (``--c1 recompute`` exports it into the cache), or None
+        if this detector cannot separate it."""
+        return None
+
 
 @dataclass
 class TopK:

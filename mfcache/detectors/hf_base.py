@@ -154,6 +154,14 @@ class HFDetector(Detector):
             return backbone.layer1
         return None
 
+    def c1_stem(self) -> nn.Module | None:
+        """The backbone's embedder (stem) followed by its first stage, for transformers
+        backbones that have both (ResNet, HGNetV2, ...)."""
+        embedder = getattr(self._backbone(), "embedder", None)
+        if embedder is None or self._c1_module is None:
+            return None
+        return nn.Sequential(embedder, self._c1_module).eval()
+
     def _c1_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self._stash["c1"] = output[0] if isinstance(output, (tuple, list)) else output
 
