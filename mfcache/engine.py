@@ -67,7 +67,13 @@ def head_for(cache: Cache, config: RunConfig) -> MaskHead:
 
 
 def _to(batch: dict, device: torch.device) -> dict:
-    return {k: [t.to(device) for t in v] if k == "levels" else v.to(device) if torch.is_tensor(v) else v
+    """A collated batch on ``device``; fp16 feature maps (as an fp16 cache stores them) become
+    float32 there, so they cross to the device at half the bytes."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device, non_blocking=True)
+        return t.float() if t.dtype == torch.float16 else t
+
+    return {k: [move(t) for t in v] if k == "levels" else move(v) if torch.is_tensor(v) else v
             for k, v in batch.items()}
 
 

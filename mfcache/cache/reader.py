@@ -257,12 +257,20 @@ class CacheDataset(torch.utils.data.Dataset):
 
 
 def pad_maps(maps: list[Tensor]) -> Tensor:
-    """``[C, h_i, w_i]`` maps -> ``[B, C, max h, max w]`` float32 (channels-last memory
-    format), zero-padded bottom/right (the same padding the detector's batch had)."""
+    """``[C, h_i, w_i]`` maps -> ``[B, C, max h, max w]`` in their own dtype (fp16 from an fp16
+    cache: half the bytes to move; the engine makes it float32 on the device), channels-last
+    memory format, zero-padded bottom/right (the same padding the detector's batch had).
+    Inside a DataLoader worker the batch is allocated in shared memory directly, as torch's
+    ``default_collate`` does, so handing it to the main process copies nothing."""
     height = max(m.shape[1] for m in maps)
     width = max(m.shape[2] for m in maps)
-    # channels-last, like the stored rows, so each copy below runs over contiguous memory
-    out = maps[0].new_zeros(len(maps), height, width, maps[0].shape[0], dtype=torch.float32).permute(0, 3, 1, 2)
+    shape = (len(maps), height, width, maps[0].shape[0])
+    if torch.utils.data.get_worker_info() is not None:
+        out = maps[0].new_empty(0).new(maps[0].untyped_storage()._new_shared(
+            int(np.prod(shape)) * maps[0].element_size())).view(shape).zero_()
+    else:
+        out = maps[0].new_zeros(shape)
+    out = out.permute(0, 3, 1, 2)  # channels-last, like the stored rows: contiguous copies below
     for i, m in enumerate(maps):
         out[i, :, : m.shape[1], : m.shape[2]] = m
     return out
@@ -270,7 +278,8 @@ def pad_maps(maps: list[Tensor]) -> Tensor:
 
 def collate(samples: list[dict]) -> dict:
     """Stack samples into a batch: per-query tensors ``[B, K, ...]``, ``levels`` a list of
-    ``[B, D, H_l, W_l]`` and ``c1 [B, C, H, W]`` (float32, zero-padded), ``image_id`` a list."""
+    ``[B, D, H_l, W_l]`` and ``c1 [B, C, H, W]`` (the stored dtype, zero-padded; see
+    :func:`pad_maps`), ``image_id`` a list."""
     batch: dict = {"image_id": [s["image_id"] for s in samples]}
     for key in samples[0]:
         if key == "levels":
