@@ -8,7 +8,6 @@ Conventions: masks are ``bool [G, H, W]`` at the image's original size; boxes ar
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -21,14 +20,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 
 from mfcache.errors import MfcacheError
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from mfcache.hashing import file_sha256
 
 
 @dataclass(frozen=True)

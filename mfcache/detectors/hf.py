@@ -9,7 +9,6 @@ model's ``preprocessor_config.json``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from mfcache.detectors.hf_deformable import HFDeformableDetr
 from mfcache.detectors.hf_detr import HFConditionalDetr, HFDabDetr, HFDetr
 from mfcache.detectors.hf_rtdetr import HFDFine, HFDeimV2, HFRTDetr, HFRTDetrV2
 from mfcache.errors import MfcacheError
+from mfcache.hashing import file_sha256
 
 __all__ = ["ADAPTERS", "HFDeformableDetr", "HFDetector", "input_hw_from_mask", "load_hf", "read_preprocess"]
 
@@ -68,14 +68,6 @@ def _resolve(path: str, filename: str, *, required: bool) -> Path | None:
 
 def _first_line(exc: BaseException) -> str:
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_preprocess(path: Path | None, default: Preprocess = Preprocess()) -> Preprocess:
@@ -146,5 +138,5 @@ def load_hf(path: str, spec: str | None = None, *, preprocess: Preprocess | None
         preprocess = read_preprocess(_resolve(path, "preprocessor_config.json", required=False),
                                      adapter.default_preprocess)
     weights = _resolve(path, "model.safetensors", required=False)
-    sha = _file_sha256(weights) if weights is not None else state_dict_sha256(model)
+    sha = file_sha256(weights) if weights is not None else state_dict_sha256(model)
     return adapter(model, spec=spec, preprocess=preprocess, weights_sha256=sha, trained=trained)

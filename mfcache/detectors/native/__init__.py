@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 
 from mfcache.detectors.base import DetectorInfo, Preprocess
-from mfcache.detectors.native.checkpoint import (build_config, file_sha256, load_weights, parse_spec,
+from mfcache.detectors.native.checkpoint import (build_config, load_weights, parse_spec,
                                                  read_labels, read_state_dict)
 from mfcache.detectors.native.coco_labels import COCO91_LABELS
 from mfcache.detectors.native.detector import NativeDetector
 from mfcache.detectors.native.dino import Dino, DinoConfig
 from mfcache.detectors.native.hdetr import HDetr, HDetrConfig
 from mfcache.errors import MfcacheError
+from mfcache.hashing import file_sha256
 
 FAMILIES = {"hdetr": (HDetrConfig, HDetr), "dino": (DinoConfig, Dino)}
 

@@ -21,7 +21,6 @@ Options (all optional; defaults are the published R50 models):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -165,9 +164,3 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], where: str, family:
     model.load_state_dict(state, strict=True)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
