@@ -20,6 +20,8 @@ def command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     visualize: Annotated[int, typer.Option("--visualize", min=0, help="Draw N images as ground truth | prediction "
                                            "panels in <metrics dir>/visualize/.")] = 0,
+    images: Annotated[Path | None, typer.Option("--images", help="Image folder for --visualize, if it moved since "
+                                                "extraction (default: the folder recorded in the cache).")] = None,
     quiet: QuietOpt = False,
 ):
     """Evaluate a trained head on a cache split with pycocotools (segm and bbox AP).
@@ -34,7 +36,8 @@ def command(
     from mfcache.visualize import visualize_split
 
     panels = (out or run / "metrics.json").parent / "visualize"
-    draw = (lambda data, results: visualize_split(data, results, panels, visualize)) if visualize else None
+    draw = (lambda data, results: visualize_split(data, results, panels, visualize,
+                                                               images_dir=images)) if visualize else None
     metrics = evaluate(cache_path=cache, run_dir=run, split=split, out=out, device=device, progress=not quiet,
                        on_results=draw)
     console.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images)"))

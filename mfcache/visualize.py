@@ -160,10 +160,11 @@ def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, sc
     results of the split) scoring at least ``score_threshold``. Pixels are read from
     ``images_dir`` (default: the folder recorded at extraction).
     """
-    images_dir = Path(images_dir if images_dir is not None else split.attrs["images_dir"])
+    recorded = images_dir is None
+    images_dir = Path(split.attrs["images_dir"] if recorded else images_dir)
     if not images_dir.is_dir():
-        raise MfcacheError(f"cannot draw split {split.name!r}: its image folder {images_dir} (recorded at "
-                           "extraction) is gone")
+        where = "recorded at extraction; name its new place with --images" if recorded else "given with --images"
+        raise MfcacheError(f"cannot draw split {split.name!r}: its image folder {images_dir} ({where}) is gone")
     coco = split.coco()
     names = {c["id"]: c["name"] for c in coco.dataset.get("categories", [])}
     by_image: dict[int, list[dict]] = {}

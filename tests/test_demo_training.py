@@ -17,6 +17,7 @@ from mfcache.detectors.demo_training import (
     StepBatches,
     TrainConfig,
     category_to_label,
+    lr_factor,
     read_split,
     read_targets,
     train,
@@ -55,6 +56,11 @@ def test_targets_are_normalised_cxcywh_and_flip_mirrors_them(tiny_shapes):
     assert torch.allclose(boxes_f[:, 0], 1 - boxes[:, 0]) and torch.allclose(boxes_f[:, 1:], boxes[:, 1:])
     # every parameter trains (transformers would freeze the ResNet backbone) and aux losses are on
     assert all(p.requires_grad for p in model.parameters()) and model.config.auxiliary_loss
+
+
+def test_learning_rate_warms_up_then_drops_tenfold():
+    assert [lr_factor(s, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [lr_factor(s, 2, drop_step=3) for s in range(5)] == [0.5, 1.0, 1.0, 0.1, 0.1]
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():

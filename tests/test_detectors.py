@@ -173,20 +173,21 @@ def test_load_errors(tmp_path):
         load_detector("demo:x")
 
 
-def test_demo_detector():
+def test_demo_detector(tmp_path):
     from mfcache.data.shapes import CATEGORIES
-    from mfcache.detectors.demo import DEMO_PREPROCESS
+    from mfcache.detectors.demo import DEMO_PREPROCESS, DEMO_QUERIES, load_demo
 
-    a, b = load_detector("demo"), load_detector("demo")
-    assert a.info == b.info
+    assert load_detector("demo").info == load_detector("demo").info
+    a = load_demo(tmp_path)  # no weights there: the seed-0 architecture
     assert a.info.spec == "demo" and a.info.family == "deformable_detr"
     assert a.info.label_names == tuple(CATEGORIES)
     assert a.info.strides == (8, 16, 32, 64) and a.info.c1_channels == 32 and a.info.d_model == 128
-    assert a.info.num_queries == 50 and a.info.preprocess == DEMO_PREPROCESS
-    assert a.info.trained is False  # no shipped weights yet
+    assert a.info.num_queries == DEMO_QUERIES and a.info.preprocess == DEMO_PREPROCESS
+    assert a.info.trained is False
     pv, pm = padded_batch([(256, 320), (192, 256)])
     out = a(pv, pm)
-    assert out.queries.shape == (2, 50, 128) and out.logits.shape == (2, 50, len(CATEGORIES))
+    q = DEMO_QUERIES
+    assert out.queries.shape == (2, q, 128) and out.logits.shape == (2, q, len(CATEGORIES))
     assert out.c1.shape == (2, 32, 64, 80)
     assert out.valid[1].tolist() == [list(x) for x in level_shapes((192, 256), a.info.strides)]
 

@@ -146,3 +146,12 @@ def test_eval_visualize_writes_panels(trained, tmp_path):
 
     with pytest.raises(MfcacheError, match="image folder .* is gone"):
         visualize_split(split, [], tmp_path / "v", 1, images_dir=tmp_path / "gone")
+    # a moved image folder is named with --images
+    moved = tmp_path / "moved"
+    shutil.copytree(split.attrs["images_dir"], moved)
+    cli("eval", "--cache", trained / "cache", "--run", trained / "run", "--out", tmp_path / "n" / "metrics.json",
+        "--visualize", 1, "--images", moved, "-q")
+    assert len(list((tmp_path / "n" / "visualize").iterdir())) == 1
+    printed = cli("eval", "--cache", trained / "cache", "--run", trained / "run", "--out", tmp_path / "o" / "metrics.json",
+                  "--visualize", 1, "--images", tmp_path / "gone", "-q", ok=False)
+    assert "is gone" in " ".join(printed.split())

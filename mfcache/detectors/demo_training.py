@@ -53,7 +53,8 @@ UNBOUNDED = 2**62  # step count of a run stopped by the clock alone
 class TrainConfig:
     """One training run. ``minutes`` / ``epochs`` / ``max_steps`` stop it (whichever comes
     first; ``minutes`` counts this invocation only). The fields in :data:`RUN_DEFINING`
-    must match the checkpoint when resuming; the rest may change between invocations."""
+    must match the checkpoint when resuming; the rest may change between invocations
+    (``lr_drop_step`` included: set it when resuming once val AP has levelled off)."""
 
     data: str
     out: str
@@ -62,11 +63,12 @@ class TrainConfig:
     max_steps: int | None = None
     device: str = "auto"
     batch_size: int = 8
-    lr: float = 2e-4
-    backbone_lr_scale: float = 0.1
+    lr: float = 4e-4
+    backbone_lr_scale: float = 1.0  # the backbone starts from random weights too
     weight_decay: float = 1e-4
     grad_clip: float = 0.1
-    warmup_steps: int = 0
+    warmup_steps: int = 300
+    lr_drop_step: int | None = None  # from this step on the learning rate is 10x lower
     seed: int = 0
     shortest_edge: int = DEMO_PREPROCESS.shortest_edge  # input resize rule (written to the export)
     longest_edge: int = DEMO_PREPROCESS.longest_edge
@@ -84,8 +86,11 @@ RUN_DEFINING = ("batch_size", "lr", "backbone_lr_scale", "weight_decay", "grad_c
                 "shortest_edge", "longest_edge")
 
 
-def lr_factor(step: int, warmup_steps: int) -> float:
-    """Linear warm-up from 1/warmup_steps to 1 over the first ``warmup_steps`` steps, then 1."""
+def lr_factor(step: int, warmup_steps: int, drop_step: int | None = None) -> float:
+    """Linear warm-up from 1/warmup_steps to 1 over the first ``warmup_steps`` steps, then
+    1, then 0.1 from ``drop_step`` on."""
+    if drop_step is not None and step >= drop_step:
+        return 0.1
     return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps
 
 
@@ -215,7 +220,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, 
                config: TrainConfig, device: torch.device) -> float:
     """One optimiser step on one batch; returns the loss. A non-finite loss stops the run."""
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * lr_factor(step, config.warmup_steps)
+        group["lr"] = group["base_lr"] * lr_factor(step, config.warmup_steps, config.lr_drop_step)
     labels = [{k: v.to(device) for k, v in t.items()} for t in batch["labels"]]
     out = model(pixel_values=batch["pixel_values"].to(device),
                 pixel_mask=batch["pixel_mask"].to(device, torch.long), labels=labels)
@@ -453,7 +458,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     for f in fields(TrainConfig):
         if f.name in ("data", "out", "minutes", "epochs", "progress"):
             continue
-        kind = int if f.name in ("max_steps",) else type(getattr(defaults, f.name))
+        kind = int if f.name in ("max_steps", "lr_drop_step") else type(getattr(defaults, f.name))
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name))
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
