@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,11 +121,13 @@ def crop_outputs(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray
     return crop
 
 
-def image_record(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray, input_hw, gt,
-                 target_size: int, dtype, levels: list[int] | None = None) -> ImageRecord:
-    """Image ``b`` of a detector batch, cropped to its valid region, with its targets;
-    ``memory`` holds the stored ``levels`` (None = all); int8 is quantised per channel."""
-    crop = crop_outputs(out, top, b, level_hw=level_hw, input_hw=input_hw)
+def stored_features(crop: dict, dtype, levels: Sequence[int] | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The feature rows of one cropped image (:func:`crop_outputs`) exactly as the cache
+    stores them: ``queries [K, D]``, ``memory [T, D]`` (the tokens of the stored ``levels``,
+    None = all, finest first, each level row-major), ``c1 [h*w, C]`` (if the crop has one),
+    in numpy ``dtype``. For int8 also the per-channel scales, keyed by their array names
+    (:data:`~mfcache.cache.schema.QUANTIZED`); otherwise None."""
     wanted = range(len(crop["levels"])) if levels is None else levels
     features = {
         "queries": crop["queries"],
@@ -132,13 +135,19 @@ def image_record(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray
         **({"c1": crop["c1"].flatten(1).T} if "c1" in crop else {}),  # [h*w, C] row-major pixels
     }
     features = {k: v.float().cpu().numpy() for k, v in features.items()}
-    scales = None
-    if dtype == np.int8:
-        quantized = {k: quantize(v) for k, v in features.items()}
-        features = {k: q for k, (q, _) in quantized.items()}
-        scales = {QUANTIZED[k]: scale for k, (_, scale) in quantized.items()}
-    else:
-        features = {k: v.astype(dtype) for k, v in features.items()}
+    if dtype != np.int8:
+        return {k: v.astype(dtype) for k, v in features.items()}, None
+    quantized = {k: quantize(v) for k, v in features.items()}
+    return ({k: q for k, (q, _) in quantized.items()},
+            {QUANTIZED[k]: scale for k, (_, scale) in quantized.items()})
+
+
+def image_record(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray, input_hw, gt,
+                 target_size: int, dtype, levels: list[int] | None = None) -> ImageRecord:
+    """Image ``b`` of a detector batch, cropped to its valid region, with its targets;
+    ``memory`` holds the stored ``levels`` (None = all); int8 is quantised per channel."""
+    crop = crop_outputs(out, top, b, level_hw=level_hw, input_hw=input_hw)
+    features, scales = stored_features(crop, dtype, levels)
     boxes = crop["boxes"].cpu()
     gt_id, gt_iou, masks = query_targets(boxes, input_hw, gt, target_size)
     return ImageRecord(

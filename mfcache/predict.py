@@ -1,8 +1,9 @@
 """Inference on arbitrary images: the frozen detector, then a trained mask head.
 
 Each image goes through exactly the path training data took: the detector's outputs are
-cropped as extraction caches them (:func:`mfcache.extract.crop_outputs`), rounded to the
-cache's storage dtype, batched with the cache reader's :func:`~mfcache.cache.reader.collate`
+cropped and stored as extraction caches them (:func:`mfcache.extract.stored_features`:
+the cache's dtype, int8 quantised per image and channel), read back as the reader serves
+them, batched with the cache reader's :func:`~mfcache.cache.reader.collate`
 and post-processed by :func:`mfcache.engine.image_results`, so predicting on an image the
 cache holds gives the results ``mfcache eval`` computes for it (with the same batching).
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from mfcache.cache.reader import Cache, collate
-from mfcache.cache.schema import fingerprint, fingerprint_mismatch
+from mfcache.cache.schema import QUANTIZED, dequantize, fingerprint, fingerprint_mismatch
 from mfcache.config import RunConfig
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors import load_detector
@@ -34,7 +35,7 @@ from mfcache.detectors.base import DetectorInfo, level_shapes, select_topk
 from mfcache.engine import CHECKPOINT, image_results, kept_queries, mask_probs
 from mfcache.engine import _to as to_device
 from mfcache.errors import MfcacheError
-from mfcache.extract import STORAGE_DTYPES, crop_outputs
+from mfcache.extract import STORAGE_DTYPES, crop_outputs, stored_features
 from mfcache.heads import MaskHead, build_head
 from mfcache.runtime import progress_bar, resolve_device
 from mfcache.visualize import decode_results, overlay
@@ -135,7 +136,6 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
     model = load_detector(detector, device=torch_device)
     info = model.info
     run = load_run_for_detector(Path(run_dir), info, torch_device)
-    storage = torch.float16 if STORAGE_DTYPES[run.extract["dtype"]] == np.float16 else torch.float32
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
@@ -148,7 +148,7 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
             for start in range(0, len(paths), batch_size):
                 chunk = list(enumerate(paths[start: start + batch_size], start=start + 1))
                 pixels = {image_id: load_image(path) for image_id, path in chunk}
-                batch = _detect(model, info, run, pixels, storage, torch_device)
+                batch = _detect(model, info, run, pixels, torch_device)
                 prob, quality = mask_probs(run.head, batch, kept_queries(
                     batch["labels"], run.to_category, run.config.eval.max_detections))
                 for b, (image_id, path) in enumerate(chunk):
@@ -176,26 +176,33 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
 
 
 def _detect(model, info: DetectorInfo, run: LoadedRun, pixels: dict[int, torch.Tensor],
-            storage: torch.dtype, device: torch.device) -> dict:
-    """Detector outputs of a few images, cropped, rounded to the cache's storage dtype and
-    collated exactly as the cache reader would serve them to the head (on ``device``)."""
+            device: torch.device) -> dict:
+    """Detector outputs of a few images, cropped, stored and read back as the run's cache
+    would (its dtype; int8 quantised and dequantised per image and channel) and collated
+    exactly as the cache reader serves them to the head (on ``device``)."""
     inputs = [to_input(image, info.preprocess) for image in pixels.values()]
     pixel_values, pixel_mask = pad_batch(inputs, info.preprocess.pad_divisor)
     outputs = model(pixel_values.to(device), pixel_mask.to(device))
     top = select_topk(outputs, run.extract["topk"], sigmoid=info.sigmoid)
+    stored = run.extract["levels"]
     samples = []
     for b, (image_id, image) in enumerate(pixels.items()):
         input_hw = tuple(inputs[b].shape[1:])
-        crop = crop_outputs(outputs, top, b, level_hw=np.asarray(level_shapes(input_hw, info.strides)),
-                            input_hw=input_hw)
+        level_hw = np.asarray(level_shapes(input_hw, info.strides))
+        crop = crop_outputs(outputs, top, b, level_hw=level_hw, input_hw=input_hw)
+        rows, scales = stored_features(crop, STORAGE_DTYPES[run.extract["dtype"]], stored)
+        served = {k: torch.from_numpy(v if scales is None else dequantize(v, scales[QUANTIZED[k]]))
+                  for k, v in rows.items()}
+        maps = dict(zip(stored, served["memory"].split([int(level_hw[l].prod()) for l in stored])))
         sample = {
-            "queries": crop["queries"].to(storage), "boxes": crop["boxes"], "scores": crop["scores"],
-            "labels": crop["labels"], "levels": [crop["levels"][l].to(storage) for l in run.head.levels],
+            "queries": served["queries"], "boxes": crop["boxes"].cpu(), "scores": crop["scores"].cpu(),
+            "labels": crop["labels"].cpu(),
+            "levels": [maps[l].reshape(*level_hw[l], -1).permute(2, 0, 1) for l in run.head.levels],
             "input_hw": crop["input_hw"], "orig_hw": torch.as_tensor(tuple(image.shape[1:]), dtype=torch.int64),
             "image_id": image_id,
         }
         if run.head.uses_c1:
-            sample["c1"] = crop["c1"].to(storage)
+            sample["c1"] = served["c1"].reshape(*crop["c1"].shape[1:], -1).permute(2, 0, 1)
         samples.append(sample)
     return to_device(collate(samples), device)
 

@@ -97,6 +97,26 @@ def test_predict_mixed_formats_loads_in_pycocotools_and_matches_eval(trained, sh
     assert ours and ours == theirs
 
 
+def test_predict_on_an_int8_cache_matches_eval(shapes_data, tmp_path):
+    """Features go through int8 storage exactly as the cache stored and the reader served them."""
+    val = json.loads((shapes_data / "annotations" / "val.json").read_text())
+    first = val["images"][0]
+    subset = {**val, "images": [first], "annotations": [a for a in val["annotations"] if a["image_id"] == first["id"]]}
+    (tmp_path / "val.json").write_text(json.dumps(subset))
+    cli("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations", tmp_path / "val.json",
+        "--out", tmp_path / "cache", "--dtype", "int8", "--batch-size", 1, "--workers", 0, "-q")
+    cli("train", "--cache", tmp_path / "cache", "--out", tmp_path / "run", "--set", "train.steps=1",
+        "--set", "train.batch_size=1", "--set", "eval.batch_size=1", "-q")
+    cli("predict", "--detector", "demo", "--run", tmp_path / "run", shapes_data / "val" / first["file_name"],
+        "--out", tmp_path / "out", "-q")
+    captured = {}
+    evaluate(cache_path=tmp_path / "cache", run_dir=tmp_path / "run", out=tmp_path / "metrics.json", progress=False,
+             on_results=lambda split, results: captured.update(results=results))
+    ours = [{**r, "image_id": None} for r in json.loads((tmp_path / "out" / "results.json").read_text())]
+    theirs = [{**r, "image_id": None} for r in captured["results"]]
+    assert ours and ours == theirs
+
+
 def test_predict_falls_back_to_detector_labels_without_the_cache(trained, shapes_data, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained / "run", run)
