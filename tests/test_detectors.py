@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+import batches
+
 from mfcache.detectors import load_detector
 from mfcache.detectors.base import DetectorOutput, Preprocess, level_shapes, select_topk
 from mfcache.errors import MfcacheError
@@ -50,15 +52,7 @@ def save_tiny(path, seed=0, **kw):
 
 
 def padded_batch(sizes, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    height = -(-max(h for h, _ in sizes) // PAD) * PAD
-    width = -(-max(w for _, w in sizes) // PAD) * PAD
-    pixel_values = torch.zeros(len(sizes), 3, height, width)
-    pixel_mask = torch.zeros(len(sizes), height, width, dtype=torch.bool)
-    for i, (h, w) in enumerate(sizes):
-        pixel_values[i, :, :h, :w] = torch.randn(3, h, w, generator=gen)
-        pixel_mask[i, :h, :w] = True
-    return pixel_values, pixel_mask
+    return batches.padded_batch(sizes, PAD, seed=seed)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

@@ -11,6 +11,7 @@ from typing import Callable
 
 import pytest
 import torch
+from batches import padded_batch
 
 from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.data.shapes import CATEGORIES, write_shapes_dataset
@@ -126,14 +127,7 @@ FAMILIES = {
 
 
 def _batch(sizes, pad):
-    gen = torch.Generator().manual_seed(0)
-    height, width = (-(-max(s[i] for s in sizes) // pad) * pad for i in (0, 1))
-    pv = torch.zeros(len(sizes), 3, height, width)
-    pm = torch.zeros(len(sizes), height, width, dtype=torch.bool)
-    for i, (h, w) in enumerate(sizes):
-        pv[i, :, :h, :w] = torch.rand(3, h, w, generator=gen)
-        pm[i, :h, :w] = True
-    return pv, pm
+    return padded_batch(sizes, pad, fill=torch.rand)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
