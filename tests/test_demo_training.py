@@ -5,10 +5,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers import DeformableDetrForObjectDetection
 
 from mfcache.data.shapes import GENERATOR_VERSION, write_shapes_dataset
 from mfcache.detectors import load_detector
-from mfcache.detectors.demo import GENERATOR_FILE, check_generator, load_demo
+from mfcache.detectors.demo import GENERATOR_FILE, TRAINING_FILE, check_generator, load_demo
 from mfcache.detectors.demo_training import (
     CHECKPOINT,
     EXPORT,
@@ -79,7 +80,9 @@ def test_resume_after_two_steps_matches_an_uninterrupted_run(tiny_shapes, tmp_pa
 
     train(_config(tiny_shapes, tmp_path / "split", max_steps=2))
     after_two = _params(tmp_path / "split")
+    first = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=False)["seconds"]
     train(_config(tiny_shapes, tmp_path / "split", max_steps=3), resume=True)
+    assert torch.load(tmp_path / "split" / CHECKPOINT, weights_only=False)["seconds"] > first  # totals add up
     expected, got = _params(tmp_path / "whole"), _params(tmp_path / "split")
     assert expected.keys() == got.keys()
     # step 3 moved the weights, so the equality below means something
@@ -103,6 +106,18 @@ def test_export_loads_as_a_detector_and_the_generator_is_checked(tiny_shapes, tm
     export = tmp_path / EXPORT
     generator = json.loads((export / GENERATOR_FILE).read_text())
     assert generator == {"generator_version": GENERATOR_VERSION, "seed": 5, "num_train": 4}
+    training = json.loads((export / TRAINING_FILE).read_text())
+    assert training["step"] == 2 and training["images_seen"] == 4 and training["hours"] > 0
+    assert training["val_bbox"] == summary["last_metrics"] and training["val_images"] == 2
+
+    # trained with real batch norms; exported with frozen ones that compute the same
+    model = trainable_demo_model(0)
+    model.load_state_dict(_params(tmp_path))
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 0
+    exported = DeformableDetrForObjectDetection.from_pretrained(export).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(pixel_values=x).logits, exported(pixel_values=x).logits, atol=1e-5)
 
     detector = load_detector("hf:" + str(export))
     assert detector.info.family == "deformable_detr" and detector.info.label_names[0] == "ring"

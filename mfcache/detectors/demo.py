@@ -19,6 +19,8 @@ DEMO_WEIGHTS = Path(__file__).with_name("demo_weights")
 # Written next to shipped weights by mfcache.detectors.demo_training:
 # {"generator_version": ..., "seed": ..., "num_train": ...} of the shapes data trained on.
 GENERATOR_FILE = "shapes_generator.json"
+# {"step", "epoch", "images_seen", "hours", "device", "val_bbox": {"AP", ...}, "config", ...}
+TRAINING_FILE = "training.json"
 
 # The shapes images have width and height each drawn from [128, 256], and every shape is
 # sized as a share (15-60%) of the image's short side. Resizing the short side to 128

@@ -7,7 +7,7 @@ data set written by :func:`mfcache.data.shapes.write_shapes_dataset`.
 ``checkpoint.pt`` (model, optimizer, step, RNG states, config; written atomically every
 ``--checkpoint-minutes``), ``log.jsonl`` (one JSON object per evaluation or checkpoint) and
 ``export/`` (the best model so far by val bbox AP: ``save_pretrained`` files plus
-``shapes_generator.json``), which is what ships as ``mfcache/detectors/demo_weights/``.
+``shapes_generator.json`` and ``training.json``), which is what ships as ``mfcache/detectors/demo_weights/``.
 
 Conventions: training targets are transformers' ``labels`` — per image ``class_labels [G]``
 (index into the model's ``id2label``) and ``boxes [G, 4]`` normalised cxcywh relative to
@@ -19,6 +19,7 @@ exactly where an uninterrupted run would be (bit-exact on the CPU).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from mfcache.data.coco import CocoDataset
 from mfcache.data.shapes import GENERATOR_VERSION
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors.base import DetectorOutput, Preprocess, select_topk
-from mfcache.detectors.demo import DEMO_PREPROCESS, GENERATOR_FILE, build_demo_model
+from mfcache.detectors.demo import DEMO_PREPROCESS, GENERATOR_FILE, TRAINING_FILE, build_demo_model
 from mfcache.errors import MfcacheError
 from mfcache.evaluation import coco_evaluate, results_from_detections
 from mfcache.runtime import console, progress_bar, resolve_device
@@ -197,11 +198,41 @@ def _worker_init(_: int) -> None:
 def trainable_demo_model(seed: int) -> nn.Module:
     """:func:`build_demo_model` set up for training: every parameter trainable (transformers
     freezes the built-in ResNet backbone: it unfreezes ``stage.N`` names, the ResNet calls
-    them ``stages.N``) and one loss per decoder layer (``auxiliary_loss``; no new weights)."""
+    them ``stages.N``), the backbone's frozen batch norms made trainable again (see
+    :func:`unfreeze_batch_norm`) and one loss per decoder layer (``auxiliary_loss``; no
+    new weights)."""
     model = build_demo_model(seed)
     model.config.auxiliary_loss = True
+    unfreeze_batch_norm(model)
     model.requires_grad_(True)
     return model
+
+
+def unfreeze_batch_norm(module: nn.Module) -> None:
+    """Swap every frozen batch norm under ``module`` for a trainable ``nn.BatchNorm2d`` with
+    the same affine and running statistics, in place. transformers freezes them for
+    pretrained backbones; a backbone trained from scratch with frozen (identity) norms has
+    no normalisation at all and learns far more slowly. :func:`frozen_copy` swaps back."""
+    for name, child in module.named_children():
+        if type(child).__name__.endswith("FrozenBatchNorm2d"):
+            norm = nn.BatchNorm2d(child.weight.numel())
+            with torch.no_grad():
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(norm, key).copy_(getattr(child, key))
+            module._modules[name] = norm.to(child.weight.device)
+        else:
+            unfreeze_batch_norm(child)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of the training model with its batch norms frozen again (statistics and
+    affine kept): the architecture :func:`build_demo_model` makes and ``from_pretrained``
+    loads, equal to ``model`` in eval mode."""
+    from transformers.models.deformable_detr.modeling_deformable_detr import replace_batch_norm
+
+    frozen = copy.deepcopy(model).eval()
+    replace_batch_norm(frozen)
+    return frozen
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -299,20 +330,37 @@ def preprocessor_config(preprocess: Preprocess) -> dict:
             "image_mean": list(preprocess.mean), "image_std": list(preprocess.std), "do_pad": True}
 
 
-def export_model(model: nn.Module, out: Path, generator: dict, preprocess: Preprocess) -> None:
-    """``save_pretrained(out)`` + ``preprocessor_config.json`` + ``shapes_generator.json``,
-    replacing ``out`` whole."""
+def export_model(model: nn.Module, out: Path, generator: dict, preprocess: Preprocess,
+                 training: dict | None = None) -> None:
+    """``save_pretrained(out)`` + ``preprocessor_config.json`` + ``shapes_generator.json``
+    (+ ``training.json``: how the weights were trained and their val bbox AP), replacing
+    ``out`` whole."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    frozen_copy(model).save_pretrained(tmp)
     (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(preprocess), indent=2) + "\n")
     (tmp / GENERATOR_FILE).write_text(json.dumps(generator, indent=2) + "\n")
+    if training is not None:
+        (tmp / TRAINING_FILE).write_text(json.dumps(training, indent=2) + "\n")
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _logged_seconds(path: Path) -> float:
+    """Wall seconds of every invocation so far, from the log's checkpoint records (for
+    checkpoints written before they carried the total)."""
+    total, last = 0.0, 0.0
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = json.loads(line)
+        if record.get("event") == "checkpoint":
+            if record["elapsed_s"] < last:  # a new invocation started
+                total += last
+            last = record["elapsed_s"]
+    return total + last
 
 
 def _log(path: Path, record: dict) -> None:
@@ -354,12 +402,13 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
     torch.manual_seed(config.seed)
     model = trainable_demo_model(config.seed).to(device)
     optimizer = make_optimizer(model, config)
-    step, best_ap, last_metrics, evaluated_at = 0, -1.0, None, -1
+    step, best_ap, last_metrics, evaluated_at, seconds_before = 0, -1.0, None, -1, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best_ap, last_metrics = state["step"], state["best_ap"], state["last_metrics"]
         evaluated_at = state["evaluated_at"]
+        seconds_before = state.get("seconds", _logged_seconds(out / LOG))
         _set_rng_states(state["rng"])
 
     to_label = category_to_label(train_coco, model.config.id2label)
@@ -375,7 +424,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "epoch": step // per_epoch, "best_ap": best_ap, "last_metrics": last_metrics,
-            "evaluated_at": evaluated_at,
+            "evaluated_at": evaluated_at, "seconds": seconds_before + time.perf_counter() - started,
             "rng": _rng_states(), "config": asdict(config), "generator": generator,
         })
 
@@ -391,7 +440,11 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
         if metrics["AP"] is not None and metrics["AP"] > best_ap:
             best_ap = metrics["AP"]
             record["best"] = True
-            export_model(model, out / EXPORT, generator, config.preprocess)
+            training = {"step": step, "epoch": step / per_epoch, "images_seen": step * batch_size,
+                        "hours": round((seconds_before + time.perf_counter() - started) / 3600, 3),
+                        "device": str(device), "threads": torch.get_num_threads(), "val_bbox": metrics,
+                        "val_images": len(val_coco), "config": asdict(config)}
+            export_model(model, out / EXPORT, generator, config.preprocess, training)
         _log(out / LOG, record)
         console.print(f"step {step} (epoch {step / per_epoch:.2f}): bbox AP {metrics['AP']:.3f} "
                       f"AP50 {metrics['AP50']:.3f}" + (" (best)" if record.get("best") else ""))
