@@ -19,7 +19,14 @@ from torch.utils.data import DataLoader, Dataset
 from mfcache.cache.c1_stem import STEM_ARRAY, export_stem
 from mfcache.cache.schema import QUANTIZED, SKIPPED, fingerprint, plan_split, quantize
 from mfcache.cache.targets import query_targets
-from mfcache.cache.writer import BackgroundWriter, BlockWriter, ImageRecord, create_split, open_root
+from mfcache.cache.writer import (
+    BackgroundWriter,
+    BlockWriter,
+    ImageRecord,
+    create_split,
+    open_root,
+    remove_partial_writes,
+)
 from mfcache.config import ExtractConfig
 from mfcache.data.coco import CocoDataset
 from mfcache.data.transforms import load_image, pad_batch, to_input
@@ -261,6 +268,8 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
         target_size=config.target_size, block_size=config.block_size, dtype=config.dtype,
         compress=config.compress,
     )
+    if world.is_main:  # the other ranks wait at the barrier: nothing writes yet
+        remove_partial_writes(Path(out) / split)
     if config.c1 == "recompute" and world.is_main and not (Path(out) / STEM_ARRAY).is_dir():
         stem = model.c1_stem()
         if stem is None:

@@ -108,11 +108,14 @@ def test_kill_and_rerun_equals_uninterrupted(point, data, reference, tmp_path):
     assert flags is not None and 0 <= int((flags == 1).sum()) < 12, "the kill came too late to test anything"
     # whatever the kill left reads as not done, never as done with partial data
     assert int((flags == 1).sum()) % BLOCK == 0
+    leftover = out / "train" / "memory" / "c" / "0.0123abcd.partial"  # what a write killed midway leaves
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"half a shard")
     summary = extract(detector="demo", images=data / "train", annotations=data / "annotations" / "train.json",
                       out=out, config=config(), progress=False)
     assert summary.written == 12 - int((flags == 1).sum())
     assert_same_cache(out, reference)
-    assert verify(out).ok
+    assert verify(out).ok and not list(out.rglob("*.partial"))
 
 
 # --- training: a non-finite loss stops cleanly; --resume continues the exact loss curve ---

@@ -74,6 +74,17 @@ def open_root(path: Path, fingerprint: dict) -> zarr.Group:
     return root
 
 
+def remove_partial_writes(path: Path) -> int:
+    """Delete the ``*.partial`` files under ``path`` that zarr's local store writes before
+    renaming them over a chunk or shard: a write killed midway leaves one behind (the file
+    it was to replace is intact). Only safe while nothing writes to ``path``. Returns the
+    number removed."""
+    stale = list(Path(path).rglob("*.partial"))
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return len(stale)
+
+
 def create_split(
     root: zarr.Group, name: str, plan: SplitPlan, *, meta: dict, annotations: bytes,
     topk: int, d_model: int, c1_channels: int, target_size: int, block_size: int, dtype: str,
