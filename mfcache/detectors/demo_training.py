@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -70,6 +71,7 @@ class TrainConfig:
     grad_clip: float = 0.1
     warmup_steps: int = 300
     lr_drop_step: int | None = None  # from this step on the learning rate is 10x lower
+    backbone_init: str | None = None  # backbone.pt of mfcache.detectors.demo_pretraining
     seed: int = 0
     shortest_edge: int = DEMO_PREPROCESS.shortest_edge  # input resize rule (written to the export)
     longest_edge: int = DEMO_PREPROCESS.longest_edge
@@ -84,7 +86,7 @@ class TrainConfig:
 
 
 RUN_DEFINING = ("batch_size", "lr", "backbone_lr_scale", "weight_decay", "grad_clip", "warmup_steps", "seed",
-                "shortest_edge", "longest_edge")
+                "shortest_edge", "longest_edge", "backbone_init")
 
 
 def lr_factor(step: int, warmup_steps: int, drop_step: int | None = None) -> float:
@@ -400,7 +402,15 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    model = trainable_demo_model(config.seed).to(device)
+    model = trainable_demo_model(config.seed)
+    if config.backbone_init is not None and state is None:
+        try:
+            weights = torch.load(config.backbone_init, map_location="cpu", weights_only=True)
+            model.model.backbone.model.load_state_dict(weights)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            raise MfcacheError(f"--backbone-init {config.backbone_init}: not a backbone.pt written by "
+                               f"mfcache.detectors.demo_pretraining ({type(exc).__name__})") from None
+    model = model.to(device)
     optimizer = make_optimizer(model, config)
     step, best_ap, last_metrics, evaluated_at, seconds_before = 0, -1.0, None, -1, 0.0
     if state is not None:
@@ -511,7 +521,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     for f in fields(TrainConfig):
         if f.name in ("data", "out", "minutes", "epochs", "progress"):
             continue
-        kind = int if f.name in ("max_steps", "lr_drop_step") else type(getattr(defaults, f.name))
+        kind = {"max_steps": int, "lr_drop_step": int, "backbone_init": str}.get(f.name, type(getattr(defaults, f.name)))
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name))
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
