@@ -451,7 +451,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
             best_ap = metrics["AP"]
             record["best"] = True
             training = {"step": step, "epoch": step / per_epoch, "images_seen": step * batch_size,
-                        "hours": round((seconds_before + time.perf_counter() - started) / 3600, 3),
+                        "hours": (seconds_before + time.perf_counter() - started) / 3600,
                         "device": str(device), "threads": torch.get_num_threads(), "val_bbox": metrics,
                         "val_images": len(val_coco), "config": asdict(config)}
             export_model(model, out / EXPORT, generator, config.preprocess, training)

@@ -124,6 +124,7 @@ def load_hf(path: str, spec: str | None = None, *, preprocess: Preprocess | None
 
     model_cls = getattr(transformers, adapter.model_class)
     source = str(Path(path).expanduser()) if Path(path).expanduser().is_dir() else path
+    transformers.utils.logging.disable_progress_bar()  # mfcache draws its own; no bar per loaded model
     try:
         model, loading = model_cls.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
     except ImportError as exc:  # e.g. a timm backbone without timm installed
