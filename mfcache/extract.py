@@ -269,7 +269,7 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
         compress=config.compress,
     )
     if world.is_main:  # the other ranks wait at the barrier: nothing writes yet
-        remove_partial_writes(Path(out) / split)
+        remove_partial_writes(Path(out), split)
     if config.c1 == "recompute" and world.is_main and not (Path(out) / STEM_ARRAY).is_dir():
         stem = model.c1_stem()
         if stem is None:

@@ -74,12 +74,12 @@ def open_root(path: Path, fingerprint: dict) -> zarr.Group:
     return root
 
 
-def remove_partial_writes(path: Path) -> int:
-    """Delete the ``*.partial`` files under ``path`` that zarr's local store writes before
-    renaming them over a chunk or shard: a write killed midway leaves one behind (the file
-    it was to replace is intact). Only safe while nothing writes to ``path``. Returns the
-    number removed."""
-    stale = list(Path(path).rglob("*.partial"))
+def remove_partial_writes(root: Path, split: str) -> int:
+    """Delete the ``*.partial`` files that zarr's local store writes before renaming them
+    over a file: a write killed midway leaves one behind (the file it was to replace is
+    intact). Looks in the cache ``root`` itself (its metadata) and everywhere under
+    ``root/split``; only safe while nothing writes there. Returns the number removed."""
+    stale = list(Path(root).glob("*.partial")) + list((Path(root) / split).rglob("*.partial"))
     for file in stale:
         file.unlink(missing_ok=True)
     return len(stale)
