@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -102,12 +103,17 @@ def collate(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return pixel_values, labels
 
 
-def segmentation_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy of ``logits [B, K, h, w]`` against ``labels [B, H, W]`` subsampled to
-    ``h x w`` (padding and crowds ignored)."""
+def labels_at(logits: Tensor, labels: Tensor) -> Tensor:
+    """``labels [B, H, W]`` subsampled to the ``h x w`` of ``logits [B, K, h, w]``: the
+    label at the centre of each output cell."""
     stride_y, stride_x = labels.shape[1] // logits.shape[2], labels.shape[2] // logits.shape[3]
-    small = labels[:, stride_y // 2::stride_y, stride_x // 2::stride_x][:, : logits.shape[2], : logits.shape[3]]
-    return F.cross_entropy(logits, small, ignore_index=IGNORE)
+    return labels[:, stride_y // 2::stride_y, stride_x // 2::stride_x][:, : logits.shape[2], : logits.shape[3]]
+
+
+def segmentation_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of ``logits [B, K, h, w]`` against :func:`labels_at` (padding and
+    crowds ignored)."""
+    return F.cross_entropy(logits, labels_at(logits, labels), ignore_index=IGNORE)
 
 
 def pretrain(data: Path, out: Path, *, minutes: float, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
@@ -116,17 +122,14 @@ def pretrain(data: Path, out: Path, *, minutes: float, batch_size: int = 8, lr: 
     """Train backbone + :class:`SegmentationHead` for ``minutes``; writes ``out/backbone.pt``
     (the backbone's state dict, batch norms trainable) and ``out/pretrain.json``; returns
     the summary ``{"steps", "images_seen", "minutes", "last_loss", "val_pixel_accuracy"}``."""
-    from dataclasses import replace
-
     out.mkdir(parents=True, exist_ok=True)
     torch_device = resolve_device(device)
     train_coco, val_coco = read_split(data, "train"), read_split(data, "val")
     torch.manual_seed(seed)
     model = trainable_demo_model(seed)
     backbone = backbone_of(model).to(torch_device).train()
-    channels = list(backbone.channels) if hasattr(backbone, "channels") else [64, 128, 256]
     to_label = category_to_label(train_coco, model.config.id2label)
-    head = SegmentationHead(channels, 1 + len(model.config.id2label)).to(torch_device).train()
+    head = SegmentationHead(list(backbone.channels), 1 + len(model.config.id2label)).to(torch_device).train()
     params = list(backbone.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     preprocess = replace(DEMO_PREPROCESS, shortest_edge=shortest_edge, longest_edge=longest_edge)
@@ -168,8 +171,7 @@ def pixel_accuracy(backbone: nn.Module, head: nn.Module, dataset: SemanticShapes
     for start in range(0, len(dataset), 8):
         pixel_values, labels = collate([dataset[(i, False)] for i in range(start, min(start + 8, len(dataset)))])
         logits = head(list(backbone(pixel_values.to(device)).feature_maps))
-        stride = labels.shape[1] // logits.shape[2]
-        small = labels[:, stride // 2::stride, stride // 2::stride][:, : logits.shape[2], : logits.shape[3]].to(device)
+        small = labels_at(logits, labels.to(device))
         keep = small != IGNORE
         right += int((logits.argmax(1) == small)[keep].sum())
         total += int(keep.sum())

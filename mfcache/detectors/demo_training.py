@@ -215,8 +215,10 @@ def unfreeze_batch_norm(module: nn.Module) -> None:
     the same affine and running statistics, in place. transformers freezes them for
     pretrained backbones; a backbone trained from scratch with frozen (identity) norms has
     no normalisation at all and learns far more slowly. :func:`frozen_copy` swaps back."""
+    from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrFrozenBatchNorm2d
+
     for name, child in module.named_children():
-        if type(child).__name__.endswith("FrozenBatchNorm2d"):
+        if isinstance(child, DeformableDetrFrozenBatchNorm2d):
             norm = nn.BatchNorm2d(child.weight.numel())
             with torch.no_grad():
                 for key in ("weight", "bias", "running_mean", "running_var"):
@@ -352,19 +354,6 @@ def export_model(model: nn.Module, out: Path, generator: dict, preprocess: Prepr
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _logged_seconds(path: Path) -> float:
-    """Wall seconds of every invocation so far, from the log's checkpoint records (for
-    checkpoints written before they carried the total)."""
-    total, last = 0.0, 0.0
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        record = json.loads(line)
-        if record.get("event") == "checkpoint":
-            if record["elapsed_s"] < last:  # a new invocation started
-                total += last
-            last = record["elapsed_s"]
-    return total + last
-
-
 def _log(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -418,7 +407,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         step, best_ap, last_metrics = state["step"], state["best_ap"], state["last_metrics"]
         evaluated_at = state["evaluated_at"]
-        seconds_before = state.get("seconds", _logged_seconds(out / LOG))
+        seconds_before = state["seconds"]
         _set_rng_states(state["rng"])
 
     to_label = category_to_label(train_coco, model.config.id2label)
@@ -430,11 +419,14 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
         stop = min(stop, config.epochs * per_epoch)
     stop = int(min(stop, UNBOUNDED))
 
+    def total_seconds() -> float:  # wall time of every invocation of this run so far
+        return seconds_before + time.perf_counter() - started
+
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "epoch": step // per_epoch, "best_ap": best_ap, "last_metrics": last_metrics,
-            "evaluated_at": evaluated_at, "seconds": seconds_before + time.perf_counter() - started,
+            "evaluated_at": evaluated_at, "seconds": total_seconds(),
             "rng": _rng_states(), "config": asdict(config), "generator": generator,
         })
 
@@ -451,7 +443,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
             best_ap = metrics["AP"]
             record["best"] = True
             training = {"step": step, "epoch": step / per_epoch, "images_seen": step * batch_size,
-                        "hours": (seconds_before + time.perf_counter() - started) / 3600,
+                        "hours": total_seconds() / 3600,
                         "device": str(device), "threads": torch.get_num_threads(), "val_bbox": metrics,
                         "val_images": len(val_coco), "config": asdict(config)}
             export_model(model, out / EXPORT, generator, config.preprocess, training)
