@@ -58,6 +58,24 @@ class StepBatches(Sampler):
         return self.stop - self.start
 
 
+def first_detections(query_index: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """``query_index``, ``select [B, K]`` -> ``[B, K]`` long: for each detection, the position of
+    the first selected detection of the same query (its own position if it is that one).
+
+    A sigmoid-classifier DETR lists one query under several labels (top-k over queries x
+    classes), each time with the query's own embedding and box: the same mask-head input, the
+    same mask and, in training, the same target. So the head runs on each query once.
+    """
+    same = (query_index[:, :, None] == query_index[:, None, :]) & select[:, None, :]
+    return same.to(torch.uint8).argmax(-1)  # the first True; 0 where none (unselected rows)
+
+
+def once_per_query(query_index: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` bool: ``select`` keeping only each query's first selected detection."""
+    positions = torch.arange(select.shape[1], device=select.device)
+    return select & (first_detections(query_index, select) == positions)
+
+
 def head_for(cache: Cache, config: RunConfig) -> MaskHead:
     return build_head(
         config.head, d_model=cache.detector.d_model,
@@ -171,7 +189,7 @@ def _train(*, cache_path: Path, run_dir: Path, config: RunConfig, split: str | N
             batch = _to(batch, device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tc.steps, tc.lr, tc.lr_drops)
-            select = (batch["gt_id"] >= 0) & (batch["gt_iou"] >= tc.min_iou)
+            select = once_per_query(batch["query_index"], (batch["gt_id"] >= 0) & (batch["gt_iou"] >= tc.min_iou))
             step += 1
             local = int(select.sum())
             positives = int(all_sum(local, device))  # over every rank's slice of the batch
@@ -265,20 +283,25 @@ def mask_probs(head: MaskHead, batch: dict, select: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mask probabilities ``[B, K, M, M]`` inside each query's box for a collated batch
     (:func:`mfcache.cache.reader.collate`, on the head's device), and the head's predicted
-    quality ``[B, K]`` (None if the head has no scoring branch). With ``select [B, K]`` the
-    head runs on the selected queries only; the others are left at zero."""
-    out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"), select)
+    quality ``[B, K]`` (None if the head has no scoring branch). With ``select [B, K]`` only the
+    selected detections get masks; the others are left at zero. The head runs once per query
+    (:func:`first_detections`); a query's other detections share its mask."""
     b, k = batch["queries"].shape[:2]
-    m = out.mask_logits.shape[-1]
+    device = batch["queries"].device
     if select is None:
-        select = torch.ones(b, k, dtype=torch.bool, device=out.mask_logits.device)
+        select = torch.ones(b, k, dtype=torch.bool, device=device)
+    first = first_detections(batch["query_index"], select)
+    run = select & (first == torch.arange(k, device=device))
+    out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"), run)
+    m = out.mask_logits.shape[-1]
     prob = out.mask_logits.new_zeros(b, k, m, m)
-    prob[select] = out.mask_logits.sigmoid()[:, 0]
+    prob[run] = out.mask_logits.sigmoid()[:, 0]
+    prob = prob.gather(1, first[..., None, None].expand(-1, -1, m, m)) * select[..., None, None]
     if out.quality is None:
         return prob, None
     quality = out.quality.new_zeros(b, k)
-    quality[select] = out.quality.reshape(-1)
-    return prob, quality
+    quality[run] = out.quality.reshape(-1)
+    return prob, quality.gather(1, first) * select
 
 
 def image_results(batch: dict, b: int, prob: torch.Tensor, to_category: torch.Tensor, config: RunConfig,

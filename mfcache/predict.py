@@ -196,7 +196,7 @@ def _detect(model, info: DetectorInfo, run: LoadedRun, pixels: dict[int, torch.T
         maps = dict(zip(stored, served["memory"].split([int(level_hw[l].prod()) for l in stored])))
         sample = {
             "queries": served["queries"], "boxes": crop["boxes"].cpu(), "scores": crop["scores"].cpu(),
-            "labels": crop["labels"].cpu(),
+            "labels": crop["labels"].cpu(), "query_index": crop["query_index"].cpu(),
             "levels": [maps[l].reshape(*level_hw[l], -1).permute(2, 0, 1) for l in run.head.levels],
             "input_hw": crop["input_hw"], "orig_hw": torch.as_tensor(tuple(image.shape[1:]), dtype=torch.int64),
             "image_id": image_id,

@@ -120,6 +120,24 @@ def test_image_level_crop_is_roi_align_of_the_full_map():
     torch.testing.assert_close(crop_maps(maps, boxes, 8, 0.25, 2), roi_align(maps, rois, 8, 0.25, 2))
 
 
+def test_box_dot_product_without_roi_features_is_the_same_as_with_them():
+    """q . RoIAlign(F) computed as RoIAlign(q . F): same logits and gradients."""
+    from mfcache.heads.dot import DotPredictor
+
+    torch.manual_seed(4)
+    fused = torch.randn(2, 6, 9, 11, requires_grad=True)
+    queries = torch.randn(5, 6, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 2, 30, 20], [1, -3, 4, 25, 41], [0, 10, 10, 12, 13], [1, 0, 0, 44, 36], [0, 5, 6, 7, 30]])
+    predictor = DotPredictor(channels=6, roi_size=8)
+    direct = predictor(queries=queries, roi_features=roi_align(fused, rois, 8, 0.25, 2), fused=fused, rois=rois)
+    linear = predictor(queries=queries, roi_features=None, fused=fused, rois=rois)
+    torch.testing.assert_close(linear, direct, atol=1e-5, rtol=1e-4)
+    weights = torch.randn_like(direct)
+    grads = [torch.autograd.grad((out * weights).sum(), (fused, queries)) for out in (direct, linear)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_image_and_box_region_agree_up_to_sampling():
     x = tiny_batch()
     box = build_head(HeadConfig(region="box"), d_model=D, c1_channels=C1, num_levels=4)

@@ -110,8 +110,36 @@ def test_eval_runs_the_head_only_on_kept_queries():
 
     x = batch()
     head = build_head(HeadConfig(roi_size=16), d_model=16, c1_channels=8, num_levels=4).eval()
-    batch_dict = {"queries": x["queries"], "boxes": x["boxes"], "levels": x["levels"], "c1": x["c1"]}
+    batch_dict = {"queries": x["queries"], "boxes": x["boxes"], "levels": x["levels"], "c1": x["c1"],
+                  "query_index": torch.arange(6).expand(2, 6)}
     full, _ = mask_probs(head, batch_dict)
     some, _ = mask_probs(head, batch_dict, kept)
     torch.testing.assert_close(some[kept], full[kept])
     assert (some[~kept] == 0).all()
+
+
+def test_each_query_runs_once_and_its_other_labels_share_its_mask():
+    from mfcache.engine import first_detections, mask_probs, once_per_query
+
+    # top-k over queries x classes: query 7 listed 3 times, query 2 twice
+    query_index = torch.tensor([[7, 2, 7, 5, 2, 7], [0, 1, 2, 3, 4, 5]])
+    select = torch.tensor([[True, True, True, True, True, True], [True, False, True, True, False, True]])
+    assert first_detections(query_index, select)[0].tolist() == [0, 1, 0, 3, 1, 0]
+    assert once_per_query(query_index, select).tolist() == [[True, True, False, True, False, False],
+                                                            [True, False, True, True, False, True]]
+    later = select.clone()
+    later[0, 0] = False  # query 7's first selected detection is then position 2
+    assert once_per_query(query_index, later)[0].tolist() == [False, True, True, True, False, False]
+
+    x = batch()
+    for row, source in enumerate(query_index[0].tolist()):  # duplicates carry their query's embedding and box
+        first = query_index[0].tolist().index(source)
+        x["queries"][0, row], x["boxes"][0, row] = x["queries"][0, first], x["boxes"][0, first]
+    config = HeadConfig(roi_size=16, query_encoder=("self_attn", "box_cross_attn", "ffn"), scoring="mask_iou")
+    head = build_head(config, d_model=16, c1_channels=8, num_levels=4).eval()
+    x["query_index"] = query_index
+    with torch.no_grad():
+        direct = head(x["queries"], x["boxes"], x["levels"], x["c1"])  # every detection, duplicates included
+        prob, quality = mask_probs(head, x)
+    torch.testing.assert_close(prob.flatten(0, 1), direct.mask_logits.sigmoid()[:, 0])
+    torch.testing.assert_close(quality.flatten(), direct.quality.reshape(-1))

@@ -171,7 +171,7 @@ class CacheSplit:
     def read(self, i: int, *, levels: tuple[int, ...] | None = None, c1: bool = True,
              targets: bool = True) -> dict[str, Tensor]:
         """Image ``i`` (a position in the split): ``queries [K, D]``, ``boxes [K, 4]`` xyxy
-        input px, ``scores``, ``labels`` ``[K]``, ``levels`` = list of ``[D, h, w]``
+        input px, ``scores``, ``labels``, ``query_index`` ``[K]``, ``levels`` = list of ``[D, h, w]``
         (the requested detector levels, None = all; each must be stored), ``c1 [C, h/4, w/4]``
         (maps are channels-last views of the stored rows, not contiguous),
         and with ``targets`` the ``gt_id``, ``gt_iou [K]`` and ``target_masks [K, S, S]`` bool.
@@ -182,7 +182,7 @@ class CacheSplit:
         starts = self.index["token_offset"][i] + np.concatenate([[0], np.cumsum(sizes)[:-1]])
         wanted = [self.stored_levels.index(l) for l in (self.stored_levels if levels is None else levels)]
         lo, hi = int(min(starts[l] for l in wanted)), int(max(starts[l] + sizes[l] for l in wanted))
-        requests = {name: (name, i) for name in ("queries", "boxes", "scores", "labels")}
+        requests = {name: (name, i) for name in ("queries", "boxes", "scores", "labels", "query_index")}
         requests["memory"] = ("memory", slice(lo, hi))  # one read covering the wanted levels
         with_c1 = c1 and self.has_c1
         if with_c1 and not self.recompute_c1:
@@ -202,6 +202,7 @@ class CacheSplit:
             "boxes": torch.from_numpy(data["boxes"]),
             "scores": torch.from_numpy(data["scores"]),
             "labels": torch.from_numpy(data["labels"].astype(np.int64)),
+            "query_index": torch.from_numpy(data["query_index"].astype(np.int64)),
             # [D, h, w] views of the stored row-major (h, w, D) rows: collate copies them once
             "levels": [
                 torch.from_numpy(block[starts[l] - lo: starts[l] - lo + sizes[l]].reshape(*level_hw[l], -1)).permute(2, 0, 1)

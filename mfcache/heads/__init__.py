@@ -100,7 +100,7 @@ def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels
         predictor: nn.Module = ImageDotPredictor(channels=channels, roi_size=c.roi_size)
     else:
         predictor = {
-            "dot": lambda: DotPredictor(channels=channels),
+            "dot": lambda: DotPredictor(channels=channels, roi_size=c.roi_size),
             "blender": lambda: BlenderPredictor(channels=channels, bases=c.blender_bases,
                                                 attn_size=c.blender_attn_size, roi_size=c.roi_size),
             "fcn": lambda: FCNPredictor(channels=channels, hidden=min(channels, 128)),
@@ -112,6 +112,6 @@ def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels
         box_encoder=BoxEncoder(dim=channels, depth=c.box_encoder_depth) if c.box_encoder_depth else None,
         predictor=predictor,
         scorer=MaskIoUHead(channels=channels) if c.scoring == "mask_iou" else None,
-        needs_roi_features=c.region == "box" and c.predictor in ("dot", "fcn"),
+        needs_roi_features=c.region == "box" and c.predictor == "fcn",
         channels=channels,
     )

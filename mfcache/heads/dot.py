@@ -18,15 +18,33 @@ from torch import Tensor, nn
 from mfcache.heads.region import FUSED_STRIDE, crop_maps
 
 
+def image_logits(queries: Tensor, fused: Tensor, rois: Tensor) -> Tensor:
+    """``queries [N, C]``, ``fused [B, C, H, W]``, ``rois [N, 5]`` -> ``q . F[b]`` ``[N, 1, H, W]``
+    over the whole map of each query's image (one matmul per image, not per query)."""
+    image = rois[:, 0].long()
+    full = fused.new_empty(len(queries), *fused.shape[-2:])
+    for b in torch.unique(image).tolist():
+        sel = torch.nonzero(image == b).flatten()
+        full[sel] = torch.einsum("nc,chw->nhw", queries[sel], fused[b])
+    return full[:, None]
+
+
 class DotPredictor(nn.Module):
-    """``queries [N, C]``, ``roi_features [N, C, M, M]`` -> logits ``[N, 1, M, M]`` = q . R / sqrt(C)."""
+    """``queries [N, C]``, ``roi_features [N, C, M, M]`` -> logits ``[N, 1, M, M]`` = q . R / sqrt(C).
 
-    def __init__(self, *, channels: int):
+    Without ``roi_features`` (no other part of the head needs them) R = RoIAlign(F) is never
+    formed: RoIAlign is linear, so q . RoIAlign(F) = RoIAlign(q . F), the same logits from a
+    one-channel map, at 1/C of the interpolation work."""
+
+    def __init__(self, *, channels: int, roi_size: int):
         super().__init__()
-        self.scale = 1.0 / math.sqrt(channels)
+        self.scale, self.roi_size = 1.0 / math.sqrt(channels), roi_size
 
-    def forward(self, *, queries: Tensor, roi_features: Tensor, **_) -> Tensor:
-        return torch.einsum("nc,nchw->nhw", queries, roi_features)[:, None] * self.scale
+    def forward(self, *, queries: Tensor, roi_features: Tensor | None, fused: Tensor, rois: Tensor, **_) -> Tensor:
+        if roi_features is not None:
+            return torch.einsum("nc,nchw->nhw", queries, roi_features)[:, None] * self.scale
+        full = image_logits(queries, fused, rois) * self.scale
+        return crop_maps(full, rois[:, 1:], self.roi_size, 1.0 / FUSED_STRIDE, sampling_ratio=2)
 
 
 class ImageDotPredictor(nn.Module):
@@ -38,9 +56,5 @@ class ImageDotPredictor(nn.Module):
         self.scale, self.roi_size = 1.0 / math.sqrt(channels), roi_size
 
     def forward(self, *, queries: Tensor, fused: Tensor, rois: Tensor, **_) -> Tensor:
-        image = rois[:, 0].long()
-        full = fused.new_empty(len(queries), *fused.shape[-2:])
-        for b in torch.unique(image).tolist():  # one matmul per image, not per query
-            sel = torch.nonzero(image == b).flatten()
-            full[sel] = torch.einsum("nc,chw->nhw", queries[sel], fused[b])
-        return crop_maps(full[:, None] * self.scale, rois[:, 1:], self.roi_size, 1.0 / FUSED_STRIDE, sampling_ratio=1)
+        full = image_logits(queries, fused, rois) * self.scale
+        return crop_maps(full, rois[:, 1:], self.roi_size, 1.0 / FUSED_STRIDE, sampling_ratio=1)
