@@ -74,6 +74,14 @@ def test_round_trip_is_exact_per_image(tmp_path):
         only = split.read(i, levels=(2,), c1=False, targets=False)
         assert len(only["levels"]) == 1 and torch.equal(only["levels"][0], got["levels"][2])
         assert "c1" not in only and "gt_id" not in only
+    # a batch read in one go (DataLoader's __getitems__) is the same as image by image
+    batch = CacheDataset(tmp_path / "c", "train", levels=None, c1=True, targets=True).__getitems__([3, 0, 2])
+    for got, i in zip(batch, (3, 0, 2)):
+        alone = split.read(i)
+        assert got.keys() == alone.keys()
+        for key, value in got.items():
+            values = zip(value, alone[key]) if key == "levels" else [(value, alone[key])]
+            assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in values), key
 
 
 def test_images_start_on_chunk_boundaries(tmp_path):

@@ -76,7 +76,7 @@ class CacheSplit:
     """One split: the index in RAM (numpy arrays named as in the schema, without the
     ``index/`` prefix) and per-image reads."""
 
-    concurrent = True  # _fetch: an image's reads all in flight at once (benchmarks/run_all.py reader)
+    concurrent = True  # _fetch: a batch's reads all in flight at once (benchmarks/run_all.py reader)
 
     def __init__(self, cache: Cache, name: str):
         self.cache = cache
@@ -160,9 +160,9 @@ class CacheSplit:
             self._arrays[name] = self.group[name]
         return self._arrays[name]
 
-    def _fetch(self, requests: dict[str, tuple[str, object]]) -> dict[str, np.ndarray]:
+    def _fetch(self, requests: dict) -> dict:
         """``{key: (array name, selection)}`` -> ``{key: data}``; with ``concurrent``, every
-        read is in flight at once on zarr's event loop (one round trip per image)."""
+        read is in flight at once on zarr's event loop (one round trip per batch)."""
         if not self.concurrent:
             return {key: self.array(name)[sel] for key, (name, sel) in requests.items()}
         reads = [self.array(name)._async_array.getitem(sel) for name, sel in requests.values()]
@@ -176,15 +176,27 @@ class CacheSplit:
         (maps are channels-last views of the stored rows, not contiguous),
         and with ``targets`` the ``gt_id``, ``gt_iou [K]`` and ``target_masks [K, S, S]`` bool.
         Float16 stays float16; int8 caches come back dequantised to float32."""
+        return self.read_many([i], levels=levels, c1=c1, targets=targets)[0]
+
+    def read_many(self, positions: list[int], *, levels: tuple[int, ...] | None = None, c1: bool = True,
+                  targets: bool = True) -> list[dict[str, Tensor]]:
+        """:meth:`read` of several images, with all their chunk reads in flight at once."""
         self.check_levels(levels)
+        wanted = [self.stored_levels.index(l) for l in (self.stored_levels if levels is None else levels)]
+        plans = [self._plan(int(i), wanted, c1 and self.has_c1, targets) for i in positions]
+        data = self._fetch({(j, key): request for j, plan in enumerate(plans) for key, request in plan["requests"].items()})
+        return [self._assemble(plan, {key: data[(j, key)] for key in plan["requests"]})
+                for j, plan in enumerate(plans)]
+
+    def _plan(self, i: int, wanted: list[int], with_c1: bool, targets: bool) -> dict:
+        """What to read for image ``i``: ``requests`` for :meth:`_fetch`, and the row layout."""
         level_hw = self.index["level_hw"][i][self.stored_levels]  # [stored L, 2]
         sizes = level_hw.prod(-1)
         starts = self.index["token_offset"][i] + np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        wanted = [self.stored_levels.index(l) for l in (self.stored_levels if levels is None else levels)]
         lo, hi = int(min(starts[l] for l in wanted)), int(max(starts[l] + sizes[l] for l in wanted))
         requests = {name: (name, i) for name in ("queries", "boxes", "scores", "labels", "query_index")}
         requests["memory"] = ("memory", slice(lo, hi))  # one read covering the wanted levels
-        with_c1 = c1 and self.has_c1
+        c1_hw = None
         if with_c1 and not self.recompute_c1:
             c1_hw = (-(-self.index["input_hw"][i] // 4)).tolist()
             c1_start = int(self.index["c1_offset"][i])
@@ -192,7 +204,12 @@ class CacheSplit:
         if targets:
             requests.update({name: (f"targets/{name}", i) for name in ("gt_id", "gt_iou", "masks")})
         requests.update({scale: (scale, i) for name, scale in self.scales.items() if name in requests})
-        data = self._fetch(requests)
+        return {"i": i, "requests": requests, "level_hw": level_hw, "sizes": sizes, "starts": starts, "lo": lo,
+                "wanted": wanted, "c1_hw": c1_hw, "recompute_c1": with_c1 and self.recompute_c1,
+                "targets": targets}
+
+    def _assemble(self, plan: dict, data: dict[str, np.ndarray]) -> dict[str, Tensor]:
+        i, level_hw, sizes, starts, lo = plan["i"], plan["level_hw"], plan["sizes"], plan["starts"], plan["lo"]
         for name, scale in self.scales.items():
             if name in data:
                 data[name] = dequantize(data[name], data[scale])
@@ -206,17 +223,17 @@ class CacheSplit:
             # [D, h, w] views of the stored row-major (h, w, D) rows: collate copies them once
             "levels": [
                 torch.from_numpy(block[starts[l] - lo: starts[l] - lo + sizes[l]].reshape(*level_hw[l], -1)).permute(2, 0, 1)
-                for l in wanted
+                for l in plan["wanted"]
             ],
             "input_hw": torch.from_numpy(self.index["input_hw"][i].astype(np.int64)),
             "orig_hw": torch.from_numpy(self.index["orig_hw"][i].astype(np.int64)),
             "image_id": int(self.index["image_id"][i]),
         }
-        if with_c1 and self.recompute_c1:
+        if plan["recompute_c1"]:
             out["c1"] = self._c1_recomputer(self.image_path(i), tuple(self.index["input_hw"][i].tolist()))
-        elif with_c1:
-            out["c1"] = torch.from_numpy(data["c1"].reshape(*c1_hw, -1)).permute(2, 0, 1)
-        if targets:
+        elif plan["c1_hw"] is not None:
+            out["c1"] = torch.from_numpy(data["c1"].reshape(*plan["c1_hw"], -1)).permute(2, 0, 1)
+        if plan["targets"]:
             out["gt_id"] = torch.from_numpy(data["gt_id"])
             out["gt_iou"] = torch.from_numpy(data["gt_iou"])
             out["target_masks"] = unpack_masks(data["masks"], self.target_size)
@@ -255,6 +272,10 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, j: int) -> dict:
         return self._open().read(int(self.positions[j]), **self.kwargs)
+
+    def __getitems__(self, js: list[int]) -> list[dict]:
+        """A whole batch (DataLoader fetches batches this way): every image's reads at once."""
+        return self._open().read_many([int(self.positions[j]) for j in js], **self.kwargs)
 
 
 def pad_maps(maps: list[Tensor]) -> Tensor:
