@@ -15,8 +15,8 @@ from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.runtime import console, progress_bar
 
 DEMO_OVERLAYS = 4  # val images drawn as ground truth | prediction panels
-DEMO_HEAD = "fcn"  # on the small demo detector's features, the head that learns masks fastest (README)
-DEMO_LR = 1e-3     # a short schedule: ~6 epochs of the 400 demo images at the default 300 steps
+DEMO_HEAD = "blendmask"  # on the small demo detector's features, the head that learns masks fastest (README)
+DEMO_LR = 1e-3           # a short schedule: 30 epochs of the 400 demo images at the default 1500 steps
 
 
 def demo_detector_note() -> str:
@@ -36,14 +36,14 @@ def command(
     out: Annotated[Path, typer.Option("--out", help="Folder for data, cache, run and metrics.")] = Path("mfcache-demo"),
     train_images: Annotated[int, typer.Option("--train", min=1, help="Generated training images.")] = 400,
     val_images: Annotated[int, typer.Option("--val", min=1, help="Generated validation images.")] = 100,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Mask-head training steps (batch 8).")] = 300,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Mask-head training steps (batch 8).")] = 1500,
     head: Annotated[str, typer.Option("--head", help="Head preset (see `mfcache heads`) or TOML file.")] = DEMO_HEAD,
     quiet: QuietOpt = False,
 ):
     """Run the whole pipeline on generated data and the built-in detector.
 
     Generates the shapes dataset, extracts the demo detector into a cache, trains a mask
-    head (the FCN preset by default) from the cache and evaluates it.
+    head (the BlendMask preset by default) from the cache and evaluates it.
 
     Leaves OUT/data, OUT/cache, OUT/run, OUT/metrics.json and OUT/overlays/ (4 val images,
     ground truth | prediction); running it again resumes.

@@ -78,3 +78,24 @@ def test_user_errors_are_one_line(tmp_path):
     result = runner.invoke(app, ["extract", "--detector", "nope:x", "--images", str(tmp_path),
                                  "--annotations", str(tmp_path / "a.json"), "--out", str(tmp_path / "c")])
     assert result.exit_code == 1 and "error:" in result.output
+
+
+def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    printed = run("demo", "--out", out, "--train", 8, "--val", 4, "--steps", 2, "-q")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["head"]["name"] == "blendmask" and metrics["config"]["train"]["steps"] == 2
+    assert {"segm", "bbox", "box_filled"} <= metrics.keys() and metrics["num_images"] == 4
+    assert "bbox AP 0.500" in " ".join(printed.split())  # the shipped detector's training.json
+    overlays = sorted((out / "overlays").glob("*.png"))
+    assert overlays and f"{out / 'overlays'}" in " ".join(printed.split())
+    images = sorted((out / "data" / "train").iterdir())
+    stamp = images[0].stat().st_mtime_ns
+    again = run("demo", "--out", out, "--train", 8, "--val", 4, "--steps", 2, "-q")
+    assert images[0].stat().st_mtime_ns == stamp and "demo: COCO AP" in again  # data kept, the run resumed
+
+
+def test_demo_with_an_unknown_head_fails_before_doing_anything(tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--head", "nope"])
+    assert result.exit_code == 1 and result.output.startswith("error:") and "nope" in result.output
+    assert not (tmp_path / "demo").exists()
