@@ -88,7 +88,7 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path):
     assert {"segm", "bbox", "box_filled"} <= metrics.keys() and metrics["num_images"] == 4
     assert "bbox AP 0.500" in " ".join(printed.split())  # the shipped detector's training.json
     overlays = sorted((out / "overlays").glob("*.png"))
-    assert overlays and f"{out / 'overlays'}" in " ".join(printed.split())
+    assert overlays and str(out / "overlays") in "".join(printed.split())  # rich may wrap a long path anywhere
     images = sorted((out / "data" / "train").iterdir())
     stamp = images[0].stat().st_mtime_ns
     again = run("demo", "--out", out, "--train", 8, "--val", 4, "--steps", 2, "-q")
