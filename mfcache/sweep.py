@@ -7,6 +7,9 @@ is read back from ``sweep_row.json``); a run interrupted mid-training resumes fr
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import os
 import threading
@@ -39,7 +42,9 @@ def parameter_count(module: torch.nn.Module) -> int:
 class ResidentPeak:
     """Peak resident memory of this process (MiB) while the ``with`` block runs, sampled every
     20 ms from ``/proc/self/statm`` by a background thread; ``peak_mb`` is None where there is
-    no ``/proc`` (the process-wide ``ru_maxrss`` cannot be reset between heads)."""
+    no ``/proc`` (the process-wide ``ru_maxrss`` cannot be reset between heads). On entry, freed
+    memory that glibc still holds is handed back (``malloc_trim``), so an earlier, larger head
+    does not count towards this one."""
 
     STATM = Path("/proc/self/statm")
 
@@ -55,6 +60,10 @@ class ResidentPeak:
             self.peak_mb = max(self.peak_mb, self._sample())
 
     def __enter__(self) -> ResidentPeak:
+        gc.collect()
+        trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
         if self.STATM.exists():
             self.peak_mb = self._sample()
             self._thread = threading.Thread(target=self._watch, daemon=True)

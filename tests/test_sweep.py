@@ -104,3 +104,20 @@ def test_resident_peak_keeps_the_highest_resident_size_seen():
         del block
         time.sleep(0.1)
     assert peak.peak_mb is not None and peak.peak_mb >= while_alive > 0
+
+
+def test_resident_peak_does_not_count_memory_freed_before_it():
+    import numpy as np
+
+    from mfcache.sweep import ResidentPeak
+
+    base = ResidentPeak()._sample()
+    blocks = [np.ones(100_000 // 8) for _ in range(2000)]  # 200 MB in pieces glibc keeps on its heap
+    pin = np.ones(100_000 // 8)  # allocated last: the heap top cannot shrink on free()
+    del blocks
+    held = ResidentPeak()._sample()
+    with ResidentPeak() as peak:
+        pass
+    assert held - base > 100  # freed but still resident...
+    assert peak.peak_mb < held - 100  # ...and not part of the next measurement
+    del pin
