@@ -291,7 +291,7 @@ def mask_probs(head: MaskHead, batch: dict, select: torch.Tensor | None = None
     if select is None:
         select = torch.ones(b, k, dtype=torch.bool, device=device)
     first = first_detections(batch["query_index"], select)
-    run = select & (first == torch.arange(k, device=device))
+    run = once_per_query(batch["query_index"], select)
     out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"), run)
     m = out.mask_logits.shape[-1]
     prob = out.mask_logits.new_zeros(b, k, m, m)

@@ -34,27 +34,27 @@ class DotPredictor(nn.Module):
 
     Without ``roi_features`` (no other part of the head needs them) R = RoIAlign(F) is never
     formed: RoIAlign is linear, so q . RoIAlign(F) = RoIAlign(q . F), the same logits from a
-    one-channel map, at 1/C of the interpolation work."""
+    one-channel map (``fused [B, C, H, W]``, ``rois [N, 5]``), at 1/C of the interpolation work."""
 
-    def __init__(self, *, channels: int, roi_size: int):
+    def __init__(self, *, channels: int, roi_size: int, sampling_ratio: int = 2):
         super().__init__()
-        self.scale, self.roi_size = 1.0 / math.sqrt(channels), roi_size
+        self.scale, self.roi_size, self.sampling_ratio = 1.0 / math.sqrt(channels), roi_size, sampling_ratio
 
-    def forward(self, *, queries: Tensor, roi_features: Tensor | None, fused: Tensor, rois: Tensor, **_) -> Tensor:
+    def forward(self, *, queries: Tensor, fused: Tensor, rois: Tensor, roi_features: Tensor | None = None,
+                **_) -> Tensor:
         if roi_features is not None:
             return torch.einsum("nc,nchw->nhw", queries, roi_features)[:, None] * self.scale
         full = image_logits(queries, fused, rois) * self.scale
-        return crop_maps(full, rois[:, 1:], self.roi_size, 1.0 / FUSED_STRIDE, sampling_ratio=2)
+        return crop_maps(full, rois[:, 1:], self.roi_size, 1.0 / FUSED_STRIDE, sampling_ratio=self.sampling_ratio)
 
 
-class ImageDotPredictor(nn.Module):
-    """``queries [N, C]``, ``fused [B, C, H, W]``, ``rois [N, 5]`` -> logits ``[N, 1, M, M]``:
-    the full-map logits ``q . F[b] / sqrt(C)`` ``[N, H, W]``, cropped to each box."""
+class ImageDotPredictor(DotPredictor):
+    """The image-level region: always the full-map logits ``q . F[b] / sqrt(C)`` ``[N, H, W]``,
+    cropped to each box with one bilinear sample per bin (RoI features, if another part of the
+    head made them, are not used)."""
 
     def __init__(self, *, channels: int, roi_size: int):
-        super().__init__()
-        self.scale, self.roi_size = 1.0 / math.sqrt(channels), roi_size
+        super().__init__(channels=channels, roi_size=roi_size, sampling_ratio=1)
 
     def forward(self, *, queries: Tensor, fused: Tensor, rois: Tensor, **_) -> Tensor:
-        full = image_logits(queries, fused, rois) * self.scale
-        return crop_maps(full, rois[:, 1:], self.roi_size, 1.0 / FUSED_STRIDE, sampling_ratio=1)
+        return super().forward(queries=queries, fused=fused, rois=rois)
