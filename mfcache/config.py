@@ -79,7 +79,7 @@ class TrainConfig:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     seed: int = 0
-    num_workers: int = 1      # cache-reading processes (overlap reads with compute)
+    num_workers: int = 2      # cache-reading processes (overlap reads with compute and each other)
     checkpoint_every: int = 500
     log_every: int = 25
     device: str = "auto"

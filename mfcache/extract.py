@@ -128,6 +128,11 @@ def crop_outputs(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray
     return crop
 
 
+def _to_cpu(crop: dict) -> dict:
+    """:func:`crop_outputs`' tensors on the CPU (lists of tensors included)."""
+    return {k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu() for k, v in crop.items()}
+
+
 def stored_features(crop: dict, dtype, levels: Sequence[int] | None = None
                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """The feature rows of one cropped image (:func:`crop_outputs`) exactly as the cache
@@ -149,14 +154,12 @@ def stored_features(crop: dict, dtype, levels: Sequence[int] | None = None
             {QUANTIZED[k]: scale for k, (_, scale) in quantized.items()})
 
 
-def image_record(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray, input_hw, gt,
-                 target_size: int, dtype, levels: list[int] | None = None) -> ImageRecord:
-    """Image ``b`` of a detector batch, cropped to its valid region, with its targets;
+def image_record(crop: dict, *, gt, target_size: int, dtype, levels: list[int] | None = None) -> ImageRecord:
+    """The cache record of one cropped image (:func:`crop_outputs`) with its targets;
     ``memory`` holds the stored ``levels`` (None = all); int8 is quantised per channel."""
-    crop = crop_outputs(out, top, b, level_hw=level_hw, input_hw=input_hw)
     features, scales = stored_features(crop, dtype, levels)
     boxes = crop["boxes"].cpu()
-    gt_id, gt_iou, masks = query_targets(boxes, input_hw, gt, target_size)
+    gt_id, gt_iou, masks = query_targets(boxes, tuple(crop["input_hw"].tolist()), gt, target_size)
     return ImageRecord(
         queries=features["queries"],
         boxes=boxes.numpy().astype(np.float32),
@@ -195,6 +198,25 @@ def _write_block(writer: BlockWriter, start: int, parts: dict[int, ImageRecord |
             f"{what} while writing images {start}..{start + len(records) - 1} to {out}; "
             "finished blocks are kept: free space and run the same command again"
         ) from None
+
+
+class _BlockAssembler:
+    """The writer thread's job: each image's cropped detector outputs (or its skip reason)
+    become its :class:`ImageRecord` (fp16/int8 rows, targets), and a block is written as
+    soon as all its images are in. Running here, this CPU work overlaps the detector."""
+
+    def __init__(self, writer: BlockWriter, block: int, num_images: int, out: Path, record_options: dict):
+        self.writer, self.block, self.num_images, self.out = writer, block, num_images, out
+        self.record_options = record_options
+        self.buffers: dict[int, dict[int, ImageRecord | str]] = {}
+
+    def __call__(self, i: int, part: dict | str) -> None:
+        if not isinstance(part, str):
+            part = image_record(**part, **self.record_options)
+        start = i - i % self.block
+        self.buffers.setdefault(start, {})[i] = part
+        if len(self.buffers[start]) == min(self.block, self.num_images - start):
+            _write_block(self.writer, start, self.buffers.pop(start), self.out)
 
 
 def own_blocks(pending: np.ndarray, block: int, world: World) -> np.ndarray:
@@ -296,14 +318,13 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
         num_workers=config.num_workers, collate_fn=list,
         persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
     )
-    buffers: dict[int, dict[int, ImageRecord | str]] = {}
-    written = 0
     where = f"{info.family} on {device.type}" + (f", rank 0 of {world.size}" if world.enabled else "")
-    with progress_bar(progress) as bar, BackgroundWriter(_write_block, depth=WRITE_QUEUE) as background:
+    assemble = _BlockAssembler(writer, block, plan.num_images, Path(out),
+                               {"target_size": config.target_size, "dtype": dtype, "levels": levels})
+    with progress_bar(progress) as bar, BackgroundWriter(assemble, depth=WRITE_QUEUE * block) as background:
         task = bar.add_task(f"extract {split}", total=len(pending), status=where)
         for items in loader:
             good = [item for item in items if "error" not in item]
-            in_batch = {item["position"]: b for b, item in enumerate(good)}
             for item in items:
                 if "error" in item and not skip_bad:
                     raise MfcacheError(f"{item['error']} (pass --skip-bad to record it as skipped and go on)")
@@ -311,23 +332,17 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
                 pixel_values, pixel_mask = pad_batch([item["input"] for item in good], info.preprocess.pad_divisor)
                 out_batch = model(pixel_values.to(device), pixel_mask.to(device))
                 top = select_topk(out_batch, topk, sigmoid=info.sigmoid)
-            for item in items:
+            for b, item in enumerate(good):  # off the device here; the writer thread does the rest
                 i = item["position"]
+                crop = crop_outputs(out_batch, top, b, level_hw=plan.level_hw[i], input_hw=tuple(plan.input_hw[i].tolist()))
+                background.submit(i, {"crop": _to_cpu(crop), "gt": item["gt"]})
+            for item in items:
                 if "error" in item:
-                    part: ImageRecord | str = item["error"]
-                else:
-                    part = image_record(
-                        out_batch, top, in_batch[i], level_hw=plan.level_hw[i], input_hw=tuple(plan.input_hw[i].tolist()),
-                        gt=item["gt"], target_size=config.target_size, dtype=dtype, levels=levels,
-                    )
-                start = i - i % block
-                buffers.setdefault(start, {})[i] = part
-                if len(buffers[start]) == min(block, plan.num_images - start):
-                    background.submit(writer, start, buffers.pop(start), Path(out))
-                    written += min(block, plan.num_images - start)
+                    background.submit(item["position"], item["error"])
             bar.advance(task, len(items))
-    if buffers:  # pending holds whole blocks, so every block fills up
-        raise MfcacheError(f"internal error: unfinished blocks {sorted(buffers)}")
+    if assemble.buffers:  # pending holds whole blocks, so every block fills up
+        raise MfcacheError(f"internal error: unfinished blocks {sorted(assemble.buffers)}")
+    written = len(pending)
     if world.enabled:  # every rank's blocks are written once all ranks get here
         written = int(all_sum(written, device))
         world.barrier()

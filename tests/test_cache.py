@@ -118,3 +118,21 @@ def test_collate_pads_to_the_batch(tmp_path):
     assert batch["levels"][0].shape == (2, D, 10, 12)  # ceil(80/8), ceil(96/8)
     assert batch["c1"].shape == (2, C, 20, 24)
     assert batch["target_masks"].shape == (2, K, S, S)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_collated_maps_hold_each_image_and_zero_padding(tmp_path, num_workers):
+    group, _, records = make_cache(tmp_path / "c", SIZES)
+    BlockWriter(group).write(0, records[:2])
+    BlockWriter(group).write(2, records[2:4])
+    ds = CacheDataset(tmp_path / "c", "train", levels=(0, 1), c1=True, targets=False)
+    torch.full((1 << 16,), 7.0).sum()  # leave non-zero memory around for the allocator to hand back
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=num_workers)
+    batch = next(iter(loader))
+    for b in range(4):
+        image = ds[b]
+        for name, got, want in [("c1", batch["c1"][b], image["c1"])] + [
+                ("level", batch["levels"][l][b], image["levels"][l]) for l in range(2)]:
+            h, w = want.shape[1:]
+            assert torch.equal(got[:, :h, :w], want), name
+            assert not got[:, h:].any() and not got[:, :, w:].any(), name

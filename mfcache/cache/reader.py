@@ -289,12 +289,15 @@ def pad_maps(maps: list[Tensor]) -> Tensor:
     shape = (len(maps), height, width, maps[0].shape[0])
     if torch.utils.data.get_worker_info() is not None:
         out = maps[0].new_empty(0).new(maps[0].untyped_storage()._new_shared(
-            int(np.prod(shape)) * maps[0].element_size())).view(shape).zero_()
+            int(np.prod(shape)) * maps[0].element_size())).view(shape)
     else:
-        out = maps[0].new_zeros(shape)
+        out = maps[0].new_empty(shape)
     out = out.permute(0, 3, 1, 2)  # channels-last, like the stored rows: contiguous copies below
-    for i, m in enumerate(maps):
-        out[i, :, : m.shape[1], : m.shape[2]] = m
+    for i, m in enumerate(maps):  # each byte written once: the map, then only its padding zeroed
+        h, w = m.shape[1:]
+        out[i, :, :h, :w] = m
+        out[i, :, h:, :] = 0
+        out[i, :, :h, w:] = 0
     return out
 
 
