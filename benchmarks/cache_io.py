@@ -195,7 +195,7 @@ def _extract_overhead(which: str, images: int, batch: int, repeats: int, block: 
         @torch.no_grad()
         def forward_only():
             for j in range(0, images, batch):
-                detector(*pad_batch(inputs[j: j + batch], detector.info.preprocess.pad_divisor))
+                detector(*pad_batch(inputs[j: j + batch], detector.info.preprocess))
 
         def full_extract():
             extract(detector=spec, images=tmp / "data" / "train", annotations=tmp / "data" / "annotations" / "train.json",

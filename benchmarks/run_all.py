@@ -108,7 +108,7 @@ def bench_cache_payoff(quick: bool) -> dict:
         head = build_head(run_config.head, d_model=256, c1_channels=detector.info.c1_channels, num_levels=4)
         optimizer = torch.optim.AdamW(head.parameters(), lr=1e-4)
         files = sorted((tmp / "data" / "train").glob("*.png"))[:batch]
-        pixels, mask = pad_batch([to_input(load_image(f), detector.info.preprocess) for f in files], 64)
+        pixels, mask = pad_batch([to_input(load_image(f), detector.info.preprocess) for f in files], detector.info.preprocess)
 
         # The cached run first: the live side then trains on as many queries per image as it did.
         steps = 10 if quick else 40

@@ -329,7 +329,7 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
                 if "error" in item and not skip_bad:
                     raise MfcacheError(f"{item['error']} (pass --skip-bad to record it as skipped and go on)")
             if good:
-                pixel_values, pixel_mask = pad_batch([item["input"] for item in good], info.preprocess.pad_divisor)
+                pixel_values, pixel_mask = pad_batch([item["input"] for item in good], info.preprocess)
                 out_batch = model(pixel_values.to(device), pixel_mask.to(device))
                 top = select_topk(out_batch, topk, sigmoid=info.sigmoid)
             for b, item in enumerate(good):  # off the device here; the writer thread does the rest

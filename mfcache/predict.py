@@ -181,7 +181,7 @@ def _detect(model, info: DetectorInfo, run: LoadedRun, pixels: dict[int, torch.T
     would (its dtype; int8 quantised and dequantised per image and channel) and collated
     exactly as the cache reader serves them to the head (on ``device``)."""
     inputs = [to_input(image, info.preprocess) for image in pixels.values()]
-    pixel_values, pixel_mask = pad_batch(inputs, info.preprocess.pad_divisor)
+    pixel_values, pixel_mask = pad_batch(inputs, info.preprocess)
     outputs = model(pixel_values.to(device), pixel_mask.to(device))
     top = select_topk(outputs, run.extract["topk"], sigmoid=info.sigmoid)
     stored = run.extract["levels"]

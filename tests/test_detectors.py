@@ -146,6 +146,25 @@ def test_weights_hash_and_preprocessor(saved, tmp_path):
                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(own)
     pre = load_detector(f"hf:{own}").info.preprocess
     assert (pre.shortest_edge, pre.longest_edge, pre.mean, pre.std) == (320, 480, (0.5,) * 3, (0.25,) * 3)
+    assert pre.pad_size is None
+    DeformableDetrImageProcessor(size={"shortest_edge": 320, "longest_edge": 480},
+                                 pad_size={"height": 480, "width": 480}).save_pretrained(own)
+    assert load_detector(f"hf:{own}").info.preprocess.pad_size == (480, 480)
+
+
+def test_pad_size_makes_outputs_independent_of_batch_mates():
+    from mfcache.data.transforms import pad_batch
+    from mfcache.detectors.demo import DEMO_PREPROCESS
+
+    det = load_detector("demo")
+    assert det.info.preprocess.pad_size == (192, 192) == DEMO_PREPROCESS.pad_size
+    g = torch.Generator().manual_seed(0)
+    small, tall = torch.randn(3, 128, 150, generator=g), torch.randn(3, 192, 128, generator=g)
+    alone = det(*pad_batch([small], det.info.preprocess))
+    together = det(*pad_batch([small, tall], det.info.preprocess))
+    assert pad_batch([small], det.info.preprocess)[0].shape[-2:] == (192, 192)
+    torch.testing.assert_close(alone.boxes[0], together.boxes[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alone.logits[0], together.logits[0], atol=1e-4, rtol=1e-4)
 
 
 def test_load_errors(tmp_path):

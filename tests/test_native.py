@@ -287,7 +287,7 @@ def test_extract_caches_what_the_detector_computes(tmp_path, two_images, family,
     images = json.loads((root / "annotations" / "train.json").read_text())["images"]
     image = next(im for im in images if im["id"] == record["image_id"])
     pixels = to_input(load_image(root / "train" / image["file_name"]), model.info.preprocess)
-    batch, mask = pad_batch([pixels], model.info.preprocess.pad_divisor)
+    batch, mask = pad_batch([pixels], model.info.preprocess)
     out = model(batch, mask)
     h, w = pixels.shape[1:]
     assert tuple(record["input_hw"].tolist()) == (h, w)

@@ -69,6 +69,6 @@ class C1Recomputer:
         image = load_image(image_path)
         if self.preprocess.input_size(*image.shape[1:]) != tuple(input_hw):
             raise MfcacheError(f"{image_path} is not the image this cache was extracted from (its size differs)")
-        pixels, _ = pad_batch([to_input(image, self.preprocess)], self.preprocess.pad_divisor)
+        pixels, _ = pad_batch([to_input(image, self.preprocess)], self.preprocess)
         c1 = self._stem(pixels)[0]
         return c1[:, : -(-input_hw[0] // 4), : -(-input_hw[1] // 4)]

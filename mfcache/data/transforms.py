@@ -2,7 +2,8 @@
 
 Conventions: an image is a ``uint8 [3, H, W]`` RGB tensor in its *displayed* orientation
 (EXIF rotation applied); detector input is ``float [3, h_in, w_in]`` normalised with the
-detector's mean/std; a batch is zero-padded to a multiple of ``Preprocess.pad_divisor``.
+detector's mean/std; a batch is zero-padded to a multiple of ``Preprocess.pad_divisor``
+(and to at least ``Preprocess.pad_size``).
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ def to_input(image: Tensor, preprocess: Preprocess) -> Tensor:
     return ((x - mean) / std)[0]
 
 
-def pad_batch(inputs: list[Tensor], divisor: int) -> tuple[Tensor, Tensor]:
-    """Zero-pad ``[3, h_i, w_i]`` inputs to one ``[B, 3, H, W]`` batch, H and W multiples of
-    ``divisor``; returns it with ``pixel_mask [B, H, W]`` (True on real pixels)."""
-    height = max(x.shape[1] for x in inputs)
-    width = max(x.shape[2] for x in inputs)
+def pad_batch(inputs: list[Tensor], preprocess: Preprocess) -> tuple[Tensor, Tensor]:
+    """Zero-pad ``[3, h_i, w_i]`` inputs to one ``[B, 3, H, W]`` batch, H and W at least
+    ``preprocess.pad_size`` (if set) and multiples of ``preprocess.pad_divisor``; returns it
+    with ``pixel_mask [B, H, W]`` (True on real pixels)."""
+    divisor, canvas = preprocess.pad_divisor, preprocess.pad_size or (0, 0)
+    height = max(canvas[0], *(x.shape[1] for x in inputs))
+    width = max(canvas[1], *(x.shape[2] for x in inputs))
     height = -(-height // divisor) * divisor
     width = -(-width // divisor) * divisor
     batch = inputs[0].new_zeros(len(inputs), 3, height, width)

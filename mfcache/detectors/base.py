@@ -54,6 +54,9 @@ class Preprocess:
 
     Padding to a multiple of the coarsest stride makes every level's valid size exactly
     ``ceil(input / stride)``, so the cache can plan token offsets before the detector runs.
+    ``pad_size = (h, w)`` pads every batch to at least that canvas (transformers'
+    ``pad_size``): a detector trained on batches padded to one canvas can depend on it, and
+    with it an image's outputs no longer depend on which images share its batch.
     """
 
     shortest_edge: int = 800
@@ -62,6 +65,7 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     pad_divisor: int = 64
     fixed_size: tuple[int, int] | None = None
+    pad_size: tuple[int, int] | None = None
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the resized image; the same rule as transformers' DETR processors

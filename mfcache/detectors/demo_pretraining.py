@@ -96,7 +96,7 @@ class SemanticShapes(Dataset):
 
 
 def collate(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    pixel_values, _ = pad_batch([x for x, _ in items], DEMO_PREPROCESS.pad_divisor)
+    pixel_values, _ = pad_batch([x for x, _ in items], DEMO_PREPROCESS)
     labels = torch.full((len(items), *pixel_values.shape[-2:]), IGNORE, dtype=torch.long)
     for b, (_, y) in enumerate(items):
         labels[b, : y.shape[0], : y.shape[1]] = y

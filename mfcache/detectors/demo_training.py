@@ -164,7 +164,7 @@ class ShapesTrainSet(Dataset):
 
 
 def collate_train(items: list[tuple[Tensor, Tensor, Tensor]]) -> dict:
-    pixel_values, pixel_mask = pad_batch([x for x, _, _ in items], DEMO_PREPROCESS.pad_divisor)
+    pixel_values, pixel_mask = pad_batch([x for x, _, _ in items], DEMO_PREPROCESS)
     labels = [{"class_labels": c, "boxes": b} for _, c, b in items]
     return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels}
 
@@ -284,7 +284,7 @@ def evaluate_bbox(model: nn.Module, coco: CocoDataset, device: torch.device, bat
     for start in range(0, len(coco), batch_size):
         images = coco.images[start:start + batch_size]
         inputs = [to_input(load_image(coco.image_path(im)), preprocess) for im in images]
-        pixel_values, pixel_mask = pad_batch(inputs, preprocess.pad_divisor)
+        pixel_values, pixel_mask = pad_batch(inputs, preprocess)
         raw = model(pixel_values=pixel_values.to(device), pixel_mask=pixel_mask.to(device, torch.long))
         # pred_boxes: cxcywh in [0, 1] of each unpadded input -> xyxy original pixels
         wh = torch.tensor([[im.width, im.height] for im in images], dtype=torch.float32, device=device)
@@ -328,10 +328,13 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 def preprocessor_config(preprocess: Preprocess) -> dict:
     """A transformers ``preprocessor_config.json`` for DETR-style resizing (what
     :func:`mfcache.detectors.hf.read_preprocess` reads back)."""
-    return {"image_processor_type": "DeformableDetrImageProcessor", "do_resize": True,
-            "size": {"shortest_edge": preprocess.shortest_edge, "longest_edge": preprocess.longest_edge},
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(preprocess.mean), "image_std": list(preprocess.std), "do_pad": True}
+    config = {"image_processor_type": "DeformableDetrImageProcessor", "do_resize": True,
+              "size": {"shortest_edge": preprocess.shortest_edge, "longest_edge": preprocess.longest_edge},
+              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": list(preprocess.mean), "image_std": list(preprocess.std), "do_pad": True}
+    if preprocess.pad_size is not None:
+        config["pad_size"] = {"height": preprocess.pad_size[0], "width": preprocess.pad_size[1]}
+    return config
 
 
 def export_model(model: nn.Module, out: Path, generator: dict, preprocess: Preprocess,

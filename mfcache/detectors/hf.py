@@ -99,8 +99,13 @@ def read_preprocess(path: Path | None, default: Preprocess = Preprocess()) -> Pr
         std = tuple(float(v) for v in cfg.get("image_std", IMAGENET_STD))
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    pad_size = cfg.get("pad_size") if cfg.get("do_pad", True) else None
+    if pad_size is not None:
+        if not (isinstance(pad_size, dict) and "height" in pad_size and "width" in pad_size):
+            raise MfcacheError(f"{path}: pad_size {pad_size!r} must be {{\"height\": h, \"width\": w}}")
+        pad_size = (int(pad_size["height"]), int(pad_size["width"]))
     return Preprocess(shortest_edge=shortest, longest_edge=longest, mean=mean, std=std,
-                      pad_divisor=default.pad_divisor, fixed_size=fixed_size)
+                      pad_divisor=default.pad_divisor, fixed_size=fixed_size, pad_size=pad_size or default.pad_size)
 
 
 def load_hf(path: str, spec: str | None = None, *, preprocess: Preprocess | None = None,
