@@ -201,22 +201,31 @@ def _write_block(writer: BlockWriter, start: int, parts: dict[int, ImageRecord |
 
 
 class _BlockAssembler:
-    """The writer thread's job: each image's cropped detector outputs (or its skip reason)
-    become its :class:`ImageRecord` (fp16/int8 rows, targets), and a block is written as
-    soon as all its images are in. Running here, this CPU work overlaps the detector."""
+    """The writer thread's job: each image's cropped detector outputs (or its finished
+    record, or its skip reason) become its :class:`ImageRecord` (fp16/int8 rows, targets),
+    and a block is written as soon as all its images are in."""
 
     def __init__(self, writer: BlockWriter, block: int, num_images: int, out: Path, record_options: dict):
         self.writer, self.block, self.num_images, self.out = writer, block, num_images, out
         self.record_options = record_options
         self.buffers: dict[int, dict[int, ImageRecord | str]] = {}
 
-    def __call__(self, i: int, part: dict | str) -> None:
-        if not isinstance(part, str):
-            part = image_record(**part, **self.record_options)
+    def record(self, part: dict | ImageRecord | str) -> ImageRecord | str:
+        """``part`` as stored: a ``{"crop", "gt"}`` dict becomes its record."""
+        return image_record(**part, **self.record_options) if isinstance(part, dict) else part
+
+    def __call__(self, i: int, part: dict | ImageRecord | str) -> None:
         start = i - i % self.block
-        self.buffers.setdefault(start, {})[i] = part
+        self.buffers.setdefault(start, {})[i] = self.record(part)
         if len(self.buffers[start]) == min(self.block, self.num_images - start):
             _write_block(self.writer, start, self.buffers.pop(start), self.out)
+
+
+def records_on_writer_thread(device: torch.device) -> bool:
+    """With the detector on an accelerator the writer thread builds each record while the
+    next batch runs; on the CPU the detector has every core, and a second busy thread slows
+    its forward pass more than building the record in line costs (``benchmarks/``)."""
+    return device.type != "cpu"
 
 
 def own_blocks(pending: np.ndarray, block: int, world: World) -> np.ndarray:
@@ -332,10 +341,11 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
                 pixel_values, pixel_mask = pad_batch([item["input"] for item in good], info.preprocess)
                 out_batch = model(pixel_values.to(device), pixel_mask.to(device))
                 top = select_topk(out_batch, topk, sigmoid=info.sigmoid)
-            for b, item in enumerate(good):  # off the device here; the writer thread does the rest
+            for b, item in enumerate(good):
                 i = item["position"]
                 crop = crop_outputs(out_batch, top, b, level_hw=plan.level_hw[i], input_hw=tuple(plan.input_hw[i].tolist()))
-                background.submit(i, {"crop": _to_cpu(crop), "gt": item["gt"]})
+                part = {"crop": _to_cpu(crop), "gt": item["gt"]}
+                background.submit(i, part if records_on_writer_thread(device) else assemble.record(part))
             for item in items:
                 if "error" in item:
                     background.submit(item["position"], item["error"])

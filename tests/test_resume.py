@@ -118,6 +118,16 @@ def test_kill_and_rerun_equals_uninterrupted(point, data, reference, tmp_path):
     assert verify(out).ok and not list(out.rglob("*.partial"))
 
 
+def test_records_built_on_the_writer_thread_equal_in_line(data, reference, tmp_path, monkeypatch):
+    from mfcache import extract as extract_module
+
+    monkeypatch.setattr(extract_module, "records_on_writer_thread", lambda device: True)  # the GPU path
+    out = tmp_path / "cache"
+    extract(detector="demo", images=data / "train", annotations=data / "annotations" / "train.json",
+            out=out, config=config(), progress=False)
+    assert_same_cache(out, reference)
+
+
 # --- training: a non-finite loss stops cleanly; --resume continues the exact loss curve ---
 
 import json  # noqa: E402
