@@ -169,7 +169,7 @@ def bench_extract_overhead(quick: bool) -> dict:
     Measured for the tiny demo detector (the worst case: its forward pass is cheap) and for a
     full-size Deformable DETR R50 at 512 px (what extraction is for)."""
     return {"demo": _extract_overhead("demo", *((16, 4, 2) if quick else (64, 4, 3))),
-            "r50": _extract_overhead("r50", *((16, 2, 1) if quick else (32, 2, 2)), block=8)}
+            "r50": _extract_overhead("r50", *((16, 2, 2) if quick else (32, 2, 3)), block=8)}
 
 
 def _extract_overhead(which: str, images: int, batch: int, repeats: int, block: int = 16) -> dict:
