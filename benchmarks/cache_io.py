@@ -292,7 +292,7 @@ def rows(results: dict) -> list[str]:
         out.append(f"| reader concurrent vs serial fetch per image | {r['reader_MBps']:.0f} vs {r['reader_serial_MBps']:.0f} MB/s "
                    f"| {r['concurrent_speedup']:.2f}x |")
     for r in results.get("extract", {}).values():
-        out.append(f"| extract.overhead ({r['detector']} detector, {r['images']} images, batch {r['batch']}, block {r.get('block', 16)}, "
+        out.append(f"| extract.overhead ({r['detector']} detector, {r['images']} images, batch {r['batch']}, block {r['block']}, "
                    f"model load included) | {r['extract_s']:.2f} s extract vs {r['forward_s']:.2f} s forward only "
                    f"| {r['overhead']:.2f}x |")
     if "storage" in results:
