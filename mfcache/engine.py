@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from mfcache.cache.reader import Cache, CacheDataset, CacheSplit, collate
 from mfcache.cache.schema import fingerprint_mismatch
 from mfcache.cache.targets import scale_boxes
+from mfcache.checkpoint_io import load_checkpoint
 from mfcache.config import RunConfig
 from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
@@ -150,7 +151,7 @@ def _train(*, cache_path: Path, run_dir: Path, config: RunConfig, split: str | N
     if checkpoint_path.exists():
         if not resume:
             raise MfcacheError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        state = load_checkpoint(checkpoint_path, what="run checkpoint", map_location=device)
         if state["config"] != config.to_dict():
             raise MfcacheError(f"{run_dir} was trained with another configuration; resume it without --head/--set")
         head.load_state_dict(state["model"])
@@ -246,7 +247,7 @@ def load_run(run_dir: Path, cache: Cache, device: torch.device) -> tuple[MaskHea
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise MfcacheError(f"no trained head in {run_dir} (expected {CHECKPOINT}; run `mfcache train`)")
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = load_checkpoint(path, what="run checkpoint", map_location=device)
     problem = fingerprint_mismatch(state["fingerprint"], cache.fingerprint)
     if problem:
         raise MfcacheError(f"the head in {run_dir} was trained on a cache made with {problem}")

@@ -28,6 +28,7 @@ import torch
 
 from mfcache.cache.reader import Cache, collate
 from mfcache.cache.schema import QUANTIZED, dequantize, fingerprint, fingerprint_mismatch
+from mfcache.checkpoint_io import load_checkpoint
 from mfcache.config import RunConfig
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors import load_detector
@@ -87,7 +88,7 @@ def load_run_for_detector(run_dir: Path, info: DetectorInfo, device: torch.devic
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise MfcacheError(f"no trained head in {run_dir} (expected {CHECKPOINT}; run `mfcache train`)")
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = load_checkpoint(path, what="run checkpoint", map_location=device)
     stored = state["fingerprint"]
     problem = fingerprint_mismatch(stored, fingerprint(info, **stored["extract"]))
     if problem:

@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import time
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mfcache.checkpoint_io import load_checkpoint
 from mfcache.data.coco import CocoDataset
 from mfcache.data.shapes import GENERATOR_VERSION
 from mfcache.data.transforms import load_image, pad_batch, to_input
@@ -305,14 +305,19 @@ def evaluate_bbox(model: nn.Module, coco: CocoDataset, device: torch.device, bat
 
 # --------------------------------------------------------------------------- persistence
 def _rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """Every generator's state as tensors, numbers and tuples, so the checkpoint loads with
+    the weights-only unpickler (numpy's key array travels as an int64 tensor)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if states.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
@@ -380,7 +385,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
     if resume:
         if not ckpt_path.is_file():
             raise MfcacheError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt_path, what="demo training checkpoint")
         for name in RUN_DEFINING:
             if state["config"][name] != getattr(config, name):
                 raise MfcacheError(f"--resume: {name}={getattr(config, name)!r} differs from the checkpoint's "
@@ -396,10 +401,10 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
     torch.manual_seed(config.seed)
     model = trainable_demo_model(config.seed)
     if config.backbone_init is not None and state is None:
+        weights = load_checkpoint(config.backbone_init, what="--backbone-init")
         try:
-            weights = torch.load(config.backbone_init, map_location="cpu", weights_only=True)
             model.model.backbone.model.load_state_dict(weights)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        except (RuntimeError, TypeError, AttributeError) as exc:
             raise MfcacheError(f"--backbone-init {config.backbone_init}: not a backbone.pt written by "
                                f"mfcache.detectors.demo_pretraining ({type(exc).__name__})") from None
     model = model.to(device)

@@ -2,7 +2,8 @@
 and strict state-dict matching.
 
 Spec: ``hdetr:<file.pth>[?option=value&...]`` / ``dino:<file.pth>[?...]``. The file is a
-``torch.save`` dict whose ``"model"`` entry is the state dict (as both repos save it).
+``torch.save`` dict whose ``"model"`` entry is the state dict (as both repos save it); it is
+read without running code from the file (:mod:`mfcache.checkpoint_io`).
 Options (all optional; defaults are the published R50 models):
 
 - architecture (:class:`~mfcache.detectors.native.detector.NativeConfig` and the family
@@ -20,6 +21,7 @@ Options (all optional; defaults are the published R50 models):
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -29,6 +31,7 @@ from urllib.parse import parse_qsl
 import torch
 from torch import Tensor, nn
 
+from mfcache.checkpoint_io import load_checkpoint
 from mfcache.errors import MfcacheError
 
 # ---------------------------------------------------------------------------- the key table
@@ -46,6 +49,11 @@ ALIASES: tuple[tuple[str, str], ...] = (
     ("transformer.decoder.class_embed.", "class_embed."),
 )
 IGNORED = re.compile(r"\.num_batches_tracked$")  # BatchNorm counters (the backbone's BN is frozen)
+
+# Beyond tensors, containers and numbers, the released files hold their training arguments
+# (``"args"``: an argparse.Namespace of strings, numbers and lists) next to the optimizer and
+# lr-scheduler state (plain dicts; MultiStepLR's milestones are a Counter, which torch allows).
+RELEASED_CHECKPOINT_TYPES: tuple[type, ...] = (argparse.Namespace,)
 
 EXTRA_OPTIONS = ("labels", "shortest_edge", "longest_edge")
 _SHOWN = 4  # names listed in an error before "..."
@@ -105,13 +113,12 @@ def read_labels(path: str, where: str) -> tuple[str, ...]:
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """``torch.load(path)["model"]``, with user-facing errors."""
+    """``torch.load(path)["model"]``, with user-facing errors; the file may hold only what
+    the released checkpoints hold (:data:`RELEASED_CHECKPOINT_TYPES`), and everything but
+    ``"model"`` is dropped."""
     if not path.is_file():
         raise MfcacheError(f"checkpoint file not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file is the user's to fix
-        raise MfcacheError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    ckpt = load_checkpoint(path, what="detector checkpoint", allow=RELEASED_CHECKPOINT_TYPES)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         keys = ", ".join(map(str, list(ckpt)[:_SHOWN])) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise MfcacheError(f"{path}: expected a dict with the state dict under 'model' (found: {keys})")

@@ -1,0 +1,101 @@
+"""Reading torch files (detector ``.pth``, run checkpoints) without running code from them.
+
+``torch.load(weights_only=False)`` unpickles, and a pickle may call any function while it
+loads: a ``.pth`` from a file-sharing link, or a run folder someone passed on, could take
+over the machine. Every checkpoint mfcache reads therefore goes through
+:func:`load_checkpoint`, which uses torch's weights-only unpickler: tensors, plain
+containers (dict, list, tuple, set, OrderedDict, Counter), strings and numbers, plus only
+the extra types the caller names (``allow``, e.g. ``argparse.Namespace`` for the released
+H-DETR / DINO files). A file that asks for anything else is refused with one line naming
+the type it asked for.
+
+Trust is a scope the caller opens (:func:`trusting`; the CLI's ``--trust-checkpoint``), not
+a parameter, because the files are read deep inside detector builders, the training loop
+and data loaders. Inside it, files load with the full unpickler: the user has said the
+file's source is trusted, and it may then run whatever the file contains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import pickle
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from mfcache.errors import MfcacheError
+
+TRUST_OPTION = "--trust-checkpoint"
+_TRUSTED = contextvars.ContextVar("mfcache_trusted_files", default=False)
+
+# What torch's weights-only unpickler names in its refusals (torch/_weights_only_unpickler.py)
+_ASKED_FOR = (
+    re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)"),  # a class or function by name
+    re.compile(r"unrecognized function (\S+)"),  # a call to a function it already holds
+    re.compile(r"but got <class '([^']+)'>"),  # an object of a type it may not build
+)
+
+
+@contextlib.contextmanager
+def trusting(enabled: bool = True) -> Iterator[None]:
+    """Within this scope (when ``enabled``), checkpoint files and cached programs are
+    trusted: loaded with the full unpickler, which runs any code they hold."""
+    token = _TRUSTED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def files_trusted() -> bool:
+    """Whether the current scope trusts the files it reads (see :func:`trusting`)."""
+    return _TRUSTED.get()
+
+
+def asked_for(error: Exception) -> str | None:
+    """The type or function a weights-only load refused, parsed from torch's message
+    (None: the file is damaged or not a pickle, rather than asking for a type)."""
+    text = str(error)
+    for pattern in _ASKED_FOR:
+        found = pattern.search(text)
+        if found:
+            return found.group(1).rstrip(".,")
+    return None
+
+
+def load_checkpoint(path: str | Path, *, what: str, map_location: str | torch.device = "cpu",
+                    allow: Sequence[type] = ()) -> object:
+    """``torch.load(path)`` without running code from the file.
+
+    Loads with ``weights_only=True`` and the extra types ``allow`` (nothing broader); a
+    file needing anything else, or one that cannot be read at all, raises one
+    :class:`MfcacheError` line naming ``what`` the file is, the file and, for a refused
+    file, the type it asked for and the option that accepts it. Inside :func:`trusting`
+    the file loads with the full unpickler."""
+    if files_trusted():
+        loader = contextlib.nullcontext()
+        weights_only = False
+    else:
+        loader = torch.serialization.safe_globals(list(allow))
+        weights_only = True
+    try:
+        with loader:
+            return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        if weights_only and asked_for(exc):
+            raise MfcacheError(
+                f"{what} {path} asks for {asked_for(exc)}, and loading that could run code from the file, so it "
+                f"is refused (mfcache loads tensors, plain containers and numbers); if you trust the file's "
+                f"source, pass {TRUST_OPTION} (the file can then run any code on this machine)") from None
+        raise MfcacheError(_cannot_read(what, path, exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a corrupt, truncated or foreign file is the user's to fix
+        raise MfcacheError(_cannot_read(what, path, exc)) from None
+
+
+def _cannot_read(what: str, path: str | Path, exc: Exception) -> str:
+    inner = re.search(r"WeightsUnpickler error: (.+)", str(exc))  # torch wraps the reason in advice
+    first = inner.group(1) if inner else (str(exc).strip().splitlines() or [""])[0]
+    return f"cannot read {what} {path}: {type(exc).__name__}: {first}"
