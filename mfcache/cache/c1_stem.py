@@ -6,6 +6,13 @@ At a COCO scale a stored stride-4 map costs ~28 MiB per image (~3.5 TB for train
 (the program's bytes); the training
 data loader decodes the image, preprocesses it as the detector did, and runs that small
 program. Nothing else of the detector is loaded.
+
+The stored program is code: ``torch.export.load`` unpickles parts of the archive with the
+full unpickler (pickled weights and constants, the legacy format's fallback), resolves node
+targets by name from ``torch``, and parses and compiles expressions and guards stored in it.
+So a cache passed on by someone else could run anything through it; mfcache loads it only
+where the caller trusts the files it reads (:func:`mfcache.checkpoint_io.trusting`, the
+CLI's ``--trust-checkpoint``), and says so before any work starts.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 from zarr.codecs import BloscCodec
 
+from mfcache.checkpoint_io import TRUST_OPTION, files_trusted
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors.base import Preprocess
 from mfcache.errors import MfcacheError
@@ -56,7 +64,17 @@ class C1Recomputer:
         if not (cache_path / STEM_ARRAY).is_dir():
             raise MfcacheError(f"{cache_path} recomputes C1 but holds no {STEM_ARRAY!r} program: extract again")
         self.cache_path, self.preprocess = cache_path, preprocess
+        # decided where it is made too: DataLoader workers that run it inherit the caller's choice
+        self.trusted = files_trusted()
         self._stem = None  # loaded on first use, in the process (DataLoader worker) that uses it
+
+    def require_trust(self) -> None:
+        """Raise unless the caller trusts this cache's stored program (see the module doc)."""
+        if not (self.trusted or files_trusted()):
+            raise MfcacheError(
+                f"{self.cache_path} recomputes C1 with a program stored in the cache, and loading it "
+                f"(torch.export) can run code from the cache; if you made this cache or trust its source, "
+                f"pass {TRUST_OPTION}")
 
     def __getstate__(self):
         return {**self.__dict__, "_stem": None}
@@ -64,6 +82,7 @@ class C1Recomputer:
     @torch.no_grad()
     def __call__(self, image_path: Path, input_hw: tuple[int, int]) -> Tensor:
         if self._stem is None:
+            self.require_trust()
             data = zarr.open_array(str(self.cache_path / STEM_ARRAY), mode="r")[:]
             self._stem = torch.export.load(io.BytesIO(data.tobytes())).module()
         image = load_image(image_path)

@@ -20,6 +20,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from mfcache.cache.c1_stem import C1Recomputer
 from mfcache.cache.schema import DONE, INDEX_ARRAYS, QUANTIZED, SCHEMA_VERSION, SKIPPED, dequantize, stored_levels
+from mfcache.checkpoint_io import files_trusted, trusting
 from mfcache.detectors.base import DetectorInfo
 from mfcache.errors import MfcacheError
 from mfcache.masks import unpack_masks
@@ -255,13 +256,17 @@ class CacheDataset(torch.utils.data.Dataset):
                  c1: bool, targets: bool):
         self.cache_path, self.split_name = Path(cache_path), split
         self.kwargs = {"levels": levels, "c1": c1, "targets": targets}
+        self.trusted = files_trusted()  # the workers that reopen the split inherit this choice
         self._split: CacheSplit | None = None
         self._open().check_levels(levels)  # a missing level is one clear error, before any worker starts
+        if c1 and self._open().recompute_c1:  # so is running an untrusted stored program
+            self._open()._c1_recomputer.require_trust()
         self.positions = self._open().done
 
     def _open(self) -> CacheSplit:
         if self._split is None:
-            self._split = Cache(self.cache_path).split(self.split_name)
+            with trusting(self.trusted):
+                self._split = Cache(self.cache_path).split(self.split_name)
         return self._split
 
     def __getstate__(self):
