@@ -33,3 +33,8 @@ CacheOpt = Annotated[Path, typer.Option("--cache", help="Cache folder written by
 SplitOpt = Annotated[str | None, typer.Option("--split", help="Split of the cache (default: train* for training, val* for eval).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value, e.g. train.steps=500 or head.roi_size=64 (repeatable).")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-checkpoint",
+    help="Load checkpoints (and a cache's stored C1 program) with the full unpickler, accepting types beyond "
+         "tensors, containers and numbers. RISK: such a file can run any code on this machine; use only for "
+         "files from a source you trust.")]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import CacheOpt, QuietOpt, SplitOpt, user_errors
+from mfcache.cli.common import CacheOpt, QuietOpt, SplitOpt, TrustOpt, user_errors
 from mfcache.runtime import console
 
 
@@ -23,6 +23,7 @@ def command(
     images: Annotated[Path | None, typer.Option("--images", help="Image folder for --visualize, if it moved since "
                                                 "extraction (default: the folder recorded in the cache).")] = None,
     quiet: QuietOpt = False,
+    trust_checkpoint: TrustOpt = False,
 ):
     """Evaluate a trained head on a cache split with pycocotools (segm and bbox AP).
 
@@ -31,6 +32,7 @@ def command(
 
     Example: mfcache eval --cache caches/ddetr --run runs/baseline --out runs/baseline/metrics.json
     """
+    from mfcache.checkpoint_io import trusting
     from mfcache.engine import evaluate
     from mfcache.evaluation import metrics_table
     from mfcache.visualize import visualize_split
@@ -38,8 +40,9 @@ def command(
     panels = (out or run / "metrics.json").parent / "visualize"
     draw = (lambda data, results: visualize_split(data, results, panels, visualize,
                                                                images_dir=images)) if visualize else None
-    metrics = evaluate(cache_path=cache, run_dir=run, split=split, out=out, device=device, progress=not quiet,
-                       on_results=draw)
+    with trusting(trust_checkpoint):
+        metrics = evaluate(cache_path=cache, run_dir=run, split=split, out=out, device=device, progress=not quiet,
+                           on_results=draw)
     console.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images)"))
     console.print(f"metrics written to {out or run / 'metrics.json'}")
     if visualize:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import QuietOpt, SplitOpt, user_errors
+from mfcache.cli.common import QuietOpt, SplitOpt, TrustOpt, user_errors
 from mfcache.config import ExtractConfig
 from mfcache.errors import MfcacheError
 from mfcache.runtime import console
@@ -34,6 +34,7 @@ def command(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images as skipped (see `mfcache inspect`) instead of stopping.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = _D.device,
     quiet: QuietOpt = False,
+    trust_checkpoint: TrustOpt = False,
 ):
     """Run the frozen detector over a COCO split and write its outputs to a Zarr cache.
 
@@ -45,6 +46,7 @@ def command(
 
     Example: mfcache extract --detector hf:checkpoints/deformable-detr --images coco/val2017 --annotations coco/annotations/instances_val2017.json --out caches/ddetr
     """
+    from mfcache.checkpoint_io import trusting
     from mfcache.distributed import world_from_env
     from mfcache.extract import extract
 
@@ -55,8 +57,9 @@ def command(
     config = ExtractConfig(topk=topk, batch_size=batch_size, c1=c1, dtype=dtype, target_size=target_size,
                            num_workers=workers, device=device, block_size=block_size, levels=level_list,
                            compress=compress)
-    summary = extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
-                      config=config, skip_bad=skip_bad, progress=not quiet)
+    with trusting(trust_checkpoint):  # the detector's checkpoint
+        summary = extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
+                          config=config, skip_bad=skip_bad, progress=not quiet)
     if world_from_env().rank:  # under torchrun, rank 0 reports for all
         return
     skipped = f", {summary.skipped} skipped: see `mfcache inspect {summary.cache}`" if summary.skipped else ""

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import QuietOpt, user_errors
+from mfcache.cli.common import QuietOpt, TrustOpt, user_errors
 from mfcache.runtime import console
 
 
@@ -23,6 +23,7 @@ def command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per detector batch.")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     quiet: QuietOpt = False,
+    trust_checkpoint: TrustOpt = False,
 ):
     """Segment images with the frozen detector and a trained mask head.
 
@@ -32,9 +33,12 @@ def command(
 
     Example: mfcache predict --detector demo --run runs/baseline photos/ extra.jpg --out predictions
     """
+    from mfcache.checkpoint_io import trusting
     from mfcache.predict import predict_images
 
-    summary = predict_images(detector=detector, run_dir=run, inputs=images, out=out, score_threshold=score_threshold,
-                             device=device, batch_size=batch_size, progress=not quiet)
+    with trusting(trust_checkpoint):  # the detector's checkpoint and the run's
+        summary = predict_images(detector=detector, run_dir=run, inputs=images, out=out,
+                                 score_threshold=score_threshold, device=device, batch_size=batch_size,
+                                 progress=not quiet)
     console.print(f"{summary.num_images} images, {summary.num_detections} detections: {summary.results}, "
                   f"overlays in {summary.overlays}/")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import CacheOpt, QuietOpt, SetOpt, user_errors
+from mfcache.cli.common import CacheOpt, QuietOpt, SetOpt, TrustOpt, user_errors
 from mfcache.runtime import console
 
 
@@ -19,6 +19,7 @@ def command(
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training steps per head (overrides train.steps).")] = None,
     overrides: SetOpt = None,
     quiet: QuietOpt = False,
+    trust_checkpoint: TrustOpt = False,
 ):
     """Train and evaluate many heads from one cache, then tabulate them.
 
@@ -28,6 +29,7 @@ def command(
     Example: mfcache sweep --cache caches/ddetr --heads box_baseline --heads paper_final --steps 2000 --out sweeps/ablation
     """
     from rich.table import Table
+    from mfcache.checkpoint_io import trusting
     from mfcache.sweep import AP_KEYS, sweep
 
     def report(row: dict, reused: bool) -> None:
@@ -35,8 +37,9 @@ def command(
         console.print(f"{row['name']}: mask AP {'-' if ap is None else f'{100 * ap:.1f}'}"
                       f"{' (already done)' if reused else ''}")
 
-    rows = sweep(cache_path=cache, heads=heads, out_dir=out, steps=steps, overrides=overrides,
-                 progress=not quiet, on_row=report)
+    with trusting(trust_checkpoint):  # the run folders' checkpoints, a cache's stored C1 program
+        rows = sweep(cache_path=cache, heads=heads, out_dir=out, steps=steps, overrides=overrides,
+                     progress=not quiet, on_row=report)
     table = Table(title=f"mask AP (%) of {len(rows)} heads")
     for column in ("head", *AP_KEYS, "params", "train s", "peak MiB"):
         table.add_column(column, justify="left" if column == "head" else "right")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import CacheOpt, QuietOpt, SetOpt, SplitOpt, user_errors
+from mfcache.cli.common import CacheOpt, QuietOpt, SetOpt, SplitOpt, TrustOpt, user_errors
 from mfcache.config import resolve_run_config
 from mfcache.runtime import console
 
@@ -21,14 +21,17 @@ def command(
     split: SplitOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
     quiet: QuietOpt = False,
+    trust_checkpoint: TrustOpt = False,
 ):
     """Train a mask head on a cache split (the detector is never loaded).
 
     Example: mfcache train --cache caches/ddetr --head box_baseline --set train.steps=2000 --out runs/baseline
     """
+    from mfcache.checkpoint_io import trusting
     from mfcache.engine import train
 
     config = resolve_run_config(head, overrides)
-    last = train(cache_path=cache, run_dir=out, config=config, split=split, resume=resume, progress=not quiet)
+    with trusting(trust_checkpoint):
+        last = train(cache_path=cache, run_dir=out, config=config, split=split, resume=resume, progress=not quiet)
     loss = f"loss {last['loss']:.4f}" if last.get("loss") is not None else "no loss logged"
     console.print(f"trained {config.head.name} to step {last['step']} ({loss}) in {last['seconds']:.0f} s: {out}")
