@@ -38,6 +38,7 @@ from mfcache.engine import _to as to_device
 from mfcache.errors import MfcacheError
 from mfcache.extract import STORAGE_DTYPES, crop_outputs, stored_features
 from mfcache.heads import MaskHead, build_head
+from mfcache.paths import inside
 from mfcache.runtime import progress_bar, resolve_device
 from mfcache.visualize import decode_results, overlay
 
@@ -139,11 +140,12 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
     run = load_run_for_detector(Path(run_dir), info, torch_device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    names = _overlay_names(paths)
+    overlays = [inside(out, Path("overlays") / name, what="overlay") for name in names]  # before any work
     stage = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
     try:
         (stage / "overlays").mkdir()
         results, images = [], []
-        names = _overlay_names(paths)
         with progress_bar(progress) as bar:
             task = bar.add_task("predict", total=len(paths), status=f"{info.family} on {torch_device.type}")
             for start in range(0, len(paths), batch_size):
@@ -166,8 +168,8 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
         (stage / "images.json").write_text(json.dumps({"images": images, "categories": categories,
                                                        "annotations": []}, indent=1))
         (out / "overlays").mkdir(exist_ok=True)
-        for name in names:
-            shutil.move(stage / "overlays" / name, out / "overlays" / name)
+        for name, target in zip(names, overlays):
+            shutil.move(stage / "overlays" / name, target)
         for name in ("results.json", "images.json"):
             shutil.move(stage / name, out / name)
     finally:

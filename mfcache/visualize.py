@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mfcache.data.transforms import load_image
 from mfcache.errors import MfcacheError
+from mfcache.paths import inside
 
 __all__ = ["decode_results", "label_edges", "overlay", "palette", "side_by_side", "visualize_split"]
 
@@ -154,7 +155,8 @@ def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, sc
                     images_dir: Path | None = None) -> list[Path]:
     """Ground truth | prediction panels for the first ``n`` complete images of a cache split
     (:class:`mfcache.cache.reader.CacheSplit`), written to ``out_dir/<image_id>.png``;
-    returns the paths.
+    returns the paths. A panel that would land outside ``out_dir``'s parent (``out_dir`` or
+    a panel being a link that leads elsewhere) is refused before any is drawn.
 
     GT masks come from the split's cached annotations; predictions are ``results`` (COCO
     results of the split) scoring at least ``score_threshold``. Pixels are read from
@@ -174,6 +176,9 @@ def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, sc
     image_ids = [int(split.index["image_id"][i]) for i in split.done[:n]]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # out_dir is a folder of its parent (the metrics folder): a link there must not lead elsewhere
+    targets = {image_id: inside(out_dir.parent, Path(out_dir.name) / f"{image_id}.png", what="panel")
+               for image_id in image_ids}
     written = []
     for image_id in image_ids:
         info = coco.imgs[image_id]
@@ -187,7 +192,7 @@ def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, sc
             panels.append(overlay(image, masks, boxes, labels, scores if kind == "prediction" else None))
         titles = (f"ground truth ({len(gt)})", f"prediction ({len(by_image.get(image_id, []))}, "
                                               f"score >= {score_threshold:g})")
-        path = out_dir / f"{image_id}.png"
+        path = targets[image_id]
         tmp = path.with_suffix(".tmp.png")
         side_by_side(*panels, titles=titles).save(tmp)
         shutil.move(tmp, path)
