@@ -83,7 +83,7 @@ class C1Recomputer:
     def __call__(self, image_path: Path, input_hw: tuple[int, int]) -> Tensor:
         if self._stem is None:
             self.require_trust()
-            data = zarr.open_array(str(self.cache_path / STEM_ARRAY), mode="r")[:]
+            data = zarr.open_array(str(self.cache_path / STEM_ARRAY), mode="r", zarr_format=3)[:]
             self._stem = torch.export.load(io.BytesIO(data.tobytes())).module()
         image = load_image(image_path)
         if self.preprocess.input_size(*image.shape[1:]) != tuple(input_hw):
