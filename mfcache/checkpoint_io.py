@@ -86,10 +86,11 @@ def load_checkpoint(path: str | Path, *, what: str, map_location: str | torch.de
             return torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as exc:
         if weights_only and asked_for(exc):
+            allowed = "".join(f", {t.__module__}.{t.__qualname__}" for t in allow)
             raise MfcacheError(
                 f"{what} {path} asks for {asked_for(exc)}, and loading that could run code from the file, so it "
-                f"is refused (mfcache loads tensors, plain containers and numbers); if you trust the file's "
-                f"source, pass {TRUST_OPTION} (the file can then run any code on this machine)") from None
+                f"is refused (mfcache loads tensors, plain containers and numbers{allowed}); if you trust the "
+                f"file's source, pass {TRUST_OPTION} (the file can then run any code on this machine)") from None
         raise MfcacheError(_cannot_read(what, path, exc)) from None
     except Exception as exc:  # noqa: BLE001 - a corrupt, truncated or foreign file is the user's to fix
         raise MfcacheError(_cannot_read(what, path, exc)) from None
