@@ -317,7 +317,8 @@ def _set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
     kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    keys = keys.numpy() if isinstance(keys, Tensor) else keys  # checkpoints saved before the change: an array
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, gauss))
     if states.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
