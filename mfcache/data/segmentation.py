@@ -11,8 +11,9 @@ Bounds (a polygon is drawn exactly as pycocotools draws it, never reshaped):
 - coordinates are finite and lie at most one image size outside the image
   (``x`` in ``[-W, 2W]``, ``y`` in ``[-H, 2H]``);
 - the outline (all parts, each edge counted by its longer side) is at most ``H * W`` pixels
-  long: a longer outline must revisit pixels. pycocotools' tracer then needs about
-  ``120 * H * W`` bytes at most, the decoded mask ``H * W``.
+  long (a longer outline must revisit pixels), or :data:`OUTLINE_FLOOR` on small images.
+  pycocotools' tracer then needs at most about ``120 * max(H * W, OUTLINE_FLOOR)`` bytes, the
+  decoded mask ``H * W``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pycocotools import mask as mask_utils
 
 MIN_POLYGON_POINTS = 3
 OUTSIDE_MARGIN = 1.0  # polygon coordinates may lie this many image sizes outside the image
+OUTLINE_FLOOR = 4096  # outline pixels allowed on any image, however small (under 1 MB to trace)
 
 
 def polygon_points(part, height: int, width: int) -> np.ndarray:
@@ -73,9 +75,10 @@ def outline_length(parts: list[np.ndarray]) -> float:
 
 
 def check_outline(parts: list[np.ndarray], height: int, width: int) -> None:
-    """ValueError unless the outline of ``parts`` is at most ``height * width`` pixels long."""
+    """ValueError unless the outline of ``parts`` is at most ``height * width`` (or
+    :data:`OUTLINE_FLOOR`) pixels long."""
     length = outline_length(parts)
-    if length > height * width:
+    if length > max(height * width, OUTLINE_FLOOR):
         raise ValueError(f"polygon outline is {length:.0f} pixels long, longer than the {width}x{height} "
                          "image has pixels")
 

@@ -4,7 +4,7 @@ annotation file is loaded (before anything is written), and cleaned into what ev
 Per annotation (the README's "Guarantees" lists the same):
 - ``image_id``, ``category_id``: integers naming a listed image / category, else an error;
 - ``segmentation``: polygons (lists of an even count of finite numbers, at most one image
-  size outside the image, outline at most ``H * W`` pixels) or an RLE (compressed string or
+  size outside the image, outline at most ``H * W`` pixels: :mod:`mfcache.data.segmentation`) or an RLE (compressed string or
   uncompressed counts) whose ``size`` is the image's and whose runs cover it exactly, else an
   error; missing or ``[]`` is an error too (a mask cannot be derived from a box);
   polygon parts with fewer than 3 points or no area are dropped, and an annotation left with
@@ -42,7 +42,7 @@ class BadAnnotation(ValueError):
     """An annotation field that is wrong and cannot be derived: ``field`` and why."""
 
     def __init__(self, field_name: str, why: str):
-        super().__init__(f"{field_name}: {why}")
+        super().__init__(f"{field_name} {why}")
         self.field = field_name
 
 
@@ -70,8 +70,9 @@ class AnnotationReport:
         """One line for the user ('' when nothing was changed)."""
         notes = []
         if self.derived:
-            notes.append("derived " + ", ".join(f"{name} for {n} annotation{'s' * (n != 1)}"
-                                                for name, n in sorted(self.derived.items())))
+            (name, n), *rest = sorted(self.derived.items())
+            notes.append(f"derived {name} for {n} annotation{'s' * (n != 1)}"
+                         + "".join(f", {other} for {m}" for other, m in rest))
         if self.dropped_parts:
             notes.append(f"dropped {self.dropped_parts} polygon part{'s' * (self.dropped_parts != 1)} "
                          "with fewer than 3 points or no area")
@@ -116,7 +117,7 @@ def clean_segmentation(segmentation, height: int, width: int) -> tuple[list | di
         parts = [polygon_points(part, height, width) for part in segmentation]
         check_outline(parts, height, width)
     except ValueError as exc:
-        raise BadAnnotation("segmentation", str(exc)) from None
+        raise BadAnnotation("segmentation", f"is invalid: {exc}") from None
     kept = [part for part, points in zip(segmentation, parts) if encloses_area(points)]
     if not kept:
         raise EmptyAnnotation("its polygons have fewer than 3 points or no area")
@@ -194,6 +195,6 @@ def clean_annotations(annotations: list, *, source: str, image_hw: dict[int, tup
     if bad and not skip_bad:
         ann_id, why = bad[0]
         more = f" ({len(bad) - 1} more bad annotations)" if len(bad) > 1 else ""
-        raise MfcacheError(f"{source}: annotation id {ann_id}, {why}{more}; fix the file or pass --skip-bad "
+        raise MfcacheError(f"{source}: annotation id {ann_id}: {why}{more}; fix the file or pass --skip-bad "
                            "to leave bad annotations out")
     return kept, report
