@@ -244,7 +244,10 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
     With ``skip_bad``, images that cannot be read are recorded as skipped (``index/done ==
     2``, reason in the split's ``skipped`` attrs) instead of stopping the run; without it,
     the first one stops the run with an error, after every finished block is stored, and
-    images skipped by an earlier run are tried again.
+    images skipped by an earlier run are tried again. Annotations are checked when the file
+    is loaded (:class:`CocoDataset`), before anything is written; the split stores the
+    cleaned file, and the annotations left out (bad ones only with ``skip_bad``) are in its
+    ``skipped_annotations`` attrs.
 
     Under ``torchrun --nproc_per_node N`` the ranks share the work: rank 0 creates the
     layout, then each rank runs the detector (``cuda:LOCAL_RANK`` on GPU) on its own whole

@@ -42,14 +42,13 @@ def polygon_points(part, height: int, width: int) -> np.ndarray:
         raise ValueError(f"a polygon is a list of numbers [x0, y0, x1, y1, ...], got {short_repr(part)}")
     if len(values) % 2:
         raise ValueError(f"a polygon has an even count of numbers (x, y pairs), got {len(values)}")
-    points = values.astype(np.float64).reshape(-1, 2)
-    if not np.isfinite(points).all():
-        raise ValueError(f"polygon coordinate {short_repr(points[~np.isfinite(points)][0])} is not a finite number")
-    low = -OUTSIDE_MARGIN * np.array([width, height])
-    high = (1 + OUTSIDE_MARGIN) * np.array([width, height])
-    outside = (points < low) | (points > high)
-    if outside.any():
-        x, y = points[outside.any(axis=1)][0]
+    points = values.astype(np.float64, copy=False).reshape(-1, 2)
+    size = np.array([width, height], dtype=np.float64)
+    inside = (points >= -OUTSIDE_MARGIN * size) & (points <= (1 + OUTSIDE_MARGIN) * size)  # False for NaN
+    if not inside.all():
+        if not np.isfinite(points).all():
+            raise ValueError(f"polygon coordinate {short_repr(points[~np.isfinite(points)][0])} is not a finite number")
+        x, y = points[~inside.all(axis=1)][0]
         raise ValueError(f"polygon point ({x:g}, {y:g}) lies more than one image size outside the "
                          f"{width}x{height} (w x h) image")
     return points
@@ -61,7 +60,8 @@ def encloses_area(points: np.ndarray) -> bool:
     if len(points) < MIN_POLYGON_POINTS:
         return False
     x, y = points[:, 0], points[:, 1]
-    return bool(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)) != 0)
+    twice_area = np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]) + x[-1] * y[0] - x[0] * y[-1]
+    return bool(twice_area != 0)
 
 
 def outline_length(parts: list[np.ndarray]) -> float:
@@ -70,7 +70,8 @@ def outline_length(parts: list[np.ndarray]) -> float:
     total = 0.0
     for points in parts:
         if len(points):
-            total += float(np.abs(points - np.roll(points, -1, axis=0)).max(axis=1).sum())
+            total += float(np.abs(points[1:] - points[:-1]).max(axis=1, initial=0).sum())
+            total += float(np.abs(points[0] - points[-1]).max())
     return total
 
 
