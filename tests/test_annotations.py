@@ -218,11 +218,12 @@ def test_a_clean_file_is_stored_as_it_is(data):
 def test_extract_train_eval_on_a_file_with_derived_fields(data, tmp_path):
     def change(ann):
         for i, a in enumerate(ann["annotations"]):
-            del a[("bbox", "area", "iscrowd")[i % 3]]
+            del a[("bbox", "area", "iscrowd", "segmentation")[i % 4] if i < 4 else ("bbox", "area")[i % 2]]
+    skipped = source(data)["annotations"][3]["id"]  # no segmentation
     path = edited(data, change)
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
     for split in ("train", "val"):  # the same images twice: eval needs a split of its own
-        result = extract_cli(data, path, cache, "--split", split)
+        result = extract_cli(data, path, cache, "--split", split, "--skip-bad")
         assert result.exit_code == 0 and "derived area" in result.output, result.output
     result = runner.invoke(app, ["train", "--cache", str(cache), "--split", "train", "--out", str(run_dir),
                                  "--set", "train.steps=2", "--set", "train.batch_size=2", "-q"])
@@ -233,6 +234,7 @@ def test_extract_train_eval_on_a_file_with_derived_fields(data, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert metrics["bbox"]["AP"] is not None and metrics["segm"]["AP"] is not None
+    assert metrics["skipped_annotations"] == [skipped]
 
 
 # -- file_name containment ----------------------------------------------------------------------

@@ -107,19 +107,25 @@ class CocoDataset:
         data.setdefault("annotations", [])
         if not isinstance(data["annotations"], list):
             raise MfcacheError(f"{name}: 'annotations' must be a list")
-        for kind, entries, keys in (("image", data["images"], ("id", "height", "width")),
-                                    ("category", data["categories"], ("id",))):
-            for i, entry in enumerate(entries):
-                for key in keys:
-                    value = entry.get(key) if isinstance(entry, dict) else None
-                    if not is_int(value) or (key != "id" and value < 1):
-                        raise MfcacheError(f"{name}: {kind} #{i} lacks a valid '{key}' (a positive integer), "
-                                           f"got {short_repr(value)}")
-                if kind == "image" and "file_name" not in entry or kind == "category" and "name" not in entry:
-                    raise MfcacheError(f"{name}: {kind} #{i} lacks a valid '{'file_name' if kind == 'image' else 'name'}'")
+        for i, im in enumerate(data["images"]):
+            self._require(im, f"image #{i}", "id", is_int, "an integer")
+            for key in ("height", "width"):
+                self._require(im, f"image #{i}", key, lambda v: is_int(v) and v >= 1, "a positive integer")
+            self._require(im, f"image #{i}", "file_name", lambda v: v is not None, "a path")
+        for i, category in enumerate(data["categories"]):
+            self._require(category, f"category #{i}", "id", is_int, "an integer")
+            self._require(category, f"category #{i}", "name", lambda v: v is not None, "a name")
         image_ids = [im["id"] for im in data["images"]]
         if len(set(image_ids)) != len(image_ids):
             raise MfcacheError(f"{name}: duplicate image ids")
+
+    def _require(self, entry, what: str, key: str, valid, expected: str) -> None:
+        """:class:`MfcacheError` unless ``entry`` (an image or category, ``what``) has ``key``
+        with a value for which ``valid`` holds."""
+        value = entry.get(key) if isinstance(entry, dict) else None
+        if not valid(value):
+            raise MfcacheError(f"{self.annotation_file.name}: {what} lacks a valid '{key}' ({expected}), "
+                               f"got {short_repr(value)}")
 
     def _check_file_names(self, images: list[dict], skip_bad: bool) -> dict[int, str]:
         """``{image id: reason}`` for images whose ``file_name`` leads outside the image
