@@ -31,7 +31,7 @@ def command(
     target_size: Annotated[int, typer.Option("--target-size", min=8, help="Side of the cached per-query GT mask crops.")] = _D.target_size,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding processes.")] = _D.num_workers,
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="Images per write (the resume unit); fixed when the split is created.")] = _D.block_size,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images as skipped (see `mfcache inspect`) instead of stopping.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images and bad annotations as skipped (see `mfcache inspect`) instead of stopping.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = _D.device,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
@@ -65,3 +65,6 @@ def command(
     skipped = f", {summary.skipped} skipped: see `mfcache inspect {summary.cache}`" if summary.skipped else ""
     console.print(f"split {summary.split!r}: {summary.num_images} images cached in {summary.cache} "
                   f"({summary.written} written now{skipped})")
+    if summary.annotations:
+        see = f" (see `mfcache inspect {summary.cache}`)" if summary.skipped_annotations else ""
+        console.print(summary.annotations + see, highlight=False)

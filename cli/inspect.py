@@ -10,6 +10,8 @@ import typer
 from mfcache.cli.common import user_errors
 from mfcache.runtime import console
 
+SHOWN_ANNOTATIONS = 20  # skipped annotations listed one per line; the rest are counted
+
 
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -50,6 +52,11 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
                       f"annotations {split.attrs['annotation_file']} (sha256 {split.attrs['annotations_sha256'][:16]})")
         for image_id, reason in sorted(skipped.items()):
             console.print(f"  skipped image id {image_id}: {reason}", highlight=False, soft_wrap=True)
+        left_out = sorted(split.skipped_annotations.items())
+        for ann_id, reason in left_out[:SHOWN_ANNOTATIONS]:
+            console.print(f"  skipped annotation id {ann_id}: {reason}", highlight=False, soft_wrap=True)
+        if len(left_out) > SHOWN_ANNOTATIONS:
+            console.print(f"  ... {len(left_out) - SHOWN_ANNOTATIONS} more skipped annotations", highlight=False)
         table = Table()
         for column in ("array", "shape", "dtype", "chunks", "bytes", "stored"):
             table.add_column(column, no_wrap=column in ("array", "shape"),

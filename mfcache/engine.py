@@ -372,6 +372,7 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
         metrics["box_filled"] = {"segm": coco_evaluate(coco_gt, results["box_filled"], iou_types=("segm",), image_ids=evaluated)["segm"]}
     metrics.update({
         "split": data.name, "num_images": len(evaluated), "skipped_images": sorted(data.skipped),
+        "skipped_annotations": sorted(data.skipped_annotations),  # left out of the GT at extract
         "num_detections": len(results["head"]),
         "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
         "config": config.to_dict(),

@@ -48,6 +48,8 @@ class ExtractSummary:
     written: int
     cache: Path
     skipped: int = 0
+    annotations: str = ""  # what loading did to the annotations (derived, left out), one line or ''
+    skipped_annotations: int = 0
 
 
 def split_name(annotation_file: Path) -> str:
@@ -82,8 +84,8 @@ class _ImageSource(Dataset):
     def __getitem__(self, j: int) -> dict:
         i = int(self.positions[j])
         image = self.dataset.images[i]
-        path = self.dataset.image_path(image)
         try:
+            path = self.dataset.image_path(image)
             pixels = load_image(path)
             if tuple(pixels.shape[1:]) != (image.height, image.width):
                 raise MfcacheError(
@@ -242,7 +244,10 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
     With ``skip_bad``, images that cannot be read are recorded as skipped (``index/done ==
     2``, reason in the split's ``skipped`` attrs) instead of stopping the run; without it,
     the first one stops the run with an error, after every finished block is stored, and
-    images skipped by an earlier run are tried again.
+    images skipped by an earlier run are tried again. Annotations are checked when the file
+    is loaded (:class:`CocoDataset`), before anything is written; the split stores the
+    cleaned file, and the annotations left out (bad ones only with ``skip_bad``) are in its
+    ``skipped_annotations`` attrs.
 
     Under ``torchrun --nproc_per_node N`` the ranks share the work: rank 0 creates the
     layout, then each rank runs the detector (``cuda:LOCAL_RANK`` on GPU) on its own whole
@@ -266,7 +271,7 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
         raise MfcacheError(f"--c1 must be store, recompute or none, got {config.c1!r}")
     if config.dtype not in STORAGE_DTYPES:
         raise MfcacheError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {config.dtype!r}")
-    dataset = CocoDataset(annotations, images)
+    dataset = CocoDataset(annotations, images, skip_bad=skip_bad)
     if not len(dataset):
         raise MfcacheError(f"{annotations} lists no images")
     if world.enabled and skip_bad:  # skip reasons live in the split's attrs: one writer only
@@ -285,6 +290,7 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
         "annotations_sha256": dataset.sha256, "annotation_file": str(annotations), "images_dir": str(images),
         "label_to_category": label_to_category(info.label_names, dataset.category_names),
         "category_names": {str(k): v for k, v in dataset.category_names.items()},
+        "skipped_annotations": {str(k): v for k, v in dataset.report.left_out.items()},
     }
     if not world.is_main:
         world.barrier()  # rank 0 creates the root and the split's layout alone
@@ -294,7 +300,7 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     plan = plan_split([im.id for im in dataset.images], [(im.height, im.width) for im in dataset.images],
                       info, config.chunk_tokens, levels)
     group = create_split(
-        root, split, plan, meta=meta, annotations=Path(annotations).read_bytes(), topk=topk,
+        root, split, plan, meta=meta, annotations=dataset.stored, topk=topk,
         d_model=info.d_model, c1_channels=info.c1_channels if config.c1 == "store" else 0,
         target_size=config.target_size, block_size=config.block_size, dtype=config.dtype,
         compress=config.compress,
@@ -358,4 +364,5 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
         world.barrier()
     done = group["index/done"][:] if world.enabled else writer.index["index/done"]
     return ExtractSummary(split=split, num_images=plan.num_images, written=written, cache=Path(out),
-                          skipped=int((done == SKIPPED).sum()))
+                          skipped=int((done == SKIPPED).sum()), annotations=dataset.report.summary(),
+                          skipped_annotations=len(dataset.report.left_out))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from mfcache.data.segmentation import segmentation_rle
 from mfcache.data.transforms import load_image
 from mfcache.errors import MfcacheError
 from mfcache.paths import inside
@@ -133,17 +134,11 @@ def side_by_side(left: Image.Image, right: Image.Image, titles: tuple[str, str] 
 def decode_results(results: Sequence[dict], height: int, width: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """COCO results (or annotations) of one image -> ``masks [N, H, W]`` bool, ``boxes [N, 4]``
     xyxy, ``scores [N]`` (1 for annotations) and the N category ids; one RLE decode call.
-    Polygons and uncompressed RLEs are converted as pycocotools does."""
+    Polygons and uncompressed RLEs are converted as pycocotools does, within
+    :mod:`mfcache.data.segmentation`'s memory bounds."""
     if not results:
         return (torch.zeros(0, height, width, dtype=torch.bool), torch.zeros(0, 4), torch.zeros(0), [])
-    rles = []
-    for r in results:
-        seg = r["segmentation"]
-        if isinstance(seg, list):  # polygons
-            seg = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-        elif isinstance(seg["counts"], list):  # uncompressed RLE
-            seg = mask_utils.frPyObjects(seg, height, width)
-        rles.append(seg)
+    rles = [segmentation_rle(r["segmentation"], height, width) for r in results]
     masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).bool()
     xywh = torch.tensor([r["bbox"] for r in results], dtype=torch.float32)
     boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)

@@ -117,6 +117,12 @@ class CacheSplit:
         ids = self.index["image_id"][self.index["done"] == SKIPPED]
         return {int(i): reasons.get(str(int(i)), "no reason recorded") for i in ids}
 
+    @property
+    def skipped_annotations(self) -> dict[int, str]:
+        """``{annotation id: reason}`` of the annotations extraction left out of the stored
+        annotation file (bad ones under ``--skip-bad``, ones marking no pixel)."""
+        return {int(k): v for k, v in self.attrs.get("skipped_annotations", {}).items()}
+
     def require_complete(self) -> None:
         """Raise unless every image is written or skipped."""
         missing = int((self.index["done"] == 0).sum())
