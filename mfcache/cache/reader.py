@@ -45,9 +45,9 @@ from mfcache.masks import unpack_masks
 
 
 _CHUNK_KEY = re.compile(r"(^|/)c(/\d+)+$")  # zarr v3 default chunk keys: <array>/c/<i>/<j>...
-# A block's flags and checksums are written with it: until then their chunks are absent and
-# read as 0 ("not written"), which no reader serves (the checksum of a written image is never read as 0
-# for all parts: its index rows alone are non-zero bytes).
+# A block's flags and checksums are written with its data: until then their chunks are absent
+# and read as 0, which means "not written" (such images are never served; a written image whose
+# checksum chunk is lost fails its checks: its parts do not all have a CRC-32 of 0).
 _WRITTEN_LATER = re.compile(r"(^|/)index/(done|checksum)/c/")
 
 
