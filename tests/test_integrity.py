@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -173,6 +174,13 @@ def test_a_missing_chunk_never_reads_as_zeros(cache):
     with pytest.raises(MfcacheError, match=r"array targets/gt_iou of image id \d+ \(position 0\): chunk file "
                                            r"train/targets/gt_iou/c/0/0 is missing"):
         Cache(cache).split("train").read(0)
+
+
+def test_the_checksum_is_zlibs_crc32():
+    """Whichever implementation runs (zlib, or ISA-L's faster one), the values are zlib's."""
+    values = np.random.default_rng(0).standard_normal((300, 7)).astype(np.float16)
+    assert checksum(values) == zlib.crc32(values.tobytes())
+    assert checksum(values[:, 2]) == zlib.crc32(values[:, 2].tobytes())  # non-contiguous: copied
 
 
 def test_int8_scales_are_checked(data, tmp_path):

@@ -40,13 +40,21 @@ Storage options (recorded in the fingerprint's extract options):
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from mfcache import __version__
 from mfcache.detectors.base import DetectorInfo, level_shapes
+
+try:  # the same CRC-32 as zlib's, ~5x faster (ISA-L, SIMD): the `fast` extra
+    from isal.isal_zlib import crc32 as _crc32
+
+    CRC32_IMPLEMENTATION = "isal"
+except ImportError:
+    from zlib import crc32 as _crc32
+
+    CRC32_IMPLEMENTATION = "zlib"
 
 SCHEMA_VERSION = 3  # 2: index/checksum, done == 2 (skipped); 3: one checksum per array and level
 C1_STRIDE = 4
@@ -115,9 +123,10 @@ def checksum_parts(num_levels: int) -> tuple[str, ...]:
 
 
 def checksum(values: np.ndarray) -> int:
-    """CRC-32 of ``values``' bytes in storage dtype, C order (no copy for contiguous data):
-    the one checksum of the cache, as extraction writes it and the reader and verify check it."""
-    return zlib.crc32(np.ascontiguousarray(values))
+    """CRC-32 (zlib's polynomial and value) of ``values``' bytes in storage dtype, C order (no
+    copy for contiguous data): the one checksum of the cache, as extraction writes it and the
+    reader and verify check it."""
+    return _crc32(np.ascontiguousarray(values))
 
 
 def memory_parts(memory: np.ndarray, level_hw: np.ndarray, levels: list[int]) -> dict[str, np.ndarray]:
