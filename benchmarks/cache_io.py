@@ -91,10 +91,14 @@ def bench_reader(quick: bool) -> dict:
 
     The ratio compares throughputs: the reader's MB/s from its first batch on (training
     reads batches for hours; the workers' one-off start is reported apart as
-    ``first_batch_s``, and ``cold_ratio_to_disk`` counts it in)."""
+    ``first_batch_s``, and ``cold_ratio_to_disk`` counts it in). The reader checks every
+    part it serves against its CRC-32 (``CacheSplit.checksums``); the same reader with the
+    check off runs alongside (``unchecked_*``), and ``crc_MBps`` is the cache's CRC-32 alone on
+    this machine (``crc_implementation``: isal or zlib), so the check's cost is stated three ways."""
     from torch.utils.data import DataLoader
 
     from mfcache.cache.reader import CacheDataset, CacheSplit, collate
+    from mfcache.cache.schema import CRC32_IMPLEMENTATION
     from mfcache.config import TrainConfig
 
     images, repeats, batch = (48, 3, 8) if quick else (128, 5, 8)
@@ -103,11 +107,12 @@ def bench_reader(quick: bool) -> dict:
         split_dir = root / "train"
         workers = TrainConfig().num_workers
 
-        def reader(concurrent: bool, num_workers: int = workers):
+        def reader(concurrent: bool, num_workers: int = workers, checksums: bool = True):
             def run() -> tuple[float, float]:
                 """Seconds to the first batch, seconds for all."""
                 start = time.perf_counter()
-                CacheSplit.concurrent = concurrent  # forked workers inherit it
+                CacheSplit.concurrent = concurrent  # forked workers inherit these
+                CacheSplit.checksums = checksums
                 dataset = CacheDataset(root, "train", levels=None, c1=True, targets=True)
                 first = None
                 for _ in DataLoader(dataset, batch_size=batch, collate_fn=collate, num_workers=num_workers):
@@ -120,15 +125,17 @@ def bench_reader(quick: bool) -> dict:
             sequential_read(split_dir)
             return 0.0, time.perf_counter() - start
 
-        sides = {"disk": disk, "reader": reader(True), "reader_serial": reader(False),
-                 "reader_in_process": reader(True, num_workers=0)}
+        sides = {"disk": disk, "reader": reader(True), "reader_unchecked": reader(True, checksums=False),
+                 "reader_serial": reader(False), "reader_in_process": reader(True, num_workers=0),
+                 "reader_in_process_unchecked": reader(True, num_workers=0, checksums=False)}
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
         for _ in range(repeats):
             for name, fn in sides.items():
                 evict(root)
                 times[name].append(fn())
-        CacheSplit.concurrent = True
+        CacheSplit.concurrent, CacheSplit.checksums = True, True
         stored = sum(p.stat().st_size for p in split_dir.rglob("*") if p.is_file())
+        crc_rate = _crc_rate()
     mb = stored / 1e6
     steady = (images - batch) / images  # the share of the bytes that come after the first batch
     total = {k: statistics.median(t for _, t in v) for k, v in times.items()}
@@ -141,7 +148,25 @@ def bench_reader(quick: bool) -> dict:
             "cold_ratio_to_disk": total["disk"] / total["reader"],
             "in_process_MBps": mb / total["reader_in_process"],
             "in_process_ratio_to_disk": total["disk"] / total["reader_in_process"],
-            "concurrent_speedup": rate["reader"] / rate["reader_serial"]}
+            "concurrent_speedup": rate["reader"] / rate["reader_serial"],
+            "unchecked_MBps": rate["reader_unchecked"],
+            "unchecked_ratio_to_disk": rate["reader_unchecked"] / rate["disk"],
+            "checked_vs_unchecked": rate["reader"] / rate["reader_unchecked"],
+            "in_process_unchecked_MBps": mb / total["reader_in_process_unchecked"],
+            "in_process_checked_vs_unchecked": total["reader_in_process_unchecked"] / total["reader_in_process"],
+            "crc_MBps": crc_rate, "crc_implementation": CRC32_IMPLEMENTATION}
+
+
+def _crc_rate() -> float:
+    """MB/s of the cache's checksum (zlib CRC-32) on an in-memory fp16 array, one thread."""
+    from mfcache.cache.schema import checksum
+
+    values = np.random.default_rng(0).standard_normal((1 << 20, 64)).astype(np.float16)  # 128 MiB
+    checksum(values)
+    start = time.perf_counter()
+    for _ in range(3):
+        checksum(values)
+    return 3 * values.nbytes / 1e6 / (time.perf_counter() - start)
 
 
 def write_r50_checkpoint(path: Path, shortest_edge: int = 512) -> str:
@@ -291,6 +316,13 @@ def rows(results: dict) -> list[str]:
                    f"{r['in_process_MBps']:.0f} MB/s vs {r['disk_MBps']:.0f} MB/s | {r['in_process_ratio_to_disk']:.2f}x |")
         out.append(f"| reader concurrent vs serial fetch per image | {r['reader_MBps']:.0f} vs {r['reader_serial_MBps']:.0f} MB/s "
                    f"| {r['concurrent_speedup']:.2f}x |")
+        if "checked_vs_unchecked" in r:
+            out.append(f"| reader integrity check (CRC-32 of every part read) on vs off, {r['workers']} workers | "
+                       f"{r['reader_MBps']:.0f} vs {r['unchecked_MBps']:.0f} MB/s (off: {r['unchecked_ratio_to_disk']:.2f}x "
+                       f"disk) | {r['checked_vs_unchecked']:.2f}x |")
+            out.append(f"| the same in the training process | {r['in_process_MBps']:.0f} vs "
+                       f"{r['in_process_unchecked_MBps']:.0f} MB/s; CRC-32 alone ({r.get('crc_implementation', 'zlib')}) {r['crc_MBps']:.0f} MB/s on one core "
+                       f"| {r['in_process_checked_vs_unchecked']:.2f}x |")
     for r in results.get("extract", {}).values():
         out.append(f"| extract.overhead ({r['detector']} detector, {r['images']} images, batch {r['batch']}, block {r['block']}, "
                    f"model load included) | {r['extract_s']:.2f} s extract vs {r['forward_s']:.2f} s forward only "

@@ -73,3 +73,12 @@ def all_sum(value: float | int, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item()
+
+
+def broadcast_from_main(value, world: World):
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself without torchrun."""
+    if not world.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mfcache.cache.c1_stem import STEM_ARRAY, export_stem
+from mfcache.cache.lock import writer_lock
 from mfcache.cache.schema import QUANTIZED, SKIPPED, fingerprint, plan_split, quantize
 from mfcache.cache.targets import query_targets
 from mfcache.cache.writer import (
@@ -252,14 +253,17 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
     Under ``torchrun --nproc_per_node N`` the ranks share the work: rank 0 creates the
     layout, then each rank runs the detector (``cuda:LOCAL_RANK`` on GPU) on its own whole
     blocks (:func:`own_blocks`); the cache equals a one-process run's array by array.
+    One writer per cache: a second extract into ``out`` is refused at once, naming the
+    process that holds it (:func:`mfcache.cache.lock.writer_lock`).
     Blocks are written by a background thread (:class:`BackgroundWriter`) while the
     detector runs on the next batches."""
     device = resolve_device(config.device)
     world, created = init_world(device)
     try:
-        return _extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
-                        config=config, skip_bad=skip_bad, progress=progress and world.is_main,
-                        world=world, device=world.device(device))
+        with writer_lock(Path(out), world):  # one writer per cache, held to the end (rank 0 for the job)
+            return _extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
+                            config=config, skip_bad=skip_bad, progress=progress and world.is_main,
+                            world=world, device=world.device(device))
     finally:
         close_world(created)
 

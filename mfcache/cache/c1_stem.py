@@ -30,6 +30,7 @@ from zarr.codecs import BloscCodec
 from mfcache.checkpoint_io import TRUST_OPTION, files_trusted
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors.base import Preprocess
+from mfcache.cache.schema import checksum
 from mfcache.errors import MfcacheError
 
 STEM_ARRAY = "c1_stem"
@@ -50,6 +51,7 @@ def export_stem(stem: nn.Module, root: zarr.Group) -> None:
     array = root.create_array(STEM_ARRAY + ".tmp", shape=data.shape, chunks=data.shape, dtype="uint8",
                               compressors=BloscCodec(cname="zstd", clevel=3), overwrite=True)
     array[:] = data
+    array.attrs["crc32"] = checksum(data)  # checked by C1Recomputer before the program is loaded
     # renamed into place when complete (a local store: the rename is atomic); a killed export
     # leaves only the .tmp array, which the next run overwrites
     Path(root.store.root, STEM_ARRAY + ".tmp").rename(Path(root.store.root, STEM_ARRAY))
@@ -79,12 +81,23 @@ class C1Recomputer:
     def __getstate__(self):
         return {**self.__dict__, "_stem": None}
 
+    def _load(self) -> nn.Module:
+        """The stem program, refused unless its bytes are exactly those extraction exported."""
+        where = f"{self.cache_path}: array {STEM_ARRAY} (the C1 program)"
+        try:
+            array = zarr.open_array(str(self.cache_path / STEM_ARRAY), mode="r", zarr_format=3)
+            data = array[:]
+        except Exception as exc:  # zarr raises many types for damaged metadata or chunks
+            raise MfcacheError(f"{where} is unreadable ({type(exc).__name__}: {exc}): extract again") from None
+        if array.attrs.get("crc32") != checksum(data):
+            raise MfcacheError(f"{where}: checksum mismatch (its stored bytes changed after extraction): extract again")
+        return torch.export.load(io.BytesIO(data.tobytes())).module()
+
     @torch.no_grad()
     def __call__(self, image_path: Path, input_hw: tuple[int, int]) -> Tensor:
         if self._stem is None:
             self.require_trust()
-            data = zarr.open_array(str(self.cache_path / STEM_ARRAY), mode="r", zarr_format=3)[:]
-            self._stem = torch.export.load(io.BytesIO(data.tobytes())).module()
+            self._stem = self._load()
         image = load_image(image_path)
         if self.preprocess.input_size(*image.shape[1:]) != tuple(input_hw):
             raise MfcacheError(f"{image_path} is not the image this cache was extracted from (its size differs)")

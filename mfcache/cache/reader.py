@@ -1,14 +1,22 @@
 """Reading a cache: the RAM index, one image's arrays, and a torch Dataset of batches.
 
 Nothing here imports detector code: training and evaluation read the cache alone.
+
+Nothing is served that extraction did not write: the store refuses a missing chunk
+instead of filling it in (:class:`StrictStore`), every part an image read serves is checked
+against its CRC-32 (``index/checksum``, :func:`~mfcache.cache.schema.checksum`), and any
+damage (a lost, truncated or altered chunk, unreadable metadata) is one
+:class:`MfcacheError` line naming the split, the array and the image.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +25,65 @@ import zarr
 from pycocotools.coco import COCO
 from torch import Tensor
 from zarr.core.sync import sync as zarr_sync
+from zarr.storage import LocalStore
 
-from mfcache.cache.c1_stem import C1Recomputer
-from mfcache.cache.schema import DONE, INDEX_ARRAYS, QUANTIZED, SCHEMA_VERSION, SKIPPED, dequantize, stored_levels
+from mfcache.cache.c1_stem import STEM_ARRAY, C1Recomputer
+from mfcache.cache.schema import (
+    DONE,
+    INDEX_ARRAYS,
+    QUANTIZED,
+    SCHEMA_VERSION,
+    SKIPPED,
+    checksum,
+    checksum_parts,
+    dequantize,
+    stored_levels,
+)
 from mfcache.checkpoint_io import files_trusted, trusting
 from mfcache.detectors.base import DetectorInfo
 from mfcache.errors import MfcacheError
 from mfcache.masks import unpack_masks
+
+
+_CHUNK_KEY = re.compile(r"(^|/)c(/\d+)+$")  # zarr v3 default chunk keys: <array>/c/<i>/<j>...
+# A block's flags and checksums are written with its data: until then their chunks are absent
+# and read as 0, which means "not written" (such images are never served; a written image whose
+# checksum chunk is lost fails its checks: its parts do not all have a CRC-32 of 0).
+_WRITTEN_LATER = re.compile(r"(^|/)index/(done|checksum)/c/")
+
+
+class MissingChunk(Exception):
+    """A chunk file that extraction wrote is gone (``key`` relative to the cache root)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"chunk file {key} is missing")
+        self.key = key
+
+
+class StrictStore(LocalStore):
+    """A read-only local store that raises :class:`MissingChunk` for an absent chunk.
+
+    zarr reads an absent chunk as the array's fill value (zeros), which would serve data
+    nobody wrote; the writer writes every chunk of every block (empty ones included), so in
+    a cache an absent chunk is always damage. Costs nothing: zarr already asked for the file."""
+
+    def __init__(self, root: str | Path):
+        super().__init__(root, read_only=True)
+
+    async def get(self, key: str, prototype=None, byte_range=None):
+        value = await super().get(key, prototype, byte_range)
+        if value is None and _CHUNK_KEY.search(key) and not _WRITTEN_LATER.search(key):
+            raise MissingChunk(key)
+        return value
+
+
+def damage(exc: BaseException) -> str:
+    """What went wrong reading a chunk or metadata file, in a few words."""
+    if isinstance(exc, MissingChunk):
+        return str(exc)
+    if isinstance(exc, json.JSONDecodeError):
+        return f"is not valid JSON ({exc})"
+    return f"unreadable ({type(exc).__name__}: {exc})"
 
 
 class Cache:
@@ -34,7 +94,7 @@ class Cache:
         if not (self.path / "zarr.json").is_file():
             raise MfcacheError(f"no mfcache cache at {self.path} (run `mfcache extract` first)")
         try:
-            self.root = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+            self.root = zarr.open_group(store=StrictStore(self.path), mode="r", zarr_format=3)
         except Exception as exc:  # zarr raises many types for a damaged store
             raise MfcacheError(f"cannot open cache {self.path}: {exc}") from None
         self.fingerprint = self.root.attrs.get("mfcache")
@@ -50,7 +110,19 @@ class Cache:
 
     @property
     def splits(self) -> list[str]:
-        return sorted(name for name, _ in self.root.groups())
+        """The split folders, read from the disk rather than from zarr's listing, so one split
+        with damaged metadata (refused when opened) hides neither itself nor the others."""
+        names = []
+        for folder in sorted(p for p in self.path.iterdir() if (p / "zarr.json").is_file()):
+            if folder.name == STEM_ARRAY or folder.name.endswith(".tmp"):
+                continue
+            try:
+                node_type = json.loads((folder / "zarr.json").read_bytes()).get("node_type")
+            except (ValueError, AttributeError):
+                node_type = "group"  # damaged: listed, and refused with its reason when opened
+            if node_type == "group":
+                names.append(folder.name)
+        return names
 
     def split(self, name: str | None = None, *, role: str = "train") -> CacheSplit:
         """Split ``name``; without a name, the only split or the one whose name starts
@@ -78,25 +150,32 @@ class CacheSplit:
     ``index/`` prefix) and per-image reads."""
 
     concurrent = True  # _fetch: a batch's reads all in flight at once (benchmarks/run_all.py reader)
+    checksums = True  # _check: CRC-32 of every part read; off only to measure its cost (benchmarks/)
 
     def __init__(self, cache: Cache, name: str):
         self.cache = cache
         self.name = name
-        self.group = cache.root[name]
+        try:
+            self.group = cache.root[name]
+        except Exception as exc:  # zarr raises many types for damaged metadata
+            raise MfcacheError(f"split {name!r} of {cache.path}: group metadata {name}/zarr.json "
+                               f"{damage(exc)}: the cache is damaged (mfcache verify {cache.path})") from None
         self.attrs = dict(self.group.attrs)
         if not self.attrs.get("ready"):
             raise MfcacheError(f"split {name!r} of {cache.path} was never fully created; run extract again")
-        self.index = {key.split("/", 1)[1]: self.group[key][:] for key in INDEX_ARRAYS}
+        self._arrays: dict[str, zarr.Array] = {}
+        self.index = {key.split("/", 1)[1]: self._read_whole(key) for key in INDEX_ARRAYS}
+        # column of each checksum part in index/checksum [N, P]
+        self.part = {part: k for k, part in enumerate(checksum_parts(self.index["level_hw"].shape[1]))}
         self.label_to_category = np.asarray(self.attrs["label_to_category"], dtype=np.int64)
         self.recompute_c1 = cache.extract["c1"] == "recompute"  # made from the image at read time
-        self.has_c1 = "c1" in self.group or self.recompute_c1
+        self.has_c1 = self._has("c1") or self.recompute_c1
         self._c1_recomputer = (C1Recomputer(cache.path, cache.detector.preprocess)
                                if self.recompute_c1 else None)
         self._file_names: dict[int, str] | None = None
         self.target_size = int(cache.extract["target_size"])
         self.stored_levels = stored_levels(cache.fingerprint)  # detector level indices in memory
-        self.scales = {name: scale for name, scale in QUANTIZED.items() if scale in self.group}
-        self._arrays: dict[str, zarr.Array] = {}
+        self.scales = {name: scale for name, scale in QUANTIZED.items() if self._has(scale)}
         self.index["token_end"] = (self.index["token_offset"]
                                    + self.index["level_hw"][:, self.stored_levels].prod(-1).sum(-1))
 
@@ -134,8 +213,12 @@ class CacheSplit:
 
     def coco(self) -> COCO:
         """The split's ground truth, from the annotation file stored in the cache."""
+        data = self._read_whole("annotations").tobytes()
+        if self.attrs.get("annotations_sha256") and hashlib.sha256(data).hexdigest() != self.attrs["annotations_sha256"]:
+            raise MfcacheError(f"split {self.name!r} of {self.cache.path}: array annotations does not match its "
+                               f"recorded sha256: the cache is damaged (mfcache verify {self.cache.path})")
         coco = COCO()
-        coco.dataset = json.loads(self.group["annotations"][:].tobytes())
+        coco.dataset = json.loads(data)
         with contextlib.redirect_stdout(io.StringIO()):
             coco.createIndex()
         return coco
@@ -144,7 +227,7 @@ class CacheSplit:
         """The image file of position ``i``, as extraction read it (the split's image folder +
         its ``file_name`` in the stored annotations)."""
         if self._file_names is None:
-            images = json.loads(self.group["annotations"][:].tobytes())["images"]
+            images = json.loads(self._read_whole("annotations").tobytes())["images"]
             self._file_names = {int(im["id"]): str(im["file_name"]) for im in images}
         folder = Path(self.attrs["images_dir"])
         if not folder.is_dir():
@@ -161,19 +244,73 @@ class CacheSplit:
                 f"{self.stored_levels} (extract --levels): extract again with them, or pick another head"
             )
 
-    def array(self, name: str) -> zarr.Array:
-        """Array ``name`` of the split, opened once (opening reads its metadata file)."""
+    def _has(self, name: str) -> bool:
+        """Whether the split stores array ``name`` (from the disk: damaged metadata is refused
+        when the array is read, not taken for an absent array)."""
+        return (self.cache.path / self.name / name / "zarr.json").is_file()
+
+    def _damaged(self, name: str, what: str, i: int | None = None) -> MfcacheError:
+        """The one-line error for damage found in array ``name`` (of image position ``i``)."""
+        image = "" if i is None else f" of image id {int(self.index['image_id'][i])} (position {i})"
+        return MfcacheError(f"split {self.name!r} of {self.cache.path}: array {name}{image}: {what}: "
+                            f"the cache is damaged (mfcache verify {self.cache.path} lists all damage)")
+
+    def array(self, name: str, i: int | None = None) -> zarr.Array:
+        """Array ``name`` of the split, opened once (opening reads its metadata file); ``i``:
+        the image position it is opened for (named if its metadata is damaged)."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            try:
+                self._arrays[name] = self.group[name]
+            except Exception as exc:  # zarr raises many types for damaged metadata
+                raise self._damaged(name, f"metadata {name}/zarr.json {damage(exc)}", i) from None
         return self._arrays[name]
 
+    def _read_whole(self, name: str) -> np.ndarray:
+        """All of array ``name`` (index arrays, annotations), refusing any damage."""
+        try:
+            return self.array(name)[:]
+        except MfcacheError:
+            raise
+        except Exception as exc:
+            raise self._damaged(name, damage(exc)) from None
+
     def _fetch(self, requests: dict) -> dict:
-        """``{key: (array name, selection)}`` -> ``{key: data}``; with ``concurrent``, every
-        read is in flight at once on zarr's event loop (one round trip per batch)."""
+        """``{key: (array name, selection)}`` -> ``{key: data}``, or the exception that read
+        raised (see :meth:`_check`); with ``concurrent``, every read is in flight at once on
+        zarr's event loop (one round trip per batch)."""
         if not self.concurrent:
-            return {key: self.array(name)[sel] for key, (name, sel) in requests.items()}
+            out = {}
+            for key, (name, sel) in requests.items():
+                try:
+                    out[key] = self.array(name)[sel]
+                except MfcacheError:
+                    raise
+                except Exception as exc:
+                    out[key] = exc
+            return out
         reads = [self.array(name)._async_array.getitem(sel) for name, sel in requests.values()]
         return dict(zip(requests, zarr_sync(_gather(reads))))
+
+    def _check(self, plan: dict, data: dict) -> None:
+        """Raise unless every part image ``plan["i"]`` read is exactly what extraction wrote:
+        each read succeeded (no missing, truncated or undecodable chunk) and each part's
+        CRC-32 equals its ``index/checksum`` entry. ``memory`` is checked per stored level
+        inside the rows read; C1 recomputed from the image has no stored part to check."""
+        i, stored = plan["i"], self.index["checksum"][plan["i"]]
+        for key, (name, _) in plan["requests"].items():
+            value = data[key]
+            if isinstance(value, BaseException):
+                raise self._damaged(name, damage(value), i)
+            if not self.checksums:
+                continue
+            if key == "memory":
+                for l, start, size in zip(self.stored_levels, plan["starts"], plan["sizes"]):
+                    rows = start - plan["lo"]
+                    if 0 <= rows and rows + size <= len(value):
+                        if checksum(value[rows: rows + size]) != stored[self.part[f"memory[{l}]"]]:
+                            raise self._damaged(f"memory (level {l})", _MISMATCH, i)
+            elif checksum(value) != stored[self.part[name]]:
+                raise self._damaged(name, _MISMATCH, i)
 
     def read(self, i: int, *, levels: tuple[int, ...] | None = None, c1: bool = True,
              targets: bool = True) -> dict[str, Tensor]:
@@ -191,12 +328,26 @@ class CacheSplit:
         self.check_levels(levels)
         wanted = [self.stored_levels.index(l) for l in (self.stored_levels if levels is None else levels)]
         plans = [self._plan(int(i), wanted, c1 and self.has_c1, targets) for i in positions]
+        for plan in plans:  # metadata damage names the image it stops
+            for name, _ in plan["requests"].values():
+                self.array(name, plan["i"])
         data = self._fetch({(j, key): request for j, plan in enumerate(plans) for key, request in plan["requests"].items()})
-        return [self._assemble(plan, {key: data[(j, key)] for key in plan["requests"]})
-                for j, plan in enumerate(plans)]
+        images = [{key: data[(j, key)] for key in plan["requests"]} for j, plan in enumerate(plans)]
+        for plan, image in zip(plans, images):
+            self._check(plan, image)
+        return [self._assemble(plan, image) for plan, image in zip(plans, images)]
 
     def _plan(self, i: int, wanted: list[int], with_c1: bool, targets: bool) -> dict:
-        """What to read for image ``i``: ``requests`` for :meth:`_fetch`, and the row layout."""
+        """What to read for image ``i``: ``requests`` for :meth:`_fetch`, and the row layout.
+        Refuses an image that was not written, or whose index row (in RAM: the offsets about
+        to be used) differs from what extraction wrote."""
+        if self.index["done"][i] != DONE:
+            raise MfcacheError(f"split {self.name!r} of {self.cache.path}: image id {int(self.index['image_id'][i])} "
+                               f"(position {i}) was {'skipped' if self.index['done'][i] == SKIPPED else 'not written'}")
+        for key in INDEX_ARRAYS:
+            name = key.split("/", 1)[1]
+            if key in self.part and checksum(self.index[name][i]) != self.index["checksum"][i, self.part[key]]:
+                raise self._damaged(key, _MISMATCH, i)
         level_hw = self.index["level_hw"][i][self.stored_levels]  # [stored L, 2]
         sizes = level_hw.prod(-1)
         starts = self.index["token_offset"][i] + np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -247,8 +398,11 @@ class CacheSplit:
         return out
 
 
+_MISMATCH = "checksum mismatch (its stored bytes changed after extraction)"
+
+
 async def _gather(reads):
-    return await asyncio.gather(*reads)
+    return await asyncio.gather(*reads, return_exceptions=True)
 
 
 class CacheDataset(torch.utils.data.Dataset):

@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from mfcache.cache.lock import check_out_folder
 from mfcache.cache.schema import (
     CHECKSUM_ARRAYS,
     DONE,
@@ -29,9 +30,12 @@ from mfcache.cache.schema import (
     SCALE_ARRAYS,
     SKIPPED,
     SplitPlan,
+    checksum_parts,
     fingerprint_mismatch,
-    image_checksum,
+    image_checksums,
+    memory_parts,
     packed_bytes,
+    stored_levels,
 )
 from mfcache.errors import MfcacheError
 
@@ -60,9 +64,9 @@ class ImageRecord:
 
 
 def open_root(path: Path, fingerprint: dict) -> zarr.Group:
-    """Open (or create) a cache root, refusing one made with anything else."""
-    if path.exists() and not (path / "zarr.json").exists():
-        raise MfcacheError(f"{path} exists and is not an mfcache cache; choose another --out")
+    """Open (or create) a cache root, refusing one made with anything else. Writers hold
+    the cache's lock (:mod:`mfcache.cache.lock`), whose file may be all the folder holds yet."""
+    check_out_folder(path)
     root = zarr.open_group(str(path), mode="a", zarr_format=3)
     stored = root.attrs.get("mfcache")
     if stored is None:
@@ -106,7 +110,9 @@ def create_split(
         shutil.rmtree(Path(root.store.root) / name)
     group = root.create_group(name)
     n = plan.num_images
-    dims = {"K": topk, "D": d_model, "C": c1_channels, "L": plan.level_hw.shape[1], "B": packed_bytes(target_size)}
+    num_levels = plan.level_hw.shape[1]
+    dims = {"K": topk, "D": d_model, "C": c1_channels, "L": num_levels, "B": packed_bytes(target_size),
+            "P": len(checksum_parts(num_levels))}
     features = (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize,
                            blocksize=1 << 20),) if compress else None
     arrays = dict(IMAGE_ARRAYS)
@@ -159,6 +165,11 @@ class BlockWriter:
         self.token_offset = np.append(self.index["index/token_offset"], group["memory"].shape[0])
         self.has_c1 = "c1" in group
         self.scales = [name for name in SCALE_ARRAYS if name in group]
+        self.num_levels = self.index["index/level_hw"].shape[1]
+        self.dtypes = {name: np.dtype(group[name].dtype)  # checksums are of the stored values
+                       for name in [*self.FIELDS, "memory", *(["c1"] if self.has_c1 else [])]}
+        root = zarr.open_group(store=group.store, mode="r", zarr_format=3)
+        self.levels = stored_levels(root.attrs["mfcache"])  # detector levels in memory
         if self.has_c1:
             self.c1_offset = np.append(self.index["index/c1_offset"], group["c1"].shape[0])
 
@@ -179,15 +190,17 @@ class BlockWriter:
             reasons = dict(self.group.attrs.get("skipped", {}))
             reasons.update({str(int(ids[p])): why for p, why in skipped.items()})
             self.group.attrs["skipped"] = reasons
-        rows: list[dict[str, np.ndarray]] = []
+        rows: list[dict[str, np.ndarray]] = []  # each image's checksum parts, in storage dtype
         for i, r in enumerate(records):
             rows.append({name: self.index[name][start + i] for name in CHECKSUM_ARRAYS if name in self.index})
             if r is not None:
-                rows[-1].update({name: getattr(r, attr) for name, attr in self.FIELDS.items()})
-                rows[-1]["memory"] = r.memory
+                rows[-1].update({name: np.asarray(getattr(r, attr), dtype=self.dtypes[name])
+                                 for name, attr in self.FIELDS.items()})
+                rows[-1].update(memory_parts(np.asarray(r.memory, dtype=self.dtypes["memory"]),
+                                             self.index["index/level_hw"][start + i], self.levels))
                 if self.has_c1:
-                    rows[-1]["c1"] = r.c1
-                rows[-1].update({name: r.scales[name] for name in self.scales})
+                    rows[-1]["c1"] = np.asarray(r.c1, dtype=self.dtypes["c1"])
+                rows[-1].update({name: np.asarray(r.scales[name], dtype=np.float32) for name in self.scales})
         for array_name, attr in self.FIELDS.items():
             array = self.group[array_name]
             template = np.zeros(array.shape[1:], dtype=array.dtype)
@@ -199,8 +212,9 @@ class BlockWriter:
         self._write_ragged("memory", self.token_offset, start, [r.memory if r is not None else None for r in records])
         if self.has_c1:
             self._write_ragged("c1", self.c1_offset, start, [r.c1 if r is not None else None for r in records])
-        checksum = np.array([image_checksum(row) if r is not None else 0 for row, r in zip(rows, records)],
-                            dtype=np.uint32)
+        empty = np.zeros(self.group["index/checksum"].shape[1:], dtype=np.uint32)
+        checksum = np.stack([image_checksums(row, self.num_levels) if r is not None else empty
+                             for row, r in zip(rows, records)])
         self._array("index/checksum")[start:stop] = checksum
         done = np.array([SKIPPED if r is None else DONE for r in records], dtype=np.uint8)
         self._array("index/done")[start:stop] = done
