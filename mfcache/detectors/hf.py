@@ -4,7 +4,8 @@ The adapter is chosen by ``config.json``'s ``model_type`` from :data:`ADAPTERS`;
 shared machinery lives in :mod:`mfcache.detectors.hf_base`, each family in its own module
 (``hf_detr``: DETR, Conditional DETR, DAB-DETR; ``hf_deformable``: Deformable DETR;
 ``hf_rtdetr``: RT-DETR, RT-DETRv2, D-FINE, DEIMv2). Preprocessing is read from the
-model's ``preprocessor_config.json``.
+model's ``preprocessor_config.json`` and, on the default ``processor`` path, gives the pixels
+of the processor ``AutoImageProcessor`` loads for it (:func:`mfcache.data.transforms.to_input`).
 """
 
 from __future__ import annotations
