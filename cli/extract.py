@@ -28,7 +28,7 @@ def command(
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype of features: float16, float32 or int8 (per-channel scales, ~1% error, half of float16).")] = _D.dtype,
     levels: Annotated[str, typer.Option("--levels", help="Encoder levels to store, e.g. 0,1 (0 = finest); default all.")] = "",
     compress: Annotated[bool, typer.Option("--compress", help="Blosc zstd + shuffle on the features (only pays on slow storage).")] = _D.compress,
-    resize: Annotated[str, typer.Option("--resize", help="Pixel path: auto (the detector's own: processor for hf:, float for demo), processor (the same pixels as the checkpoint's transformers image processor) or float (resize before rounding to uint8, as the demo was trained).")] = _D.resize,
+    resize: Annotated[str, typer.Option("--resize", help="Pixel path: auto (the detector's own: processor for hf:, float for demo), processor (the same pixels as the checkpoint's transformers image processor) or float (rescale, then resize the float image without rounding; the demo was trained on it).")] = _D.resize,
     target_size: Annotated[int, typer.Option("--target-size", min=8, help="Side of the cached per-query GT mask crops.")] = _D.target_size,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding processes.")] = _D.num_workers,
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="Images per write (the resume unit); fixed when the split is created.")] = _D.block_size,
