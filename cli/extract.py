@@ -28,6 +28,7 @@ def command(
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype of features: float16, float32 or int8 (per-channel scales, ~1% error, half of float16).")] = _D.dtype,
     levels: Annotated[str, typer.Option("--levels", help="Encoder levels to store, e.g. 0,1 (0 = finest); default all.")] = "",
     compress: Annotated[bool, typer.Option("--compress", help="Blosc zstd + shuffle on the features (only pays on slow storage).")] = _D.compress,
+    resize: Annotated[str, typer.Option("--resize", help="Pixel path: auto (the detector's own: processor for hf:, float for demo), processor (the same pixels as the checkpoint's transformers image processor) or float (rescale, then resize the float image without rounding; the demo was trained on it).")] = _D.resize,
     target_size: Annotated[int, typer.Option("--target-size", min=8, help="Side of the cached per-query GT mask crops.")] = _D.target_size,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding processes.")] = _D.num_workers,
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="Images per write (the resume unit); fixed when the split is created.")] = _D.block_size,
@@ -56,7 +57,7 @@ def command(
         raise MfcacheError(f"--levels takes comma-separated level indices like 0,1; got {levels!r}") from None
     config = ExtractConfig(topk=topk, batch_size=batch_size, c1=c1, dtype=dtype, target_size=target_size,
                            num_workers=workers, device=device, block_size=block_size, levels=level_list,
-                           compress=compress)
+                           compress=compress, resize=resize)
     with trusting(trust_checkpoint):  # the detector's checkpoint
         summary = extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
                           config=config, skip_bad=skip_bad, progress=not quiet)

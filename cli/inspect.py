@@ -41,7 +41,8 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
                   f"strides={list(det.strides)} c1_channels={det.c1_channels} sigmoid={det.sigmoid}")
     p = det.preprocess
     console.print(f"preprocess shortest_edge={p.shortest_edge} longest_edge={p.longest_edge} "
-                  f"pad_divisor={p.pad_divisor} pad_size={p.pad_size and list(p.pad_size)} mean={list(p.mean)} std={list(p.std)}")
+                  f"pad_divisor={p.pad_divisor} pad_size={p.pad_size and list(p.pad_size)} mean={list(p.mean)} std={list(p.std)} "
+                  f"resize={p.resize}")
     console.print("extract   " + " ".join(f"{k}={v}" for k, v in ext.items()))
     for name in c.splits:
         split = c.split(name)

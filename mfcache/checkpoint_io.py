@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
+import os
 import pickle
 import re
 from collections.abc import Iterator, Sequence
@@ -100,3 +102,31 @@ def _cannot_read(what: str, path: str | Path, exc: Exception) -> str:
     inner = re.search(r"WeightsUnpickler error: (.+)", str(exc))  # torch wraps the reason in advice
     first = inner.group(1) if inner else (str(exc).strip().splitlines() or [""])[0]
     return f"cannot read {what} {path}: {type(exc).__name__}: {first}"
+
+
+def _exported_record() -> Path:
+    """This user's record of the programs their own extractions exported: one sha256 per line,
+    under ``$XDG_STATE_HOME/mfcache`` (default ``~/.local/state/mfcache``), outside any cache,
+    so a cache passed on by someone else cannot vouch for itself."""
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "mfcache" / "exported-programs.sha256"
+
+
+def remember_exported(program: bytes) -> None:
+    """Record that this user exported ``program`` (the bytes written into a cache)."""
+    record = _exported_record()
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        with record.open("a") as f:
+            f.write(hashlib.sha256(program).hexdigest() + "\n")
+    except OSError:  # no writable home: such caches then need --trust-checkpoint, as others' do
+        pass
+
+
+def exported_here(program: bytes) -> bool:
+    """Whether these exact bytes are a program this user's own extraction exported."""
+    try:
+        lines = _exported_record().read_text().split()
+    except OSError:
+        return False
+    return hashlib.sha256(program).hexdigest() in lines

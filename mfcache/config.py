@@ -33,6 +33,7 @@ class ExtractConfig:
     dtype: str = "float16"     # storage dtype of memory / c1 / queries: float16 | float32 | int8 (per-channel)
     levels: tuple[int, ...] = ()  # encoder levels stored in memory (0 = finest); () = all
     compress: bool = False     # blosc zstd + shuffle on the feature arrays (slow storage only)
+    resize: str = "auto"       # pixel path: auto (the detector's own) | processor (= its image processor's) | float
     num_workers: int = 2       # image-decoding processes
     device: str = "auto"
 

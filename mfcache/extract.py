@@ -32,7 +32,7 @@ from mfcache.config import ExtractConfig
 from mfcache.data.coco import CocoDataset
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors import load_detector
-from mfcache.detectors.base import DetectorOutput, Preprocess, TopK, select_topk
+from mfcache.detectors.base import RESIZE_PATHS, DetectorOutput, Preprocess, TopK, select_topk
 from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
 from mfcache.masks import pack_masks
@@ -273,6 +273,8 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
              device: torch.device) -> ExtractSummary:
     if config.c1 not in ("store", "recompute", "none"):
         raise MfcacheError(f"--c1 must be store, recompute or none, got {config.c1!r}")
+    if config.resize not in ("auto", *RESIZE_PATHS):
+        raise MfcacheError(f"--resize must be auto, {' or '.join(RESIZE_PATHS)}, got {config.resize!r}")
     if config.dtype not in STORAGE_DTYPES:
         raise MfcacheError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {config.dtype!r}")
     dataset = CocoDataset(annotations, images, skip_bad=skip_bad)
@@ -281,7 +283,7 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     if world.enabled and skip_bad:  # skip reasons live in the split's attrs: one writer only
         raise MfcacheError("--skip-bad needs a single process: run extract without torchrun")
     split = split or split_name(Path(annotations))
-    model = load_detector(detector, device=device)
+    model = load_detector(detector, device=device, resize=None if config.resize == "auto" else config.resize)
     info = model.info
     num_classes = len(info.label_names)
     topk = min(config.topk, info.num_queries * (num_classes if info.sigmoid else 1))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mfcache.cache.reader import Cache, collate
-from mfcache.cache.schema import QUANTIZED, dequantize, fingerprint, fingerprint_mismatch
+from mfcache.cache.schema import QUANTIZED, dequantize, fingerprint, fingerprint_mismatch, stored_resize
 from mfcache.checkpoint_io import load_checkpoint
 from mfcache.config import RunConfig
 from mfcache.data.transforms import load_image, pad_batch, to_input
@@ -81,15 +81,23 @@ class LoadedRun:
     category_names: dict[int, str]
 
 
-def load_run_for_detector(run_dir: Path, info: DetectorInfo, device: torch.device) -> LoadedRun:
-    """The trained head of ``run_dir``, checked against detector ``info`` (the detector part
-    of the fingerprint of the cache it was trained on). Categories come from that cache's
-    split if it still exists, else detector label ``i`` is category ``i + 1``."""
-    run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT
+def read_run_checkpoint(run_dir: Path, device: torch.device) -> dict:
+    """The checkpoint dict of run folder ``run_dir`` (head weights, config, the fingerprint
+    of the cache it was trained on)."""
+    path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise MfcacheError(f"no trained head in {run_dir} (expected {CHECKPOINT}; run `mfcache train`)")
-    state = load_checkpoint(path, what="run checkpoint", map_location=device)
+    return load_checkpoint(path, what="run checkpoint", map_location=device)
+
+
+def load_run_for_detector(run_dir: Path, info: DetectorInfo, device: torch.device,
+                          state: dict | None = None) -> LoadedRun:
+    """The trained head of ``run_dir`` (its checkpoint ``state``, read if not given), checked
+    against detector ``info`` (the detector part of the fingerprint of the cache it was
+    trained on). Categories come from that cache's split if it still exists, else detector
+    label ``i`` is category ``i + 1``."""
+    run_dir = Path(run_dir)
+    state = read_run_checkpoint(run_dir, device) if state is None else state
     stored = state["fingerprint"]
     problem = fingerprint_mismatch(stored, fingerprint(info, **stored["extract"]))
     if problem:
@@ -135,9 +143,11 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
     ``out/overlays/*.png`` (image ids are 1..N in input order) and returns a summary."""
     paths = expand_inputs(inputs)
     torch_device = resolve_device(device)
-    model = load_detector(detector, device=torch_device)
+    state = read_run_checkpoint(Path(run_dir), torch_device)
+    # the pixel path of the cache the head was trained on: the head learned from those outputs
+    model = load_detector(detector, device=torch_device, resize=stored_resize(state["fingerprint"]))
     info = model.info
-    run = load_run_for_detector(Path(run_dir), info, torch_device)
+    run = load_run_for_detector(Path(run_dir), info, torch_device, state)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = _overlay_names(paths)

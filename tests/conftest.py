@@ -1,7 +1,13 @@
 import os
 
+import tempfile
+
 import pytest
 import torch
+
+# The user's record of exported C1 programs (mfcache.checkpoint_io) goes to a scratch folder,
+# not the home of whoever runs the tests; subprocesses inherit it.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="mfcache-test-state-")
 
 # Under pytest-xdist each worker gets one thread, so `-n auto` uses the cores without oversubscribing.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))

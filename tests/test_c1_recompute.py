@@ -6,7 +6,6 @@ import torch
 import mfcache.detectors
 from mfcache.cache.c1_stem import STEM_ARRAY
 from mfcache.cache.reader import Cache
-from mfcache.checkpoint_io import trusting
 from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.engine import train
 from mfcache.errors import MfcacheError
@@ -24,21 +23,19 @@ def test_recomputed_c1_equals_the_stored_one_and_training_never_loads_the_detect
     stored = cache(shapes_data, tmp_path / "stored", "store")
     recomputed = cache(shapes_data, tmp_path / "recompute", "recompute")
     assert "c1" not in recomputed.group and STEM_ARRAY in Cache(tmp_path / "recompute").root
-    with trusting():  # the stored stem is a program: it runs only for a cache the user trusts
-        for i in range(recomputed.num_images):
-            a = stored.read(i, levels=(0,), targets=False)["c1"].float()
-            b = recomputed.read(i, levels=(0,), targets=False)["c1"]
-            assert a.shape == b.shape
-            torch.testing.assert_close(b, a, atol=2e-2, rtol=2e-3)  # the stored map is fp16
+    for i in range(recomputed.num_images):  # the stored stem runs: this user's extraction exported it
+        a = stored.read(i, levels=(0,), targets=False)["c1"].float()
+        b = recomputed.read(i, levels=(0,), targets=False)["c1"]
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, atol=2e-2, rtol=2e-3)  # the stored map is fp16
 
     def no_detector(*args, **kwargs):
         raise AssertionError("training loaded the detector")
 
     monkeypatch.setattr(mfcache.detectors, "load_detector", no_detector)
-    with trusting():
-        last = train(cache_path=tmp_path / "recompute", run_dir=tmp_path / "run", progress=False,
-                     config=resolve_run_config("box_baseline", ["train.steps=2", "train.batch_size=2",
-                                                                "train.min_iou=0.0", "train.num_workers=0"]))
+    last = train(cache_path=tmp_path / "recompute", run_dir=tmp_path / "run", progress=False,
+                 config=resolve_run_config("box_baseline", ["train.steps=2", "train.batch_size=2",
+                                                            "train.min_iou=0.0", "train.num_workers=0"]))
     assert last["step"] == 2
 
 

@@ -21,6 +21,8 @@ import zarr
 from typer.testing import CliRunner
 
 from mfcache.cache.c1_stem import STEM_ARRAY
+from mfcache.cache.reader import Cache
+from mfcache.cache.schema import checksum
 from mfcache.checkpoint_io import load_checkpoint, trusting
 from mfcache.cli.main import app
 from mfcache.config import ExtractConfig, resolve_run_config
@@ -245,6 +247,7 @@ def poison_stem(cache_path, marker) -> bytes:
     root = zarr.open_group(str(cache_path), mode="r+")
     stored = root.create_array(STEM_ARRAY, shape=data.shape, chunks=data.shape, dtype="uint8", overwrite=True)
     stored[:] = data
+    stored.attrs["crc32"] = checksum(data)  # whoever edits a cache can also fix its checksum
     return program.getvalue()
 
 
@@ -270,6 +273,23 @@ def test_a_cache_s_stored_stem_runs_only_when_trusted(shapes_data, tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - whatever torch says after the fact
         torch.export.load(io.BytesIO(program))
     assert marker.exists()
+
+
+def test_a_stem_this_user_exported_runs_without_trust_and_nobody_elses_does(shapes_data, tmp_path, monkeypatch):
+    """The record of exported programs lives in the user's state folder, not in the cache:
+    the same cache is trusted by the user who extracted it and refused for another user."""
+    cache = tmp_path / "cache"
+    extract(detector="demo", images=shapes_data / "val", annotations=shapes_data / "annotations" / "val.json",
+            out=cache, config=ExtractConfig(c1="recompute", batch_size=1, num_workers=0, device="cpu"),
+            progress=False)
+    split = Cache(cache).split("val")
+    assert split.read(0, levels=(0,), targets=False)["c1"].ndim == 3  # made here: runs
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "another-user"))
+    with pytest.raises(MfcacheError, match="not exported by your own extraction.*--trust-checkpoint"):
+        Cache(cache).split("val").read(0, levels=(0,), targets=False)
+    with trusting():
+        assert Cache(cache).split("val").read(0, levels=(0,), targets=False)["c1"].ndim == 3
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -11,8 +11,10 @@ The stored program is code: ``torch.export.load`` unpickles parts of the archive
 full unpickler (pickled weights and constants, the legacy format's fallback), resolves node
 targets by name from ``torch``, and parses and compiles expressions and guards stored in it.
 So a cache passed on by someone else could run anything through it; mfcache loads it only
-where the caller trusts the files it reads (:func:`mfcache.checkpoint_io.trusting`, the
-CLI's ``--trust-checkpoint``), and says so before any work starts.
+if this user's own extraction exported exactly these bytes (a record kept outside the cache,
+:func:`mfcache.checkpoint_io.exported_here`) or where the caller trusts the files it reads
+(:func:`mfcache.checkpoint_io.trusting`, the CLI's ``--trust-checkpoint``), and says so
+before any work starts.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 from zarr.codecs import BloscCodec
 
-from mfcache.checkpoint_io import TRUST_OPTION, files_trusted
+from mfcache.checkpoint_io import TRUST_OPTION, exported_here, files_trusted, remember_exported
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors.base import Preprocess
 from mfcache.cache.schema import checksum
@@ -51,6 +53,7 @@ def export_stem(stem: nn.Module, root: zarr.Group) -> None:
     array = root.create_array(STEM_ARRAY + ".tmp", shape=data.shape, chunks=data.shape, dtype="uint8",
                               compressors=BloscCodec(cname="zstd", clevel=3), overwrite=True)
     array[:] = data
+    remember_exported(data.tobytes())  # this user made it: their own caches need no --trust-checkpoint
     array.attrs["crc32"] = checksum(data)  # checked by C1Recomputer before the program is loaded
     # renamed into place when complete (a local store: the rename is atomic); a killed export
     # leaves only the .tmp array, which the next run overwrites
@@ -70,19 +73,21 @@ class C1Recomputer:
         self.trusted = files_trusted()
         self._stem = None  # loaded on first use, in the process (DataLoader worker) that uses it
 
-    def require_trust(self) -> None:
-        """Raise unless the caller trusts this cache's stored program (see the module doc)."""
-        if not (self.trusted or files_trusted()):
-            raise MfcacheError(
-                f"{self.cache_path} recomputes C1 with a program stored in the cache, and loading it "
-                f"(torch.export) can run code from the cache; if you made this cache or trust its source, "
-                f"pass {TRUST_OPTION}")
+    def require_trust(self, program: bytes | None = None) -> None:
+        """Raise unless this user exported the cache's stored ``program`` (read if not given)
+        or trusts its source (see the module doc)."""
+        if self.trusted or files_trusted() or exported_here(program or self._program().tobytes()):
+            return
+        raise MfcacheError(
+            f"{self.cache_path} recomputes C1 with a program stored in the cache that was not exported "
+            f"by your own extraction, and loading it (torch.export) can run code from the cache; if you "
+            f"trust its source, pass {TRUST_OPTION}")
 
     def __getstate__(self):
         return {**self.__dict__, "_stem": None}
 
-    def _load(self) -> nn.Module:
-        """The stem program, refused unless its bytes are exactly those extraction exported."""
+    def _program(self) -> np.ndarray:
+        """The stored program's bytes, refused unless they are exactly those extraction wrote."""
         where = f"{self.cache_path}: array {STEM_ARRAY} (the C1 program)"
         try:
             array = zarr.open_array(str(self.cache_path / STEM_ARRAY), mode="r", zarr_format=3)
@@ -91,13 +96,14 @@ class C1Recomputer:
             raise MfcacheError(f"{where} is unreadable ({type(exc).__name__}: {exc}): extract again") from None
         if array.attrs.get("crc32") != checksum(data):
             raise MfcacheError(f"{where}: checksum mismatch (its stored bytes changed after extraction): extract again")
-        return torch.export.load(io.BytesIO(data.tobytes())).module()
+        return data
 
     @torch.no_grad()
     def __call__(self, image_path: Path, input_hw: tuple[int, int]) -> Tensor:
         if self._stem is None:
-            self.require_trust()
-            self._stem = self._load()
+            program = self._program().tobytes()
+            self.require_trust(program)
+            self._stem = torch.export.load(io.BytesIO(program)).module()
         image = load_image(image_path)
         if self.preprocess.input_size(*image.shape[1:]) != tuple(input_hw):
             raise MfcacheError(f"{image_path} is not the image this cache was extracted from (its size differs)")

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mfcache import __version__
-from mfcache.detectors.base import DetectorInfo, level_shapes
+from mfcache.detectors.base import LEGACY_PREPROCESS, DetectorInfo, level_shapes
 
 try:  # the same CRC-32 as zlib's, ~5x faster (ISA-L, SIMD): the `fast` extra
     from isal.isal_zlib import crc32 as _crc32
@@ -164,6 +164,12 @@ def stored_levels(fp: dict) -> list[int]:
     return list(range(len(fp["detector"]["strides"]))) if levels is None else list(levels)
 
 
+def stored_resize(fp: dict) -> str:
+    """The pixel path (``Preprocess.resize``) a cache was made with (caches from before the
+    option: ``float``)."""
+    return fp["detector"]["preprocess"].get("resize", LEGACY_PREPROCESS["resize"])
+
+
 def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
     """A one-line description of the first difference that makes a cache unusable, or None.
 
@@ -173,7 +179,12 @@ def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
     if stored.get("schema_version") != wanted["schema_version"]:
         return f"schema version {stored.get('schema_version')} (this mfcache writes {wanted['schema_version']})"
     sd, wd = stored["detector"], wanted["detector"]
+    # a cache written before a preprocessing field existed was made as the legacy value says
+    sd = {**sd, "preprocess": {**LEGACY_PREPROCESS, **sd.get("preprocess", {})}}
+    resize = sd["preprocess"]["resize"], wd["preprocess"]["resize"]
     for key in ("family", "weights_sha256", "preprocess", "strides", "label_names", "num_queries", "d_model"):
+        if key == "preprocess" and resize[0] != resize[1]:  # the same detector on the other pixel path
+            return f"preprocessing resize={resize[0]!r} (asked for {resize[1]!r})"
         if sd.get(key) != wd.get(key):
             what = "weights" if key == "weights_sha256" else key
             return f"another detector ({what} differ: cache has {sd.get('spec')!r})"

@@ -2,8 +2,9 @@
 
 Conventions: an image is a ``uint8 [3, H, W]`` RGB tensor in its *displayed* orientation
 (EXIF rotation applied); detector input is ``float [3, h_in, w_in]`` normalised with the
-detector's mean/std; a batch is zero-padded to a multiple of ``Preprocess.pad_divisor``
-(and to at least ``Preprocess.pad_size``).
+detector's mean/std, on the pixel path ``Preprocess.resize`` names (by default the same
+pixels as the checkpoint's own transformers image processor); a batch is zero-padded to a
+multiple of ``Preprocess.pad_divisor`` (and to at least ``Preprocess.pad_size``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
+from torchvision.transforms.v2 import functional as tvF
 
-from mfcache.detectors.base import Preprocess
+from mfcache.detectors.base import RESIZE_PATHS, Preprocess
 from mfcache.errors import MfcacheError
 
 
@@ -45,11 +47,36 @@ def load_image(path: str | Path) -> Tensor:
 
 
 def to_input(image: Tensor, preprocess: Preprocess) -> Tensor:
-    """``uint8 [3, H, W]`` -> normalised ``float [3, h_in, w_in]`` (h_in, w_in from the resize rule)."""
-    h_in, w_in = preprocess.input_size(image.shape[1], image.shape[2])
-    x = image.float().div_(255.0)[None]
-    if (h_in, w_in) != tuple(image.shape[1:]):
-        x = F.interpolate(x, size=(h_in, w_in), mode="bilinear", align_corners=False, antialias=True)
+    """``uint8 [3, H, W]`` -> normalised ``float32 [3, h_in, w_in]`` (h_in, w_in from the resize
+    rule), on the path ``preprocess.resize`` names (:class:`~mfcache.detectors.base.Preprocess`)."""
+    size = preprocess.input_size(image.shape[1], image.shape[2])
+    if preprocess.resize == "processor":
+        return _processor_input(image, size, preprocess)
+    if preprocess.resize == "float":
+        return _float_input(image, size, preprocess)
+    raise MfcacheError(f"unknown resize path {preprocess.resize!r}; choose one of {', '.join(RESIZE_PATHS)}")
+
+
+def _processor_input(image: Tensor, size: tuple[int, int], preprocess: Preprocess) -> Tensor:
+    """transformers' image processors, step for step (torchvision backend): bilinear
+    antialiased resize of the ``uint8`` image (torchvision's uint8 kernel, rounded back to
+    ``uint8``), then rescale and normalise fused into ``(x - mean / r) / (std / r)`` in
+    float32, or ``x * r`` alone for processors that do not normalise (mean 0, std 1)."""
+    if size != tuple(image.shape[1:]):
+        image = tvF.resize(image, list(size), interpolation=tvF.InterpolationMode.BILINEAR, antialias=True)
+    scale = preprocess.rescale_factor
+    if preprocess.mean == (0.0, 0.0, 0.0) and preprocess.std == (1.0, 1.0, 1.0):
+        return image * scale
+    mean = (torch.tensor(preprocess.mean) * (1.0 / scale)).view(3, 1, 1)
+    std = (torch.tensor(preprocess.std) * (1.0 / scale)).view(3, 1, 1)
+    return image.to(torch.float32).sub_(mean).div_(std)
+
+
+def _float_input(image: Tensor, size: tuple[int, int], preprocess: Preprocess) -> Tensor:
+    """Rescale first, then resize the float image (bilinear, antialiased; never rounded)."""
+    x = image.float().div_(1.0 / preprocess.rescale_factor)[None]
+    if size != tuple(image.shape[1:]):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
     std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
     return ((x - mean) / std)[0]

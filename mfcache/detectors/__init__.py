@@ -7,10 +7,11 @@ is imported by code that never runs a detector; the adapters load on first use.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
-from mfcache.detectors.base import Detector
+from mfcache.detectors.base import RESIZE_PATHS, Detector
 from mfcache.errors import MfcacheError
 
 SPEC_FORMS = ("hf:<local dir or hub id>", "demo", "hdetr:<file.pth>[?options]", "dino:<file.pth>[?options]")
@@ -48,13 +49,21 @@ LOADERS: dict[str, Callable[[str], Detector]] = {
 }
 
 
-def load_detector(spec: str, *, device: str | torch.device = "cpu") -> Detector:
-    """Build the frozen detector named by ``spec``: eval mode, no grads, on ``device``."""
+def load_detector(spec: str, *, device: str | torch.device = "cpu", resize: str | None = None) -> Detector:
+    """Build the frozen detector named by ``spec``: eval mode, no grads, on ``device``.
+
+    ``resize`` picks the pixel path (:class:`~mfcache.detectors.base.Preprocess` ``.resize``:
+    ``processor`` or ``float``); None keeps the detector's own (``processor`` for ``hf:``,
+    ``float`` for ``demo``, whose weights were trained on it)."""
+    if resize is not None and resize not in RESIZE_PATHS:
+        raise MfcacheError(f"resize must be {' or '.join(RESIZE_PATHS)}, got {resize!r}")
     prefix, _, arg = spec.partition(":")
     loader = LOADERS.get(prefix.strip())
     if loader is None:
         raise MfcacheError(f"unknown detector spec {spec!r}; valid forms: {', '.join(SPEC_FORMS)}")
     detector = loader(arg.strip())
+    if resize is not None:
+        detector.info = replace(detector.info, preprocess=replace(detector.info.preprocess, resize=resize))
     detector.eval()
     detector.requires_grad_(False)
     return detector.to(device)

@@ -43,10 +43,25 @@ class DetectorOutput:
     c1: Tensor | None = None
 
 
+RESIZE_PATHS = ("processor", "float")  # Preprocess.resize: how pixels are resampled (see there)
+# What a fingerprint written before a Preprocess field existed meant by it: every cache made
+# before ``resize`` existed was made on the float path (with the 1/255 rescale).
+LEGACY_PREPROCESS = {"resize": "float", "rescale_factor": 1 / 255}
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How an image becomes detector input: DETR's shortest-edge resize, ImageNet
     normalisation, and zero padding of the batch to a multiple of ``pad_divisor``.
+
+    ``resize`` chooses the pixel path (:func:`mfcache.data.transforms.to_input`):
+    ``"processor"`` resizes the ``uint8`` image and rounds it back to ``uint8`` before
+    ``x * rescale_factor`` and normalisation, with the arithmetic of transformers' image
+    processors (their default torchvision backend), so the pixels equal
+    ``AutoImageProcessor.from_pretrained(checkpoint)(images)["pixel_values"]`` bit for bit;
+    ``"float"`` rescales first and resizes the float image (no rounding; it differs by up
+    to one grey level, 0.0175 after ImageNet normalisation). A detector's outputs follow its
+    preprocessing, so the path is part of the cache fingerprint.
 
     ``fixed_size = (h, w)`` replaces the aspect-preserving resize by a plain resize to
     exactly that size, as RT-DETR-style processors do (their ``size={"height", "width"}``);
@@ -57,6 +72,11 @@ class Preprocess:
     ``pad_size = (h, w)`` pads every batch to at least that canvas (transformers'
     ``pad_size``): a detector trained on batches padded to one canvas can depend on it, and
     with it an image's outputs no longer depend on which images share its batch.
+    Padding is the one place where mfcache deliberately differs from the processors: they
+    pad a batch to its largest image (or to exactly ``pad_size``), which makes an image's
+    input depend on its batch mates; mfcache pads to a multiple of ``pad_divisor`` (and to
+    at least ``pad_size``). Padding is zeros after normalisation in both, and the real
+    pixels and ``pixel_mask`` are the same.
     """
 
     shortest_edge: int = 800
@@ -66,6 +86,8 @@ class Preprocess:
     pad_divisor: int = 64
     fixed_size: tuple[int, int] | None = None
     pad_size: tuple[int, int] | None = None
+    resize: str = "processor"
+    rescale_factor: float = 1 / 255  # uint8 -> [0, 1] (transformers' rescale_factor; 1.0 without do_rescale)
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the resized image; the same rule as transformers' DETR processors
@@ -115,8 +137,8 @@ class DetectorInfo:
     @classmethod
     def from_dict(cls, d: dict) -> DetectorInfo:
         d = dict(d)
-        d["preprocess"] = Preprocess(**{k: tuple(v) if isinstance(v, list) else v
-                                        for k, v in d["preprocess"].items()})
+        preprocess = {**LEGACY_PREPROCESS, **d["preprocess"]}
+        d["preprocess"] = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.items()})
         for key in ("label_names", "strides"):
             d[key] = tuple(d[key])
         return cls(**d)

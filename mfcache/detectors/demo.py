@@ -30,7 +30,10 @@ TRAINING_FILE = "training.json"
 # and to keep `mfcache demo` within minutes. Every batch is padded to the 192x192 canvas
 # that (nearly) every training batch of 8 had: the trained detector's outputs depend on
 # the canvas (bbox AP 0.500 on it, 0.438 for images padded one by one to a multiple of 64).
-DEMO_PREPROCESS = Preprocess(shortest_edge=128, longest_edge=192, pad_size=(192, 192))
+# The detector was trained (mfcache.detectors.demo_training) on the float pixel path, so that
+# path is its own preprocessing; its preprocessor_config.json cannot say so (transformers'
+# processors resize in uint8), hence ``resize`` is set here, not read from the file.
+DEMO_PREPROCESS = Preprocess(shortest_edge=128, longest_edge=192, pad_size=(192, 192), resize="float")
 DEMO_SEED = 0
 DEMO_QUERIES = 30
 
@@ -103,13 +106,14 @@ def load_demo(weights: Path | None = None) -> Detector:
     """The ``demo`` detector: trained weights from ``weights`` (default: the shipped
     ``demo_weights/``) if present and made for the current shapes generator, else an
     untrained seed-0 model."""
-    from mfcache.detectors.hf import HFDeformableDetr, load_hf
+    from mfcache.detectors.hf import HFDeformableDetr, load_hf, read_preprocess
 
     weights = DEMO_WEIGHTS if weights is None else Path(weights)
     if (weights / "config.json").is_file() and (weights / "model.safetensors").is_file():
         check_generator(weights)
-        has_own = (weights / "preprocessor_config.json").is_file()
-        return load_hf(str(weights), spec="demo", preprocess=None if has_own else DEMO_PREPROCESS)
+        own = weights / "preprocessor_config.json"
+        preprocess = read_preprocess(own, DEMO_PREPROCESS) if own.is_file() else DEMO_PREPROCESS
+        return load_hf(str(weights), spec="demo", preprocess=preprocess)
     model = build_demo_model(DEMO_SEED)
     return HFDeformableDetr(model, spec="demo", preprocess=DEMO_PREPROCESS,
                             weights_sha256=state_dict_sha256(model), trained=False)

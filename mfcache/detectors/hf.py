@@ -4,7 +4,8 @@ The adapter is chosen by ``config.json``'s ``model_type`` from :data:`ADAPTERS`;
 shared machinery lives in :mod:`mfcache.detectors.hf_base`, each family in its own module
 (``hf_detr``: DETR, Conditional DETR, DAB-DETR; ``hf_deformable``: Deformable DETR;
 ``hf_rtdetr``: RT-DETR, RT-DETRv2, D-FINE, DEIMv2). Preprocessing is read from the
-model's ``preprocessor_config.json``.
+model's ``preprocessor_config.json`` and, on the default ``processor`` path, gives the pixels
+of the processor ``AutoImageProcessor`` loads for it (:func:`mfcache.data.transforms.to_input`).
 """
 
 from __future__ import annotations
@@ -70,9 +71,14 @@ def _first_line(exc: BaseException) -> str:
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
+BILINEAR = 2  # PIL's (and transformers' PILImageResampling) code for bilinear resampling
+
+
 def read_preprocess(path: Path | None, default: Preprocess = Preprocess()) -> Preprocess:
     """Preprocess from a ``preprocessor_config.json``; what it leaves out (or the whole
-    file, when ``path`` is None) comes from ``default``, the family's processor defaults."""
+    file, when ``path`` is None) comes from ``default``, the family's processor defaults.
+    Reads the resize rule, ``resample`` (bilinear only), ``do_rescale``/``rescale_factor``,
+    ``do_normalize``/``image_mean``/``image_std`` and ``do_pad``/``pad_size``."""
     if path is None:
         return default
     try:
@@ -92,6 +98,11 @@ def read_preprocess(path: Path | None, default: Preprocess = Preprocess()) -> Pr
     elif size is not None:
         raise MfcacheError(f"{path}: resize rule {size!r} is not supported; mfcache resizes by "
                            "shortest_edge/longest_edge or to a fixed height/width")
+    resample = cfg.get("resample", BILINEAR)
+    if resample != BILINEAR:
+        raise MfcacheError(f"{path}: resample {resample!r} is not supported; mfcache resizes bilinearly "
+                           f"(resample {BILINEAR}, what DETR-family processors use)")
+    rescale_factor = float(cfg.get("rescale_factor", default.rescale_factor)) if cfg.get("do_rescale", True) else 1.0
     if "do_normalize" not in cfg:
         mean, std = default.mean, default.std
     elif cfg["do_normalize"]:
@@ -105,7 +116,8 @@ def read_preprocess(path: Path | None, default: Preprocess = Preprocess()) -> Pr
             raise MfcacheError(f"{path}: pad_size {pad_size!r} must be {{\"height\": h, \"width\": w}}")
         pad_size = (int(pad_size["height"]), int(pad_size["width"]))
     return Preprocess(shortest_edge=shortest, longest_edge=longest, mean=mean, std=std,
-                      pad_divisor=default.pad_divisor, fixed_size=fixed_size, pad_size=pad_size or default.pad_size)
+                      pad_divisor=default.pad_divisor, fixed_size=fixed_size, pad_size=pad_size or default.pad_size,
+                      resize=default.resize, rescale_factor=rescale_factor)
 
 
 def load_hf(path: str, spec: str | None = None, *, preprocess: Preprocess | None = None,

@@ -60,7 +60,10 @@ def load_native(family: str, arg: str) -> NativeDetector:
     model.info = DetectorInfo(
         spec=spec, family=family, d_model=cfg.d_model, num_queries=cfg.num_queries, label_names=names,
         strides=model.strides, c1_channels=model.c1_channels, sigmoid=True, weights_sha256=file_sha256(path),
-        preprocess=Preprocess(shortest_edge=shortest, longest_edge=longest, pad_divisor=model.strides[-1]),
+        # the original repos resize PIL images (PIL's uint8 kernel), which neither mfcache path
+        # reproduces bit for bit; native caches stay on the float path they were made with
+        preprocess=Preprocess(shortest_edge=shortest, longest_edge=longest, pad_divisor=model.strides[-1],
+                              resize="float"),
     )
     return model
 
