@@ -15,7 +15,7 @@ from mfcache.runtime import console
 _D = ExtractConfig()
 
 
-@user_errors
+@user_errors(interrupted="finished blocks are kept; run the same command again to resume")
 def command(
     detector: Annotated[str, typer.Option("--detector", help="Detector spec: 'demo', 'hf:<checkpoint dir>', 'hdetr:<file.pth>[?options]' or 'dino:<file.pth>[?options]'.")],
     images: Annotated[Path, typer.Option("--images", help="Folder the annotation file's file_names are relative to.")],
@@ -62,3 +62,5 @@ def command(
     skipped = f", {summary.skipped} skipped: see `mfcache inspect {summary.cache}`" if summary.skipped else ""
     console.print(f"split {summary.split!r}: {summary.num_images} images cached in {summary.cache} "
                   f"({summary.written} written now{skipped})")
+    if summary.match is not None:
+        console.print(f"split {summary.split!r}: {summary.match.line()}", highlight=False)

@@ -23,11 +23,15 @@ def _size(n: float) -> str:
 def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
     """Show a cache's fingerprint, splits, and every array's shape, dtype and size.
 
+    Per split also how many GT instances a cached query matches at box IoU >= 0.5 (the
+    train.min_iou default: only those train the head) and the detector's box recall at 0.5.
+
     Example: mfcache inspect caches/ddetr
     """
     import zarr
     from rich.table import Table
     from mfcache.cache.reader import Cache
+    from mfcache.cache.stats import group_stats, stored_stats
 
     c = Cache(cache)
     det, ext = c.detector, c.extract
@@ -50,6 +54,12 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
                       f"annotations {split.attrs['annotation_file']} (sha256 {split.attrs['annotations_sha256'][:16]})")
         for image_id, reason in sorted(skipped.items()):
             console.print(f"  skipped image id {image_id}: {reason}", highlight=False, soft_wrap=True)
+        match, when = stored_stats(split.group), "recorded at extraction"
+        if match is None and done:  # a cache written before extraction recorded it, or an unfinished split
+            match, when = group_stats(split.group), f"computed now over the {done} complete images"
+        if match is not None:
+            console.print(f"targets: {match.line()} ({when}; train.min_iou decides which queries train)",
+                          highlight=False, soft_wrap=True)
         table = Table()
         for column in ("array", "shape", "dtype", "chunks", "bytes", "stored"):
             table.add_column(column, no_wrap=column in ("array", "shape"),
