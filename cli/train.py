@@ -14,7 +14,12 @@ from mfcache.runtime import console
 
 
 def resume_command(args: dict) -> str:
-    """The command that resumes this run from the checkpoint an interrupted run saved."""
+    """The command that resumes this run from the checkpoint an interrupted run saved (a
+    second Ctrl-C stops at once: then from the last periodic checkpoint, if there is one)."""
+    from mfcache.engine import CHECKPOINT
+
+    if not (Path(args["out"]) / CHECKPOINT).is_file():
+        return "no checkpoint was saved yet: run the same command again to start over"
     words = ["mfcache", "train", "--cache", str(args["cache"]), "--out", str(args["out"]), "--resume"]
     if args.get("split"):
         words += ["--split", args["split"]]
