@@ -11,7 +11,7 @@ from mfcache.cli.common import CacheOpt, QuietOpt, user_errors
 from mfcache.runtime import console
 
 
-@user_errors(interrupted="nothing was written")
+@user_errors
 def command(
     cache: CacheOpt,
     run: Annotated[Path, typer.Option("--run", help="Run folder written by `mfcache train`.")],

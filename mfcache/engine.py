@@ -1,7 +1,7 @@
 """Stages 2 and 3: train a mask head from a cache, and evaluate it with COCO AP.
 
 Plain functions and a visible loop (the detector is never loaded here). A run folder holds
-``checkpoint.pt`` (model, optimizer, config, step, the cache's fingerprint), ``config.json``
+``checkpoint.pt`` (model, optimizer, config, step, RNG state, split, the cache's fingerprint), ``config.json``
 and ``log.jsonl`` (one line per logged step).
 """
 
