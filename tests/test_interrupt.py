@@ -133,3 +133,62 @@ def test_a_signal_saves_the_step_reached_and_resume_is_exact(cache, reference, t
     b = torch.load(run / "checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 8 and torch.equal(a["rng"], b["rng"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+TORCHRUN_SCRIPT = """
+import sys, time
+from pathlib import Path
+from mfcache import engine
+from mfcache.config import resolve_run_config
+from mfcache.stopping import Interrupted
+import os
+if os.environ.get("SLOW_STEPS"):
+    lr_at = engine.lr_at
+    engine.lr_at = lambda *a: (time.sleep(1.0), lr_at(*a))[1]
+resume = sys.argv[3] == "resume"
+try:
+    engine.train(cache_path=Path(sys.argv[1]), run_dir=Path(sys.argv[2]), resume=resume,
+                 config=None if resume else resolve_run_config(None, sys.argv[4:]), progress=False)
+except Interrupted as exc:
+    print(f"stopped: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+"""
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step(cache, tmp_path):
+    """torchrun forwards SIGTERM to each rank; they agree on the step, rank 0 saves it, and the
+    resumed two-rank run ends with the weights and log of an uninterrupted two-rank run."""
+    settings = ["train.steps=6", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=100",
+                "train.num_workers=0", "train.device=cpu", "train.min_iou=0.1", "train.grad_clip=0"]
+    script = tmp_path / "script.py"
+    script.write_text(TORCHRUN_SCRIPT)
+
+    def torchrun(run, *args, slow=False):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   str(script), str(cache), str(run), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_STEPS": "1" if slow else ""}
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    reference = torchrun(tmp_path / "reference", "new", *settings)
+    run = tmp_path / "two"
+    proc = torchrun(run, "new", *settings, slow=True)
+    deadline = time.monotonic() + 240
+    while not ((run / "log.jsonl").exists() and len((run / "log.jsonl").read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        assert time.monotonic() < deadline, "training never reached step 2"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err[-4000:]
+    # checkpoint_every is 100: a checkpoint exists only because the ranks stopped and saved
+    stopped = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    assert reference.wait(timeout=240) == 0, reference.communicate()[1][-4000:]
+    assert 2 <= stopped < 6 and [e["step"] for e in log(run)] == list(range(1, stopped + 1))
+
+    resumed = torchrun(run, "resume")
+    assert resumed.wait(timeout=240) == 0, resumed.communicate()[1][-4000:]
+    a = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=False)
+    b = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert log(run) == log(tmp_path / "reference")
