@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -12,22 +13,37 @@ from mfcache.errors import MfcacheError
 from mfcache.runtime import console
 
 
-def user_errors(fn):
-    """Turn :class:`MfcacheError` into one red line on stderr and exit code 1."""
+def user_errors(fn=None, *, interrupted: str | Callable[[dict], str] = ""):
+    """Turn :class:`MfcacheError` into red ``error:`` lines on stderr (one per line of its
+    message: a config with several mistakes lists them all) and exit code 1.
+
+    On Ctrl-C (or a training run stopped by SIGINT/SIGTERM, which saved a checkpoint and
+    says so) print ``interrupted`` and what to do next: ``interrupted`` is a fixed text or a
+    function of the command's arguments (e.g. the ``--resume`` command of this run). Exit
+    code 128 + the signal (130 for Ctrl-C, 143 for SIGTERM). Use as ``@user_errors`` or
+    ``@user_errors(interrupted=...)``."""
+    if fn is None:
+        return functools.partial(user_errors, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except MfcacheError as exc:
-            console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            for line in str(exc).splitlines() or [""]:
+                console.print(f"[bold red]error:[/bold red] {line}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/bold red]: finished blocks are kept; run the command again to resume")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            hint = interrupted(kwargs) if callable(interrupted) else interrupted
+            text = "; ".join(part for part in (str(exc), hint) if part)
+            console.print(f"[bold red]interrupted[/bold red]{': ' + text if text else ''}",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
     return wrapper
 
+
+RERUN = "work finished so far is kept; run the same command again to resume"
 
 CacheOpt = Annotated[Path, typer.Option("--cache", help="Cache folder written by `mfcache extract`.")]
 SplitOpt = Annotated[str | None, typer.Option("--split", help="Split of the cache (default: train* for training, val* for eval).")]

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import QuietOpt, user_errors
+from mfcache.cli.common import RERUN, QuietOpt, user_errors
 from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.runtime import console, progress_bar
 
@@ -31,7 +31,7 @@ def demo_detector_note() -> str:
         return "demo detector: trained weights (no training.json next to them)"
 
 
-@user_errors
+@user_errors(interrupted=RERUN)
 def command(
     out: Annotated[Path, typer.Option("--out", help="Folder for data, cache, run and metrics.")] = Path("mfcache-demo"),
     train_images: Annotated[int, typer.Option("--train", min=1, help="Generated training images.")] = 400,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import CacheOpt, QuietOpt, SplitOpt, TrustOpt, user_errors
+from mfcache.cli.common import CacheOpt, QuietOpt, TrustOpt, user_errors
 from mfcache.runtime import console
 
 
@@ -16,7 +16,8 @@ def command(
     cache: CacheOpt,
     run: Annotated[Path, typer.Option("--run", help="Run folder written by `mfcache train`.")],
     out: Annotated[Path | None, typer.Option("--out", help="Where to write metrics.json (default: RUN/metrics.json).")] = None,
-    split: SplitOpt = None,
+    split: Annotated[str | None, typer.Option("--split", help="Split of the cache (default: the val*/test* split; "
+                                              "a train split is evaluated only when named).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     visualize: Annotated[int, typer.Option("--visualize", min=0, help="Draw N images as ground truth | prediction "
                                            "panels in <metrics dir>/visualize/.")] = 0,

@@ -15,7 +15,7 @@ from mfcache.runtime import console
 _D = ExtractConfig()
 
 
-@user_errors
+@user_errors(interrupted="finished blocks are kept; run the same command again to resume")
 def command(
     detector: Annotated[str, typer.Option("--detector", help="Detector spec: 'demo', 'hf:<checkpoint dir>', 'hdetr:<file.pth>[?options]' or 'dino:<file.pth>[?options]'.")],
     images: Annotated[Path, typer.Option("--images", help="Folder the annotation file's file_names are relative to.")],
@@ -69,3 +69,5 @@ def command(
     if summary.annotations:
         see = f" (see `mfcache inspect {summary.cache}`)" if summary.skipped_annotations else ""
         console.print(summary.annotations + see, highlight=False)
+    if summary.match is not None:
+        console.print(f"split {summary.split!r}: {summary.match.line()}", highlight=False)

@@ -25,11 +25,15 @@ def _size(n: float) -> str:
 def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
     """Show a cache's fingerprint, splits, and every array's shape, dtype and size.
 
+    Per split also how many GT instances a cached query matches at box IoU >= 0.5 (the
+    train.min_iou default: only those train the head) and the detector's box recall at 0.5.
+
     Example: mfcache inspect caches/ddetr
     """
     import zarr
     from rich.table import Table
     from mfcache.cache.reader import Cache
+    from mfcache.cache.stats import group_stats, stored_stats
 
     c = Cache(cache)
     det, ext = c.detector, c.extract
@@ -58,6 +62,12 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
             console.print(f"  skipped annotation id {ann_id}: {reason}", highlight=False, soft_wrap=True)
         if len(left_out) > SHOWN_ANNOTATIONS:
             console.print(f"  ... {len(left_out) - SHOWN_ANNOTATIONS} more skipped annotations", highlight=False)
+        match, when = stored_stats(split.group), "recorded at extraction"
+        if match is None and done:  # a cache written before extraction recorded it, or an unfinished split
+            match, when = group_stats(split.group), f"computed now over the {done} complete images"
+        if match is not None:
+            console.print(f"targets: {match.line()} ({when}; train.min_iou decides which queries train)",
+                          highlight=False, soft_wrap=True)
         table = Table()
         for column in ("array", "shape", "dtype", "chunks", "bytes", "stored"):
             table.add_column(column, no_wrap=column in ("array", "shape"),

@@ -34,8 +34,10 @@ def command(
     Example: mfcache predict --detector demo --run runs/baseline photos/ extra.jpg --out predictions
     """
     from mfcache.checkpoint_io import trusting
+    from mfcache.outputs import check_folder
     from mfcache.predict import predict_images
 
+    check_folder(out, "--out")  # a file or a read-only place: before the detector loads
     with trusting(trust_checkpoint):  # the detector's checkpoint and the run's
         summary = predict_images(detector=detector, run_dir=run, inputs=images, out=out,
                                  score_threshold=score_threshold, device=device, batch_size=batch_size,

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import CacheOpt, QuietOpt, SetOpt, TrustOpt, user_errors
+from mfcache.cli.common import RERUN, CacheOpt, QuietOpt, SetOpt, TrustOpt, user_errors
 from mfcache.runtime import console
 
 
-@user_errors
+@user_errors(interrupted=RERUN)
 def command(
     cache: CacheOpt,
     heads: Annotated[list[str], typer.Option("--heads", help="`all`, a preset name or a head TOML file (repeatable).")],

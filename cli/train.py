@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -12,26 +13,49 @@ from mfcache.config import resolve_run_config
 from mfcache.runtime import console
 
 
-@user_errors
+def resume_command(args: dict) -> str:
+    """The command that resumes this run from the checkpoint an interrupted run saved (a
+    second Ctrl-C stops at once: then from the last periodic checkpoint, if there is one)."""
+    from mfcache.engine import CHECKPOINT
+
+    if not (Path(args["out"]) / CHECKPOINT).is_file():
+        return "no checkpoint was saved yet: run the same command again to start over"
+    words = ["mfcache", "train", "--cache", str(args["cache"]), "--out", str(args["out"]), "--resume"]
+    if args.get("split"):
+        words += ["--split", args["split"]]
+    return "resume with: " + shlex.join(words)
+
+
+@user_errors(interrupted=resume_command)
 def command(
     cache: CacheOpt,
     out: Annotated[Path, typer.Option("--out", help="Run folder for the checkpoint, config and log.")],
     head: Annotated[str | None, typer.Option("--head", help="Head preset name (see `mfcache heads`) or a TOML file.")] = None,
     overrides: SetOpt = None,
     split: SplitOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint, with the "
+                                         "configuration stored there (--set train.steps=N extends it).")] = False,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
 ):
     """Train a mask head on a cache split (the detector is never loaded).
+
+    Ctrl-C or SIGTERM stops after the current step and saves a checkpoint; --resume continues
+    it exactly as if it had never stopped.
 
     Example: mfcache train --cache caches/ddetr --head box_baseline --set train.steps=2000 --out runs/baseline
     """
     from mfcache.checkpoint_io import trusting
     from mfcache.engine import train
 
-    config = resolve_run_config(head, overrides)
+    # resuming: the run's own configuration (+ --set), unless --head names one in full
+    config = resolve_run_config(head, overrides) if head or not resume else None
     with trusting(trust_checkpoint):
-        last = train(cache_path=cache, run_dir=out, config=config, split=split, resume=resume, progress=not quiet)
+        last = train(cache_path=cache, run_dir=out, config=config, overrides=None if config else overrides,
+                     split=split, resume=resume, progress=not quiet)
+    if last.get("finished"):
+        console.print(f"{out} is already trained to step {last['step']}: to train it longer, "
+                      f"--resume --set train.steps=N with N > {last['step']}")
+        return
     loss = f"loss {last['loss']:.4f}" if last.get("loss") is not None else "no loss logged"
-    console.print(f"trained {config.head.name} to step {last['step']} ({loss}) in {last['seconds']:.0f} s: {out}")
+    console.print(f"trained {last['head']} to step {last['step']} ({loss}) in {last['seconds']:.0f} s: {out}")

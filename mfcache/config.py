@@ -10,8 +10,11 @@ whose optional ``[train]`` / ``[eval]`` tables override :class:`TrainConfig` /
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,15 +187,20 @@ def load_head_file(head: str) -> dict:
     return {"head": data, **sections}
 
 
-def resolve_run_config(head: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """The one place a run's configuration is decided: defaults < head preset/file < --set."""
-    merged: dict[str, dict] = {"head": {}, "train": {}, "eval": {}}
+def resolve_run_config(head: str | None = None, overrides: list[str] | None = None,
+                       base: RunConfig | None = None) -> RunConfig:
+    """The one place a run's configuration is decided: defaults (or ``base``, e.g. the
+    configuration stored in a run being resumed) < head preset/file < --set. Every field's
+    range is checked (:func:`check_config`)."""
+    merged: dict[str, dict] = base.to_dict() if base is not None else {"head": {}, "train": {}, "eval": {}}
     if head:
         for section, values in load_head_file(head).items():
             merged[section].update(values)
     for section, values in parse_overrides(overrides or []).items():
         merged[section].update(values)
-    return RunConfig.from_dict(merged)
+    config = RunConfig.from_dict(merged)
+    check_config(config)
+    return config
 
 
 def with_overrides(config, overrides: dict):
@@ -202,4 +210,150 @@ def with_overrides(config, overrides: dict):
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise MfcacheError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    return dataclasses.replace(config, **{k: _coerce(v, hints[k], k) for k, v in overrides.items()})
+    config = dataclasses.replace(config, **{k: _coerce(v, hints[k], k) for k, v in overrides.items()})
+    check_config(config)
+    return config
+
+
+# --- ranges: every field of every config has a check (tests/test_meaningful_runs.py asserts it) ---
+
+Check = Callable[[object], str | None]  # a value -> what is wrong with it, None if fine
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low: float) -> Check:
+    return lambda v: None if _number(v) and v >= low else f"must be {'' if _number(v) else 'a finite number '}>= {low:g}"
+
+
+def above(low: float) -> Check:
+    return lambda v: None if _number(v) and v > low else f"must be {'' if _number(v) else 'a finite number '}> {low:g}"
+
+
+def between(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Check:
+    def check(v):
+        ok = _number(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+        return None if ok else f"must be in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    return check
+
+
+def one_of(*choices) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
+
+
+def each(check: Check) -> Check:
+    """A check of every item of a tuple."""
+    def check_all(values):
+        problems = [p for p in map(check, values) if p]
+        return f"must have every item {problems[0].removeprefix('must be ')}" if problems else None
+    return check_all
+
+
+def anything(_value) -> None:
+    return None
+
+
+def _run_name(v) -> str | None:  # a sweep makes a folder of this name
+    return None if v and v not in (".", "..") and not re.search(r"[/\\]", v) else "must be a non-empty folder name (no / or \\)"
+
+
+def _device(v) -> str | None:
+    return None if re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"
+
+
+HEAD_CHOICES = {  # the heads builder (mfcache/heads) composes exactly these
+    "region": ("box", "image"),
+    "roi_size": (16, 32, 64),
+    "encoder": ("none", "deformable", "swin", "convnext"),
+    "neck": ("none", "conv_gn"),
+    "query_encoder": ("self_attn", "box_cross_attn", "ffn"),
+    "predictor": ("dot", "blender", "fcn"),
+    "scoring": ("class", "mask_prob", "mask_iou"),
+    "loss": ("bce_dice", "point"),
+}
+
+RANGES: dict[type, dict[str, Check]] = {
+    ExtractConfig: {
+        "topk": at_least(1), "target_size": at_least(8), "batch_size": at_least(1), "block_size": at_least(1),
+        "chunk_tokens": at_least(0), "c1": one_of("store", "recompute", "none"),
+        "dtype": one_of("float16", "float32", "int8"), "levels": each(at_least(0)), "compress": anything,
+        "resize": one_of("auto", "processor", "float"),
+        "num_workers": at_least(0), "device": _device,
+    },
+    HeadConfig: {
+        "name": _run_name, "description": anything,
+        **{k: (each(one_of(*v)) if k == "query_encoder" else one_of(*v)) for k, v in HEAD_CHOICES.items()},
+        "level": at_least(0), "use_c1": anything, "channels": at_least(0), "encoder_depth": at_least(1),
+        "box_encoder_depth": at_least(0), "blender_bases": at_least(1), "blender_attn_size": at_least(1),
+        "quality_weight": at_least(0), "points": at_least(1), "oversample": at_least(1),
+        "importance": between(0, 1),
+    },
+    TrainConfig: {
+        "steps": at_least(1), "batch_size": at_least(1), "lr": above(0),
+        "betas": lambda v: None if len(v) == 2 and not each(between(0, 1, open_high=True))(v)
+        else "must be two numbers in [0, 1)",
+        "weight_decay": at_least(0), "lr_drops": each(between(0, 1, open_low=True)), "grad_clip": at_least(0),
+        "min_iou": between(0, 1), "bce_weight": at_least(0), "dice_weight": at_least(0), "seed": at_least(0),
+        "num_workers": at_least(0), "checkpoint_every": at_least(1), "log_every": at_least(1), "device": _device,
+    },
+    EvalConfig: {
+        "mask_threshold": between(0, 1, open_low=True, open_high=True), "batch_size": at_least(1),
+        "max_detections": at_least(1),
+    },
+}
+SECTIONS = {ExtractConfig: "extract", HeadConfig: "head", TrainConfig: "train", EvalConfig: "eval"}
+
+
+def config_problems(config) -> list[str]:
+    """One line per field of ``config`` (a :class:`RunConfig` or one of its sections, or an
+    :class:`ExtractConfig`) whose value is out of range, e.g. ``train.steps must be ... got 0``."""
+    if isinstance(config, RunConfig):
+        return [p for part in (config.head, config.train, config.eval) for p in config_problems(part)]
+    section, problems = SECTIONS[type(config)], []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        problem = RANGES[type(config)][f.name](value)
+        if problem:
+            problems.append(f"{section}.{f.name} {problem}, got {value!r}")
+    if isinstance(config, TrainConfig) and config.bce_weight == 0 and config.dice_weight == 0:
+        problems.append("train.bce_weight and train.dice_weight are both 0: the head would learn nothing")
+    return problems
+
+
+def check_config(config) -> None:
+    """Raise :class:`MfcacheError` listing every out-of-range field, one line each."""
+    problems = config_problems(config)
+    if problems:
+        raise MfcacheError("\n".join(problems))
+
+
+# --- resuming a run: which fields may change ---
+
+# Fields a resumed run may change: how long it trains (train.steps; the lr schedule is that of
+# the new length from the resumed step on) and how it runs, never what it learns from.
+RESUMABLE = ("train.steps", "train.num_workers", "train.device", "train.checkpoint_every", "train.log_every")
+
+
+def _flat(config: RunConfig) -> dict[str, object]:
+    return {f"{section}.{k}": v for section, values in config.to_dict().items() for k, v in values.items()}
+
+
+def resume_config(stored: RunConfig, *, at_step: int, run: str | Path, requested: RunConfig | None = None,
+                  overrides: list[str] | None = None) -> RunConfig:
+    """The configuration a run resumed at step ``at_step`` continues with: ``requested`` (a
+    whole configuration, e.g. from ``--head``), else the ``stored`` one with ``overrides``
+    (``--set`` strings) applied. Raises naming every changed field outside :data:`RESUMABLE`,
+    or a ``train.steps`` below the step the run already reached."""
+    config = requested if requested is not None else resolve_run_config(None, overrides, base=stored)
+    old, new = _flat(stored), _flat(config)
+    changed = [k for k in new if new[k] != old.get(k) and k not in RESUMABLE]
+    if changed:
+        what = ", ".join(f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in changed)
+        raise MfcacheError(f"{run} was trained with another configuration: {what}; resume it without "
+                           f"--head/--set (only {', '.join(RESUMABLE)} may change)")
+    if config.train.steps < at_step:
+        raise MfcacheError(f"{run} is already at step {at_step}: train.steps={config.train.steps} would end "
+                           "before it (use a larger train.steps to extend the run)")
+    return config

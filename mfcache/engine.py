@@ -1,12 +1,13 @@
 """Stages 2 and 3: train a mask head from a cache, and evaluate it with COCO AP.
 
 Plain functions and a visible loop (the detector is never loaded here). A run folder holds
-``checkpoint.pt`` (model, optimizer, config, step, the cache's fingerprint), ``config.json``
+``checkpoint.pt`` (model, optimizer, config, step, RNG state, split, the cache's fingerprint), ``config.json``
 and ``log.jsonl`` (one line per logged step).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -20,16 +21,19 @@ from torch.utils.data import DataLoader, Sampler
 
 from mfcache.cache.reader import Cache, CacheDataset, CacheSplit, collate
 from mfcache.cache.schema import fingerprint_mismatch
+from mfcache.cache.stats import FEW_MATCHED, MatchStats, split_stats
 from mfcache.cache.targets import scale_boxes
 from mfcache.checkpoint_io import load_checkpoint
-from mfcache.config import RunConfig
+from mfcache.config import RunConfig, resolve_run_config, resume_config
 from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
 from mfcache.evaluation import coco_evaluate, results_from_detections
 from mfcache.heads import MaskHead, build_head
 from mfcache.losses import mask_losses, point_mask_losses, quality_loss, resize_targets
 from mfcache.masks import encode_rle, paste_masks
-from mfcache.runtime import progress_bar, resolve_device
+from mfcache.outputs import check_file, check_folder, write_errors
+from mfcache.runtime import console, progress_bar, resolve_device
+from mfcache.stopping import Interrupted, StopSignals, ignore_stop_signals
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -97,9 +101,17 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 def _save(path: Path, payload: dict) -> None:
+    """Write a checkpoint atomically; a full disk is a one-line error, the previous one intact.
+    Serialised in memory first: torch.save reports a failed file write as a RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+    try:
+        with write_errors("the checkpoint", path):
+            tmp.write_bytes(buffer.getbuffer())
+            os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class RankSlice(Sampler):
@@ -118,73 +130,111 @@ class RankSlice(Sampler):
         return len(self.batches)
 
 
-def train(*, cache_path: Path, run_dir: Path, config: RunConfig, split: str | None = None,
-          resume: bool = False, progress: bool = True) -> dict:
-    """Train ``config.head`` on a cache split; returns the final log entry.
+def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, overrides: list[str] | None = None,
+          split: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``config.head`` on a cache split; returns the final log entry, with ``seconds``
+    and the ``head`` name (``finished``: the run was already at its last step).
+
+    With ``resume`` the run continues from ``run_dir``'s checkpoint: with ``config`` None it
+    takes the configuration stored there, with ``overrides`` (``--set`` strings) applied, and
+    the split it was trained on; a changed configuration may only extend the schedule or change
+    how the run runs (:func:`mfcache.config.resume_config`). Without ``resume``, ``config``
+    None means the defaults with ``overrides``.
+
+    SIGINT (Ctrl-C) or SIGTERM stop the run after the step in progress, save a checkpoint
+    there and raise :class:`mfcache.stopping.Interrupted`; resuming from it gives exactly the
+    uninterrupted run.
 
     Under ``torchrun --nproc_per_node N`` the head is wrapped in DistributedDataParallel and
     every rank takes a disjoint slice of each step's batch (the global batch stays
     ``train.batch_size``); each rank's loss is weighted by its share of the step's positives,
     so the averaged gradient equals a one-process run's. Only rank 0 writes the run folder."""
+    run_dir = Path(run_dir)
+    check_folder(run_dir, "--out (the run folder)")  # a file or a read-only place: before any work
+    state = _checkpoint_to_resume(run_dir, resume)
+    if state is not None:
+        config = resume_config(RunConfig.from_dict(state["config"]), at_step=state["step"], run=run_dir,
+                               requested=config, overrides=overrides)
+        split = split or state.get("split")
+    elif config is None:
+        config = resolve_run_config(None, overrides)
     device = resolve_device(config.train.device)
     world, created = init_world(device)
     try:
-        return _train(cache_path=cache_path, run_dir=run_dir, config=config, split=split, resume=resume,
+        return _train(cache_path=cache_path, run_dir=run_dir, config=config, split=split, state=state,
                       progress=progress and world.is_main, world=world, device=world.device(device))
     finally:
         close_world(created)
 
 
-def _train(*, cache_path: Path, run_dir: Path, config: RunConfig, split: str | None, resume: bool,
+def _checkpoint_to_resume(run_dir: Path, resume: bool) -> dict | None:
+    """The checkpoint dict of the run in ``run_dir`` if it is to be resumed; None for a new run."""
+    checkpoint_path = run_dir / CHECKPOINT
+    if checkpoint_path.exists():
+        if not resume:
+            raise MfcacheError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+        return load_checkpoint(checkpoint_path, what="run checkpoint", map_location="cpu")
+    if resume:
+        raise MfcacheError(f"nothing to resume: no {CHECKPOINT} in {run_dir}")
+    return None
+
+
+def _train(*, cache_path: Path, run_dir: Path, config: RunConfig, split: str | None, state: dict | None,
            progress: bool, world: World, device: torch.device) -> dict:
     cache = Cache(cache_path)
     data = cache.split(split, role="train")
     data.require_complete()
+    if state is not None:
+        problem = fingerprint_mismatch(state["fingerprint"], cache.fingerprint)
+        if problem:
+            raise MfcacheError(f"the run in {run_dir} was trained on a cache made with {problem}")
     tc = config.train
+    _check_positives(data, tc.min_iou, warn=world.is_main)
     torch.manual_seed(tc.seed)
     head = head_for(cache, config).to(device)
     model = torch.nn.parallel.DistributedDataParallel(head) if world.enabled else head
     optimizer = torch.optim.AdamW(head.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    run_dir = Path(run_dir)
     checkpoint_path = run_dir / CHECKPOINT
     step = 0
-    if checkpoint_path.exists():
-        if not resume:
-            raise MfcacheError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
-        state = load_checkpoint(checkpoint_path, what="run checkpoint", map_location=device)
-        if state["config"] != config.to_dict():
-            raise MfcacheError(f"{run_dir} was trained with another configuration; resume it without --head/--set")
+    if state is not None:
         head.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         if "rng" in state:  # random ops after step s match an uninterrupted run's
             torch.set_rng_state(state["rng"])
-    elif resume:
-        raise MfcacheError(f"nothing to resume: no {CHECKPOINT} in {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
-        (run_dir / "config.json").write_text(json.dumps(
-            {"config": config.to_dict(), "cache": str(cache_path), "split": data.name}, indent=2))
+        with write_errors("the run folder", run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(
+                {"config": config.to_dict(), "cache": str(cache_path), "split": data.name}, indent=2))
 
     dataset = CacheDataset(cache_path, data.name, levels=head.levels, c1=head.uses_c1, targets=True)
     if len(dataset) == 0:
         raise MfcacheError(f"split {data.name!r} has no images to train on")
     batches = StepBatches(len(dataset), tc.batch_size, tc.seed, step, tc.steps)
     loader = DataLoader(dataset, batch_sampler=RankSlice(batches, world) if world.enabled else batches,
-                        collate_fn=collate, num_workers=tc.num_workers, pin_memory=device.type == "cuda")
+                        collate_fn=collate, num_workers=tc.num_workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals,
+                        # its own generator: starting the loader must not draw from the global RNG,
+                        # or a resumed run's random ops (point sampling) would be shifted by one draw
+                        generator=torch.Generator().manual_seed(tc.seed))
 
     def checkpoint(at: int) -> None:
         if not world.is_main:
             return
         _save(checkpoint_path, {"model": head.state_dict(), "optimizer": optimizer.state_dict(),
                                 "config": config.to_dict(), "step": at, "fingerprint": cache.fingerprint,
-                                "rng": torch.get_rng_state()})
+                                "rng": torch.get_rng_state(), "split": data.name})
 
-    log = (run_dir / "log.jsonl").open("a") if world.is_main else open(os.devnull, "w")
+    with write_errors("the training log", run_dir / "log.jsonl"):
+        log = (run_dir / "log.jsonl").open("a") if world.is_main else open(os.devnull, "w")
     entry: dict = {"step": step}
+    if step >= tc.steps:  # a finished run resumed without a longer schedule: nothing to do
+        log.close()
+        return {**entry, "finished": True, "seconds": 0.0, "head": config.head.name}
     head.train()
     started = time.perf_counter()
-    with progress_bar(progress) as bar:
+    with StopSignals() as stop, progress_bar(progress) as bar:
         task = bar.add_task("train", total=tc.steps, completed=step, status="")
         for batch in loader:
             batch = _to(batch, device)
@@ -229,17 +279,44 @@ def _train(*, cache_path: Path, run_dir: Path, config: RunConfig, split: str | N
             else:  # no query overlaps a GT well enough: nothing to learn from this batch
                 entry = {"step": step, "loss": None, "positives": 0, "lr": optimizer.param_groups[0]["lr"]}
             if step % tc.log_every == 0 or step == tc.steps:
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
+                with write_errors("the training log", run_dir / "log.jsonl"):
+                    log.write(json.dumps(entry) + "\n")
+                    log.flush()
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 checkpoint(step)
             loss_text = f"loss {entry['loss']:.4f}" if entry.get("loss") is not None else "no positives"
             bar.update(task, advance=1, status=loss_text)
+            if stop.requested(device, world.enabled):  # after a whole step: the checkpoint resumes exactly
+                break
     log.close()
     if step < tc.steps or not checkpoint_path.exists():
         checkpoint(step)
-    entry["seconds"] = time.perf_counter() - started
-    return entry
+    if stop.signum is not None and step < tc.steps:
+        raise Interrupted(stop.signum, step, tc.steps, checkpoint_path)
+    return {**entry, "seconds": time.perf_counter() - started, "head": config.head.name}
+
+
+def _check_positives(data: CacheSplit, min_iou: float, warn: bool) -> MatchStats:
+    """Refuse a split on which no query would train (no GT instance is a cached query's best
+    match at box IoU >= ``min_iou``); warn when fewer than :data:`FEW_MATCHED` of its GT
+    instances are (the head learns from those alone, and eval counts the rest as misses)."""
+    stats = split_stats(data.group, min_iou)
+    where = f"split {data.name!r} of {data.cache.path}"
+    if stats.gt_instances == 0:
+        raise MfcacheError(f"{where} has no ground-truth instances to train on (its annotation file "
+                           f"{data.attrs.get('annotation_file')} lists none)")
+    if stats.matched == 0:
+        raise MfcacheError(
+            f"{where} has nothing to train on: none of its {stats.gt_instances} GT instances is the best match "
+            f"of a cached query at box IoU >= train.min_iou={min_iou:g} (the best query-GT IoU is "
+            f"{stats.best_iou:.2f}); lower train.min_iou, or extract with a larger --topk or a detector "
+            "that finds these objects"
+        )
+    if warn and stats.matched < FEW_MATCHED * stats.gt_instances:
+        console.print(f"[bold yellow]warning:[/bold yellow] {where}: only {stats.line()} "
+                      f"(fewer than {FEW_MATCHED:.0%}); the head learns from the matched ones alone",
+                      highlight=False, soft_wrap=True)
+    return stats
 
 
 def load_run(run_dir: Path, cache: Cache, device: torch.device) -> tuple[MaskHead, RunConfig]:
@@ -359,6 +436,8 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
     """COCO segm + bbox AP of a trained head on a cache split; writes ``metrics.json``
     (default: inside the run folder) and returns the metrics. ``on_results(split, results)``,
     if given, receives the head's COCO results once the metrics are written (e.g. to draw them)."""
+    out = Path(out) if out else Path(run_dir) / "metrics.json"
+    check_file(out, "--out (the metrics file)")  # now, not after the whole evaluation
     cache = Cache(cache_path)
     data = cache.split(split, role="eval")
     data.require_complete()
@@ -377,11 +456,18 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
         "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
         "config": config.to_dict(),
     })
-    out = Path(out) if out else Path(run_dir) / "metrics.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2, default=_json_default))
+    with write_errors("the metrics", out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(metrics, indent=2, default=_json_default)
+        tmp = out.with_name(f".{out.name}.tmp")
+        try:  # whole or not at all: a full disk leaves no truncated metrics.json
+            tmp.write_text(text)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     if on_results is not None:
-        on_results(data, results["head"])
+        with write_errors("the visualisations", out.parent):
+            on_results(data, results["head"])
     return metrics
 
 

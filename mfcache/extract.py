@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from mfcache.cache.c1_stem import STEM_ARRAY, export_stem
 from mfcache.cache.lock import writer_lock
 from mfcache.cache.schema import QUANTIZED, SKIPPED, fingerprint, plan_split, quantize
+from mfcache.cache.stats import STATS_ATTR, MatchStats, group_stats, stored_stats
 from mfcache.cache.targets import query_targets
 from mfcache.cache.writer import (
     BackgroundWriter,
@@ -28,7 +29,7 @@ from mfcache.cache.writer import (
     open_root,
     remove_partial_writes,
 )
-from mfcache.config import ExtractConfig
+from mfcache.config import ExtractConfig, check_config
 from mfcache.data.coco import CocoDataset
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors import load_detector
@@ -36,6 +37,7 @@ from mfcache.detectors.base import RESIZE_PATHS, DetectorOutput, Preprocess, Top
 from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
 from mfcache.masks import pack_masks
+from mfcache.outputs import check_folder
 from mfcache.runtime import progress_bar, resolve_device
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
@@ -51,6 +53,7 @@ class ExtractSummary:
     skipped: int = 0
     annotations: str = ""  # what loading did to the annotations (derived, left out), one line or ''
     skipped_annotations: int = 0
+    match: MatchStats | None = None  # GT coverage of the finished split (None while it is incomplete)
 
 
 def split_name(annotation_file: Path) -> str:
@@ -257,6 +260,7 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
     process that holds it (:func:`mfcache.cache.lock.writer_lock`).
     Blocks are written by a background thread (:class:`BackgroundWriter`) while the
     detector runs on the next batches."""
+    check_folder(Path(out), "--out (the cache folder)")  # a file or a read-only place: before anything is made
     device = resolve_device(config.device)
     world, created = init_world(device)
     try:
@@ -277,6 +281,7 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
         raise MfcacheError(f"--resize must be auto, {' or '.join(RESIZE_PATHS)}, got {config.resize!r}")
     if config.dtype not in STORAGE_DTYPES:
         raise MfcacheError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {config.dtype!r}")
+    check_config(config)
     dataset = CocoDataset(annotations, images, skip_bad=skip_bad)
     if not len(dataset):
         raise MfcacheError(f"{annotations} lists no images")
@@ -369,6 +374,18 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
         written = int(all_sum(written, device))
         world.barrier()
     done = group["index/done"][:] if world.enabled else writer.index["index/done"]
+    match = record_match_stats(group, recompute=written > 0) if world.is_main and not (done == 0).any() else None
     return ExtractSummary(split=split, num_images=plan.num_images, written=written, cache=Path(out),
-                          skipped=int((done == SKIPPED).sum()), annotations=dataset.report.summary(),
-                          skipped_annotations=len(dataset.report.left_out))
+                          skipped=int((done == SKIPPED).sum()), match=match,
+                          annotations=dataset.report.summary(), skipped_annotations=len(dataset.report.left_out))
+
+
+def record_match_stats(group, *, recompute: bool) -> MatchStats:
+    """The finished split's :class:`~mfcache.cache.stats.MatchStats` (how many GT instances a
+    query trains on, the box recall at 0.5), stored in its attrs for `inspect` and `train`;
+    kept as stored when this run wrote nothing new."""
+    stats = None if recompute else stored_stats(group)
+    if stats is None:
+        stats = group_stats(group)
+        group.attrs[STATS_ATTR] = stats.to_dict()
+    return stats

@@ -21,6 +21,7 @@ from mfcache.cache.reader import Cache
 from mfcache.config import RunConfig, load_head_file, preset_names, resolve_run_config
 from mfcache.engine import CHECKPOINT, evaluate, head_for, train
 from mfcache.errors import MfcacheError
+from mfcache.outputs import check_folder, write_errors
 from mfcache.runtime import resolve_device
 
 ROW_FILE = "sweep_row.json"
@@ -102,7 +103,8 @@ def run_head(*, cache_path: Path, config: RunConfig, run_dir: Path, split: str |
         "peak_memory_mb": None if peak is None else round(peak, 1),
         "config": config.to_dict(),
     }
-    (run_dir / ROW_FILE).write_text(json.dumps(row, indent=2))
+    with write_errors("the sweep row", run_dir / ROW_FILE):
+        (run_dir / ROW_FILE).write_text(json.dumps(row, indent=2))
     return row
 
 
@@ -123,8 +125,12 @@ def sweep(*, cache_path: Path, heads: list[str], out_dir: Path, steps: int | Non
             raise MfcacheError(f"heads {taken[config.head.name]!r} and {name!r} share the name "
                                f"{config.head.name!r}; give one a different `name`")
         taken[config.head.name] = name
-    Cache(cache_path)  # a missing or foreign cache fails before any run folder is made
-    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = Cache(cache_path)  # a missing or foreign cache, or a missing split, fails before any run folder is made
+    cache.split(split, role="train")
+    cache.split(eval_split, role="eval")
+    check_folder(out_dir, "--out (the sweep folder)")
+    with write_errors("the sweep folder", out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for config in configs:
         run_dir = out_dir / config.head.name
@@ -182,6 +188,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_outputs(rows: list[dict], out_dir: Path) -> None:
-    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
-    (out_dir / "sweep.md").write_text(markdown_table(rows))
-    plot(rows, out_dir / "sweep.png")
+    with write_errors("the sweep table", out_dir):
+        (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
+        (out_dir / "sweep.md").write_text(markdown_table(rows))
+        plot(rows, out_dir / "sweep.png")

@@ -126,15 +126,21 @@ class Cache:
 
     def split(self, name: str | None = None, *, role: str = "train") -> CacheSplit:
         """Split ``name``; without a name, the only split or the one whose name starts
-        with the role (``train``; ``val`` or ``test`` for evaluation)."""
+        with the role (``train``; ``val`` or ``test`` for evaluation). Evaluation never picks
+        a ``train*`` split by itself: AP on the training images must be asked for by name."""
         splits = self.splits
         if not splits:
             raise MfcacheError(f"cache {self.path} holds no split yet (run `mfcache extract`)")
         if name is None:
             prefixes = ("train",) if role == "train" else ("val", "test")
             matches = [s for s in splits if s.startswith(prefixes)]
-            if len(splits) == 1:
+            if len(splits) == 1 and not (role == "eval" and splits[0].startswith("train")):
                 matches = splits
+            if role == "eval" and not matches and all(s.startswith("train") for s in splits):
+                raise MfcacheError(
+                    f"cache {self.path} has only training splits ({', '.join(splits)}): extract a val split to "
+                    f"evaluate on, or pass --split {splits[0]} to score the head on the images it trained on"
+                )
             if len(matches) != 1:
                 raise MfcacheError(
                     f"cache {self.path} has splits {', '.join(splits)}: choose one with --split"

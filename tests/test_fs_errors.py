@@ -1,0 +1,225 @@
+"""Filesystem mistakes end in one `error:` line, found before the long work where they can be:
+an --out that names a file (or, for metrics, a folder), a read-only folder, a full disk."""
+
+import errno
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mfcache import engine
+from mfcache.cli.main import app
+from mfcache.config import ExtractConfig
+from mfcache.extract import extract
+
+runner = CliRunner()
+FAST = ["--set", "train.batch_size=2", "--set", "train.num_workers=0", "--set", "train.device=cpu"]
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_error(result, *needles):
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.output
+    text = " ".join(result.output.split())
+    assert text.startswith("error:") and text.count("error:") == 1, result.output
+    for needle in needles:
+        assert needle in text, text
+
+
+@pytest.fixture(scope="module")
+def cache(shapes_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fs")
+    for split in ("train", "val"):
+        extract(detector="demo", images=shapes_data / split, annotations=shapes_data / "annotations" / f"{split}.json",
+                out=root / "cache", config=ExtractConfig(topk=10, target_size=16, num_workers=0, device="cpu"),
+                progress=False)
+    result = cli("train", "--cache", root / "cache", "--out", root / "run", "--set", "train.steps=1", *FAST, "-q")
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def forbid(monkeypatch, module, name):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} ran: the mistake was not found before the work")
+    monkeypatch.setattr(module, name, fail)
+
+
+def _inside(path, folder: Path) -> bool:
+    try:
+        return Path(os.fsdecode(path)).absolute().is_relative_to(folder.absolute())
+    except TypeError:  # a file descriptor
+        return False
+
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` read-only: by its mode bits and, since root passes every permission
+    check, by refusing (EROFS, as a read-only mount does) every creation under it at the
+    OS-call level that Python, zarr and torch's Python paths go through."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o555)
+    real_open, real_os_open, real_mkdir = io.open, os.open, os.mkdir
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def patched_open(file, mode="r", *args, **kwargs):
+        if _inside(file, folder) and any(c in mode for c in "wax+"):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def patched_os_open(path, flags, *args, **kwargs):
+        if _inside(path, folder) and flags & WRITE_FLAGS:
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def patched_mkdir(path, *args, **kwargs):
+        if _inside(path, folder):
+            refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", patched_open)
+    monkeypatch.setattr("builtins.open", patched_open)
+    monkeypatch.setattr(os, "open", patched_os_open)
+    monkeypatch.setattr(os, "mkdir", patched_mkdir)
+
+
+@pytest.fixture
+def restore_modes():
+    """Folders made read-only by a test, made writable again afterwards (for cleanup)."""
+    folders = []
+    yield folders
+    for f in folders:
+        f.chmod(0o755)
+
+
+class FullFile:
+    """A file whose every write fails with ENOSPC, as on a full disk."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.real.close()
+
+
+def full_disk(monkeypatch, when):
+    """From the moment ``when(path)`` is true for a file opened for writing, its writes fail."""
+    real_open = io.open
+
+    def patched_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return FullFile(handle) if any(c in mode for c in "wa+") and when(Path(os.fsdecode(file))) else handle
+
+    monkeypatch.setattr(io, "open", patched_open)
+    monkeypatch.setattr("builtins.open", patched_open)
+
+
+# --- an --out that names a file (or, for eval, a folder) ---
+
+def test_train_out_naming_a_file(cache, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    one_error(cli("train", "--cache", cache / "cache", "--out", tmp_path / "taken", "--set", "train.steps=1", *FAST, "-q"),
+              "--out", "is a file")
+
+
+def test_predict_out_naming_a_file(cache, shapes_data, tmp_path, monkeypatch):
+    import mfcache.predict
+    forbid(monkeypatch, mfcache.predict, "load_detector")
+    (tmp_path / "taken").write_text("x")
+    image = sorted((shapes_data / "val").glob("*.png"))[0]
+    one_error(cli("predict", "--detector", "demo", "--run", cache / "run", image, "--out", tmp_path / "taken", "-q"),
+              "--out", "is a file")
+
+
+def test_sweep_out_naming_a_file(cache, tmp_path, monkeypatch):
+    import mfcache.sweep
+    forbid(monkeypatch, mfcache.sweep, "train")
+    (tmp_path / "taken").write_text("x")
+    one_error(cli("sweep", "--cache", cache / "cache", "--heads", "box_baseline", "--steps", 1, "--out",
+                  tmp_path / "taken", "-q"), "--out", "is a file")
+
+
+def test_eval_out_naming_a_folder_fails_before_evaluating(cache, tmp_path, monkeypatch):
+    forbid(monkeypatch, engine, "predict_split")
+    (tmp_path / "metrics").mkdir()
+    one_error(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out", tmp_path / "metrics", "-q"),
+              "is a folder")
+
+
+# --- read-only folders ---
+
+def test_a_new_cache_in_a_read_only_folder(shapes_data, tmp_path, monkeypatch, restore_modes):
+    import mfcache.extract
+    forbid(monkeypatch, mfcache.extract, "load_detector")
+    restore_modes.append(tmp_path / "ro")
+    read_only(monkeypatch, tmp_path / "ro")
+    one_error(cli("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations",
+                  shapes_data / "annotations" / "val.json", "--out", tmp_path / "ro" / "cache", "--workers", 0, "-q"),
+              "cannot write", "read-only")
+    assert not (tmp_path / "ro" / "cache").exists()
+
+
+def test_metrics_in_a_read_only_folder_fail_before_evaluating(cache, tmp_path, monkeypatch, restore_modes):
+    forbid(monkeypatch, engine, "predict_split")
+    restore_modes.append(tmp_path / "ro")
+    read_only(monkeypatch, tmp_path / "ro")
+    one_error(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out",
+                  tmp_path / "ro" / "metrics.json", "-q"), "cannot write", "read-only")
+
+
+def test_a_run_in_a_read_only_folder(cache, tmp_path, monkeypatch, restore_modes):
+    forbid(monkeypatch, engine, "Cache")
+    restore_modes.append(tmp_path / "ro")
+    read_only(monkeypatch, tmp_path / "ro")
+    one_error(cli("train", "--cache", cache / "cache", "--out", tmp_path / "ro" / "run", "--set", "train.steps=1",
+                  *FAST, "-q"), "cannot write", "read-only")
+
+
+# --- a full disk ---
+
+def test_disk_full_while_training_keeps_the_last_checkpoint(cache, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    # the disk fills up once the first checkpoint (step 2) is written
+    full_disk(monkeypatch, lambda path: path.is_relative_to(run) and (run / "checkpoint.pt").exists())
+    result = cli("train", "--cache", cache / "cache", "--out", run, "--set", "train.steps=6",
+                 "--set", "train.checkpoint_every=2", "--set", "train.log_every=1", *FAST, "-q")
+    one_error(result, "disk full")
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert not list(run.glob("*.tmp"))
+
+
+def test_disk_full_while_saving_a_checkpoint(cache, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    full_disk(monkeypatch, lambda path: path.is_relative_to(run) and path.suffix == ".tmp"
+              and (run / "checkpoint.pt").exists())
+    result = cli("train", "--cache", cache / "cache", "--out", run, "--set", "train.steps=4",
+                 "--set", "train.checkpoint_every=2", *FAST, "-q")
+    one_error(result, "checkpoint", "disk full")
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert not list(run.glob("*.tmp"))
+
+
+def test_disk_full_while_writing_metrics(cache, tmp_path, monkeypatch):
+    out = tmp_path / "m" / "metrics.json"
+    full_disk(monkeypatch, lambda path: path.is_relative_to(tmp_path / "m"))
+    one_error(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out", out, "-q"),
+              "metrics", "disk full")
+    assert not out.exists() and not list((tmp_path / "m").glob("*.tmp"))

@@ -1,0 +1,194 @@
+"""Resuming and interrupting `mfcache train`: --resume needs nothing retyped, Ctrl-C and
+SIGTERM save a checkpoint at the step reached, and resuming from it equals a run that was
+never stopped, array by array."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mfcache.cli.main import app
+from mfcache.config import ExtractConfig
+from mfcache.extract import extract
+
+runner = CliRunner()
+# a head with random ops (point sampling), so an off-by-one in the RNG after resuming shows
+SETTINGS = ["head.loss=point", "head.points=64", "train.steps=8", "train.batch_size=2", "train.log_every=1",
+            "train.checkpoint_every=100", "train.device=cpu", "train.min_iou=0.1"]
+
+
+def sets(*items):
+    return [w for s in items for w in ("--set", s)]
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def cache(shapes_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("interrupt") / "cache"
+    extract(detector="demo", images=shapes_data / "train", annotations=shapes_data / "annotations" / "train.json",
+            out=out, config=ExtractConfig(topk=10, target_size=16, block_size=4, num_workers=0, device="cpu"),
+            progress=False)
+    return out
+
+
+def log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_takes_the_configuration_from_the_checkpoint(cache, tmp_path):
+    run = tmp_path / "run"
+    first = cli("train", "--cache", cache, "--out", run, "--head", "blendmask",
+                *sets("train.steps=2", "train.batch_size=2", "train.num_workers=0", "train.device=cpu"), "-q")
+    assert first.exit_code == 0, first.output
+
+    done = cli("train", "--cache", cache, "--out", run, "--resume", "-q")  # nothing retyped
+    assert done.exit_code == 0, done.output
+    assert "already trained to step 2" in " ".join(done.output.split())
+
+    longer = cli("train", "--cache", cache, "--out", run, "--resume", "--set", "train.steps=4", "-q")
+    assert longer.exit_code == 0, longer.output
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4 and state["config"]["head"]["name"] == "blendmask"
+    assert state["config"]["train"]["steps"] == 4 and state["config"]["train"]["batch_size"] == 2
+    assert [e["step"] for e in log(run)] == [2, 4]  # log_every 25: the last step of each part
+
+    changed = cli("train", "--cache", cache, "--out", run, "--resume", "--set", "train.lr=0.1",
+                  "--set", "head.roi_size=16", "-q")
+    assert changed.exit_code == 1 and "Traceback" not in changed.output
+    text = " ".join(changed.output.split())
+    assert text.startswith("error:") and "train.lr" in text and "head.roi_size" in text
+    shorter = cli("train", "--cache", cache, "--out", run, "--resume", "--set", "train.steps=3", "-q")
+    assert shorter.exit_code == 1 and "already at step 4" in " ".join(shorter.output.split())
+
+
+# The real command, each step slowed down so the test can signal it mid-run.
+CHILD = """
+import sys, time
+from mfcache import engine
+lr_at = engine.lr_at
+engine.lr_at = lambda *a: (time.sleep(0.25), lr_at(*a))[1]
+from mfcache.cli.main import main
+sys.argv = ["mfcache", *sys.argv[1:]]
+main()
+"""
+
+
+def child(*args, workers=0):
+    # a session of its own: the signal goes to the whole process group, as a terminal's Ctrl-C
+    # does, so DataLoader workers get it too; the reference run uses the same thread count
+    return subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "COLUMNS": "300"})
+
+
+def train_args(cache, run, workers):
+    return ["train", "--cache", cache, "--out", run, *sets(*SETTINGS, f"train.num_workers={workers}"), "-q"]
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("reference") / "run"
+    proc = child(*train_args(cache, run, 0))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return run
+
+
+@pytest.mark.parametrize("signum, code, workers", [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 0)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_the_step_reached_and_resume_is_exact(cache, reference, tmp_path, signum, code, workers):
+    run = tmp_path / "run"
+    proc = child(*train_args(cache, run, workers))
+    deadline = time.monotonic() + 240
+    while not ((run / "log.jsonl").exists() and len((run / "log.jsonl").read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "training never reached step 2"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    text = " ".join(err.split())
+    assert "Traceback" not in err and text.startswith("interrupted:"), err
+    assert f"resume with: mfcache train --cache {cache} --out {run} --resume" in text, err
+
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    stopped = state["step"]
+    assert 2 <= stopped < 8 and f"at step {stopped} of 8" in text
+    assert [e["step"] for e in log(run)] == list(range(1, stopped + 1))  # nothing logged past the checkpoint
+
+    resumed = child("train", "--cache", cache, "--out", run, "--resume", "-q")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert log(run) == log(reference)
+    a = torch.load(reference / "checkpoint.pt", weights_only=False)
+    b = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 8 and torch.equal(a["rng"], b["rng"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+TORCHRUN_SCRIPT = """
+import sys, time
+from pathlib import Path
+from mfcache import engine
+from mfcache.config import resolve_run_config
+from mfcache.stopping import Interrupted
+import os
+if os.environ.get("SLOW_STEPS"):
+    lr_at = engine.lr_at
+    engine.lr_at = lambda *a: (time.sleep(1.0), lr_at(*a))[1]
+resume = sys.argv[3] == "resume"
+try:
+    engine.train(cache_path=Path(sys.argv[1]), run_dir=Path(sys.argv[2]), resume=resume,
+                 config=None if resume else resolve_run_config(None, sys.argv[4:]), progress=False)
+except Interrupted as exc:
+    print(f"stopped: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+"""
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step(cache, tmp_path):
+    """torchrun forwards SIGTERM to each rank; they agree on the step, rank 0 saves it, and the
+    resumed two-rank run ends with the weights and log of an uninterrupted two-rank run."""
+    settings = ["train.steps=6", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=100",
+                "train.num_workers=0", "train.device=cpu", "train.min_iou=0.1", "train.grad_clip=0"]
+    script = tmp_path / "script.py"
+    script.write_text(TORCHRUN_SCRIPT)
+
+    def torchrun(run, *args, slow=False):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   str(script), str(cache), str(run), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_STEPS": "1" if slow else ""}
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    reference = torchrun(tmp_path / "reference", "new", *settings)
+    run = tmp_path / "two"
+    proc = torchrun(run, "new", *settings, slow=True)
+    deadline = time.monotonic() + 240
+    while not ((run / "log.jsonl").exists() and len((run / "log.jsonl").read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        assert time.monotonic() < deadline, "training never reached step 2"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err[-4000:]
+    # checkpoint_every is 100: a checkpoint exists only because the ranks stopped and saved
+    stopped = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    assert reference.wait(timeout=240) == 0, reference.communicate()[1][-4000:]
+    assert 2 <= stopped < 6 and [e["step"] for e in log(run)] == list(range(1, stopped + 1))
+
+    resumed = torchrun(run, "resume")
+    assert resumed.wait(timeout=240) == 0, resumed.communicate()[1][-4000:]
+    a = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=False)
+    b = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert log(run) == log(tmp_path / "reference")
