@@ -22,8 +22,10 @@ def blend(bases: Tensor, attentions: Tensor) -> Tensor:
 
 
 class BlenderPredictor(nn.Module):
-    """``queries [N, C]``, ``fused [B, C, H, W]``, ``rois [N, 5]`` -> logits ``[N, 1, R, R]``
-    with R = ``roi_size`` (the paper's 56 is not among M = 16/32/64)."""
+    """``queries [N, C]``, ``fused [B, C, H, W]`` (zero outside each image's extent
+    ``fused_hw [B, 2]``), ``rois [N, 5]`` -> logits ``[N, 1, R, R]`` with R = ``roi_size`` (the
+    paper's 56 is not among M = 16/32/64). The base tower's 3x3 conv reads zeros past an image's
+    border, as its own zero padding would; RoIAlign samples the bases within the image."""
 
     def __init__(self, *, channels: int, bases: int, attn_size: int, roi_size: int):
         super().__init__()
@@ -35,7 +37,9 @@ class BlenderPredictor(nn.Module):
         )
         self.attention = nn.Linear(channels, bases * attn_size * attn_size)
 
-    def forward(self, *, queries: Tensor, fused: Tensor, rois: Tensor, **_) -> Tensor:
-        bases = roi_align(self.bases(fused), rois, self.roi_size, 1.0 / FUSED_STRIDE, sampling_ratio=2)
+    def forward(self, *, queries: Tensor, fused: Tensor, rois: Tensor, fused_hw: Tensor | None = None,
+                **_) -> Tensor:
+        bases = roi_align(self.bases(fused), rois, self.roi_size, 1.0 / FUSED_STRIDE, sampling_ratio=2,
+                          image_hw=fused_hw)
         attentions = self.attention(queries).view(-1, self.num_bases, self.attn_size, self.attn_size)
         return blend(bases, attentions)

@@ -1,9 +1,11 @@
 """The one head class: parts chosen by ``build_head``, wired in the order of DESIGN §5.
 
-1. F = fused map (image encoder on E, channel mapper, C1 neck), ``[B, d', H, W]`` stride 4.
+1. F = fused map (image encoder on E, channel mapper, C1 neck), ``[B, d', H, W]`` stride 4,
+   computed for each image on its own valid maps (``fused_hw [B, 2]``: each image's extent).
 2. Queries -> d' (linear; skipped by the FCN predictor unless a box encoder reads them), then the query encoder's image-level layers on all K queries of
    each image; then the selected queries ``[N, d']``.
-3. RoI features of the selected boxes (when a part needs them), + a learned position,
+3. RoI features of the selected boxes (when a part needs them; sampled within their own
+   image's extent), + a learned position,
    through the box encoder (query token prepended) and the query encoder's box layers.
 4. The mask predictor -> ``[N, 1, M, M]``; the mask-IoU head -> quality ``[N]`` (optional).
 """
@@ -38,8 +40,9 @@ class ComposedHead(MaskHead):
         self.roi_pos = nn.Parameter(torch.randn(feature_size * feature_size, channels) * 0.02) if self.uses_tokens else None
 
     def forward(self, queries: Tensor, boxes: Tensor, levels: list[Tensor], c1: Tensor | None,
-                select: Tensor | None = None) -> HeadOutput:
-        fused = self.fusion(levels, c1)
+                select: Tensor | None = None, *, level_hw: Tensor | None = None,
+                c1_hw: Tensor | None = None) -> HeadOutput:
+        fused, fused_hw = self.fusion(levels, c1, level_hw, c1_hw)
         q = None
         if self.query_proj is not None:  # None: a predictor that ignores queries (fcn)
             q = self.query_encoder.image(self.query_proj(queries))  # all K queries of each image
@@ -47,7 +50,7 @@ class ComposedHead(MaskHead):
         rois = selected_rois(boxes, select)
         feats = None
         if self.needs_roi_features:
-            feats = roi_align(fused, rois, self.feature_size, 1.0 / FUSED_STRIDE, sampling_ratio=2)
+            feats = roi_align(fused, rois, self.feature_size, 1.0 / FUSED_STRIDE, sampling_ratio=2, image_hw=fused_hw)
         if self.uses_tokens:
             tokens = feats.flatten(2).transpose(1, 2) + self.roi_pos
             if self.box_encoder is not None:
@@ -55,6 +58,6 @@ class ComposedHead(MaskHead):
             if q is not None:
                 q = self.query_encoder.box(q, tokens)
             feats = tokens.transpose(1, 2).reshape(feats.shape)
-        logits = self.predictor(queries=q, roi_features=feats, fused=fused, rois=rois)
+        logits = self.predictor(queries=q, roi_features=feats, fused=fused, fused_hw=fused_hw, rois=rois)
         quality = self.scorer(feats, logits) if self.scorer is not None else None
         return HeadOutput(mask_logits=logits, quality=quality)

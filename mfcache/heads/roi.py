@@ -3,9 +3,15 @@ box are ``Wy @ F @ Wx^T`` with ``Wy [M, H]`` and ``Wx [M, W]`` interpolation wei
 
 Same values as torchvision's ``roi_align(aligned=True)``; the backward is a pair of matmuls
 instead of a scatter, which made the baseline head's training step ~10x faster on the CPU.
+
+A batch's maps are zero-padded to the largest image; ``image_hw`` gives each map's valid
+extent, and a RoI samples only its own image's extent (border clamping included), exactly
+as ``torchvision.ops.roi_align`` on that image's map alone would.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -29,21 +35,40 @@ def axis_weights(lo: Tensor, hi: Tensor, bins: int, samples: int, size: int) -> 
     return weights.view(-1, bins, samples, size).mean(2)
 
 
+def per_image(batch_index: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """``batch_index [N]`` -> (image b, positions ``[n_b]`` of its rows), for each image present."""
+    for b in torch.unique(batch_index).tolist():
+        yield b, torch.nonzero(batch_index == b).flatten()
+
+
+def valid_maps(features: Tensor, image_hw: Tensor | None) -> Callable[[int], Tensor]:
+    """``features [B, C, H, W]``, ``image_hw [B, 2]`` (None: whole maps) -> ``b`` -> image
+    ``b``'s valid ``[C, h_b, w_b]`` (the sizes are read off the device once)."""
+    if image_hw is None:
+        return lambda b: features[b]
+    sizes = image_hw.tolist()
+    return lambda b: features[b, :, :sizes[b][0], :sizes[b][1]]
+
+
+def crop_map(features: Tensor, boxes: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int) -> Tensor:
+    """RoIAlign of one image: ``features [C, h, w]``, ``boxes [n, 4]`` xyxy input px ->
+    ``[n, C, M, M]`` (aligned=True, bins sampled and clamped against ``h x w``)."""
+    b = boxes.to(features.dtype) * spatial_scale - 0.5
+    wy = axis_weights(b[:, 1], b[:, 3], output_size, sampling_ratio, features.shape[-2])  # [n, M, h]
+    wx = axis_weights(b[:, 0], b[:, 2], output_size, sampling_ratio, features.shape[-1])  # [n, M, w]
+    rows = torch.einsum("nmh,chw->ncmw", wy, features)
+    return torch.einsum("ncmw,nkw->ncmk", rows, wx)
+
+
 def roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float,
-              sampling_ratio: int = 2) -> Tensor:
-    """features [B, C, H, W]; rois [N, 5] (batch index, x1, y1, x2, y2 in input pixels)
-    -> [N, C, output_size, output_size], as ``torchvision.ops.roi_align(..., aligned=True)``."""
+              sampling_ratio: int = 2, image_hw: Tensor | None = None) -> Tensor:
+    """features [B, C, H, W]; rois [N, 5] (batch index, x1, y1, x2, y2 in input pixels);
+    image_hw [B, 2] the valid (h, w) of each map (None: the whole map)
+    -> [N, C, output_size, output_size], as ``torchvision.ops.roi_align(..., aligned=True)``
+    on each RoI's image cropped to its valid extent."""
     n, m = rois.shape[0], output_size
-    channels, height, width = features.shape[1:]
-    if n == 0:
-        return features.new_zeros(0, channels, m, m)
-    boxes = rois[:, 1:].to(features.dtype) * spatial_scale - 0.5
-    wy = axis_weights(boxes[:, 1], boxes[:, 3], m, sampling_ratio, height)  # [N, M, H]
-    wx = axis_weights(boxes[:, 0], boxes[:, 2], m, sampling_ratio, width)   # [N, M, W]
-    batch_index = rois[:, 0].long()
-    out = features.new_empty(n, channels, m, m)
-    for b in torch.unique(batch_index).tolist():  # one pair of matmuls per image, not per box
-        sel = torch.nonzero(batch_index == b).flatten()
-        rows = torch.einsum("nmh,chw->ncmw", wy[sel], features[b])
-        out[sel] = torch.einsum("ncmw,nkw->ncmk", rows, wx[sel])
+    out = features.new_empty(n, features.shape[1], m, m)
+    image = valid_maps(features, image_hw)
+    for b, sel in per_image(rois[:, 0].long()):  # one pair of matmuls per image, not per box
+        out[sel] = crop_map(image(b), rois[sel, 1:], m, spatial_scale, sampling_ratio)
     return out
