@@ -1,11 +1,10 @@
 """The one head class: parts chosen by ``build_head``, wired in the order of DESIGN §5.
 
-1. F = fused map (image encoder on E, channel mapper, C1 neck), ``[B, d', H, W]`` stride 4,
-   computed for each image on its own valid maps (``fused_hw [B, 2]``: each image's extent).
+1. F = fused map (image encoder on E, channel mapper, C1 neck) at stride 4, computed for each
+   image on its own valid maps: a list of B maps ``[d', h_b, w_b]``, never padded to a batch.
 2. Queries -> d' (linear; skipped by the FCN predictor unless a box encoder reads them), then the query encoder's image-level layers on all K queries of
    each image; then the selected queries ``[N, d']``.
-3. RoI features of the selected boxes (when a part needs them; sampled within their own
-   image's extent), + a learned position,
+3. RoI features of the selected boxes (when a part needs them), + a learned position,
    through the box encoder (query token prepended) and the query encoder's box layers.
 4. The mask predictor -> ``[N, 1, M, M]``; the mask-IoU head -> quality ``[N]`` (optional).
 """
@@ -42,7 +41,7 @@ class ComposedHead(MaskHead):
     def forward(self, queries: Tensor, boxes: Tensor, levels: list[Tensor], c1: Tensor | None,
                 select: Tensor | None = None, *, level_hw: Tensor | None = None,
                 c1_hw: Tensor | None = None) -> HeadOutput:
-        fused, fused_hw = self.fusion(levels, c1, level_hw, c1_hw)
+        fused = self.fusion(levels, c1, level_hw, c1_hw)
         q = None
         if self.query_proj is not None:  # None: a predictor that ignores queries (fcn)
             q = self.query_encoder.image(self.query_proj(queries))  # all K queries of each image
@@ -50,7 +49,7 @@ class ComposedHead(MaskHead):
         rois = selected_rois(boxes, select)
         feats = None
         if self.needs_roi_features:
-            feats = roi_align(fused, rois, self.feature_size, 1.0 / FUSED_STRIDE, sampling_ratio=2, image_hw=fused_hw)
+            feats = roi_align(fused, rois, self.feature_size, 1.0 / FUSED_STRIDE, sampling_ratio=2)
         if self.uses_tokens:
             tokens = feats.flatten(2).transpose(1, 2) + self.roi_pos
             if self.box_encoder is not None:
@@ -58,6 +57,6 @@ class ComposedHead(MaskHead):
             if q is not None:
                 q = self.query_encoder.box(q, tokens)
             feats = tokens.transpose(1, 2).reshape(feats.shape)
-        logits = self.predictor(queries=q, roi_features=feats, fused=fused, fused_hw=fused_hw, rois=rois)
+        logits = self.predictor(queries=q, roi_features=feats, fused=fused, rois=rois)
         quality = self.scorer(feats, logits) if self.scorer is not None else None
         return HeadOutput(mask_logits=logits, quality=quality)

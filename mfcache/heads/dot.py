@@ -1,7 +1,7 @@
 """The paper's mask predictor: dot products between a query and feature vectors.
 
 Box-level: ``q . R`` with R the RoI features. Image-level: ``q . F`` over the whole fused
-map of the query's image (its valid extent, never the batch's padding), then the box's crop
+map of the query's image (its own extent, never a batch's padding), then the box's crop
 resampled to M x M (one bilinear sample per bin, as pasting a full-image mask would). RoIAlign is linear, so the two differ only by
 the crop's sampling; the image-level variant costs a full-map logit per query, which is
 what the paper's region ablation measures. The cache holds GT crops inside each box only,
@@ -11,23 +11,23 @@ so both are supervised inside the box (the paper's image-level head also sees ou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mfcache.heads.region import FUSED_STRIDE, crop_maps
-from mfcache.heads.roi import per_image, valid_maps
+from mfcache.heads.roi import per_image
 
 
-def dot_crops(queries: Tensor, fused: Tensor, rois: Tensor, output_size: int, sampling_ratio: int,
-              fused_hw: Tensor | None = None) -> Tensor:
-    """``queries [N, C]``, ``fused [B, C, H, W]``, ``rois [N, 5]``, ``fused_hw [B, 2]`` (valid
-    extent of each image's map; None: all of it) -> ``[N, 1, M, M]``: ``q . F[b]`` over the
-    valid map of each query's image (one matmul per image, not per query), cropped to the box."""
-    out = fused.new_empty(len(queries), 1, output_size, output_size)
-    image = valid_maps(fused, fused_hw)
+def dot_crops(queries: Tensor, fused: Sequence[Tensor], rois: Tensor, output_size: int,
+              sampling_ratio: int) -> Tensor:
+    """``queries [N, C]``, ``fused``: one ``[C, h_b, w_b]`` map per image, ``rois [N, 5]`` ->
+    ``[N, 1, M, M]``: ``q . F[b]`` over the whole map of each query's image (one matmul per
+    image, not per query), cropped to the box."""
+    out = fused[0].new_empty(len(queries), 1, output_size, output_size)
     for b, sel in per_image(rois[:, 0].long()):
-        full = torch.einsum("nc,chw->nhw", queries[sel], image(b))[:, None]
+        full = torch.einsum("nc,chw->nhw", queries[sel], fused[b])[:, None]
         out[sel] = crop_maps(full, rois[sel, 1:], output_size, 1.0 / FUSED_STRIDE, sampling_ratio)
     return out
 
@@ -37,18 +37,18 @@ class DotPredictor(nn.Module):
 
     Without ``roi_features`` (no other part of the head needs them) R = RoIAlign(F) is never
     formed: RoIAlign is linear, so q . RoIAlign(F) = RoIAlign(q . F), the same logits from a
-    one-channel map (``fused [B, C, H, W]``, ``rois [N, 5]``, ``fused_hw [B, 2]``), at 1/C of
+    one-channel map (``fused``: one ``[C, h_b, w_b]`` map per image, ``rois [N, 5]``), at 1/C of
     the interpolation work."""
 
     def __init__(self, *, channels: int, roi_size: int, sampling_ratio: int = 2):
         super().__init__()
         self.scale, self.roi_size, self.sampling_ratio = 1.0 / math.sqrt(channels), roi_size, sampling_ratio
 
-    def forward(self, *, queries: Tensor, fused: Tensor, rois: Tensor, roi_features: Tensor | None = None,
-                fused_hw: Tensor | None = None, **_) -> Tensor:
+    def forward(self, *, queries: Tensor, fused: Sequence[Tensor], rois: Tensor, roi_features: Tensor | None = None,
+                **_) -> Tensor:
         if roi_features is not None:
             return torch.einsum("nc,nchw->nhw", queries, roi_features)[:, None] * self.scale
-        return dot_crops(queries, fused, rois, self.roi_size, self.sampling_ratio, fused_hw) * self.scale
+        return dot_crops(queries, fused, rois, self.roi_size, self.sampling_ratio) * self.scale
 
 
 class ImageDotPredictor(DotPredictor):
@@ -59,6 +59,5 @@ class ImageDotPredictor(DotPredictor):
     def __init__(self, *, channels: int, roi_size: int):
         super().__init__(channels=channels, roi_size=roi_size, sampling_ratio=1)
 
-    def forward(self, *, queries: Tensor, fused: Tensor, rois: Tensor, fused_hw: Tensor | None = None,
-                **_) -> Tensor:
-        return super().forward(queries=queries, fused=fused, rois=rois, fused_hw=fused_hw)
+    def forward(self, *, queries: Tensor, fused: Sequence[Tensor], rois: Tensor, **_) -> Tensor:
+        return super().forward(queries=queries, fused=fused, rois=rois)

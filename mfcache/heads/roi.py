@@ -4,14 +4,14 @@ box are ``Wy @ F @ Wx^T`` with ``Wy [M, H]`` and ``Wx [M, W]`` interpolation wei
 Same values as torchvision's ``roi_align(aligned=True)``; the backward is a pair of matmuls
 instead of a scatter, which made the baseline head's training step ~10x faster on the CPU.
 
-A batch's maps are zero-padded to the largest image; ``image_hw`` gives each map's valid
-extent, and a RoI samples only its own image's extent (border clamping included), exactly
-as ``torchvision.ops.roi_align`` on that image's map alone would.
+Given one map per image at its own size (the heads' fused maps), a RoI samples only its own
+image's extent (border clamping included), exactly as ``torchvision.ops.roi_align`` on that
+image alone would, whatever the other images of the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -41,15 +41,6 @@ def per_image(batch_index: Tensor) -> Iterator[tuple[int, Tensor]]:
         yield b, torch.nonzero(batch_index == b).flatten()
 
 
-def valid_maps(features: Tensor, image_hw: Tensor | None) -> Callable[[int], Tensor]:
-    """``features [B, C, H, W]``, ``image_hw [B, 2]`` (None: whole maps) -> ``b`` -> image
-    ``b``'s valid ``[C, h_b, w_b]`` (the sizes are read off the device once)."""
-    if image_hw is None:
-        return lambda b: features[b]
-    sizes = image_hw.tolist()
-    return lambda b: features[b, :, :sizes[b][0], :sizes[b][1]]
-
-
 def crop_map(features: Tensor, boxes: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int) -> Tensor:
     """RoIAlign of one image: ``features [C, h, w]``, ``boxes [n, 4]`` xyxy input px ->
     ``[n, C, M, M]`` (aligned=True, bins sampled and clamped against ``h x w``)."""
@@ -60,15 +51,13 @@ def crop_map(features: Tensor, boxes: Tensor, output_size: int, spatial_scale: f
     return torch.einsum("ncmw,nkw->ncmk", rows, wx)
 
 
-def roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float,
-              sampling_ratio: int = 2, image_hw: Tensor | None = None) -> Tensor:
-    """features [B, C, H, W]; rois [N, 5] (batch index, x1, y1, x2, y2 in input pixels);
-    image_hw [B, 2] the valid (h, w) of each map (None: the whole map)
-    -> [N, C, output_size, output_size], as ``torchvision.ops.roi_align(..., aligned=True)``
-    on each RoI's image cropped to its valid extent."""
+def roi_align(features: Tensor | Sequence[Tensor], rois: Tensor, output_size: int, spatial_scale: float,
+              sampling_ratio: int = 2) -> Tensor:
+    """features [B, C, H, W], or B maps [C, h_b, w_b] each at its image's own size; rois [N, 5]
+    (batch index, x1, y1, x2, y2 in input pixels) -> [N, C, output_size, output_size], as
+    ``torchvision.ops.roi_align(..., aligned=True)`` on each RoI's image alone."""
     n, m = rois.shape[0], output_size
-    out = features.new_empty(n, features.shape[1], m, m)
-    image = valid_maps(features, image_hw)
+    out = features[0].new_empty(n, features[0].shape[0], m, m)
     for b, sel in per_image(rois[:, 0].long()):  # one pair of matmuls per image, not per box
-        out[sel] = crop_map(image(b), rois[sel, 1:], m, spatial_scale, sampling_ratio)
+        out[sel] = crop_map(features[b], rois[sel, 1:], m, spatial_scale, sampling_ratio)
     return out
