@@ -248,7 +248,8 @@ def _train(*, cache_path: Path, run_dir: Path, config: RunConfig, split: str | N
                 if not local:  # run one query at weight 0, so every rank's DDP reduces the same graph
                     select = select.clone()
                     select.view(-1)[0] = True
-                out = model(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"), select)
+                out = model(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"), select,
+                            level_hw=batch["level_hw"], c1_hw=batch.get("c1_hw"))
                 targets = resize_targets(batch["target_masks"][select], head.roi_size)
                 hc = config.head
                 losses = (point_mask_losses(out.mask_logits, targets, num_points=hc.points,
@@ -360,7 +361,8 @@ def kept_queries(labels: torch.Tensor, to_category: torch.Tensor, max_detections
 def mask_probs(head: MaskHead, batch: dict, select: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mask probabilities ``[B, K, M, M]`` inside each query's box for a collated batch
-    (:func:`mfcache.cache.reader.collate`, on the head's device), and the head's predicted
+    (:func:`mfcache.cache.reader.collate`, on the head's device; without its ``level_hw`` and
+    ``c1_hw``, every map counts as fully valid), and the head's predicted
     quality ``[B, K]`` (None if the head has no scoring branch). With ``select [B, K]`` only the
     selected detections get masks; the others are left at zero. The head runs once per query
     (:func:`first_detections`); a query's other detections share its mask."""
@@ -370,7 +372,8 @@ def mask_probs(head: MaskHead, batch: dict, select: torch.Tensor | None = None
         select = torch.ones(b, k, dtype=torch.bool, device=device)
     first = first_detections(batch["query_index"], select)
     run = once_per_query(batch["query_index"], select)
-    out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"), run)
+    out = head(batch["queries"], batch["boxes"], batch["levels"], batch.get("c1"), run,
+               level_hw=batch.get("level_hw"), c1_hw=batch.get("c1_hw"))
     m = out.mask_logits.shape[-1]
     prob = out.mask_logits.new_zeros(b, k, m, m)
     prob[run] = out.mask_logits.sigmoid()[:, 0]

@@ -3,9 +3,12 @@
 Each image goes through exactly the path training data took: the detector's outputs are
 cropped and stored as extraction caches them (:func:`mfcache.extract.stored_features`:
 the cache's dtype, int8 quantised per image and channel), read back as the reader serves
-them, batched with the cache reader's :func:`~mfcache.cache.reader.collate`
-and post-processed by :func:`mfcache.engine.image_results`, so predicting on an image the
-cache holds gives the results ``mfcache eval`` computes for it (with the same batching).
+them, batched with the cache reader's :func:`~mfcache.cache.reader.collate` (which records
+each image's valid map sizes, so the head sees each image alone whatever its batch mates)
+and post-processed by :func:`mfcache.engine.image_results`. Predicting on an image the cache
+holds therefore gives exactly the results ``mfcache eval`` computes for it, at any
+``eval.batch_size``, when ``--batch-size`` groups images as extraction's detector batches did
+(the detector's own floating point differs in the last bits between batch sizes).
 
 ``OUT/results.json`` holds every detection (COCO results: COCO AP needs the full ranking);
 ``OUT/images.json`` is a COCO file with the images (id, file_name, height, width), the

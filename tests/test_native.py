@@ -226,6 +226,39 @@ def reference_msda(value, shapes, locations, weights):
     return out.flatten(2)
 
 
+class _Keep(torch.nn.Module):
+    """A decoder layer that changes nothing: ``(output, *inputs) -> output``."""
+
+    def forward(self, output, *_):
+        return output
+
+
+class _NoDelta(torch.nn.Module):
+    """A box head predicting a zero refinement: ``[B, Q, D] -> [B, Q, 4]`` zeros."""
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], 4)
+
+
+@pytest.mark.parametrize("family, unsigmoided", [("dino", 6.9073), ("hdetr", 7.6004)])
+def test_box_refinement_uses_the_familys_inverse_sigmoid_epsilon(family, unsigmoided):
+    """DINO refines boxes with ``inverse_sigmoid(x, eps=1e-3)`` (its util/misc.py), Deformable
+    DETR and H-DETR with 1e-5; above 1 - 1e-3 they differ: 0.9995 -> 6.9073 vs 7.6004. With
+    layers and box heads that change nothing, the second layer's reference is the first's
+    passed through the family's inverse sigmoid and back."""
+    from mfcache.detectors.native import Dino, DinoConfig, HDetr, HDetrConfig
+
+    model = Dino(DinoConfig(**DINO_TINY)) if family == "dino" else HDetr(HDetrConfig(**HDETR_TINY))
+    decoder = model.transformer.decoder
+    decoder.layers = torch.nn.ModuleList([_Keep(), _Keep()])
+    decoder.bbox_embed = torch.nn.ModuleList([_NoDelta(), _NoDelta()])
+    references = torch.tensor([[[0.9995, 0.5, 0.3, 0.2]]])
+    d = DINO_TINY["d_model"]
+    _, used = decoder(torch.zeros(1, 1, d), torch.zeros(1, 1, d), references, None, None, torch.ones(1, 4, 2), None)
+    torch.testing.assert_close(torch.logit(used[0, 0, 0].double()).item(), unsigmoided, atol=2e-3, rtol=0)
+    torch.testing.assert_close(used[0, 0, 1:], references[0, 0, 1:])  # far from 0 and 1 the families agree
+
+
 def test_msda_matches_per_level_reference_including_out_of_level_samples():
     gen = torch.Generator().manual_seed(0)
     shapes = torch.tensor([[11, 14], [6, 7], [3, 4], [2, 2]])

@@ -452,7 +452,8 @@ class CacheDataset(torch.utils.data.Dataset):
 def pad_maps(maps: list[Tensor]) -> Tensor:
     """``[C, h_i, w_i]`` maps -> ``[B, C, max h, max w]`` in their own dtype (fp16 from an fp16
     cache: half the bytes to move; the engine makes it float32 on the device), channels-last
-    memory format, zero-padded bottom/right (the same padding the detector's batch had).
+    memory format, zero-padded bottom/right (the same padding the detector's batch had; heads
+    never read it: :func:`collate` records each map's valid size).
     Inside a DataLoader worker the batch is allocated in shared memory directly, as torch's
     ``default_collate`` does, so handing it to the main process copies nothing."""
     height = max(m.shape[1] for m in maps)
@@ -472,16 +473,25 @@ def pad_maps(maps: list[Tensor]) -> Tensor:
     return out
 
 
+def valid_hw(maps: list[Tensor]) -> Tensor:
+    """``[C, h_i, w_i]`` maps -> their valid sizes ``[B, 2]`` long (what padding hides)."""
+    return torch.tensor([m.shape[1:] for m in maps], dtype=torch.int64).reshape(-1, 2)
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack samples into a batch: per-query tensors ``[B, K, ...]``, ``levels`` a list of
     ``[B, D, H_l, W_l]`` and ``c1 [B, C, H, W]`` (the stored dtype, zero-padded; see
-    :func:`pad_maps`), ``image_id`` a list."""
+    :func:`pad_maps`) with each image's valid sizes ``level_hw [B, L, 2]`` and ``c1_hw [B, 2]``
+    (heads compute an image's masks from these alone), ``image_id`` a list."""
     batch: dict = {"image_id": [s["image_id"] for s in samples]}
     for key in samples[0]:
         if key == "levels":
-            batch["levels"] = [pad_maps([s["levels"][l] for s in samples]) for l in range(len(samples[0]["levels"]))]
+            per_level = [[s["levels"][l] for s in samples] for l in range(len(samples[0]["levels"]))]
+            batch["levels"] = [pad_maps(maps) for maps in per_level]
+            batch["level_hw"] = torch.stack([valid_hw(maps) for maps in per_level], 1)
         elif key == "c1":
             batch["c1"] = pad_maps([s["c1"] for s in samples])
+            batch["c1_hw"] = valid_hw([s["c1"] for s in samples])
         elif key != "image_id":
             batch[key] = torch.stack([s[key] for s in samples])
     batch["queries"] = batch["queries"].float()

@@ -23,8 +23,10 @@ class MaskHead(nn.Module):
 
     ``forward(queries [B, K, D], boxes [B, K, 4] xyxy input px, levels: list of
     [B, D, H_l, W_l] (the levels in ``self.levels``, in that order), c1 [B, C, H/4, W/4] or
-    None, select [B, K] bool or None = all) -> HeadOutput``.
-    Matching, losses and post-processing live outside the heads.
+    None, select [B, K] bool or None = all, *, level_hw [B, L, 2] and c1_hw [B, 2] long: the
+    valid (h, w) of each image's maps, the rest being batch padding; None = all valid)
+    -> HeadOutput``. An image's outputs depend on its own valid maps only, never on its batch
+    mates. Matching, losses and post-processing live outside the heads.
     """
 
     levels: tuple[int, ...] = (0,)

@@ -1,6 +1,7 @@
 """The one head class: parts chosen by ``build_head``, wired in the order of DESIGN §5.
 
-1. F = fused map (image encoder on E, channel mapper, C1 neck), ``[B, d', H, W]`` stride 4.
+1. F = fused map (image encoder on E, channel mapper, C1 neck) at stride 4, computed for each
+   image on its own valid maps: a list of B maps ``[d', h_b, w_b]``, never padded to a batch.
 2. Queries -> d' (linear; skipped by the FCN predictor unless a box encoder reads them), then the query encoder's image-level layers on all K queries of
    each image; then the selected queries ``[N, d']``.
 3. RoI features of the selected boxes (when a part needs them), + a learned position,
@@ -38,8 +39,9 @@ class ComposedHead(MaskHead):
         self.roi_pos = nn.Parameter(torch.randn(feature_size * feature_size, channels) * 0.02) if self.uses_tokens else None
 
     def forward(self, queries: Tensor, boxes: Tensor, levels: list[Tensor], c1: Tensor | None,
-                select: Tensor | None = None) -> HeadOutput:
-        fused = self.fusion(levels, c1)
+                select: Tensor | None = None, *, level_hw: Tensor | None = None,
+                c1_hw: Tensor | None = None) -> HeadOutput:
+        fused = self.fusion(levels, c1, level_hw, c1_hw)
         q = None
         if self.query_proj is not None:  # None: a predictor that ignores queries (fcn)
             q = self.query_encoder.image(self.query_proj(queries))  # all K queries of each image

@@ -2,8 +2,9 @@
 (the attention is :class:`mfcache.deformable_attention.MSDeformAttn`, shared with the
 native detectors).
 
-Padding of batched maps is not masked (the detector's valid ratios are not cached per
-level here): padded tokens are zeros, and each image's content is at the top left.
+It runs on one image's own valid levels (:class:`mfcache.heads.fusion.FusedMap` crops them),
+so positions, reference points and sampling are normalised to that image and no batch
+padding is ever attended to.
 """
 
 from __future__ import annotations

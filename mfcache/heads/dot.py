@@ -1,8 +1,8 @@
 """The paper's mask predictor: dot products between a query and feature vectors.
 
 Box-level: ``q . R`` with R the RoI features. Image-level: ``q . F`` over the whole fused
-map of the query's image, then the box's crop resampled to M x M (one bilinear sample per
-bin, as pasting a full-image mask would). RoIAlign is linear, so the two differ only by
+map of the query's image (its own extent, never a batch's padding), then the box's crop
+resampled to M x M (one bilinear sample per bin, as pasting a full-image mask would). RoIAlign is linear, so the two differ only by
 the crop's sampling; the image-level variant costs a full-map logit per query, which is
 what the paper's region ablation measures. The cache holds GT crops inside each box only,
 so both are supervised inside the box (the paper's image-level head also sees outside it).
@@ -11,22 +11,25 @@ so both are supervised inside the box (the paper's image-level head also sees ou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mfcache.heads.region import FUSED_STRIDE, crop_maps
+from mfcache.heads.roi import per_image
 
 
-def image_logits(queries: Tensor, fused: Tensor, rois: Tensor) -> Tensor:
-    """``queries [N, C]``, ``fused [B, C, H, W]``, ``rois [N, 5]`` -> ``q . F[b]`` ``[N, 1, H, W]``
-    over the whole map of each query's image (one matmul per image, not per query)."""
-    image = rois[:, 0].long()
-    full = fused.new_empty(len(queries), *fused.shape[-2:])
-    for b in torch.unique(image).tolist():
-        sel = torch.nonzero(image == b).flatten()
-        full[sel] = torch.einsum("nc,chw->nhw", queries[sel], fused[b])
-    return full[:, None]
+def dot_crops(queries: Tensor, fused: Sequence[Tensor], rois: Tensor, output_size: int,
+              sampling_ratio: int) -> Tensor:
+    """``queries [N, C]``, ``fused``: one ``[C, h_b, w_b]`` map per image, ``rois [N, 5]`` ->
+    ``[N, 1, M, M]``: ``q . F[b]`` over the whole map of each query's image (one matmul per
+    image, not per query), cropped to the box."""
+    out = fused[0].new_empty(len(queries), 1, output_size, output_size)
+    for b, sel in per_image(rois[:, 0].long()):
+        full = torch.einsum("nc,chw->nhw", queries[sel], fused[b])[:, None]
+        out[sel] = crop_maps(full, rois[sel, 1:], output_size, 1.0 / FUSED_STRIDE, sampling_ratio)
+    return out
 
 
 class DotPredictor(nn.Module):
@@ -34,18 +37,18 @@ class DotPredictor(nn.Module):
 
     Without ``roi_features`` (no other part of the head needs them) R = RoIAlign(F) is never
     formed: RoIAlign is linear, so q . RoIAlign(F) = RoIAlign(q . F), the same logits from a
-    one-channel map (``fused [B, C, H, W]``, ``rois [N, 5]``), at 1/C of the interpolation work."""
+    one-channel map (``fused``: one ``[C, h_b, w_b]`` map per image, ``rois [N, 5]``), at 1/C of
+    the interpolation work."""
 
     def __init__(self, *, channels: int, roi_size: int, sampling_ratio: int = 2):
         super().__init__()
         self.scale, self.roi_size, self.sampling_ratio = 1.0 / math.sqrt(channels), roi_size, sampling_ratio
 
-    def forward(self, *, queries: Tensor, fused: Tensor, rois: Tensor, roi_features: Tensor | None = None,
+    def forward(self, *, queries: Tensor, fused: Sequence[Tensor], rois: Tensor, roi_features: Tensor | None = None,
                 **_) -> Tensor:
         if roi_features is not None:
             return torch.einsum("nc,nchw->nhw", queries, roi_features)[:, None] * self.scale
-        full = image_logits(queries, fused, rois) * self.scale
-        return crop_maps(full, rois[:, 1:], self.roi_size, 1.0 / FUSED_STRIDE, sampling_ratio=self.sampling_ratio)
+        return dot_crops(queries, fused, rois, self.roi_size, self.sampling_ratio) * self.scale
 
 
 class ImageDotPredictor(DotPredictor):
@@ -56,5 +59,5 @@ class ImageDotPredictor(DotPredictor):
     def __init__(self, *, channels: int, roi_size: int):
         super().__init__(channels=channels, roi_size=roi_size, sampling_ratio=1)
 
-    def forward(self, *, queries: Tensor, fused: Tensor, rois: Tensor, **_) -> Tensor:
+    def forward(self, *, queries: Tensor, fused: Sequence[Tensor], rois: Tensor, **_) -> Tensor:
         return super().forward(queries=queries, fused=fused, rois=rois)

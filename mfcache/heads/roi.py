@@ -3,9 +3,15 @@ box are ``Wy @ F @ Wx^T`` with ``Wy [M, H]`` and ``Wx [M, W]`` interpolation wei
 
 Same values as torchvision's ``roi_align(aligned=True)``; the backward is a pair of matmuls
 instead of a scatter, which made the baseline head's training step ~10x faster on the CPU.
+
+Given one map per image at its own size (the heads' fused maps), a RoI samples only its own
+image's extent (border clamping included), exactly as ``torchvision.ops.roi_align`` on that
+image alone would, whatever the other images of the batch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -29,21 +35,29 @@ def axis_weights(lo: Tensor, hi: Tensor, bins: int, samples: int, size: int) -> 
     return weights.view(-1, bins, samples, size).mean(2)
 
 
-def roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float,
+def per_image(batch_index: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """``batch_index [N]`` -> (image b, positions ``[n_b]`` of its rows), for each image present."""
+    for b in torch.unique(batch_index).tolist():
+        yield b, torch.nonzero(batch_index == b).flatten()
+
+
+def crop_map(features: Tensor, boxes: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int) -> Tensor:
+    """RoIAlign of one image: ``features [C, h, w]``, ``boxes [n, 4]`` xyxy input px ->
+    ``[n, C, M, M]`` (aligned=True, bins sampled and clamped against ``h x w``)."""
+    b = boxes.to(features.dtype) * spatial_scale - 0.5
+    wy = axis_weights(b[:, 1], b[:, 3], output_size, sampling_ratio, features.shape[-2])  # [n, M, h]
+    wx = axis_weights(b[:, 0], b[:, 2], output_size, sampling_ratio, features.shape[-1])  # [n, M, w]
+    rows = torch.einsum("nmh,chw->ncmw", wy, features)
+    return torch.einsum("ncmw,nkw->ncmk", rows, wx)
+
+
+def roi_align(features: Tensor | Sequence[Tensor], rois: Tensor, output_size: int, spatial_scale: float,
               sampling_ratio: int = 2) -> Tensor:
-    """features [B, C, H, W]; rois [N, 5] (batch index, x1, y1, x2, y2 in input pixels)
-    -> [N, C, output_size, output_size], as ``torchvision.ops.roi_align(..., aligned=True)``."""
+    """features [B, C, H, W], or B maps [C, h_b, w_b] each at its image's own size; rois [N, 5]
+    (batch index, x1, y1, x2, y2 in input pixels) -> [N, C, output_size, output_size], as
+    ``torchvision.ops.roi_align(..., aligned=True)`` on each RoI's image alone."""
     n, m = rois.shape[0], output_size
-    channels, height, width = features.shape[1:]
-    if n == 0:
-        return features.new_zeros(0, channels, m, m)
-    boxes = rois[:, 1:].to(features.dtype) * spatial_scale - 0.5
-    wy = axis_weights(boxes[:, 1], boxes[:, 3], m, sampling_ratio, height)  # [N, M, H]
-    wx = axis_weights(boxes[:, 0], boxes[:, 2], m, sampling_ratio, width)   # [N, M, W]
-    batch_index = rois[:, 0].long()
-    out = features.new_empty(n, channels, m, m)
-    for b in torch.unique(batch_index).tolist():  # one pair of matmuls per image, not per box
-        sel = torch.nonzero(batch_index == b).flatten()
-        rows = torch.einsum("nmh,chw->ncmw", wy[sel], features[b])
-        out[sel] = torch.einsum("ncmw,nkw->ncmk", rows, wx[sel])
+    out = features[0].new_empty(n, features[0].shape[0], m, m)
+    for b, sel in per_image(rois[:, 0].long()):  # one pair of matmuls per image, not per box
+        out[sel] = crop_map(features[b], rois[sel, 1:], m, spatial_scale, sampling_ratio)
     return out

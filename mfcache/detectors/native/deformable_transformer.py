@@ -23,7 +23,9 @@ from mfcache.deformable_attention import MSDeformAttn
 from mfcache.detectors.native.position import box_sine_embedding
 
 
-def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+def inverse_sigmoid(x: Tensor, eps: float) -> Tensor:
+    """log(x / (1 - x)) with both clamped to >= ``eps``: the families differ in ``eps``
+    (Deformable DETR / H-DETR 1e-5, DINO 1e-3), which matters for coordinates near 0 or 1."""
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
@@ -160,12 +162,13 @@ def _level_references(reference_points: Tensor, ratios: Tensor) -> Tensor:
     return reference_points[:, :, None] * ratios[:, None]
 
 
-def refine_boxes(bbox_embed: nn.Module, output: Tensor, reference_points: Tensor) -> Tensor:
-    """Iterative box refinement: sigmoid(bbox_embed(output) + inverse_sigmoid(reference))."""
+def refine_boxes(bbox_embed: nn.Module, output: Tensor, reference_points: Tensor, eps: float) -> Tensor:
+    """Iterative box refinement: sigmoid(bbox_embed(output) + inverse_sigmoid(reference, eps))."""
     delta = bbox_embed(output)
+    unsigmoid = inverse_sigmoid(reference_points, eps)
     if reference_points.shape[-1] == 4:
-        return (delta + inverse_sigmoid(reference_points)).sigmoid()
-    return torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1).sigmoid()
+        return (delta + unsigmoid).sigmoid()
+    return torch.cat([delta[..., :2] + unsigmoid, delta[..., 2:]], -1).sigmoid()
 
 
 class Decoder(nn.Module):
@@ -176,6 +179,8 @@ class Decoder(nn.Module):
     spatial_shapes, valid_ratios, pad_mask) -> (output of the last layer [B, Q, D],
     the references that layer used [B, Q, 2|4]).
     """
+
+    refine_eps = 1e-5  # the family's inverse_sigmoid epsilon (Deformable DETR's util/misc.py)
 
     def __init__(self, layer: DecoderLayer, num_layers: int):
         super().__init__()
@@ -192,7 +197,7 @@ class Decoder(nn.Module):
             output = layer(output, query_pos, _level_references(reference_points, ratios), memory,
                            spatial_shapes, pad_mask)
             if self.bbox_embed is not None:
-                reference_points = refine_boxes(self.bbox_embed[lid], output, reference_points)
+                reference_points = refine_boxes(self.bbox_embed[lid], output, reference_points, self.refine_eps)
         return output, used
 
 
@@ -219,6 +224,8 @@ class DinoDecoder(Decoder):
     Returns (norm(output of the last layer) [B, Q, D], the references it used [B, Q, 4]).
     """
 
+    refine_eps = 1e-3  # DINO's util/misc.py inverse_sigmoid(x, eps=1e-3), in the decoder and the final boxes
+
     def __init__(self, layer: DecoderLayer, num_layers: int, *, d_model: int):
         super().__init__(layer, num_layers)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
@@ -234,5 +241,5 @@ class DinoDecoder(Decoder):
             query_pos = self.ref_point_head(box_sine_embedding(level_refs[:, :, 0, :], self.d_model // 2))
             output = layer(output, query_pos, level_refs, memory, spatial_shapes, pad_mask)
             if self.bbox_embed is not None:
-                reference_points = refine_boxes(self.bbox_embed[lid], output, reference_points)
+                reference_points = refine_boxes(self.bbox_embed[lid], output, reference_points, self.refine_eps)
         return self.norm(output), used

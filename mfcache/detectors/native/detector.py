@@ -123,7 +123,8 @@ class NativeDetector(Detector):
             queries, references = self.decode(memory, pad_flat, shapes, ratios)
             last = self.cfg.dec_layers - 1
             logits = self.class_embed[last](queries)
-            boxes = refine_boxes(self.bbox_embed[last], queries, references)  # cxcywh, relative to the real image
+            boxes = refine_boxes(self.bbox_embed[last], queries, references,  # cxcywh, relative to the real image
+                                 self.transformer.decoder.refine_eps)
         real_hw = torch.stack([pixel_mask.any(2).sum(1), pixel_mask.any(1).sum(1)], 1).to(boxes.dtype)
         scale = torch.stack([real_hw[:, 1], real_hw[:, 0]] * 2, 1)[:, None]
         cx, cy, w, h = boxes.unbind(-1)
