@@ -21,6 +21,7 @@ from mfcache.cli.main import app
 from mfcache.data.coco import CocoDataset
 from mfcache.data.segmentation import OUTLINE_FLOOR, outline_length, segmentation_rle
 from mfcache.data.shapes import write_shapes_dataset
+from cli_errors import one_error_line
 
 runner = CliRunner()
 # Address space for a whole `extract` subprocess: a normal run of the tiny dataset peaks at
@@ -61,13 +62,6 @@ def extract_cli(data, annotations, out, *extra):
                                str(annotations), "--out", str(out), "--workers", "0", "--topk", "10",
                                "--target-size", "8", "--block-size", "2", "--device", "cpu", "-q", *extra])
 
-
-def one_error_line(result, *needles):
-    assert result.exit_code == 1, result.output
-    text = " ".join(result.output.split())
-    assert text.startswith("error:") and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in text, text
 
 
 def stored_annotations(out, split="edited") -> dict:

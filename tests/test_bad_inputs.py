@@ -23,6 +23,7 @@ from mfcache.data.transforms import load_image
 from mfcache.errors import MfcacheError
 from mfcache.evaluation import coco_evaluate
 from mfcache.extract import extract
+from cli_errors import one_error_line
 
 runner = CliRunner()
 CONFIG = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu")
@@ -40,13 +41,6 @@ def cli(data, out, *extra, annotations=None):
                                str(ann), "--out", str(out), "--workers", "0", "--topk", "10", "--target-size", "8",
                                "--block-size", "2", "--device", "cpu", "-q", *extra])
 
-
-def one_error_line(result, *needles):
-    assert result.exit_code == 1, result.output
-    text = " ".join(result.output.split())
-    assert text.startswith("error:") and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in text, text
 
 
 def image_file(data, position):

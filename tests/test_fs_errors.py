@@ -14,6 +14,7 @@ from mfcache import engine
 from mfcache.cli.main import app
 from mfcache.config import ExtractConfig
 from mfcache.extract import extract
+from cli_errors import one_error_line
 
 runner = CliRunner()
 FAST = ["--set", "train.batch_size=2", "--set", "train.num_workers=0", "--set", "train.device=cpu"]
@@ -22,14 +23,6 @@ FAST = ["--set", "train.batch_size=2", "--set", "train.num_workers=0", "--set", 
 def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
 
-
-def one_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.output
-    text = " ".join(result.output.split())
-    assert text.startswith("error:") and text.count("error:") == 1, result.output
-    for needle in needles:
-        assert needle in text, text
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +129,7 @@ def full_disk(monkeypatch, when):
 
 def test_train_out_naming_a_file(cache, tmp_path):
     (tmp_path / "taken").write_text("x")
-    one_error(cli("train", "--cache", cache / "cache", "--out", tmp_path / "taken", "--set", "train.steps=1", *FAST, "-q"),
+    one_error_line(cli("train", "--cache", cache / "cache", "--out", tmp_path / "taken", "--set", "train.steps=1", *FAST, "-q"),
               "--out", "is a file")
 
 
@@ -145,7 +138,7 @@ def test_predict_out_naming_a_file(cache, shapes_data, tmp_path, monkeypatch):
     forbid(monkeypatch, mfcache.predict, "load_detector")
     (tmp_path / "taken").write_text("x")
     image = sorted((shapes_data / "val").glob("*.png"))[0]
-    one_error(cli("predict", "--detector", "demo", "--run", cache / "run", image, "--out", tmp_path / "taken", "-q"),
+    one_error_line(cli("predict", "--detector", "demo", "--run", cache / "run", image, "--out", tmp_path / "taken", "-q"),
               "--out", "is a file")
 
 
@@ -153,14 +146,14 @@ def test_sweep_out_naming_a_file(cache, tmp_path, monkeypatch):
     import mfcache.sweep
     forbid(monkeypatch, mfcache.sweep, "train")
     (tmp_path / "taken").write_text("x")
-    one_error(cli("sweep", "--cache", cache / "cache", "--heads", "box_baseline", "--steps", 1, "--out",
+    one_error_line(cli("sweep", "--cache", cache / "cache", "--heads", "box_baseline", "--steps", 1, "--out",
                   tmp_path / "taken", "-q"), "--out", "is a file")
 
 
 def test_eval_out_naming_a_folder_fails_before_evaluating(cache, tmp_path, monkeypatch):
     forbid(monkeypatch, engine, "predict_split")
     (tmp_path / "metrics").mkdir()
-    one_error(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out", tmp_path / "metrics", "-q"),
+    one_error_line(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out", tmp_path / "metrics", "-q"),
               "is a folder")
 
 
@@ -171,7 +164,7 @@ def test_a_new_cache_in_a_read_only_folder(shapes_data, tmp_path, monkeypatch, r
     forbid(monkeypatch, mfcache.extract, "load_detector")
     restore_modes.append(tmp_path / "ro")
     read_only(monkeypatch, tmp_path / "ro")
-    one_error(cli("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations",
+    one_error_line(cli("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations",
                   shapes_data / "annotations" / "val.json", "--out", tmp_path / "ro" / "cache", "--workers", 0, "-q"),
               "cannot write", "read-only")
     assert not (tmp_path / "ro" / "cache").exists()
@@ -181,7 +174,7 @@ def test_metrics_in_a_read_only_folder_fail_before_evaluating(cache, tmp_path, m
     forbid(monkeypatch, engine, "predict_split")
     restore_modes.append(tmp_path / "ro")
     read_only(monkeypatch, tmp_path / "ro")
-    one_error(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out",
+    one_error_line(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out",
                   tmp_path / "ro" / "metrics.json", "-q"), "cannot write", "read-only")
 
 
@@ -189,7 +182,7 @@ def test_a_run_in_a_read_only_folder(cache, tmp_path, monkeypatch, restore_modes
     forbid(monkeypatch, engine, "Cache")
     restore_modes.append(tmp_path / "ro")
     read_only(monkeypatch, tmp_path / "ro")
-    one_error(cli("train", "--cache", cache / "cache", "--out", tmp_path / "ro" / "run", "--set", "train.steps=1",
+    one_error_line(cli("train", "--cache", cache / "cache", "--out", tmp_path / "ro" / "run", "--set", "train.steps=1",
                   *FAST, "-q"), "cannot write", "read-only")
 
 
@@ -201,7 +194,7 @@ def test_disk_full_while_training_keeps_the_last_checkpoint(cache, tmp_path, mon
     full_disk(monkeypatch, lambda path: path.is_relative_to(run) and (run / "checkpoint.pt").exists())
     result = cli("train", "--cache", cache / "cache", "--out", run, "--set", "train.steps=6",
                  "--set", "train.checkpoint_every=2", "--set", "train.log_every=1", *FAST, "-q")
-    one_error(result, "disk full")
+    one_error_line(result, "disk full")
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
     assert not list(run.glob("*.tmp"))
 
@@ -212,7 +205,7 @@ def test_disk_full_while_saving_a_checkpoint(cache, tmp_path, monkeypatch):
               and (run / "checkpoint.pt").exists())
     result = cli("train", "--cache", cache / "cache", "--out", run, "--set", "train.steps=4",
                  "--set", "train.checkpoint_every=2", *FAST, "-q")
-    one_error(result, "checkpoint", "disk full")
+    one_error_line(result, "checkpoint", "disk full")
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
     assert not list(run.glob("*.tmp"))
 
@@ -220,6 +213,6 @@ def test_disk_full_while_saving_a_checkpoint(cache, tmp_path, monkeypatch):
 def test_disk_full_while_writing_metrics(cache, tmp_path, monkeypatch):
     out = tmp_path / "m" / "metrics.json"
     full_disk(monkeypatch, lambda path: path.is_relative_to(tmp_path / "m"))
-    one_error(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out", out, "-q"),
+    one_error_line(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out", out, "-q"),
               "metrics", "disk full")
     assert not out.exists() and not list((tmp_path / "m").glob("*.tmp"))
