@@ -34,6 +34,7 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
     from rich.table import Table
     from mfcache.cache.reader import Cache
     from mfcache.cache.stats import group_stats, stored_stats
+    from mfcache.errors import MfcacheError
 
     c = Cache(cache)
     det, ext = c.detector, c.extract
@@ -73,7 +74,12 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
             table.add_column(column, no_wrap=column in ("array", "shape"),
                              justify="right" if column in ("bytes", "stored") else "left")
         total = 0
-        for path, node in sorted(split.group.members(max_depth=None)):
+        try:
+            members = sorted(split.group.members(max_depth=None))
+        except Exception as exc:  # zarr raises many types for a metadata file that does not parse
+            raise MfcacheError(f"split {name!r} of {c.path}: unreadable array metadata ({type(exc).__name__}: "
+                               f"{exc}): the cache is damaged (mfcache verify {c.path} lists all damage)") from None
+        for path, node in members:
             if isinstance(node, zarr.Array):
                 stored = node.nbytes_stored()
                 total += stored

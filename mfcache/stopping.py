@@ -4,8 +4,10 @@ step boundary, so the checkpoint saved there resumes to exactly the uninterrupte
 While :class:`StopSignals` is active the first signal only records itself; the loop finishes
 the step it is in, saves, and raises :class:`Interrupted`. A second signal stops at once
 (:class:`KeyboardInterrupt`, the last periodic checkpoint is kept). DataLoader workers ignore
-both signals (:func:`ignore_stop_signals`): a Ctrl-C reaches the whole process group, and a
-worker that died of it would break the batch the last step still needs.
+SIGINT (:func:`ignore_stop_signals`): a Ctrl-C reaches the whole process group, and a worker
+that died of it would break the batch the last step still needs. They keep SIGTERM's default,
+because it is how multiprocessing ends workers left running at exit (a worker ignoring it
+hangs the exit); a SIGTERM sent to the whole process group therefore ends the workers too.
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: the main process alone decides when to stop."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    """DataLoader ``worker_init_fn``: a Ctrl-C to the process group stops only the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StopSignals:

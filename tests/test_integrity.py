@@ -132,6 +132,11 @@ def test_corrupt_metadata_is_one_line_everywhere(cache, run, tmp_path):
     line = one_error_line(result.output)
     assert result.exit_code == 1 and "split 'train'" in line and "array queries" in line and "image id" in line
 
+    result = CliRunner().invoke(app, ["inspect", str(cache)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    text = " ".join(result.output.split())  # rich may wrap the one message
+    assert text.count("error:") == 1 and "unreadable array metadata" in text, text  # after what it could show
+
     report = verify(cache)
     text = "\n".join(report.problems)
     assert "split val: array memory: metadata memory/zarr.json is not valid JSON" in text
