@@ -14,8 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from mfcache.cli.main import app
-from mfcache.config import ExtractConfig
-from mfcache.extract import extract
+from test_resume import train_cache  # noqa: F401 - a fixture shared with the resume tests
 
 runner = CliRunner()
 # a head with random ops (point sampling), so an off-by-one in the RNG after resuming shows
@@ -32,12 +31,9 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def cache(shapes_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("interrupt") / "cache"
-    extract(detector="demo", images=shapes_data / "train", annotations=shapes_data / "annotations" / "train.json",
-            out=out, config=ExtractConfig(topk=10, target_size=16, block_size=4, num_workers=0, device="cpu"),
-            progress=False)
-    return out
+def cache(train_cache):
+    """The small demo-detector cache the resume tests train on."""
+    return train_cache
 
 
 def log(run):
