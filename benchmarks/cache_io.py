@@ -43,7 +43,8 @@ def synthetic_cache(out: Path, *, images: int, input_hw: tuple[int, int], d_mode
     """A cache with the layout of a Deformable DETR R50 extraction (4 levels, strides 8-64,
     d=256, C1 256 channels) at ``input_hw``, filled with random values (no detector run)."""
     from mfcache.cache.schema import fingerprint, plan_split, quantize
-    from mfcache.cache.writer import BlockWriter, ImageRecord, create_split, open_root
+    from mfcache.cache.records import ImageRecord
+    from mfcache.cache.writer import BlockWriter, create_split, open_root
     from mfcache.detectors.base import DetectorInfo, Preprocess
 
     h, w = input_hw
@@ -205,7 +206,7 @@ def _extract_overhead(which: str, images: int, batch: int, repeats: int, block: 
     from mfcache.data.shapes import write_shapes_dataset
     from mfcache.data.transforms import load_image, pad_batch, to_input
     from mfcache.detectors import load_detector
-    from mfcache.extract import extract
+    from mfcache.stages.extract import extract
 
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         tmp = Path(tmp)
@@ -267,7 +268,7 @@ def bench_storage(quick: bool) -> dict:
     from mfcache.config import ExtractConfig
     from mfcache.data.shapes import write_shapes_dataset
     from mfcache.detectors.base import DetectorInfo, Preprocess
-    from mfcache.extract import extract
+    from mfcache.stages.extract import extract
 
     measured = {}
     images = 8 if quick else 32

@@ -72,7 +72,7 @@ def main() -> None:
     from mfcache.data.shapes import write_shapes_dataset
     from mfcache.data.transforms import load_image, to_input
     from mfcache.detectors import load_detector
-    from mfcache.detectors.demo_training import evaluate_bbox
+    from mfcache.demo_detector.train import evaluate_bbox
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or Path(tmp)

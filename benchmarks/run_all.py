@@ -37,10 +37,10 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
 
 
 def bench_paste(quick: bool) -> dict:
-    """Batched paste + RLE (mfcache.masks) vs torchvision's per-mask paste loop + RLE."""
+    """Batched paste + RLE (mfcache.ops.masks) vs torchvision's per-mask paste loop + RLE."""
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-    from mfcache.masks import encode_rle, paste_masks
+    from mfcache.ops.masks import encode_rle, paste_masks
 
     torch.manual_seed(0)
     n, height, width = 100, 480, 640
@@ -90,10 +90,10 @@ def bench_cache_payoff(quick: bool) -> dict:
     from mfcache.data.transforms import load_image, pad_batch, to_input
     from mfcache.detectors import load_detector
     from mfcache.detectors.base import select_topk
-    from mfcache.engine import train
-    from mfcache.extract import extract
+    from mfcache.stages.train import train
+    from mfcache.stages.extract import extract
     from mfcache.heads import build_head
-    from mfcache.losses import mask_losses
+    from mfcache.ops.losses import mask_losses
 
     batch, images = 2, 4 if quick else 16
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,10 +51,11 @@ def command(
     Example: mfcache demo --out mfcache-demo
     """
     from mfcache.data.shapes import write_shapes_dataset
-    from mfcache.engine import evaluate, train
-    from mfcache.evaluation import metrics_table
-    from mfcache.extract import extract
-    from mfcache.visualize import visualize_split
+    from mfcache.stages.evaluate import evaluate
+    from mfcache.stages.train import train
+    from mfcache.metrics import metrics_table
+    from mfcache.stages.extract import extract
+    from mfcache.stages.visualize import visualize_split
 
     started = time.perf_counter()
     config = resolve_run_config(head, [f"train.steps={steps}", f"train.lr={DEMO_LR}"])  # a bad --head fails first

@@ -34,9 +34,9 @@ def command(
     Example: mfcache eval --cache caches/ddetr --run runs/baseline --out runs/baseline/metrics.json
     """
     from mfcache.checkpoint_io import trusting
-    from mfcache.engine import evaluate
-    from mfcache.evaluation import metrics_table
-    from mfcache.visualize import visualize_split
+    from mfcache.stages.evaluate import evaluate
+    from mfcache.metrics import metrics_table
+    from mfcache.stages.visualize import visualize_split
 
     panels = (out or run / "metrics.json").parent / "visualize"
     draw = (lambda data, results: visualize_split(data, results, panels, visualize,

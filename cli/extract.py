@@ -49,7 +49,7 @@ def command(
     """
     from mfcache.checkpoint_io import trusting
     from mfcache.distributed import world_from_env
-    from mfcache.extract import extract
+    from mfcache.stages.extract import extract
 
     try:
         level_list = tuple(int(v) for v in levels.split(",") if v.strip())

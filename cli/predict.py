@@ -35,7 +35,7 @@ def command(
     """
     from mfcache.checkpoint_io import trusting
     from mfcache.outputs import check_folder
-    from mfcache.predict import predict_images
+    from mfcache.stages.predict import predict_images
 
     check_folder(out, "--out")  # a file or a read-only place: before the detector loads
     with trusting(trust_checkpoint):  # the detector's checkpoint and the run's

@@ -30,7 +30,7 @@ def command(
     """
     from rich.table import Table
     from mfcache.checkpoint_io import trusting
-    from mfcache.sweep import AP_KEYS, sweep
+    from mfcache.stages.sweep import AP_KEYS, sweep
 
     def report(row: dict, reused: bool) -> None:
         ap = row["segm_AP"]

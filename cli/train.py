@@ -16,7 +16,7 @@ from mfcache.runtime import console
 def resume_command(args: dict) -> str:
     """The command that resumes this run from the checkpoint an interrupted run saved (a
     second Ctrl-C stops at once: then from the last periodic checkpoint, if there is one)."""
-    from mfcache.engine import CHECKPOINT
+    from mfcache.stages.runs import CHECKPOINT
 
     if not (Path(args["out"]) / CHECKPOINT).is_file():
         return "no checkpoint was saved yet: run the same command again to start over"
@@ -46,7 +46,7 @@ def command(
     Example: mfcache train --cache caches/ddetr --head box_baseline --set train.steps=2000 --out runs/baseline
     """
     from mfcache.checkpoint_io import trusting
-    from mfcache.engine import train
+    from mfcache.stages.train import train
 
     # resuming: the run's own configuration (+ --set), unless --head names one in full
     config = resolve_run_config(head, overrides) if head or not resume else None

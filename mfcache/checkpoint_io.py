@@ -1,4 +1,5 @@
-"""Reading torch files (detector ``.pth``, run checkpoints) without running code from them.
+"""Reading torch files (detector ``.pth``, run checkpoints) without running code from them,
+and writing checkpoints whole or not at all (:func:`save_checkpoint`).
 
 ``torch.load(weights_only=False)`` unpickles, and a pickle may call any function while it
 loads: a ``.pth`` from a file-sharing link, or a run folder someone passed on, could take
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mfcache.errors import MfcacheError
+from mfcache.outputs import atomic_write
 
 TRUST_OPTION = "--trust-checkpoint"
 _TRUSTED = contextvars.ContextVar("mfcache_trusted_files", default=False)
@@ -96,6 +99,16 @@ def load_checkpoint(path: str | Path, *, what: str, map_location: str | torch.de
         raise MfcacheError(_cannot_read(what, path, exc)) from None
     except Exception as exc:  # noqa: BLE001 - a corrupt, truncated or foreign file is the user's to fix
         raise MfcacheError(_cannot_read(what, path, exc)) from None
+
+
+def save_checkpoint(path: str | Path, payload: dict, *, what: str = "the checkpoint") -> None:
+    """``torch.save`` of ``payload`` (tensors and plain containers only, so
+    :func:`load_checkpoint` reads it back without any extra type) to ``path`` atomically: a
+    kill or a full disk leaves the previous checkpoint intact, and a full disk is one line.
+    Serialised in memory first: torch.save reports a failed file write as a RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(Path(path), buffer.getbuffer(), what)
 
 
 def _cannot_read(what: str, path: str | Path, exc: Exception) -> str:

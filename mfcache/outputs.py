@@ -76,3 +76,22 @@ def write_errors(what: str, path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise MfcacheError(f"cannot write {what} to {path}: {_reason(exc)}") from None
+
+
+def atomic_write(path: Path, data: bytes | memoryview, what: str, *, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a temporary file in the same folder,
+    then a rename, so a kill or a full disk leaves the previous file (or none) intact; a
+    failure is one line naming ``what``. ``durable``: fsync before the rename (for files
+    that mark something finished)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with write_errors(what, path):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -21,8 +21,8 @@ from mfcache.config import ExtractConfig
 from mfcache.data.shapes import CATEGORIES, write_shapes_dataset
 from mfcache.data.transforms import load_image
 from mfcache.errors import MfcacheError
-from mfcache.evaluation import coco_evaluate
-from mfcache.extract import extract
+from mfcache.metrics import coco_evaluate
+from mfcache.stages.extract import extract
 from cli_errors import one_error_line
 
 runner = CliRunner()
@@ -206,7 +206,7 @@ def test_eval_scores_only_evaluated_images():
 def test_labels_matching_no_category_leave_no_cache_behind(shapes_data, tmp_path):
     import json
 
-    from mfcache.extract import extract as run_extract
+    from mfcache.stages.extract import extract as run_extract
 
     data = json.loads((shapes_data / "annotations" / "val.json").read_text())
     for category in data["categories"]:

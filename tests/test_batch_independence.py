@@ -2,10 +2,11 @@
 predictions never depend on its batch mates or the batch size.
 
 Head inputs are built directly (as the cache reader serves one image: maps cropped to the
-image's valid levels) and batched with the reader's own ``collate``, which zero-pads them."""
+image's valid levels) and batched with :meth:`Batch.collate`, which zero-pads them."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,10 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfcache.cache.reader import collate
-from mfcache.config import preset_names, resolve_run_config
+from mfcache.cache.sample import Batch, Sample
+from mfcache.config import TrainConfig, preset_names, resolve_run_config
 from mfcache.heads import build_head
-from mfcache.losses import mask_losses, point_mask_losses, quality_loss, resize_targets
+from mfcache.ops.losses import head_loss, resize_targets
+from mfcache.stages.postprocess import run_head
 
 D, C1, LEVELS, K = 32, 8, 4, 3
 STRIDES = tuple(8 * 2 ** l for l in range(LEVELS))
@@ -32,7 +34,7 @@ def head_of(preset: str) -> torch.nn.Module:
     return _heads[preset]
 
 
-def sample(height: int, width: int, seed: int, levels: tuple[int, ...]) -> dict:
+def sample(height: int, width: int, seed: int, levels: tuple[int, ...]) -> Sample:
     """One image of ``height x width`` input px as the reader serves it: K queries, boxes
     xyxy input px (some crossing or touching the border), the head's levels ``[D, h_l, w_l]``
     and ``c1 [C1, h/4, w/4]`` at the image's valid sizes, random targets ``[K, 16, 16]``."""
@@ -40,35 +42,31 @@ def sample(height: int, width: int, seed: int, levels: tuple[int, ...]) -> dict:
     size = torch.tensor([width, height], dtype=torch.float32)
     lo = (torch.rand(K, 2, generator=gen) * 1.2 - 0.1) * size
     hi = torch.minimum(lo + 2 + torch.rand(K, 2, generator=gen) * size, size * 1.05)
-    return {
-        "queries": torch.randn(K, D, generator=gen),
-        "boxes": torch.cat([lo, torch.maximum(hi, lo + 1)], -1),
-        "levels": [torch.randn(D, math.ceil(height / STRIDES[l]), math.ceil(width / STRIDES[l]), generator=gen)
-                   for l in levels],
-        "c1": torch.randn(C1, math.ceil(height / 4), math.ceil(width / 4), generator=gen),
-        "targets": torch.rand(K, 16, 16, generator=gen) > 0.5,
-        "image_id": seed,
-    }
+    queries = torch.randn(K, D, generator=gen)
+    boxes = torch.cat([lo, torch.maximum(hi, lo + 1)], -1)
+    maps = [torch.randn(D, math.ceil(height / STRIDES[l]), math.ceil(width / STRIDES[l]), generator=gen)
+            for l in levels]
+    c1 = torch.randn(C1, math.ceil(height / 4), math.ceil(width / 4), generator=gen)
+    masks = torch.rand(K, 16, 16, generator=gen) > 0.5
+    return Sample(image_id=seed, queries=queries, boxes=boxes, scores=torch.ones(K), labels=torch.zeros(K).long(),
+                  query_index=torch.arange(K), levels=maps, input_hw=torch.tensor([height, width]),
+                  orig_hw=torch.tensor([height, width]), c1=c1, gt_id=torch.arange(K), gt_iou=torch.ones(K),
+                  target_masks=masks)
 
 
-def run(head, batch: dict, select: torch.Tensor | None = None):
-    return head(batch["queries"], batch["boxes"], batch["levels"], batch["c1"] if head.uses_c1 else None, select,
-                level_hw=batch["level_hw"], c1_hw=batch["c1_hw"] if head.uses_c1 else None)
+def run(head, batch: Batch, select: torch.Tensor | None = None):
+    if not head.uses_c1:
+        batch = dataclasses.replace(batch, c1=None, c1_hw=None)
+    return run_head(head, batch, select)
 
 
 def preset_loss(preset: str, out, targets: torch.Tensor) -> torch.Tensor:
-    """The training loss of the engine's loop for this preset (unit weights). The point loss
-    samples uniform points (importance 0), the same draws for the same rows: its top-k choice of
-    uncertain points would let ulp-level differences swap points that tie in uncertainty."""
-    config = resolve_run_config(preset).head
-    targets = resize_targets(targets, out.mask_logits.shape[-1])
+    """The training loop's loss for this preset (:func:`head_loss`, unit weights). The point
+    loss samples uniform points (importance 0), the same draws for the same rows: its top-k
+    choice of uncertain points would let ulp-level differences swap points that tie in uncertainty."""
+    config = dataclasses.replace(resolve_run_config(preset).head, points=64, importance=0.0, quality_weight=1.0)
     torch.manual_seed(1)
-    losses = (point_mask_losses(out.mask_logits, targets, num_points=64, oversample=3.0, importance=0.0)
-              if config.loss == "point" else mask_losses(out.mask_logits, targets))
-    loss = losses["bce"] + losses["dice"]
-    if out.quality is not None:
-        loss = loss + quality_loss(out.quality, out.mask_logits, targets)
-    return loss
+    return head_loss(out, resize_targets(targets, out.mask_logits.shape[-1]), config, TrainConfig())[0]
 
 
 @st.composite
@@ -91,8 +89,8 @@ def test_mask_logits_alone_equal_batched(preset, case, seed):
     head = head_of(preset).eval()
     samples = [sample(h, w, seed + i, head.levels) for i, (h, w) in enumerate(sizes)]
     with torch.no_grad():
-        batched = run(head, collate(samples))
-        alone = run(head, collate([samples[at]]))
+        batched = run(head, Batch.collate(samples))
+        alone = run(head, Batch.collate([samples[at]]))
     rows = slice(at * K, (at + 1) * K)
     torch.testing.assert_close(batched.mask_logits[rows], alone.mask_logits, atol=1e-5, rtol=0)
     if alone.quality is not None:
@@ -111,17 +109,17 @@ def test_training_loss_and_gradient_alone_equal_the_images_share(preset, case, s
     samples = [sample(h, w, seed + i, head.levels) for i, (h, w) in enumerate(sizes)]
     select = torch.rand(len(sizes), K, generator=torch.Generator().manual_seed(seed)) > 0.4
     select[at, 0] = True
-    batch = collate(samples)
+    batch = Batch.collate(samples)
     rows = select[:at].sum().item() + torch.arange(select[at].sum().item())  # the image's rows among the N selected
 
     def loss_and_grads(out, index):
         loss = preset_loss(preset, type(out)(out.mask_logits[index], None if out.quality is None else out.quality[index]),
-                           samples[at]["targets"][select[at]])
+                           samples[at].target_masks[select[at]])
         grads = torch.autograd.grad(loss, [p for p in head.parameters()], allow_unused=True)
         return loss, grads
 
     shared, shared_grads = loss_and_grads(run(head, batch, select), rows)
-    alone, alone_grads = loss_and_grads(run(head, collate([samples[at]]), select[at:at + 1]), slice(None))
+    alone, alone_grads = loss_and_grads(run(head, Batch.collate([samples[at]]), select[at:at + 1]), slice(None))
     torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
     for (name, _), a, b in zip(head.named_parameters(), shared_grads, alone_grads):
         if a is None or b is None:
@@ -160,16 +158,17 @@ def cli(*args):
 
 
 def test_eval_results_and_ap_do_not_depend_on_the_batch_size(shapes_data, tmp_path_factory):
-    import dataclasses
 
     from mfcache.cache.reader import Cache
-    from mfcache.engine import load_run, predict_split
-    from mfcache.evaluation import coco_evaluate
+    from mfcache.metrics import coco_evaluate
+    from mfcache.stages.evaluate import predict_split
+    from mfcache.stages.runs import load_run
 
     cached = cache_and_run(shapes_data, tmp_path_factory, 1)
     data = Cache(cached / "cache").split("val")
     assert len({tuple(hw) for hw in data.index["input_hw"].tolist()}) == data.num_images  # sizes all differ
-    head, config = load_run(cached / "run", data.cache, torch.device("cpu"))
+    loaded = load_run(cached / "run", data.cache.fingerprint, torch.device("cpu"))
+    head, config = loaded.head, loaded.config
     results, metrics = {}, {}
     for size in (1, 3, 4):
         sized = dataclasses.replace(config, eval=dataclasses.replace(config.eval, batch_size=size))
@@ -187,7 +186,7 @@ def test_predict_on_cached_images_equals_eval(shapes_data, tmp_path_factory, tmp
     ones bit for bit; the head then batches images its own way (eval at eval.batch_size 8)."""
     import json
 
-    from mfcache.engine import evaluate
+    from mfcache.stages.evaluate import evaluate
 
     cached = cache_and_run(shapes_data, tmp_path_factory, batch_size)
     cli("predict", "--detector", "demo", "--run", cached / "run", shapes_data / "val", "--out", tmp_path / "out",

@@ -7,9 +7,9 @@ import mfcache.detectors
 from mfcache.cache.c1_stem import STEM_ARRAY
 from mfcache.cache.reader import Cache
 from mfcache.config import ExtractConfig, resolve_run_config
-from mfcache.engine import train
+from mfcache.stages.train import train
 from mfcache.errors import MfcacheError
-from mfcache.extract import extract
+from mfcache.stages.extract import extract
 
 
 def cache(shapes_data, out, c1):
@@ -24,8 +24,8 @@ def test_recomputed_c1_equals_the_stored_one_and_training_never_loads_the_detect
     recomputed = cache(shapes_data, tmp_path / "recompute", "recompute")
     assert "c1" not in recomputed.group and STEM_ARRAY in Cache(tmp_path / "recompute").root
     for i in range(recomputed.num_images):  # the stored stem runs: this user's extraction exported it
-        a = stored.read(i, levels=(0,), targets=False)["c1"].float()
-        b = recomputed.read(i, levels=(0,), targets=False)["c1"]
+        a = stored.read(i, levels=(0,), targets=False).c1.float()
+        b = recomputed.read(i, levels=(0,), targets=False).c1
         assert a.shape == b.shape
         torch.testing.assert_close(b, a, atol=2e-2, rtol=2e-3)  # the stored map is fp16
 

@@ -1,12 +1,16 @@
 """The cache stores exactly what it is given, image by image, ragged memory included."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from mfcache.cache.reader import Cache, CacheDataset, collate
+from mfcache.cache.reader import Cache, CacheDataset
+from mfcache.cache.sample import Batch
 from mfcache.cache.schema import fingerprint, plan_split
-from mfcache.cache.writer import BlockWriter, ImageRecord, create_split, open_root
+from mfcache.cache.records import ImageRecord
+from mfcache.cache.writer import BlockWriter, create_split, open_root
 from mfcache.detectors.base import DetectorInfo, Preprocess
 from mfcache.errors import MfcacheError
 
@@ -60,28 +64,28 @@ def test_round_trip_is_exact_per_image(tmp_path):
     assert len(split.done) == len(SIZES)
     for i, rec in enumerate(records):
         got = split.read(i)
-        np.testing.assert_array_equal(got["queries"].numpy(), rec.queries)
-        np.testing.assert_array_equal(got["boxes"].numpy(), rec.boxes)
-        np.testing.assert_array_equal(got["gt_id"].numpy(), rec.gt_id)
-        np.testing.assert_array_equal(np.packbits(got["target_masks"].numpy().reshape(K, -1), axis=-1), rec.target_masks)
-        flat = torch.cat([lvl.permute(1, 2, 0).reshape(-1, D) for lvl in got["levels"]]).numpy()
+        np.testing.assert_array_equal(got.queries.numpy(), rec.queries)
+        np.testing.assert_array_equal(got.boxes.numpy(), rec.boxes)
+        np.testing.assert_array_equal(got.gt_id.numpy(), rec.gt_id)
+        np.testing.assert_array_equal(np.packbits(got.target_masks.numpy().reshape(K, -1), axis=-1), rec.target_masks)
+        flat = torch.cat([lvl.permute(1, 2, 0).reshape(-1, D) for lvl in got.levels]).numpy()
         np.testing.assert_array_equal(flat, rec.memory)
-        for lvl, (h, w) in zip(got["levels"], plan.level_hw[i]):
+        for lvl, (h, w) in zip(got.levels, plan.level_hw[i]):
             assert lvl.shape == (D, h, w)
-        np.testing.assert_array_equal(got["c1"].permute(1, 2, 0).reshape(-1, C).numpy(), rec.c1)
-        assert got["image_id"] == 100 + i
+        np.testing.assert_array_equal(got.c1.permute(1, 2, 0).reshape(-1, C).numpy(), rec.c1)
+        assert got.image_id == 100 + i
         # only the requested levels are returned, with the same values
         only = split.read(i, levels=(2,), c1=False, targets=False)
-        assert len(only["levels"]) == 1 and torch.equal(only["levels"][0], got["levels"][2])
-        assert "c1" not in only and "gt_id" not in only
+        assert len(only.levels) == 1 and torch.equal(only.levels[0], got.levels[2])
+        assert only.c1 is None and only.gt_id is None and only.target_masks is None
     # a batch read in one go (DataLoader's __getitems__) is the same as image by image
     batch = CacheDataset(tmp_path / "c", "train", levels=None, c1=True, targets=True).__getitems__([3, 0, 2])
     for got, i in zip(batch, (3, 0, 2)):
         alone = split.read(i)
-        assert got.keys() == alone.keys()
-        for key, value in got.items():
-            values = zip(value, alone[key]) if key == "levels" else [(value, alone[key])]
-            assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in values), key
+        for field in dataclasses.fields(got):
+            value, expected = getattr(got, field.name), getattr(alone, field.name)
+            values = zip(value, expected) if field.name == "levels" else [(value, expected)]
+            assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in values), field.name
 
 
 def test_images_start_on_chunk_boundaries(tmp_path):
@@ -113,11 +117,11 @@ def test_collate_pads_to_the_batch(tmp_path):
     group, _, records = make_cache(tmp_path / "c", SIZES)
     BlockWriter(group).write(0, records[:2])
     ds = CacheDataset(tmp_path / "c", "train", levels=(0,), c1=True, targets=True)
-    batch = collate([ds[0], ds[1]])
-    assert batch["queries"].shape == (2, K, D) and batch["queries"].dtype == torch.float32
-    assert batch["levels"][0].shape == (2, D, 10, 12)  # ceil(80/8), ceil(96/8)
-    assert batch["c1"].shape == (2, C, 20, 24)
-    assert batch["target_masks"].shape == (2, K, S, S)
+    batch = Batch.collate([ds[0], ds[1]])
+    assert batch.queries.shape == (2, K, D) and batch.queries.dtype == torch.float32
+    assert batch.levels[0].shape == (2, D, 10, 12)  # ceil(80/8), ceil(96/8)
+    assert batch.c1.shape == (2, C, 20, 24)
+    assert batch.target_masks.shape == (2, K, S, S)
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -127,12 +131,12 @@ def test_collated_maps_hold_each_image_and_zero_padding(tmp_path, num_workers):
     BlockWriter(group).write(2, records[2:4])
     ds = CacheDataset(tmp_path / "c", "train", levels=(0, 1), c1=True, targets=False)
     torch.full((1 << 16,), 7.0).sum()  # leave non-zero memory around for the allocator to hand back
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=Batch.collate, num_workers=num_workers)
     batch = next(iter(loader))
     for b in range(4):
         image = ds[b]
-        for name, got, want in [("c1", batch["c1"][b], image["c1"])] + [
-                ("level", batch["levels"][l][b], image["levels"][l]) for l in range(2)]:
+        for name, got, want in [("c1", batch.c1[b], image.c1)] + [
+                ("level", batch.levels[l][b], image.levels[l]) for l in range(2)]:
             h, w = want.shape[1:]
             assert torch.equal(got[:, :h, :w], want), name
             assert not got[:, h:].any() and not got[:, :, w:].any(), name

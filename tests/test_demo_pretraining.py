@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mfcache.data.shapes import write_shapes_dataset
-from mfcache.detectors.demo_pretraining import (
+from mfcache.demo_detector.pretrain import (
     BACKBONE_FILE,
     IGNORE,
     SemanticShapes,
@@ -14,7 +14,7 @@ from mfcache.detectors.demo_pretraining import (
     pretrain,
     segmentation_loss,
 )
-from mfcache.detectors.demo_training import (
+from mfcache.demo_detector.train import (
     CHECKPOINT,
     TrainConfig,
     category_to_label,

@@ -10,7 +10,7 @@ from transformers import DeformableDetrForObjectDetection
 from mfcache.data.shapes import GENERATOR_VERSION, write_shapes_dataset
 from mfcache.detectors import load_detector
 from mfcache.detectors.demo import GENERATOR_FILE, TRAINING_FILE, check_generator, load_demo
-from mfcache.detectors.demo_training import (
+from mfcache.demo_detector.train import (
     CHECKPOINT,
     EXPORT,
     LOG,

@@ -13,19 +13,19 @@ import pytest
 import torch
 import zarr
 
-from mfcache import engine
+from mfcache.stages import train as training
 from mfcache.cache.verify import verify
 from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.data.shapes import write_shapes_dataset
-from mfcache.extract import extract
+from mfcache.stages.extract import extract
 
 BLOCK = 3
 TRAIN_SCRIPT = """
 import sys
 from pathlib import Path
-from mfcache import engine
+from mfcache.stages import train as training
 from mfcache.config import resolve_run_config
-engine.train(cache_path=Path(sys.argv[1]), run_dir=Path(sys.argv[2]),
+training.train(cache_path=Path(sys.argv[1]), run_dir=Path(sys.argv[2]),
              config=resolve_run_config(None, sys.argv[3:]), progress=False)
 """
 
@@ -84,7 +84,7 @@ def test_two_rank_extract_equals_one_process(data, reference, tmp_path):
 def test_two_rank_ddp_training_equals_one_process(data, reference, tmp_path):
     settings = ["train.steps=3", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=2",
                 "train.num_workers=0", "train.device=cpu", "train.min_iou=0.1", "train.grad_clip=0"]
-    engine.train(cache_path=reference, run_dir=tmp_path / "one", config=resolve_run_config(None, settings),
+    training.train(cache_path=reference, run_dir=tmp_path / "one", config=resolve_run_config(None, settings),
                  progress=False)
     script = tmp_path / "train_script.py"
     script.write_text(TRAIN_SCRIPT)

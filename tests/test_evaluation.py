@@ -13,8 +13,8 @@ import torch
 from pycocotools.coco import COCO
 from rich.console import Console
 
-from mfcache.evaluation import SEGM_KEYS, coco_evaluate, metrics_table, results_from_detections
-from mfcache.masks import crop_mask_targets, encode_rle, paste_masks
+from mfcache.metrics import SEGM_KEYS, coco_evaluate, metrics_table, results_from_detections
+from mfcache.ops.masks import crop_mask_targets, encode_rle, paste_masks
 
 
 def _ellipse(h: int, w: int, cx: float, cy: float, a: float, b: float) -> np.ndarray:

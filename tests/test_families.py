@@ -187,17 +187,18 @@ def test_adapter_matches_the_model(saved):
     ref = family.post_process(raw, torch.tensor(sizes), k)
     for i, r in enumerate(ref):
         order = torch.arange(k) if info.sigmoid else top.query_index[i].argsort()  # DETR's is in query order
-        assert len(r["scores"]) == k
-        torch.testing.assert_close(top.scores[i][order], r["scores"], rtol=0, atol=1e-5)
-        assert torch.equal(top.labels[i][order], r["labels"])
-        torch.testing.assert_close(top.boxes[i][order], r["boxes"], rtol=0, atol=1e-4)
+        assert len(r.scores) == k
+        torch.testing.assert_close(top.scores[i][order], r.scores, rtol=0, atol=1e-5)
+        assert torch.equal(top.labels[i][order], r.labels)
+        torch.testing.assert_close(top.boxes[i][order], r.boxes, rtol=0, atol=1e-4)
         torch.testing.assert_close(top.queries[i], out.queries[i, top.query_index[i]])
 
 
 def test_extract_train_evaluate(saved, shapes, tmp_path):
     from mfcache.cache.reader import Cache
-    from mfcache.engine import evaluate, train
-    from mfcache.extract import extract
+    from mfcache.stages.evaluate import evaluate
+    from mfcache.stages.train import train
+    from mfcache.stages.extract import extract
 
     name, family, path, _ = saved
     config = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu")

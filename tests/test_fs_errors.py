@@ -10,10 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mfcache import engine
+from mfcache.stages import evaluate as evaluation
+from mfcache.stages import train as training
 from mfcache.cli.main import app
 from mfcache.config import ExtractConfig
-from mfcache.extract import extract
+from mfcache.stages.extract import extract
 from cli_errors import one_error_line
 
 runner = CliRunner()
@@ -134,8 +135,8 @@ def test_train_out_naming_a_file(cache, tmp_path):
 
 
 def test_predict_out_naming_a_file(cache, shapes_data, tmp_path, monkeypatch):
-    import mfcache.predict
-    forbid(monkeypatch, mfcache.predict, "load_detector")
+    import mfcache.stages.predict
+    forbid(monkeypatch, mfcache.stages.predict, "load_detector")
     (tmp_path / "taken").write_text("x")
     image = sorted((shapes_data / "val").glob("*.png"))[0]
     one_error_line(cli("predict", "--detector", "demo", "--run", cache / "run", image, "--out", tmp_path / "taken", "-q"),
@@ -143,15 +144,15 @@ def test_predict_out_naming_a_file(cache, shapes_data, tmp_path, monkeypatch):
 
 
 def test_sweep_out_naming_a_file(cache, tmp_path, monkeypatch):
-    import mfcache.sweep
-    forbid(monkeypatch, mfcache.sweep, "train")
+    import mfcache.stages.sweep
+    forbid(monkeypatch, mfcache.stages.sweep, "train")
     (tmp_path / "taken").write_text("x")
     one_error_line(cli("sweep", "--cache", cache / "cache", "--heads", "box_baseline", "--steps", 1, "--out",
                   tmp_path / "taken", "-q"), "--out", "is a file")
 
 
 def test_eval_out_naming_a_folder_fails_before_evaluating(cache, tmp_path, monkeypatch):
-    forbid(monkeypatch, engine, "predict_split")
+    forbid(monkeypatch, evaluation, "predict_split")
     (tmp_path / "metrics").mkdir()
     one_error_line(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out", tmp_path / "metrics", "-q"),
               "is a folder")
@@ -160,8 +161,8 @@ def test_eval_out_naming_a_folder_fails_before_evaluating(cache, tmp_path, monke
 # --- read-only folders ---
 
 def test_a_new_cache_in_a_read_only_folder(shapes_data, tmp_path, monkeypatch, restore_modes):
-    import mfcache.extract
-    forbid(monkeypatch, mfcache.extract, "load_detector")
+    import mfcache.stages.extract
+    forbid(monkeypatch, mfcache.stages.extract, "load_detector")
     restore_modes.append(tmp_path / "ro")
     read_only(monkeypatch, tmp_path / "ro")
     one_error_line(cli("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations",
@@ -171,7 +172,7 @@ def test_a_new_cache_in_a_read_only_folder(shapes_data, tmp_path, monkeypatch, r
 
 
 def test_metrics_in_a_read_only_folder_fail_before_evaluating(cache, tmp_path, monkeypatch, restore_modes):
-    forbid(monkeypatch, engine, "predict_split")
+    forbid(monkeypatch, evaluation, "predict_split")
     restore_modes.append(tmp_path / "ro")
     read_only(monkeypatch, tmp_path / "ro")
     one_error_line(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out",
@@ -179,7 +180,7 @@ def test_metrics_in_a_read_only_folder_fail_before_evaluating(cache, tmp_path, m
 
 
 def test_a_run_in_a_read_only_folder(cache, tmp_path, monkeypatch, restore_modes):
-    forbid(monkeypatch, engine, "Cache")
+    forbid(monkeypatch, training, "Cache")
     restore_modes.append(tmp_path / "ro")
     read_only(monkeypatch, tmp_path / "ro")
     one_error_line(cli("train", "--cache", cache / "cache", "--out", tmp_path / "ro" / "run", "--set", "train.steps=1",

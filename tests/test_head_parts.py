@@ -12,7 +12,7 @@ from mfcache.heads import build_head
 from mfcache.heads.blender import blend
 from mfcache.heads.region import crop_maps
 from mfcache.heads.roi import roi_align
-from mfcache.losses import mask_iou, point_mask_losses, point_sample, quality_loss, resize_targets, uncertain_points
+from mfcache.ops.losses import mask_iou, point_mask_losses, point_sample, quality_loss, resize_targets, uncertain_points
 
 D, C1 = 32, 8
 

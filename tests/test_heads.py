@@ -1,9 +1,11 @@
 import torch
 
 from mfcache.config import HeadConfig
-from mfcache.engine import StepBatches, lr_at, mask_scores
+from mfcache.cache.sample import Batch
 from mfcache.heads import build_head
-from mfcache.losses import mask_losses, resize_targets
+from mfcache.ops.losses import mask_losses, resize_targets
+from mfcache.stages.postprocess import first_detections, kept_queries, mask_probs, mask_scores, once_per_query
+from mfcache.stages.sampling import StepBatches, lr_at
 
 
 def batch(b=2, k=6, d=16, c=8, h8=5, w8=7):
@@ -14,6 +16,16 @@ def batch(b=2, k=6, d=16, c=8, h8=5, w8=7):
         "queries": torch.randn(b, k, d), "boxes": boxes,
         "levels": [torch.randn(b, d, h8, w8)], "c1": torch.randn(b, c, 2 * h8 - 1, 2 * w8),
     }
+
+
+def as_batch(x: dict, query_index: torch.Tensor) -> Batch:
+    """``x`` as a :class:`Batch` whose maps are all valid (scores, labels, sizes unused here)."""
+    b, k = x["queries"].shape[:2]
+    level_hw = torch.tensor([m.shape[-2:] for m in x["levels"]]).expand(b, -1, -1)
+    return Batch(image_id=list(range(b)), queries=x["queries"], boxes=x["boxes"], scores=torch.ones(b, k),
+                 labels=torch.zeros(b, k, dtype=torch.long), query_index=query_index, levels=x["levels"],
+                 level_hw=level_hw, input_hw=torch.zeros(b, 2), orig_hw=torch.zeros(b, 2), c1=x["c1"],
+                 c1_hw=torch.tensor(x["c1"].shape[-2:]).expand(b, 2))
 
 
 def test_box_head_shapes_and_backward():
@@ -101,8 +113,6 @@ def test_matmul_roi_align_equals_torchvision():
 
 
 def test_eval_runs_the_head_only_on_kept_queries():
-    from mfcache.engine import kept_queries, mask_probs
-
     labels = torch.tensor([[0, 2, 1, 2, 0, 1], [2, 2, 0, 1, 1, 0]])
     to_category = torch.tensor([5, 7, -1])  # label 2 maps to no dataset category
     kept = kept_queries(labels, to_category, max_detections=2)
@@ -110,17 +120,13 @@ def test_eval_runs_the_head_only_on_kept_queries():
 
     x = batch()
     head = build_head(HeadConfig(roi_size=16), d_model=16, c1_channels=8, num_levels=4).eval()
-    batch_dict = {"queries": x["queries"], "boxes": x["boxes"], "levels": x["levels"], "c1": x["c1"],
-                  "query_index": torch.arange(6).expand(2, 6)}
-    full, _ = mask_probs(head, batch_dict)
-    some, _ = mask_probs(head, batch_dict, kept)
+    full, _ = mask_probs(head, as_batch(x, torch.arange(6).expand(2, 6)))
+    some, _ = mask_probs(head, as_batch(x, torch.arange(6).expand(2, 6)), kept)
     torch.testing.assert_close(some[kept], full[kept])
     assert (some[~kept] == 0).all()
 
 
 def test_each_query_runs_once_and_its_other_labels_share_its_mask():
-    from mfcache.engine import first_detections, mask_probs, once_per_query
-
     # top-k over queries x classes: query 7 listed 3 times, query 2 twice
     query_index = torch.tensor([[7, 2, 7, 5, 2, 7], [0, 1, 2, 3, 4, 5]])
     select = torch.tensor([[True, True, True, True, True, True], [True, False, True, True, False, True]])
@@ -137,9 +143,8 @@ def test_each_query_runs_once_and_its_other_labels_share_its_mask():
         x["queries"][0, row], x["boxes"][0, row] = x["queries"][0, first], x["boxes"][0, first]
     config = HeadConfig(roi_size=16, query_encoder=("self_attn", "box_cross_attn", "ffn"), scoring="mask_iou")
     head = build_head(config, d_model=16, c1_channels=8, num_levels=4).eval()
-    x["query_index"] = query_index
     with torch.no_grad():
         direct = head(x["queries"], x["boxes"], x["levels"], x["c1"])  # every detection, duplicates included
-        prob, quality = mask_probs(head, x)
+        prob, quality = mask_probs(head, as_batch(x, query_index))
     torch.testing.assert_close(prob.flatten(0, 1), direct.mask_logits.sigmoid()[:, 0])
     torch.testing.assert_close(quality.flatten(), direct.quality.reshape(-1))

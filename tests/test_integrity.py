@@ -28,7 +28,7 @@ from mfcache.cli.main import app
 from mfcache.config import ExtractConfig
 from mfcache.data.shapes import write_shapes_dataset
 from mfcache.errors import MfcacheError
-from mfcache.extract import extract
+from mfcache.stages.extract import extract
 
 CONFIG = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu")
 EXTRACT_ARGS = ["--topk", "10", "--target-size", "8", "--block-size", "2", "--workers", "0", "--device", "cpu"]
@@ -174,7 +174,7 @@ def test_a_missing_chunk_never_reads_as_zeros(cache):
         row = checksums[i]
         row[column] = checksum(np.zeros(gt_iou.shape[1:], np.float32))
         checksums[i] = row
-    assert not Cache(cache).split("train").read(0)["gt_iou"].any()  # healthy, and zero
+    assert not Cache(cache).split("train").read(0).gt_iou.any()  # healthy, and zero
     (cache / "train" / "targets" / "gt_iou" / "c" / "0" / "0").unlink()
     with pytest.raises(MfcacheError, match=r"array targets/gt_iou of image id \d+ \(position 0\): chunk file "
                                            r"train/targets/gt_iou/c/0/0 is missing"):
@@ -276,7 +276,7 @@ def test_a_refused_torchrun_job_fails_on_every_rank(data, tmp_path):
         script = tmp_path / "extract.py"
         script.write_text(
             "import sys\nfrom pathlib import Path\nfrom mfcache.config import ExtractConfig\n"
-            "from mfcache.errors import MfcacheError\nfrom mfcache.extract import extract\n"
+            "from mfcache.errors import MfcacheError\nfrom mfcache.stages.extract import extract\n"
             "try:\n"
             f"    extract(detector='demo', images=Path({str(data / 'd' / 'train')!r}), "
             f"annotations=Path({str(data / 'd' / 'annotations' / 'train.json')!r}), out=Path({str(out)!r}), "

@@ -69,9 +69,9 @@ def test_resume_takes_the_configuration_from_the_checkpoint(cache, tmp_path):
 # The real command, each step slowed down so the test can signal it mid-run.
 CHILD = """
 import sys, time
-from mfcache import engine
-lr_at = engine.lr_at
-engine.lr_at = lambda *a: (time.sleep(0.25), lr_at(*a))[1]
+from mfcache.stages import train as training
+lr_at = training.lr_at
+training.lr_at = lambda *a: (time.sleep(0.25), lr_at(*a))[1]
 from mfcache.cli.main import main
 sys.argv = ["mfcache", *sys.argv[1:]]
 main()
@@ -134,16 +134,16 @@ def test_a_signal_saves_the_step_reached_and_resume_is_exact(cache, reference, t
 TORCHRUN_SCRIPT = """
 import sys, time
 from pathlib import Path
-from mfcache import engine
+from mfcache.stages import train as training
 from mfcache.config import resolve_run_config
 from mfcache.stopping import Interrupted
 import os
 if os.environ.get("SLOW_STEPS"):
-    lr_at = engine.lr_at
-    engine.lr_at = lambda *a: (time.sleep(1.0), lr_at(*a))[1]
+    lr_at = training.lr_at
+    training.lr_at = lambda *a: (time.sleep(1.0), lr_at(*a))[1]
 resume = sys.argv[3] == "resume"
 try:
-    engine.train(cache_path=Path(sys.argv[1]), run_dir=Path(sys.argv[2]), resume=resume,
+    training.train(cache_path=Path(sys.argv[1]), run_dir=Path(sys.argv[2]), resume=resume,
                  config=None if resume else resolve_run_config(None, sys.argv[4:]), progress=False)
 except Interrupted as exc:
     print(f"stopped: {exc}", file=sys.stderr)

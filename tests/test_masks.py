@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mfcache.masks import (
+from mfcache.ops.masks import (
     _paste,
     crop_mask_targets,
     encode_rle,

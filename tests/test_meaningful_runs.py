@@ -12,7 +12,7 @@ import zarr
 from torchvision.ops import box_iou
 from typer.testing import CliRunner
 
-from mfcache import engine
+from mfcache.stages import train as training
 from mfcache.cache.stats import STATS_ATTR, group_stats
 from mfcache.cli.main import app
 from mfcache.config import (
@@ -25,7 +25,7 @@ from mfcache.config import (
     resolve_run_config,
 )
 from mfcache.errors import MfcacheError
-from mfcache.extract import extract
+from mfcache.stages.extract import extract
 
 runner = CliRunner()
 EXTRACT = ExtractConfig(topk=10, target_size=16, block_size=4, num_workers=0, device="cpu")
@@ -137,7 +137,7 @@ def test_a_split_without_gt_is_refused(shapes_data, tmp_path):
     extract(detector="demo", images=shapes_data / "val", annotations=tmp_path / "empty.json", out=tmp_path / "c",
             config=EXTRACT, progress=False)
     with pytest.raises(MfcacheError, match="no ground-truth instances"):
-        engine.train(cache_path=tmp_path / "c", run_dir=tmp_path / "run", config=resolve_run_config(None, FAST),
+        training.train(cache_path=tmp_path / "c", run_dir=tmp_path / "run", config=resolve_run_config(None, FAST),
                      progress=False)
 
 
@@ -148,7 +148,7 @@ def test_eval_on_a_train_only_cache_needs_the_split_named(cache, tmp_path):
     only_train = tmp_path / "cache"
     shutil.copytree(cache_dir, only_train, ignore=lambda d, names: ["val"] if d == str(cache_dir) else [])
     run = tmp_path / "run"
-    engine.train(cache_path=only_train, run_dir=run, config=resolve_run_config(None, ["train.steps=1", *FAST]),
+    training.train(cache_path=only_train, run_dir=run, config=resolve_run_config(None, ["train.steps=1", *FAST]),
                  progress=False)
     lines = error_lines(cli("eval", "--cache", only_train, "--run", run, "-q"))
     assert len(lines) == 1 and "--split train" in lines[0]

@@ -17,9 +17,9 @@ from mfcache.data.shapes import CATEGORIES, write_shapes_dataset
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors import load_detector
 from mfcache.detectors.native import COCO91_LABELS
-from mfcache.deformable_attention import MSDeformAttn, ms_deform_attn
+from mfcache.ops.deformable_attention import MSDeformAttn, ms_deform_attn
 from mfcache.errors import MfcacheError
-from mfcache.extract import extract
+from mfcache.stages.extract import extract
 
 TINY = {"backbone": "resnet18", "d_model": 64, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
         "dim_feedforward": 96, "enc_n_points": 2, "dec_n_points": 3}
@@ -314,23 +314,23 @@ def test_extract_caches_what_the_detector_computes(tmp_path, two_images, family,
     assert summary.written == 2
     split = Cache(tmp_path / "cache").split("train")
     record = split.read(0)
-    assert record["queries"].shape == (10, 64) and record["c1"].shape[0] == 64  # ResNet-18 layer1
+    assert record.queries.shape == (10, 64) and record.c1.shape[0] == 64  # ResNet-18 layer1
 
     model = load_detector(detector_spec)
     images = json.loads((root / "annotations" / "train.json").read_text())["images"]
-    image = next(im for im in images if im["id"] == record["image_id"])
+    image = next(im for im in images if im["id"] == record.image_id)
     pixels = to_input(load_image(root / "train" / image["file_name"]), model.info.preprocess)
     batch, mask = pad_batch([pixels], model.info.preprocess)
     out = model(batch, mask)
     h, w = pixels.shape[1:]
-    assert tuple(record["input_hw"].tolist()) == (h, w)
-    (hp, wp), (hv, wv) = out.spatial_shapes[0].tolist(), record["levels"][0].shape[1:]
+    assert tuple(record.input_hw.tolist()) == (h, w)
+    (hp, wp), (hv, wv) = out.spatial_shapes[0].tolist(), record.levels[0].shape[1:]
     finest = out.memory[0, : hp * wp].view(hp, wp, -1)[:hv, :wv].permute(2, 0, 1)
-    torch.testing.assert_close(record["levels"][0], finest, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(record["c1"], out.c1[0, :, : -(-h // 4), : -(-w // 4)], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(record.levels[0], finest, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(record.c1, out.c1[0, :, : -(-h // 4), : -(-w // 4)], rtol=1e-4, atol=1e-4)
     scores = out.logits[0].sigmoid().flatten().topk(10).values
-    torch.testing.assert_close(record["scores"], scores, rtol=1e-4, atol=1e-5)
-    assert (record["boxes"][:, 2:] >= record["boxes"][:, :2]).all()
+    torch.testing.assert_close(record.scores, scores, rtol=1e-4, atol=1e-5)
+    assert (record.boxes[:, 2:] >= record.boxes[:, :2]).all()
     assert split.label_to_category.tolist() == [-1, 1, 2, 3, 4, 5, 6]  # "N/A" maps to no category
 
 

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from mfcache.cache.reader import Cache
 from mfcache.cli.main import app
 from mfcache.data.shapes import CATEGORIES
-from mfcache.engine import evaluate
+from mfcache.stages.evaluate import evaluate
 from mfcache.errors import MfcacheError
-from mfcache.visualize import visualize_split
+from mfcache.stages.visualize import visualize_split
 
 runner = CliRunner()
 

@@ -19,8 +19,8 @@ from mfcache.detectors import load_detector
 from mfcache.detectors.base import DetectorInfo
 from mfcache.detectors.hf import ADAPTERS, read_preprocess
 from mfcache.errors import MfcacheError
-from mfcache.engine import train
-from mfcache.extract import extract
+from mfcache.stages.train import train
+from mfcache.stages.extract import extract
 
 transformers = pytest.importorskip("transformers")
 T = transformers
@@ -181,7 +181,7 @@ def test_recomputed_c1_follows_the_caches_path(shapes_data, tmp_path):
 def test_predict_uses_the_path_of_the_runs_cache(shapes_data, tmp_path, monkeypatch):
     """A head trained on a cache made on the processor path (not the demo's default)
     predicts on that path: the detector outputs it learned from."""
-    import mfcache.predict
+    import mfcache.stages.predict
 
     annotations = subset(shapes_data, tmp_path)
     run_extract(shapes_data, annotations, tmp_path / "cache", resize="processor")
@@ -194,8 +194,8 @@ def test_predict_uses_the_path_of_the_runs_cache(shapes_data, tmp_path, monkeypa
         asked.append(kwargs.get("resize"))
         return load_detector(spec, **kwargs)
 
-    monkeypatch.setattr(mfcache.predict, "load_detector", spy)
+    monkeypatch.setattr(mfcache.stages.predict, "load_detector", spy)
     image = sorted((shapes_data / "val").glob("*.png"))[0]
-    summary = mfcache.predict.predict_images(detector="demo", run_dir=tmp_path / "run", inputs=[image],
+    summary = mfcache.stages.predict.predict_images(detector="demo", run_dir=tmp_path / "run", inputs=[image],
                                              out=tmp_path / "pred", device="cpu", progress=False)
     assert asked == ["processor"] and summary.num_images == 1

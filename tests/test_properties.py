@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from mfcache.cache.targets import match_queries
 from mfcache.data.coco import GroundTruth
-from mfcache.masks import crop_mask_targets, encode_rle, paste_masks
+from mfcache.ops.masks import crop_mask_targets, encode_rle, paste_masks
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

@@ -15,7 +15,7 @@ import zarr
 from mfcache.cache.verify import verify
 from mfcache.config import ExtractConfig
 from mfcache.data.shapes import write_shapes_dataset
-from mfcache.extract import extract
+from mfcache.stages.extract import extract
 
 BLOCK = 3
 # The real command, with each block write slowed down (before its data, and between its
@@ -119,7 +119,7 @@ def test_kill_and_rerun_equals_uninterrupted(point, data, reference, tmp_path):
 
 
 def test_records_built_on_the_writer_thread_equal_in_line(data, reference, tmp_path, monkeypatch):
-    from mfcache import extract as extract_module
+    from mfcache.stages import extract as extract_module
 
     monkeypatch.setattr(extract_module, "records_on_writer_thread", lambda device: True)  # the GPU path
     out = tmp_path / "cache"
@@ -132,7 +132,7 @@ def test_records_built_on_the_writer_thread_equal_in_line(data, reference, tmp_p
 
 import json  # noqa: E402
 
-from mfcache import engine  # noqa: E402
+from mfcache.stages import train as training  # noqa: E402
 from mfcache.config import resolve_run_config  # noqa: E402
 from mfcache.errors import MfcacheError  # noqa: E402
 
@@ -157,29 +157,29 @@ def losses(run):
 
 
 def fail_at(monkeypatch, call, error):
-    calls, original = [], engine.mask_losses
+    calls, original = [], training.head_loss
 
     def patched(*args, **kwargs):
         calls.append(1)
-        out = original(*args, **kwargs)
+        loss, parts = original(*args, **kwargs)
         if len(calls) == call:
             if isinstance(error, BaseException):
                 raise error
-            out = {k: v * float("nan") for k, v in out.items()}
-        return out
+            loss = loss * float("nan")
+        return loss, parts
 
-    monkeypatch.setattr(engine, "mask_losses", patched)
+    monkeypatch.setattr(training, "head_loss", patched)
 
 
 def test_resume_reproduces_the_loss_curve(train_cache, tmp_path, monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
-    engine.train(cache_path=train_cache, run_dir=full, config=run_config(), progress=False)
+    training.train(cache_path=train_cache, run_dir=full, config=run_config(), progress=False)
     fail_at(monkeypatch, 4, KeyboardInterrupt())  # killed during step 4, after the step-3 checkpoint
     with pytest.raises(KeyboardInterrupt):
-        engine.train(cache_path=train_cache, run_dir=part, config=run_config(), progress=False)
+        training.train(cache_path=train_cache, run_dir=part, config=run_config(), progress=False)
     monkeypatch.undo()
     assert [s for s, _ in losses(part)] == [1, 2, 3]
-    engine.train(cache_path=train_cache, run_dir=part, config=run_config(), resume=True, progress=False)
+    training.train(cache_path=train_cache, run_dir=part, config=run_config(), resume=True, progress=False)
     assert losses(part) == losses(full) and len(losses(full)) == 6
     a = torch.load(full / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(part / "checkpoint.pt", weights_only=False)["model"]
@@ -190,6 +190,6 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(train_cache, tmp_
     run = tmp_path / "run"
     fail_at(monkeypatch, 5, "nan")
     with pytest.raises(MfcacheError, match="loss became non-finite .* at step 5.*last good checkpoint"):
-        engine.train(cache_path=train_cache, run_dir=run, config=run_config(), progress=False)
+        training.train(cache_path=train_cache, run_dir=run, config=run_config(), progress=False)
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

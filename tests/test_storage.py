@@ -18,7 +18,7 @@ from mfcache.cache.writer import BackgroundWriter
 from mfcache.cli.main import app
 from mfcache.config import ExtractConfig
 from mfcache.errors import MfcacheError
-from mfcache.extract import extract
+from mfcache.stages.extract import extract
 
 
 def cache(data, out, **options):
@@ -57,12 +57,12 @@ def test_int8_cache_reads_back_within_about_one_percent(int8, reference):
     assert split.group["memory"].dtype == np.int8 and split.group["scales/memory"].shape == (split.num_images, split.group["memory"].shape[1])
     for i in split.done[:3]:
         a, b = reference.read(int(i)), split.read(int(i))
-        assert b["queries"].dtype == torch.float32
+        assert b.queries.dtype == torch.float32
         for key in ("queries", "c1"):
-            assert relative_rmse(a[key], b[key]) < 0.02, key
-        for x, y in zip(a["levels"], b["levels"]):
+            assert relative_rmse(getattr(a, key), getattr(b, key)) < 0.02, key
+        for x, y in zip(a.levels, b.levels):
             assert relative_rmse(x, y) < 0.02
-        torch.testing.assert_close(a["boxes"], b["boxes"])
+        torch.testing.assert_close(a.boxes, b.boxes)
     stored = sum(split.group[k].nbytes for k in ("memory", "c1"))
     assert stored * 4 == sum(reference.group[k].nbytes for k in ("memory", "c1"))  # 1 byte vs 4
 
@@ -81,7 +81,7 @@ def test_level_subset_maps_head_levels_and_names_a_missing_one(shapes_data, refe
     assert Cache(tmp_path / "levels").extract["levels"] == [0, 2]
     assert split.group["memory"].shape[0] < reference.group["memory"].shape[0]
     a, b = reference.read(1, levels=(2, 0)), split.read(1, levels=(2, 0))
-    assert all(torch.equal(x, y) for x, y in zip(a["levels"], b["levels"]))
+    assert all(torch.equal(x, y) for x, y in zip(a.levels, b.levels))
     with pytest.raises(MfcacheError, match=r"reads encoder levels \[1\].*stores only levels \[0, 2\]"):
         split.read(1, levels=(0, 1))
     with pytest.raises(MfcacheError, match="another"):  # a resume asking for other levels is refused
@@ -93,7 +93,7 @@ def test_compressed_cache_equals_uncompressed(shapes_data, reference, tmp_path):
     assert split.group["memory"].compressors and not reference.group["memory"].compressors
     for i in (0, 4):
         a, b = reference.read(i), split.read(i)
-        assert all(torch.equal(x, y) for x, y in zip(a["levels"], b["levels"])) and torch.equal(a["c1"], b["c1"])
+        assert all(torch.equal(x, y) for x, y in zip(a.levels, b.levels)) and torch.equal(a.c1, b.c1)
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "zstd")])
     assert result.exit_code == 0 and "compress=True" in result.output
 

@@ -16,7 +16,7 @@ runner = CliRunner()
 def tiny_cache(tmp_path_factory):
     import functools
 
-    import mfcache.extract
+    import mfcache.stages.extract
     from mfcache.config import ExtractConfig
     from mfcache.data.shapes import write_shapes_dataset
 
@@ -24,9 +24,9 @@ def tiny_cache(tmp_path_factory):
     data = write_shapes_dataset(root / "data", num_train=6, num_val=3, seed=5, min_size=64, max_size=96)
     cache = root / "cache"
     with pytest.MonkeyPatch.context() as patch:  # build the demo detector once for both splits
-        patch.setattr(mfcache.extract, "load_detector", functools.cache(mfcache.extract.load_detector))
+        patch.setattr(mfcache.stages.extract, "load_detector", functools.cache(mfcache.stages.extract.load_detector))
         for split in ("train", "val"):
-            mfcache.extract.extract(detector="demo", images=data[f"{split}_images"], annotations=data[split],
+            mfcache.stages.extract.extract(detector="demo", images=data[f"{split}_images"], annotations=data[split],
                                     out=cache, config=ExtractConfig(num_workers=0, topk=20), progress=False)
     return cache
 
@@ -95,7 +95,7 @@ def test_resident_peak_keeps_the_highest_resident_size_seen():
 
     import torch
 
-    from mfcache.sweep import ResidentPeak
+    from mfcache.stages.sweep import ResidentPeak
 
     with ResidentPeak() as peak:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched so that it is resident
@@ -109,7 +109,7 @@ def test_resident_peak_keeps_the_highest_resident_size_seen():
 def test_resident_peak_does_not_count_memory_freed_before_it():
     import numpy as np
 
-    from mfcache.sweep import ResidentPeak
+    from mfcache.stages.sweep import ResidentPeak
 
     base = ResidentPeak()._sample()
     blocks = [np.ones(100_000 // 8) for _ in range(2000)]  # 200 MB in pieces glibc keeps on its heap

@@ -28,9 +28,10 @@ from mfcache.cli.main import app
 from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.data.shapes import CATEGORIES
 from mfcache.detectors import load_detector
-from mfcache.engine import CHECKPOINT, train
+from mfcache.stages.runs import CHECKPOINT
+from mfcache.stages.train import train
 from mfcache.errors import MfcacheError
-from mfcache.extract import extract
+from mfcache.stages.extract import extract
 from test_native import HDETR_TINY, random_checkpoint, spec
 
 runner = CliRunner()

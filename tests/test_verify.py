@@ -11,7 +11,7 @@ from mfcache.cache.verify import verify
 from mfcache.cli.main import app
 from mfcache.config import ExtractConfig
 from mfcache.data.shapes import write_shapes_dataset
-from mfcache.extract import extract
+from mfcache.stages.extract import extract
 
 CONFIG = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mfcache.visualize import decode_results, label_edges, overlay, palette, side_by_side
-from mfcache.masks import encode_rle
+from mfcache.stages.visualize import decode_results, label_edges, overlay, palette, side_by_side
+from mfcache.ops.masks import encode_rle
 
 
 def disk(h, w, cy, cx, r):

@@ -32,7 +32,7 @@ from zarr.codecs import BloscCodec
 from mfcache.checkpoint_io import TRUST_OPTION, exported_here, files_trusted, remember_exported
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors.base import Preprocess
-from mfcache.cache.schema import checksum
+from mfcache.cache.schema import c1_size, checksum
 from mfcache.errors import MfcacheError
 
 STEM_ARRAY = "c1_stem"
@@ -109,4 +109,5 @@ class C1Recomputer:
             raise MfcacheError(f"{image_path} is not the image this cache was extracted from (its size differs)")
         pixels, _ = pad_batch([to_input(image, self.preprocess)], self.preprocess)
         c1 = self._stem(pixels)[0]
-        return c1[:, : -(-input_hw[0] // 4), : -(-input_hw[1] // 4)]
+        h, w = c1_size(input_hw)
+        return c1[:, :h, :w]

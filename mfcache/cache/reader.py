@@ -23,26 +23,26 @@ import numpy as np
 import torch
 import zarr
 from pycocotools.coco import COCO
-from torch import Tensor
 from zarr.core.sync import sync as zarr_sync
 from zarr.storage import LocalStore
 
 from mfcache.cache.c1_stem import STEM_ARRAY, C1Recomputer
+from mfcache.cache.records import ImageRecord, served_sample
+from mfcache.cache.sample import Sample
 from mfcache.cache.schema import (
     DONE,
     INDEX_ARRAYS,
     QUANTIZED,
     SCHEMA_VERSION,
     SKIPPED,
+    c1_size,
     checksum,
     checksum_parts,
-    dequantize,
     stored_levels,
 )
 from mfcache.checkpoint_io import files_trusted, trusting
 from mfcache.detectors.base import DetectorInfo
 from mfcache.errors import MfcacheError
-from mfcache.masks import unpack_masks
 
 
 _CHUNK_KEY = re.compile(r"(^|/)c(/\d+)+$")  # zarr v3 default chunk keys: <array>/c/<i>/<j>...
@@ -319,17 +319,16 @@ class CacheSplit:
                 raise self._damaged(name, _MISMATCH, i)
 
     def read(self, i: int, *, levels: tuple[int, ...] | None = None, c1: bool = True,
-             targets: bool = True) -> dict[str, Tensor]:
-        """Image ``i`` (a position in the split): ``queries [K, D]``, ``boxes [K, 4]`` xyxy
-        input px, ``scores``, ``labels``, ``query_index`` ``[K]``, ``levels`` = list of ``[D, h, w]``
-        (the requested detector levels, None = all; each must be stored), ``c1 [C, h/4, w/4]``
-        (maps are channels-last views of the stored rows, not contiguous),
-        and with ``targets`` the ``gt_id``, ``gt_iou [K]`` and ``target_masks [K, S, S]`` bool.
-        Float16 stays float16; int8 caches come back dequantised to float32."""
+             targets: bool = True) -> Sample:
+        """Image ``i`` (a position in the split) as a :class:`~mfcache.cache.sample.Sample`:
+        ``levels`` the requested detector levels (None = all; each must be stored), ``c1`` if
+        asked for and the split has it (maps are channels-last views of the stored rows, not
+        contiguous), the targets with ``targets``. Float16 stays float16; int8 caches come
+        back dequantised to float32."""
         return self.read_many([i], levels=levels, c1=c1, targets=targets)[0]
 
     def read_many(self, positions: list[int], *, levels: tuple[int, ...] | None = None, c1: bool = True,
-                  targets: bool = True) -> list[dict[str, Tensor]]:
+                  targets: bool = True) -> list[Sample]:
         """:meth:`read` of several images, with all their chunk reads in flight at once."""
         self.check_levels(levels)
         wanted = [self.stored_levels.index(l) for l in (self.stored_levels if levels is None else levels)]
@@ -362,7 +361,7 @@ class CacheSplit:
         requests["memory"] = ("memory", slice(lo, hi))  # one read covering the wanted levels
         c1_hw = None
         if with_c1 and not self.recompute_c1:
-            c1_hw = (-(-self.index["input_hw"][i] // 4)).tolist()
+            c1_hw = c1_size(self.index["input_hw"][i])
             c1_start = int(self.index["c1_offset"][i])
             requests["c1"] = ("c1", slice(c1_start, c1_start + c1_hw[0] * c1_hw[1]))
         if targets:
@@ -372,36 +371,22 @@ class CacheSplit:
                 "wanted": wanted, "c1_hw": c1_hw, "recompute_c1": with_c1 and self.recompute_c1,
                 "targets": targets}
 
-    def _assemble(self, plan: dict, data: dict[str, np.ndarray]) -> dict[str, Tensor]:
-        i, level_hw, sizes, starts, lo = plan["i"], plan["level_hw"], plan["sizes"], plan["starts"], plan["lo"]
-        for name, scale in self.scales.items():
-            if name in data:
-                data[name] = dequantize(data[name], data[scale])
-        block = data["memory"]
-        out = {
-            "queries": torch.from_numpy(data["queries"]),
-            "boxes": torch.from_numpy(data["boxes"]),
-            "scores": torch.from_numpy(data["scores"]),
-            "labels": torch.from_numpy(data["labels"].astype(np.int64)),
-            "query_index": torch.from_numpy(data["query_index"].astype(np.int64)),
-            # [D, h, w] views of the stored row-major (h, w, D) rows: collate copies them once
-            "levels": [
-                torch.from_numpy(block[starts[l] - lo: starts[l] - lo + sizes[l]].reshape(*level_hw[l], -1)).permute(2, 0, 1)
-                for l in plan["wanted"]
-            ],
-            "input_hw": torch.from_numpy(self.index["input_hw"][i].astype(np.int64)),
-            "orig_hw": torch.from_numpy(self.index["orig_hw"][i].astype(np.int64)),
-            "image_id": int(self.index["image_id"][i]),
-        }
+    def _assemble(self, plan: dict, data: dict[str, np.ndarray]) -> Sample:
+        """The :class:`Sample` of image ``plan["i"]`` from its checked reads."""
+        i = plan["i"]
+        record = ImageRecord(
+            **{name: data.get(name) for name in ("queries", "boxes", "scores", "labels", "query_index", "memory",
+                                                 "c1", "gt_id", "gt_iou")},
+            target_masks=data.get("masks"),
+            scales={scale: data[scale] for scale in self.scales.values() if scale in data},
+        )
+        sample = served_sample(record, image_id=self.index["image_id"][i], input_hw=self.index["input_hw"][i],
+                               orig_hw=self.index["orig_hw"][i], level_hw=plan["level_hw"], wanted=plan["wanted"],
+                               memory_start=plan["lo"] - int(self.index["token_offset"][i]),
+                               target_size=self.target_size)
         if plan["recompute_c1"]:
-            out["c1"] = self._c1_recomputer(self.image_path(i), tuple(self.index["input_hw"][i].tolist()))
-        elif plan["c1_hw"] is not None:
-            out["c1"] = torch.from_numpy(data["c1"].reshape(*plan["c1_hw"], -1)).permute(2, 0, 1)
-        if plan["targets"]:
-            out["gt_id"] = torch.from_numpy(data["gt_id"])
-            out["gt_iou"] = torch.from_numpy(data["gt_iou"])
-            out["target_masks"] = unpack_masks(data["masks"], self.target_size)
-        return out
+            sample.c1 = self._c1_recomputer(self.image_path(i), tuple(self.index["input_hw"][i].tolist()))
+        return sample
 
 
 _MISMATCH = "checksum mismatch (its stored bytes changed after extraction)"
@@ -441,58 +426,9 @@ class CacheDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, j: int) -> dict:
+    def __getitem__(self, j: int) -> Sample:
         return self._open().read(int(self.positions[j]), **self.kwargs)
 
-    def __getitems__(self, js: list[int]) -> list[dict]:
+    def __getitems__(self, js: list[int]) -> list[Sample]:
         """A whole batch (DataLoader fetches batches this way): every image's reads at once."""
         return self._open().read_many([int(self.positions[j]) for j in js], **self.kwargs)
-
-
-def pad_maps(maps: list[Tensor]) -> Tensor:
-    """``[C, h_i, w_i]`` maps -> ``[B, C, max h, max w]`` in their own dtype (fp16 from an fp16
-    cache: half the bytes to move; the engine makes it float32 on the device), channels-last
-    memory format, zero-padded bottom/right (the same padding the detector's batch had; heads
-    never read it: :func:`collate` records each map's valid size).
-    Inside a DataLoader worker the batch is allocated in shared memory directly, as torch's
-    ``default_collate`` does, so handing it to the main process copies nothing."""
-    height = max(m.shape[1] for m in maps)
-    width = max(m.shape[2] for m in maps)
-    shape = (len(maps), height, width, maps[0].shape[0])
-    if torch.utils.data.get_worker_info() is not None:
-        out = maps[0].new_empty(0).new(maps[0].untyped_storage()._new_shared(
-            int(np.prod(shape)) * maps[0].element_size())).view(shape)
-    else:
-        out = maps[0].new_empty(shape)
-    out = out.permute(0, 3, 1, 2)  # channels-last, like the stored rows: contiguous copies below
-    for i, m in enumerate(maps):  # each byte written once: the map, then only its padding zeroed
-        h, w = m.shape[1:]
-        out[i, :, :h, :w] = m
-        out[i, :, h:, :] = 0
-        out[i, :, :h, w:] = 0
-    return out
-
-
-def valid_hw(maps: list[Tensor]) -> Tensor:
-    """``[C, h_i, w_i]`` maps -> their valid sizes ``[B, 2]`` long (what padding hides)."""
-    return torch.tensor([m.shape[1:] for m in maps], dtype=torch.int64).reshape(-1, 2)
-
-
-def collate(samples: list[dict]) -> dict:
-    """Stack samples into a batch: per-query tensors ``[B, K, ...]``, ``levels`` a list of
-    ``[B, D, H_l, W_l]`` and ``c1 [B, C, H, W]`` (the stored dtype, zero-padded; see
-    :func:`pad_maps`) with each image's valid sizes ``level_hw [B, L, 2]`` and ``c1_hw [B, 2]``
-    (heads compute an image's masks from these alone), ``image_id`` a list."""
-    batch: dict = {"image_id": [s["image_id"] for s in samples]}
-    for key in samples[0]:
-        if key == "levels":
-            per_level = [[s["levels"][l] for s in samples] for l in range(len(samples[0]["levels"]))]
-            batch["levels"] = [pad_maps(maps) for maps in per_level]
-            batch["level_hw"] = torch.stack([valid_hw(maps) for maps in per_level], 1)
-        elif key == "c1":
-            batch["c1"] = pad_maps([s["c1"] for s in samples])
-            batch["c1_hw"] = valid_hw([s["c1"] for s in samples])
-        elif key != "image_id":
-            batch[key] = torch.stack([s[key] for s in samples])
-    batch["queries"] = batch["queries"].float()
-    return batch

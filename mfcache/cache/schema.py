@@ -91,12 +91,20 @@ SCALE_ARRAYS: dict[str, tuple[str, str]] = {
     "scales/c1": ("C", "c1 scale per channel"),
 }
 QUANTIZED = {"queries": "scales/queries", "memory": "scales/memory", "c1": "scales/c1"}
-STORAGE_DTYPES = ("float16", "float32", "int8")
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}  # extract --dtype
 INDEX_ARRAYS = tuple(name for name in IMAGE_ARRAYS if name.startswith("index/"))
 DONE, SKIPPED = 1, 2
 # Arrays the checksums cover, in order: everything but the flags themselves, then the ragged rows.
 CHECKSUM_ARRAYS = (tuple(n for n in IMAGE_ARRAYS if n not in ("index/done", "index/checksum"))
                    + tuple(RAGGED_ARRAYS) + tuple(SCALE_ARRAYS))
+
+
+def c1_size(input_hw):
+    """Detector input ``(h, w)`` -> the size of its stride-4 C1 map ``(ceil(h/4), ceil(w/4))``;
+    elementwise on an ``[N, 2]`` array."""
+    if isinstance(input_hw, np.ndarray) and input_hw.ndim == 2:
+        return -(-input_hw // C1_STRIDE)
+    return tuple(-(-int(x) // C1_STRIDE) for x in input_hw)
 
 
 def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +250,7 @@ def plan_split(image_ids, orig_hw, info: DetectorInfo, chunk_tokens: int = 0,
     level_hw = level_hw.reshape(-1, len(info.strides), 2)
     stored = list(range(len(info.strides))) if levels is None else list(levels)
     tokens = level_hw[:, stored].prod(-1).sum(-1).astype(np.int64)
-    c1_pixels = (-(-input_hw // C1_STRIDE)).prod(-1).astype(np.int64)
+    c1_pixels = c1_size(input_hw).prod(-1).astype(np.int64)
     chunk_tokens = chunk_tokens or auto_chunk_tokens(tokens)
     c1_chunk = chunk_tokens * 2  # a stride-4 map has ~3x the pixels of all encoder levels
     return SplitPlan(

@@ -13,7 +13,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from mfcache.data.coco import GroundTruth
-from mfcache.masks import crop_mask_targets
+from mfcache.ops.masks import crop_mask_targets
 
 
 def scale_boxes(boxes: Tensor, from_hw, to_hw) -> Tensor:

@@ -38,6 +38,7 @@ from mfcache.cache.schema import (
     RAGGED_ARRAYS,
     SKIPPED,
     SCALE_ARRAYS,
+    c1_size,
     checksum_parts,
     image_checksums,
     memory_parts,
@@ -167,7 +168,7 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
         bad = np.flatnonzero((index[key] != planned).reshape(n, -1).any(1))
         if len(bad):
             problem(f"{key} differs from the detector's resize rule and strides at {_positions(bad, index)}")
-    counts = {"memory": plan.level_hw[:, levels].prod(-1).sum(-1), "c1": (-(-plan.input_hw // 4)).prod(-1)}
+    counts = {"memory": plan.level_hw[:, levels].prod(-1).sum(-1), "c1": c1_size(plan.input_hw).prod(-1)}
     for array_name, (key, planned, chunk, width) in ragged.items():
         offsets, length = index[key].astype(np.int64), arrays[array_name].shape[0]
         if arrays[array_name].shape[1:] != (width,):
@@ -263,7 +264,7 @@ def _read_block(arrays, ragged, index, start, stop, written, store_root, problem
         if array_name in ragged:
             key = ragged[array_name][0]
             count = {"memory": index["index/level_hw"][start:stop][:, levels].prod(-1).sum(-1),
-                     "c1": (-(-index["index/input_hw"][start:stop] // 4)).prod(-1)}[array_name]
+                     "c1": c1_size(index["index/input_hw"][start:stop]).prod(-1)}[array_name]
             offs = index[key][start:stop].astype(np.int64) - lo
             rows[array_name] = [data[o: o + c] for o, c in zip(offs, count)]
         else:

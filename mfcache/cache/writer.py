@@ -14,7 +14,6 @@ import queue
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from mfcache.cache.lock import check_out_folder
+from mfcache.cache.records import ImageRecord
 from mfcache.cache.schema import (
     CHECKSUM_ARRAYS,
     DONE,
@@ -38,29 +38,6 @@ from mfcache.cache.schema import (
     stored_levels,
 )
 from mfcache.errors import MfcacheError
-
-
-@dataclass
-class ImageRecord:
-    """One image's outputs, ready to store (numpy, storage dtypes).
-
-    queries [K, D]; boxes [K, 4] xyxy input px; scores, labels, query_index [K];
-    gt_id, gt_iou [K]; target_masks [K, B] packed bits;
-    memory [T, D] valid tokens of the stored levels; c1 [P, C] or None;
-    scales: int8 caches only, ``{"scales/queries": [D], "scales/memory": [D], "scales/c1": [C]}``.
-    """
-
-    queries: np.ndarray
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-    query_index: np.ndarray
-    gt_id: np.ndarray
-    gt_iou: np.ndarray
-    target_masks: np.ndarray
-    memory: np.ndarray
-    c1: np.ndarray | None
-    scales: dict[str, np.ndarray] | None = None
 
 
 def open_root(path: Path, fingerprint: dict) -> zarr.Group:

@@ -16,7 +16,7 @@ import torch
 from mfcache.detectors.base import Detector, Preprocess, state_dict_sha256
 
 DEMO_WEIGHTS = Path(__file__).with_name("demo_weights")
-# Written next to shipped weights by mfcache.detectors.demo_training:
+# Written next to shipped weights by mfcache.demo_detector.train:
 # {"generator_version": ..., "seed": ..., "num_train": ...} of the shapes data trained on.
 GENERATOR_FILE = "shapes_generator.json"
 # {"step", "epoch", "images_seen", "hours", "device", "val_bbox": {"AP", ...}, "config", ...}
@@ -30,7 +30,7 @@ TRAINING_FILE = "training.json"
 # and to keep `mfcache demo` within minutes. Every batch is padded to the 192x192 canvas
 # that (nearly) every training batch of 8 had: the trained detector's outputs depend on
 # the canvas (bbox AP 0.500 on it, 0.438 for images padded one by one to a multiple of 64).
-# The detector was trained (mfcache.detectors.demo_training) on the float pixel path, so that
+# The detector was trained (mfcache.demo_detector.train) on the float pixel path, so that
 # path is its own preprocessing; its preprocessor_config.json cannot say so (transformers'
 # processors resize in uint8), hence ``resize`` is set here, not read from the file.
 DEMO_PREPROCESS = Preprocess(shortest_edge=128, longest_edge=192, pad_size=(192, 192), resize="float")
@@ -98,7 +98,7 @@ def check_generator(weights: Path) -> dict:
     if str(version) != GENERATOR_VERSION:
         raise MfcacheError(f"{path}: demo weights were trained on shapes generator version {version!r}, "
                            f"but this mfcache generates version {GENERATOR_VERSION!r}; retrain them with "
-                           "python -m mfcache.detectors.demo_training")
+                           "python -m mfcache.demo_detector.train")
     return info
 
 

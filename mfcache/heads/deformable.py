@@ -1,5 +1,5 @@
 """Deformable DETR encoder blocks over the cached multi-scale memory E, in pure PyTorch
-(the attention is :class:`mfcache.deformable_attention.MSDeformAttn`, shared with the
+(the attention is :class:`mfcache.ops.deformable_attention.MSDeformAttn`, shared with the
 native detectors).
 
 It runs on one image's own valid levels (:class:`mfcache.heads.fusion.FusedMap` crops them),
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mfcache.deformable_attention import MSDeformAttn
+from mfcache.ops.deformable_attention import MSDeformAttn
 from mfcache.heads.position import sine_position
 
 

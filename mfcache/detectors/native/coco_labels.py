@@ -2,7 +2,7 @@
 H-DETR, DINO): index = COCO category id, "N/A" for the ids COCO never used.
 
 Checkpoints of those repos have ``num_classes = 91`` and label ``i`` *is* COCO category
-id ``i``, so mapping by name (``mfcache.extract.label_to_category``) recovers the ids;
+id ``i``, so mapping by name (``mfcache.stages.extract.label_to_category``) recovers the ids;
 the "N/A" slots map to no category.
 """
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfcache.deformable_attention import MSDeformAttn
+from mfcache.ops.deformable_attention import MSDeformAttn
 from mfcache.detectors.native.position import box_sine_embedding
 
 

@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mfcache.config import HeadConfig, TrainConfig
+from mfcache.heads.base import HeadOutput
+
 
 def resize_targets(targets: Tensor, size: int) -> Tensor:
     """[N, S, S] bool crops -> [N, size, size] float in [0, 1] (area-averaged, so a
@@ -89,3 +92,21 @@ def quality_loss(quality: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
     """MSE between predicted quality ``[N]`` and the true IoU of the predicted masks
     (computed at the head's resolution M, no gradient into the masks)."""
     return F.mse_loss(quality, mask_iou(logits, targets))
+
+
+def head_loss(out: HeadOutput, targets: Tensor, head: HeadConfig, train: TrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """The training loss of a head's output on its selected detections: ``out.mask_logits
+    [N, 1, M, M]``, ``targets [N, M, M]`` float (:func:`resize_targets` to the head's M).
+    BCE + dice on the whole RoI or on sampled points (``head.loss``), weighted by
+    ``train.bce_weight`` / ``train.dice_weight``, plus ``head.quality_weight`` x the quality
+    regression when the head predicts mask quality. Returns (loss, its parts, unweighted)."""
+    if head.loss == "point":
+        parts = point_mask_losses(out.mask_logits, targets, num_points=head.points, oversample=head.oversample,
+                                  importance=head.importance)
+    else:
+        parts = mask_losses(out.mask_logits, targets)
+    loss = train.bce_weight * parts["bce"] + train.dice_weight * parts["dice"]
+    if out.quality is not None:  # learned mask-IoU: regress the true IoU at the head's M
+        parts["quality"] = quality_loss(out.quality, out.mask_logits, targets)
+        loss = loss + head.quality_weight * parts["quality"]
+    return loss, parts

@@ -19,7 +19,9 @@ import torch
 
 from mfcache.cache.reader import Cache
 from mfcache.config import RunConfig, load_head_file, preset_names, resolve_run_config
-from mfcache.engine import CHECKPOINT, evaluate, head_for, train
+from mfcache.stages.evaluate import evaluate
+from mfcache.stages.runs import CHECKPOINT, head_for
+from mfcache.stages.train import train
 from mfcache.errors import MfcacheError
 from mfcache.outputs import check_folder, write_errors
 from mfcache.runtime import resolve_device
@@ -89,6 +91,7 @@ def run_head(*, cache_path: Path, config: RunConfig, run_dir: Path, split: str |
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     resume = (run_dir / CHECKPOINT).exists()
+    cache = Cache(cache_path)
     with ResidentPeak() as resident:
         last = train(cache_path=cache_path, run_dir=run_dir, config=config, split=split, resume=resume,
                      progress=progress)
@@ -98,7 +101,7 @@ def run_head(*, cache_path: Path, config: RunConfig, run_dir: Path, split: str |
     row = {
         "name": config.head.name,
         **{f"segm_{k}": metrics["segm"].get(k) for k in AP_KEYS},
-        "params": parameter_count(head_for(Cache(cache_path), config)),
+        "params": parameter_count(head_for(cache.detector, cache.extract, config.head)),
         "train_seconds": round(last["seconds"], 3),
         "peak_memory_mb": None if peak is None else round(peak, 1),
         "config": config.to_dict(),

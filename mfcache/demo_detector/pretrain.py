@@ -1,6 +1,6 @@
 """Dense pretraining of the demo detector's backbone, before :mod:`demo_training`.
 
-    python -m mfcache.detectors.demo_pretraining --data DIR --out OUT --minutes 10
+    python -m mfcache.demo_detector.pretrain --data DIR --out OUT --minutes 10
 
 The demo backbone starts from random weights (nothing pretrained can be downloaded), and
 a DETR learns shape features slowly through set matching alone. Semantic segmentation
@@ -13,7 +13,7 @@ Conventions: the label map of an image is ``[h, w]`` int64 at input resolution: 
 background, ``1 + label`` on the visible pixels of an instance (label = the detector's
 class index), :data:`IGNORE` on crowd regions. The loss is cross-entropy at stride 8
 (labels picked by nearest-neighbour subsampling). Batches come from
-:class:`~mfcache.detectors.demo_training.StepBatches`, so a run is a pure function of its
+:class:`~mfcache.demo_detector.train.StepBatches`, so a run is a pure function of its
 seed, like the detector's.
 """
 
@@ -34,7 +34,7 @@ from mfcache.data.coco import CocoDataset
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors.base import Preprocess
 from mfcache.detectors.demo import DEMO_PREPROCESS
-from mfcache.detectors.demo_training import (
+from mfcache.demo_detector.train import (
     StepBatches,
     _worker_init,
     category_to_label,
@@ -181,9 +181,9 @@ def pixel_accuracy(backbone: nn.Module, head: nn.Module, dataset: SemanticShapes
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mfcache.detectors.demo_pretraining",
+        prog="python -m mfcache.demo_detector.pretrain",
         description="Pretrain the demo detector's backbone on shapes semantic segmentation. Example: python -m "
-                    "mfcache.detectors.demo_pretraining --data /tmp/shapes --out /tmp/demo-pretrain --minutes 10")
+                    "mfcache.demo_detector.pretrain --data /tmp/shapes --out /tmp/demo-pretrain --minutes 10")
     parser.add_argument("--data", required=True, type=Path, help="shapes data set folder (annotations/, train/, val/)")
     parser.add_argument("--out", required=True, type=Path, help="folder for backbone.pt and pretrain.json")
     parser.add_argument("--minutes", type=float, default=10.0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +17,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from mfcache.cache.c1_stem import STEM_ARRAY, export_stem
 from mfcache.cache.lock import writer_lock
-from mfcache.cache.schema import QUANTIZED, SKIPPED, fingerprint, plan_split, quantize
+from mfcache.cache.records import ImageRecord, crop_outputs, image_record
+from mfcache.cache.schema import SKIPPED, STORAGE_DTYPES, fingerprint, plan_split
 from mfcache.cache.stats import STATS_ATTR, MatchStats, group_stats, stored_stats
-from mfcache.cache.targets import query_targets
 from mfcache.cache.writer import (
     BackgroundWriter,
     BlockWriter,
-    ImageRecord,
     create_split,
     open_root,
     remove_partial_writes,
@@ -33,14 +31,12 @@ from mfcache.config import ExtractConfig, check_config
 from mfcache.data.coco import CocoDataset
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors import load_detector
-from mfcache.detectors.base import RESIZE_PATHS, DetectorOutput, Preprocess, TopK, select_topk
+from mfcache.detectors.base import RESIZE_PATHS, Preprocess, select_topk
 from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
-from mfcache.masks import pack_masks
 from mfcache.outputs import check_folder
 from mfcache.runtime import progress_bar, resolve_device
 
-STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
 WRITE_QUEUE = 2  # finished blocks waiting for the writer thread before the detector waits
 
 
@@ -105,82 +101,6 @@ class _ImageSource(Dataset):
             return {"position": i, "error": str(exc)}
 
 
-def crop_outputs(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray, input_hw) -> dict:
-    """Image ``b`` of a detector batch, cropped to its valid region, as the tensors
-    :meth:`mfcache.cache.reader.CacheSplit.read` returns (on the detector's device and dtype):
-    ``queries [K, D]``, ``boxes [K, 4]`` xyxy input px (float32), ``scores [K]`` float32,
-    ``labels [K]`` int64, ``query_index [K]``, ``levels`` = list of ``[D, h_l, w_l]`` (all
-    levels, finest first), ``c1 [C, ceil(h/4), ceil(w/4)]`` (only if the detector gives one)
-    and ``input_hw [2]``. ``level_hw [L, 2]`` is the planned valid size of each level."""
-    valid = out.valid[b].cpu().numpy()
-    if not np.array_equal(valid, level_hw):
-        raise MfcacheError(f"detector feature sizes {valid.tolist()} differ from the planned {level_hw.tolist()}")
-    levels, start = [], 0
-    for (height, width), (h, w) in zip(out.spatial_shapes.tolist(), level_hw.tolist()):
-        level = out.memory[b, start: start + height * width].view(height, width, -1)
-        levels.append(level[:h, :w].permute(2, 0, 1))
-        start += height * width
-    crop = {
-        "queries": top.queries[b],
-        "boxes": top.boxes[b].float(),
-        "scores": top.scores[b].float(),
-        "labels": top.labels[b].long(),
-        "query_index": top.query_index[b],
-        "levels": levels,
-        "input_hw": torch.as_tensor(tuple(input_hw), dtype=torch.int64),
-    }
-    if out.c1 is not None:
-        crop["c1"] = out.c1[b, :, : -(-input_hw[0] // 4), : -(-input_hw[1] // 4)]
-    return crop
-
-
-def _to_cpu(crop: dict) -> dict:
-    """:func:`crop_outputs`' tensors on the CPU (lists of tensors included)."""
-    return {k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu() for k, v in crop.items()}
-
-
-def stored_features(crop: dict, dtype, levels: Sequence[int] | None = None
-                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """The feature rows of one cropped image (:func:`crop_outputs`) exactly as the cache
-    stores them: ``queries [K, D]``, ``memory [T, D]`` (the tokens of the stored ``levels``,
-    None = all, finest first, each level row-major), ``c1 [h*w, C]`` (if the crop has one),
-    in numpy ``dtype``. For int8 also the per-channel scales, keyed by their array names
-    (:data:`~mfcache.cache.schema.QUANTIZED`); otherwise None."""
-    wanted = range(len(crop["levels"])) if levels is None else levels
-    features = {
-        "queries": crop["queries"],
-        "memory": torch.cat([crop["levels"][l].flatten(1).T for l in wanted]),
-        **({"c1": crop["c1"].flatten(1).T} if "c1" in crop else {}),  # [h*w, C] row-major pixels
-    }
-    features = {k: v.float().cpu().numpy() for k, v in features.items()}
-    if dtype != np.int8:
-        return {k: v.astype(dtype) for k, v in features.items()}, None
-    quantized = {k: quantize(v) for k, v in features.items()}
-    return ({k: q for k, (q, _) in quantized.items()},
-            {QUANTIZED[k]: scale for k, (_, scale) in quantized.items()})
-
-
-def image_record(crop: dict, *, gt, target_size: int, dtype, levels: list[int] | None = None) -> ImageRecord:
-    """The cache record of one cropped image (:func:`crop_outputs`) with its targets;
-    ``memory`` holds the stored ``levels`` (None = all); int8 is quantised per channel."""
-    features, scales = stored_features(crop, dtype, levels)
-    boxes = crop["boxes"].cpu()
-    gt_id, gt_iou, masks = query_targets(boxes, tuple(crop["input_hw"].tolist()), gt, target_size)
-    return ImageRecord(
-        queries=features["queries"],
-        boxes=boxes.numpy().astype(np.float32),
-        scores=crop["scores"].cpu().numpy(),
-        labels=crop["labels"].cpu().numpy().astype(np.int32),
-        query_index=crop["query_index"].cpu().numpy().astype(np.int32),
-        gt_id=gt_id.numpy().astype(np.int64),
-        gt_iou=gt_iou.numpy().astype(np.float32),
-        target_masks=pack_masks(masks),
-        memory=features["memory"],
-        c1=features.get("c1"),
-        scales=scales,
-    )
-
-
 def pending_positions(done: np.ndarray, block: int, *, retry_skipped: bool) -> np.ndarray:
     """Positions of every image in a block that still has to be written: a block with an
     image not written yet (``done == 0``), or, with ``retry_skipped``, a skipped one.
@@ -217,7 +137,7 @@ class _BlockAssembler:
         self.buffers: dict[int, dict[int, ImageRecord | str]] = {}
 
     def record(self, part: dict | ImageRecord | str) -> ImageRecord | str:
-        """``part`` as stored: a ``{"crop", "gt"}`` dict becomes its record."""
+        """``part`` as stored: a ``{"sample", "gt"}`` dict becomes its record."""
         return image_record(**part, **self.record_options) if isinstance(part, dict) else part
 
     def __call__(self, i: int, part: dict | ImageRecord | str) -> None:
@@ -332,7 +252,6 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
                            "(without torchrun)")
     pending = own_blocks(pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad),
                          block, world)
-    dtype = STORAGE_DTYPES[config.dtype]
     # Batches never straddle a block and start at its first image, so a resumed run batches
     # (and pads) every image exactly as an uninterrupted run does: outputs are identical.
     batches = [list(range(j, min(j + config.batch_size, k)))
@@ -346,7 +265,7 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     )
     where = f"{info.family} on {device.type}" + (f", rank 0 of {world.size}" if world.enabled else "")
     assemble = _BlockAssembler(writer, block, plan.num_images, Path(out),
-                               {"target_size": config.target_size, "dtype": dtype, "levels": levels})
+                               {"target_size": config.target_size, "dtype": config.dtype, "levels": levels})
     with progress_bar(progress) as bar, BackgroundWriter(assemble, depth=WRITE_QUEUE * block) as background:
         task = bar.add_task(f"extract {split}", total=len(pending), status=where)
         for items in loader:
@@ -360,8 +279,9 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
                 top = select_topk(out_batch, topk, sigmoid=info.sigmoid)
             for b, item in enumerate(good):
                 i = item["position"]
-                crop = crop_outputs(out_batch, top, b, level_hw=plan.level_hw[i], input_hw=tuple(plan.input_hw[i].tolist()))
-                part = {"crop": _to_cpu(crop), "gt": item["gt"]}
+                sample = crop_outputs(out_batch, top, b, level_hw=plan.level_hw[i], input_hw=plan.input_hw[i],
+                                      image_id=plan.image_id[i], orig_hw=plan.orig_hw[i])
+                part = {"sample": sample.cpu(), "gt": item["gt"]}
                 background.submit(i, part if records_on_writer_thread(device) else assemble.record(part))
             for item in items:
                 if "error" in item:

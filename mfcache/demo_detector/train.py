@@ -1,7 +1,7 @@
 """Train the demo detector (:func:`mfcache.detectors.demo.build_demo_model`) on a shapes
 data set written by :func:`mfcache.data.shapes.write_shapes_dataset`.
 
-    python -m mfcache.detectors.demo_training --data DIR --out OUT --minutes 60 [--resume]
+    python -m mfcache.demo_detector.train --data DIR --out OUT --minutes 60 [--resume]
 
 ``DIR`` holds ``annotations/{train,val}.json`` and ``{train,val}/*.png``. ``OUT`` gets
 ``checkpoint.pt`` (model, optimizer, step, RNG states, config; written atomically every
@@ -41,7 +41,7 @@ from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors.base import DetectorOutput, Preprocess, select_topk
 from mfcache.detectors.demo import DEMO_PREPROCESS, GENERATOR_FILE, TRAINING_FILE, build_demo_model
 from mfcache.errors import MfcacheError
-from mfcache.evaluation import coco_evaluate, results_from_detections
+from mfcache.metrics import coco_evaluate, results_from_detections
 from mfcache.runtime import console, progress_bar, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
@@ -71,7 +71,7 @@ class TrainConfig:
     grad_clip: float = 0.1
     warmup_steps: int = 300
     lr_drop_step: int | None = None  # from this step on the learning rate is 10x lower
-    backbone_init: str | None = None  # backbone.pt of mfcache.detectors.demo_pretraining
+    backbone_init: str | None = None  # backbone.pt of mfcache.demo_detector.pretrain
     seed: int = 0
     shortest_edge: int = DEMO_PREPROCESS.shortest_edge  # input resize rule (written to the export)
     longest_edge: int = DEMO_PREPROCESS.longest_edge
@@ -407,7 +407,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
             model.model.backbone.model.load_state_dict(weights)
         except (RuntimeError, TypeError, AttributeError) as exc:
             raise MfcacheError(f"--backbone-init {config.backbone_init}: not a backbone.pt written by "
-                               f"mfcache.detectors.demo_pretraining ({type(exc).__name__})") from None
+                               f"mfcache.demo_detector.pretrain ({type(exc).__name__})") from None
     model = model.to(device)
     optimizer = make_optimizer(model, config)
     step, best_ap, last_metrics, evaluated_at, seconds_before = 0, -1.0, None, -1, 0.0
@@ -510,9 +510,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
 # --------------------------------------------------------------------------- CLI
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     parser = argparse.ArgumentParser(
-        prog="python -m mfcache.detectors.demo_training",
+        prog="python -m mfcache.demo_detector.train",
         description="Train the demo detector on a shapes data set. Example: python -m "
-                    "mfcache.detectors.demo_training --data /tmp/shapes --out /tmp/demo-run --minutes 60")
+                    "mfcache.demo_detector.train --data /tmp/shapes --out /tmp/demo-run --minutes 60")
     defaults = TrainConfig(data="", out="")
     parser.add_argument("--data", required=True, help="shapes data set folder (annotations/, train/, val/)")
     parser.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, export/")

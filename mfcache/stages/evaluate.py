@@ -1,0 +1,97 @@
+"""Stage 3: COCO segm + bbox AP of a trained head on a cache split (the detector is never loaded).
+
+Results never depend on ``eval.batch_size``: every image's masks come from its own maps
+(:mod:`mfcache.cache.sample`). Images skipped at extraction are left out of the score (their
+GT would otherwise count as misses) and listed in ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mfcache.cache.reader import Cache, CacheDataset, CacheSplit
+from mfcache.cache.sample import Batch
+from mfcache.config import RunConfig
+from mfcache.heads import MaskHead
+from mfcache.metrics import coco_evaluate
+from mfcache.outputs import atomic_write, check_file, write_errors
+from mfcache.runtime import progress_bar, resolve_device
+from mfcache.stages.postprocess import batch_results
+from mfcache.stages.runs import load_run
+
+
+@torch.no_grad()
+def predict_split(head: MaskHead, config: RunConfig, data: CacheSplit, device: torch.device,
+                  progress: bool = True, box_filled: bool = False) -> dict[str, list[dict]]:
+    """COCO results for every image of ``data``: ``{"head": [...]}`` and, with
+    ``box_filled``, the same detections with each mask set to its whole box."""
+    dataset = CacheDataset(data.cache.path, data.name, levels=head.levels, c1=head.uses_c1, targets=False)
+    loader = DataLoader(dataset, batch_size=config.eval.batch_size, collate_fn=Batch.collate)
+    to_category = torch.as_tensor(data.label_to_category)
+    results: dict[str, list[dict]] = {"head": [], **({"box_filled": []} if box_filled else {})}
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"eval {data.name}", total=len(dataset), status="")
+        for batch in loader:
+            for image in batch_results(head, batch.to(device), to_category, config, box_filled):
+                for key, items in image.items():
+                    results[key] += items
+            bar.advance(task, len(batch))
+    return results
+
+
+def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: Path | None = None,
+             box_filled: bool = True, progress: bool = True, device: str = "auto",
+             on_results: Callable[[CacheSplit, list[dict]], None] | None = None) -> dict:
+    """COCO segm + bbox AP of a trained head on a cache split; writes ``metrics.json``
+    (default: inside the run folder) and returns the metrics. ``on_results(split, results)``,
+    if given, receives the head's COCO results once the metrics are written (e.g. to draw them)."""
+    out = Path(out) if out else Path(run_dir) / "metrics.json"
+    check_file(out, "--out (the metrics file)")  # now, not after the whole evaluation
+    cache = Cache(cache_path)
+    data = cache.split(split, role="eval")
+    data.require_complete()
+    torch_device = resolve_device(device)
+    run = load_run(Path(run_dir), cache.fingerprint, torch_device)
+    results = predict_split(run.head, run.config, data, torch_device, progress=progress, box_filled=box_filled)
+    metrics = {**score(data, results), "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
+               "config": run.config.to_dict()}
+    with write_errors("the metrics", out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    # whole or not at all: a full disk leaves no truncated metrics.json
+    atomic_write(out, json.dumps(metrics, indent=2, default=_json_default).encode(), "the metrics")
+    if on_results is not None:
+        with write_errors("the visualisations", out.parent):
+            on_results(data, results["head"])
+    return metrics
+
+
+def score(data: CacheSplit, results: dict[str, list[dict]]) -> dict:
+    """COCO AP of ``results`` (``{"head": [...]}``, optionally ``"box_filled"``) on the split's
+    finished images, with what was left out of the score."""
+    coco_gt = data.coco()
+    evaluated = data.index["image_id"][data.done].tolist()  # images skipped at extraction are not scored
+    metrics = coco_evaluate(coco_gt, results["head"], image_ids=evaluated)
+    if "box_filled" in results:
+        metrics["box_filled"] = {"segm": coco_evaluate(coco_gt, results["box_filled"], iou_types=("segm",),
+                                                       image_ids=evaluated)["segm"]}
+    return {
+        **metrics,
+        "split": data.name, "num_images": len(evaluated), "skipped_images": sorted(data.skipped),
+        "skipped_annotations": sorted(data.skipped_annotations),  # left out of the GT at extract
+        "num_detections": len(results["head"]),
+    }
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value)}")

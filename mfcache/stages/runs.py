@@ -1,0 +1,106 @@
+"""The run folder, read and written here only.
+
+A run folder holds ``checkpoint.pt`` (head weights, optimizer, resolved config, step, RNG
+state, the split and the fingerprint of the cache it was trained on: self-describing, so
+``--resume``, ``eval`` and ``predict`` need nothing retyped), ``config.json`` (the config,
+the cache path and split, for people and for ``predict``'s category names) and
+``log.jsonl`` (one line per logged step).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mfcache.cache.schema import fingerprint_mismatch
+from mfcache.checkpoint_io import load_checkpoint, save_checkpoint
+from mfcache.config import HeadConfig, RunConfig
+from mfcache.detectors.base import DetectorInfo
+from mfcache.errors import MfcacheError
+from mfcache.heads import MaskHead, build_head
+from mfcache.outputs import write_errors
+
+CHECKPOINT = "checkpoint.pt"
+RUN_INFO = "config.json"
+LOG = "log.jsonl"
+
+
+def head_for(info: DetectorInfo, extract: dict, head: HeadConfig) -> MaskHead:
+    """A new head for a detector (``info``) cached with extract settings ``extract`` (the
+    fingerprint's: C1 is an input only if the cache has it)."""
+    return build_head(head, d_model=info.d_model, c1_channels=info.c1_channels if extract["c1"] != "none" else 0,
+                      num_levels=len(info.strides))
+
+
+def read_checkpoint(run_dir: Path, device: torch.device | str = "cpu") -> dict:
+    """The checkpoint dict of the run in ``run_dir`` (a clear error if there is none)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise MfcacheError(f"no trained head in {run_dir} (expected {CHECKPOINT}; run `mfcache train`)")
+    return load_checkpoint(path, what="run checkpoint", map_location=device)
+
+
+def checkpoint_to_resume(run_dir: Path, resume: bool) -> dict | None:
+    """The checkpoint dict of the run in ``run_dir`` if it is to be resumed; None for a new
+    run. A folder that holds a run is refused without ``resume``; ``resume`` without one is too."""
+    if (Path(run_dir) / CHECKPOINT).exists():
+        if not resume:
+            raise MfcacheError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+        return read_checkpoint(run_dir)
+    if resume:
+        raise MfcacheError(f"nothing to resume: no {CHECKPOINT} in {run_dir}")
+    return None
+
+
+def save_run_checkpoint(run_dir: Path, *, head: MaskHead, optimizer: torch.optim.Optimizer, config: RunConfig,
+                        step: int, fingerprint: dict, split: str) -> None:
+    """The run's checkpoint at ``step``, written atomically (the previous one survives a kill)."""
+    save_checkpoint(Path(run_dir) / CHECKPOINT, {
+        "model": head.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(), "step": step,
+        "fingerprint": fingerprint, "rng": torch.get_rng_state(), "split": split})
+
+
+def write_run_info(run_dir: Path, config: RunConfig, cache_path: Path, split: str) -> None:
+    """``config.json``: the resolved config, and the cache and split the run trains on."""
+    with write_errors("the run folder", run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_INFO).write_text(json.dumps(
+            {"config": config.to_dict(), "cache": str(cache_path), "split": split}, indent=2))
+
+
+def read_run_info(run_dir: Path) -> dict | None:
+    """``config.json`` of a run folder, or None if it is missing or unreadable."""
+    try:
+        return json.loads((Path(run_dir) / RUN_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class LoadedRun:
+    """A trained head in eval mode, its config, and the fingerprint of the cache it learned from."""
+
+    head: MaskHead
+    config: RunConfig
+    fingerprint: dict
+
+
+def load_run(run_dir: Path, wanted: dict, device: torch.device, *, state: dict | None = None,
+             detector: str | None = None) -> LoadedRun:
+    """The trained head of ``run_dir`` (its checkpoint ``state``, read if not given), refused
+    unless the cache it was trained on has fingerprint ``wanted`` (the cache about to be read,
+    or, for ``predict``, what a cache of ``detector`` with the run's extract settings would be)."""
+    run_dir = Path(run_dir)
+    state = read_checkpoint(run_dir, device) if state is None else state
+    stored = state["fingerprint"]
+    problem = fingerprint_mismatch(stored, wanted)
+    if problem:
+        raise MfcacheError(f"the head in {run_dir} was trained on a cache made with {problem}"
+                           + (f", not with detector {detector!r}" if detector else ""))
+    config = RunConfig.from_dict(state["config"])
+    head = head_for(DetectorInfo.from_dict(stored["detector"]), stored["extract"], config.head)
+    head.load_state_dict(state["model"])
+    return LoadedRun(head.to(device).eval(), config, stored)
