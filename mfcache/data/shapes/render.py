@@ -1,80 +1,43 @@
-"""A deterministic synthetic instance-segmentation dataset, written as a real COCO dataset.
+"""Drawing one synthetic shapes image: shape outlines, occlusion, background and paint.
 
-Each image shows 1-5 flat shapes of six categories (`CATEGORIES`, COCO ids 1..6) on a
-textured background. The shapes are chosen so that a mask matters: most fill well under
-three quarters of their box (rings, deep stars, crescents, L-shapes, plus signs,
-triangles), they are rotated, scaled (about 15-60% of the image's short side), shaded
-and sometimes striped, and their colour says nothing about their category.
-
-Instances overlap. They are painted back to front and each annotation covers only the
-visible pixels of its instance: its own pixels minus those of every instance painted
-later. An instance that would keep less than `MIN_VISIBLE_FRACTION` of its pixels, or
-fewer than `MIN_VISIBLE_PIXELS`, is not painted at all, so every painted shape pixel
-belongs to exactly one annotation and masks never overlap. Roughly one image in
-`CROWD_EVERY` also holds an ``iscrowd=1`` region: a group of 2-3 small shapes of one
-category annotated together as one RLE mask (COCO evaluation ignores detections on it).
-
-Layout written by `write_shapes_dataset`::
-
-    out/train/000001.png ...      RGB PNGs, width and height each in [min_size, max_size]
-    out/val/000001.png ...
-    out/annotations/train.json    COCO: images, annotations, categories, info
-    out/annotations/val.json
-
-Segmentations are polygons (flat ``[x1, y1, x2, y2, ...]`` lists traced along pixel
-edges of the visible mask, which pycocotools decodes back to exactly that mask) or
-compressed RLE (``counts`` as str) for masks with holes, for crowd regions and for
-about one other annotation in four. ``area`` is the visible pixel count and ``bbox``
-the tight ``[x, y, w, h]`` box of the visible mask, in pixels, as floats.
-
-Conventions: masks are ``bool [H, W]`` numpy arrays; boxes are ``[x, y, w, h]`` with
-pixel ``(row r, col c)`` covering ``[c, c+1) x [r, r+1)``; images are ``uint8 [H, W, 3]``.
-
-Determinism: the same arguments give byte-identical JSON and PNG files. Every image
-draws from its own generator seeded by ``(seed, split, index)``, so train and val differ
-and adding images to a split does not change the earlier ones. Change
-`GENERATOR_VERSION` whenever the output for given arguments changes.
+`generate_image` draws 1-`MAX_INSTANCES` shapes of the `CATEGORIES` (plus, on request,
+one crowd group) back to front on a textured background and returns the image with one
+`Instance` per kept shape, its mask the shape's visible pixels. Everything is drawn
+from the caller's generator, so the same generator state gives the same image.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
-
-from mfcache.errors import MfcacheError
 
 __all__ = [
     "CATEGORIES",
+    "CROWD_EVERY",
     "GENERATOR_VERSION",
+    "MAX_INSTANCES",
+    "MIN_SIZE",
+    "MIN_VISIBLE_FRACTION",
+    "MIN_VISIBLE_PIXELS",
+    "SIZE_RANGE",
     "Instance",
     "generate_image",
-    "image_annotations",
-    "mask_to_polygons",
-    "write_shapes_dataset",
 ]
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "1"  # bump whenever any module's output for given arguments changes
 CATEGORIES: tuple[str, ...] = ("ring", "star", "crescent", "ell", "cross", "triangle")
 
 MIN_VISIBLE_FRACTION = 0.3  # drop an instance keeping less than this share of its pixels
 MIN_VISIBLE_PIXELS = 30  # ... or fewer visible pixels than this
-RLE_SHARE = 0.25  # share of hole-free annotations that are still written as RLE
 CROWD_EVERY = 15  # one image per block of this many consecutive images gets a crowd
 MAX_INSTANCES = 5
 SIZE_RANGE = (0.15, 0.6)  # shape size as a share of the image's short side
 MIN_SIZE = 32  # smallest allowed `min_size`
 
-_SPLITS = ("train", "val")
 _ELLIPSE_POINTS = 48
 
 
@@ -346,303 +309,3 @@ def generate_image(
             _paint(rng, image, layer.own)
             instances.append(Instance(visible, layer.category_id, layer.iscrowd))
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), instances
-
-
-# --------------------------------------------------------------------------------------
-# Masks to COCO segmentations
-# --------------------------------------------------------------------------------------
-
-
-def _mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """Tight box (x, y, w, h) of a non-empty bool mask."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
-
-
-def _boundary_loops(mask: np.ndarray) -> list[np.ndarray]:
-    """Closed loops [N, 2] of pixel-corner (x, y) points along the mask's pixel edges.
-
-    Loops run with the mask on their right (y down), so outer boundaries have positive
-    shoelace area and hole boundaries negative. Where two pixels touch only diagonally
-    the loop turns tightly around each, so the pieces get separate loops (mask parts are
-    4-connected, holes 8-connected).
-    """
-    p = np.pad(mask, 1)
-    core = p[1:-1, 1:-1]
-    stride = p.shape[1] + 1
-    r, c = np.nonzero(core & ~p[:-2, 1:-1])  # top edges, heading east
-    starts, ends = [r * stride + c], [r * stride + c + 1]
-    r, c = np.nonzero(core & ~p[1:-1, 2:])  # right edges, heading south
-    starts.append(r * stride + c + 1), ends.append((r + 1) * stride + c + 1)
-    r, c = np.nonzero(core & ~p[2:, 1:-1])  # bottom edges, heading west
-    starts.append((r + 1) * stride + c + 1), ends.append((r + 1) * stride + c)
-    r, c = np.nonzero(core & ~p[1:-1, :-2])  # left edges, heading north
-    starts.append((r + 1) * stride + c), ends.append(r * stride + c)
-    start, end = np.concatenate(starts), np.concatenate(ends)
-    vertices, counts = np.unique(start, return_counts=True)
-    at_saddle = np.isin(start, vertices[counts > 1])  # two edges leave a saddle vertex
-    following = dict(zip(start[~at_saddle].tolist(), end[~at_saddle].tolist()))
-    saddles = {(a, b - a): b for a, b in zip(start[at_saddle].tolist(), end[at_saddle].tolist())}
-    right_turn = {1: stride, stride: -1, -1: -stride, -stride: 1}  # east->south->west->north
-    loops = []
-    while following or saddles:
-        if following:
-            first, current = following.popitem()
-            first_step = None
-        else:
-            (first, first_step), current = saddles.popitem()
-        loop, previous = [first], first
-        while True:
-            step = right_turn[current - previous]  # the tight turn, taken at saddles
-            if current == first and (first_step is None or step == first_step):
-                break
-            loop.append(current)
-            previous, current = current, (
-                following.pop(current) if current in following else saddles.pop((current, step))
-            )
-        codes = np.asarray(loop)
-        loops.append(np.stack([codes % stride, codes // stride], axis=1))
-    return loops
-
-
-def _drop_collinear(loop: np.ndarray) -> np.ndarray:
-    """Keep only the corners of a closed axis-aligned loop [N, 2]."""
-    incoming = loop - np.roll(loop, 1, axis=0)
-    outgoing = np.roll(loop, -1, axis=0) - loop
-    return loop[np.any(incoming != outgoing, axis=1)]
-
-
-def _simplify_chain(chain: np.ndarray, tolerance: float) -> np.ndarray:
-    """Douglas-Peucker simplification of an open chain [N, 2]; keeps both ends."""
-    points = chain.astype(float)
-    keep = np.zeros(len(chain), dtype=bool)
-    keep[[0, -1]] = True
-    stack = [(0, len(chain) - 1)]
-    while stack:
-        i, k = stack.pop()
-        if k <= i + 1:
-            continue
-        a, b, between = points[i], points[k], points[i + 1 : k]
-        dx, dy = b - a
-        length = math.hypot(dx, dy)
-        if length == 0.0:
-            dist = np.hypot(*(between - a).T)
-        else:
-            dist = np.abs(dx * (between[:, 1] - a[1]) - dy * (between[:, 0] - a[0])) / length
-        j = int(dist.argmax())
-        if dist[j] > tolerance:
-            keep[i + 1 + j] = True
-            stack += [(i, i + 1 + j), (i + 1 + j, k)]
-    return chain[keep]
-
-
-def _simplify_loop(loop: np.ndarray, tolerance: float) -> np.ndarray:
-    """Douglas-Peucker on a closed loop, split at its first point and the point farthest off."""
-    if len(loop) <= 4:
-        return loop
-    far = int(((loop - loop[0]) ** 2).sum(axis=1).argmax())
-    first = _simplify_chain(loop[: far + 1], tolerance)
-    second = _simplify_chain(np.vstack([loop[far:], loop[:1]]), tolerance)
-    simple = np.vstack([first[:-1], second[:-1]])
-    return simple if len(simple) >= 3 else loop
-
-
-def _polygons_match(polygons: list[list[float]], mask: np.ndarray) -> bool:
-    """True if pycocotools rasterises `polygons` to exactly the bool [H, W] `mask`.
-
-    Compares compressed RLE strings, which are canonical, so nothing needs decoding.
-    """
-    height, width = mask.shape
-    drawn = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    return drawn["counts"] == mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]
-
-
-def mask_to_polygons(mask: np.ndarray, tolerance: float = 0.5) -> list[list[float]] | None:
-    """Exact COCO polygons for a bool [H, W] mask, or None if it has holes.
-
-    Traces the pixel-edge boundary of each 4-connected part (one flat [x1, y1, ...]
-    list each, pixel-corner coordinates) and drops vertices within `tolerance` px of
-    the outline where pycocotools still decodes the result to exactly `mask`.
-    """
-    if not mask.any():
-        return None
-    x, y, w, h = _mask_bbox(mask)
-    outlines = []
-    for loop in _boundary_loops(mask[y : y + h, x : x + w]):
-        corners = _drop_collinear(loop)
-        xs, ys = corners[:, 0], corners[:, 1]
-        if np.sum(xs * np.roll(ys, -1) - np.roll(xs, -1) * ys) <= 0:  # a hole
-            return None
-        outlines.append(corners + (x, y))
-    for simplify in (True, False):
-        loops = [_simplify_loop(o, tolerance) for o in outlines] if simplify else outlines
-        polygons = [[float(v) for v in loop.reshape(-1)] for loop in loops]
-        if _polygons_match(polygons, mask):
-            return polygons
-    return None
-
-
-def _mask_to_rle(mask: np.ndarray) -> dict:
-    """Compressed COCO RLE of a bool [H, W] mask, `counts` as str."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    height, width = (int(v) for v in rle["size"])
-    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
-
-
-def image_annotations(
-    rng: np.random.Generator, instances: Sequence[Instance], image_id: int, first_id: int
-) -> list[dict]:
-    """COCO annotation dicts for `instances`, with ids first_id, first_id + 1, ...
-
-    Crowd regions, masks with holes and about `RLE_SHARE` of the rest are RLE; all other
-    masks are polygons. `area` is the visible pixel count, `bbox` its tight xywh box.
-    """
-    annotations = []
-    for offset, inst in enumerate(instances):
-        use_rle = bool(rng.random() < RLE_SHARE) or inst.iscrowd
-        polygons = None if use_rle else mask_to_polygons(inst.mask)
-        annotations.append(
-            {
-                "id": first_id + offset,
-                "image_id": image_id,
-                "category_id": inst.category_id,
-                "segmentation": polygons if polygons is not None else _mask_to_rle(inst.mask),
-                "area": int(np.count_nonzero(inst.mask)),
-                "bbox": [float(v) for v in _mask_bbox(inst.mask)],
-                "iscrowd": int(inst.iscrowd),
-            }
-        )
-    return annotations
-
-
-# --------------------------------------------------------------------------------------
-# Writing the dataset
-# --------------------------------------------------------------------------------------
-
-
-def _image_rng(seed: int, split: int, index: int) -> np.random.Generator:
-    """The generator for image `index` (0-based) of split number `split`."""
-    return np.random.default_rng([seed, split, 0, index])
-
-
-def _has_crowd(seed: int, split: int, index: int) -> bool:
-    """True for exactly one image in each block of `CROWD_EVERY` consecutive images."""
-    block_rng = np.random.default_rng([seed, split, 1, index // CROWD_EVERY])
-    return index % CROWD_EVERY == int(block_rng.integers(CROWD_EVERY))
-
-
-def _atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
-    """Write `data` to `path` via a temporary file in the same directory and os.replace.
-
-    A killed run leaves either the old file or the new one, never a partial one.
-    `durable` also syncs the data to disk before the rename (used for the JSON files).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    """PNG encoding of an RGB uint8 [H, W, 3] image."""
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _write_split(
-    out: Path,
-    split: str,
-    count: int,
-    *,
-    seed: int,
-    min_size: int,
-    max_size: int,
-    progress: Callable[[int], None] | None,
-) -> tuple[Path, Path]:
-    """Write one split's PNGs, then its COCO JSON. Returns (json path, image dir)."""
-    split_code = _SPLITS.index(split)
-    image_dir = out / split
-    image_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for index in range(count):
-        rng = _image_rng(seed, split_code, index)
-        width = int(rng.integers(min_size, max_size + 1))
-        height = int(rng.integers(min_size, max_size + 1))
-        crowd = _has_crowd(seed, split_code, index)
-        pixels, instances = generate_image(rng, width, height, crowd=crowd)
-        image_id = index + 1
-        file_name = f"{image_id:06d}.png"
-        _atomic_write(image_dir / file_name, _png_bytes(pixels))
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        annotations += image_annotations(rng, instances, image_id, len(annotations) + 1)
-        if progress is not None:
-            progress(1)
-    coco = {
-        "info": {
-            "description": "mfcache synthetic shapes",
-            "generator_version": GENERATOR_VERSION,
-            "seed": seed,
-            "split": split,
-            "num_images": count,
-            "min_size": min_size,
-            "max_size": max_size,
-        },
-        "images": images,
-        "annotations": annotations,
-        "categories": [
-            {"id": i + 1, "name": name, "supercategory": "shape"}
-            for i, name in enumerate(CATEGORIES)
-        ],
-    }
-    json_path = out / "annotations" / f"{split}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(json_path, json.dumps(coco, separators=(",", ":")).encode("utf-8"), durable=True)
-    return json_path, image_dir
-
-
-def write_shapes_dataset(
-    out: str | Path,
-    *,
-    num_train: int = 400,
-    num_val: int = 100,
-    seed: int = 0,
-    min_size: int = 128,
-    max_size: int = 256,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, Path]:
-    """Write the synthetic shapes dataset as COCO under `out`.
-
-    Writes out/train/*.png, out/val/*.png, out/annotations/train.json and
-    out/annotations/val.json (each JSON only after all of its split's images). Returns
-    {"train": train json, "val": val json, "train_images": dir, "val_images": dir}.
-    `progress(n)` is called with the number of images just written. Rewriting an
-    existing dataset is safe; same arguments give byte-identical files.
-    """
-    if num_train < 0 or num_val < 0:
-        raise MfcacheError(
-            f"image counts must be >= 0, got num_train={num_train}, num_val={num_val}"
-        )
-    if seed < 0:
-        raise MfcacheError(f"seed must be >= 0, got {seed}")
-    if not MIN_SIZE <= min_size <= max_size:
-        raise MfcacheError(
-            f"need {MIN_SIZE} <= min_size <= max_size, "
-            f"got min_size={min_size}, max_size={max_size}"
-        )
-    out = Path(out)
-    paths: dict[str, Path] = {}
-    for split, count in (("train", num_train), ("val", num_val)):
-        json_path, image_dir = _write_split(
-            out, split, count, seed=seed, min_size=min_size, max_size=max_size, progress=progress
-        )
-        paths[split], paths[f"{split}_images"] = json_path, image_dir
-    return paths
