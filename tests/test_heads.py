@@ -148,3 +148,22 @@ def test_each_query_runs_once_and_its_other_labels_share_its_mask():
         prob, quality = mask_probs(head, as_batch(x, query_index))
     torch.testing.assert_close(prob.flatten(0, 1), direct.mask_logits.sigmoid()[:, 0])
     torch.testing.assert_close(quality.flatten(), direct.quality.reshape(-1))
+
+
+def test_point_loss_draws_each_images_points_from_its_own_generator():
+    """An image's sampled points depend on (seed, step, image id) alone: its loss in a batch is
+    its share of the batch's loss computed alone, whoever its batch mates are (or its rank)."""
+    from mfcache.ops.losses import image_generators, point_mask_losses
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(5, 1, 16, 16), torch.rand(5, 16, 16)
+    options = {"num_points": 32, "oversample": 3.0, "importance": 0.75}
+    together = point_mask_losses(logits, targets, **options,
+                                 generators=image_generators([2, 3], [11, 12], seed=0, step=4))
+    first = point_mask_losses(logits[:2], targets[:2], **options, generators=image_generators([2], [11], seed=0, step=4))
+    second = point_mask_losses(logits[2:], targets[2:], **options, generators=image_generators([3], [12], seed=0, step=4))
+    for key in ("bce", "dice"):
+        torch.testing.assert_close(together[key], (2 * first[key] + 3 * second[key]) / 5)
+    other_step = point_mask_losses(logits[2:], targets[2:], **options,
+                                   generators=image_generators([3], [12], seed=0, step=5))
+    assert not torch.equal(other_step["bce"], second["bce"])  # a new draw every step

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -64,18 +67,43 @@ def uncertain_points(logits: Tensor, *, num_points: int, oversample: float, impo
 
 
 def point_mask_losses(logits: Tensor, targets: Tensor, *, num_points: int, oversample: float,
-                      importance: float) -> dict[str, Tensor]:
+                      importance: float, generators: Sequence[tuple[int, torch.Generator]] | None = None
+                      ) -> dict[str, Tensor]:
     """BCE + dice on ``num_points`` points per mask chosen by :func:`uncertain_points`
     (Mask2Former's point loss). logits ``[N, 1, M, M]``, targets ``[N, M, M]`` float ->
-    ``{"bce", "dice"}`` (means); targets are sampled bilinearly at the same points."""
+    ``{"bce", "dice"}`` (means); targets are sampled bilinearly at the same points.
+
+    ``generators``: ``(rows, generator)`` per image, in row order (the rows of one image are
+    consecutive), so an image's points depend on its own generator alone, never on its batch
+    mates or on which rank holds it; None draws from the global generator."""
     logits = logits.reshape(-1, 1, *targets.shape[-2:])
-    points = uncertain_points(logits, num_points=num_points, oversample=oversample, importance=importance)
+    options = {"num_points": num_points, "oversample": oversample, "importance": importance}
+    if generators is None:
+        points = uncertain_points(logits, **options)
+    else:
+        rows = [n for n, _ in generators]
+        if sum(rows) != len(logits):
+            raise ValueError(f"generators cover {sum(rows)} rows, the loss has {len(logits)}")
+        points = torch.cat([uncertain_points(part, generator=g, **options)
+                            for part, (_, g) in zip(logits.split(rows), generators)]) if rows else \
+            logits.new_zeros(0, num_points, 2)
     point_logits = point_sample(logits, points)[:, 0]
     point_targets = point_sample(targets[:, None], points)[:, 0]
     return {
         "bce": F.binary_cross_entropy_with_logits(point_logits, point_targets),
         "dice": dice_loss(point_logits, point_targets),
     }
+
+
+def image_generators(rows: Sequence[int], image_ids: Sequence[int], *, seed: int, step: int,
+                     device: torch.device | str = "cpu") -> list[tuple[int, torch.Generator]]:
+    """One generator per image for :func:`point_mask_losses`, seeded by (``seed``, ``step``,
+    image id): a pure function of the image and the step, whatever the batch or the rank."""
+    out = []
+    for n, image_id in zip(rows, image_ids):
+        key = hashlib.blake2b(f"{seed}:{step}:{image_id}".encode(), digest_size=8).digest()
+        out.append((int(n), torch.Generator(device=device).manual_seed(int.from_bytes(key, "little") >> 1)))
+    return out
 
 
 def mask_iou(logits: Tensor, targets: Tensor, threshold: float = 0.5) -> Tensor:
@@ -94,15 +122,17 @@ def quality_loss(quality: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
     return F.mse_loss(quality, mask_iou(logits, targets))
 
 
-def head_loss(out: HeadOutput, targets: Tensor, head: HeadConfig, train: TrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def head_loss(out: HeadOutput, targets: Tensor, head: HeadConfig, train: TrainConfig,
+              generators: Sequence[tuple[int, torch.Generator]] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The training loss of a head's output on its selected detections: ``out.mask_logits
     [N, 1, M, M]``, ``targets [N, M, M]`` float (:func:`resize_targets` to the head's M).
-    BCE + dice on the whole RoI or on sampled points (``head.loss``), weighted by
-    ``train.bce_weight`` / ``train.dice_weight``, plus ``head.quality_weight`` x the quality
-    regression when the head predicts mask quality. Returns (loss, its parts, unweighted)."""
+    BCE + dice on the whole RoI or on sampled points (``head.loss``; ``generators``: see
+    :func:`point_mask_losses`), weighted by ``train.bce_weight`` / ``train.dice_weight``, plus
+    ``head.quality_weight`` x the quality regression when the head predicts mask quality.
+    Returns (loss, its parts, unweighted)."""
     if head.loss == "point":
         parts = point_mask_losses(out.mask_logits, targets, num_points=head.points, oversample=head.oversample,
-                                  importance=head.importance)
+                                  importance=head.importance, generators=generators)
     else:
         parts = mask_losses(out.mask_logits, targets)
     loss = train.bce_weight * parts["bce"] + train.dice_weight * parts["dice"]

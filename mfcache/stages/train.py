@@ -25,7 +25,7 @@ from mfcache.config import RunConfig, resolve_run_config, resume_config
 from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
 from mfcache.heads import MaskHead
-from mfcache.ops.losses import head_loss, resize_targets
+from mfcache.ops.losses import head_loss, image_generators, resize_targets
 from mfcache.outputs import check_folder, write_errors
 from mfcache.runtime import console, progress_bar, resolve_device
 from mfcache.stages.postprocess import once_per_query, run_head
@@ -197,8 +197,10 @@ class Trainer:
             select = select.clone()
             select.view(-1)[0] = True
         out = run_head(self.model, batch, select)
+        generators = (image_generators(select.sum(1).tolist(), batch.image_id, seed=tc.seed, step=self.step,
+                                       device=self.device) if self.config.head.loss == "point" else None)
         loss, parts = head_loss(out, resize_targets(batch.target_masks[select], self.head.roi_size),
-                                self.config.head, tc)
+                                self.config.head, tc, generators)
         if world.enabled:  # the step's losses over the whole batch, as a one-process run logs them
             value = all_sum(loss.item() * local, self.device) / positives
             parts = {k: torch.tensor(all_sum(v.item() * local, self.device) / positives) for k, v in parts.items()}
