@@ -11,6 +11,7 @@ cropped to the image's valid (unpadded) region.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -109,10 +110,39 @@ class Batch:
 
         return _map(self, move)
 
+    def record_stream(self, stream) -> None:
+        """Mark every tensor as used by CUDA ``stream`` (see :func:`on_device`)."""
+        _map(self, lambda t: (t.record_stream(stream), t)[1])
+
     def pin_memory(self) -> Batch:
         """Page-locked copies (the DataLoader calls this with ``pin_memory=True``), so
         :meth:`to` can copy to a GPU without blocking."""
         return _map(self, lambda t: t.pin_memory())
+
+
+def on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
+    """``batches`` moved to ``device``. On a GPU the next batch is copied on a side stream
+    while the current one computes (the DataLoader pins host batches, so the copy does not
+    block); elsewhere each batch is moved when it is needed."""
+    if device.type != "cuda":
+        yield from (batch.to(device) for batch in batches)
+        return
+    stream = torch.cuda.Stream(device)
+    source = iter(batches)
+
+    def copy_next() -> Batch | None:
+        batch = next(source, None)
+        if batch is None:
+            return None
+        with torch.cuda.stream(stream):
+            return batch.to(device)
+
+    upcoming = copy_next()
+    while upcoming is not None:
+        torch.cuda.current_stream(device).wait_stream(stream)
+        upcoming.record_stream(torch.cuda.current_stream(device))  # its memory stays until this step is done
+        current, upcoming = upcoming, copy_next()
+        yield current
 
 
 def _map(item, fn):

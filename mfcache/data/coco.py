@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 
 from mfcache.data.segmentation import is_int, segmentation_rle, short_repr
-from mfcache.data.validate import AnnotationReport, clean_annotations, file_name_problem
+from mfcache.data.validate import clean_annotations, file_name_problem
 from mfcache.errors import MfcacheError
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mfcache.cache.reader import Cache, CacheDataset, CacheSplit
-from mfcache.cache.sample import Batch
+from mfcache.cache.sample import Batch, on_device
 from mfcache.config import RunConfig
 from mfcache.heads import MaskHead
 from mfcache.metrics import coco_evaluate
@@ -33,13 +33,14 @@ def predict_split(head: MaskHead, config: RunConfig, data: CacheSplit, device: t
     """COCO results for every image of ``data``: ``{"head": [...]}`` and, with
     ``box_filled``, the same detections with each mask set to its whole box."""
     dataset = CacheDataset(data.cache.path, data.name, levels=head.levels, c1=head.uses_c1, targets=False)
-    loader = DataLoader(dataset, batch_size=config.eval.batch_size, collate_fn=Batch.collate)
+    loader = DataLoader(dataset, batch_size=config.eval.batch_size, collate_fn=Batch.collate,
+                        pin_memory=device.type == "cuda")
     to_category = torch.as_tensor(data.label_to_category)
     results: dict[str, list[dict]] = {"head": [], **({"box_filled": []} if box_filled else {})}
     with progress_bar(progress) as bar:
         task = bar.add_task(f"eval {data.name}", total=len(dataset), status="")
-        for batch in loader:
-            for image in batch_results(head, batch.to(device), to_category, config, box_filled):
+        for batch in on_device(loader, device):
+            for image in batch_results(head, batch, to_category, config, box_filled):
                 for key, items in image.items():
                     results[key] += items
             bar.advance(task, len(batch))

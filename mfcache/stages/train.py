@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mfcache.cache.reader import Cache, CacheDataset, CacheSplit
-from mfcache.cache.sample import Batch
+from mfcache.cache.sample import Batch, on_device
 from mfcache.cache.schema import fingerprint_mismatch
 from mfcache.cache.stats import FEW_MATCHED, MatchStats, split_stats
 from mfcache.config import RunConfig, resolve_run_config, resume_config
@@ -161,8 +161,8 @@ class Trainer:
             log = (run_dir / LOG).open("a") if self.world.is_main else open(os.devnull, "w")
         with log, StopSignals() as stop, progress_bar(progress) as bar:
             task = bar.add_task("train", total=tc.steps, completed=self.step, status="")
-            for batch in loader:
-                entry = self.train_step(batch.to(self.device), checkpoint_path)
+            for batch in on_device(loader, self.device):
+                entry = self.train_step(batch, checkpoint_path)
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     with write_errors("the training log", run_dir / LOG):
                         log.write(json.dumps(entry) + "\n")
