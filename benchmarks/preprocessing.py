@@ -6,7 +6,7 @@ largest pixel and score differences, and what each path costs per image.
 
 The val images are ``mfcache data shapes`` with seed 0 (the first 100 are the ones
 ``mfcache demo`` evaluates on; the shipped detector's ``training.json`` AP is on all 200).
-AP is computed as ``demo_training.evaluate_bbox`` does (top-100 per image, original pixels).
+AP is computed as ``mfcache.demo_detector.evaluate.evaluate_bbox`` does (top-100 per image, original pixels).
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def main() -> None:
     from mfcache.data.coco import CocoDataset
     from mfcache.data.shapes import write_shapes_dataset
     from mfcache.data.transforms import load_image, to_input
+    from mfcache.demo_detector.evaluate import evaluate_bbox
     from mfcache.detectors import load_detector
-    from mfcache.demo_detector.train import evaluate_bbox
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or Path(tmp)

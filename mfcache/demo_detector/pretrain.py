@@ -1,4 +1,4 @@
-"""Dense pretraining of the demo detector's backbone, before :mod:`demo_training`.
+"""Dense pretraining of the demo detector's backbone, before :mod:`mfcache.demo_detector.train`.
 
     python -m mfcache.demo_detector.pretrain --data DIR --out OUT --minutes 10
 
@@ -7,14 +7,17 @@ a DETR learns shape features slowly through set matching alone. Semantic segment
 gives every pixel a label instead: the backbone (with a small FPN-style head on its
 stride 8/16/32 maps) learns to tell the six shapes apart and find their outlines in
 minutes. ``OUT/backbone.pt`` then starts the detector's backbone
-(``demo_training --backbone-init OUT/backbone.pt``); the head is thrown away.
+(``python -m mfcache.demo_detector.train --backbone-init OUT/backbone.pt``); the head is
+thrown away.
 
 Conventions: the label map of an image is ``[h, w]`` int64 at input resolution: 0 for
 background, ``1 + label`` on the visible pixels of an instance (label = the detector's
 class index), :data:`IGNORE` on crowd regions. The loss is cross-entropy at stride 8
-(labels picked by nearest-neighbour subsampling). Batches come from
-:class:`~mfcache.demo_detector.train.StepBatches`, so a run is a pure function of its
-seed, like the detector's.
+(labels picked by nearest-neighbour subsampling). Batches (images and horizontal flips)
+come from :class:`~mfcache.demo_detector.data.FlipStepBatches`, as the detector's do, so
+a run is a pure function of its seed. ``backbone.pt`` is written with
+:func:`mfcache.checkpoint_io.save_checkpoint` (a state dict: tensors only) and
+``pretrain.json`` with :func:`mfcache.outputs.atomic_write`.
 """
 
 from __future__ import annotations
@@ -30,19 +33,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from mfcache.checkpoint_io import save_checkpoint
 from mfcache.data.coco import CocoDataset
 from mfcache.data.transforms import load_image, pad_batch, to_input
+from mfcache.demo_detector.data import UNBOUNDED, FlipStepBatches, category_to_label, read_split, worker_init
+from mfcache.demo_detector.model import trainable_demo_model
 from mfcache.detectors.base import Preprocess
 from mfcache.detectors.demo import DEMO_PREPROCESS
-from mfcache.demo_detector.train import (
-    StepBatches,
-    _worker_init,
-    category_to_label,
-    read_split,
-    save_checkpoint,
-    trainable_demo_model,
-)
 from mfcache.errors import MfcacheError
+from mfcache.outputs import atomic_write
 from mfcache.runtime import console, progress_bar, resolve_device
 
 IGNORE = 255
@@ -95,7 +94,9 @@ class SemanticShapes(Dataset):
         return x, labels
 
 
-def collate(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def segmentation_collate(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """:class:`SemanticShapes` items -> ``pixel_values [B, 3, H, W]`` (padded to the demo
+    canvas) and ``labels [B, H, W]`` (:data:`IGNORE` on the padding)."""
     pixel_values, _ = pad_batch([x for x, _ in items], DEMO_PREPROCESS)
     labels = torch.full((len(items), *pixel_values.shape[-2:]), IGNORE, dtype=torch.long)
     for b, (_, y) in enumerate(items):
@@ -134,8 +135,9 @@ def pretrain(data: Path, out: Path, *, minutes: float, batch_size: int = 8, lr: 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     preprocess = replace(DEMO_PREPROCESS, shortest_edge=shortest_edge, longest_edge=longest_edge)
     dataset = SemanticShapes(train_coco, to_label, preprocess)
-    loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), batch_size, seed, 0, 2**62),
-                        collate_fn=collate, num_workers=workers, worker_init_fn=_worker_init if workers else None,
+    loader = DataLoader(dataset, batch_sampler=FlipStepBatches(len(dataset), batch_size, seed, 0, UNBOUNDED),
+                        collate_fn=segmentation_collate, num_workers=workers,
+                        worker_init_fn=worker_init if workers else None,
                         generator=torch.Generator().manual_seed(seed))
     started, step, losses = time.perf_counter(), 0, []
     deadline = started + minutes * 60
@@ -155,11 +157,11 @@ def pretrain(data: Path, out: Path, *, minutes: float, batch_size: int = 8, lr: 
             if time.perf_counter() >= deadline:
                 break
     accuracy = pixel_accuracy(backbone, head, SemanticShapes(val_coco, to_label, preprocess), torch_device)
-    save_checkpoint(out / BACKBONE_FILE, backbone.state_dict())
+    save_checkpoint(out / BACKBONE_FILE, backbone.state_dict(), what="the pretrained backbone")
     summary = {"steps": step, "images_seen": step * batch_size, "minutes": (time.perf_counter() - started) / 60,
                "last_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "val_pixel_accuracy": accuracy,
                "seed": seed, "lr": lr, "batch_size": batch_size, "device": str(torch_device)}
-    (out / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "pretrain.json", (json.dumps(summary, indent=2) + "\n").encode(), "the pretraining summary")
     return summary
 
 
@@ -169,7 +171,8 @@ def pixel_accuracy(backbone: nn.Module, head: nn.Module, dataset: SemanticShapes
     backbone.eval(), head.eval()
     right = total = 0
     for start in range(0, len(dataset), 8):
-        pixel_values, labels = collate([dataset[(i, False)] for i in range(start, min(start + 8, len(dataset)))])
+        items = [dataset[(i, False)] for i in range(start, min(start + 8, len(dataset)))]
+        pixel_values, labels = segmentation_collate(items)
         logits = head(list(backbone(pixel_values.to(device)).feature_maps))
         small = labels_at(logits, labels.to(device))
         keep = small != IGNORE

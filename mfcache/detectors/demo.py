@@ -16,7 +16,7 @@ import torch
 from mfcache.detectors.base import Detector, Preprocess, state_dict_sha256
 
 DEMO_WEIGHTS = Path(__file__).with_name("demo_weights")
-# Written next to shipped weights by mfcache.demo_detector.train:
+# Written next to shipped weights by mfcache.demo_detector.train (mfcache.demo_detector.model.export_model):
 # {"generator_version": ..., "seed": ..., "num_train": ...} of the shapes data trained on.
 GENERATOR_FILE = "shapes_generator.json"
 # {"step", "epoch", "images_seen", "hours", "device", "val_bbox": {"AP", ...}, "config", ...}

@@ -7,24 +7,22 @@ import pytest
 import torch
 from transformers import DeformableDetrForObjectDetection
 
+from mfcache.checkpoint_io import load_checkpoint
 from mfcache.data.shapes import GENERATOR_VERSION, write_shapes_dataset
-from mfcache.detectors import load_detector
-from mfcache.detectors.demo import GENERATOR_FILE, TRAINING_FILE, check_generator, load_demo
+from mfcache.demo_detector.data import FlipStepBatches, ShapesTrainSet, category_to_label, read_split, read_targets
+from mfcache.demo_detector.model import trainable_demo_model
 from mfcache.demo_detector.train import (
     CHECKPOINT,
     EXPORT,
     LOG,
-    ShapesTrainSet,
-    StepBatches,
-    TrainConfig,
-    category_to_label,
+    DetectorTrainConfig,
     lr_factor,
-    read_split,
-    read_targets,
-    train,
-    trainable_demo_model,
+    train_detector,
 )
+from mfcache.detectors import load_detector
+from mfcache.detectors.demo import GENERATOR_FILE, TRAINING_FILE, check_generator, load_demo
 from mfcache.errors import MfcacheError
+from mfcache.stages.sampling import StepBatches
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +32,19 @@ def tiny_shapes(tmp_path_factory):
     return root
 
 
-def _config(data, out, **kw) -> TrainConfig:
+def _config(data, out, **kw) -> DetectorTrainConfig:
     # 64-px inputs keep each step cheap; the architecture is the demo's
-    base = TrainConfig(data=str(data), out=str(out), batch_size=1, workers=1, eval_batch_size=2,
+    base = DetectorTrainConfig(data=str(data), out=str(out), batch_size=1, workers=1, eval_batch_size=2,
                        progress=False, seed=0, shortest_edge=64, longest_edge=96)
     return replace(base, **kw)
 
 
+def _checkpoint(out) -> dict:
+    return load_checkpoint(out / CHECKPOINT, what="test checkpoint")  # weights-only: tensors and plain containers
+
+
 def _params(out) -> dict:
-    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)["model"]
+    return _checkpoint(out)["model"]
 
 
 def test_targets_are_normalised_cxcywh_and_flip_mirrors_them(tiny_shapes):
@@ -65,24 +67,34 @@ def test_learning_rate_warms_up_then_drops_tenfold():
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
-    a, b = StepBatches(10, 3, seed=1, start=0, stop=9), StepBatches(10, 3, seed=1, start=4, stop=9)
+    a, b = FlipStepBatches(10, 3, seed=1, start=0, stop=9), FlipStepBatches(10, 3, seed=1, start=4, stop=9)
     assert list(a)[4:] == list(b)
     epoch0 = [i for batch in list(a)[:3] for i, _ in batch]
     assert len(set(epoch0)) == 9  # one epoch: no image twice, the partial batch dropped
+    # the images are the shared sampler's (the head trainer's), step for step
+    assert [[i for i, _ in batch] for batch in a] == list(StepBatches(10, 3, seed=1, start=0, stop=9))
+
+
+def test_batches_and_flips_are_those_runs_were_trained_with():
+    """Pinned: the demo trainer's own sampler drew these before it was built on the shared
+    one; a change here changes every demo run (and --resume of a run made before it)."""
+    got = [FlipStepBatches(10, 3, seed=1, start=0, stop=9).batch(s) for s in (0, 1, 2, 3)]
+    assert got == [[(6, True), (1, False), (3, False)], [(7, True), (4, True), (8, False)],
+                   [(0, False), (5, False), (2, True)], [(2, True), (3, True), (8, False)]]
 
 
 def test_resume_after_two_steps_matches_an_uninterrupted_run(tiny_shapes, tmp_path):
-    whole = train(_config(tiny_shapes, tmp_path / "whole", max_steps=3))
+    whole = train_detector(_config(tiny_shapes, tmp_path / "whole", max_steps=3))
     assert whole["step"] == 3
     records = [json.loads(line) for line in (tmp_path / "whole" / LOG).read_text().splitlines()]
     losses = [r["train_loss"] for r in records if r["event"] == "checkpoint"]
     assert losses and all(torch.isfinite(torch.tensor(loss)) for loss in losses)
 
-    train(_config(tiny_shapes, tmp_path / "split", max_steps=2))
+    train_detector(_config(tiny_shapes, tmp_path / "split", max_steps=2))
     after_two = _params(tmp_path / "split")
-    first = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=False)["seconds"]
-    train(_config(tiny_shapes, tmp_path / "split", max_steps=3), resume=True)
-    assert torch.load(tmp_path / "split" / CHECKPOINT, weights_only=False)["seconds"] > first  # totals add up
+    first = _checkpoint(tmp_path / "split")["seconds"]
+    train_detector(_config(tiny_shapes, tmp_path / "split", max_steps=3), resume=True)
+    assert _checkpoint(tmp_path / "split")["seconds"] > first  # totals add up
     expected, got = _params(tmp_path / "whole"), _params(tmp_path / "split")
     assert expected.keys() == got.keys()
     # step 3 moved the weights, so the equality below means something
@@ -91,15 +103,15 @@ def test_resume_after_two_steps_matches_an_uninterrupted_run(tiny_shapes, tmp_pa
 
 
 def test_resume_refuses_other_hyperparameters(tiny_shapes, tmp_path):
-    train(_config(tiny_shapes, tmp_path, max_steps=1))
+    train_detector(_config(tiny_shapes, tmp_path, max_steps=1))
     with pytest.raises(MfcacheError, match="lr="):
-        train(_config(tiny_shapes, tmp_path, max_steps=2, lr=1e-3), resume=True)
+        train_detector(_config(tiny_shapes, tmp_path, max_steps=2, lr=1e-3), resume=True)
     with pytest.raises(MfcacheError, match="--resume"):
-        train(_config(tiny_shapes, tmp_path, max_steps=2))
+        train_detector(_config(tiny_shapes, tmp_path, max_steps=2))
 
 
 def test_export_loads_as_a_detector_and_the_generator_is_checked(tiny_shapes, tmp_path):
-    summary = train(_config(tiny_shapes, tmp_path, epochs=1, batch_size=2))
+    summary = train_detector(_config(tiny_shapes, tmp_path, epochs=1, batch_size=2))
     assert summary["step"] == 2 and summary["last_metrics"]["AP"] is not None
     records = [json.loads(line) for line in (tmp_path / LOG).read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "eval"] == [2]  # once, at the epoch's end

@@ -5,7 +5,10 @@ import json
 import pytest
 import torch
 
+from mfcache.checkpoint_io import load_checkpoint
 from mfcache.data.shapes import write_shapes_dataset
+from mfcache.demo_detector.data import category_to_label, read_split
+from mfcache.demo_detector.model import trainable_demo_model
 from mfcache.demo_detector.pretrain import (
     BACKBONE_FILE,
     IGNORE,
@@ -14,14 +17,7 @@ from mfcache.demo_detector.pretrain import (
     pretrain,
     segmentation_loss,
 )
-from mfcache.demo_detector.train import (
-    CHECKPOINT,
-    TrainConfig,
-    category_to_label,
-    read_split,
-    train,
-    trainable_demo_model,
-)
+from mfcache.demo_detector.train import CHECKPOINT, DetectorTrainConfig, train_detector
 from mfcache.errors import MfcacheError
 
 
@@ -68,14 +64,14 @@ def test_pretrained_backbone_starts_the_detector(shapes, tmp_path):
     saved = torch.load(tmp_path / "pt" / BACKBONE_FILE, weights_only=True)
     assert any(not torch.equal(v, backbone_of(trainable_demo_model(0)).state_dict()[k]) for k, v in saved.items())
 
-    config = TrainConfig(data=str(shapes), out=str(tmp_path / "run"), max_steps=0, batch_size=2, workers=0,
+    config = DetectorTrainConfig(data=str(shapes), out=str(tmp_path / "run"), max_steps=0, batch_size=2, workers=0,
                          progress=False, backbone_init=str(tmp_path / "pt" / BACKBONE_FILE))
-    train(config)
-    model = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)["model"]
+    train_detector(config)
+    model = load_checkpoint(tmp_path / "run" / CHECKPOINT, what="test checkpoint")["model"]
     prefix = "model.backbone.model."
     assert all(torch.equal(model[prefix + k], v) for k, v in saved.items())
 
     (tmp_path / "junk.pt").write_text("not weights")
     with pytest.raises(MfcacheError, match="--backbone-init"):
-        train(TrainConfig(data=str(shapes), out=str(tmp_path / "run2"), max_steps=0, progress=False,
+        train_detector(DetectorTrainConfig(data=str(shapes), out=str(tmp_path / "run2"), max_steps=0, progress=False,
                           backbone_init=str(tmp_path / "junk.pt")))
