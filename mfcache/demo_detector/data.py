@@ -110,17 +110,15 @@ class FlipStepBatches(StepBatches):
 
     def batch(self, step: int) -> list[tuple[int, bool]]:
         chosen = super().batch(step)
-        flips = epoch_flips(self.n, self.seed, step // (self.n // self.bs))
+        flips = self.epoch_flips(step // (self.n // self.bs))
         return [(i, bool(flips[i])) for i in chosen]
 
-
-def epoch_flips(num_items: int, seed: int, epoch: int) -> Tensor:
-    """``[num_items]`` bool: which images epoch ``epoch`` mirrors. The coins follow the
-    permutation :class:`~mfcache.stages.sampling.StepBatches` draws from the same
-    generator (``seed * 100_003 + epoch``), which is replayed here to reach them."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    torch.randperm(num_items, generator=g)
-    return torch.rand(num_items, generator=g) < 0.5
+    def epoch_flips(self, epoch: int) -> Tensor:
+        """``[n]`` bool: which images epoch ``epoch`` mirrors, drawn from the epoch's
+        generator right after the permutation (which is replayed here to reach them)."""
+        g = self.epoch_generator(epoch)
+        torch.randperm(self.n, generator=g)
+        return torch.rand(self.n, generator=g) < 0.5
 
 
 def worker_init(_: int) -> None:

@@ -26,10 +26,15 @@ class StepBatches(Sampler):
     def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int):
         self.n, self.bs, self.seed, self.start, self.stop = num_items, min(batch_size, num_items), seed, start, stop
 
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        """The generator epoch ``epoch``'s permutation is drawn from (its first draw); a
+        subclass may draw more per-epoch randomness from it after the permutation."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+
     def batch(self, step: int) -> list[int]:
         per_epoch = self.n // self.bs
         epoch, pos = divmod(step, per_epoch)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        perm = torch.randperm(self.n, generator=self.epoch_generator(epoch))
         return perm[pos * self.bs: (pos + 1) * self.bs].tolist()
 
     def __iter__(self):
