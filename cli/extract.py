@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from mfcache.cli.common import QuietOpt, SplitOpt, TrustOpt, user_errors
-from mfcache.config import ExtractConfig
+from mfcache.config import ExtractConfig, check_config
 from mfcache.errors import MfcacheError
 from mfcache.runtime import console
 
 _D = ExtractConfig()
+_FIELDS = {f.name: f for f in dataclasses.fields(ExtractConfig)}
+# ExtractConfig field -> its option (errors name the option: "--c1 must be one of ...")
+FLAGS = {name: f.metadata["flag"] or "--" + name.replace("_", "-") for name, f in _FIELDS.items()}
+
+
+def _option(name: str):
+    """The option of ExtractConfig field ``name``: its flag, help and lower bound, from the field
+    (a list option, like --levels, is parsed from text here and checked item by item later)."""
+    f = _FIELDS[name]
+    return typer.Option(FLAGS[name], help=f.metadata["help"],
+                        min=None if isinstance(f.default, tuple) else f.metadata["min"])
 
 
 @user_errors(interrupted="finished blocks are kept; run the same command again to resume")
@@ -22,18 +34,18 @@ def command(
     annotations: Annotated[Path, typer.Option("--annotations", help="COCO instances JSON of the split.")],
     out: Annotated[Path, typer.Option("--out", help="Cache folder (created, or completed if it exists).")],
     split: SplitOpt = None,
-    topk: Annotated[int, typer.Option("--topk", min=1, help="Detections cached per image.")] = _D.topk,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Detector batch size.")] = _D.batch_size,
-    c1: Annotated[str, typer.Option("--c1", help="Backbone stride-4 map: store, recompute (from the image at training time) or none.")] = _D.c1,
-    dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype of features: float16, float32 or int8 (per-channel scales, ~1% error, half of float16).")] = _D.dtype,
-    levels: Annotated[str, typer.Option("--levels", help="Encoder levels to store, e.g. 0,1 (0 = finest); default all.")] = "",
-    compress: Annotated[bool, typer.Option("--compress", help="Blosc zstd + shuffle on the features (only pays on slow storage).")] = _D.compress,
-    resize: Annotated[str, typer.Option("--resize", help="Pixel path: auto (the detector's own: processor for hf:, float for demo), processor (the same pixels as the checkpoint's transformers image processor) or float (rescale, then resize the float image without rounding; the demo was trained on it).")] = _D.resize,
-    target_size: Annotated[int, typer.Option("--target-size", min=8, help="Side of the cached per-query GT mask crops.")] = _D.target_size,
-    workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding processes.")] = _D.num_workers,
-    block_size: Annotated[int, typer.Option("--block-size", min=1, help="Images per write (the resume unit); fixed when the split is created.")] = _D.block_size,
+    topk: Annotated[int, _option("topk")] = _D.topk,
+    batch_size: Annotated[int, _option("batch_size")] = _D.batch_size,
+    c1: Annotated[str, _option("c1")] = _D.c1,
+    dtype: Annotated[str, _option("dtype")] = _D.dtype,
+    levels: Annotated[str, _option("levels")] = ",".join(map(str, _D.levels)),
+    compress: Annotated[bool, _option("compress")] = _D.compress,
+    resize: Annotated[str, _option("resize")] = _D.resize,
+    target_size: Annotated[int, _option("target_size")] = _D.target_size,
+    workers: Annotated[int, _option("num_workers")] = _D.num_workers,
+    block_size: Annotated[int, _option("block_size")] = _D.block_size,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images and bad annotations as skipped (see `mfcache inspect`) instead of stopping.")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = _D.device,
+    device: Annotated[str, _option("device")] = _D.device,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
 ):
@@ -58,6 +70,7 @@ def command(
     config = ExtractConfig(topk=topk, batch_size=batch_size, c1=c1, dtype=dtype, target_size=target_size,
                            num_workers=workers, device=device, block_size=block_size, levels=level_list,
                            compress=compress, resize=resize)
+    check_config(config, FLAGS)  # before anything starts, naming the options as typed
     with trusting(trust_checkpoint):  # the detector's checkpoint
         summary = extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
                           config=config, skip_bad=skip_bad, progress=not quiet)

@@ -5,6 +5,10 @@ metrics file.
 A head preset is a short TOML file whose top-level keys are :class:`HeadConfig` fields and
 whose optional ``[train]`` / ``[eval]`` tables override :class:`TrainConfig` /
 :class:`EvalConfig` (see ``mfcache/heads/presets/``).
+
+Each field is declared with :func:`option`: its description and allowed values live next to
+it, and the range checks (:data:`RANGES`), the heads builder's choices (:data:`HEAD_CHOICES`)
+and the ``mfcache extract`` options are derived from there.
 """
 
 from __future__ import annotations
@@ -23,79 +27,178 @@ from mfcache.errors import MfcacheError
 PRESET_DIR = Path(__file__).parent / "heads" / "presets"
 
 
+# --- ranges: every field of every config declares its allowed values (option()); RANGES collects them ---
+
+Check = Callable[[object], str | None]  # a value -> what is wrong with it, None if fine
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low: float) -> Check:
+    return lambda v: None if _number(v) and v >= low else f"must be {'' if _number(v) else 'a finite number '}>= {low:g}"
+
+
+def above(low: float) -> Check:
+    return lambda v: None if _number(v) and v > low else f"must be {'' if _number(v) else 'a finite number '}> {low:g}"
+
+
+def between(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Check:
+    def check(v):
+        ok = _number(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+        return None if ok else f"must be in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    return check
+
+
+def one_of(*choices) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
+
+
+def each(check: Check) -> Check:
+    """A check of every item of a tuple."""
+    def check_all(values):
+        problems = [p for p in map(check, values) if p]
+        return f"must have every item {problems[0].removeprefix('must be ')}" if problems else None
+    return check_all
+
+
+def anything(_value) -> None:
+    return None
+
+
+def _run_name(v) -> str | None:  # a sweep makes a folder of this name
+    return None if v and v not in (".", "..") and not re.search(r"[/\\]", v) else "must be a non-empty folder name (no / or \\)"
+
+
+def _device(v) -> str | None:
+    return None if re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"
+
+
+def _prose(choices: dict[object, str]) -> str:
+    """``{"a": "", "b": "note", "c": ""}`` -> ``a, b (note) or c``."""
+    items = [f"{value} ({note})" if note else str(value) for value, note in choices.items()]
+    return " or ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
+
+
+def option(default, *, help: str = "", choices: tuple | dict | None = None, low: float | None = None,
+           check: Check | None = None, flag: str | None = None):
+    """A config field that carries its description and its allowed values (one of ``choices``,
+    a dict mapping each value to a note for the help; a number ``>= low``; or any other
+    ``check``), so the range check (:data:`RANGES`), the heads builder (:data:`HEAD_CHOICES`)
+    and the CLI options (``cli/extract.py``: help, lower bound, ``flag`` when it is not
+    ``--field-name``) all read them from here. ``{choices}`` in ``help`` becomes the choices
+    as prose. For a tuple field (tuple default) ``choices`` and ``low`` apply to every item;
+    a ``check`` sees the whole tuple."""
+    if sum(x is not None for x in (choices, low, check)) != 1:
+        raise TypeError("option() takes exactly one of choices, low or check")
+    if choices is not None:
+        notes = choices if isinstance(choices, dict) else dict.fromkeys(choices, "")
+        choices = tuple(notes)
+        help = help.replace("{choices}", _prose(notes))
+        check = one_of(*choices)
+    elif low is not None:
+        check = at_least(low)
+    if isinstance(default, tuple) and (choices is not None or low is not None):  # to every item
+        check = each(check)
+    return field(default=default, metadata={"help": help, "choices": choices, "min": low, "check": check,
+                                            "flag": flag})
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Stage 1: how the frozen detector's outputs are cached."""
+    """Stage 1: how the frozen detector's outputs are cached. Each field's help is its
+    `mfcache extract` option's (cli/extract.py builds the options from these fields)."""
 
-    topk: int = 100            # detections kept per image (the paper's top-100 queries)
-    target_size: int = 64      # side of the stored per-query GT mask crops (heads resample)
-    batch_size: int = 2        # detector batch
-    block_size: int = 16       # images per write; each block owns whole chunks (resume unit)
-    chunk_tokens: int = 0      # memory chunk length in tokens; 0 = derive from image size
-    c1: str = "store"          # store | recompute (from the image at train time) | none
-    dtype: str = "float16"     # storage dtype of memory / c1 / queries: float16 | float32 | int8 (per-channel)
-    levels: tuple[int, ...] = ()  # encoder levels stored in memory (0 = finest); () = all
-    compress: bool = False     # blosc zstd + shuffle on the feature arrays (slow storage only)
-    resize: str = "auto"       # pixel path: auto (the detector's own) | processor (= its image processor's) | float
-    num_workers: int = 2       # image-decoding processes
-    device: str = "auto"
+    topk: int = option(100, low=1, help="Detections cached per image.")  # the paper's top-100 queries
+    target_size: int = option(64, low=8, help="Side of the cached per-query GT mask crops.")  # heads resample
+    batch_size: int = option(2, low=1, help="Detector batch size.")
+    block_size: int = option(16, low=1, help="Images per write (the resume unit); fixed when the split is "
+                                             "created.")  # each block owns whole chunks
+    chunk_tokens: int = option(0, low=0, help="Memory chunk length in tokens; 0 = derive from the image size "
+                                              "(not a CLI option).")
+    c1: str = option("store", help="Backbone stride-4 map: {choices}.", choices={
+        "store": "", "recompute": "from the image at training time", "none": ""})
+    dtype: str = option("float16", help="Storage dtype of features: {choices}.", choices={  # memory, c1, queries
+        "float16": "", "float32": "", "int8": "per-channel scales, ~1% error, half of float16"})
+    levels: tuple[int, ...] = option((), low=0, help="Encoder levels to store, e.g. 0,1 (0 = finest); default all.")
+    compress: bool = option(False, check=anything,
+                            help="Blosc zstd + shuffle on the features (only pays on slow storage).")
+    resize: str = option("auto", help="Pixel path: {choices}.", choices={
+        "auto": "the detector's own: processor for hf:, float for demo",
+        "processor": "the same pixels as the checkpoint's transformers image processor",
+        "float": "rescale, then resize the float image without rounding; the demo was trained on it"})
+    num_workers: int = option(2, low=0, flag="--workers", help="Image-decoding processes.")
+    device: str = option("auto", check=_device, help="auto, cpu, cuda or cuda:N.")
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """Stage 2: the mask head (DESIGN §5). The default is the paper's box-level baseline."""
+    """Stage 2: the mask head (DESIGN §5). The default is the paper's box-level baseline.
+    The fields with choices are exactly what the heads builder (mfcache/heads) composes."""
 
-    name: str = "box_baseline"
-    description: str = ""      # one line shown by `mfcache heads`
-    region: str = "box"        # box: RoIAlign inside each box | image: q . F over the whole map, then crop
-    roi_size: int = 32         # M: masks are predicted at M x M inside the box (16, 32 or 64)
-    level: int = 0             # encoder level fused with C1 (0 = finest, stride 8)
-    use_c1: bool = True        # add the backbone's stride-4 map to the fused feature map
-    channels: int = 0          # fused-map channels (channel mapper d -> d'); 0 = the detector's d_model
-    encoder: str = "none"      # image feature encoder on the cached memory: none | deformable | swin | convnext
-    encoder_depth: int = 1     # blocks of that encoder
-    neck: str = "none"         # on C1: none (1x1 projection only if channels differ) | conv_gn (1x1 conv + GroupNorm)
-    box_encoder_depth: int = 0  # transformer layers over the M x M RoI tokens (query token prepended)
-    query_encoder: tuple[str, ...] = ()  # in order, from: self_attn, box_cross_attn, ffn
-    predictor: str = "dot"     # dot | blender (BlendMask) | fcn (Mask R-CNN style)
-    blender_bases: int = 4     # blender: K bases from the fused map
-    blender_attn_size: int = 14  # blender: m, per-query K x m x m attentions
-    scoring: str = "mask_prob"  # class | mask_prob (class x mean prob over pixels > 0.5) | mask_iou (class x learned IoU)
-    quality_weight: float = 1.0  # mask_iou: weight of the quality (IoU regression) loss
-    loss: str = "bce_dice"     # bce_dice on the whole RoI | point (BCE + dice on sampled points)
-    points: int = 1024         # point loss: N sampled points per mask
-    oversample: float = 3.0    # point loss: k, candidates = k * N random points
-    importance: float = 0.75   # point loss: beta, share of the N points taken as the most uncertain
+    name: str = option("box_baseline", check=_run_name)
+    description: str = option("", check=anything, help="One line shown by `mfcache heads`.")
+    region: str = option("box", help="Where masks are predicted: {choices}.", choices={
+        "box": "RoIAlign inside each box", "image": "q . F over the whole map, then crop"})
+    roi_size: int = option(32, choices=(16, 32, 64), help="M: masks are predicted at M x M inside the box "
+                                                         "({choices}).")
+    level: int = option(0, low=0, help="Encoder level fused with C1 (0 = finest, stride 8).")
+    use_c1: bool = option(True, check=anything, help="Add the backbone's stride-4 map to the fused feature map.")
+    channels: int = option(0, low=0, help="Fused-map channels (channel mapper d -> d'); 0 = the detector's d_model.")
+    encoder: str = option("none", choices=("none", "deformable", "swin", "convnext"),
+                          help="Image feature encoder on the cached memory: {choices}.")
+    encoder_depth: int = option(1, low=1, help="Blocks of that encoder.")
+    neck: str = option("none", help="On C1: {choices}.", choices={
+        "none": "1x1 projection only if channels differ", "conv_gn": "1x1 conv + GroupNorm"})
+    box_encoder_depth: int = option(0, low=0, help="Transformer layers over the M x M RoI tokens "
+                                                   "(query token prepended).")
+    query_encoder: tuple[str, ...] = option((), choices=("self_attn", "box_cross_attn", "ffn"),
+                                            help="Query encoder layers in order, from: {choices}.")
+    predictor: str = option("dot", help="Mask predictor: {choices}.", choices={
+        "dot": "", "blender": "BlendMask", "fcn": "Mask R-CNN style"})
+    blender_bases: int = option(4, low=1, help="blender: K bases from the fused map.")
+    blender_attn_size: int = option(14, low=1, help="blender: m, per-query K x m x m attentions.")
+    scoring: str = option("mask_prob", help="Mask score: {choices}.", choices={
+        "class": "", "mask_prob": "class x mean prob over pixels > 0.5", "mask_iou": "class x learned IoU"})
+    quality_weight: float = option(1.0, low=0, help="mask_iou: weight of the quality (IoU regression) loss.")
+    loss: str = option("bce_dice", help="Mask loss: {choices}.", choices={
+        "bce_dice": "on the whole RoI", "point": "BCE + dice on sampled points"})
+    points: int = option(1024, low=1, help="point loss: N sampled points per mask.")
+    oversample: float = option(3.0, low=1, help="point loss: k, candidates = k * N random points.")
+    importance: float = option(0.75, check=between(0, 1),
+                               help="point loss: beta, share of the N points taken as the most uncertain.")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Stage 2: optimisation. Defaults follow the paper's recipe (DESIGN §5)."""
 
-    steps: int = 2000
-    batch_size: int = 8
-    lr: float = 1.5e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 5e-5
-    lr_drops: tuple[float, ...] = (0.9, 0.95)   # lr x0.1 at these fractions of the schedule
-    grad_clip: float = 1.0
-    min_iou: float = 0.5       # a query trains on the GT it overlaps most if box IoU >= this
-    bce_weight: float = 1.0
-    dice_weight: float = 1.0
-    seed: int = 0
-    num_workers: int = 2      # cache-reading processes (overlap reads with compute and each other)
-    checkpoint_every: int = 500
-    log_every: int = 25
-    device: str = "auto"
+    steps: int = option(2000, low=1)
+    batch_size: int = option(8, low=1)
+    lr: float = option(1.5e-4, check=above(0))
+    betas: tuple[float, float] = option((0.9, 0.999), check=lambda v: None if len(v) == 2 and not each(
+        between(0, 1, open_high=True))(v) else "must be two numbers in [0, 1)")
+    weight_decay: float = option(5e-5, low=0)
+    lr_drops: tuple[float, ...] = option((0.9, 0.95), check=each(between(0, 1, open_low=True)))  # lr x0.1 at these fractions
+    grad_clip: float = option(1.0, low=0)
+    min_iou: float = option(0.5, check=between(0, 1))  # a query trains on the GT it overlaps most if box IoU >= this
+    bce_weight: float = option(1.0, low=0)
+    dice_weight: float = option(1.0, low=0)
+    seed: int = option(0, low=0)
+    num_workers: int = option(2, low=0)  # cache-reading processes (overlap reads with compute and each other)
+    checkpoint_every: int = option(500, low=1)
+    log_every: int = option(25, low=1)
+    device: str = option("auto", check=_device)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """Stage 3: turning head outputs into COCO results."""
 
-    mask_threshold: float = 0.5
-    batch_size: int = 8
-    max_detections: int = 100
+    mask_threshold: float = option(0.5, check=between(0, 1, open_low=True, open_high=True))
+    batch_size: int = option(8, low=1)
+    max_detections: int = option(100, low=1)
 
 
 @dataclass(frozen=True)
@@ -203,128 +306,39 @@ def resolve_run_config(head: str | None = None, overrides: list[str] | None = No
     return config
 
 
-def with_overrides(config, overrides: dict):
-    """A frozen dataclass with some fields replaced, type-checked like a TOML file."""
-    hints = typing.get_type_hints(type(config))
-    names = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise MfcacheError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    config = dataclasses.replace(config, **{k: _coerce(v, hints[k], k) for k, v in overrides.items()})
-    check_config(config)
-    return config
+def choices(cls) -> dict[str, tuple]:
+    """``{field: allowed values}`` of the fields of config class ``cls`` that have choices."""
+    return {f.name: f.metadata["choices"] for f in dataclasses.fields(cls) if f.metadata["choices"] is not None}
 
 
-# --- ranges: every field of every config has a check (tests/test_meaningful_runs.py asserts it) ---
-
-Check = Callable[[object], str | None]  # a value -> what is wrong with it, None if fine
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def at_least(low: float) -> Check:
-    return lambda v: None if _number(v) and v >= low else f"must be {'' if _number(v) else 'a finite number '}>= {low:g}"
-
-
-def above(low: float) -> Check:
-    return lambda v: None if _number(v) and v > low else f"must be {'' if _number(v) else 'a finite number '}> {low:g}"
-
-
-def between(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Check:
-    def check(v):
-        ok = _number(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
-        return None if ok else f"must be in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-    return check
-
-
-def one_of(*choices) -> Check:
-    return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
-
-
-def each(check: Check) -> Check:
-    """A check of every item of a tuple."""
-    def check_all(values):
-        problems = [p for p in map(check, values) if p]
-        return f"must have every item {problems[0].removeprefix('must be ')}" if problems else None
-    return check_all
-
-
-def anything(_value) -> None:
-    return None
-
-
-def _run_name(v) -> str | None:  # a sweep makes a folder of this name
-    return None if v and v not in (".", "..") and not re.search(r"[/\\]", v) else "must be a non-empty folder name (no / or \\)"
-
-
-def _device(v) -> str | None:
-    return None if re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"
-
-
-HEAD_CHOICES = {  # the heads builder (mfcache/heads) composes exactly these
-    "region": ("box", "image"),
-    "roi_size": (16, 32, 64),
-    "encoder": ("none", "deformable", "swin", "convnext"),
-    "neck": ("none", "conv_gn"),
-    "query_encoder": ("self_attn", "box_cross_attn", "ffn"),
-    "predictor": ("dot", "blender", "fcn"),
-    "scoring": ("class", "mask_prob", "mask_iou"),
-    "loss": ("bce_dice", "point"),
-}
-
-RANGES: dict[type, dict[str, Check]] = {
-    ExtractConfig: {
-        "topk": at_least(1), "target_size": at_least(8), "batch_size": at_least(1), "block_size": at_least(1),
-        "chunk_tokens": at_least(0), "c1": one_of("store", "recompute", "none"),
-        "dtype": one_of("float16", "float32", "int8"), "levels": each(at_least(0)), "compress": anything,
-        "resize": one_of("auto", "processor", "float"),
-        "num_workers": at_least(0), "device": _device,
-    },
-    HeadConfig: {
-        "name": _run_name, "description": anything,
-        **{k: (each(one_of(*v)) if k == "query_encoder" else one_of(*v)) for k, v in HEAD_CHOICES.items()},
-        "level": at_least(0), "use_c1": anything, "channels": at_least(0), "encoder_depth": at_least(1),
-        "box_encoder_depth": at_least(0), "blender_bases": at_least(1), "blender_attn_size": at_least(1),
-        "quality_weight": at_least(0), "points": at_least(1), "oversample": at_least(1),
-        "importance": between(0, 1),
-    },
-    TrainConfig: {
-        "steps": at_least(1), "batch_size": at_least(1), "lr": above(0),
-        "betas": lambda v: None if len(v) == 2 and not each(between(0, 1, open_high=True))(v)
-        else "must be two numbers in [0, 1)",
-        "weight_decay": at_least(0), "lr_drops": each(between(0, 1, open_low=True)), "grad_clip": at_least(0),
-        "min_iou": between(0, 1), "bce_weight": at_least(0), "dice_weight": at_least(0), "seed": at_least(0),
-        "num_workers": at_least(0), "checkpoint_every": at_least(1), "log_every": at_least(1), "device": _device,
-    },
-    EvalConfig: {
-        "mask_threshold": between(0, 1, open_low=True, open_high=True), "batch_size": at_least(1),
-        "max_detections": at_least(1),
-    },
-}
+# every field of every config has a check (tests/test_meaningful_runs.py asserts it)
+RANGES: dict[type, dict[str, Check]] = {cls: {f.name: f.metadata["check"] for f in dataclasses.fields(cls)}
+                                        for cls in (ExtractConfig, HeadConfig, TrainConfig, EvalConfig)}
+HEAD_CHOICES = choices(HeadConfig)  # the heads builder (mfcache/heads) composes exactly these
 SECTIONS = {ExtractConfig: "extract", HeadConfig: "head", TrainConfig: "train", EvalConfig: "eval"}
 
 
-def config_problems(config) -> list[str]:
+def config_problems(config, names: dict[str, str] | None = None) -> list[str]:
     """One line per field of ``config`` (a :class:`RunConfig` or one of its sections, or an
-    :class:`ExtractConfig`) whose value is out of range, e.g. ``train.steps must be ... got 0``."""
+    :class:`ExtractConfig`) whose value is out of range, e.g. ``train.steps must be ... got 0``.
+    ``names`` calls fields by other names (e.g. the CLI's ``--c1`` for ``extract.c1``)."""
     if isinstance(config, RunConfig):
-        return [p for part in (config.head, config.train, config.eval) for p in config_problems(part)]
+        return [p for part in (config.head, config.train, config.eval) for p in config_problems(part, names)]
     section, problems = SECTIONS[type(config)], []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         problem = RANGES[type(config)][f.name](value)
         if problem:
-            problems.append(f"{section}.{f.name} {problem}, got {value!r}")
+            problems.append(f"{(names or {}).get(f.name, f'{section}.{f.name}')} {problem}, got {value!r}")
     if isinstance(config, TrainConfig) and config.bce_weight == 0 and config.dice_weight == 0:
         problems.append("train.bce_weight and train.dice_weight are both 0: the head would learn nothing")
     return problems
 
 
-def check_config(config) -> None:
-    """Raise :class:`MfcacheError` listing every out-of-range field, one line each."""
-    problems = config_problems(config)
+def check_config(config, names: dict[str, str] | None = None) -> None:
+    """Raise :class:`MfcacheError` listing every out-of-range field, one line each (``names``:
+    as in :func:`config_problems`)."""
+    problems = config_problems(config, names)
     if problems:
         raise MfcacheError("\n".join(problems))
 

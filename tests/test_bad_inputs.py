@@ -43,6 +43,18 @@ def cli(data, out, *extra, annotations=None):
 
 
 
+@pytest.mark.parametrize("option, value, allowed", [
+    ("--c1", "stored", "store, recompute, none"),
+    ("--dtype", "int4", "float16, float32, int8"),
+    ("--resize", "fast", "auto, processor, float"),
+    ("--levels", "-1", ">= 0"),
+])
+def test_a_bad_option_value_is_one_line_naming_the_option(data, tmp_path, option, value, allowed):
+    result = cli(data, tmp_path / "cache", option, value)
+    one_error_line(result, f"{option} must", allowed, repr(value) if option != "--levels" else "(-1,)")
+    assert not (tmp_path / "cache").exists()  # refused before anything is made
+
+
 def image_file(data, position):
     images = sorted(json.loads((data / "annotations" / "train.json").read_text())["images"], key=lambda im: im["id"])
     return data / "train" / images[position]["file_name"], images[position]["id"]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mfcache.config import HeadConfig, preset_names, resolve_run_config
+from mfcache.config import HEAD_CHOICES, HeadConfig, preset_names, resolve_run_config
 from mfcache.errors import MfcacheError
 from mfcache.heads import build_head
 from mfcache.heads.blender import blend
@@ -160,6 +160,14 @@ def test_image_and_box_region_agree_up_to_sampling():
 def test_bad_combinations_are_clear_errors(override, message):
     with pytest.raises(MfcacheError, match=message):
         build_head(HeadConfig(**override), d_model=D, c1_channels=C1, num_levels=4)
+
+
+@pytest.mark.parametrize("name, value", [(name, value) for name, values in HEAD_CHOICES.items()
+                                         for value in values])
+def test_the_builder_builds_every_choice_the_config_declares(name, value):
+    """HeadConfig's choices (config.HEAD_CHOICES) are the one table: each one builds."""
+    config = HeadConfig(**{name: (value,) if name == "query_encoder" else value})
+    build_head(config, d_model=D, c1_channels=C1, num_levels=4)
 
 
 def test_swin_shift_mask_and_window_padding():

@@ -35,10 +35,10 @@ from mfcache.cache.schema import (
     QUANTIZED,
     SCHEMA_VERSION,
     SKIPPED,
+    ExtractSettings,
     c1_size,
     checksum,
     checksum_parts,
-    stored_levels,
 )
 from mfcache.checkpoint_io import files_trusted, trusting
 from mfcache.detectors.base import DetectorInfo
@@ -107,6 +107,7 @@ class Cache:
             )
         self.detector = DetectorInfo.from_dict(self.fingerprint["detector"])
         self.extract = self.fingerprint["extract"]
+        self.settings = ExtractSettings.from_fingerprint(self.fingerprint)  # the extract options, typed
 
     @property
     def splits(self) -> list[str]:
@@ -174,13 +175,13 @@ class CacheSplit:
         # column of each checksum part in index/checksum [N, P]
         self.part = {part: k for k, part in enumerate(checksum_parts(self.index["level_hw"].shape[1]))}
         self.label_to_category = np.asarray(self.attrs["label_to_category"], dtype=np.int64)
-        self.recompute_c1 = cache.extract["c1"] == "recompute"  # made from the image at read time
+        self.recompute_c1 = cache.settings.c1 == "recompute"  # made from the image at read time
         self.has_c1 = self._has("c1") or self.recompute_c1
         self._c1_recomputer = (C1Recomputer(cache.path, cache.detector.preprocess)
                                if self.recompute_c1 else None)
         self._file_names: dict[int, str] | None = None
-        self.target_size = int(cache.extract["target_size"])
-        self.stored_levels = stored_levels(cache.fingerprint)  # detector level indices in memory
+        self.target_size = cache.settings.target_size
+        self.stored_levels = list(cache.settings.levels)  # detector level indices in memory
         self.scales = {name: scale for name, scale in QUANTIZED.items() if self._has(scale)}
         self.index["token_end"] = (self.index["token_offset"]
                                    + self.index["level_hw"][:, self.stored_levels].prod(-1).sum(-1))

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mfcache import __version__
+from mfcache.config import ExtractConfig, choices
 from mfcache.detectors.base import LEGACY_PREPROCESS, DetectorInfo, level_shapes
 
 try:  # the same CRC-32 as zlib's, ~5x faster (ISA-L, SIMD): the `fast` extra
@@ -91,7 +92,7 @@ SCALE_ARRAYS: dict[str, tuple[str, str]] = {
     "scales/c1": ("C", "c1 scale per channel"),
 }
 QUANTIZED = {"queries": "scales/queries", "memory": "scales/memory", "c1": "scales/c1"}
-STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}  # extract --dtype
+STORAGE_DTYPES = {name: np.dtype(name).type for name in choices(ExtractConfig)["dtype"]}  # extract --dtype
 INDEX_ARRAYS = tuple(name for name in IMAGE_ARRAYS if name.startswith("index/"))
 DONE, SKIPPED = 1, 2
 # Arrays the checksums cover, in order: everything but the flags themselves, then the ragged rows.
@@ -152,16 +153,46 @@ def image_checksums(parts: dict[str, np.ndarray], num_levels: int) -> np.ndarray
                     dtype=np.uint32)
 
 
+@dataclass(frozen=True)
+class ExtractSettings:
+    """How a cache was extracted: the typed view of a fingerprint's ``extract`` options (and
+    of the pixel path, which the fingerprint keeps in the detector's preprocessing). Options
+    added after the first caches read, in caches written before them, as what those caches
+    were made with (:func:`stored_levels`, :func:`stored_resize`, ``compress`` False)."""
+
+    topk: int               # detections stored per image
+    target_size: int        # side of the stored GT mask crops
+    c1: str                 # store | recompute | none
+    dtype: str              # storage dtype of queries, memory and c1 (STORAGE_DTYPES)
+    levels: tuple[int, ...]  # detector level indices held in memory, finest first
+    compress: bool = False
+    resize: str = LEGACY_PREPROCESS["resize"]  # the detector's Preprocess.resize
+
+    @classmethod
+    def from_fingerprint(cls, fp: dict) -> ExtractSettings:
+        extract = fp["extract"]
+        return cls(topk=extract["topk"], target_size=extract["target_size"], c1=extract["c1"],
+                   dtype=extract["dtype"], levels=tuple(stored_levels(fp)), compress=extract.get("compress", False),
+                   resize=stored_resize(fp))
+
+    def options(self) -> dict:
+        """The fingerprint's ``extract`` dict, as written to disk (the keyword arguments of
+        :func:`fingerprint`; ``resize`` is the detector's, not among them)."""
+        return {"topk": self.topk, "target_size": self.target_size, "c1": self.c1, "dtype": self.dtype,
+                "levels": list(self.levels), "compress": self.compress}
+
+
 def fingerprint(info: DetectorInfo, *, topk: int, target_size: int, c1: str, dtype: str,
                 levels: tuple[int, ...] | None = None, compress: bool = False) -> dict:
     """What a cache's contents depend on, besides the images and annotations.
     ``levels``: stored encoder level indices (None = all)."""
+    settings = ExtractSettings(topk=topk, target_size=target_size, c1=c1, dtype=dtype, compress=compress,
+                               levels=tuple(range(len(info.strides)) if levels is None else levels),
+                               resize=info.preprocess.resize)
     return {
         "schema_version": SCHEMA_VERSION,
         "detector": info.to_dict(),
-        "extract": {"topk": topk, "target_size": target_size, "c1": c1, "dtype": dtype,
-                    "levels": list(range(len(info.strides)) if levels is None else levels),
-                    "compress": compress},
+        "extract": settings.options(),
         "mfcache_version": __version__,
     }
 

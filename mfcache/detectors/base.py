@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from mfcache.config import ExtractConfig, choices
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -43,7 +45,8 @@ class DetectorOutput:
     c1: Tensor | None = None
 
 
-RESIZE_PATHS = ("processor", "float")  # Preprocess.resize: how pixels are resampled (see there)
+# Preprocess.resize: how pixels are resampled (see there); extract --resize also takes "auto"
+RESIZE_PATHS = tuple(path for path in choices(ExtractConfig)["resize"] if path != "auto")
 # What a fingerprint written before a Preprocess field existed meant by it: every cache made
 # before ``resize`` existed was made on the float path (with the 1/255 rescale).
 LEGACY_PREPROCESS = {"resize": "float", "rescale_factor": 1 / 255}

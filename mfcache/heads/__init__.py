@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mfcache.config import HeadConfig
+from mfcache.config import HeadConfig, check_config
 from mfcache.errors import MfcacheError
 from mfcache.heads.base import HeadOutput, MaskHead
 from mfcache.heads.blender import BlenderPredictor
@@ -16,34 +16,21 @@ from mfcache.heads.deformable import DeformableEncoder
 from mfcache.heads.dot import DotPredictor, ImageDotPredictor
 from mfcache.heads.fcn import FCNPredictor
 from mfcache.heads.fusion import FusedMap, conv_gn
-from mfcache.heads.query_encoder import KINDS, QueryEncoder
+from mfcache.heads.query_encoder import QueryEncoder
 from mfcache.heads.scoring import MaskIoUHead
 from mfcache.heads.swin import SwinEncoder
 
 __all__ = ["HeadOutput", "MaskHead", "build_head", "check_head_config"]
 
-ENCODERS = ("none", "deformable", "swin", "convnext")
-NECKS = ("none", "conv_gn")
-PREDICTORS = ("dot", "blender", "fcn")
-SCORINGS = ("class", "mask_prob", "mask_iou")
-LOSSES = ("bce_dice", "point")
 ATTENTION_HEADS = 4
 
 
-def _one_of(name: str, value, valid: tuple) -> None:
-    if value not in valid:
-        raise MfcacheError(f"head.{name} must be one of {', '.join(map(str, valid))}, got {value!r}")
-
-
 def check_head_config(c: HeadConfig, *, channels: int, c1_channels: int, num_levels: int) -> None:
-    """Raise :class:`MfcacheError` naming the first option of ``c`` that cannot be built."""
-    _one_of("region", c.region, ("box", "image"))
-    _one_of("roi_size", c.roi_size, (16, 32, 64))
-    _one_of("encoder", c.encoder, ENCODERS)
-    _one_of("neck", c.neck, NECKS)
-    _one_of("predictor", c.predictor, PREDICTORS)
-    _one_of("scoring", c.scoring, SCORINGS)
-    _one_of("loss", c.loss, LOSSES)
+    """Raise :class:`MfcacheError` naming the options of ``c`` that are out of range (each
+    field's allowed values, :data:`~mfcache.config.HEAD_CHOICES` among them, are declared on
+    :class:`~mfcache.config.HeadConfig`; this module builds exactly those choices), else the
+    first combination that cannot be built for this cache."""
+    check_config(c)
     if not 0 <= c.level < num_levels:
         raise MfcacheError(f"head.level {c.level} is out of range: the cache has {num_levels} levels")
     if c.use_c1 and not c1_channels:
@@ -51,11 +38,6 @@ def check_head_config(c: HeadConfig, *, channels: int, c1_channels: int, num_lev
                            "use --set head.use_c1=false")
     if c.neck != "none" and not c.use_c1:
         raise MfcacheError(f"head.neck = {c.neck!r} needs head.use_c1 = true (the neck maps C1)")
-    if c.channels < 0 or c.encoder_depth < 1 or c.box_encoder_depth < 0:
-        raise MfcacheError("head.channels must be >= 0, head.encoder_depth >= 1 and head.box_encoder_depth >= 0")
-    unknown = [k for k in c.query_encoder if k not in KINDS]
-    if unknown:
-        raise MfcacheError(f"head.query_encoder: unknown layer {unknown[0]!r}; valid: {', '.join(KINDS)}")
     if "box_cross_attn" in c.query_encoder and "self_attn" in c.query_encoder[c.query_encoder.index("box_cross_attn"):]:
         raise MfcacheError("head.query_encoder: self_attn must come before box_cross_attn "
                            "(it runs on all K queries of an image, before selection)")
@@ -67,10 +49,6 @@ def check_head_config(c: HeadConfig, *, channels: int, c1_channels: int, num_lev
                            "(box_encoder_depth = 0, no box_cross_attn)")
     if c.predictor == "fcn" and c.query_encoder:
         raise MfcacheError("head.predictor = 'fcn' ignores the queries: set head.query_encoder = []")
-    if c.blender_bases < 1 or c.blender_attn_size < 1:
-        raise MfcacheError("head.blender_bases and head.blender_attn_size must be >= 1")
-    if c.points < 1 or c.oversample < 1 or not 0 <= c.importance <= 1:
-        raise MfcacheError("head.points must be >= 1, head.oversample >= 1 and head.importance in [0, 1]")
 
 
 def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels: int) -> MaskHead:

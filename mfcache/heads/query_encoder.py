@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-KINDS = ("self_attn", "box_cross_attn", "ffn")
-
 
 class SelfAttention(nn.Module):
     """``[B, K, C] -> [B, K, C]``: post-norm self-attention among one image's queries."""

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 from torch.utils.data import DataLoader, Dataset
 
 from mfcache.cache.c1_stem import STEM_ARRAY, export_stem
 from mfcache.cache.lock import writer_lock
 from mfcache.cache.records import ImageRecord, crop_outputs, image_record
-from mfcache.cache.schema import SKIPPED, STORAGE_DTYPES, fingerprint, plan_split
+from mfcache.cache.schema import SKIPPED, SplitPlan, fingerprint, plan_split
 from mfcache.cache.stats import STATS_ATTR, MatchStats, group_stats, stored_stats
 from mfcache.cache.writer import (
     BackgroundWriter,
@@ -31,7 +32,7 @@ from mfcache.config import ExtractConfig, check_config
 from mfcache.data.coco import CocoDataset
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors import load_detector
-from mfcache.detectors.base import RESIZE_PATHS, Preprocess, select_topk
+from mfcache.detectors.base import Detector, Preprocess, select_topk
 from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
 from mfcache.outputs import check_folder
@@ -192,15 +193,39 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
         close_world(created)
 
 
+@dataclass
+class _Job:
+    """What one extract run stores, decided before anything is written."""
+
+    dataset: CocoDataset
+    split: str
+    model: Detector
+    topk: int            # detections per image: at most what the detector has
+    levels: list[int]    # detector levels stored in memory, finest first
+    meta: dict           # the split's attrs: annotation hash, label -> category map, ...
+
+
 def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
              config: ExtractConfig, skip_bad: bool, progress: bool, world: World,
              device: torch.device) -> ExtractSummary:
-    if config.c1 not in ("store", "recompute", "none"):
-        raise MfcacheError(f"--c1 must be store, recompute or none, got {config.c1!r}")
-    if config.resize not in ("auto", *RESIZE_PATHS):
-        raise MfcacheError(f"--resize must be auto, {' or '.join(RESIZE_PATHS)}, got {config.resize!r}")
-    if config.dtype not in STORAGE_DTYPES:
-        raise MfcacheError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {config.dtype!r}")
+    out = Path(out)
+    job = _prepare(detector=detector, images=images, annotations=annotations, split=split, config=config,
+                   skip_bad=skip_bad, world=world, device=device)
+    group, plan = _create_split(job, out, config, world)
+    writer = BlockWriter(group)
+    block = int(group.attrs["block_size"])  # the split's own, whatever this run asked for
+    pending = _own_pending(writer, job.split, out, block, skip_bad=skip_bad, world=world)
+    assemble = _BlockAssembler(writer, block, plan.num_images, out,
+                               {"target_size": config.target_size, "dtype": config.dtype, "levels": job.levels})
+    _run_detector(job, plan, _loader(job, pending, block, config), assemble, total=len(pending),
+                  skip_bad=skip_bad, progress=progress, world=world, device=device)
+    return _finish(job, group, writer, plan, written=len(pending), out=out, world=world, device=device)
+
+
+def _prepare(*, detector: str, images: Path, annotations: Path, split: str | None, config: ExtractConfig,
+             skip_bad: bool, world: World, device: torch.device) -> _Job:
+    """Check the options, load the annotations and the detector, and decide the stored top-k,
+    levels and split attrs: a bad option or a label mismatch leaves no empty cache behind."""
     check_config(config)
     dataset = CocoDataset(annotations, images, skip_bad=skip_bad)
     if not len(dataset):
@@ -212,62 +237,86 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     info = model.info
     num_classes = len(info.label_names)
     topk = min(config.topk, info.num_queries * (num_classes if info.sigmoid else 1))
-
     levels = sorted(set(config.levels)) if config.levels else list(range(len(info.strides)))
     if levels[0] < 0 or levels[-1] >= len(info.strides):
         raise MfcacheError(f"--levels {','.join(map(str, config.levels))}: the detector has levels "
                            f"0..{len(info.strides) - 1} (strides {list(info.strides)})")
-    meta = {  # decided before anything is written: a label mismatch leaves no empty cache behind
+    meta = {
         "annotations_sha256": dataset.sha256, "annotation_file": str(annotations), "images_dir": str(images),
         "label_to_category": label_to_category(info.label_names, dataset.category_names),
         "category_names": {str(k): v for k, v in dataset.category_names.items()},
         "skipped_annotations": {str(k): v for k, v in dataset.report.left_out.items()},
     }
+    return _Job(dataset=dataset, split=split, model=model, topk=topk, levels=levels, meta=meta)
+
+
+def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> tuple[zarr.Group, SplitPlan]:
+    """Open (or create) the cache and the split's layout. Under torchrun rank 0 does it alone,
+    removes an interrupted run's partial writes and exports the C1 stem, while the other ranks
+    wait at the barrier; they open the finished layout after it."""
+    info = job.model.info
     if not world.is_main:
         world.barrier()  # rank 0 creates the root and the split's layout alone
-    root = open_root(Path(out), fingerprint(info, topk=topk, target_size=config.target_size,
-                                           c1=config.c1, dtype=config.dtype, levels=levels,
-                                           compress=config.compress))
-    plan = plan_split([im.id for im in dataset.images], [(im.height, im.width) for im in dataset.images],
-                      info, config.chunk_tokens, levels)
+    root = open_root(out, fingerprint(info, topk=job.topk, target_size=config.target_size, c1=config.c1,
+                                      dtype=config.dtype, levels=job.levels, compress=config.compress))
+    plan = plan_split([im.id for im in job.dataset.images], [(im.height, im.width) for im in job.dataset.images],
+                      info, config.chunk_tokens, job.levels)
     group = create_split(
-        root, split, plan, meta=meta, annotations=dataset.stored, topk=topk,
+        root, job.split, plan, meta=job.meta, annotations=job.dataset.stored, topk=job.topk,
         d_model=info.d_model, c1_channels=info.c1_channels if config.c1 == "store" else 0,
         target_size=config.target_size, block_size=config.block_size, dtype=config.dtype,
         compress=config.compress,
     )
     if world.is_main:  # the other ranks wait at the barrier: nothing writes yet
-        remove_partial_writes(Path(out), split)
-    if config.c1 == "recompute" and world.is_main and not (Path(out) / STEM_ARRAY).is_dir():
-        stem = model.c1_stem()
-        if stem is None:
-            raise MfcacheError(f"--c1 recompute is not available for {info.family} detectors; use store or none")
-        export_stem(stem, root)
+        remove_partial_writes(out, job.split)
+    if config.c1 == "recompute" and world.is_main and not (out / STEM_ARRAY).is_dir():
+        _export_c1_stem(job.model, root)
     if world.is_main:
         world.barrier()
-    writer = BlockWriter(group)
-    block = int(group.attrs["block_size"])  # the split's own, whatever this run asked for
+    return group, plan
+
+
+def _export_c1_stem(model: Detector, root: zarr.Group) -> None:
+    """``--c1 recompute``: store the detector's C1 stem, which re-makes C1 from the image."""
+    stem = model.c1_stem()
+    if stem is None:
+        raise MfcacheError(f"--c1 recompute is not available for {model.info.family} detectors; use store or none")
+    export_stem(stem, root)
+
+
+def _own_pending(writer: BlockWriter, split: str, out: Path, block: int, *, skip_bad: bool,
+                 world: World) -> np.ndarray:
+    """The positions this rank writes: its whole blocks that are not done yet."""
     if world.enabled and (writer.index["index/done"] == SKIPPED).any():
         raise MfcacheError(f"split {split!r} of {out} has skipped images: retry them with a single process "
                            "(without torchrun)")
-    pending = own_blocks(pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad),
-                         block, world)
+    return own_blocks(pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad),
+                      block, world)
+
+
+def _loader(job: _Job, pending: np.ndarray, block: int, config: ExtractConfig) -> DataLoader:
+    """Decoded images of ``pending`` in detector batches."""
     # Batches never straddle a block and start at its first image, so a resumed run batches
     # (and pads) every image exactly as an uninterrupted run does: outputs are identical.
     batches = [list(range(j, min(j + config.batch_size, k)))
                for b0 in range(0, len(pending), block)
                for k in [min(b0 + block, len(pending))]
                for j in range(b0, k, config.batch_size)]
-    loader = DataLoader(
-        _ImageSource(dataset, pending, info.preprocess), batch_sampler=batches,
+    return DataLoader(
+        _ImageSource(job.dataset, pending, job.model.info.preprocess), batch_sampler=batches,
         num_workers=config.num_workers, collate_fn=list,
         persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
     )
+
+
+def _run_detector(job: _Job, plan: SplitPlan, loader: DataLoader, assemble: _BlockAssembler, *, total: int,
+                  skip_bad: bool, progress: bool, world: World, device: torch.device) -> None:
+    """The detector over every batch of ``loader``; each image's outputs (or its skip reason)
+    go to the writer thread, which writes a block once all its images are in."""
+    model, info = job.model, job.model.info
     where = f"{info.family} on {device.type}" + (f", rank 0 of {world.size}" if world.enabled else "")
-    assemble = _BlockAssembler(writer, block, plan.num_images, Path(out),
-                               {"target_size": config.target_size, "dtype": config.dtype, "levels": levels})
-    with progress_bar(progress) as bar, BackgroundWriter(assemble, depth=WRITE_QUEUE * block) as background:
-        task = bar.add_task(f"extract {split}", total=len(pending), status=where)
+    with progress_bar(progress) as bar, BackgroundWriter(assemble, depth=WRITE_QUEUE * assemble.block) as background:
+        task = bar.add_task(f"extract {job.split}", total=total, status=where)
         for items in loader:
             good = [item for item in items if "error" not in item]
             for item in items:
@@ -276,7 +325,7 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
             if good:
                 pixel_values, pixel_mask = pad_batch([item["input"] for item in good], info.preprocess)
                 out_batch = model(pixel_values.to(device), pixel_mask.to(device))
-                top = select_topk(out_batch, topk, sigmoid=info.sigmoid)
+                top = select_topk(out_batch, job.topk, sigmoid=info.sigmoid)
             for b, item in enumerate(good):
                 i = item["position"]
                 sample = crop_outputs(out_batch, top, b, level_hw=plan.level_hw[i], input_hw=plan.input_hw[i],
@@ -289,15 +338,20 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
             bar.advance(task, len(items))
     if assemble.buffers:  # pending holds whole blocks, so every block fills up
         raise MfcacheError(f"internal error: unfinished blocks {sorted(assemble.buffers)}")
-    written = len(pending)
+
+
+def _finish(job: _Job, group: zarr.Group, writer: BlockWriter, plan: SplitPlan, *, written: int, out: Path,
+            world: World, device: torch.device) -> ExtractSummary:
+    """Wait for every rank's blocks, then sum up; a finished split gets its match stats."""
     if world.enabled:  # every rank's blocks are written once all ranks get here
         written = int(all_sum(written, device))
         world.barrier()
     done = group["index/done"][:] if world.enabled else writer.index["index/done"]
     match = record_match_stats(group, recompute=written > 0) if world.is_main and not (done == 0).any() else None
-    return ExtractSummary(split=split, num_images=plan.num_images, written=written, cache=Path(out),
+    return ExtractSummary(split=job.split, num_images=plan.num_images, written=written, cache=out,
                           skipped=int((done == SKIPPED).sum()), match=match,
-                          annotations=dataset.report.summary(), skipped_annotations=len(dataset.report.left_out))
+                          annotations=job.dataset.report.summary(),
+                          skipped_annotations=len(job.dataset.report.left_out))
 
 
 def record_match_stats(group, *, recompute: bool) -> MatchStats:

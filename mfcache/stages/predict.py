@@ -31,7 +31,7 @@ import torch
 from mfcache.cache.reader import Cache
 from mfcache.cache.records import crop_outputs, image_record, served_sample
 from mfcache.cache.sample import Batch
-from mfcache.cache.schema import fingerprint, stored_resize
+from mfcache.cache.schema import ExtractSettings, fingerprint
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors import load_detector
 from mfcache.detectors.base import DetectorInfo, level_shapes, select_topk
@@ -104,11 +104,11 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
     paths = expand_inputs(inputs)
     torch_device = resolve_device(device)
     state = read_checkpoint(Path(run_dir), torch_device)
-    stored = state["fingerprint"]
-    # the pixel path of the cache the head was trained on: the head learned from those outputs
-    model = load_detector(detector, device=torch_device, resize=stored_resize(stored))
+    extract = ExtractSettings.from_fingerprint(state["fingerprint"])  # of the cache the head was trained on
+    # that cache's pixel path: the head learned from those outputs
+    model = load_detector(detector, device=torch_device, resize=extract.resize)
     info = model.info
-    run = load_run(Path(run_dir), fingerprint(info, **stored["extract"]), torch_device, state=state,
+    run = load_run(Path(run_dir), fingerprint(info, **extract.options()), torch_device, state=state,
                    detector=info.spec)
     to_category, category_names = run_categories(Path(run_dir), info)
     out = Path(out)
@@ -124,7 +124,7 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
             for start in range(0, len(paths), batch_size):
                 chunk = list(enumerate(paths[start: start + batch_size], start=start + 1))
                 pixels = {image_id: load_image(path) for image_id, path in chunk}
-                batch = detect(model, pixels, extract=stored["extract"], head=run.head, device=torch_device).to(torch_device)
+                batch = detect(model, pixels, extract=extract, head=run.head, device=torch_device).to(torch_device)
                 for (image_id, path), image in zip(chunk, batch_results(run.head, batch, to_category, run.config)):
                     found = image["head"]
                     results += found
@@ -148,17 +148,18 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
                           images=out / "images.json", overlays=out / "overlays")
 
 
-def detect(model, pixels: dict[int, torch.Tensor], *, extract: dict, head: MaskHead, device: torch.device) -> Batch:
+def detect(model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, head: MaskHead,
+           device: torch.device) -> Batch:
     """The detector's outputs for a few images (``{image_id: uint8 [3, H, W]}``) as the head
-    would read them from a cache made with ``extract`` (the fingerprint's settings): top-k
-    detections, stored in the cache's dtype and served back (:mod:`mfcache.cache.records`),
-    batched as the reader batches (CPU tensors)."""
+    would read them from a cache made with ``extract``: top-k detections, stored in the
+    cache's dtype and served back (:mod:`mfcache.cache.records`), batched as the reader
+    batches (CPU tensors)."""
     info = model.info
     inputs = [to_input(image, info.preprocess) for image in pixels.values()]
     pixel_values, pixel_mask = pad_batch(inputs, info.preprocess)
     outputs = model(pixel_values.to(device), pixel_mask.to(device))
-    top = select_topk(outputs, extract["topk"], sigmoid=info.sigmoid)
-    stored = extract["levels"]
+    top = select_topk(outputs, extract.topk, sigmoid=info.sigmoid)
+    stored = list(extract.levels)
     samples = []
     for b, (image_id, image) in enumerate(pixels.items()):
         input_hw = tuple(inputs[b].shape[1:])
@@ -167,7 +168,7 @@ def detect(model, pixels: dict[int, torch.Tensor], *, extract: dict, head: MaskH
                             orig_hw=image.shape[1:]).cpu()
         if not head.uses_c1:
             crop.c1 = None
-        record = image_record(crop, gt=None, target_size=extract["target_size"], dtype=extract["dtype"],
+        record = image_record(crop, gt=None, target_size=extract.target_size, dtype=extract.dtype,
                               levels=stored)
         samples.append(served_sample(record, image_id=image_id, input_hw=input_hw, orig_hw=image.shape[1:],
                                      level_hw=level_hw[stored], wanted=[stored.index(l) for l in head.levels]))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mfcache.cache.schema import fingerprint_mismatch
+from mfcache.cache.schema import ExtractSettings, fingerprint_mismatch
 from mfcache.checkpoint_io import load_checkpoint, save_checkpoint
 from mfcache.config import HeadConfig, RunConfig
 from mfcache.detectors.base import DetectorInfo
@@ -28,10 +28,10 @@ RUN_INFO = "config.json"
 LOG = "log.jsonl"
 
 
-def head_for(info: DetectorInfo, extract: dict, head: HeadConfig) -> MaskHead:
-    """A new head for a detector (``info``) cached with extract settings ``extract`` (the
-    fingerprint's: C1 is an input only if the cache has it)."""
-    return build_head(head, d_model=info.d_model, c1_channels=info.c1_channels if extract["c1"] != "none" else 0,
+def head_for(info: DetectorInfo, extract: ExtractSettings, head: HeadConfig) -> MaskHead:
+    """A new head for a detector (``info``) cached with ``extract`` (C1 is an input only if the
+    cache has it)."""
+    return build_head(head, d_model=info.d_model, c1_channels=info.c1_channels if extract.c1 != "none" else 0,
                       num_levels=len(info.strides))
 
 
@@ -101,6 +101,6 @@ def load_run(run_dir: Path, wanted: dict, device: torch.device, *, state: dict |
         raise MfcacheError(f"the head in {run_dir} was trained on a cache made with {problem}"
                            + (f", not with detector {detector!r}" if detector else ""))
     config = RunConfig.from_dict(state["config"])
-    head = head_for(DetectorInfo.from_dict(stored["detector"]), stored["extract"], config.head)
+    head = head_for(DetectorInfo.from_dict(stored["detector"]), ExtractSettings.from_fingerprint(stored), config.head)
     head.load_state_dict(state["model"])
     return LoadedRun(head.to(device).eval(), config, stored)

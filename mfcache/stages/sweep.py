@@ -101,7 +101,7 @@ def run_head(*, cache_path: Path, config: RunConfig, run_dir: Path, split: str |
     row = {
         "name": config.head.name,
         **{f"segm_{k}": metrics["segm"].get(k) for k in AP_KEYS},
-        "params": parameter_count(head_for(cache.detector, cache.extract, config.head)),
+        "params": parameter_count(head_for(cache.detector, cache.settings, config.head)),
         "train_seconds": round(last["seconds"], 3),
         "peak_memory_mb": None if peak is None else round(peak, 1),
         "config": config.to_dict(),

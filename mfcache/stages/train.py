@@ -119,7 +119,7 @@ class Trainer:
         self.cache, self.data, self.config, self.world, self.device = cache, data, config, world, device
         tc = config.train
         torch.manual_seed(tc.seed)
-        self.head: MaskHead = head_for(cache.detector, cache.extract, config.head).to(device)
+        self.head: MaskHead = head_for(cache.detector, cache.settings, config.head).to(device)
         self.model = torch.nn.parallel.DistributedDataParallel(self.head) if world.enabled else self.head
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=tc.lr, betas=tc.betas,
                                            weight_decay=tc.weight_decay)
