@@ -86,7 +86,7 @@ def synthetic_cache(out: Path, *, images: int, input_hw: tuple[int, int], d_mode
 
 
 def bench_reader(quick: bool) -> dict:
-    """Training reader (CacheDataset + DataLoader, train.num_workers, collate, levels 0 + C1
+    """Training reader (CacheDataset + DataLoader, train.num_workers, Batch.collate, levels 0 + C1
     + targets as the box baseline reads) vs a plain sequential read of the same files, both
     from a cold page cache; alternated, median of repeats.
 
@@ -98,7 +98,8 @@ def bench_reader(quick: bool) -> dict:
     this machine (``crc_implementation``: isal or zlib), so the check's cost is stated three ways."""
     from torch.utils.data import DataLoader
 
-    from mfcache.cache.reader import CacheDataset, CacheSplit, collate
+    from mfcache.cache.reader import CacheDataset, CacheSplit
+    from mfcache.cache.sample import Batch
     from mfcache.cache.schema import CRC32_IMPLEMENTATION
     from mfcache.config import TrainConfig
 
@@ -116,7 +117,7 @@ def bench_reader(quick: bool) -> dict:
                 CacheSplit.checksums = checksums
                 dataset = CacheDataset(root, "train", levels=None, c1=True, targets=True)
                 first = None
-                for _ in DataLoader(dataset, batch_size=batch, collate_fn=collate, num_workers=num_workers):
+                for _ in DataLoader(dataset, batch_size=batch, collate_fn=Batch.collate, num_workers=num_workers):
                     first = first or time.perf_counter() - start
                 return first, time.perf_counter() - start
             return run

@@ -115,7 +115,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"| val images | path | bbox AP | AP50 | AP75 |\n|---|---|---|---|---|")
+    print("| val images | path | bbox AP | AP50 | AP75 |\n|---|---|---|---|---|")
     for label, by_path in rows.items():
         for name, m in by_path.items():
             print(f"| {label} | {name} | {m['AP']:.4f} | {m['AP50']:.4f} | {m['AP75']:.4f} |")

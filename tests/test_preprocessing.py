@@ -174,8 +174,8 @@ def test_recomputed_c1_follows_the_caches_path(shapes_data, tmp_path):
     stored, again = Cache(tmp_path / "stored").split("val"), Cache(tmp_path / "again").split("val")
     assert Cache(tmp_path / "again").detector.preprocess.resize == "processor"
     for i in range(again.num_images):
-        torch.testing.assert_close(again.read(i, levels=(0,), targets=False)["c1"],
-                                   stored.read(i, levels=(0,), targets=False)["c1"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again.read(i, levels=(0,), targets=False).c1,
+                                   stored.read(i, levels=(0,), targets=False).c1, rtol=1e-5, atol=1e-5)
 
 
 def test_predict_uses_the_path_of_the_runs_cache(shapes_data, tmp_path, monkeypatch):

@@ -284,13 +284,13 @@ def test_a_stem_this_user_exported_runs_without_trust_and_nobody_elses_does(shap
             out=cache, config=ExtractConfig(c1="recompute", batch_size=1, num_workers=0, device="cpu"),
             progress=False)
     split = Cache(cache).split("val")
-    assert split.read(0, levels=(0,), targets=False)["c1"].ndim == 3  # made here: runs
+    assert split.read(0, levels=(0,), targets=False).c1.ndim == 3  # made here: runs
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "another-user"))
     with pytest.raises(MfcacheError, match="not exported by your own extraction.*--trust-checkpoint"):
         Cache(cache).split("val").read(0, levels=(0,), targets=False)
     with trusting():
-        assert Cache(cache).split("val").read(0, levels=(0,), targets=False)["c1"].ndim == 3
+        assert Cache(cache).split("val").read(0, levels=(0,), targets=False).c1.ndim == 3
 
 
 # ----------------------------------------------------------------------------- outputs
