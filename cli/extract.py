@@ -46,6 +46,7 @@ def command(
     block_size: Annotated[int, _option("block_size")] = _D.block_size,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images and bad annotations as skipped (see `mfcache inspect`) instead of stopping.")] = False,
     device: Annotated[str, _option("device")] = _D.device,
+    amp: Annotated[str, _option("amp")] = _D.amp,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
 ):
@@ -69,7 +70,7 @@ def command(
         raise MfcacheError(f"--levels takes comma-separated level indices like 0,1; got {levels!r}") from None
     config = ExtractConfig(topk=topk, batch_size=batch_size, c1=c1, dtype=dtype, target_size=target_size,
                            num_workers=workers, device=device, block_size=block_size, levels=level_list,
-                           compress=compress, resize=resize)
+                           compress=compress, resize=resize, amp=amp)
     check_config(config, FLAGS)  # before anything starts, naming the options as typed
     with trusting(trust_checkpoint):  # the detector's checkpoint
         summary = extract(detector=detector, images=images, annotations=annotations, out=out, split=split,

@@ -105,6 +105,9 @@ def option(default, *, help: str = "", choices: tuple | dict | None = None, low:
                                             "flag": flag})
 
 
+AMP_CHOICES = {"off": "float32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast"}
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """Stage 1: how the frozen detector's outputs are cached. Each field's help is its
@@ -130,6 +133,8 @@ class ExtractConfig:
         "float": "rescale, then resize the float image without rounding; the demo was trained on it"})
     num_workers: int = option(2, low=0, flag="--workers", help="Image-decoding processes.")
     device: str = option("auto", check=_device, help="auto, cpu, cuda or cuda:N.")
+    amp: str = option("off", help="Mixed precision for the detector's forward pass: {choices} (the cache keeps "
+                                  "its --dtype; recorded in the fingerprint).", choices=AMP_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,7 @@ class TrainConfig:
     checkpoint_every: int = option(500, low=1)
     log_every: int = option(25, low=1)
     device: str = option("auto", check=_device)
+    amp: str = option("off", choices=AMP_CHOICES)  # autocast of the head's forward and loss; fp16 adds a grad scaler
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,7 @@ class EvalConfig:
     mask_threshold: float = option(0.5, check=between(0, 1, open_low=True, open_high=True))
     batch_size: int = option(8, low=1)
     max_detections: int = option(100, low=1)
+    amp: str = option("off", choices=AMP_CHOICES)  # autocast of the head's forward
 
 
 @dataclass(frozen=True)

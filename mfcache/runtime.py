@@ -1,7 +1,8 @@
-"""Process-level helpers shared by the stages: device choice and progress bars."""
+"""Process-level helpers shared by the stages: device choice, mixed precision and progress bars."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -51,3 +52,17 @@ def progress_bar(enabled: bool = True) -> Progress:
         console=console,
         disable=not enabled,
     )
+
+
+AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Mixed precision on ``device``: ``amp`` is ``off`` (float32), ``bf16`` or ``fp16``
+    (torch's autocast: matmuls and convolutions in the low precision, reductions and losses in
+    float32)."""
+    import torch
+
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, AMP_DTYPES[amp]))

@@ -167,26 +167,27 @@ class ExtractSettings:
     levels: tuple[int, ...]  # detector level indices held in memory, finest first
     compress: bool = False
     resize: str = LEGACY_PREPROCESS["resize"]  # the detector's Preprocess.resize
+    amp: str = "off"        # mixed precision of the detector's forward pass
 
     @classmethod
     def from_fingerprint(cls, fp: dict) -> ExtractSettings:
         extract = fp["extract"]
         return cls(topk=extract["topk"], target_size=extract["target_size"], c1=extract["c1"],
                    dtype=extract["dtype"], levels=tuple(stored_levels(fp)), compress=extract.get("compress", False),
-                   resize=stored_resize(fp))
+                   resize=stored_resize(fp), amp=extract.get("amp", "off"))
 
     def options(self) -> dict:
         """The fingerprint's ``extract`` dict, as written to disk (the keyword arguments of
         :func:`fingerprint`; ``resize`` is the detector's, not among them)."""
         return {"topk": self.topk, "target_size": self.target_size, "c1": self.c1, "dtype": self.dtype,
-                "levels": list(self.levels), "compress": self.compress}
+                "levels": list(self.levels), "compress": self.compress, "amp": self.amp}
 
 
 def fingerprint(info: DetectorInfo, *, topk: int, target_size: int, c1: str, dtype: str,
-                levels: tuple[int, ...] | None = None, compress: bool = False) -> dict:
+                levels: tuple[int, ...] | None = None, compress: bool = False, amp: str = "off") -> dict:
     """What a cache's contents depend on, besides the images and annotations.
     ``levels``: stored encoder level indices (None = all)."""
-    settings = ExtractSettings(topk=topk, target_size=target_size, c1=c1, dtype=dtype, compress=compress,
+    settings = ExtractSettings(topk=topk, target_size=target_size, c1=c1, dtype=dtype, compress=compress, amp=amp,
                                levels=tuple(range(len(info.strides)) if levels is None else levels),
                                resize=info.preprocess.resize)
     return {
@@ -228,7 +229,7 @@ def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
             what = "weights" if key == "weights_sha256" else key
             return f"another detector ({what} differ: cache has {sd.get('spec')!r})"
     # options added later read as their defaults in caches written before them
-    defaults = {"levels": stored_levels(stored), "compress": False}
+    defaults = {"levels": stored_levels(stored), "compress": False, "amp": "off"}
     for key, value in wanted["extract"].items():
         have = stored["extract"].get(key, defaults.get(key))
         if have != value:

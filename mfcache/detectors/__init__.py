@@ -70,3 +70,16 @@ def load_detector(spec: str, *, device: str | torch.device = "cpu", resize: str 
 
 
 __all__ = ["Detector", "LOADERS", "SPEC_FORMS", "load_detector"]
+
+
+def run_detector(model: Detector, inputs: list[torch.Tensor], *, device: torch.device, amp: str = "off"):
+    """The detector on a batch of preprocessed images (``[3, h_i, w_i]`` each, padded here as
+    its processor pads) with mixed precision ``amp`` (``off``, ``bf16`` or ``fp16``); the
+    :class:`~mfcache.detectors.base.DetectorOutput` comes back in float32 whatever ``amp``."""
+    from mfcache.data.transforms import pad_batch
+    from mfcache.runtime import autocast
+
+    pixel_values, pixel_mask = pad_batch(inputs, model.info.preprocess)
+    with autocast(device, amp):
+        out = model(pixel_values.to(device), pixel_mask.to(device))
+    return out.float()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,11 @@ class DetectorOutput:
     spatial_shapes: Tensor
     valid: Tensor
     c1: Tensor | None = None
+
+    def float(self) -> DetectorOutput:
+        """The outputs with every floating tensor in float32 (after a mixed-precision forward)."""
+        return DetectorOutput(**{f.name: v.float() if v is not None and v.is_floating_point() else v
+                                 for f in fields(self) for v in [getattr(self, f.name)]})
 
 
 # Preprocess.resize: how pixels are resampled (see there); extract --resize also takes "auto"

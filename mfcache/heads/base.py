@@ -17,6 +17,10 @@ class HeadOutput:
     mask_logits: Tensor
     quality: Tensor | None = None
 
+    def float(self) -> HeadOutput:
+        """The outputs in float32 (after a mixed-precision forward: losses and scores in float32)."""
+        return HeadOutput(self.mask_logits.float(), None if self.quality is None else self.quality.float())
+
 
 class MaskHead(nn.Module):
     """Maps one batch of cached detector outputs to per-query mask logits.

@@ -30,8 +30,8 @@ from mfcache.cache.writer import (
 )
 from mfcache.config import ExtractConfig, check_config
 from mfcache.data.coco import CocoDataset
-from mfcache.data.transforms import load_image, pad_batch, to_input
-from mfcache.detectors import load_detector
+from mfcache.data.transforms import load_image, to_input
+from mfcache.detectors import load_detector, run_detector
 from mfcache.detectors.base import Detector, Preprocess, select_topk
 from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
@@ -203,6 +203,7 @@ class _Job:
     topk: int            # detections per image: at most what the detector has
     levels: list[int]    # detector levels stored in memory, finest first
     meta: dict           # the split's attrs: annotation hash, label -> category map, ...
+    amp: str = "off"     # mixed precision of the detector's forward pass
 
 
 def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
@@ -247,7 +248,7 @@ def _prepare(*, detector: str, images: Path, annotations: Path, split: str | Non
         "category_names": {str(k): v for k, v in dataset.category_names.items()},
         "skipped_annotations": {str(k): v for k, v in dataset.report.left_out.items()},
     }
-    return _Job(dataset=dataset, split=split, model=model, topk=topk, levels=levels, meta=meta)
+    return _Job(dataset=dataset, split=split, model=model, topk=topk, levels=levels, meta=meta, amp=config.amp)
 
 
 def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> tuple[zarr.Group, SplitPlan]:
@@ -258,7 +259,8 @@ def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> 
     if not world.is_main:
         world.barrier()  # rank 0 creates the root and the split's layout alone
     root = open_root(out, fingerprint(info, topk=job.topk, target_size=config.target_size, c1=config.c1,
-                                      dtype=config.dtype, levels=job.levels, compress=config.compress))
+                                      dtype=config.dtype, levels=job.levels, compress=config.compress,
+                                      amp=config.amp))
     plan = plan_split([im.id for im in job.dataset.images], [(im.height, im.width) for im in job.dataset.images],
                       info, config.chunk_tokens, job.levels)
     group = create_split(
@@ -323,8 +325,7 @@ def _run_detector(job: _Job, plan: SplitPlan, loader: DataLoader, assemble: _Blo
                 if "error" in item and not skip_bad:
                     raise MfcacheError(f"{item['error']} (pass --skip-bad to record it as skipped and go on)")
             if good:
-                pixel_values, pixel_mask = pad_batch([item["input"] for item in good], info.preprocess)
-                out_batch = model(pixel_values.to(device), pixel_mask.to(device))
+                out_batch = run_detector(model, [item["input"] for item in good], device=device, amp=job.amp)
                 top = select_topk(out_batch, job.topk, sigmoid=info.sigmoid)
             for b, item in enumerate(good):
                 i = item["position"]

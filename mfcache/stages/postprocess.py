@@ -17,6 +17,7 @@ from mfcache.errors import MfcacheError
 from mfcache.heads import HeadOutput, MaskHead
 from mfcache.metrics import results_from_detections
 from mfcache.ops.masks import encode_rle, paste_masks
+from mfcache.runtime import autocast
 
 
 def run_head(head: torch.nn.Module, batch: Batch, select: Tensor | None = None) -> HeadOutput:
@@ -52,17 +53,20 @@ def kept_queries(labels: Tensor, to_category: Tensor, max_detections: int) -> Te
     return mapped & (mapped.cumsum(1) <= max_detections)
 
 
-def mask_probs(head: MaskHead, batch: Batch, select: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """Mask probabilities ``[B, K, M, M]`` inside each detection's box, and the head's
+def mask_probs(head: MaskHead, batch: Batch, select: Tensor | None = None, amp: str = "off"
+               ) -> tuple[Tensor, Tensor | None]:
+    """Mask probabilities ``[B, K, M, M]`` float32 inside each detection's box, and the head's
     predicted quality ``[B, K]`` (None if the head has no scoring branch). With ``select
     [B, K]`` only the selected detections get masks; the others are left at zero. The head
-    runs once per query (:func:`first_detections`); a query's other detections share its mask."""
+    runs once per query (:func:`first_detections`), under mixed precision ``amp``; a query's
+    other detections share its mask."""
     b, k = batch.queries.shape[:2]
     if select is None:
         select = torch.ones(b, k, dtype=torch.bool, device=batch.queries.device)
     first = first_detections(batch.query_index, select)
     run = once_per_query(batch.query_index, select)
-    out = run_head(head, batch, run)
+    with autocast(batch.queries.device, amp):
+        out = run_head(head, batch, run).float()
     m = out.mask_logits.shape[-1]
     prob = out.mask_logits.new_zeros(b, k, m, m)
     prob[run] = out.mask_logits.sigmoid()[:, 0]
@@ -117,6 +121,7 @@ def batch_results(head: MaskHead, batch: Batch, to_category: Tensor, config: Run
                   box_filled: bool = False) -> list[dict[str, list[dict]]]:
     """:func:`image_results` of every image of ``batch`` (on the head's device), the head run
     once on the detections evaluation reports."""
-    prob, quality = mask_probs(head, batch, kept_queries(batch.labels, to_category, config.eval.max_detections))
+    prob, quality = mask_probs(head, batch, kept_queries(batch.labels, to_category, config.eval.max_detections),
+                               amp=config.eval.amp)
     return [image_results(batch, b, prob[b], to_category, config, box_filled,
                           None if quality is None else quality[b]) for b in range(len(batch))]

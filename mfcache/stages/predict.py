@@ -32,8 +32,8 @@ from mfcache.cache.reader import Cache
 from mfcache.cache.records import crop_outputs, image_record, served_sample
 from mfcache.cache.sample import Batch
 from mfcache.cache.schema import ExtractSettings, fingerprint
-from mfcache.data.transforms import load_image, pad_batch, to_input
-from mfcache.detectors import load_detector
+from mfcache.data.transforms import load_image, to_input
+from mfcache.detectors import load_detector, run_detector
 from mfcache.detectors.base import DetectorInfo, level_shapes, select_topk
 from mfcache.errors import MfcacheError
 from mfcache.heads import MaskHead
@@ -156,8 +156,7 @@ def detect(model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, 
     batches (CPU tensors)."""
     info = model.info
     inputs = [to_input(image, info.preprocess) for image in pixels.values()]
-    pixel_values, pixel_mask = pad_batch(inputs, info.preprocess)
-    outputs = model(pixel_values.to(device), pixel_mask.to(device))
+    outputs = run_detector(model, inputs, device=device, amp=extract.amp)  # as the cache was made
     top = select_topk(outputs, extract.topk, sigmoid=info.sigmoid)
     stored = list(extract.levels)
     samples = []

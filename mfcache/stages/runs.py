@@ -56,11 +56,14 @@ def checkpoint_to_resume(run_dir: Path, resume: bool) -> dict | None:
 
 
 def save_run_checkpoint(run_dir: Path, *, head: MaskHead, optimizer: torch.optim.Optimizer, config: RunConfig,
-                        step: int, fingerprint: dict, split: str) -> None:
-    """The run's checkpoint at ``step``, written atomically (the previous one survives a kill)."""
-    save_checkpoint(Path(run_dir) / CHECKPOINT, {
-        "model": head.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(), "step": step,
-        "fingerprint": fingerprint, "rng": torch.get_rng_state(), "split": split})
+                        step: int, fingerprint: dict, split: str, scaler: torch.amp.GradScaler | None = None) -> None:
+    """The run's checkpoint at ``step``, written atomically (the previous one survives a kill);
+    with ``scaler`` (``train.amp=fp16``) its loss scale too."""
+    payload = {"model": head.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
+               "step": step, "fingerprint": fingerprint, "rng": torch.get_rng_state(), "split": split}
+    if scaler is not None and scaler.is_enabled():
+        payload["scaler"] = scaler.state_dict()
+    save_checkpoint(Path(run_dir) / CHECKPOINT, payload)
 
 
 def write_run_info(run_dir: Path, config: RunConfig, cache_path: Path, split: str) -> None:

@@ -27,7 +27,7 @@ from mfcache.errors import MfcacheError
 from mfcache.heads import MaskHead
 from mfcache.ops.losses import head_loss, image_generators, resize_targets
 from mfcache.outputs import check_folder, write_errors
-from mfcache.runtime import console, progress_bar, resolve_device
+from mfcache.runtime import autocast, console, progress_bar, resolve_device
 from mfcache.stages.postprocess import once_per_query, run_head
 from mfcache.stages.runs import CHECKPOINT, LOG, checkpoint_to_resume, head_for, save_run_checkpoint, write_run_info
 from mfcache.stages.sampling import RankSlice, StepBatches, lr_at
@@ -123,10 +123,14 @@ class Trainer:
         self.model = torch.nn.parallel.DistributedDataParallel(self.head) if world.enabled else self.head
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=tc.lr, betas=tc.betas,
                                            weight_decay=tc.weight_decay)
+        # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
+        self.scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
         self.step = 0
         if state is not None:
             self.head.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
             self.step = state["step"]
             if "rng" in state:  # random ops after step s match an uninterrupted run's
                 torch.set_rng_state(state["rng"])
@@ -196,9 +200,10 @@ class Trainer:
         if not local:  # run one query at weight 0, so every rank's DDP reduces the same graph
             select = select.clone()
             select.view(-1)[0] = True
-        out = run_head(self.model, batch, select)
         generators = (image_generators(select.sum(1).tolist(), batch.image_id, seed=tc.seed, step=self.step,
                                        device=self.device) if self.config.head.loss == "point" else None)
+        with autocast(self.device, tc.amp):  # the head's forward; its loss in float32
+            out = run_head(self.model, batch, select).float()
         loss, parts = head_loss(out, resize_targets(batch.target_masks[select], self.head.roi_size),
                                 self.config.head, tc, generators)
         if world.enabled:  # the step's losses over the whole batch, as a one-process run logs them
@@ -210,10 +215,12 @@ class Trainer:
             raise MfcacheError(_non_finite(value, self.step, checkpoint_path))
         self.optimizer.zero_grad(set_to_none=True)
         # DDP averages over ranks: weighting by the rank's share of positives gives the global mean
-        (loss * (local * world.size / positives) if world.enabled else loss).backward()
+        self.scaler.scale(loss * (local * world.size / positives) if world.enabled else loss).backward()
         if tc.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), tc.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped (and the scale lowered) if fp16 gradients overflowed
+        self.scaler.update()
         return {"step": self.step, "loss": value, **{k: v.item() for k, v in parts.items()},
                 "positives": positives, "lr": lr}
 
@@ -221,7 +228,8 @@ class Trainer:
         """Save the run at the current step (rank 0 only)."""
         if self.world.is_main:
             save_run_checkpoint(run_dir, head=self.head, optimizer=self.optimizer, config=self.config,
-                                step=self.step, fingerprint=self.cache.fingerprint, split=self.data.name)
+                                step=self.step, fingerprint=self.cache.fingerprint, split=self.data.name,
+                                scaler=self.scaler)
 
 
 def _non_finite(value: float, step: int, checkpoint_path: Path) -> str:
