@@ -30,59 +30,56 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
 
     Example: mfcache inspect caches/ddetr
     """
-    import zarr
-    from rich.table import Table
-    from mfcache.cache.reader import Cache
-    from mfcache.cache.stats import group_stats, stored_stats
+    from mfcache.cache.report import describe
     from mfcache.errors import MfcacheError
 
-    c = Cache(cache)
-    det, ext = c.detector, c.extract
-    console.print(f"[bold]{c.path}[/bold]  (schema {c.fingerprint['schema_version']}, "
-                  f"written by mfcache {c.fingerprint['mfcache_version']})")
-    console.print(f"detector  {det.spec}  family={det.family}  weights={det.weights_sha256[:16]}  "
-                  f"trained={det.trained}")
-    console.print(f"          d_model={det.d_model} queries={det.num_queries} classes={len(det.label_names)} "
-                  f"strides={list(det.strides)} c1_channels={det.c1_channels} sigmoid={det.sigmoid}")
-    p = det.preprocess
-    console.print(f"preprocess shortest_edge={p.shortest_edge} longest_edge={p.longest_edge} "
-                  f"pad_divisor={p.pad_divisor} pad_size={p.pad_size and list(p.pad_size)} mean={list(p.mean)} std={list(p.std)} "
-                  f"resize={p.resize}")
-    console.print("extract   " + " ".join(f"{k}={v}" for k, v in ext.items()))
-    for name in c.splits:
-        split = c.split(name)
-        done = len(split.done)
-        skipped = split.skipped
-        console.print(f"\n[bold]split {name}[/bold]: {done}/{split.num_images} images complete"
-                      + (f", {len(skipped)} skipped" if skipped else "") + "; "
-                      f"annotations {split.attrs['annotation_file']} (sha256 {split.attrs['annotations_sha256'][:16]})")
-        for image_id, reason in sorted(skipped.items()):
-            console.print(f"  skipped image id {image_id}: {reason}", highlight=False, soft_wrap=True)
-        left_out = sorted(split.skipped_annotations.items())
-        for ann_id, reason in left_out[:SHOWN_ANNOTATIONS]:
-            console.print(f"  skipped annotation id {ann_id}: {reason}", highlight=False, soft_wrap=True)
-        if len(left_out) > SHOWN_ANNOTATIONS:
-            console.print(f"  ... {len(left_out) - SHOWN_ANNOTATIONS} more skipped annotations", highlight=False)
-        match, when = stored_stats(split.group), "recorded at extraction"
-        if match is None and done:  # a cache written before extraction recorded it, or an unfinished split
-            match, when = group_stats(split.group), f"computed now over the {done} complete images"
-        if match is not None:
-            console.print(f"targets: {match.line()} ({when}; train.min_iou decides which queries train)",
-                          highlight=False, soft_wrap=True)
-        table = Table()
-        for column in ("array", "shape", "dtype", "chunks", "bytes", "stored"):
-            table.add_column(column, no_wrap=column in ("array", "shape"),
-                             justify="right" if column in ("bytes", "stored") else "left")
-        total = 0
-        try:
-            members = sorted(split.group.members(max_depth=None))
-        except Exception as exc:  # zarr raises many types for a metadata file that does not parse
-            raise MfcacheError(f"split {name!r} of {c.path}: unreadable array metadata ({type(exc).__name__}: "
-                               f"{exc}): the cache is damaged (mfcache verify {c.path} lists all damage)") from None
-        for path, node in members:
-            if isinstance(node, zarr.Array):
-                stored = node.nbytes_stored()
-                total += stored
-                table.add_row(path, str(node.shape), str(node.dtype), str(node.chunks), _size(node.nbytes), _size(stored))
-        console.print(table)
-        console.print(f"split {name}: {_size(total)} on disk, {_size(total / max(split.num_images, 1))} per image")
+    report = describe(cache)
+    _print_fingerprint(report)
+    for split in report["splits"]:
+        _print_split(split)
+    if "error" in report:  # damage stopped the description: shown after what it gathered
+        raise MfcacheError(report["error"])
+
+
+def _print_fingerprint(report: dict) -> None:
+    det, p = report["detector"], report["detector"]["preprocess"]
+    console.print(f"[bold]{report['path']}[/bold]  (schema {report['schema_version']}, "
+                  f"written by mfcache {report['mfcache_version']})")
+    console.print(f"detector  {det['spec']}  family={det['family']}  weights={det['weights_sha256'][:16]}  "
+                  f"trained={det['trained']}")
+    console.print(f"          d_model={det['d_model']} queries={det['num_queries']} classes={len(det['label_names'])} "
+                  f"strides={list(det['strides'])} c1_channels={det['c1_channels']} sigmoid={det['sigmoid']}")
+    console.print(f"preprocess shortest_edge={p['shortest_edge']} longest_edge={p['longest_edge']} "
+                  f"pad_divisor={p['pad_divisor']} pad_size={p['pad_size'] and list(p['pad_size'])} "
+                  f"mean={list(p['mean'])} std={list(p['std'])} resize={p['resize']}")
+    console.print("extract   " + " ".join(f"{k}={v}" for k, v in report["extract"].items()))
+
+
+def _print_split(split: dict) -> None:
+    from rich.table import Table
+
+    name, skipped, left_out = split["name"], split["skipped_images"], split["skipped_annotations"]
+    console.print(f"\n[bold]split {name}[/bold]: {split['complete']}/{split['num_images']} images complete"
+                  + (f", {len(skipped)} skipped" if skipped else "") + "; "
+                  f"annotations {split['annotation_file']} (sha256 {split['annotations_sha256'][:16]})")
+    for image in skipped:
+        console.print(f"  skipped image id {image['id']}: {image['reason']}", highlight=False, soft_wrap=True)
+    for ann in left_out[:SHOWN_ANNOTATIONS]:
+        console.print(f"  skipped annotation id {ann['id']}: {ann['reason']}", highlight=False, soft_wrap=True)
+    if len(left_out) > SHOWN_ANNOTATIONS:
+        console.print(f"  ... {len(left_out) - SHOWN_ANNOTATIONS} more skipped annotations", highlight=False)
+    if split.get("targets") is not None:
+        console.print(f"targets: {split['targets']['line']} ({split['targets']['source']}; train.min_iou decides "
+                      "which queries train)", highlight=False, soft_wrap=True)
+    if "arrays" not in split:
+        return
+    table = Table()
+    for column in ("array", "shape", "dtype", "chunks", "bytes", "stored"):
+        table.add_column(column, no_wrap=column in ("array", "shape"),
+                         justify="right" if column in ("bytes", "stored") else "left")
+    for a in split["arrays"]:
+        table.add_row(a["path"], str(tuple(a["shape"])), a["dtype"], str(tuple(a["chunks"])), _size(a["bytes"]),
+                      _size(a["stored"]))
+    console.print(table)
+    total = split["stored_bytes"]
+    console.print(f"split {name}: {_size(total)} on disk, {_size(total / max(split['num_images'], 1))} per image")

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from mfcache.cache.lock import LOCK_NAME, acquire
 from mfcache.cache.reader import Cache
+from mfcache.cache.report import describe
 from mfcache.cache.schema import checksum
 from mfcache.cache.verify import verify
 from mfcache.cli.main import app
@@ -142,6 +143,22 @@ def test_corrupt_metadata_is_one_line_everywhere(cache, run, tmp_path):
     assert "split train: array queries: metadata queries/zarr.json is not valid JSON" in text
     (cache / "train" / "zarr.json").write_text("not json")
     assert "split train: group metadata train/zarr.json is not valid JSON" in "\n".join(verify(cache).problems)
+
+
+def test_describe_is_plain_data_and_stops_at_damage(cache):
+    """What `inspect` prints, as data (JSON-ready); damage ends it with the one-line error,
+    after what could be gathered."""
+    report = describe(cache)
+    assert "error" not in report and [s["name"] for s in report["splits"]] == ["train", "val"]
+    train = report["splits"][0]
+    assert train["complete"] == train["num_images"] == 5 and train["targets"]["source"] == "recorded at extraction"
+    assert {"memory", "index/done"} <= {a["path"] for a in train["arrays"]}
+    assert train["stored_bytes"] == sum(a["stored"] for a in train["arrays"]) > 0
+    assert json.loads(json.dumps(report))["extract"]["topk"] == 10
+    (cache / "val" / "queries" / "zarr.json").write_text("{")
+    damaged = describe(cache)
+    assert "unreadable array metadata" in damaged["error"] and "split 'val'" in damaged["error"]
+    assert damaged["splits"][0] == train and "arrays" not in damaged["splits"][1]
     result = CliRunner().invoke(app, ["verify", str(cache)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     (cache / "zarr.json").write_text("not json")

@@ -3,10 +3,10 @@
 Nothing here imports detector code: training and evaluation read the cache alone.
 
 Nothing is served that extraction did not write: the store refuses a missing chunk
-instead of filling it in (:class:`StrictStore`), every part an image read serves is checked
-against its CRC-32 (``index/checksum``, :func:`~mfcache.cache.schema.checksum`), and any
-damage (a lost, truncated or altered chunk, unreadable metadata) is one
-:class:`MfcacheError` line naming the split, the array and the image.
+instead of filling it in (:class:`~mfcache.cache.store.StrictStore`), every part an image
+read serves is checked against its CRC-32 (``index/checksum``,
+:func:`~mfcache.cache.schema.checksum`), and any damage (a lost, truncated or altered
+chunk, unreadable metadata) is one :class:`MfcacheError` line naming the split, the array and the image.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import io
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ import torch
 import zarr
 from pycocotools.coco import COCO
 from zarr.core.sync import sync as zarr_sync
-from zarr.storage import LocalStore
 
 from mfcache.cache.c1_stem import STEM_ARRAY, C1Recomputer
 from mfcache.cache.records import ImageRecord, served_sample
@@ -40,50 +38,10 @@ from mfcache.cache.schema import (
     checksum,
     checksum_parts,
 )
+from mfcache.cache.store import StrictStore, damage
 from mfcache.checkpoint_io import files_trusted, trusting
 from mfcache.detectors.base import DetectorInfo
 from mfcache.errors import MfcacheError
-
-
-_CHUNK_KEY = re.compile(r"(^|/)c(/\d+)+$")  # zarr v3 default chunk keys: <array>/c/<i>/<j>...
-# A block's flags and checksums are written with its data: until then their chunks are absent
-# and read as 0, which means "not written" (such images are never served; a written image whose
-# checksum chunk is lost fails its checks: its parts do not all have a CRC-32 of 0).
-_WRITTEN_LATER = re.compile(r"(^|/)index/(done|checksum)/c/")
-
-
-class MissingChunk(Exception):
-    """A chunk file that extraction wrote is gone (``key`` relative to the cache root)."""
-
-    def __init__(self, key: str):
-        super().__init__(f"chunk file {key} is missing")
-        self.key = key
-
-
-class StrictStore(LocalStore):
-    """A read-only local store that raises :class:`MissingChunk` for an absent chunk.
-
-    zarr reads an absent chunk as the array's fill value (zeros), which would serve data
-    nobody wrote; the writer writes every chunk of every block (empty ones included), so in
-    a cache an absent chunk is always damage. Costs nothing: zarr already asked for the file."""
-
-    def __init__(self, root: str | Path):
-        super().__init__(root, read_only=True)
-
-    async def get(self, key: str, prototype=None, byte_range=None):
-        value = await super().get(key, prototype, byte_range)
-        if value is None and _CHUNK_KEY.search(key) and not _WRITTEN_LATER.search(key):
-            raise MissingChunk(key)
-        return value
-
-
-def damage(exc: BaseException) -> str:
-    """What went wrong reading a chunk or metadata file, in a few words."""
-    if isinstance(exc, MissingChunk):
-        return str(exc)
-    if isinstance(exc, json.JSONDecodeError):
-        return f"is not valid JSON ({exc})"
-    return f"unreadable ({type(exc).__name__}: {exc})"
 
 
 class Cache:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from mfcache.cache.reader import Cache, damage
+from mfcache.cache.reader import Cache
 from mfcache.cache.schema import (
     CHECKSUM_ARRAYS,
     DONE,
@@ -46,6 +46,7 @@ from mfcache.cache.schema import (
     plan_split,
     stored_levels,
 )
+from mfcache.cache.store import damage
 from mfcache.errors import MfcacheError
 
 FINGERPRINT_KEYS = {"schema_version", "detector", "extract", "mfcache_version"}
@@ -113,35 +114,65 @@ def verify(path: str | Path) -> VerifyReport:
 
 
 def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
+    """Check split ``name``, appending one line per problem to ``problems``. The steps run in
+    order; one whose damage makes the later checks meaningless ends the split's checks."""
     out = SplitReport(name)
 
     def problem(text: str) -> None:
         problems.append(f"split {name}: {text}")
 
+    opened = _open_split(cache, name, problem)
+    if opened is None:
+        return out
+    attrs, arrays = opened
+    n = out.num_images = int(attrs["num_images"])
+    ext = cache.fingerprint["extract"]  # its keys were checked by verify()
+    if not _check_shapes(arrays, n, cache.detector, ext, problem):
+        return out
+    index = {key: arrays[key][:] for key in IMAGE_ARRAYS if key.startswith("index/")}
+    levels = stored_levels(cache.fingerprint)
+    plan = plan_split(index["index/image_id"], index["index/orig_hw"], cache.detector, int(attrs["chunk_tokens"]),
+                      levels)
+    if not _check_scales(arrays, ext, problem):
+        return out
+    ragged = _ragged_layout(plan, cache.detector, has_c1="c1" in arrays)
+    _check_index(arrays, index, plan, ragged, levels, problem)
+    _check_flags(index, attrs, problem, out)
+    _check_annotations(arrays["annotations"], attrs, problem)
+    store_root = Path(cache.root.store.root)
+    _check_blocks(arrays, ragged, index, int(attrs["block_size"]), len(cache.detector.strides), levels,
+                  store_root, problem, out)
+    for array_name in STATIC_INDEX:
+        _check_chunk_files(arrays[array_name], range(arrays[array_name].cdata_shape[0]), store_root, problem)
+    return out
+
+
+def _open_split(cache: Cache, name: str, problem) -> tuple[dict, dict[str, zarr.Array]] | None:
+    """The split's attrs and arrays, or None (reported) if its group metadata is unreadable,
+    it was never fully created, or attrs, array metadata or arrays are missing."""
     try:
         group = cache.root[name]
     except Exception as exc:
         problem(f"group metadata {name}/zarr.json {damage(exc)}")
-        return out
+        return None
     attrs = dict(group.attrs)
-
     if not attrs.get("ready"):
         problem("was never fully created (attrs 'ready' missing): run extract again")
-        return out
+        return None
     if missing := [a for a in SPLIT_ATTRS if a not in attrs]:
         problem(f"attrs lack {', '.join(missing)}")
-        return out
+        return None
     arrays = _open_arrays(group, Path(cache.path) / name, problem)
     if arrays is None:
-        return out
+        return None
     if missing := [a for a in IMAGE_ARRAYS if a not in arrays] + [a for a in ("memory", "annotations") if a not in arrays]:
         problem(f"arrays missing: {', '.join(missing)}")
-        return out
+        return None
+    return attrs, arrays
 
-    n = int(attrs["num_images"])
-    out.num_images = n
-    det, ext = cache.detector, cache.extract
-    has_c1 = "c1" in arrays
+
+def _check_shapes(arrays: dict[str, zarr.Array], n: int, det, ext: dict, problem) -> bool:
+    """Whether every per-image array has ``n`` rows and the fingerprint's trailing dims."""
     dims = {"K": int(ext["topk"]), "D": det.d_model, "C": det.c1_channels, "L": len(det.strides),
             "B": packed_bytes(int(ext["target_size"])), "P": len(checksum_parts(len(det.strides)))}
     shapes_ok = True
@@ -150,20 +181,33 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
         if arrays[array_name].shape != want:
             problem(f"{array_name} has shape {arrays[array_name].shape}, expected {want} (index/array length mismatch)")
             shapes_ok = False
-    if not shapes_ok:
-        return out
+    return shapes_ok
 
-    index = {key: arrays[key][:] for key in IMAGE_ARRAYS if key.startswith("index/")}
-    levels = stored_levels(cache.fingerprint)
-    plan = plan_split(index["index/image_id"], index["index/orig_hw"], det, int(attrs["chunk_tokens"]), levels)
+
+def _check_scales(arrays: dict[str, zarr.Array], ext: dict, problem) -> bool:
+    """Whether the split holds exactly the scale arrays its dtype needs (int8: all, for the
+    arrays it stores; otherwise none)."""
     have_scales = sorted(k for k in arrays if k.startswith("scales/"))
-    want_scales = sorted(k for k in SCALE_ARRAYS if ext["dtype"] == "int8" and (k != "scales/c1" or has_c1))
+    want_scales = sorted(k for k in SCALE_ARRAYS if ext["dtype"] == "int8" and (k != "scales/c1" or "c1" in arrays))
     if have_scales != want_scales:
         problem(f"scale arrays {have_scales}, expected {want_scales} for dtype {ext['dtype']}")
-        return out
+        return False
+    return True
+
+
+def _ragged_layout(plan, det, *, has_c1: bool) -> dict[str, tuple]:
+    """``{ragged array: (offset index array, planned offsets, chunk rows, width)}``."""
     ragged = {"memory": ("index/token_offset", plan.token_offset, plan.chunk_tokens, det.d_model)}
     if has_c1:
         ragged["c1"] = ("index/c1_offset", plan.c1_offset, plan.c1_chunk, det.c1_channels)
+    return ragged
+
+
+def _check_index(arrays: dict[str, zarr.Array], index: dict, plan, ragged: dict, levels, problem) -> None:
+    """The index against the plan: input sizes and level shapes as the detector's resize rule
+    and strides give them; the ragged arrays' widths, chunking and lengths; their offsets
+    chunk aligned, non-overlapping, within the array and as planned."""
+    n = len(index["index/image_id"])
     for key, planned in (("index/input_hw", plan.input_hw), ("index/level_hw", plan.level_hw)):
         bad = np.flatnonzero((index[key] != planned).reshape(n, -1).any(1))
         if len(bad):
@@ -188,7 +232,10 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
             if bad.any():
                 problem(f"{key} {what} at {_positions(np.flatnonzero(bad), index)}")
 
-    done, block = index["index/done"], int(attrs["block_size"])
+
+def _check_flags(index: dict, attrs: dict, problem, out: SplitReport) -> None:
+    """Completion flags are 0/1/2 and every skipped image has a reason; counts them into ``out``."""
+    done = index["index/done"]
     if (bad := np.flatnonzero(~np.isin(done, (0, DONE, SKIPPED)))).size:
         problem(f"index/done has invalid values at {_positions(bad, index)}")
     reasons = attrs.get("skipped", {})
@@ -197,7 +244,9 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
         problem(f"skipped images without a recorded reason: ids {lost[:10]}")
     out.written, out.skipped, out.pending = int((done == DONE).sum()), int((done == SKIPPED).sum()), int((done == 0).sum())
 
-    stored = arrays["annotations"]
+
+def _check_annotations(stored: zarr.Array, attrs: dict, problem) -> None:
+    """The stored annotation file is readable and matches its recorded sha256."""
     try:
         digest = hashlib.sha256(stored[:].tobytes()).hexdigest()
         if digest != attrs["annotations_sha256"]:
@@ -205,29 +254,35 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
     except Exception as exc:
         problem(f"annotations unreadable: {exc}")
 
-    store_root = Path(cache.root.store.root)
+
+def _check_blocks(arrays, ragged, index, block: int, num_levels: int, levels, store_root: Path, problem,
+                  out: SplitReport) -> None:
+    """Block by block: flags set block-wise, every chunk of a written block on disk and
+    decodable (:func:`_read_block`), and each written image's parts matching their CRC-32."""
+    done, n = index["index/done"], len(index["index/done"])
     for start in range(0, n, block):
         stop = min(start + block, n)
         flags = done[start:stop]
         if flags.any() and not flags.all():
             problem(f"block {start}..{stop - 1} is partly marked done {flags.tolist()}")
         rows = _read_block(arrays, ragged, index, start, stop, bool(flags.any()), store_root, problem, out, levels)
-        if rows is None:
+        if rows is not None:
+            _check_checksums(rows, index, start, stop, num_levels, levels, problem)
+
+
+def _check_checksums(rows: dict, index: dict, start: int, stop: int, num_levels: int, levels, problem) -> None:
+    """Each written image of block ``start:stop`` (``rows``, as :func:`_read_block` read it):
+    every part's CRC-32 against ``index/checksum``."""
+    names = checksum_parts(num_levels)
+    for i in range(start, stop):
+        if index["index/done"][i] != DONE:
             continue
-        names = checksum_parts(len(det.strides))
-        for i in range(start, stop):
-            if done[i] != DONE:
-                continue
-            parts = {k: v[i - start] for k, v in rows.items() if k in CHECKSUM_ARRAYS and k != "memory"}
-            parts.update(memory_parts(rows["memory"][i - start], index["index/level_hw"][i], levels))
-            bad = [names[k] for k in np.flatnonzero(image_checksums(parts, len(det.strides))
-                                                    != index["index/checksum"][i])]
-            if bad:
-                problem(f"image id {int(index['index/image_id'][i])} (position {i}): checksum mismatch in "
-                        f"{', '.join(bad)}, its stored data changed after writing (flipped bytes or a lost chunk)")
-    for array_name in STATIC_INDEX:
-        _check_chunk_files(arrays[array_name], range(arrays[array_name].cdata_shape[0]), store_root, problem)
-    return out
+        parts = {k: v[i - start] for k, v in rows.items() if k in CHECKSUM_ARRAYS and k != "memory"}
+        parts.update(memory_parts(rows["memory"][i - start], index["index/level_hw"][i], levels))
+        bad = [names[k] for k in np.flatnonzero(image_checksums(parts, num_levels) != index["index/checksum"][i])]
+        if bad:
+            problem(f"image id {int(index['index/image_id'][i])} (position {i}): checksum mismatch in "
+                    f"{', '.join(bad)}, its stored data changed after writing (flipped bytes or a lost chunk)")
 
 
 def _read_block(arrays, ragged, index, start, stop, written, store_root, problem, out, levels):
