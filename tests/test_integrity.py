@@ -5,6 +5,7 @@ train, eval and verify with one line naming the split, the array and the image; 
 chunk never reads as zeros. A second extract into a cache is refused at once, naming the
 process holding it; a killed holder leaves no stale lock."""
 
+import json
 import os
 import shutil
 import signal
