@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mfcache.heads.region import FUSED_STRIDE, crop_maps
-from mfcache.heads.roi import per_image
+from mfcache.heads.roi import rows_per_image
 
 
 def dot_crops(queries: Tensor, fused: Sequence[Tensor], rois: Tensor, output_size: int,
@@ -25,11 +25,11 @@ def dot_crops(queries: Tensor, fused: Sequence[Tensor], rois: Tensor, output_siz
     """``queries [N, C]``, ``fused``: one ``[C, h_b, w_b]`` map per image, ``rois [N, 5]`` ->
     ``[N, 1, M, M]``: ``q . F[b]`` over the whole map of each query's image (one matmul per
     image, not per query), cropped to the box."""
-    out = fused[0].new_empty(len(queries), 1, output_size, output_size)
-    for b, sel in per_image(rois[:, 0].long()):
+    def rows(b: int, sel: Tensor) -> Tensor:
         full = torch.einsum("nc,chw->nhw", queries[sel], fused[b])[:, None]
-        out[sel] = crop_maps(full, rois[sel, 1:], output_size, 1.0 / FUSED_STRIDE, sampling_ratio)
-    return out
+        return crop_maps(full, rois[sel, 1:], output_size, 1.0 / FUSED_STRIDE, sampling_ratio)
+
+    return rows_per_image(rois[:, 0].long(), rows, fused[0].new_empty(0, 1, output_size, output_size))
 
 
 class DotPredictor(nn.Module):

@@ -31,7 +31,7 @@ def crop_maps(maps: Tensor, boxes: Tensor, output_size: int, spatial_scale: floa
     n, m = boxes.shape[0], output_size
     if n == 0:
         return maps.new_zeros(0, maps.shape[1], m, m)
-    b = boxes.to(maps.dtype) * spatial_scale - 0.5
+    b = boxes.to(torch.promote_types(maps.dtype, torch.float32)) * spatial_scale - 0.5  # see roi.crop_map
     wy = axis_weights(b[:, 1], b[:, 3], m, sampling_ratio, maps.shape[-2])  # [N, M, H]
     wx = axis_weights(b[:, 0], b[:, 2], m, sampling_ratio, maps.shape[-1])  # [N, M, W]
     return torch.einsum("nmh,nchw,nkw->ncmk", wy, maps, wx)

@@ -11,7 +11,7 @@ image alone would, whatever the other images of the batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -41,10 +41,23 @@ def per_image(batch_index: Tensor) -> Iterator[tuple[int, Tensor]]:
         yield b, torch.nonzero(batch_index == b).flatten()
 
 
+def rows_per_image(batch_index: Tensor, rows: Callable[[int, Tensor], Tensor], empty: Tensor) -> Tensor:
+    """``[N, ...]``: the rows of each image ``b`` computed together, ``rows(b, positions)``,
+    in the dtype they come in (a mixed-precision forward keeps its own); ``empty`` when N = 0."""
+    out = None
+    for b, sel in per_image(batch_index):
+        part = rows(b, sel)
+        if out is None:
+            out = part.new_empty(len(batch_index), *part.shape[1:])
+        out[sel] = part
+    return empty if out is None else out
+
+
 def crop_map(features: Tensor, boxes: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int) -> Tensor:
     """RoIAlign of one image: ``features [C, h, w]``, ``boxes [n, 4]`` xyxy input px ->
     ``[n, C, M, M]`` (aligned=True, bins sampled and clamped against ``h x w``)."""
-    b = boxes.to(features.dtype) * spatial_scale - 0.5
+    # coordinates in float32 at least, even under autocast (a bf16 coordinate of 300 px is off by up to 1 px)
+    b = boxes.to(torch.promote_types(features.dtype, torch.float32)) * spatial_scale - 0.5
     wy = axis_weights(b[:, 1], b[:, 3], output_size, sampling_ratio, features.shape[-2])  # [n, M, h]
     wx = axis_weights(b[:, 0], b[:, 2], output_size, sampling_ratio, features.shape[-1])  # [n, M, w]
     rows = torch.einsum("nmh,chw->ncmw", wy, features)
@@ -56,8 +69,7 @@ def roi_align(features: Tensor | Sequence[Tensor], rois: Tensor, output_size: in
     """features [B, C, H, W], or B maps [C, h_b, w_b] each at its image's own size; rois [N, 5]
     (batch index, x1, y1, x2, y2 in input pixels) -> [N, C, output_size, output_size], as
     ``torchvision.ops.roi_align(..., aligned=True)`` on each RoI's image alone."""
-    n, m = rois.shape[0], output_size
-    out = features[0].new_empty(n, features[0].shape[0], m, m)
-    for b, sel in per_image(rois[:, 0].long()):  # one pair of matmuls per image, not per box
-        out[sel] = crop_map(features[b], rois[sel, 1:], m, spatial_scale, sampling_ratio)
-    return out
+    m = output_size
+    return rows_per_image(  # one pair of matmuls per image, not per box
+        rois[:, 0].long(), lambda b, sel: crop_map(features[b], rois[sel, 1:], m, spatial_scale, sampling_ratio),
+        features[0].new_empty(0, features[0].shape[0], m, m))
