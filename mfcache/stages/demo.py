@@ -61,12 +61,13 @@ def demo_detector_note() -> str:
 
 
 def run_demo(out: Path, *, train_images: int = 400, val_images: int = 100, steps: int = 1500,
-             head: str = DEMO_HEAD, progress: bool = True,
+             head: str = DEMO_HEAD, device: str = "auto", progress: bool = True,
              say: Callable[[str], None] | None = None) -> DemoResult:
     """Generate the data, extract, train and evaluate under ``out`` (see the module docstring),
     resuming whatever an earlier run finished. ``say`` receives each stage's heading as it
-    starts (default: a rule on the console); ``progress``: progress bars. An unknown
-    ``head`` fails before anything is written."""
+    starts (default: a rule on the console); ``progress``: progress bars; ``device``: where
+    the detector and the head run (``auto``: a GPU if there is one). An unknown ``head``
+    fails before anything is written."""
     from mfcache.stages.evaluate import evaluate
     from mfcache.stages.extract import extract
     from mfcache.stages.train import train
@@ -74,7 +75,8 @@ def run_demo(out: Path, *, train_images: int = 400, val_images: int = 100, steps
 
     started = time.perf_counter()
     say = say or console.rule
-    config = resolve_run_config(head, [f"train.steps={steps}", f"train.lr={DEMO_LR}"])  # a bad head fails first
+    config = resolve_run_config(head, [f"train.steps={steps}", f"train.lr={DEMO_LR}",  # a bad head fails first
+                                       f"train.device={device}"])
     out = Path(out)
     data, cache, run, overlays_dir = out / "data", out / "cache", out / "run", out / "overlays"
     if not (data / "annotations" / "val.json").is_file():
@@ -83,12 +85,12 @@ def run_demo(out: Path, *, train_images: int = 400, val_images: int = 100, steps
     say("2/4  extract: frozen demo detector -> Zarr cache")
     for split in ("train", "val"):
         summary = extract(detector="demo", images=data / split, annotations=data / "annotations" / f"{split}.json",
-                          out=cache, split=split, config=ExtractConfig(), progress=progress)
+                          out=cache, split=split, config=ExtractConfig(device=device), progress=progress)
     say(f"3/4  train: {config.head.name} head, from the cache alone")
     train(cache_path=cache, run_dir=run, config=config, resume=(run / "checkpoint.pt").exists(), progress=progress)
     say("4/4  eval: COCO AP with pycocotools")
     overlays: list[Path] = []
-    metrics = evaluate(cache_path=cache, run_dir=run, out=out / "metrics.json", progress=progress,
+    metrics = evaluate(cache_path=cache, run_dir=run, out=out / "metrics.json", progress=progress, device=device,
                        on_results=lambda split, results: overlays.extend(
                            visualize_split(split, results, overlays_dir, DEMO_OVERLAYS)))
     shutil.copyfile(out / "metrics.json", run / "metrics.json")
