@@ -23,6 +23,8 @@ def command(
                                            "panels in <metrics dir>/visualize/.")] = 0,
     images: Annotated[Path | None, typer.Option("--images", help="Image folder for --visualize, if it moved since "
                                                 "extraction (default: the folder recorded in the cache).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override an eval setting, e.g. "
+                                                        "eval.mask_threshold=0.4 or eval.amp=bf16 (repeatable).")] = None,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
 ):
@@ -43,7 +45,7 @@ def command(
                                                                images_dir=images)) if visualize else None
     with trusting(trust_checkpoint):
         metrics = evaluate(cache_path=cache, run_dir=run, split=split, out=out, device=device, progress=not quiet,
-                           on_results=draw)
+                           overrides=overrides, on_results=draw)
     console.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images)"))
     console.print(f"metrics written to {out or run / 'metrics.json'}")
     if visualize:

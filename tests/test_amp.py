@@ -110,3 +110,14 @@ def test_a_cache_extracted_without_amp_refuses_to_continue_with_it(shapes_data, 
     extract(**args, config=ExtractConfig(num_workers=0))
     with pytest.raises(MfcacheError, match="amp='off' .asked for 'bf16'"):
         extract(**args, config=ExtractConfig(num_workers=0, amp="bf16"))
+
+
+def test_eval_takes_eval_settings_only(tmp_path):
+    from mfcache.errors import MfcacheError
+    from mfcache.stages.evaluate import eval_config
+
+    config = resolve_run_config("blendmask")
+    assert eval_config(config, ["eval.amp=bf16", "eval.mask_threshold=0.4"]).eval.amp == "bf16"
+    assert eval_config(config, None) is config
+    with pytest.raises(MfcacheError, match="only --set eval"):
+        eval_config(config, ["train.lr=0.1"])

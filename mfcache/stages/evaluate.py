@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from mfcache.cache.reader import Cache, CacheDataset, CacheSplit
 from mfcache.cache.sample import Batch, on_device
-from mfcache.config import RunConfig
+from mfcache.config import RunConfig, resolve_run_config
+from mfcache.errors import MfcacheError
 from mfcache.heads import MaskHead
 from mfcache.metrics import coco_evaluate
 from mfcache.outputs import atomic_write, check_file, write_errors
@@ -49,10 +50,12 @@ def predict_split(head: MaskHead, config: RunConfig, data: CacheSplit, device: t
 
 def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: Path | None = None,
              box_filled: bool = True, progress: bool = True, device: str = "auto",
+             overrides: list[str] | None = None,
              on_results: Callable[[CacheSplit, list[dict]], None] | None = None) -> dict:
     """COCO segm + bbox AP of a trained head on a cache split; writes ``metrics.json``
-    (default: inside the run folder) and returns the metrics. ``on_results(split, results)``,
-    if given, receives the head's COCO results once the metrics are written (e.g. to draw them)."""
+    (default: inside the run folder) and returns the metrics. ``overrides``: ``--set eval.*``
+    strings (the run's eval settings otherwise). ``on_results(split, results)``, if given,
+    receives the head's COCO results once the metrics are written (e.g. to draw them)."""
     out = Path(out) if out else Path(run_dir) / "metrics.json"
     check_file(out, "--out (the metrics file)")  # now, not after the whole evaluation
     cache = Cache(cache_path)
@@ -60,9 +63,10 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
     data.require_complete()
     torch_device = resolve_device(device)
     run = load_run(Path(run_dir), cache.fingerprint, torch_device)
-    results = predict_split(run.head, run.config, data, torch_device, progress=progress, box_filled=box_filled)
+    config = eval_config(run.config, overrides)
+    results = predict_split(run.head, config, data, torch_device, progress=progress, box_filled=box_filled)
     metrics = {**score(data, results), "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
-               "config": run.config.to_dict()}
+               "config": config.to_dict()}
     with write_errors("the metrics", out):
         out.parent.mkdir(parents=True, exist_ok=True)
     # whole or not at all: a full disk leaves no truncated metrics.json
@@ -71,6 +75,16 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
         with write_errors("the visualisations", out.parent):
             on_results(data, results["head"])
     return metrics
+
+
+def eval_config(config: RunConfig, overrides: list[str] | None) -> RunConfig:
+    """A run's config with ``--set eval.*`` overrides applied (how its masks are turned into
+    results); anything else is what the head was trained with and cannot change here."""
+    others = [o for o in overrides or [] if not o.strip().startswith("eval.")]
+    if others:
+        raise MfcacheError(f"eval takes only --set eval.* options (the head was trained with the rest): "
+                           f"{', '.join(others)}")
+    return resolve_run_config(None, overrides, base=config) if overrides else config
 
 
 def score(data: CacheSplit, results: dict[str, list[dict]]) -> dict:
