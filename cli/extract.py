@@ -45,6 +45,8 @@ def command(
     workers: Annotated[int, _option("num_workers")] = _D.num_workers,
     block_size: Annotated[int, _option("block_size")] = _D.block_size,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images and bad annotations as skipped (see `mfcache inspect`) instead of stopping.")] = False,
+    ignore_free_space: Annotated[bool, typer.Option("--ignore-free-space", help="Go on even if the storage plan "
+                                                    "(printed before the first batch) needs more than the free space.")] = False,
     device: Annotated[str, _option("device")] = _D.device,
     amp: Annotated[str, _option("amp")] = _D.amp,
     quiet: QuietOpt = False,
@@ -74,7 +76,8 @@ def command(
     check_config(config, FLAGS)  # before anything starts, naming the options as typed
     with trusting(trust_checkpoint):  # the detector's checkpoint
         summary = extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
-                          config=config, skip_bad=skip_bad, progress=not quiet)
+                          config=config, skip_bad=skip_bad, ignore_free_space=ignore_free_space,
+                          progress=not quiet)
     if world_from_env().rank:  # under torchrun, rank 0 reports for all
         return
     skipped = f", {summary.skipped} skipped: see `mfcache inspect {summary.cache}`" if summary.skipped else ""

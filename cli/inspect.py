@@ -8,17 +8,10 @@ from typing import Annotated
 import typer
 
 from mfcache.cli.common import user_errors
+from mfcache.cache.schema import format_bytes
 from mfcache.runtime import console
 
 SHOWN_ANNOTATIONS = 20  # skipped annotations listed one per line; the rest are counted
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return ""
 
 
 @user_errors
@@ -78,8 +71,8 @@ def _print_split(split: dict) -> None:
         table.add_column(column, no_wrap=column in ("array", "shape"),
                          justify="right" if column in ("bytes", "stored") else "left")
     for a in split["arrays"]:
-        table.add_row(a["path"], str(tuple(a["shape"])), a["dtype"], str(tuple(a["chunks"])), _size(a["bytes"]),
-                      _size(a["stored"]))
+        table.add_row(a["path"], str(tuple(a["shape"])), a["dtype"], str(tuple(a["chunks"])), format_bytes(a["bytes"]),
+                      format_bytes(a["stored"]))
     console.print(table)
     total = split["stored_bytes"]
-    console.print(f"split {name}: {_size(total)} on disk, {_size(total / max(split['num_images'], 1))} per image")
+    console.print(f"split {name}: {format_bytes(total)} on disk, {format_bytes(total / max(split['num_images'], 1))} per image")

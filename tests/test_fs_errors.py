@@ -217,3 +217,40 @@ def test_disk_full_while_writing_metrics(cache, tmp_path, monkeypatch):
     one_error_line(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out", out, "-q"),
               "metrics", "disk full")
     assert not out.exists() and not list((tmp_path / "m").glob("*.tmp"))
+
+
+# --- the storage plan: printed before the first batch, refused when the disk cannot hold it ---
+
+def test_extract_refuses_a_plan_larger_than_the_free_space(shapes_data, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    import mfcache.stages.extract
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(mfcache.stages.extract.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
+    forbid(monkeypatch, mfcache.stages.extract, "_run_detector")  # refused before the first batch
+    args = ["extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations",
+            shapes_data / "annotations" / "val.json", "--out", tmp_path / "cache", "--workers", 0, "-q"]
+    one_error_line(cli(*args), "needs", "4.9 KiB free", "--ignore-free-space")
+    monkeypatch.undo()
+    monkeypatch.setattr(mfcache.stages.extract.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
+    result = cli(*args[:-1], "--ignore-free-space")
+    assert result.exit_code == 0, result.output
+    assert "plan for split 'val': 4 images" in " ".join(result.output.split())
+
+
+def test_the_storage_plan_matches_what_is_written(cache):
+    from mfcache.cache.reader import Cache
+    from mfcache.cache.schema import ExtractSettings, plan_split, storage_plan
+
+    c = Cache(cache / "cache")
+    settings = ExtractSettings.from_fingerprint(c.fingerprint)
+    for name in c.splits:
+        split = c.split(name)
+        plan = plan_split(split.index["image_id"], split.index["orig_hw"], c.detector, 0, list(settings.levels))
+        planned = storage_plan(plan, topk=settings.topk, d_model=c.detector.d_model, target_size=settings.target_size,
+                               c1_channels=c.detector.c1_channels if settings.c1 == "store" else 0,
+                               dtype=settings.dtype).total()
+        stored = sum(node.nbytes_stored() for _, node in split.group.members(max_depth=None)
+                     if hasattr(node, "nbytes_stored") and not _.startswith(("index/", "annotations")))
+        assert abs(planned - stored) < 0.03 * stored, (name, planned, stored)

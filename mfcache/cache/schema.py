@@ -299,3 +299,56 @@ def plan_split(image_ids, orig_hw, info: DetectorInfo, chunk_tokens: int = 0,
 
 def packed_bytes(target_size: int) -> int:
     return (target_size * target_size + 7) // 8
+
+
+@dataclass
+class StoragePlan:
+    """Bytes a split's images take on disk, uncompressed, per array (``{name: [N] int64}``:
+    memory and c1 rows include the padding to their chunk boundary, as written)."""
+
+    parts: dict[str, np.ndarray]
+
+    def per_image(self) -> np.ndarray:
+        """``[N]`` bytes of each image."""
+        return sum(self.parts.values())
+
+    def total(self, positions: np.ndarray | None = None) -> int:
+        """Bytes of the images at ``positions`` (None = all)."""
+        per = self.per_image()
+        return int(per.sum() if positions is None else per[positions].sum())
+
+    def line(self, positions: np.ndarray) -> str:
+        """``12 images, 1.3 MiB per image (memory 0.9, c1 0.4, ...), 16 MiB in all``."""
+        n = len(positions)
+        if n == 0:
+            return "nothing left to write"
+        parts = sorted(((int(v[positions].sum()) / n, k) for k, v in self.parts.items()), reverse=True)
+        shown = ", ".join(f"{k} {format_bytes(b)}" for b, k in parts if b >= 0.01 * self.total(positions) / n)
+        return (f"{n} images, {format_bytes(self.total(positions) / n)} per image ({shown}), "
+                f"{format_bytes(self.total(positions))} in all")
+
+
+def storage_plan(plan: SplitPlan, *, topk: int, d_model: int, c1_channels: int, dtype: str,
+                 target_size: int) -> StoragePlan:
+    """What each image of ``plan`` will take on disk (``c1_channels`` 0: C1 not stored)."""
+    size = np.dtype(STORAGE_DTYPES[dtype]).itemsize
+    n = plan.num_images
+    per_query = 4 * 4 + 4 + 4 + 4 + 8 + 4 + packed_bytes(target_size)  # boxes .. targets/masks
+    parts = {
+        "memory": np.diff(plan.token_offset) * d_model * size,
+        "c1": np.diff(plan.c1_offset) * c1_channels * size,
+        "queries": np.full(n, topk * d_model * size),
+        "boxes, scores, labels, targets": np.full(n, topk * per_query),
+    }
+    if dtype == "int8":
+        parts["scales"] = np.full(n, (2 * d_model + c1_channels) * 4)
+    return StoragePlan({k: np.asarray(v, dtype=np.int64) for k, v in parts.items()})
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from mfcache.cache.c1_stem import STEM_ARRAY, export_stem
 from mfcache.cache.lock import writer_lock
 from mfcache.cache.records import ImageRecord, crop_outputs, image_record
-from mfcache.cache.schema import SKIPPED, SplitPlan, fingerprint, plan_split
+from mfcache.cache.schema import SKIPPED, SplitPlan, fingerprint, format_bytes, plan_split, storage_plan
 from mfcache.cache.stats import STATS_ATTR, MatchStats, group_stats, stored_stats
 from mfcache.cache.writer import (
     BackgroundWriter,
@@ -36,7 +37,7 @@ from mfcache.detectors.base import Detector, Preprocess, select_topk
 from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
 from mfcache.outputs import check_folder
-from mfcache.runtime import progress_bar, resolve_device
+from mfcache.runtime import console, progress_bar, resolve_device
 
 WRITE_QUEUE = 2  # finished blocks waiting for the writer thread before the detector waits
 
@@ -163,7 +164,8 @@ def own_blocks(pending: np.ndarray, block: int, world: World) -> np.ndarray:
 
 
 def extract(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None = None,
-            config: ExtractConfig = ExtractConfig(), skip_bad: bool = False, progress: bool = True) -> ExtractSummary:
+            config: ExtractConfig = ExtractConfig(), skip_bad: bool = False, ignore_free_space: bool = False,
+            progress: bool = True) -> ExtractSummary:
     """Cache detector ``detector`` (a spec) on one COCO split; returns what was done.
 
     With ``skip_bad``, images that cannot be read are recorded as skipped (``index/done ==
@@ -173,6 +175,9 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
     is loaded (:class:`CocoDataset`), before anything is written; the split stores the
     cleaned file, and the annotations left out (bad ones only with ``skip_bad``) are in its
     ``skipped_annotations`` attrs.
+
+    Before the first batch it prints the storage plan (bytes per image and in all, free
+    space) and refuses one the disk cannot hold, unless ``ignore_free_space``.
 
     Under ``torchrun --nproc_per_node N`` the ranks share the work: rank 0 creates the
     layout, then each rank runs the detector (``cuda:LOCAL_RANK`` on GPU) on its own whole
@@ -187,7 +192,8 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
     try:
         with writer_lock(Path(out), world):  # one writer per cache, held to the end (rank 0 for the job)
             return _extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
-                            config=config, skip_bad=skip_bad, progress=progress and world.is_main,
+                            config=config, skip_bad=skip_bad, ignore_free_space=ignore_free_space,
+                            progress=progress and world.is_main,
                             world=world, device=world.device(device))
     finally:
         close_world(created)
@@ -207,7 +213,7 @@ class _Job:
 
 
 def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
-             config: ExtractConfig, skip_bad: bool, progress: bool, world: World,
+             config: ExtractConfig, skip_bad: bool, ignore_free_space: bool, progress: bool, world: World,
              device: torch.device) -> ExtractSummary:
     out = Path(out)
     job = _prepare(detector=detector, images=images, annotations=annotations, split=split, config=config,
@@ -215,6 +221,9 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     group, plan = _create_split(job, out, config, world)
     writer = BlockWriter(group)
     block = int(group.attrs["block_size"])  # the split's own, whatever this run asked for
+    if world.is_main:
+        _check_space(job, plan, writer, out, config, block, skip_bad=skip_bad, ignore=ignore_free_space,
+                     say=progress)
     pending = _own_pending(writer, job.split, out, block, skip_bad=skip_bad, world=world)
     assemble = _BlockAssembler(writer, block, plan.num_images, out,
                                {"target_size": config.target_size, "dtype": config.dtype, "levels": job.levels})
@@ -276,6 +285,26 @@ def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> 
     if world.is_main:
         world.barrier()
     return group, plan
+
+
+def _check_space(job: _Job, plan: SplitPlan, writer: BlockWriter, out: Path, config: ExtractConfig, block: int,
+                 *, skip_bad: bool, ignore: bool, say: bool) -> None:
+    """Print (with ``say``) the storage plan of what is left to write (images, bytes per image
+    by array, total, free space under ``out``) and refuse, before the first batch, a plan the
+    disk cannot hold, unless ``ignore``; the layout just created is a few kB of metadata."""
+    info = job.model.info
+    storage = storage_plan(plan, topk=job.topk, d_model=info.d_model, target_size=config.target_size,
+                           c1_channels=info.c1_channels if config.c1 == "store" else 0, dtype=config.dtype)
+    todo = pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad)
+    free = shutil.disk_usage(out).free
+    need = storage.total(todo)
+    if say:
+        console.print(f"plan for split {job.split!r}: {storage.line(todo)}; {format_bytes(free)} free on {out}",
+                      highlight=False, soft_wrap=True)
+    if need > free and not ignore:
+        raise MfcacheError(
+            f"split {job.split!r} needs {format_bytes(need)} but {out} has {format_bytes(free)} free: free space, "
+            "store less (--dtype int8, --c1 recompute or none, --levels), or pass --ignore-free-space to go on")
 
 
 def _export_c1_stem(model: Detector, root: zarr.Group) -> None:
