@@ -99,3 +99,11 @@ def test_demo_with_an_unknown_head_fails_before_doing_anything(tmp_path):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--head", "nope"])
     assert result.exit_code == 1 and result.output.startswith("error:") and "nope" in result.output
     assert not (tmp_path / "demo").exists()
+
+
+def test_progress_in_a_log_is_plain_lines(tmp_path):
+    """Output that is not a terminal (a log file, a pipe, this runner) gets progress lines with
+    count, rate and ETA, where a rich bar would appear only at the end."""
+    out = run("data", "shapes", "--out", tmp_path / "d", "--train", 3, "--val", 1)
+    line = next(line for line in out.splitlines() if line.startswith("shapes: "))
+    assert line.startswith("shapes: 4/4 (100%), ") and "/s, ETA " in line and "elapsed " in line
