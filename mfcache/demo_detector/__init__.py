@@ -1,0 +1,1 @@
+"""How the shipped demo detector (:mod:`mfcache.detectors.demo`) was trained: ``pretrain`` (dense backbone pretraining) and ``train`` (the detector), with ``data``, ``model`` and ``evaluate``. Not used at run time."""
