@@ -72,32 +72,36 @@ def test_demo_detector_under_bf16_stays_close():
         assert len(a & b) >= 0.6 * len(a), (sorted(a), sorted(b))
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_training_and_eval_under_amp(shapes_data, tmp_path, amp):
-    """A few steps with the head's forward under autocast: finite losses, the choice stored in
-    the run's config (fp16 with a loss scale in the checkpoint); eval under autocast too."""
-    import json
-
-    from mfcache.checkpoint_io import load_checkpoint
+@pytest.fixture(scope="module")
+def bf16_cache(shapes_data, tmp_path_factory):
+    """The shapes data extracted with the detector under bf16 autocast."""
     from mfcache.config import ExtractConfig
-    from mfcache.stages.evaluate import evaluate
     from mfcache.stages.extract import extract
-    from mfcache.stages.train import train
 
-    cache = tmp_path / "cache"
+    cache = tmp_path_factory.mktemp("amp") / "cache"
     for split in ("train", "val"):
         extract(detector="demo", images=shapes_data / split, annotations=shapes_data / "annotations" / f"{split}.json",
                 out=cache, config=ExtractConfig(num_workers=0, amp="bf16"), progress=False)
+    return cache
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_training_and_eval_under_amp(bf16_cache, tmp_path, amp):
+    """A few steps with the head's forward under autocast: finite losses, the choice stored in
+    the run's config (fp16 with a loss scale in the checkpoint); eval under autocast too."""
+    from mfcache.checkpoint_io import load_checkpoint
+    from mfcache.stages.evaluate import evaluate
+    from mfcache.stages.train import train
+
     config = resolve_run_config("blendmask", ["train.steps=3", "train.batch_size=2", "train.num_workers=0",
                                               "train.device=cpu", f"train.amp={amp}", f"eval.amp={amp}"])
-    last = train(cache_path=cache, run_dir=tmp_path / "run", config=config, progress=False)
+    last = train(cache_path=bf16_cache, run_dir=tmp_path / "run", config=config, progress=False)
     assert last["step"] == 3 and last["loss"] is not None and last["loss"] == last["loss"]
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt", what="run checkpoint")
     assert state["config"]["train"]["amp"] == amp and ("scaler" in state) == (amp == "fp16")
     assert state["fingerprint"]["extract"]["amp"] == "bf16"
-    metrics = evaluate(cache_path=cache, run_dir=tmp_path / "run", progress=False, device="cpu")
-    assert metrics["config"]["eval"]["amp"] == amp
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["segm"]["AP"] is not None
+    metrics = evaluate(cache_path=bf16_cache, run_dir=tmp_path / "run", progress=False, device="cpu")
+    assert metrics["config"]["eval"]["amp"] == amp and metrics["segm"]["AP"] is not None
 
 
 def test_a_cache_extracted_without_amp_refuses_to_continue_with_it(shapes_data, tmp_path):
