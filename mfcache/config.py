@@ -170,6 +170,14 @@ class HeadConfig:
                                             help="Query encoder layers in order, from: {choices}.")
     predictor: str = option("dot", help="Mask predictor: {choices}.", choices={
         "dot": "", "blender": "BlendMask", "fcn": "Mask R-CNN style"})
+    fused_norm: str = option("none", help="Normalisation of F before the mask predictor: {choices}.", choices={
+        "none": "the paper's raw sum", "layer": "LayerNorm over channels at each pixel",
+        "group": "GroupNorm (32 groups) over each image's map"})
+    dot_logit: str = option("fixed", help="dot predictor's logit: {choices}.", choices={
+        "fixed": "the paper's q . R / sqrt(C)", "affine": "s * q . R / sqrt(C) + b, learned scalars s (init 1) and b (init 0)"})
+    query_init: str = option("default", help="Query projection's init: {choices}.", choices={
+        "default": "PyTorch's Linear init", "zero": "zero weight and bias (every query starts as one shared map)",
+        "small": "weight x 0.1"})
     blender_bases: int = option(4, low=1, help="blender: K bases from the fused map.")
     blender_attn_size: int = option(14, low=1, help="blender: m, per-query K x m x m attentions.")
     scoring: str = option("mask_prob", help="Mask score: {choices}.", choices={

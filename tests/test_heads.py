@@ -167,3 +167,46 @@ def test_point_loss_draws_each_images_points_from_its_own_generator():
     other_step = point_mask_losses(logits[2:], targets[2:], **options,
                                    generators=image_generators([3], [12], seed=0, step=5))
     assert not torch.equal(other_step["bce"], second["bce"])  # a new draw every step
+
+
+def test_dot_head_options_build_and_change_the_output_as_stated():
+    """head.fused_norm, head.dot_logit and head.query_init (issue 19): each builds, trains
+    (finite gradients everywhere) and changes the logits exactly as described."""
+    x = batch()
+    args = dict(d_model=16, c1_channels=8, num_levels=4)
+
+    def logits(head):
+        return head(x["queries"], x["boxes"], x["levels"], x["c1"]).mask_logits
+
+    torch.manual_seed(1)
+    base = build_head(HeadConfig(roi_size=16), **args)
+    # affine logits: the same logits at init (s = 1, b = 0), then s * (q . R / sqrt(C)) + b
+    torch.manual_seed(1)
+    affine = build_head(HeadConfig(roi_size=16, dot_logit="affine"), **args)
+    torch.testing.assert_close(logits(affine), logits(base))
+    with torch.no_grad():
+        affine.predictor.logit_scale.fill_(2.0)
+        affine.predictor.logit_bias.fill_(-0.5)
+    torch.testing.assert_close(logits(affine), 2.0 * logits(base) - 0.5)
+    # zero query init: every query predicts 0 everywhere until trained
+    zero = build_head(HeadConfig(roi_size=16, query_init="zero"), **args)
+    assert torch.count_nonzero(logits(zero)) == 0
+    torch.manual_seed(1)
+    small = build_head(HeadConfig(roi_size=16, query_init="small"), **args)
+    torch.testing.assert_close(small.query_proj.weight, 0.1 * base.query_proj.weight)
+    # normalised F: per-pixel LayerNorm (zero mean, unit variance over channels at init)
+    for kind in ("layer", "group"):
+        head = build_head(HeadConfig(roi_size=16, fused_norm=kind), **args)
+        fused = head.fusion([x["levels"][0]], x["c1"])
+        for f in fused:
+            dims = (0,) if kind == "layer" else (0, 1, 2)
+            if kind == "group":
+                f = f.reshape(8, -1)  # 8 channels -> gcd(32, 8) = 8 groups of one channel
+                dims = (1,)
+            torch.testing.assert_close(f.mean(dims), torch.zeros_like(f.mean(dims)), atol=1e-5, rtol=0)
+            torch.testing.assert_close(f.var(dims, unbiased=False), torch.ones_like(f.mean(dims)), atol=1e-3, rtol=0)
+        out = logits(head)
+        assert not torch.allclose(out, logits(base))
+        (out.sigmoid().mean()).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+    assert build_head(HeadConfig(roi_size=16, predictor="blender"), **args).fusion.norm is None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from mfcache.config import HeadConfig, check_config
@@ -15,7 +16,7 @@ from mfcache.heads.convnext import ConvNeXtEncoder
 from mfcache.heads.deformable import DeformableEncoder
 from mfcache.heads.dot import DotPredictor, ImageDotPredictor
 from mfcache.heads.fcn import FCNPredictor
-from mfcache.heads.fusion import FusedMap, conv_gn
+from mfcache.heads.fusion import FusedMap, conv_gn, fused_norm
 from mfcache.heads.query_encoder import QueryEncoder
 from mfcache.heads.scoring import MaskIoUHead
 from mfcache.heads.swin import SwinEncoder
@@ -51,6 +52,18 @@ def check_head_config(c: HeadConfig, *, channels: int, c1_channels: int, num_lev
         raise MfcacheError("head.predictor = 'fcn' ignores the queries: set head.query_encoder = []")
 
 
+def query_projection(d_model: int, channels: int, init: str) -> nn.Linear:
+    """The queries' linear map d -> d', initialised as ``head.query_init`` says."""
+    proj = nn.Linear(d_model, channels)
+    with torch.no_grad():
+        if init == "zero":
+            proj.weight.zero_()
+            proj.bias.zero_()
+        elif init == "small":
+            proj.weight.mul_(0.1)
+    return proj
+
+
 def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels: int) -> MaskHead:
     """The head ``config`` describes, sized for a cache's detector (c1_channels 0 = no C1 cached)."""
     c = config
@@ -72,20 +85,23 @@ def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels
         neck = nn.Conv2d(c1_channels, channels, 1) if c1_channels != channels else nn.Identity()
     fusion = FusedMap(encoder=encoder, multi_scale=multi_scale, index=levels.index(c.level),
                       upsample=2 ** (c.level + 1),  # level l has stride 8 * 2^l; F has stride 4
-                      mapper=nn.Conv2d(d_model, channels, 1) if channels != d_model else nn.Identity(), neck=neck)
+                      mapper=nn.Conv2d(d_model, channels, 1) if channels != d_model else nn.Identity(), neck=neck,
+                      norm=fused_norm(c.fused_norm, channels))
     feature_size = c.roi_size // 2 if c.predictor == "fcn" else c.roi_size
     if c.region == "image":
-        predictor: nn.Module = ImageDotPredictor(channels=channels, roi_size=c.roi_size)
+        predictor: nn.Module = ImageDotPredictor(channels=channels, roi_size=c.roi_size,
+                                                   affine=c.dot_logit == "affine")
     else:
         predictor = {
-            "dot": lambda: DotPredictor(channels=channels, roi_size=c.roi_size),
+            "dot": lambda: DotPredictor(channels=channels, roi_size=c.roi_size, affine=c.dot_logit == "affine"),
             "blender": lambda: BlenderPredictor(channels=channels, bases=c.blender_bases,
                                                 attn_size=c.blender_attn_size, roi_size=c.roi_size),
             "fcn": lambda: FCNPredictor(channels=channels, hidden=min(channels, 128)),
         }[c.predictor]()
+    query_proj = None if c.predictor == "fcn" else query_projection(d_model, channels, c.query_init)
     return ComposedHead(
         levels=levels, uses_c1=c.use_c1, roi_size=c.roi_size, feature_size=feature_size, fusion=fusion,
-        query_proj=None if c.predictor == "fcn" else nn.Linear(d_model, channels),
+        query_proj=query_proj,
         query_encoder=QueryEncoder(dim=channels, kinds=c.query_encoder),
         box_encoder=BoxEncoder(dim=channels, depth=c.box_encoder_depth) if c.box_encoder_depth else None,
         predictor=predictor,

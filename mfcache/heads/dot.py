@@ -38,17 +38,26 @@ class DotPredictor(nn.Module):
     Without ``roi_features`` (no other part of the head needs them) R = RoIAlign(F) is never
     formed: RoIAlign is linear, so q . RoIAlign(F) = RoIAlign(q . F), the same logits from a
     one-channel map (``fused``: one ``[C, h_b, w_b]`` map per image, ``rois [N, 5]``), at 1/C of
-    the interpolation work."""
+    the interpolation work.
 
-    def __init__(self, *, channels: int, roi_size: int, sampling_ratio: int = 2):
+    ``affine``: the logits become ``s * q . R / sqrt(C) + b`` with learned scalars s (init 1)
+    and b (init 0), a temperature and an offset as many mask heads learn (same logits at init)."""
+
+    def __init__(self, *, channels: int, roi_size: int, sampling_ratio: int = 2, affine: bool = False):
         super().__init__()
         self.scale, self.roi_size, self.sampling_ratio = 1.0 / math.sqrt(channels), roi_size, sampling_ratio
+        self.logit_scale = nn.Parameter(torch.ones(())) if affine else None
+        self.logit_bias = nn.Parameter(torch.zeros(())) if affine else None
 
     def forward(self, *, queries: Tensor, fused: Sequence[Tensor], rois: Tensor, roi_features: Tensor | None = None,
                 **_) -> Tensor:
         if roi_features is not None:
-            return torch.einsum("nc,nchw->nhw", queries, roi_features)[:, None] * self.scale
-        return dot_crops(queries, fused, rois, self.roi_size, self.sampling_ratio) * self.scale
+            dots = torch.einsum("nc,nchw->nhw", queries, roi_features)[:, None]
+        else:
+            dots = dot_crops(queries, fused, rois, self.roi_size, self.sampling_ratio)
+        if self.logit_scale is None:
+            return dots * self.scale
+        return dots * (self.scale * self.logit_scale) + self.logit_bias
 
 
 class ImageDotPredictor(DotPredictor):
@@ -56,8 +65,8 @@ class ImageDotPredictor(DotPredictor):
     cropped to each box with one bilinear sample per bin (RoI features, if another part of the
     head made them, are not used)."""
 
-    def __init__(self, *, channels: int, roi_size: int):
-        super().__init__(channels=channels, roi_size=roi_size, sampling_ratio=1)
+    def __init__(self, *, channels: int, roi_size: int, affine: bool = False):
+        super().__init__(channels=channels, roi_size=roi_size, sampling_ratio=1, affine=affine)
 
     def forward(self, *, queries: Tensor, fused: Sequence[Tensor], rois: Tensor, **_) -> Tensor:
         return super().forward(queries=queries, fused=fused, rois=rois)

@@ -21,6 +21,19 @@ def conv_gn(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.GroupNorm(math.gcd(32, out_channels), out_channels))
 
 
+class PixelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of ``[n, C, h, w]`` at each pixel (learned per-channel affine)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def fused_norm(kind: str, channels: int) -> nn.Module | None:
+    """``head.fused_norm``: None (the paper's raw F), a per-pixel LayerNorm or a per-image GroupNorm."""
+    return {"none": lambda: None, "layer": lambda: PixelLayerNorm(channels),
+            "group": lambda: nn.GroupNorm(math.gcd(32, channels), channels)}[kind]()
+
+
 def crop(x: Tensor, b: int, hw: list[int] | None) -> Tensor:
     """``x [B, C, H, W]`` -> image ``b``'s valid ``[1, C, h, w]`` (``hw`` = (h, w); None: all of
     it), dense and channels-last: on the CPU, a strided view of the padded batch sends the
@@ -38,14 +51,15 @@ class FusedMap(nn.Module):
 
     ``encoder`` maps the list of levels to a refined list (multi-scale encoders) or is
     applied to the chosen level alone (single-map encoders); ``mapper`` is the channel
-    mapper d -> d'; ``neck`` maps C1 to d'.
+    mapper d -> d'; ``neck`` maps C1 to d'; ``norm`` (optional) normalises the sum, each image
+    on its own (:func:`fused_norm`).
     """
 
     def __init__(self, *, encoder: nn.Module | None, multi_scale: bool, index: int, upsample: int,
-                 mapper: nn.Module, neck: nn.Module | None):
+                 mapper: nn.Module, neck: nn.Module | None, norm: nn.Module | None = None):
         super().__init__()
         self.encoder, self.multi_scale, self.index, self.upsample = encoder, multi_scale, index, upsample
-        self.mapper, self.neck = mapper, neck
+        self.mapper, self.neck, self.norm = mapper, neck, norm
 
     def forward(self, levels: list[Tensor], c1: Tensor | None, level_hw: Tensor | None = None,
                 c1_hw: Tensor | None = None) -> list[Tensor]:
@@ -71,4 +85,4 @@ class FusedMap(nn.Module):
         if self.neck is not None:
             c1 = self.neck(c1)
             fused = fused + F.pad(c1, (0, fused.shape[-1] - c1.shape[-1], 0, fused.shape[-2] - c1.shape[-2]))
-        return fused
+        return fused if self.norm is None else self.norm(fused)
