@@ -454,32 +454,17 @@ def write_hdetr_checkpoint(folder: Path, *, shortest_edge: int, options: dict | 
     scaled as tests/test_native.py's ``random_checkpoint`` scales them, labelled with the
     shapes categories; returns its ``hdetr:`` spec. ``options``: architecture options (default:
     the published R50 model, two-stage + box refine + mixed selection, 300 queries)."""
-    import numpy as np
-
     from mfcache.data.shapes import CATEGORIES
     from mfcache.detectors.native import HDetr, HDetrConfig
+    from mfcache.detectors.native.checkpoint import random_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
     options = dict(options or {})
     labels = folder / "labels.json"
     labels.write_text(json.dumps(["N/A", *CATEGORIES]))  # index = shapes category id
     model = HDetr(HDetrConfig(**options, num_classes=1 + len(CATEGORIES)))
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for key, value in model.state_dict().items():
-        shape = tuple(value.shape)
-        if key.endswith("num_batches_tracked"):
-            continue
-        if key.endswith("running_var"):
-            state[key] = torch.rand(shape, generator=gen) + 0.5
-        elif "body" in key and key.endswith(".weight") and len(shape) == 1:  # frozen BN scale
-            state[key] = torch.rand(shape, generator=gen) * 0.5 + 0.25
-        else:
-            scale = 0.3 / max(1.0, float(np.prod(shape[1:])) ** 0.5) if len(shape) > 1 else 0.1
-            state[key] = torch.randn(shape, generator=gen) * scale
-    for key in state:  # the per-layer heads are one module under two names in the originals
-        if key.startswith("transformer.decoder.") and key[len("transformer.decoder."):] in state:
-            state[key] = state[key[len("transformer.decoder."):]]
+    state = random_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()
+                               if not k.endswith("num_batches_tracked")})
     path = folder / "hdetr.pth"
     torch.save({"model": state, "epoch": 0}, path)
     query = {**options, "labels": labels, "shortest_edge": shortest_edge, "longest_edge": shortest_edge * 5 // 3}

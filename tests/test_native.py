@@ -6,7 +6,6 @@ of the native modules, so a renamed or missing parameter in the native code fail
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ from mfcache.config import ExtractConfig
 from mfcache.data.shapes import CATEGORIES, write_shapes_dataset
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors import load_detector
+from mfcache.detectors.native.checkpoint import random_state_dict
 from mfcache.detectors.native import COCO91_LABELS
 from mfcache.ops.deformable_attention import MSDeformAttn, ms_deform_attn
 from mfcache.errors import MfcacheError
@@ -122,21 +122,8 @@ def published_keys(family: str, o: dict) -> dict[str, tuple]:
 
 
 def random_checkpoint(path, family: str, options: dict, *, seed: int = 0, drop: str | None = None) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in published_keys(family, options).items():
-        if key == drop:
-            continue
-        if key.endswith("running_var"):
-            state[key] = torch.rand(shape, generator=gen) + 0.5
-        elif "body" in key and key.endswith(".weight") and len(shape) == 1:  # frozen BN scale
-            state[key] = torch.rand(shape, generator=gen) * 0.5 + 0.25
-        else:
-            scale = 0.3 / max(1.0, np.prod(shape[1:]) ** 0.5) if len(shape) > 1 else 0.1
-            state[key] = torch.randn(shape, generator=gen) * scale
-    for key in state:  # the heads are one module under two names in the originals
-        if key.startswith("transformer.decoder.") and key[len("transformer.decoder."):] in state:
-            state[key] = state[key[len("transformer.decoder."):]]
+    shapes = {k: v for k, v in published_keys(family, options).items() if k != drop}
+    state = random_state_dict(shapes, seed)
     torch.save({"model": state, "epoch": 11}, path)
 
 

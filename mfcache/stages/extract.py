@@ -221,10 +221,10 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     group, plan = _create_split(job, out, config, world)
     writer = BlockWriter(group)
     block = int(group.attrs["block_size"])  # the split's own, whatever this run asked for
+    todo = pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad)
     if world.is_main:
-        _check_space(job, plan, writer, out, config, block, skip_bad=skip_bad, ignore=ignore_free_space,
-                     say=progress)
-    pending = _own_pending(writer, job.split, out, block, skip_bad=skip_bad, world=world)
+        _check_space(job, plan, todo, out, config, ignore=ignore_free_space, say=progress)
+    pending = _own_pending(writer, todo, job.split, out, block, world=world)
     assemble = _BlockAssembler(writer, block, plan.num_images, out,
                                {"target_size": config.target_size, "dtype": config.dtype, "levels": job.levels})
     _run_detector(job, plan, _loader(job, pending, block, config), assemble, total=len(pending),
@@ -287,15 +287,14 @@ def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> 
     return group, plan
 
 
-def _check_space(job: _Job, plan: SplitPlan, writer: BlockWriter, out: Path, config: ExtractConfig, block: int,
-                 *, skip_bad: bool, ignore: bool, say: bool) -> None:
+def _check_space(job: _Job, plan: SplitPlan, todo: np.ndarray, out: Path, config: ExtractConfig, *,
+                 ignore: bool, say: bool) -> None:
     """Print (with ``say``) the storage plan of what is left to write (images, bytes per image
     by array, total, free space under ``out``) and refuse, before the first batch, a plan the
     disk cannot hold, unless ``ignore``; the layout just created is a few kB of metadata."""
     info = job.model.info
     storage = storage_plan(plan, topk=job.topk, d_model=info.d_model, target_size=config.target_size,
                            c1_channels=info.c1_channels if config.c1 == "store" else 0, dtype=config.dtype)
-    todo = pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad)
     free = shutil.disk_usage(out).free
     need = storage.total(todo)
     if say:
@@ -315,14 +314,13 @@ def _export_c1_stem(model: Detector, root: zarr.Group) -> None:
     export_stem(stem, root)
 
 
-def _own_pending(writer: BlockWriter, split: str, out: Path, block: int, *, skip_bad: bool,
+def _own_pending(writer: BlockWriter, todo: np.ndarray, split: str, out: Path, block: int, *,
                  world: World) -> np.ndarray:
-    """The positions this rank writes: its whole blocks that are not done yet."""
+    """The positions of ``todo`` (every image still to write) that this rank writes: its whole blocks."""
     if world.enabled and (writer.index["index/done"] == SKIPPED).any():
         raise MfcacheError(f"split {split!r} of {out} has skipped images: retry them with a single process "
                            "(without torchrun)")
-    return own_blocks(pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad),
-                      block, world)
+    return own_blocks(todo, block, world)
 
 
 def _loader(job: _Job, pending: np.ndarray, block: int, config: ExtractConfig) -> DataLoader:

@@ -15,19 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = [
-    "CATEGORIES",
-    "CROWD_EVERY",
-    "GENERATOR_VERSION",
-    "MAX_INSTANCES",
-    "MIN_SIZE",
-    "MIN_VISIBLE_FRACTION",
-    "MIN_VISIBLE_PIXELS",
-    "SIZE_RANGE",
-    "Instance",
-    "generate_image",
-]
-
 GENERATOR_VERSION = "1"  # bump whenever any module's output for given arguments changes
 CATEGORIES: tuple[str, ...] = ("ring", "star", "crescent", "ell", "cross", "triangle")
 

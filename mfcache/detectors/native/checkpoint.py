@@ -171,3 +171,29 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], where: str, family:
     model.load_state_dict(state, strict=True)
 
 
+
+
+def random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, Tensor]:
+    """A checkpoint-style ``model`` dict of random weights with these shapes (``{key: shape}``,
+    keys as the original repositories name them), scaled so a full-size model's activations
+    stay finite: the compute of a trained model, for tests and benchmarks (nothing can be
+    downloaded). BatchNorm variances and frozen BN scales are positive; the decoder's per-layer
+    heads share their weights under both of the originals' names, as there."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=gen) + 0.5
+        elif "body" in key and key.endswith(".weight") and len(shape) == 1:  # frozen BN scale
+            state[key] = torch.rand(shape, generator=gen) * 0.5 + 0.25
+        else:
+            fan_in = 1
+            for size in shape[1:]:
+                fan_in *= size
+            scale = 0.3 / max(1.0, fan_in ** 0.5) if len(shape) > 1 else 0.1
+            state[key] = torch.randn(shape, generator=gen) * scale
+    prefix = "transformer.decoder."
+    for key in state:  # the per-layer heads are one module under two names in the originals
+        if key.startswith(prefix) and key[len(prefix):] in state:
+            state[key] = state[key[len(prefix):]]
+    return state
