@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +13,13 @@ import typer
 
 from mfcache.errors import MfcacheError
 from mfcache.runtime import console
+
+
+def print_json(document) -> None:
+    """``document`` as one JSON document on stdout, alone (``--json``): paths as strings, no
+    rich markup, highlighting or wrapping."""
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
 
 
 def user_errors(fn=None, *, interrupted: str | Callable[[dict], str] = ""):
@@ -54,3 +63,6 @@ TrustOpt = Annotated[bool, typer.Option(
     help="Load checkpoints (and a cache's stored C1 program) with the full unpickler, accepting types beyond "
          "tensors, containers and numbers. RISK: such a file can run any code on this machine; use only for "
          "files from a source you trust.")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print the result as one JSON document on stdout, and nothing else there (progress and "
+                   "messages still go to stderr).")]

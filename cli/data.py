@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mfcache.cli.common import QuietOpt, user_errors
-from mfcache.runtime import console, progress_bar
+from mfcache.runtime import progress_bar, stdout
 
 app = typer.Typer(help="Generate datasets.", no_args_is_help=True)
 
@@ -32,4 +32,4 @@ def shapes(
         task = bar.add_task("shapes", total=train + val, status="")
         paths = write_shapes_dataset(out, num_train=train, num_val=val, seed=seed,
                                      progress=lambda n: bar.advance(task, n))
-    console.print(f"wrote {train} train + {val} val images: annotations {paths['train']} and {paths['val']}")
+    stdout.print(f"wrote {train} train + {val} val images: annotations {paths['train']} and {paths['val']}")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mfcache.cli.common import RERUN, QuietOpt, user_errors
-from mfcache.runtime import console
+from mfcache.runtime import console, stdout
 from mfcache.stages.demo import DEMO_HEAD
 
 
@@ -37,10 +37,10 @@ def command(
 
     result = run_demo(out, train_images=train_images, val_images=val_images, steps=steps, head=head, device=device,
                       progress=not quiet, say=console.rule)
-    console.print(metrics_table(result.metrics, title=f"demo: COCO AP on {result.metrics['num_images']} val images"))
+    stdout.print(metrics_table(result.metrics, title=f"demo: COCO AP on {result.metrics['num_images']} val images"))
     if result.detector_trained:
-        console.print(result.detector_note)
-    else:
+        stdout.print(result.detector_note)
+    else:  # a warning
         console.print(f"[bold yellow]note:[/bold yellow] {result.detector_note}")
-    console.print(f"{len(result.overlays)} overlays (ground truth | prediction): {result.overlays_dir}/")
-    console.print(f"done in {result.seconds:.0f} s: {out}/metrics.json, cache {result.cache}, run {result.run}")
+    stdout.print(f"{len(result.overlays)} overlays (ground truth | prediction): {result.overlays_dir}/")
+    stdout.print(f"done in {result.seconds:.0f} s: {out}/metrics.json, cache {result.cache}, run {result.run}")

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import CacheOpt, QuietOpt, TrustOpt, user_errors
-from mfcache.runtime import console
+from mfcache.cli.common import CacheOpt, JsonOpt, QuietOpt, TrustOpt, print_json, user_errors
+from mfcache.runtime import stdout
 
 
 @user_errors
@@ -27,11 +27,13 @@ def command(
                                                         "eval.mask_threshold=0.4 or eval.amp=bf16 (repeatable).")] = None,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
+    as_json: JsonOpt = False,
 ):
     """Evaluate a trained head on a cache split with pycocotools (segm and bbox AP).
 
     Also scores the same detections with each mask filled to its box ("box_filled"),
-    the floor a mask head must clear. --visualize N draws the first N images.
+    the floor a mask head must clear. --visualize N draws the first N images. The table shows
+    AP in %; metrics.json (and --json, which prints it) holds fractions in [0, 1].
 
     Example: mfcache eval --cache caches/ddetr --run runs/baseline --out runs/baseline/metrics.json
     """
@@ -46,7 +48,10 @@ def command(
     with trusting(trust_checkpoint):
         metrics = evaluate(cache_path=cache, run_dir=run, split=split, out=out, device=device, progress=not quiet,
                            overrides=overrides, on_results=draw)
-    console.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images)"))
-    console.print(f"metrics written to {out or run / 'metrics.json'}")
+    if as_json:
+        print_json(metrics)  # exactly what metrics.json holds
+        return
+    stdout.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images)"))
+    stdout.print(f"metrics written to {out or run / 'metrics.json'}")
     if visualize:
-        console.print(f"{min(visualize, metrics['num_images'])} panels (ground truth | prediction) in {panels}/")
+        stdout.print(f"{min(visualize, metrics['num_images'])} panels (ground truth | prediction) in {panels}/")

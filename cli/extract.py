@@ -11,7 +11,7 @@ import typer
 from mfcache.cli.common import QuietOpt, SplitOpt, TrustOpt, user_errors
 from mfcache.config import ExtractConfig, check_config
 from mfcache.errors import MfcacheError
-from mfcache.runtime import console
+from mfcache.runtime import stdout
 
 _D = ExtractConfig()
 _FIELDS = {f.name: f for f in dataclasses.fields(ExtractConfig)}
@@ -81,10 +81,10 @@ def command(
     if world_from_env().rank:  # under torchrun, rank 0 reports for all
         return
     skipped = f", {summary.skipped} skipped: see `mfcache inspect {summary.cache}`" if summary.skipped else ""
-    console.print(f"split {summary.split!r}: {summary.num_images} images cached in {summary.cache} "
+    stdout.print(f"split {summary.split!r}: {summary.num_images} images cached in {summary.cache} "
                   f"({summary.written} written now{skipped})")
     if summary.annotations:
         see = f" (see `mfcache inspect {summary.cache}`)" if summary.skipped_annotations else ""
-        console.print(summary.annotations + see, highlight=False)
+        stdout.print(summary.annotations + see, highlight=False)
     if summary.match is not None:
-        console.print(f"split {summary.split!r}: {summary.match.line()}", highlight=False)
+        stdout.print(f"split {summary.split!r}: {summary.match.line()}", highlight=False)

@@ -7,19 +7,20 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import user_errors
+from mfcache.cli.common import JsonOpt, print_json, user_errors
 from mfcache.cache.schema import format_bytes
-from mfcache.runtime import console
+from mfcache.runtime import stdout
 
 SHOWN_ANNOTATIONS = 20  # skipped annotations listed one per line; the rest are counted
 
 
 @user_errors
-def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
+def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")], as_json: JsonOpt = False):
     """Show a cache's fingerprint, splits, and every array's shape, dtype and size.
 
     Per split also how many GT instances a cached query matches at box IoU >= 0.5 (the
     train.min_iou default: only those train the head) and the detector's box recall at 0.5.
+    --json prints the same description as one JSON document.
 
     Example: mfcache inspect caches/ddetr
     """
@@ -27,42 +28,45 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
     from mfcache.errors import MfcacheError
 
     report = describe(cache)
-    _print_fingerprint(report)
-    for split in report["splits"]:
-        _print_split(split)
+    if as_json:
+        print_json(report)  # with its "error" key, if damage stopped it (and exit 1 below)
+    else:
+        _print_fingerprint(report)
+        for split in report["splits"]:
+            _print_split(split)
     if "error" in report:  # damage stopped the description: shown after what it gathered
         raise MfcacheError(report["error"])
 
 
 def _print_fingerprint(report: dict) -> None:
     det, p = report["detector"], report["detector"]["preprocess"]
-    console.print(f"[bold]{report['path']}[/bold]  (schema {report['schema_version']}, "
+    stdout.print(f"[bold]{report['path']}[/bold]  (schema {report['schema_version']}, "
                   f"written by mfcache {report['mfcache_version']})")
-    console.print(f"detector  {det['spec']}  family={det['family']}  weights={det['weights_sha256'][:16]}  "
+    stdout.print(f"detector  {det['spec']}  family={det['family']}  weights={det['weights_sha256'][:16]}  "
                   f"trained={det['trained']}")
-    console.print(f"          d_model={det['d_model']} queries={det['num_queries']} classes={len(det['label_names'])} "
+    stdout.print(f"          d_model={det['d_model']} queries={det['num_queries']} classes={len(det['label_names'])} "
                   f"strides={list(det['strides'])} c1_channels={det['c1_channels']} sigmoid={det['sigmoid']}")
-    console.print(f"preprocess shortest_edge={p['shortest_edge']} longest_edge={p['longest_edge']} "
+    stdout.print(f"preprocess shortest_edge={p['shortest_edge']} longest_edge={p['longest_edge']} "
                   f"pad_divisor={p['pad_divisor']} pad_size={p['pad_size'] and list(p['pad_size'])} "
                   f"mean={list(p['mean'])} std={list(p['std'])} resize={p['resize']}")
-    console.print("extract   " + " ".join(f"{k}={v}" for k, v in report["extract"].items()))
+    stdout.print("extract   " + " ".join(f"{k}={v}" for k, v in report["extract"].items()))
 
 
 def _print_split(split: dict) -> None:
     from rich.table import Table
 
     name, skipped, left_out = split["name"], split["skipped_images"], split["skipped_annotations"]
-    console.print(f"\n[bold]split {name}[/bold]: {split['complete']}/{split['num_images']} images complete"
+    stdout.print(f"\n[bold]split {name}[/bold]: {split['complete']}/{split['num_images']} images complete"
                   + (f", {len(skipped)} skipped" if skipped else "") + "; "
                   f"annotations {split['annotation_file']} (sha256 {split['annotations_sha256'][:16]})")
     for image in skipped:
-        console.print(f"  skipped image id {image['id']}: {image['reason']}", highlight=False, soft_wrap=True)
+        stdout.print(f"  skipped image id {image['id']}: {image['reason']}", highlight=False, soft_wrap=True)
     for ann in left_out[:SHOWN_ANNOTATIONS]:
-        console.print(f"  skipped annotation id {ann['id']}: {ann['reason']}", highlight=False, soft_wrap=True)
+        stdout.print(f"  skipped annotation id {ann['id']}: {ann['reason']}", highlight=False, soft_wrap=True)
     if len(left_out) > SHOWN_ANNOTATIONS:
-        console.print(f"  ... {len(left_out) - SHOWN_ANNOTATIONS} more skipped annotations", highlight=False)
+        stdout.print(f"  ... {len(left_out) - SHOWN_ANNOTATIONS} more skipped annotations", highlight=False)
     if split.get("targets") is not None:
-        console.print(f"targets: {split['targets']['line']} ({split['targets']['source']}; train.min_iou decides "
+        stdout.print(f"targets: {split['targets']['line']} ({split['targets']['source']}; train.min_iou decides "
                       "which queries train)", highlight=False, soft_wrap=True)
     if "arrays" not in split:
         return
@@ -73,6 +77,6 @@ def _print_split(split: dict) -> None:
     for a in split["arrays"]:
         table.add_row(a["path"], str(tuple(a["shape"])), a["dtype"], str(tuple(a["chunks"])), format_bytes(a["bytes"]),
                       format_bytes(a["stored"]))
-    console.print(table)
+    stdout.print(table)
     total = split["stored_bytes"]
-    console.print(f"split {name}: {format_bytes(total)} on disk, {format_bytes(total / max(split['num_images'], 1))} per image")
+    stdout.print(f"split {name}: {format_bytes(total)} on disk, {format_bytes(total / max(split['num_images'], 1))} per image")

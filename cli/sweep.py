@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import RERUN, CacheOpt, QuietOpt, SetOpt, TrustOpt, user_errors
-from mfcache.runtime import console
+from mfcache.cli.common import RERUN, CacheOpt, JsonOpt, QuietOpt, SetOpt, TrustOpt, print_json, user_errors
+from mfcache.runtime import console, stdout
 
 
 @user_errors(interrupted=RERUN)
@@ -20,11 +20,13 @@ def command(
     overrides: SetOpt = None,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
+    as_json: JsonOpt = False,
 ):
     """Train and evaluate many heads from one cache, then tabulate them.
 
     Each head trains from the cache alone; the table has mask AP, size, training time and
-    peak memory. Heads that already have metrics in --out are not retrained.
+    peak memory. Heads that already have metrics in --out are not retrained. The table shows
+    AP in %; sweep.json (and --json, which prints it) holds fractions in [0, 1].
 
     Example: mfcache sweep --cache caches/ddetr --heads box_baseline --heads paper_final --steps 2000 --out sweeps/ablation
     """
@@ -32,7 +34,7 @@ def command(
     from mfcache.checkpoint_io import trusting
     from mfcache.stages.sweep import AP_KEYS, sweep
 
-    def report(row: dict, reused: bool) -> None:
+    def report(row: dict, reused: bool) -> None:  # progress, on stderr
         ap = row["segm_AP"]
         console.print(f"{row['name']}: mask AP {'-' if ap is None else f'{100 * ap:.1f}'}"
                       f"{' (already done)' if reused else ''}")
@@ -40,12 +42,15 @@ def command(
     with trusting(trust_checkpoint):  # the run folders' checkpoints, a cache's stored C1 program
         rows = sweep(cache_path=cache, heads=heads, out_dir=out, steps=steps, overrides=overrides,
                      progress=not quiet, on_row=report)
-    table = Table(title=f"mask AP (%) of {len(rows)} heads")
+    if as_json:
+        print_json(rows)  # exactly what sweep.json holds
+        return
+    table = Table(title=f"mask AP (%) of {len(rows)} heads", caption="sweep.json holds AP as fractions in [0, 1]")
     for column in ("head", *AP_KEYS, "params", "train s", "peak MiB"):
         table.add_column(column, justify="left" if column == "head" else "right")
     for r in rows:
         aps = ["-" if r[f"segm_{k}"] is None else f"{100 * r[f'segm_{k}']:.1f}" for k in AP_KEYS]
         memory = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         table.add_row(r["name"], *aps, f"{r['params']:,}", f"{r['train_seconds']:.1f}", memory)
-    console.print(table)
-    console.print(f"written {out / 'sweep.json'}, sweep.md and sweep.png")
+    stdout.print(table)
+    stdout.print(f"written {out / 'sweep.json'}, sweep.md and sweep.png")

@@ -10,7 +10,7 @@ import typer
 
 from mfcache.cli.common import CacheOpt, QuietOpt, SetOpt, SplitOpt, TrustOpt, user_errors
 from mfcache.config import resolve_run_config
-from mfcache.runtime import console
+from mfcache.runtime import stdout
 
 
 def resume_command(args: dict) -> str:
@@ -54,8 +54,8 @@ def command(
         last = train(cache_path=cache, run_dir=out, config=config, overrides=None if config else overrides,
                      split=split, resume=resume, progress=not quiet)
     if last.get("finished"):
-        console.print(f"{out} is already trained to step {last['step']}: to train it longer, "
+        stdout.print(f"{out} is already trained to step {last['step']}: to train it longer, "
                       f"--resume --set train.steps=N with N > {last['step']}")
         return
     loss = f"loss {last['loss']:.4f}" if last.get("loss") is not None else "no loss logged"
-    console.print(f"trained {last['head']} to step {last['step']} ({loss}) in {last['seconds']:.0f} s: {out}")
+    stdout.print(f"trained {last['head']} to step {last['step']} ({loss}) in {last['seconds']:.0f} s: {out}")

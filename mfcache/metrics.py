@@ -151,8 +151,9 @@ def _metric_rows(metrics: Mapping) -> list[tuple[str, Mapping]]:
 def metrics_table(metrics: Mapping, title: str = "COCO AP") -> Table:
     """A rich Table with one row per iou type (see ``_metric_rows``), in the dict's order,
     and columns AP, AP50, AP75, APs, APm, APl as percentages with one decimal;
-    "-" where a value is None or missing."""
-    table = Table(title=title)
+    "-" where a value is None or missing. The title and a caption say so (metrics.json, like
+    ``metrics``, holds fractions in [0, 1])."""
+    table = Table(title=f"{title}, in %", caption="metrics.json holds the same AP as fractions in [0, 1]")
     table.add_column("")
     for key in SEGM_KEYS:
         table.add_column(key, justify="right")

@@ -22,8 +22,14 @@ from mfcache.errors import MfcacheError
 if TYPE_CHECKING:
     import torch
 
-console = Console(stderr=True)
+# Two streams, as command-line tools keep them: results (tables, summaries, `--json`) on stdout, so
+# that `mfcache inspect CACHE > cache.txt` or `mfcache eval ... --json | jq` hold the result alone;
+# progress, warnings and errors on stderr.
+console = Console(stderr=True)  # progress bars and lines, warnings, errors
 console.soft_wrap = not console.is_terminal  # in a log or a pipe, long lines stay whole (paths, messages)
+stdout = Console()  # results
+if not stdout.is_terminal:  # a file or a pipe: no line and no table cell is wrapped at 80 columns
+    stdout.soft_wrap, stdout.width = True, 10_000
 
 
 def resolve_device(name: str) -> torch.device:
