@@ -7,16 +7,17 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import QuietOpt, TrustOpt, user_errors
-from mfcache.runtime import console
+from mfcache.cli.common import JsonOpt, QuietOpt, TrustOpt, print_json, user_errors
+from mfcache.runtime import stdout
 
 
 @user_errors
 def command(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (a folder's images, sorted).")],
-    detector: Annotated[str, typer.Option("--detector", help="Detector spec the run's cache was extracted with.")],
     run: Annotated[Path, typer.Option("--run", help="Run folder written by `mfcache train`.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for results.json, images.json and overlays/.")],
+    detector: Annotated[str | None, typer.Option("--detector", help="Detector spec (default: the one the run's cache "
+                                                 "was extracted with, as recorded there).")] = None,
     score_threshold: Annotated[float, typer.Option("--score-threshold", min=0.0, max=1.0,
                                                    help="Overlays draw detections scoring at least this "
                                                         "(results.json keeps all: COCO AP needs the full ranking).")] = 0.3,
@@ -24,12 +25,14 @@ def command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
+    as_json: JsonOpt = False,
 ):
     """Segment images with the frozen detector and a trained mask head.
 
     Writes OUT/results.json (COCO results: bbox, score, RLE mask), OUT/images.json (a COCO
     file of the images, ids 1..N in input order, so pycocotools can load the results) and
-    one overlay per image in OUT/overlays/<name>.png.
+    one overlay per image in OUT/overlays/<name>.png. --json prints the summary with each
+    image's detection count (all, and drawn: at or above --score-threshold) and output paths.
 
     Example: mfcache predict --detector demo --run runs/baseline photos/ extra.jpg --out predictions
     """
@@ -42,5 +45,11 @@ def command(
         summary = predict_images(detector=detector, run_dir=run, inputs=images, out=out,
                                  score_threshold=score_threshold, device=device, batch_size=batch_size,
                                  progress=not quiet)
-    console.print(f"{summary.num_images} images, {summary.num_detections} detections: {summary.results}, "
-                  f"overlays in {summary.overlays}/")
+    drawn = sum(image["drawn"] for image in summary.per_image)
+    if as_json:
+        print_json({"num_images": summary.num_images, "num_detections": summary.num_detections,
+                    "num_drawn": drawn, "score_threshold": score_threshold, "results": summary.results,
+                    "images": summary.images, "overlays": summary.overlays, "per_image": summary.per_image})
+        return
+    stdout.print(f"{summary.num_images} images, {summary.num_detections} detections ({drawn} scoring at least "
+                 f"{score_threshold:g}, drawn): {summary.results}, overlays in {summary.overlays}/")

@@ -23,27 +23,72 @@ from mfcache.errors import MfcacheError
 
 
 def load_image(path: str | Path) -> Tensor:
-    """Decode any PIL-readable file to ``uint8 [3, H, W]`` RGB.
-
-    Grayscale, palette and RGBA images become RGB (alpha dropped); 16-bit images are
-    scaled to 8 bits; EXIF orientation is applied, as COCO's width/height assume.
-    """
+    """Decode any PIL-readable file to ``uint8 [3, H, W]`` RGB (see :func:`pil_to_image`)."""
     path = Path(path)
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-                arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                arr = np.repeat(arr[..., None], 3, axis=2)
-            else:
-                arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return pil_to_image(img)
     except FileNotFoundError:
         raise MfcacheError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MfcacheError(f"cannot decode image {path}: {exc}") from None
+
+
+def pil_to_image(img: Image.Image) -> Tensor:
+    """A PIL image -> ``uint8 [3, H, W]`` RGB.
+
+    Grayscale, palette and RGBA images become RGB (alpha dropped); 16-bit images are
+    scaled to 8 bits; EXIF orientation is applied, as COCO's width/height assume.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    else:
+        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def to_image(image: str | Path | Image.Image | np.ndarray | Tensor) -> Tensor:
+    """Any one image -> ``uint8 [3, H, W]`` RGB: a file path (:func:`load_image`), a PIL image
+    (:func:`pil_to_image`), a numpy array ``[H, W, C]`` or ``[H, W]`` (channels last, as
+    PIL, OpenCV and imageio give them; RGB order) or a tensor ``[C, H, W]`` or ``[H, W]``
+    (channels first, as torchvision gives them). Arrays and tensors are ``uint8``, or float in
+    [0, 1] (scaled by 255 and rounded); C is 1 (gray), 3 (RGB) or 4 (RGBA, alpha dropped)."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return pil_to_image(image)
+    if isinstance(image, np.ndarray):
+        shape = image.shape
+        if image.ndim == 3:
+            image = np.moveaxis(image, -1, 0)
+        return _pixels(torch.from_numpy(np.ascontiguousarray(image)), "a numpy array [H, W, C]", shape)
+    if isinstance(image, Tensor):
+        return _pixels(image.detach().cpu(), "a tensor [C, H, W]", image.shape)
+    raise MfcacheError(f"cannot read an image from a {type(image).__name__}: give a path, a PIL image, "
+                       "a numpy array [H, W, C] or a tensor [C, H, W]")
+
+
+def _pixels(x: Tensor, form: str, shape: tuple[int, ...]) -> Tensor:
+    """A channels-first ``[C, H, W]`` or ``[H, W]`` tensor -> ``uint8 [3, H, W]`` (``form`` and
+    the ``shape`` as given name it in errors)."""
+    if x.dim() == 2:
+        x = x[None]
+    if x.dim() != 3 or x.shape[0] not in (1, 3, 4) or 0 in x.shape:
+        raise MfcacheError(f"an image must be {form} with 1, 3 or 4 channels (or [H, W] gray); "
+                           f"got shape {tuple(shape)}")
+    if x.dtype.is_floating_point:
+        if x.numel() and not (0.0 <= float(x.min()) and float(x.max()) <= 1.0):
+            raise MfcacheError(f"a float image must hold values in [0, 1]; got [{float(x.min()):g}, "
+                               f"{float(x.max()):g}] (give uint8 for 0..255)")
+        x = (x * 255.0).round().to(torch.uint8)
+    elif x.dtype != torch.uint8:
+        raise MfcacheError(f"an image must be uint8 or float in [0, 1], got {x.dtype}")
+    x = x[:3] if x.shape[0] == 4 else x.expand(3, -1, -1) if x.shape[0] == 1 else x
+    return x.contiguous()
 
 
 def to_input(image: Tensor, preprocess: Preprocess) -> Tensor:

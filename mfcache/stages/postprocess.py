@@ -1,11 +1,14 @@
-"""From a batch and a head to COCO results: which detections run the head, their mask
-probabilities and scores, and each image's masks pasted into its original pixels.
+"""From a batch and a head to each image's :class:`Instances` and COCO results: which
+detections run the head, their mask probabilities and scores, and each image's masks pasted
+into its original pixels.
 
 Used by evaluation (batches from the cache) and ``predict`` (batches straight from the
 detector), so both report exactly the same detections for the same inputs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -92,29 +95,99 @@ def mask_scores(class_scores: Tensor, mask_prob: Tensor, scoring: str, quality: 
     return class_scores * (mask_prob * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp(min=1.0)
 
 
-def image_results(batch: Batch, b: int, prob: Tensor, to_category: Tensor, config: RunConfig,
-                  box_filled: bool = False, quality: Tensor | None = None) -> dict[str, list[dict]]:
-    """COCO results of image ``b`` of ``batch``, whose mask probabilities are ``prob [K, M, M]``:
-    the detections :func:`kept_queries` selects, boxes and masks in original pixels.
-    ``{"head": [...]}`` and, with ``box_filled``, the same detections with each mask set to
-    its whole box (scored by the class score). ``quality [K]``: the head's predicted mask
-    quality, needed by ``mask_iou`` scoring."""
+@dataclass
+class Instances:
+    """One image's detections in its original pixels (what ``predict`` writes, and what
+    :class:`mfcache.api.Predictor` returns), on the CPU, in the detector's order (its class
+    score; not re-sorted by the final score).
+
+    masks ``[N, H, W]`` bool at the original image size; boxes ``[N, 4]`` float32 xyxy,
+    absolute pixels; scores ``[N]`` float32 (the head's scoring: class score, x mask
+    probability or x predicted IoU); labels ``[N]`` int64 dataset category ids;
+    category_names: {category id: name} of the dataset the head was trained on.
+    """
+
+    masks: Tensor
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    category_names: dict[int, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def __getitem__(self, index) -> Instances:
+        """The instances ``index`` selects (a slice, ``[N]`` bool mask, indices or one int)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return replace(self, masks=self.masks[index], boxes=self.boxes[index], scores=self.scores[index],
+                       labels=self.labels[index])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the image, the masks' size."""
+        return tuple(self.masks.shape[1:])
+
+    @property
+    def names(self) -> list[str]:
+        """The category name of each instance (its id as text if the name is unknown)."""
+        return [self.category_names.get(c, str(c)) for c in self.labels.tolist()]
+
+    def to_coco(self, image_id: int) -> list[dict]:
+        """COCO result dicts (bbox xywh, score, category_id, RLE segmentation), exactly as
+        ``mfcache predict`` writes them to results.json."""
+        return results_from_detections(image_id, self.boxes, self.scores, self.labels, encode_rle(self.masks))
+
+
+def _kept(batch: Batch, b: int, to_category: Tensor, config: RunConfig) -> Tensor:
+    """Indices ``[n]`` of image ``b``'s detections that evaluation reports (:func:`kept_queries`)."""
     labels = batch.labels[b].cpu()
-    category = to_category[labels]
-    keep = torch.nonzero(kept_queries(labels[None], to_category, config.eval.max_detections)[0]).flatten()
-    orig_hw = tuple(batch.orig_hw[b].tolist())
-    boxes = scale_boxes(batch.boxes[b][keep], tuple(batch.input_hw[b].tolist()), orig_hw)
+    return torch.nonzero(kept_queries(labels[None], to_category, config.eval.max_detections)[0]).flatten()
+
+
+def image_instances(batch: Batch, b: int, prob: Tensor, to_category: Tensor, config: RunConfig,
+                    quality: Tensor | None = None, min_score: float = 0.0) -> Instances:
+    """Image ``b`` of ``batch``, whose mask probabilities are ``prob [K, M, M]``, as
+    :class:`Instances`: the detections :func:`kept_queries` selects scoring at least
+    ``min_score`` (only those are pasted), boxes and masks in original pixels. ``quality
+    [K]``: the head's predicted mask quality, needed by ``mask_iou`` scoring."""
+    keep = _kept(batch, b, to_category, config)
     scores = mask_scores(batch.scores[b][keep], prob[keep], config.head.scoring,
                          None if quality is None else quality[keep])
+    if min_score > 0:
+        passing = (scores >= min_score).cpu()
+        keep, scores = keep[passing], scores[passing.to(scores.device)]
+    orig_hw = tuple(batch.orig_hw[b].tolist())
+    boxes = scale_boxes(batch.boxes[b][keep], tuple(batch.input_hw[b].tolist()), orig_hw)
     masks = paste_masks(prob[keep], boxes, orig_hw, threshold=config.eval.mask_threshold)
+    return Instances(masks.cpu(), boxes.cpu(), scores.cpu(), to_category[batch.labels[b].cpu()][keep])
+
+
+def image_results(batch: Batch, b: int, prob: Tensor, to_category: Tensor, config: RunConfig,
+                  box_filled: bool = False, quality: Tensor | None = None) -> dict[str, list[dict]]:
+    """COCO results of image ``b`` of ``batch`` (:func:`image_instances`):
+    ``{"head": [...]}`` and, with ``box_filled``, the same detections with each mask set to
+    its whole box (scored by the class score)."""
+    found = image_instances(batch, b, prob, to_category, config, quality)
     image_id = batch.image_id[b]
-    results = {"head": results_from_detections(image_id, boxes.cpu(), scores.cpu(), category[keep],
-                                               encode_rle(masks.cpu()))}
+    results = {"head": found.to_coco(image_id)}
     if box_filled:
-        filled = paste_masks(torch.ones_like(prob[keep]), boxes, orig_hw, threshold=0.5)
+        keep = _kept(batch, b, to_category, config)
+        boxes = found.boxes.to(prob.device)
+        filled = paste_masks(torch.ones_like(prob[keep]), boxes, found.image_size, threshold=0.5)
         results["box_filled"] = results_from_detections(
-            image_id, boxes.cpu(), batch.scores[b][keep].cpu(), category[keep], encode_rle(filled.cpu()))
+            image_id, found.boxes, batch.scores[b][keep].cpu(), found.labels, encode_rle(filled.cpu()))
     return results
+
+
+def batch_instances(head: MaskHead, batch: Batch, to_category: Tensor, config: RunConfig,
+                    min_score: float = 0.0) -> list[Instances]:
+    """:func:`image_instances` of every image of ``batch`` (on the head's device), the head run
+    once on the detections evaluation reports."""
+    prob, quality = mask_probs(head, batch, kept_queries(batch.labels, to_category, config.eval.max_detections),
+                               amp=config.eval.amp)
+    return [image_instances(batch, b, prob[b], to_category, config, None if quality is None else quality[b],
+                            min_score) for b in range(len(batch))]
 
 
 def batch_results(head: MaskHead, batch: Batch, to_category: Tensor, config: RunConfig,

@@ -22,7 +22,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +39,40 @@ from mfcache.errors import MfcacheError
 from mfcache.heads import MaskHead
 from mfcache.paths import inside
 from mfcache.runtime import progress_bar, resolve_device
-from mfcache.stages.postprocess import batch_results
-from mfcache.stages.runs import load_run, read_checkpoint, read_run_info
-from mfcache.stages.visualize import decode_results, overlay
+from mfcache.stages.postprocess import Instances, batch_instances
+from mfcache.stages.runs import LoadedRun, load_run, read_checkpoint, read_run_info
+from mfcache.stages.visualize import overlay
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
 
 @dataclass
 class PredictSummary:
+    """What ``predict_images`` wrote; ``per_image``: per input image (ids 1..N in input order)
+    ``{"image_id", "file", "detections", "drawn", "overlay"}``, ``drawn`` counting the
+    detections at or above the overlay threshold."""
+
     num_images: int
     num_detections: int
     results: Path
     images: Path
     overlays: Path
+    per_image: list[dict]
+
+
+@dataclass
+class Segmenter:
+    """A frozen detector and a trained head, loaded once (for ``predict`` and
+    :class:`mfcache.api.Predictor`): the detector on the pixel path of the cache the head
+    learned from, the head in eval mode, the run's detector label -> dataset category map
+    ``[num labels]`` (-1 = none) and the categories' names."""
+
+    model: torch.nn.Module
+    run: LoadedRun
+    extract: ExtractSettings
+    device: torch.device
+    to_category: torch.Tensor
+    category_names: dict[int, str]
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -94,23 +114,49 @@ def _overlay_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def load_segmenter(run_dir: Path, *, detector: str | None = None, device: str = "auto") -> Segmenter:
+    """The head of ``run_dir`` and the detector ``detector`` (a spec; None: the one the run's
+    cache was extracted with, as recorded in its fingerprint), refused unless that detector
+    (weights, preprocessing) is the one the head learned from."""
+    run_dir = Path(run_dir)
+    torch_device = resolve_device(device)
+    state = read_checkpoint(run_dir, torch_device)
+    extract = ExtractSettings.from_fingerprint(state["fingerprint"])  # of the cache the head was trained on
+    spec = detector or state["fingerprint"]["detector"]["spec"]
+    try:  # that cache's pixel path: the head learned from those outputs
+        model = load_detector(spec, device=torch_device, resize=extract.resize)
+    except MfcacheError as exc:
+        if detector:
+            raise
+        raise MfcacheError(f"{exc} (the detector the run's cache was extracted with: name it as it is now with "
+                           "--detector, or detector= in the Python API)") from None
+    run = load_run(run_dir, fingerprint(model.info, **extract.options()), torch_device, state=state,
+                   detector=model.info.spec)
+    to_category, category_names = run_categories(run_dir, model.info)
+    return Segmenter(model=model, run=run, extract=extract, device=torch_device, to_category=to_category,
+                     category_names=category_names)
+
+
 @torch.no_grad()
-def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path], out: Path,
+def segment(segmenter: Segmenter, pixels: dict[int, torch.Tensor], *, min_score: float = 0.0) -> list[Instances]:
+    """The :class:`Instances` of each image of ``pixels`` (``{image_id: uint8 [3, H, W]}``, run
+    through the detector as one batch), keeping detections scoring at least ``min_score``."""
+    s = segmenter
+    batch = detect(s.model, pixels, extract=s.extract, head=s.run.head, device=s.device).to(s.device)
+    found = batch_instances(s.run.head, batch, s.to_category, s.run.config, min_score=min_score)
+    return [replace(f, category_names=s.category_names) for f in found]
+
+
+def predict_images(*, detector: str | None, run_dir: Path, inputs: Sequence[str | Path], out: Path,
                    score_threshold: float = 0.3, device: str = "auto", batch_size: int = 1,
                    progress: bool = True) -> PredictSummary:
-    """Segment the images ``inputs`` (files or folders) with detector spec ``detector`` and the
-    head of ``run_dir``; writes ``out/results.json``, ``out/images.json`` and
-    ``out/overlays/*.png`` (image ids are 1..N in input order) and returns a summary."""
+    """Segment the images ``inputs`` (files or folders) with detector spec ``detector`` (None:
+    the run's, :func:`load_segmenter`) and the head of ``run_dir``; writes
+    ``out/results.json``, ``out/images.json`` and ``out/overlays/*.png`` (image ids are 1..N
+    in input order) and returns a summary."""
     paths = expand_inputs(inputs)
-    torch_device = resolve_device(device)
-    state = read_checkpoint(Path(run_dir), torch_device)
-    extract = ExtractSettings.from_fingerprint(state["fingerprint"])  # of the cache the head was trained on
-    # that cache's pixel path: the head learned from those outputs
-    model = load_detector(detector, device=torch_device, resize=extract.resize)
-    info = model.info
-    run = load_run(Path(run_dir), fingerprint(info, **extract.options()), torch_device, state=state,
-                   detector=info.spec)
-    to_category, category_names = run_categories(Path(run_dir), info)
+    segmenter = load_segmenter(Path(run_dir), detector=detector, device=device)
+    category_names = segmenter.category_names
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = _overlay_names(paths)
@@ -118,20 +164,21 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
     stage = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
     try:
         (stage / "overlays").mkdir()
-        results, images = [], []
+        results, images, per_image = [], [], []
         with progress_bar(progress) as bar:
-            task = bar.add_task("predict", total=len(paths), status=f"{info.family} on {torch_device.type}")
+            status = f"{segmenter.model.info.family} on {segmenter.device.type}"
+            task = bar.add_task("predict", total=len(paths), status=status)
             for start in range(0, len(paths), batch_size):
                 chunk = list(enumerate(paths[start: start + batch_size], start=start + 1))
                 pixels = {image_id: load_image(path) for image_id, path in chunk}
-                batch = detect(model, pixels, extract=extract, head=run.head, device=torch_device).to(torch_device)
-                for (image_id, path), image in zip(chunk, batch_results(run.head, batch, to_category, run.config)):
-                    found = image["head"]
-                    results += found
-                    height, width = pixels[image_id].shape[1:]
+                for (image_id, path), found in zip(chunk, segment(segmenter, pixels)):
+                    results += found.to_coco(image_id)
+                    height, width = found.image_size
                     images.append({"id": image_id, "file_name": str(path.resolve()), "height": height, "width": width})
-                    _draw(pixels[image_id], [r for r in found if r["score"] >= score_threshold],
-                          category_names).save(stage / "overlays" / names[image_id - 1])
+                    drawn = found[found.scores >= score_threshold]
+                    _draw(pixels[image_id], drawn).save(stage / "overlays" / names[image_id - 1])
+                    per_image.append({"image_id": image_id, "file": str(path), "detections": len(found),
+                                      "drawn": len(drawn), "overlay": str(overlays[image_id - 1])})
                 bar.advance(task, len(chunk))
         categories = [{"id": cid, "name": name} for cid, name in sorted(category_names.items())]
         (stage / "results.json").write_text(json.dumps(results))
@@ -145,7 +192,7 @@ def predict_images(*, detector: str, run_dir: Path, inputs: Sequence[str | Path]
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return PredictSummary(num_images=len(paths), num_detections=len(results), results=out / "results.json",
-                          images=out / "images.json", overlays=out / "overlays")
+                          images=out / "images.json", overlays=out / "overlays", per_image=per_image)
 
 
 def detect(model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, head: MaskHead,
@@ -174,7 +221,6 @@ def detect(model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, 
     return Batch.collate(samples)
 
 
-def _draw(image: torch.Tensor, found: list[dict], category_names: dict[int, str]):
-    """Overlay of one image's results (COCO result dicts) on its pixels."""
-    masks, boxes, scores, categories = decode_results(found, *image.shape[1:])
-    return overlay(image, masks, boxes, [category_names.get(c, str(c)) for c in categories], scores)
+def _draw(image: torch.Tensor, found: Instances):
+    """Overlay of one image's instances on its pixels (``uint8 [3, H, W]``)."""
+    return overlay(image, found.masks, found.boxes, found.names, found.scores)
