@@ -105,7 +105,7 @@ class Predictor:
 def _is_batch(images) -> bool:
     if isinstance(images, (np.ndarray, torch.Tensor)):
         return images.ndim == 4
-    return isinstance(images, Sequence) and not isinstance(images, str)
+    return isinstance(images, Sequence) and not isinstance(images, (str, bytes, bytearray))
 
 
 def _check_threshold(value: float) -> None:

@@ -68,7 +68,7 @@ def to_image(image: str | Path | Image.Image | np.ndarray | Tensor) -> Tensor:
         return _pixels(torch.from_numpy(np.ascontiguousarray(image)), "a numpy array [H, W, C]", shape)
     if isinstance(image, Tensor):
         return _pixels(image.detach().cpu(), "a tensor [C, H, W]", image.shape)
-    raise MfcacheError(f"cannot read an image from a {type(image).__name__}: give a path, a PIL image, "
+    raise MfcacheError(f"cannot read an image from {type(image).__name__!r}: give a path, a PIL image, "
                        "a numpy array [H, W, C] or a tensor [C, H, W]")
 
 
