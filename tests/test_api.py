@@ -139,6 +139,8 @@ def test_score_threshold_keeps_the_confident_detections(predictor, predicted):
     assert torch.equal(confident.masks, expected.masks) and torch.equal(confident.boxes, expected.boxes)
     assert torch.equal(confident.labels, expected.labels) and confident.to_coco(3) == expected.to_coco(3)
     assert len(everything[0]) == 1 and len(everything[-1]) == 1 and len(everything[:5]) == 5
+    none = predictor(image, score_threshold=1.0)
+    assert len(none) == 0 and none.image_size == everything.image_size and none.to_coco(1) == []
 
 
 @pytest.mark.parametrize("bad, needle", [
@@ -173,6 +175,14 @@ def test_loading_errors_name_the_python_arguments(demo_dir, tmp_path):
     with pytest.raises(MfcacheError, match=r"Settings.*pass trust_checkpoint=True") as caught:
         Predictor(copy)
     assert "--trust-checkpoint" not in str(caught.value)
+    moved = tmp_path / "moved"  # a run whose cache was extracted with a detector folder that is gone
+    shutil.copytree(run, moved)
+    state = torch.load(moved / "checkpoint.pt", weights_only=True)
+    state["fingerprint"]["detector"]["spec"] = f"hf:{tmp_path / 'gone'}"
+    torch.save(state, moved / "checkpoint.pt")
+    with pytest.raises(MfcacheError, match="the detector the run's cache was extracted with.*detector= in the Python API"):
+        Predictor(moved)
+    assert Predictor(moved, detector="demo").detector == "demo"
     assert len(Predictor(copy, trust_checkpoint=True, device="cpu")(sorted((demo_dir / "mfcache-demo" / "data" / "val")
                                                                           .glob("*.png"))[0])) > 0
 

@@ -147,7 +147,7 @@ def segment(segmenter: Segmenter, pixels: dict[int, torch.Tensor], *, min_score:
     return [replace(f, category_names=s.category_names) for f in found]
 
 
-def predict_images(*, detector: str | None, run_dir: Path, inputs: Sequence[str | Path], out: Path,
+def predict_images(*, detector: str | None = None, run_dir: Path, inputs: Sequence[str | Path], out: Path,
                    score_threshold: float = 0.3, device: str = "auto", batch_size: int = 1,
                    progress: bool = True) -> PredictSummary:
     """Segment the images ``inputs`` (files or folders) with detector spec ``detector`` (None:
