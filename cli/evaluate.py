@@ -46,7 +46,8 @@ def command(
     with trusting(trust_checkpoint):
         metrics = evaluate(cache_path=cache, run_dir=run, split=split, out=out, device=device, progress=not quiet,
                            overrides=overrides, on_results=draw)
-    console.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images)"))
+    agnostic = ", class-agnostic: all categories as one" if metrics.get("class_agnostic") else ""
+    console.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images{agnostic})"))
     console.print(f"metrics written to {out or run / 'metrics.json'}")
     if visualize:
         console.print(f"{min(visualize, metrics['num_images'])} panels (ground truth | prediction) in {panels}/")

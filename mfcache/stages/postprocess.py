@@ -45,11 +45,19 @@ def once_per_query(query_index: Tensor, select: Tensor) -> Tensor:
     return select & (first_detections(query_index, select) == positions)
 
 
-def kept_queries(labels: Tensor, to_category: Tensor, max_detections: int) -> Tensor:
+def kept_queries(labels: Tensor, to_category: Tensor, max_detections: int, query_index: Tensor | None = None
+                 ) -> Tensor:
     """``[B, K]`` bool: the detections evaluation reports, i.e. labels that map to a dataset
     category (``to_category [num labels]``, -1 = none), the first ``max_detections`` of each
-    image in score order (the cache stores queries in score order)."""
-    mapped = to_category.to(labels.device)[labels] >= 0
+    image in score order (the cache stores queries in score order). With ``query_index
+    [B, K]``, a query listed under several labels that map to one category (a label map
+    that merges labels) is reported once, at its best-scoring listing."""
+    category = to_category.to(labels.device)[labels]
+    mapped = category >= 0
+    if query_index is not None:
+        same = (query_index[:, :, None] == query_index[:, None, :]) & (category[:, :, None] == category[:, None, :])
+        earlier = torch.ones(same.shape[1:], dtype=torch.bool, device=same.device).tril(-1)  # [i, j]: j < i
+        mapped = mapped & ~(same & earlier).any(-1)
     return mapped & (mapped.cumsum(1) <= max_detections)
 
 
@@ -101,7 +109,8 @@ def image_results(batch: Batch, b: int, prob: Tensor, to_category: Tensor, confi
     quality, needed by ``mask_iou`` scoring."""
     labels = batch.labels[b].cpu()
     category = to_category[labels]
-    keep = torch.nonzero(kept_queries(labels[None], to_category, config.eval.max_detections)[0]).flatten()
+    keep = torch.nonzero(kept_queries(labels[None], to_category, config.eval.max_detections,
+                                      batch.query_index[b].cpu()[None])[0]).flatten()
     orig_hw = tuple(batch.orig_hw[b].tolist())
     boxes = scale_boxes(batch.boxes[b][keep], tuple(batch.input_hw[b].tolist()), orig_hw)
     scores = mask_scores(batch.scores[b][keep], prob[keep], config.head.scoring,
@@ -121,7 +130,7 @@ def batch_results(head: MaskHead, batch: Batch, to_category: Tensor, config: Run
                   box_filled: bool = False) -> list[dict[str, list[dict]]]:
     """:func:`image_results` of every image of ``batch`` (on the head's device), the head run
     once on the detections evaluation reports."""
-    prob, quality = mask_probs(head, batch, kept_queries(batch.labels, to_category, config.eval.max_detections),
-                               amp=config.eval.amp)
+    kept = kept_queries(batch.labels, to_category, config.eval.max_detections, batch.query_index)
+    prob, quality = mask_probs(head, batch, kept, amp=config.eval.amp)
     return [image_results(batch, b, prob[b], to_category, config, box_filled,
                           None if quality is None else quality[b]) for b in range(len(batch))]
