@@ -46,7 +46,7 @@ import numpy as np
 
 from mfcache import __version__
 from mfcache.config import ExtractConfig, choices
-from mfcache.data.labels import AGNOSTIC, describe_map
+from mfcache.data.labels import AGNOSTIC, describe_change
 from mfcache.detectors.base import LEGACY_PREPROCESS, DetectorInfo, level_shapes
 
 try:  # the same CRC-32 as zlib's, ~5x faster (ISA-L, SIMD): the `fast` extra
@@ -239,11 +239,12 @@ def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
             what = "weights" if key == "weights_sha256" else key
             return f"another detector ({what} differ: cache has {sd.get('spec')!r})"
     # options added later read as their defaults in caches written before them
-    defaults = {"levels": stored_levels(stored), "compress": False, "amp": "off", "label_map": None}
+    defaults = {"levels": stored_levels(stored), "compress": False, "amp": "off"}
+    have, value = stored["extract"].get("label_map"), wanted["extract"].get("label_map")
+    if have != value:  # first: it also changes the top-k of a class-agnostic cache
+        return f"{describe_change(have, value)}: another label mapping is another cache"
     for key, value in wanted["extract"].items():
         have = stored["extract"].get(key, defaults.get(key))
-        if have != value and key == "label_map":
-            return f"{describe_map(have)} (asked for {describe_map(value)}): another label mapping is another cache"
         if have != value:
             return f"extract option {key}={have!r} (asked for {value!r})"
     return None

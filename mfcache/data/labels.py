@@ -192,3 +192,13 @@ def describe_map(label_map: LabelMap | str | None) -> str:
         return "class-agnostic labels"
     text = json.dumps(label_map, sort_keys=True)
     return "label map " + (text if len(text) <= 80 else text[:77] + "...")
+
+
+def describe_change(have: LabelMap | str | None, wanted: LabelMap | str | None) -> str:
+    """Why a cache's label mapping ``have`` is not ``wanted``, in one line."""
+    if isinstance(have, dict) and isinstance(wanted, dict):
+        differ = [k for k in {**have, **wanted} if have.get(k, "(by name)") != wanted.get(k, "(by name)")]
+        shown = ", ".join(f"{k!r}: {json.dumps(have.get(k, '(by name)'))} in the cache, "
+                          f"{json.dumps(wanted.get(k, '(by name)'))} asked for" for k in differ[:3])
+        return f"another label map ({shown}{', ...' if len(differ) > 3 else ''})"
+    return f"{describe_map(have)} (asked for {describe_map(wanted)})"

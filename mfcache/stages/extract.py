@@ -213,9 +213,9 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     out = Path(out)
     job = _prepare(detector=detector, images=images, annotations=annotations, split=split, config=config,
                    skip_bad=skip_bad, world=world, device=device)
+    group, plan = _create_split(job, out, config, world)
     if job.warning and world.is_main:  # before the long part: the user may stop and fix the mapping
         console.print(f"[bold yellow]warning:[/bold yellow] {job.warning}", highlight=False, soft_wrap=True)
-    group, plan = _create_split(job, out, config, world)
     writer = BlockWriter(group)
     block = int(group.attrs["block_size"])  # the split's own, whatever this run asked for
     todo = pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad)
@@ -244,7 +244,8 @@ def _prepare(*, detector: str, images: Path, annotations: Path, split: str | Non
     model = load_detector(detector, device=device, resize=None if config.resize == "auto" else config.resize)
     info = model.info
     num_classes = len(info.label_names)
-    labels = resolve_labels(info.label_names, dataset.category_names, label_map, dataset.data["annotations"])
+    labels = resolve_labels(info.label_names, dataset.category_names, label_map, dataset.data["annotations"],
+                            source=f"--label-map {config.label_map}")
     # class-agnostic: one detection per query (its best label), so top-k never lists a query twice
     topk = min(config.topk, info.num_queries * (num_classes if info.sigmoid and not labels.agnostic else 1))
     levels = sorted(set(config.levels)) if config.levels else list(range(len(info.strides)))
