@@ -19,8 +19,9 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")]):
     """Show a cache's fingerprint, splits, and every array's shape, dtype and size.
 
     Per split also how detector labels map to dataset categories (by name, a --label-map or
-    class-agnostic), the categories no label maps to, how many GT instances a cached query matches at box IoU >= 0.5 (the
-    train.min_iou default: only those train the head) and the detector's box recall at 0.5.
+    class-agnostic) and which categories no label maps to, how many GT instances a cached
+    query matches at box IoU >= 0.5 (the train.min_iou default: only those train the head)
+    and the detector's box recall at 0.5.
 
     Example: mfcache inspect caches/ddetr
     """

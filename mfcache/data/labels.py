@@ -155,7 +155,8 @@ def unmapped_warning(mapping: LabelMapping, categories: dict[int, str]) -> str |
     instances (they can never be predicted, so count as misses), with the fix; None if none."""
     if not mapping.unmapped:
         return None
-    parts = [f"{categories[cid]!r} (id {cid}, {n} GT instances)" for cid, n in mapping.unmapped.items()]
+    most = sorted(mapping.unmapped.items(), key=lambda item: (-item[1], item[0]))  # the costliest first
+    parts = [f"{categories[cid]!r} (id {cid}, {n} GT instances)" for cid, n in most]
     held = sum(mapping.unmapped.values())
     return (f"{len(parts)} of {len(categories)} dataset categories have no detector label mapped to them and can "
             f"never be predicted ({held} GT instances count as misses): {_listed(parts)}; {MAP_HINT}")
