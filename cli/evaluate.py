@@ -51,7 +51,8 @@ def command(
     if as_json:
         print_json(metrics)  # exactly what metrics.json holds
         return
-    stdout.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images)"))
+    agnostic = ", class-agnostic: all categories as one" if metrics.get("class_agnostic") else ""
+    stdout.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images{agnostic})"))
     stdout.print(f"metrics written to {out or run / 'metrics.json'}")
     if visualize:
         stdout.print(f"{min(visualize, metrics['num_images'])} panels (ground truth | prediction) in {panels}/")

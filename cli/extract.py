@@ -49,6 +49,8 @@ def command(
                                                     "(printed before the first batch) needs more than the free space.")] = False,
     device: Annotated[str, _option("device")] = _D.device,
     amp: Annotated[str, _option("amp")] = _D.amp,
+    label_map: Annotated[Path | None, _option("label_map")] = None,
+    class_agnostic: Annotated[bool, _option("class_agnostic")] = _D.class_agnostic,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
 ):
@@ -56,6 +58,11 @@ def command(
 
     The split is named after the annotation file (instances_val2017.json -> val2017) unless
     --split is given. Re-running the same command resumes an interrupted extraction.
+
+    Detector labels map to the dataset categories of the same name; --label-map FILE maps
+    others (JSON {"detector label": "category name" or id}), --class-agnostic makes every
+    detection a candidate and scores all categories as one. Categories no label maps to are
+    named in a warning.
 
     Under `torchrun --nproc_per_node N -m ...` (or the `mfcache` script run by torchrun) the
     processes share the blocks, one GPU each; the cache is the same as a one-process run's.
@@ -72,7 +79,8 @@ def command(
         raise MfcacheError(f"--levels takes comma-separated level indices like 0,1; got {levels!r}") from None
     config = ExtractConfig(topk=topk, batch_size=batch_size, c1=c1, dtype=dtype, target_size=target_size,
                            num_workers=workers, device=device, block_size=block_size, levels=level_list,
-                           compress=compress, resize=resize, amp=amp)
+                           compress=compress, resize=resize, amp=amp, label_map=str(label_map or ""),
+                           class_agnostic=class_agnostic)
     check_config(config, FLAGS)  # before anything starts, naming the options as typed
     with trusting(trust_checkpoint):  # the detector's checkpoint
         summary = extract(detector=detector, images=images, annotations=annotations, out=out, split=split,

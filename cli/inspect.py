@@ -18,8 +18,10 @@ SHOWN_ANNOTATIONS = 20  # skipped annotations listed one per line; the rest are 
 def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")], as_json: JsonOpt = False):
     """Show a cache's fingerprint, splits, and every array's shape, dtype and size.
 
-    Per split also how many GT instances a cached query matches at box IoU >= 0.5 (the
-    train.min_iou default: only those train the head) and the detector's box recall at 0.5.
+    Per split also how detector labels map to dataset categories (by name, a --label-map or
+    class-agnostic) and which categories no label maps to, how many GT instances a cached
+    query matches at box IoU >= 0.5 (the train.min_iou default: only those train the head)
+    and the detector's box recall at 0.5.
     --json prints the same description as one JSON document.
 
     Example: mfcache inspect caches/ddetr
@@ -49,7 +51,7 @@ def _print_fingerprint(report: dict) -> None:
     stdout.print(f"preprocess shortest_edge={p['shortest_edge']} longest_edge={p['longest_edge']} "
                   f"pad_divisor={p['pad_divisor']} pad_size={p['pad_size'] and list(p['pad_size'])} "
                   f"mean={list(p['mean'])} std={list(p['std'])} resize={p['resize']}")
-    stdout.print("extract   " + " ".join(f"{k}={v}" for k, v in report["extract"].items()))
+    stdout.print("extract   " + " ".join(f"{k}={v}" for k, v in report["extract"].items() if k != "label_map"))
 
 
 def _print_split(split: dict) -> None:
@@ -65,6 +67,7 @@ def _print_split(split: dict) -> None:
         stdout.print(f"  skipped annotation id {ann['id']}: {ann['reason']}", highlight=False, soft_wrap=True)
     if len(left_out) > SHOWN_ANNOTATIONS:
         stdout.print(f"  ... {len(left_out) - SHOWN_ANNOTATIONS} more skipped annotations", highlight=False)
+    _print_labels(split["labels"])
     if split.get("targets") is not None:
         stdout.print(f"targets: {split['targets']['line']} ({split['targets']['source']}; train.min_iou decides "
                       "which queries train)", highlight=False, soft_wrap=True)
@@ -80,3 +83,18 @@ def _print_split(split: dict) -> None:
     stdout.print(table)
     total = split["stored_bytes"]
     stdout.print(f"split {name}: {format_bytes(total)} on disk, {format_bytes(total / max(split['num_images'], 1))} per image")
+
+
+def _print_labels(labels: dict) -> None:
+    """``labels (by name): ring -> ring (1), ...`` and the categories no label maps to."""
+    if labels["mode"] == "class-agnostic":
+        stdout.print("labels (class-agnostic): every detection is a candidate, in one category "
+                      f"{labels['pairs'][0]['category']!r}; eval scores all categories as one", highlight=False)
+        return
+    pairs = ", ".join(f"{p['label']} -> {p['category']} ({p['category_id']})" for p in labels["pairs"])
+    dropped = f"; {len(labels['unmapped_labels'])} labels map to no category" if labels["unmapped_labels"] else ""
+    stdout.print(f"labels ({labels['mode']}): {pairs}{dropped}", highlight=False, soft_wrap=True)
+    if labels["unmapped_categories"]:
+        never = ", ".join(c["name"] + ("" if c["instances"] is None else f" ({c['instances']} GT)")
+                          for c in labels["unmapped_categories"])
+        stdout.print(f"  categories no label maps to (never predicted): {never}", highlight=False, soft_wrap=True)

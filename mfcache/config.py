@@ -143,6 +143,13 @@ class ExtractConfig:
     device: str = option("auto", check=_device, help="auto, cpu, cuda or cuda:N.")
     amp: str = option("off", help="Mixed precision for the detector's forward pass: {choices} (the cache keeps "
                                   "its --dtype; recorded in the fingerprint).", choices=AMP_CHOICES)
+    # mfcache/data/labels.py: the file is read and checked there; its map goes into the fingerprint
+    label_map: str = option("", check=anything, help="JSON file mapping detector labels to dataset categories: "
+                                                     '{"detector label": "category name" or category id or null}; '
+                                                     "labels it leaves out map by name (recorded in the fingerprint).")
+    class_agnostic: bool = option(False, check=anything, help="Every detection is a candidate whatever its label; "
+                                                              "eval scores all categories as one (recorded in the "
+                                                              "fingerprint).")
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ def coco_evaluate(
     results: Sequence[dict],
     iou_types: Sequence[str] = ("segm", "bbox"),
     image_ids: Sequence[int] | None = None,
+    class_agnostic: bool = False,
 ) -> dict[str, dict[str, float | None]]:
     """Run pycocotools' COCOeval for each iou type over every image of ``coco_gt``, or only
     over ``image_ids`` (e.g. leaving out images skipped at extraction, whose GT would
@@ -95,6 +96,11 @@ def coco_evaluate(
     For "segm" the results' ``bbox`` is dropped before ``loadRes`` so that a detection's area
     (which decides small/medium/large) is its mask area, not its box area — as detectron2
     does. pycocotools' progress prints are swallowed.
+
+    ``class_agnostic``: every GT instance and result is one class (pycocotools ``useCats =
+    0``: a detection matches the best GT of any category, crowd regions of any category are
+    ignored, ``maxDets`` counts an image's detections of all categories); the results'
+    ``category_id`` is then ignored.
     """
     gt_images = set(coco_gt.getImgIds())
     if image_ids is not None:
@@ -117,10 +123,13 @@ def coco_evaluate(
             raise ValueError(f"{iou_type} evaluation needs '{needed}' in every result")
         # Shallow copies: loadRes writes id/area/iscrowd (and more) into the dicts it gets.
         dts = [{k: v for k, v in r.items() if k != dropped} for r in results]
+        if class_agnostic and coco_gt.getCatIds():  # useCats=0 still reads only the GT's category ids
+            dts = [{**d, "category_id": min(coco_gt.getCatIds())} for d in dts]
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes(dts) if dts else _empty_results(coco_gt)
             evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
             evaluator.params.imgIds = sorted(gt_images)
+            evaluator.params.useCats = 0 if class_agnostic else 1
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()

@@ -133,6 +133,8 @@ class CacheSplit:
         # column of each checksum part in index/checksum [N, P]
         self.part = {part: k for k, part in enumerate(checksum_parts(self.index["level_hw"].shape[1]))}
         self.label_to_category = np.asarray(self.attrs["label_to_category"], dtype=np.int64)
+        # every result in one category, scored class-agnostic (mfcache.data.labels)
+        self.class_agnostic = bool(self.attrs.get("class_agnostic", False))
         self.recompute_c1 = cache.settings.c1 == "recompute"  # made from the image at read time
         self.has_c1 = self._has("c1") or self.recompute_c1
         self._c1_recomputer = (C1Recomputer(cache.path, cache.detector.preprocess)

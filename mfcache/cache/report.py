@@ -13,6 +13,7 @@ import zarr
 
 from mfcache.cache.reader import Cache, CacheSplit
 from mfcache.cache.stats import group_stats, stored_stats
+from mfcache.data.labels import describe_labels
 from mfcache.errors import MfcacheError
 
 
@@ -53,6 +54,7 @@ def _describe_split(cache: Cache, name: str, into: list[dict]) -> None:
 
         {"name", "num_images", "complete", "annotation_file", "annotations_sha256",
          "skipped_images": [{"id", "reason"}], "skipped_annotations": [{"id", "reason"}],
+         "labels": mfcache.data.labels.describe_labels(...) (detector label -> category),
          "targets": None or {"stats": MatchStats.to_dict(), "line", "source"},
          "arrays": [{"path", "shape", "dtype", "chunks", "bytes", "stored"}], "stored_bytes"}
 
@@ -67,6 +69,7 @@ def _describe_split(cache: Cache, name: str, into: list[dict]) -> None:
         "annotations_sha256": split.attrs["annotations_sha256"],
         "skipped_images": [{"id": i, "reason": r} for i, r in sorted(split.skipped.items())],
         "skipped_annotations": [{"id": i, "reason": r} for i, r in sorted(split.skipped_annotations.items())],
+        "labels": describe_labels(cache.detector.label_names, split.attrs, cache.settings.label_map),
     }
     into.append(entry)
     entry["targets"] = _targets(split, entry["complete"])

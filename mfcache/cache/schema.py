@@ -40,12 +40,13 @@ Storage options (recorded in the fingerprint's extract options):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from mfcache import __version__
 from mfcache.config import ExtractConfig, choices
+from mfcache.data.labels import AGNOSTIC, describe_change
 from mfcache.detectors.base import LEGACY_PREPROCESS, DetectorInfo, level_shapes
 
 try:  # the same CRC-32 as zlib's, ~5x faster (ISA-L, SIMD): the `fast` extra
@@ -168,28 +169,37 @@ class ExtractSettings:
     compress: bool = False
     resize: str = LEGACY_PREPROCESS["resize"]  # the detector's Preprocess.resize
     amp: str = "off"        # mixed precision of the detector's forward pass
+    # detector labels -> dataset categories (mfcache.data.labels): None by name, "agnostic", or the map
+    label_map: dict | str | None = field(default=None, hash=False)
+
+    @property
+    def agnostic(self) -> bool:
+        """Class-agnostic: every detection a candidate, a sigmoid detector's query cached once."""
+        return self.label_map == AGNOSTIC
 
     @classmethod
     def from_fingerprint(cls, fp: dict) -> ExtractSettings:
         extract = fp["extract"]
         return cls(topk=extract["topk"], target_size=extract["target_size"], c1=extract["c1"],
                    dtype=extract["dtype"], levels=tuple(stored_levels(fp)), compress=extract.get("compress", False),
-                   resize=stored_resize(fp), amp=extract.get("amp", "off"))
+                   resize=stored_resize(fp), amp=extract.get("amp", "off"), label_map=extract.get("label_map"))
 
     def options(self) -> dict:
         """The fingerprint's ``extract`` dict, as written to disk (the keyword arguments of
         :func:`fingerprint`; ``resize`` is the detector's, not among them)."""
         return {"topk": self.topk, "target_size": self.target_size, "c1": self.c1, "dtype": self.dtype,
-                "levels": list(self.levels), "compress": self.compress, "amp": self.amp}
+                "levels": list(self.levels), "compress": self.compress, "amp": self.amp, "label_map": self.label_map}
 
 
 def fingerprint(info: DetectorInfo, *, topk: int, target_size: int, c1: str, dtype: str,
-                levels: tuple[int, ...] | None = None, compress: bool = False, amp: str = "off") -> dict:
+                levels: tuple[int, ...] | None = None, compress: bool = False, amp: str = "off",
+                label_map: dict | str | None = None) -> dict:
     """What a cache's contents depend on, besides the images and annotations.
-    ``levels``: stored encoder level indices (None = all)."""
+    ``levels``: stored encoder level indices (None = all); ``label_map``: how detector labels
+    become dataset categories (:mod:`mfcache.data.labels`: None by name, a map, ``"agnostic"``)."""
     settings = ExtractSettings(topk=topk, target_size=target_size, c1=c1, dtype=dtype, compress=compress, amp=amp,
                                levels=tuple(range(len(info.strides)) if levels is None else levels),
-                               resize=info.preprocess.resize)
+                               resize=info.preprocess.resize, label_map=label_map)
     return {
         "schema_version": SCHEMA_VERSION,
         "detector": info.to_dict(),
@@ -230,6 +240,9 @@ def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
             return f"another detector ({what} differ: cache has {sd.get('spec')!r})"
     # options added later read as their defaults in caches written before them
     defaults = {"levels": stored_levels(stored), "compress": False, "amp": "off"}
+    have, value = stored["extract"].get("label_map"), wanted["extract"].get("label_map")
+    if have != value:  # first: it also changes the top-k of a class-agnostic cache
+        return f"{describe_change(have, value)}: another label mapping is another cache"
     for key, value in wanted["extract"].items():
         have = stored["extract"].get(key, defaults.get(key))
         if have != value:

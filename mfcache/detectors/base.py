@@ -183,23 +183,24 @@ class TopK:
     queries: Tensor
 
 
-def select_topk(out: DetectorOutput, k: int, *, sigmoid: bool) -> TopK:
+def select_topk(out: DetectorOutput, k: int, *, sigmoid: bool, agnostic: bool = False) -> TopK:
     """Top-k detections per image, keeping the query index that transformers'
     ``post_process_object_detection`` drops.
 
-    Sigmoid models rank all (query, class) pairs (a query may appear with two labels);
-    softmax models take each query's best real class (the last class is "no object").
+    Sigmoid models rank all (query, class) pairs (a query may appear with two labels), or,
+    ``agnostic`` (class-agnostic caches), each query once under its best class; softmax
+    models take each query's best real class (the last class is "no object").
     """
     logits = out.logits.float()
     batch, num_queries, num_classes = logits.shape
-    if sigmoid:
+    if sigmoid and not agnostic:
         prob = logits.sigmoid().reshape(batch, -1)
         k = min(k, prob.shape[1])
         scores, flat = prob.topk(k, dim=1)
         query_index = torch.div(flat, num_classes, rounding_mode="floor")
         labels = flat % num_classes
     else:
-        prob = logits.softmax(-1)[..., :-1]
+        prob = logits.sigmoid() if sigmoid else logits.softmax(-1)[..., :-1]
         best, best_label = prob.max(-1)
         k = min(k, num_queries)
         scores, query_index = best.topk(k, dim=1)

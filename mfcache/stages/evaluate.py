@@ -89,16 +89,18 @@ def eval_config(config: RunConfig, overrides: list[str] | None) -> RunConfig:
 
 def score(data: CacheSplit, results: dict[str, list[dict]]) -> dict:
     """COCO AP of ``results`` (``{"head": [...]}``, optionally ``"box_filled"``) on the split's
-    finished images, with what was left out of the score."""
+    finished images, with what was left out of the score; class-agnostic AP (every category
+    one class) for a class-agnostic cache."""
     coco_gt = data.coco()
     evaluated = data.index["image_id"][data.done].tolist()  # images skipped at extraction are not scored
-    metrics = coco_evaluate(coco_gt, results["head"], image_ids=evaluated)
+    agnostic = data.class_agnostic  # all GT and results one class (mfcache.data.labels)
+    metrics = coco_evaluate(coco_gt, results["head"], image_ids=evaluated, class_agnostic=agnostic)
     if "box_filled" in results:
         metrics["box_filled"] = {"segm": coco_evaluate(coco_gt, results["box_filled"], iou_types=("segm",),
-                                                       image_ids=evaluated)["segm"]}
+                                                       image_ids=evaluated, class_agnostic=agnostic)["segm"]}
     return {
         **metrics,
-        "split": data.name, "num_images": len(evaluated), "skipped_images": sorted(data.skipped),
+        "split": data.name, "num_images": len(evaluated), "class_agnostic": agnostic, "skipped_images": sorted(data.skipped),
         "skipped_annotations": sorted(data.skipped_annotations),  # left out of the GT at extract
         "num_detections": len(results["head"]),
     }

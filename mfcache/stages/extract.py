@@ -31,6 +31,7 @@ from mfcache.cache.writer import (
 )
 from mfcache.config import ExtractConfig, check_config
 from mfcache.data.coco import CocoDataset
+from mfcache.data.labels import LabelMap, chosen_label_map, resolve_labels, unmapped_warning
 from mfcache.data.transforms import load_image, to_input
 from mfcache.detectors import load_detector, run_detector
 from mfcache.detectors.base import Detector, Preprocess, select_topk
@@ -58,18 +59,6 @@ def split_name(annotation_file: Path) -> str:
     """``instances_val2017.json`` -> ``val2017``; ``train.json`` -> ``train``."""
     name = annotation_file.stem.removeprefix("instances_")
     return re.sub(r"[^A-Za-z0-9_-]", "_", name) or "split"
-
-
-def label_to_category(label_names: tuple[str, ...], category_names: dict[int, str]) -> list[int]:
-    """Detector label index -> dataset category id, by name; -1 for labels the dataset lacks."""
-    by_name = {name: cid for cid, name in category_names.items()}
-    mapping = [by_name.get(name, -1) for name in label_names]
-    if all(m == -1 for m in mapping):
-        raise MfcacheError(
-            f"none of the detector's labels ({', '.join(label_names[:6])}, ...) names a category of the "
-            f"dataset ({', '.join(list(category_names.values())[:6])}, ...)"
-        )
-    return mapping
 
 
 class _ImageSource(Dataset):
@@ -210,6 +199,12 @@ class _Job:
     levels: list[int]    # detector levels stored in memory, finest first
     meta: dict           # the split's attrs: annotation hash, label -> category map, ...
     amp: str = "off"     # mixed precision of the detector's forward pass
+    label_map: LabelMap | str | None = None  # extract.label_map of the fingerprint (mfcache.data.labels)
+    warning: str | None = None  # dataset categories no detector label maps to
+
+    @property
+    def agnostic(self) -> bool:
+        return self.meta["class_agnostic"]
 
 
 def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
@@ -219,6 +214,8 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     job = _prepare(detector=detector, images=images, annotations=annotations, split=split, config=config,
                    skip_bad=skip_bad, world=world, device=device)
     group, plan = _create_split(job, out, config, world)
+    if job.warning and world.is_main:  # before the long part: the user may stop and fix the mapping
+        console.print(f"[bold yellow]warning:[/bold yellow] {job.warning}", highlight=False, soft_wrap=True)
     writer = BlockWriter(group)
     block = int(group.attrs["block_size"])  # the split's own, whatever this run asked for
     todo = pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad)
@@ -237,6 +234,7 @@ def _prepare(*, detector: str, images: Path, annotations: Path, split: str | Non
     """Check the options, load the annotations and the detector, and decide the stored top-k,
     levels and split attrs: a bad option or a label mismatch leaves no empty cache behind."""
     check_config(config)
+    label_map = chosen_label_map(config.label_map, config.class_agnostic)  # a bad file: before the slow parts
     dataset = CocoDataset(annotations, images, skip_bad=skip_bad)
     if not len(dataset):
         raise MfcacheError(f"{annotations} lists no images")
@@ -246,18 +244,23 @@ def _prepare(*, detector: str, images: Path, annotations: Path, split: str | Non
     model = load_detector(detector, device=device, resize=None if config.resize == "auto" else config.resize)
     info = model.info
     num_classes = len(info.label_names)
-    topk = min(config.topk, info.num_queries * (num_classes if info.sigmoid else 1))
+    labels = resolve_labels(info.label_names, dataset.category_names, label_map, dataset.data["annotations"],
+                            source=f"--label-map {config.label_map}")
+    # class-agnostic: one detection per query (its best label), so top-k never lists a query twice
+    topk = min(config.topk, info.num_queries * (num_classes if info.sigmoid and not labels.agnostic else 1))
     levels = sorted(set(config.levels)) if config.levels else list(range(len(info.strides)))
     if levels[0] < 0 or levels[-1] >= len(info.strides):
         raise MfcacheError(f"--levels {','.join(map(str, config.levels))}: the detector has levels "
                            f"0..{len(info.strides) - 1} (strides {list(info.strides)})")
     meta = {
         "annotations_sha256": dataset.sha256, "annotation_file": str(annotations), "images_dir": str(images),
-        "label_to_category": label_to_category(info.label_names, dataset.category_names),
+        "label_to_category": labels.label_to_category, "class_agnostic": labels.agnostic,
         "category_names": {str(k): v for k, v in dataset.category_names.items()},
+        "unmapped_categories": {str(k): v for k, v in labels.unmapped.items()},
         "skipped_annotations": {str(k): v for k, v in dataset.report.left_out.items()},
     }
-    return _Job(dataset=dataset, split=split, model=model, topk=topk, levels=levels, meta=meta, amp=config.amp)
+    return _Job(dataset=dataset, split=split, model=model, topk=topk, levels=levels, meta=meta, amp=config.amp,
+                label_map=label_map, warning=unmapped_warning(labels, dataset.category_names))
 
 
 def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> tuple[zarr.Group, SplitPlan]:
@@ -269,7 +272,7 @@ def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> 
         world.barrier()  # rank 0 creates the root and the split's layout alone
     root = open_root(out, fingerprint(info, topk=job.topk, target_size=config.target_size, c1=config.c1,
                                       dtype=config.dtype, levels=job.levels, compress=config.compress,
-                                      amp=config.amp))
+                                      amp=config.amp, label_map=job.label_map))
     plan = plan_split([im.id for im in job.dataset.images], [(im.height, im.width) for im in job.dataset.images],
                       info, config.chunk_tokens, job.levels)
     group = create_split(
@@ -353,7 +356,7 @@ def _run_detector(job: _Job, plan: SplitPlan, loader: DataLoader, assemble: _Blo
                     raise MfcacheError(f"{item['error']} (pass --skip-bad to record it as skipped and go on)")
             if good:
                 out_batch = run_detector(model, [item["input"] for item in good], device=device, amp=job.amp)
-                top = select_topk(out_batch, job.topk, sigmoid=info.sigmoid)
+                top = select_topk(out_batch, job.topk, sigmoid=info.sigmoid, agnostic=job.agnostic)
             for b, item in enumerate(good):
                 i = item["position"]
                 sample = crop_outputs(out_batch, top, b, level_hw=plan.level_hw[i], input_hw=plan.input_hw[i],

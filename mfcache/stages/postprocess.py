@@ -48,11 +48,19 @@ def once_per_query(query_index: Tensor, select: Tensor) -> Tensor:
     return select & (first_detections(query_index, select) == positions)
 
 
-def kept_queries(labels: Tensor, to_category: Tensor, max_detections: int) -> Tensor:
+def kept_queries(labels: Tensor, to_category: Tensor, max_detections: int, query_index: Tensor | None = None
+                 ) -> Tensor:
     """``[B, K]`` bool: the detections evaluation reports, i.e. labels that map to a dataset
     category (``to_category [num labels]``, -1 = none), the first ``max_detections`` of each
-    image in score order (the cache stores queries in score order)."""
-    mapped = to_category.to(labels.device)[labels] >= 0
+    image in score order (the cache stores queries in score order). With ``query_index
+    [B, K]``, a query listed under several labels that map to one category (a label map
+    that merges labels) is reported once, at its best-scoring listing."""
+    category = to_category.to(labels.device)[labels]
+    mapped = category >= 0
+    if query_index is not None:
+        same = (query_index[:, :, None] == query_index[:, None, :]) & (category[:, :, None] == category[:, None, :])
+        earlier = torch.ones(same.shape[1:], dtype=torch.bool, device=same.device).tril(-1)  # [i, j]: j < i
+        mapped = mapped & ~(same & earlier).any(-1)
     return mapped & (mapped.cumsum(1) <= max_detections)
 
 
@@ -142,7 +150,8 @@ class Instances:
 def _kept(batch: Batch, b: int, to_category: Tensor, config: RunConfig) -> Tensor:
     """Indices ``[n]`` of image ``b``'s detections that evaluation reports (:func:`kept_queries`)."""
     labels = batch.labels[b].cpu()
-    return torch.nonzero(kept_queries(labels[None], to_category, config.eval.max_detections)[0]).flatten()
+    return torch.nonzero(kept_queries(labels[None], to_category, config.eval.max_detections,
+                                      batch.query_index[b].cpu()[None])[0]).flatten()
 
 
 def image_instances(batch: Batch, b: int, prob: Tensor, to_category: Tensor, config: RunConfig,
@@ -184,8 +193,8 @@ def batch_instances(head: MaskHead, batch: Batch, to_category: Tensor, config: R
                     min_score: float = 0.0) -> list[Instances]:
     """:func:`image_instances` of every image of ``batch`` (on the head's device), the head run
     once on the detections evaluation reports."""
-    prob, quality = mask_probs(head, batch, kept_queries(batch.labels, to_category, config.eval.max_detections),
-                               amp=config.eval.amp)
+    kept = kept_queries(batch.labels, to_category, config.eval.max_detections, batch.query_index)
+    prob, quality = mask_probs(head, batch, kept, amp=config.eval.amp)
     return [image_instances(batch, b, prob[b], to_category, config, None if quality is None else quality[b],
                             min_score) for b in range(len(batch))]
 
@@ -194,7 +203,7 @@ def batch_results(head: MaskHead, batch: Batch, to_category: Tensor, config: Run
                   box_filled: bool = False) -> list[dict[str, list[dict]]]:
     """:func:`image_results` of every image of ``batch`` (on the head's device), the head run
     once on the detections evaluation reports."""
-    prob, quality = mask_probs(head, batch, kept_queries(batch.labels, to_category, config.eval.max_detections),
-                               amp=config.eval.amp)
+    kept = kept_queries(batch.labels, to_category, config.eval.max_detections, batch.query_index)
+    prob, quality = mask_probs(head, batch, kept, amp=config.eval.amp)
     return [image_results(batch, b, prob[b], to_category, config, box_filled,
                           None if quality is None else quality[b]) for b in range(len(batch))]

@@ -33,6 +33,7 @@ from mfcache.cache.records import crop_outputs, image_record, served_sample
 from mfcache.cache.sample import Batch
 from mfcache.cache.schema import ExtractSettings, fingerprint
 from mfcache.data.transforms import load_image, to_input
+from mfcache.data.labels import AGNOSTIC_CATEGORY
 from mfcache.detectors import load_detector, run_detector
 from mfcache.detectors.base import DetectorInfo, level_shapes, select_topk
 from mfcache.errors import MfcacheError
@@ -90,9 +91,13 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def run_categories(run_dir: Path, info: DetectorInfo) -> tuple[torch.Tensor, dict[int, str]]:
+def run_categories(run_dir: Path, info: DetectorInfo, extract: ExtractSettings) -> tuple[torch.Tensor, dict[int, str]]:
     """Detector label -> dataset category id ``[num labels]`` (-1 = none) and the category
-    names, as recorded in the split the run was trained on; labels 1..K if that cache moved."""
+    names, as recorded in the split the run was trained on (``extract``: that cache's settings);
+    class-agnostic runs put every detection in :data:`AGNOSTIC_CATEGORY`; labels 1..K if
+    the cache moved."""
+    if extract.agnostic:
+        return torch.full((len(info.label_names),), AGNOSTIC_CATEGORY[0]), dict([AGNOSTIC_CATEGORY])
     meta = read_run_info(run_dir)
     try:
         split = Cache(meta["cache"]).split(meta["split"])
@@ -132,7 +137,7 @@ def load_segmenter(run_dir: Path, *, detector: str | None = None, device: str = 
                            "--detector, or detector= in the Python API)") from None
     run = load_run(run_dir, fingerprint(model.info, **extract.options()), torch_device, state=state,
                    detector=model.info.spec)
-    to_category, category_names = run_categories(run_dir, model.info)
+    to_category, category_names = run_categories(run_dir, model.info, extract)
     return Segmenter(model=model, run=run, extract=extract, device=torch_device, to_category=to_category,
                      category_names=category_names)
 
@@ -204,7 +209,7 @@ def detect(model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, 
     info = model.info
     inputs = [to_input(image, info.preprocess) for image in pixels.values()]
     outputs = run_detector(model, inputs, device=device, amp=extract.amp)  # as the cache was made
-    top = select_topk(outputs, extract.topk, sigmoid=info.sigmoid)
+    top = select_topk(outputs, extract.topk, sigmoid=info.sigmoid, agnostic=extract.agnostic)
     stored = list(extract.levels)
     samples = []
     for b, (image_id, image) in enumerate(pixels.items()):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from mfcache.data.labels import AGNOSTIC_CATEGORY
 from mfcache.data.segmentation import segmentation_rle
 from mfcache.data.transforms import load_image
 from mfcache.errors import MfcacheError
@@ -164,6 +165,7 @@ def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, sc
         raise MfcacheError(f"cannot draw split {split.name!r}: its image folder {images_dir} ({where}) is gone")
     coco = split.coco()
     names = {c["id"]: c["name"] for c in coco.dataset.get("categories", [])}
+    predicted = dict([AGNOSTIC_CATEGORY]) if split.class_agnostic else names  # what the results' ids name
     by_image: dict[int, list[dict]] = {}
     for r in results:
         if r["score"] >= score_threshold:
@@ -183,7 +185,7 @@ def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, sc
         panels = []
         for items, kind in ((gt, "ground truth"), (by_image.get(image_id, []), "prediction")):
             masks, boxes, scores, categories = decode_results(items, height, width)
-            labels = [names.get(c, str(c)) for c in categories]
+            labels = [(predicted if kind == "prediction" else names).get(c, str(c)) for c in categories]
             panels.append(overlay(image, masks, boxes, labels, scores if kind == "prediction" else None))
         titles = (f"ground truth ({len(gt)})", f"prediction ({len(by_image.get(image_id, []))}, "
                                               f"score >= {score_threshold:g})")
