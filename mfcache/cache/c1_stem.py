@@ -36,17 +36,23 @@ from mfcache.cache.schema import c1_size, checksum
 from mfcache.errors import MfcacheError
 
 STEM_ARRAY = "c1_stem"
+MIN_SIDE = 32  # the smallest padded image side an exported stem takes (pixels)
 
 
 def export_stem(stem: nn.Module, root: zarr.Group) -> None:
     """Export ``stem`` (``[B, 3, H, W]`` -> ``[B, C, H/4, W/4]``) with dynamic shapes into
-    ``root[STEM_ARRAY]``; the array appears only once its bytes are written."""
+    ``root[STEM_ARRAY]``; the array appears only once its bytes are written. Image sides run
+    from 32 pixels, or from the stem's own ``min_side`` where it has one, to 16384."""
     example = torch.zeros(2, 3, 128, 192)
-    dims = {"b": Dim("batch", min=1, max=4096), "h": Dim("height", min=32, max=16384),
-            "w": Dim("width", min=32, max=16384)}
+    low = max(MIN_SIDE, getattr(stem, "min_side", MIN_SIDE))
+    dims = {"b": Dim("batch", min=1, max=4096), "h": Dim("height", min=low, max=16384),
+            "w": Dim("width", min=low, max=16384)}
     with torch.no_grad():
+        # facts export cannot prove (Swin: ceil(ceil(H / 4) / window) >= 1, ...) become checks
+        # the program makes when it runs, instead of failing the export
         program = torch.export.export(stem.cpu().eval(), (example,),
-                                      dynamic_shapes={"input": {0: dims["b"], 2: dims["h"], 3: dims["w"]}})
+                                      dynamic_shapes=({0: dims["b"], 2: dims["h"], 3: dims["w"]},),
+                                      prefer_deferred_runtime_asserts_over_guards=True)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     data = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
