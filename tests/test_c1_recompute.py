@@ -107,3 +107,33 @@ def test_native_detectors_recompute_the_c1_they_store(shapes_data, tmp_path, mon
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
         sizes.add(tuple(a.shape[1:]))
     assert len(sizes) > 1  # one program, several image sizes
+
+
+# ----------------------------------------------------------------------------- --c1 auto
+def test_auto_policy_resolves_once_and_is_never_fingerprinted():
+    from mfcache.cache.c1_stem import resolve_c1
+
+    assert resolve_c1("auto", can_recompute=True, existing=None) == "recompute"
+    assert resolve_c1("auto", can_recompute=False, existing=None) == "store"
+    assert resolve_c1("auto", can_recompute=True, existing="store") == "store"  # a cache keeps its policy
+    assert resolve_c1("store", can_recompute=True, existing=None) == "store"
+    assert resolve_c1("none", can_recompute=True, existing="recompute") == "none"  # the fingerprint then refuses it
+
+
+def test_auto_recomputes_for_the_demo_and_keeps_an_existing_caches_policy(shapes_data, tmp_path, capsys):
+    args = dict(detector="demo", images=shapes_data / "val", annotations=shapes_data / "annotations" / "val.json")
+    auto = ExtractConfig(num_workers=0, device="cpu")
+    assert auto.c1 == "auto"
+    summary = extract(**args, out=tmp_path / "auto", config=auto, progress=True)
+    assert summary.c1 == "recompute" and "C1 recomputed from the images, --c1 auto" in capsys.readouterr().err
+    assert Cache(tmp_path / "auto").fingerprint["extract"]["c1"] == "recompute"
+    assert STEM_ARRAY in Cache(tmp_path / "auto").root and "c1" not in Cache(tmp_path / "auto").split("val").group
+
+    store = extract(**args, out=tmp_path / "store", config=ExtractConfig(c1="store", num_workers=0, device="cpu"),
+                    progress=False)
+    again = extract(**args, out=tmp_path / "store", config=auto, progress=False)  # e.g. a cache from before auto
+    assert (store.c1, again.c1, again.written) == ("store", "store", 0)
+    assert Cache(tmp_path / "store").fingerprint["extract"]["c1"] == "store"
+    with pytest.raises(MfcacheError, match="c1='store' .asked for 'recompute'"):
+        extract(**args, out=tmp_path / "store", config=ExtractConfig(c1="recompute", num_workers=0, device="cpu"),
+                progress=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,8 +36,31 @@ from mfcache.detectors.base import Preprocess
 from mfcache.cache.schema import c1_size, checksum
 from mfcache.errors import MfcacheError
 
+if TYPE_CHECKING:
+    from mfcache.detectors.base import Detector
+
 STEM_ARRAY = "c1_stem"
 MIN_SIDE = 32  # the smallest padded image side an exported stem takes (pixels)
+
+
+def resolve_c1(asked: str, *, can_recompute: bool, existing: str | None) -> str:
+    """The C1 policy a cache is made with (``store`` | ``recompute`` | ``none``, what its
+    fingerprint records) for ``extract --c1 asked``: ``auto`` keeps the policy of the cache
+    being completed (``existing``, None for a new one), else recomputes where it can (the
+    detector has a C1 stem and the images are there to re-make C1 from), else stores."""
+    if asked != "auto":
+        return asked
+    if existing is not None:
+        return existing
+    return "recompute" if can_recompute else "store"
+
+
+def c1_note(policy: str, asked: str, channels: int) -> str:
+    """What the storage plan says of C1: ``C1 recomputed from the images, --c1 auto``."""
+    if channels == 0:
+        return "no C1: the detector has no stride-4 map"
+    what = {"store": "C1 stored", "recompute": "C1 recomputed from the images", "none": "C1 left out"}
+    return what[policy] + (", --c1 auto" if asked == "auto" else "")
 
 
 def export_stem(stem: nn.Module, root: zarr.Group) -> None:
@@ -64,6 +88,14 @@ def export_stem(stem: nn.Module, root: zarr.Group) -> None:
     # renamed into place when complete (a local store: the rename is atomic); a killed export
     # leaves only the .tmp array, which the next run overwrites
     Path(root.store.root, STEM_ARRAY + ".tmp").rename(Path(root.store.root, STEM_ARRAY))
+
+
+def export_detector_stem(model: Detector, root: zarr.Group) -> None:
+    """``--c1 recompute``: store ``model``'s C1 stem (:meth:`Detector.c1_stem`) in the cache."""
+    stem = model.c1_stem()
+    if stem is None:
+        raise MfcacheError(f"--c1 recompute is not available for {model.info.family} detectors; use store or none")
+    export_stem(stem, root)
 
 
 class C1Recomputer:
