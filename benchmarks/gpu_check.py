@@ -380,7 +380,8 @@ def _agree_extraction(run: Run, size: dict) -> list[dict]:
     for side, device in (("reference", "cpu"), ("device", str(run.device))):
         extract(detector="demo", images=root / "data" / "train",
                 annotations=root / "data" / "annotations" / "train.json", out=root / side,
-                config=ExtractConfig(device=device, num_workers=run.plan.extract_workers), progress=False)
+                config=ExtractConfig(device=device, num_workers=run.plan.extract_workers, c1="store"),  # C1 compared
+                progress=False)
         splits[side] = Cache(root / side).split("train")
     ref_split, got_split = splits["reference"], splits["device"]
     pairs: dict[str, tuple[list, list]] = {k: ([], []) for k in ("levels", "c1", "queries", "boxes", "scores")}
@@ -532,7 +533,9 @@ def section_extraction(run: Run) -> dict:
                                                                                       plan.shortest_edge)}
         setup = (f"--quick on a CPU: TINY detectors (ResNet-18 / 16-64 channel ResNet, d=64) at shortest edge "
                  f"{plan.shortest_edge}: checks the code path, measures nothing")
-    config = ExtractConfig(device=str(run.device), num_workers=plan.extract_workers)
+    # C1 stored, so section 5 trains from stored maps as before; --c1 auto (recompute for these
+    # detectors) stores the same minus the c1 array, projected from its bytes (section 6)
+    config = ExtractConfig(device=str(run.device), num_workers=plan.extract_workers, c1="store")
     settings = []
     out = {"setup": setup, "images": plan.extract_images, "image_sizes": "480-640 px originals (shapes, COCO-like)",
            "batch": config.batch_size, "block": config.block_size, "workers": plan.extract_workers,
@@ -594,7 +597,8 @@ def _extract_detector(run: Run, name: str, spec: str, data: Path, annotations: P
             extra = seconds - row["extract_small_s"]
             row["steady_images_per_s"] = (plan.extract_images - plan.extract_small) / extra if extra > 0 else None
         du, apparent = disk_bytes(cache / "train")
-        row.update(bytes_per_image=du / plan.extract_images, apparent_bytes_per_image=apparent / plan.extract_images)
+        row.update(bytes_per_image=du / plan.extract_images, apparent_bytes_per_image=apparent / plan.extract_images,
+                   c1_bytes_per_image=disk_bytes(cache / "train" / "c1")[0] / plan.extract_images)
         if amp == "off" and name.startswith("deformable_detr"):
             row.update(cache=str(cache), keep=True)  # section 5 trains from it
         else:
@@ -789,8 +793,11 @@ def section_projection(run: Run) -> dict:
                                   "basis": "steady state" if s.get("steady_images_per_s") else "end to end",
                                   "train2017_hours": COCO_TRAIN2017_IMAGES / rate / 3600})
         if s["amp"] == "off":
+            auto = s["bytes_per_image"] - s.get("c1_bytes_per_image", 0)  # --c1 auto: recompute, no c1 array
             out["storage"].append({"detector": s["detector"], "bytes_per_image": s["bytes_per_image"],
-                                   "train2017_TB": s["bytes_per_image"] * COCO_TRAIN2017_IMAGES / 1e12})
+                                   "train2017_TB": s["bytes_per_image"] * COCO_TRAIN2017_IMAGES / 1e12,
+                                   "auto_bytes_per_image": auto,
+                                   "train2017_TB_auto": auto * COCO_TRAIN2017_IMAGES / 1e12})
     for s in training:
         if "seconds" not in s:
             continue
@@ -879,6 +886,9 @@ def md_projection(r: dict) -> list[str]:
                     f"{s['paper_schedule_hours']:.1f} h |")
     for s in r["storage"]:
         rows.append(f"| cache size (float16, C1 stored, top-100) | {s['detector']} | {s['train2017_TB']:.2f} TB |")
+        if "train2017_TB_auto" in s:
+            rows.append(f"| cache size (float16, --c1 auto: C1 recomputed, top-100) | {s['detector']} | "
+                        f"{s['train2017_TB_auto']:.2f} TB |")
     return rows
 
 

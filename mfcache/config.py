@@ -127,7 +127,8 @@ class ExtractConfig:
                                              "created.")  # each block owns whole chunks
     chunk_tokens: int = option(0, low=0, help="Memory chunk length in tokens; 0 = derive from the image size "
                                               "(not a CLI option).")
-    c1: str = option("store", help="Backbone stride-4 map: {choices}.", choices={
+    c1: str = option("auto", help="Backbone stride-4 map: {choices}.", choices={
+        "auto": "recompute where the detector can, else store; an existing cache keeps its own",
         "store": "", "recompute": "from the image at training time", "none": ""})
     dtype: str = option("float16", help="Storage dtype of features: {choices}.", choices={  # memory, c1, queries
         "float16": "", "float32": "", "int8": "per-channel scales, ~1% error, half of float16"})

@@ -44,7 +44,7 @@ def cli(data, out, *extra, annotations=None):
 
 
 @pytest.mark.parametrize("option, value, allowed", [
-    ("--c1", "stored", "store, recompute, none"),
+    ("--c1", "stored", "auto, store, recompute, none"),
     ("--dtype", "int4", "float16, float32, int8"),
     ("--resize", "fast", "auto, processor, float"),
     ("--levels", "-1", ">= 0"),

@@ -53,7 +53,7 @@ def reference(data):
     torch.set_num_threads(1)  # as torchrun's processes (OMP_NUM_THREADS=1): the same float sums
     extract(detector="demo", images=data / "train", annotations=data / "annotations" / "train.json", out=out,
             config=ExtractConfig(topk=10, target_size=8, block_size=BLOCK, batch_size=2, num_workers=0,
-                                 device="cpu"), progress=False)
+                                 device="cpu", c1="store"), progress=False)  # ranks write the ragged c1 too
     torch.set_num_threads(threads)
     return out
 
@@ -69,7 +69,7 @@ def test_two_rank_extract_equals_one_process(data, reference, tmp_path):
     proc = torchrun("-m", "mfcache", "extract", "--detector", "demo", "--images", str(data / "train"),
                     "--annotations", str(data / "annotations" / "train.json"), "--out", str(out),
                     "--workers", "0", "--topk", "10", "--target-size", "8", "--block-size", str(BLOCK),
-                    "--batch-size", "2", "--device", "cpu", "-q")
+                    "--batch-size", "2", "--device", "cpu", "--c1", "store", "-q")
     said = " ".join(proc.stderr.split())
     assert said.count("12 images cached") == 1 and "(12 written now)" in said  # rank 0 reports both ranks' work
     ours, theirs = arrays(out), arrays(reference)

@@ -31,7 +31,8 @@ def cache(shapes_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("fs")
     for split in ("train", "val"):
         extract(detector="demo", images=shapes_data / split, annotations=shapes_data / "annotations" / f"{split}.json",
-                out=root / "cache", config=ExtractConfig(topk=10, target_size=16, num_workers=0, device="cpu"),
+                out=root / "cache", config=ExtractConfig(topk=10, target_size=16, num_workers=0, device="cpu",
+                                                         c1="store"),  # the plan's c1 term is checked
                 progress=False)
     result = cli("train", "--cache", root / "cache", "--out", root / "run", "--set", "train.steps=1", *FAST, "-q")
     assert result.exit_code == 0, result.output
@@ -232,11 +233,19 @@ def test_extract_refuses_a_plan_larger_than_the_free_space(shapes_data, tmp_path
     args = ["extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations",
             shapes_data / "annotations" / "val.json", "--out", tmp_path / "cache", "--workers", 0, "-q"]
     one_error_line(cli(*args), "needs", "4.9 KiB free", "--ignore-free-space")
+    # nothing of the plan was written: only the layout (metadata, the planned index, the annotations)
+    # and the lock file; no image's data, no done flag, and not the C1 program --c1 auto would export
+    chunks = [p.relative_to(tmp_path / "cache").parts for p in (tmp_path / "cache").rglob("c/*")]
+    written = {parts[:parts.index("c")] for parts in chunks}  # the arrays that hold a chunk
+    assert written <= {("val", "annotations"), *{("val", "index", n) for n in
+                                                  ("image_id", "orig_hw", "input_hw", "level_hw", "token_offset",
+                                                   "c1_offset")}}, written
+    assert not (tmp_path / "cache" / "c1_stem").exists()
     monkeypatch.undo()
     monkeypatch.setattr(mfcache.stages.extract.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
     result = cli(*args[:-1], "--ignore-free-space")
     assert result.exit_code == 0, result.output
-    assert "plan for split 'val': 4 images" in " ".join(result.output.split())
+    assert "plan for split 'val' (C1 recomputed from the images, --c1 auto): 4 images" in " ".join(result.output.split())
 
 
 def test_the_storage_plan_matches_what_is_written(cache):

@@ -31,8 +31,10 @@ from mfcache.data.shapes import write_shapes_dataset
 from mfcache.errors import MfcacheError
 from mfcache.stages.extract import extract
 
-CONFIG = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu")
-EXTRACT_ARGS = ["--topk", "10", "--target-size", "8", "--block-size", "2", "--workers", "0", "--device", "cpu"]
+# C1 stored (not the demo's --c1 auto = recompute): the stored c1 array is among what these tests damage
+CONFIG = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu", c1="store")
+EXTRACT_ARGS = ["--topk", "10", "--target-size", "8", "--block-size", "2", "--workers", "0", "--device", "cpu",
+                "--c1", "store"]
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +211,7 @@ def test_int8_scales_are_checked(data, tmp_path):
     out = tmp_path / "int8"
     extract(detector="demo", images=data / "d" / "train", annotations=data / "d" / "annotations" / "train.json",
             out=out, config=ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu",
-                                          dtype="int8"), progress=False)
+                                          dtype="int8", c1="store"), progress=False)
     split = Cache(out).split("train")
     split.read(2)
     scales = zarr.open_array(out / "train" / "scales" / "memory", mode="r+")

@@ -23,7 +23,8 @@ from mfcache.stages.extract import extract
 
 def cache(data, out, **options):
     extract(detector="demo", images=data / "train", annotations=data / "annotations" / "train.json", out=out,
-            config=ExtractConfig(topk=10, target_size=8, block_size=3, num_workers=0, device="cpu", **options),
+            config=ExtractConfig(**{"topk": 10, "target_size": 8, "block_size": 3, "num_workers": 0, "device": "cpu",
+                                    "c1": "store", **options}),  # the stored c1 is compared across dtypes
             progress=False)
     assert verify(out).ok, verify(out).problems
     return Cache(out).split()

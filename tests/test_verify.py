@@ -13,7 +13,7 @@ from mfcache.config import ExtractConfig
 from mfcache.data.shapes import write_shapes_dataset
 from mfcache.stages.extract import extract
 
-CONFIG = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu")
+CONFIG = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu", c1="store")  # c1 checked too
 
 
 @pytest.fixture(scope="module")

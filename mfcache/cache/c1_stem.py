@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,18 +36,47 @@ from mfcache.detectors.base import Preprocess
 from mfcache.cache.schema import c1_size, checksum
 from mfcache.errors import MfcacheError
 
+if TYPE_CHECKING:
+    from mfcache.detectors.base import Detector
+
 STEM_ARRAY = "c1_stem"
+MIN_SIDE = 32  # the smallest padded image side an exported stem takes (pixels)
+
+
+def resolve_c1(asked: str, *, can_recompute: bool, existing: str | None) -> str:
+    """The C1 policy a cache is made with (``store`` | ``recompute`` | ``none``, what its
+    fingerprint records) for ``extract --c1 asked``: ``auto`` keeps the policy of the cache
+    being completed (``existing``, None for a new one), else recomputes where it can (the
+    detector has a C1 stem and the images are there to re-make C1 from), else stores."""
+    if asked != "auto":
+        return asked
+    if existing is not None:
+        return existing
+    return "recompute" if can_recompute else "store"
+
+
+def c1_note(policy: str, asked: str, channels: int) -> str:
+    """What the storage plan says of C1: ``C1 recomputed from the images, --c1 auto``."""
+    if channels == 0:
+        return "no C1: the detector has no stride-4 map"
+    what = {"store": "C1 stored", "recompute": "C1 recomputed from the images", "none": "C1 left out"}
+    return what[policy] + (", --c1 auto" if asked == "auto" else "")
 
 
 def export_stem(stem: nn.Module, root: zarr.Group) -> None:
     """Export ``stem`` (``[B, 3, H, W]`` -> ``[B, C, H/4, W/4]``) with dynamic shapes into
-    ``root[STEM_ARRAY]``; the array appears only once its bytes are written."""
+    ``root[STEM_ARRAY]``; the array appears only once its bytes are written. Image sides run
+    from 32 pixels, or from the stem's own ``min_side`` where it has one, to 16384."""
     example = torch.zeros(2, 3, 128, 192)
-    dims = {"b": Dim("batch", min=1, max=4096), "h": Dim("height", min=32, max=16384),
-            "w": Dim("width", min=32, max=16384)}
+    low = max(MIN_SIDE, getattr(stem, "min_side", MIN_SIDE))
+    dims = {"b": Dim("batch", min=1, max=4096), "h": Dim("height", min=low, max=16384),
+            "w": Dim("width", min=low, max=16384)}
     with torch.no_grad():
+        # facts export cannot prove (Swin: ceil(ceil(H / 4) / window) >= 1, ...) become checks
+        # the program makes when it runs, instead of failing the export
         program = torch.export.export(stem.cpu().eval(), (example,),
-                                      dynamic_shapes={"input": {0: dims["b"], 2: dims["h"], 3: dims["w"]}})
+                                      dynamic_shapes=({0: dims["b"], 2: dims["h"], 3: dims["w"]},),
+                                      prefer_deferred_runtime_asserts_over_guards=True)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     data = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
@@ -58,6 +88,14 @@ def export_stem(stem: nn.Module, root: zarr.Group) -> None:
     # renamed into place when complete (a local store: the rename is atomic); a killed export
     # leaves only the .tmp array, which the next run overwrites
     Path(root.store.root, STEM_ARRAY + ".tmp").rename(Path(root.store.root, STEM_ARRAY))
+
+
+def export_detector_stem(model: Detector, root: zarr.Group) -> None:
+    """``--c1 recompute``: store ``model``'s C1 stem (:meth:`Detector.c1_stem`) in the cache."""
+    stem = model.c1_stem()
+    if stem is None:
+        raise MfcacheError(f"--c1 recompute is not available for {model.info.family} detectors; use store or none")
+    export_stem(stem, root)
 
 
 class C1Recomputer:

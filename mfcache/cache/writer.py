@@ -55,6 +55,13 @@ def open_root(path: Path, fingerprint: dict) -> zarr.Group:
     return root
 
 
+def stored_fingerprint(path: Path) -> dict | None:
+    """The fingerprint of the cache at ``path``, or None where there is no cache yet."""
+    if not (Path(path) / "zarr.json").is_file():
+        return None
+    return zarr.open_group(str(path), mode="r", zarr_format=3).attrs.get("mfcache")
+
+
 def remove_partial_writes(root: Path, split: str) -> int:
     """Delete the ``*.partial`` files that zarr's local store writes before renaming them
     over a file: a write killed midway leaves one behind (the file it was to replace is

@@ -17,7 +17,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
-from mfcache.cache.c1_stem import STEM_ARRAY, export_stem
+from mfcache.cache.c1_stem import STEM_ARRAY, c1_note, export_detector_stem, resolve_c1
 from mfcache.cache.lock import writer_lock
 from mfcache.cache.records import ImageRecord, crop_outputs, image_record
 from mfcache.cache.schema import SKIPPED, SplitPlan, fingerprint, format_bytes, plan_split, storage_plan
@@ -28,6 +28,7 @@ from mfcache.cache.writer import (
     create_split,
     open_root,
     remove_partial_writes,
+    stored_fingerprint,
 )
 from mfcache.config import ExtractConfig, check_config
 from mfcache.data.coco import CocoDataset
@@ -53,6 +54,7 @@ class ExtractSummary:
     annotations: str = ""  # what loading did to the annotations (derived, left out), one line or ''
     skipped_annotations: int = 0
     match: MatchStats | None = None  # GT coverage of the finished split (None while it is incomplete)
+    c1: str = "store"  # the C1 policy the cache is made with (--c1 auto resolved)
 
 
 def split_name(annotation_file: Path) -> str:
@@ -198,6 +200,7 @@ class _Job:
     topk: int            # detections per image: at most what the detector has
     levels: list[int]    # detector levels stored in memory, finest first
     meta: dict           # the split's attrs: annotation hash, label -> category map, ...
+    c1: str              # the C1 policy (store | recompute | none: --c1 auto resolved, as fingerprinted)
     amp: str = "off"     # mixed precision of the detector's forward pass
     label_map: LabelMap | str | None = None  # extract.label_map of the fingerprint (mfcache.data.labels)
     warning: str | None = None  # dataset categories no detector label maps to
@@ -211,8 +214,8 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
              config: ExtractConfig, skip_bad: bool, ignore_free_space: bool, progress: bool, world: World,
              device: torch.device) -> ExtractSummary:
     out = Path(out)
-    job = _prepare(detector=detector, images=images, annotations=annotations, split=split, config=config,
-                   skip_bad=skip_bad, world=world, device=device)
+    job = _prepare(detector=detector, images=images, annotations=annotations, out=out, split=split,
+                   config=config, skip_bad=skip_bad, world=world, device=device)
     group, plan = _create_split(job, out, config, world)
     if job.warning and world.is_main:  # before the long part: the user may stop and fix the mapping
         console.print(f"[bold yellow]warning:[/bold yellow] {job.warning}", highlight=False, soft_wrap=True)
@@ -221,6 +224,8 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     todo = pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad)
     if world.is_main:
         _check_space(job, plan, todo, out, config, ignore=ignore_free_space, say=progress)
+        if job.c1 == "recompute" and not (out / STEM_ARRAY).is_dir():  # after the plan is accepted
+            export_detector_stem(job.model, zarr.open_group(str(out), mode="r+", zarr_format=3))
     pending = _own_pending(writer, todo, job.split, out, block, world=world)
     assemble = _BlockAssembler(writer, block, plan.num_images, out,
                                {"target_size": config.target_size, "dtype": config.dtype, "levels": job.levels})
@@ -229,10 +234,10 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     return _finish(job, group, writer, plan, written=len(pending), out=out, world=world, device=device)
 
 
-def _prepare(*, detector: str, images: Path, annotations: Path, split: str | None, config: ExtractConfig,
-             skip_bad: bool, world: World, device: torch.device) -> _Job:
+def _prepare(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
+             config: ExtractConfig, skip_bad: bool, world: World, device: torch.device) -> _Job:
     """Check the options, load the annotations and the detector, and decide the stored top-k,
-    levels and split attrs: a bad option or a label mismatch leaves no empty cache behind."""
+    levels, C1 policy and split attrs: a bad option or a label mismatch leaves no empty cache behind."""
     check_config(config)
     label_map = chosen_label_map(config.label_map, config.class_agnostic)  # a bad file: before the slow parts
     dataset = CocoDataset(annotations, images, skip_bad=skip_bad)
@@ -259,32 +264,33 @@ def _prepare(*, detector: str, images: Path, annotations: Path, split: str | Non
         "unmapped_categories": {str(k): v for k, v in labels.unmapped.items()},
         "skipped_annotations": {str(k): v for k, v in dataset.report.left_out.items()},
     }
-    return _Job(dataset=dataset, split=split, model=model, topk=topk, levels=levels, meta=meta, amp=config.amp,
-                label_map=label_map, warning=unmapped_warning(labels, dataset.category_names))
+    existing = stored_fingerprint(out)
+    c1 = resolve_c1(config.c1, existing=existing["extract"]["c1"] if existing else None,
+                    can_recompute=info.c1_channels > 0 and model.c1_stem() is not None and Path(images).is_dir())
+    return _Job(dataset=dataset, split=split, model=model, topk=topk, levels=levels, meta=meta, c1=c1,
+                amp=config.amp, label_map=label_map, warning=unmapped_warning(labels, dataset.category_names))
 
 
 def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> tuple[zarr.Group, SplitPlan]:
-    """Open (or create) the cache and the split's layout. Under torchrun rank 0 does it alone,
-    removes an interrupted run's partial writes and exports the C1 stem, while the other ranks
-    wait at the barrier; they open the finished layout after it."""
+    """Open (or create) the cache and the split's layout. Under torchrun rank 0 does it alone and
+    removes an interrupted run's partial writes, while the other ranks wait at the barrier; they
+    open the finished layout after it."""
     info = job.model.info
     if not world.is_main:
         world.barrier()  # rank 0 creates the root and the split's layout alone
-    root = open_root(out, fingerprint(info, topk=job.topk, target_size=config.target_size, c1=config.c1,
+    root = open_root(out, fingerprint(info, topk=job.topk, target_size=config.target_size, c1=job.c1,
                                       dtype=config.dtype, levels=job.levels, compress=config.compress,
                                       amp=config.amp, label_map=job.label_map))
     plan = plan_split([im.id for im in job.dataset.images], [(im.height, im.width) for im in job.dataset.images],
                       info, config.chunk_tokens, job.levels)
     group = create_split(
         root, job.split, plan, meta=job.meta, annotations=job.dataset.stored, topk=job.topk,
-        d_model=info.d_model, c1_channels=info.c1_channels if config.c1 == "store" else 0,
+        d_model=info.d_model, c1_channels=info.c1_channels if job.c1 == "store" else 0,
         target_size=config.target_size, block_size=config.block_size, dtype=config.dtype,
         compress=config.compress,
     )
     if world.is_main:  # the other ranks wait at the barrier: nothing writes yet
         remove_partial_writes(out, job.split)
-    if config.c1 == "recompute" and world.is_main and not (out / STEM_ARRAY).is_dir():
-        _export_c1_stem(job.model, root)
     if world.is_main:
         world.barrier()
     return group, plan
@@ -297,24 +303,17 @@ def _check_space(job: _Job, plan: SplitPlan, todo: np.ndarray, out: Path, config
     disk cannot hold, unless ``ignore``; the layout just created is a few kB of metadata."""
     info = job.model.info
     storage = storage_plan(plan, topk=job.topk, d_model=info.d_model, target_size=config.target_size,
-                           c1_channels=info.c1_channels if config.c1 == "store" else 0, dtype=config.dtype)
+                           c1_channels=info.c1_channels if job.c1 == "store" else 0, dtype=config.dtype)
     free = shutil.disk_usage(out).free
     need = storage.total(todo)
     if say:
-        console.print(f"plan for split {job.split!r}: {storage.line(todo)}; {format_bytes(free)} free on {out}",
-                      highlight=False, soft_wrap=True)
+        console.print(f"plan for split {job.split!r} ({c1_note(job.c1, config.c1, info.c1_channels)}): "
+                      f"{storage.line(todo)}; {format_bytes(free)} free on {out}", highlight=False, soft_wrap=True)
     if need > free and not ignore:
+        less = "--dtype int8, --c1 recompute or none, --levels" if job.c1 == "store" else "--dtype int8, --levels"
         raise MfcacheError(
             f"split {job.split!r} needs {format_bytes(need)} but {out} has {format_bytes(free)} free: free space, "
-            "store less (--dtype int8, --c1 recompute or none, --levels), or pass --ignore-free-space to go on")
-
-
-def _export_c1_stem(model: Detector, root: zarr.Group) -> None:
-    """``--c1 recompute``: store the detector's C1 stem, which re-makes C1 from the image."""
-    stem = model.c1_stem()
-    if stem is None:
-        raise MfcacheError(f"--c1 recompute is not available for {model.info.family} detectors; use store or none")
-    export_stem(stem, root)
+            f"store less ({less}), or pass --ignore-free-space to go on")
 
 
 def _own_pending(writer: BlockWriter, todo: np.ndarray, split: str, out: Path, block: int, *,
@@ -379,7 +378,7 @@ def _finish(job: _Job, group: zarr.Group, writer: BlockWriter, plan: SplitPlan, 
         world.barrier()
     done = group["index/done"][:] if world.enabled else writer.index["index/done"]
     match = record_match_stats(group, recompute=written > 0) if world.is_main and not (done == 0).any() else None
-    return ExtractSummary(split=job.split, num_images=plan.num_images, written=written, cache=out,
+    return ExtractSummary(split=job.split, num_images=plan.num_images, written=written, cache=out, c1=job.c1,
                           skipped=int((done == SKIPPED).sum()), match=match,
                           annotations=job.dataset.report.summary(),
                           skipped_annotations=len(job.dataset.report.left_out))

@@ -3,7 +3,8 @@ frozen BatchNorm (conv1, bn1, layer1..layer4; no fc) here, Swin in :mod:`.swin`.
 
 forward(pixels [B, 3, H, W]) -> (c1 [B, C1, H/4, W/4] = first-stage output,
 [the maps of ``return_layers`` (1..4 = stages), finest first]); attributes ``num_channels``,
-``strides`` (of the returned maps) and ``c1_channels``.
+``strides`` (of the returned maps) and ``c1_channels``; ``c1_stem()`` is the module that makes
+c1 alone (``--c1 recompute``), sharing the body's weights.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class ResNetBody(nn.Module):
         self.num_channels = [widths[i - 1] for i in return_layers]
         self.c1_channels = widths[0]
         self.strides = [2 ** (i + 1) for i in return_layers]
+
+    def c1_stem(self) -> nn.Module:
+        """``[B, 3, H, W]`` -> ``[B, C1, H/4, W/4]``: conv1, bn1, relu, maxpool, layer1 (the body's own modules)."""
+        b = self.body
+        return nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool, b.layer1).eval()
 
     def forward(self, pixels: Tensor) -> tuple[Tensor, list[Tensor]]:
         b = self.body

@@ -90,6 +90,11 @@ class NativeDetector(Detector):
         -> (queries the heads read [B, Q, D], references the last decoder layer used [B, Q, 2|4])."""
         raise NotImplementedError
 
+    def c1_stem(self) -> nn.Module:
+        """The backbone's C1 maker alone (ResNet stem + layer1, or Swin patch embedding + stage 0's
+        blocks): ``[B, 3, H, W]`` -> ``[B, C1, H/4, W/4]``, exactly the c1 of :meth:`forward`."""
+        return self.backbone[0].c1_stem()
+
     def train(self, mode: bool = True) -> NativeDetector:
         """A frozen detector stays in eval mode whatever a parent module asks."""
         return super().train(False)

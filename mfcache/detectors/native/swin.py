@@ -28,21 +28,23 @@ def _windows(x: Tensor, size: int) -> Tensor:
     """[B, H, W, C] -> [B * nW, size * size, C] (row-major windows)."""
     b, h, w, c = x.shape
     x = x.view(b, h // size, size, w // size, size, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, size * size, c)
+    return x.reshape(b * (h // size) * (w // size), size * size, c)
 
 
 def _unwindows(x: Tensor, size: int, b: int, h: int, w: int) -> Tensor:
-    x = x.view(b, h // size, w // size, size, size, -1).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, -1)
+    c = x.shape[-1]
+    x = x.view(b, h // size, w // size, size, size, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
 
 
 def shift_mask(hp: int, wp: int, size: int, shift: int, device: torch.device) -> Tensor:
-    """[nW, N, N] additive mask (0 / -100) keeping shifted windows from mixing regions."""
-    region = torch.zeros(1, hp, wp, 1, device=device)
-    cuts = (slice(0, -size), slice(-size, -shift), slice(-shift, None))
-    for i, hs in enumerate(cuts):
-        for j, ws in enumerate(cuts):
-            region[:, hs, ws, :] = 3 * i + j
+    """[nW, N, N] additive mask (0 / -100) keeping shifted windows from mixing regions: the
+    rows (and columns) before ``-size``, from ``-size`` to ``-shift``, and the last ``shift``
+    are three regions (computed, not sliced, so it exports with dynamic sizes)."""
+    rows, cols = torch.arange(hp, device=device), torch.arange(wp, device=device)
+    row_part = (rows >= hp - size).long() + (rows >= hp - shift).long()
+    col_part = (cols >= wp - size).long() + (cols >= wp - shift).long()
+    region = (3 * row_part[:, None] + col_part[None, :]).float()[None, :, :, None]
     ids = _windows(region, size)[..., 0]
     diff = ids[:, None, :] - ids[:, :, None]
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
@@ -91,17 +93,34 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x [B, H, W, C]; ``mask`` is used by shifted blocks only."""
-        b, h, w, c = x.shape
-        s = self.size
-        y = F.pad(self.norm1(x), (0, 0, 0, (s - w % s) % s, 0, (s - h % s) % s))
-        hp, wp = y.shape[1:3]
-        if self.shift:
-            y = torch.roll(y, (-self.shift, -self.shift), (1, 2))
-        y = _unwindows(self.attn(_windows(y, s), mask if self.shift else None), s, b, hp, wp)
-        if self.shift:
-            y = torch.roll(y, (self.shift, self.shift), (1, 2))
+        h, w = x.shape[1:3]
+        hp, wp = _ceil_to(h, self.size), _ceil_to(w, self.size)
+        y = self._attend(F.pad(self.norm1(x), (0, 0, 0, wp - w, 0, hp - h)), mask)
         x = x + y[:, :h, :w]
         return x + self.mlp(self.norm2(x))
+
+    def forward_padded(self, x: Tensor, keep: Tensor, mask: Tensor) -> Tensor:
+        """The same on a map already padded to whole windows: ``x [B, Hp, Wp, C]``, ``keep [Hp, Wp]``
+        True on the real tokens; the padding is zeroed where :meth:`forward` pads with zeros, so the
+        real tokens come out as there (the padding carries values that never reach them)."""
+        y = self._attend(torch.where(keep[..., None], self.norm1(x), 0), mask)
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+    def _attend(self, y: Tensor, mask: Tensor) -> Tensor:
+        """(Shifted) window attention on ``y [B, Hp, Wp, C]`` padded to whole windows."""
+        b, hp, wp = y.shape[:3]
+        if self.shift:
+            y = torch.roll(y, (-self.shift, -self.shift), (1, 2))
+        y = _unwindows(self.attn(_windows(y, self.size), mask if self.shift else None), self.size, b, hp, wp)
+        if self.shift:
+            y = torch.roll(y, (self.shift, self.shift), (1, 2))
+        return y
+
+
+def _ceil_to(n: int, size: int) -> int:
+    """``n`` rounded up to a multiple of ``size`` (written so torch.export sees the multiple)."""
+    return -(-n // size) * size
 
 
 class PatchMerging(nn.Module):
@@ -126,11 +145,16 @@ class SwinStage(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """-> (stage output [B, H, W, C], input of the next stage)."""
-        s = self.size
-        mask = shift_mask(-(-x.shape[1] // s) * s, -(-x.shape[2] // s) * s, s, s // 2, x.device).to(x.dtype)
-        for block in self.blocks:
-            x = block(x, mask)
+        x = run_blocks(self.blocks, x, self.size)
         return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+def run_blocks(blocks: nn.ModuleList, x: Tensor, size: int) -> Tensor:
+    """A stage's blocks on ``x [B, H, W, C]`` (window ``size``; shifted blocks share one mask)."""
+    mask = shift_mask(_ceil_to(x.shape[1], size), _ceil_to(x.shape[2], size), size, size // 2, x.device).to(x.dtype)
+    for block in blocks:
+        x = block(x, mask)
+    return x
 
 
 class PatchEmbed(nn.Module):
@@ -141,8 +165,39 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, 3, H, W] -> [B, ceil(H/4), ceil(W/4), C]."""
-        x = F.pad(x, (0, (4 - x.shape[3] % 4) % 4, 0, (4 - x.shape[2] % 4) % 4))
+        h, w = x.shape[2:]
+        x = F.pad(x, (0, -(-w // 4) * 4 - w, 0, -(-h // 4) * 4 - h))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class SwinC1Stem(nn.Module):
+    """``[B, 3, H, W]`` -> c1 ``[B, C, H/4, W/4]``: the patch embedding and stage 0's blocks (the
+    trunk's own modules; stage 0's patch merging is left out), the c1 of :class:`SwinBody`.
+
+    Written for ``torch.export`` with dynamic sizes: the map is padded to whole windows once
+    and cropped once, by gathers rather than slices, and the blocks run on the padded map
+    (:meth:`SwinBlock.forward_padded`): a per-block pad and crop needs facts about
+    ``ceil(ceil(H / 4) / window)`` that export cannot prove. Inputs have sides of at least
+    ``min_side`` pixels (two windows of tokens): the exported program is made for those."""
+
+    def __init__(self, trunk: SwinTrunk):
+        super().__init__()
+        self.patch_embed, self.blocks, self.size = trunk.patch_embed, trunk.layers[0].blocks, trunk.layers[0].size
+        self.min_side = 4 * self.size + 1
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        x = self.patch_embed(pixels)
+        h, w = x.shape[1:3]
+        hp, wp = _ceil_to(h, self.size), _ceil_to(w, self.size)
+        rows, cols = torch.arange(hp, device=x.device), torch.arange(wp, device=x.device)
+        # index h (w) is the zero row (column) F.pad appends: every padded position reads it
+        x = F.pad(x, (0, 0, 0, 1, 0, 1)).index_select(1, rows.clamp(max=h)).index_select(2, cols.clamp(max=w))
+        keep = (rows[:, None] < h) & (cols[None, :] < w)
+        mask = shift_mask(hp, wp, self.size, self.size // 2, x.device).to(x.dtype)
+        for block in self.blocks:
+            x = block.forward_padded(x, keep, mask)
+        x = x.index_select(1, torch.arange(h, device=x.device)).index_select(2, torch.arange(w, device=x.device))
+        return x.permute(0, 3, 1, 2)
 
 
 class SwinTrunk(nn.Module):
@@ -168,6 +223,10 @@ class SwinBody(nn.Module):
         self.num_channels = [dim * 2 ** (i - 1) for i in return_layers]
         self.c1_channels = dim
         self.strides = [2 ** (i + 1) for i in return_layers]
+
+    def c1_stem(self) -> nn.Module:
+        """The module that makes c1 alone (``--c1 recompute``): :class:`SwinC1Stem`."""
+        return SwinC1Stem(self.body).eval()
 
     def forward(self, pixels: Tensor) -> tuple[Tensor, list[Tensor]]:
         t = self.body
