@@ -145,10 +145,11 @@ class Instances:
             self._masks = self._paste(slice(None))
         return self._masks
 
-    def mask_chunks(self, max_pixels: int = CHUNK_PIXELS):
+    def mask_chunks(self, max_pixels: int | None = None):
         """Yield ``(start, masks [n, H, W] bool)``: instances ``start .. start + n`` pasted, at
-        most ``max_pixels`` output pixels per chunk (at least one mask) — the same masks as
-        :attr:`masks`, never all held at once."""
+        most ``max_pixels`` (default :data:`CHUNK_PIXELS`) output pixels per chunk, at least one
+        mask — the same masks as :attr:`masks`, never all held at once."""
+        max_pixels = CHUNK_PIXELS if max_pixels is None else max_pixels
         per_chunk = max(1, max_pixels // max(1, self.image_size[0] * self.image_size[1]))
         for start in range(0, len(self), per_chunk):
             part = slice(start, start + per_chunk)

@@ -15,6 +15,7 @@ outlines are the masks', box frames are drawn on the boxes' edge pixels and labe
 from __future__ import annotations
 
 import colorsys
+import re
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -186,12 +187,25 @@ def decode_results(results: Sequence[dict], height: int, width: int) -> tuple[Te
     return masks, boxes, scores, [int(r["category_id"]) for r in results]
 
 
+_PANEL = re.compile(r"^\d+(\.tmp)?\.png$")  # <image_id>.png, and a temporary one a kill left behind
+
+
+def stale_panels(folder: Path) -> list[Path]:
+    """The panel files (``<image_id>.png``) in ``folder``: regular files named as
+    :func:`visualize_split` names them, nothing else (no links, no other names)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _PANEL.match(p.name) and p.is_file() and not p.is_symlink())
+
+
 def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, score_threshold: float = 0.3,
                     images_dir: Path | None = None) -> list[Path]:
     """Ground truth | prediction panels for the first ``n`` complete images of a cache split
     (:class:`mfcache.cache.reader.CacheSplit`), written to ``out_dir/<image_id>.png``;
     returns the paths. A panel that would land outside ``out_dir``'s parent (``out_dir`` or
-    a panel being a link that leads elsewhere) is refused before any is drawn.
+    a panel being a link that leads elsewhere) is refused before any is drawn. The panels a
+    previous call left in ``out_dir`` (:func:`stale_panels`) are removed first, so the folder
+    shows these results only.
 
     GT masks come from the split's cached annotations; predictions are ``results`` (COCO
     results of the split) scoring at least ``score_threshold``. Pixels are read from
@@ -214,6 +228,8 @@ def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, sc
     # out_dir is a folder of its parent (the metrics folder): a link there must not lead elsewhere
     targets = {image_id: inside(out_dir.parent, Path(out_dir.name) / f"{image_id}.png", what="panel")
                for image_id in image_ids}
+    for old in stale_panels(out_dir):
+        old.unlink()
     written = []
     for image_id in image_ids:
         info = coco.imgs[image_id]
