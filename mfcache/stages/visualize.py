@@ -50,12 +50,24 @@ def label_edges(labels: Tensor, width: int = 1) -> Tensor:
     """``[H, W]`` integer label map (0 = background) -> ``[H, W]`` bool: labelled pixels
     within ``width`` px of a pixel with another label, i.e. each region minus its erosion by
     a ``(2 width + 1)``-square (max- and min-pooling the map). The image border is not an edge:
-    max_pool2d pads with -inf, which never differs from a label in the max (nor, negated, in the min)."""
-    x = labels[None, None].float()
+    max_pool2d pads with -inf, which never differs from a label in the max (nor, negated, in the min).
+
+    Only the window around the labelled pixels (``width`` px beyond them) is pooled: outside
+    it nothing is labelled, and inside it every neighbourhood is the whole map's, so a few
+    small instances on a 12-megapixel photo cost a small window, not four float copies of it."""
+    out = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    rows, cols = torch.nonzero(labels.any(1)).flatten(), torch.nonzero(labels.any(0)).flatten()
+    if not len(rows):
+        return out
+    r0, r1 = max(0, int(rows[0]) - width), min(labels.shape[0], int(rows[-1]) + 1 + width)
+    c0, c1 = max(0, int(cols[0]) - width), min(labels.shape[1], int(cols[-1]) + 1 + width)
+    window = labels[r0:r1, c0:c1]
+    x = window[None, None].float()
     k = 2 * width + 1
     hi = F.max_pool2d(x, k, stride=1, padding=width)
     lo = -F.max_pool2d(-x, k, stride=1, padding=width)
-    return ((hi != x) | (lo != x))[0, 0] & (labels > 0)
+    out[r0:r1, c0:c1] = ((hi != x) | (lo != x))[0, 0] & (window > 0)
+    return out
 
 
 def _font(height: int) -> ImageFont.ImageFont:
