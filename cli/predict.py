@@ -60,6 +60,11 @@ def command(
                                  score_threshold=score_threshold, device=device, batch_size=batch_size,
                                  progress=not quiet, recursive=recursive, skip_bad=skip_bad,
                                  overlays=not no_overlays, masks=masks)
+    report(summary, score_threshold=score_threshold, as_json=as_json)
+
+
+def report(summary, *, score_threshold: float, as_json: bool) -> None:
+    """The summary on stdout: one JSON document, or a line (and one naming skipped images)."""
     drawn = sum(image["drawn"] for image in summary.per_image)
     if as_json:
         print_json({"num_images": summary.num_images, "num_detections": summary.num_detections,

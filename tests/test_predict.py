@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from mfcache.cache.reader import Cache
 from mfcache.cli.main import app
 from mfcache.data.shapes import CATEGORIES
-from mfcache.stages.evaluate import evaluate
 from mfcache.errors import MfcacheError
+from mfcache.stages.evaluate import evaluate
 from mfcache.stages.predict_inputs import find_images
 from mfcache.stages.visualize import visualize_split
 
@@ -302,7 +302,8 @@ def test_masks_are_pasted_a_chunk_at_a_time(trained, shapes_data, tmp_path, monk
     from mfcache.stages.predict import predict_images
 
     image = sorted((shapes_data / "val").glob("*.png"))[0]
-    args = dict(run_dir=trained / "run", inputs=[image], progress=False, score_threshold=0.05, masks="label")
+    args = {"run_dir": trained / "run", "inputs": [image], "progress": False, "score_threshold": 0.05,
+            "masks": "label"}
     predict_images(out=tmp_path / "all", **args)
     width, height = Image.open(image).size
     monkeypatch.setattr(post, "CHUNK_PIXELS", width * height)

@@ -41,9 +41,9 @@ from mfcache.heads import MaskHead
 from mfcache.paths import inside
 from mfcache.runtime import console, progress_bar, resolve_device
 from mfcache.stages.postprocess import Instances, batch_instances
-from mfcache.stages.runs import LoadedRun, load_run, read_checkpoint, read_run_info
 from mfcache.stages.predict_inputs import ImageInput, find_images
 from mfcache.stages.predict_outputs import MASK_MODES, planned_paths, stale_instance_pngs, write_image_outputs
+from mfcache.stages.runs import LoadedRun, load_run, read_checkpoint, read_run_info
 
 @dataclass
 class PredictSummary:
