@@ -25,6 +25,8 @@ def command(
                                                 "extraction (default: the folder recorded in the cache).")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override an eval setting, e.g. "
                                                         "eval.mask_threshold=0.4 or eval.amp=bf16 (repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a metrics file computed on another cache "
+                                        "(refused otherwise).")] = False,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
     as_json: JsonOpt = False,
@@ -32,8 +34,10 @@ def command(
     """Evaluate a trained head on a cache split with pycocotools (segm and bbox AP).
 
     Also scores the same detections with each mask filled to its box ("box_filled"),
-    the floor a mask head must clear. --visualize N draws the first N images. The table shows
-    AP in %; metrics.json (and --json, which prints it) holds fractions in [0, 1].
+    the floor a mask head must clear. --visualize N draws the first N images (replacing the
+    panels a previous eval drew there). An existing metrics file computed on another cache
+    is kept unless --force. The table shows AP in %; metrics.json (and --json, which prints
+    it) holds fractions in [0, 1].
 
     Example: mfcache eval --cache caches/ddetr --run runs/baseline --out runs/baseline/metrics.json
     """
@@ -47,7 +51,7 @@ def command(
                                                                images_dir=images)) if visualize else None
     with trusting(trust_checkpoint):
         metrics = evaluate(cache_path=cache, run_dir=run, split=split, out=out, device=device, progress=not quiet,
-                           overrides=overrides, on_results=draw)
+                           overrides=overrides, force=force, on_results=draw)
     if as_json:
         print_json(metrics)  # exactly what metrics.json holds
         return

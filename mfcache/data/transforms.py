@@ -24,13 +24,26 @@ from mfcache.errors import MfcacheError
 
 def load_image(path: str | Path) -> Tensor:
     """Decode any PIL-readable file to ``uint8 [3, H, W]`` RGB (see :func:`pil_to_image`)."""
+    return load_image_alpha(path, alpha=False)[0]
+
+
+def load_image_alpha(path: str | Path, *, alpha: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Decode a file to ``uint8 [3, H, W]`` RGB, the same pixels as :func:`load_image`, and,
+    with ``alpha``, its alpha channel ``uint8 [H, W]`` (None for an image without
+    transparency: no alpha band, no transparent palette entry or colour).
+
+    The file's image is transposed in place (no copy) and converted only when it is not RGB
+    already, so decoding holds about three copies of the pixels at its peak (PIL's, one
+    array, the tensor) rather than six.
+    """
     path = Path(path)
     try:
         with Image.open(path) as img:
-            return pil_to_image(img)
+            ImageOps.exif_transpose(img, in_place=True)  # our own image: no copy
+            return _rgb(img), (_alpha(img) if alpha else None)
     except FileNotFoundError:
         raise MfcacheError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise MfcacheError(f"cannot decode image {path}: {exc}") from None
 
 
@@ -40,15 +53,29 @@ def pil_to_image(img: Image.Image) -> Tensor:
     Grayscale, palette and RGBA images become RGB (alpha dropped); 16-bit images are
     scaled to 8 bits; EXIF orientation is applied, as COCO's width/height assume.
     """
-    img = ImageOps.exif_transpose(img)
+    return _rgb(ImageOps.exif_transpose(img))  # a copy: the caller's image is left as it is
+
+
+def _rgb(img: Image.Image) -> Tensor:
+    """An upright PIL image (any mode) -> ``uint8 [3, H, W]`` RGB (:func:`pil_to_image`)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         arr = np.repeat(arr[..., None], 3, axis=2)
     else:
-        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
+        arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+    out = torch.empty(3, *arr.shape[:2], dtype=torch.uint8)
+    out.numpy()[...] = arr.transpose(2, 0, 1)  # straight into channels-first: one copy
+    return out
+
+
+def _alpha(img: Image.Image) -> Tensor | None:
+    """The alpha channel ``uint8 [H, W]`` of an upright PIL image, None without transparency."""
+    if not img.has_transparency_data:
+        return None
+    band = img if "A" in img.getbands() else img.convert("RGBA")
+    return torch.from_numpy(np.array(band.getchannel("A"), dtype=np.uint8))
 
 
 def to_image(image: str | Path | Image.Image | np.ndarray | Tensor) -> Tensor:

@@ -7,6 +7,7 @@ GT would otherwise count as misses) and listed in ``metrics.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -50,23 +51,28 @@ def predict_split(head: MaskHead, config: RunConfig, data: CacheSplit, device: t
 
 def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: Path | None = None,
              box_filled: bool = True, progress: bool = True, device: str = "auto",
-             overrides: list[str] | None = None,
+             overrides: list[str] | None = None, force: bool = False,
              on_results: Callable[[CacheSplit, list[dict]], None] | None = None) -> dict:
     """COCO segm + bbox AP of a trained head on a cache split; writes ``metrics.json``
     (default: inside the run folder) and returns the metrics. ``overrides``: ``--set eval.*``
-    strings (the run's eval settings otherwise). ``on_results(split, results)``, if given,
-    receives the head's COCO results once the metrics are written (e.g. to draw them)."""
+    strings (the run's eval settings otherwise). An existing metrics file is replaced only if
+    it holds metrics of the same cache (:func:`check_previous`) or with ``force``.
+    ``on_results(split, results)``, if given, receives the head's COCO results once the
+    metrics are written (e.g. to draw them)."""
     out = Path(out) if out else Path(run_dir) / "metrics.json"
     check_file(out, "--out (the metrics file)")  # now, not after the whole evaluation
     cache = Cache(cache_path)
     data = cache.split(split, role="eval")
     data.require_complete()
+    source = cache_record(cache, data)
+    if not force:
+        check_previous(out, source)
     torch_device = resolve_device(device)
     run = load_run(Path(run_dir), cache.fingerprint, torch_device)
     config = eval_config(run.config, overrides)
     results = predict_split(run.head, config, data, torch_device, progress=progress, box_filled=box_filled)
     metrics = {**score(data, results), "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
-               "config": config.to_dict()}
+               "config": config.to_dict(), "cache": source}
     with write_errors("the metrics", out):
         out.parent.mkdir(parents=True, exist_ok=True)
     # whole or not at all: a full disk leaves no truncated metrics.json
@@ -75,6 +81,37 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
         with write_errors("the visualisations", out.parent):
             on_results(data, results["head"])
     return metrics
+
+
+def cache_record(cache: Cache, data: CacheSplit) -> dict:
+    """What metrics.json records of the cache it was computed on: ``path`` (as it was then),
+    ``fingerprint_sha256`` (sha256 of the fingerprint's canonical JSON: detector, weights,
+    preprocessing, extract options) and ``annotations_sha256`` (the split's annotation file)."""
+    canonical = json.dumps(cache.fingerprint, sort_keys=True, separators=(",", ":"), default=str)
+    return {"path": str(Path(cache.path).resolve()), "fingerprint_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
+            "annotations_sha256": data.attrs.get("annotations_sha256")}
+
+
+def check_previous(out: Path, source: dict) -> None:
+    """Refuse (one line, before any work) to replace ``out`` unless it is absent, holds
+    metrics of the cache ``source`` describes (:func:`cache_record`: same fingerprint and
+    annotations, wherever the cache now is), or metrics from before mfcache recorded their
+    cache (nothing to compare). ``--force`` skips this check."""
+    if not out.is_file():
+        return
+    try:
+        previous = json.loads(out.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if not isinstance(previous, dict) or "segm" not in previous:
+        raise MfcacheError(f"{out} exists and is not a metrics file mfcache wrote; pass --force to overwrite it, "
+                           "or --out to write elsewhere")
+    theirs = previous.get("cache")
+    keys = ("fingerprint_sha256", "annotations_sha256")
+    if isinstance(theirs, dict) and any(theirs.get(k) != source[k] for k in keys):
+        raise MfcacheError(f"{out} holds metrics of another cache ({theirs.get('path')}, detector "
+                           f"{previous.get('detector', {}).get('spec')!r}); pass --force to overwrite them, or --out "
+                           "to write elsewhere")
 
 
 def eval_config(config: RunConfig, overrides: list[str] | None) -> RunConfig:

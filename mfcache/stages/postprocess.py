@@ -103,23 +103,36 @@ def mask_scores(class_scores: Tensor, mask_prob: Tensor, scoring: str, quality: 
     return class_scores * (mask_prob * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp(min=1.0)
 
 
+# Output pixels pasted at once when masks are produced chunk by chunk: 64 MiB of bool masks,
+# so a 4000x3000 photo with 100 detections never holds 1.2 GB of them.
+CHUNK_PIXELS = 1 << 26
+
+
 @dataclass
 class Instances:
     """One image's detections in its original pixels (what ``predict`` writes, and what
-    :class:`mfcache.api.Predictor` returns), on the CPU, in the detector's order (its class
-    score; not re-sorted by the final score).
+    :class:`mfcache.api.Predictor` returns), in the detector's order (its class score; not
+    re-sorted by the final score).
 
-    masks ``[N, H, W]`` bool at the original image size; boxes ``[N, 4]`` float32 xyxy,
-    absolute pixels; scores ``[N]`` float32 (the head's scoring: class score, x mask
-    probability or x predicted IoU); labels ``[N]`` int64 dataset category ids;
-    category_names: {category id: name} of the dataset the head was trained on.
+    boxes ``[N, 4]`` float32 xyxy, absolute pixels; scores ``[N]`` float32 (the head's
+    scoring: class score, x mask probability or x predicted IoU); labels ``[N]`` int64 dataset
+    category ids (CPU tensors); box_probs ``[N, M, M]`` float32 mask probabilities inside each
+    box (on the device the head ran on); image_size (H, W); category_names: {category id:
+    name} of the dataset the head was trained on.
+
+    ``masks`` ``[N, H, W]`` bool (CPU) are ``box_probs`` pasted into the image and thresholded
+    at ``mask_threshold``, only when first asked for (then kept): a 4000x3000 photo's 100 masks
+    are 1.2 GB, so ``to_coco`` and :meth:`mask_chunks` paste a few at a time instead.
     """
 
-    masks: Tensor
     boxes: Tensor
     scores: Tensor
     labels: Tensor
+    box_probs: Tensor
+    image_size: tuple[int, int]
+    mask_threshold: float = 0.5
     category_names: dict[int, str] = field(default_factory=dict)
+    _masks: Tensor | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
@@ -128,13 +141,31 @@ class Instances:
         """The instances ``index`` selects (a slice, ``[N]`` bool mask, indices or one int)."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
-        return replace(self, masks=self.masks[index], boxes=self.boxes[index], scores=self.scores[index],
-                       labels=self.labels[index])
+        on_device = index.to(self.box_probs.device) if isinstance(index, Tensor) else index
+        return replace(self, boxes=self.boxes[index], scores=self.scores[index], labels=self.labels[index],
+                       box_probs=self.box_probs[on_device],
+                       _masks=None if self._masks is None else self._masks[index])
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        """(H, W) of the image, the masks' size."""
-        return tuple(self.masks.shape[1:])
+    def masks(self) -> Tensor:
+        """``[N, H, W]`` bool at the original image size (pasted on first use, then kept)."""
+        if self._masks is None:
+            self._masks = self._paste(slice(None))
+        return self._masks
+
+    def mask_chunks(self, max_pixels: int | None = None):
+        """Yield ``(start, masks [n, H, W] bool)``: instances ``start .. start + n`` pasted, at
+        most ``max_pixels`` (default :data:`CHUNK_PIXELS`) output pixels per chunk, at least one
+        mask — the same masks as :attr:`masks`, never all held at once."""
+        max_pixels = CHUNK_PIXELS if max_pixels is None else max_pixels
+        per_chunk = max(1, max_pixels // max(1, self.image_size[0] * self.image_size[1]))
+        for start in range(0, len(self), per_chunk):
+            part = slice(start, start + per_chunk)
+            yield start, (self._masks[part] if self._masks is not None else self._paste(part))
+
+    def _paste(self, part: slice) -> Tensor:
+        boxes = self.boxes[part].to(self.box_probs.device)
+        return paste_masks(self.box_probs[part], boxes, self.image_size, threshold=self.mask_threshold).cpu()
 
     @property
     def names(self) -> list[str]:
@@ -143,8 +174,9 @@ class Instances:
 
     def to_coco(self, image_id: int) -> list[dict]:
         """COCO result dicts (bbox xywh, score, category_id, RLE segmentation), exactly as
-        ``mfcache predict`` writes them to results.json."""
-        return results_from_detections(image_id, self.boxes, self.scores, self.labels, encode_rle(self.masks))
+        ``mfcache predict`` writes them to results.json (masks pasted chunk by chunk)."""
+        rles = [rle for _, masks in self.mask_chunks() for rle in encode_rle(masks)]
+        return results_from_detections(image_id, self.boxes, self.scores, self.labels, rles)
 
 
 def _kept(batch: Batch, b: int, to_category: Tensor, config: RunConfig) -> Tensor:
@@ -168,8 +200,8 @@ def image_instances(batch: Batch, b: int, prob: Tensor, to_category: Tensor, con
         keep, scores = keep[passing], scores[passing.to(scores.device)]
     orig_hw = tuple(batch.orig_hw[b].tolist())
     boxes = scale_boxes(batch.boxes[b][keep], tuple(batch.input_hw[b].tolist()), orig_hw)
-    masks = paste_masks(prob[keep], boxes, orig_hw, threshold=config.eval.mask_threshold)
-    return Instances(masks.cpu(), boxes.cpu(), scores.cpu(), to_category[batch.labels[b].cpu()][keep])
+    return Instances(boxes.cpu(), scores.cpu(), to_category[batch.labels[b].cpu()][keep], box_probs=prob[keep],
+                     image_size=orig_hw, mask_threshold=config.eval.mask_threshold)
 
 
 def image_results(batch: Batch, b: int, prob: Tensor, to_category: Tensor, config: RunConfig,

@@ -12,8 +12,9 @@ holds therefore gives exactly the results ``mfcache eval`` computes for it, at a
 ``OUT/results.json`` holds every detection (COCO results: COCO AP needs the full ranking);
 ``OUT/images.json`` is a COCO file with the images (id, file_name, height, width), the
 categories and no annotations, so ``COCO("images.json").loadRes("results.json")`` works;
-``OUT/overlays/<stem>.png`` draws the detections scoring at least ``score_threshold``.
-Everything is staged in a hidden folder and moved into place only once all images are done.
+``OUT/overlays/<name>.png`` draws the detections scoring at least ``score_threshold`` and
+``OUT/masks/`` holds them as PNGs if asked (:mod:`mfcache.stages.predict_outputs`; names from
+:mod:`mfcache.stages.predict_inputs`). Everything is staged in a hidden folder and moved into place only once all images are done.
 """
 
 from __future__ import annotations
@@ -32,33 +33,35 @@ from mfcache.cache.reader import Cache
 from mfcache.cache.records import crop_outputs, image_record, served_sample
 from mfcache.cache.sample import Batch
 from mfcache.cache.schema import ExtractSettings, fingerprint
-from mfcache.data.transforms import load_image, to_input
 from mfcache.data.labels import AGNOSTIC_CATEGORY
+from mfcache.data.transforms import load_image_alpha, to_input
 from mfcache.detectors import load_detector, run_detector
 from mfcache.detectors.base import DetectorInfo, level_shapes, select_topk
 from mfcache.errors import MfcacheError
 from mfcache.heads import MaskHead
 from mfcache.paths import inside
-from mfcache.runtime import progress_bar, resolve_device
+from mfcache.runtime import console, progress_bar, resolve_device
 from mfcache.stages.postprocess import Instances, batch_instances
+from mfcache.stages.predict_inputs import ImageInput, find_images
+from mfcache.stages.predict_outputs import MASK_MODES, planned_paths, stale_instance_pngs, write_image_outputs
 from mfcache.stages.runs import LoadedRun, load_run, read_checkpoint, read_run_info
-from mfcache.stages.visualize import overlay
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
-
 
 @dataclass
 class PredictSummary:
-    """What ``predict_images`` wrote; ``per_image``: per input image (ids 1..N in input order)
-    ``{"image_id", "file", "detections", "drawn", "overlay"}``, ``drawn`` counting the
-    detections at or above the overlay threshold."""
+    """What ``predict_images`` wrote; ``per_image``: per image read (ids 1..N in input order)
+    ``{"image_id", "file", "detections", "drawn", "overlay", "masks"}``, ``drawn`` counting the
+    detections at or above the overlay threshold, ``overlay`` and ``masks`` the paths written
+    (None when not asked for); ``skipped``: ``{"image_id", "file", "error"}`` per image that
+    could not be decoded (with ``skip_bad``)."""
 
     num_images: int
     num_detections: int
     results: Path
     images: Path
-    overlays: Path
+    overlays: Path | None
+    masks: Path | None
     per_image: list[dict]
+    skipped: list[dict]
 
 
 @dataclass
@@ -76,21 +79,6 @@ class Segmenter:
     category_names: dict[int, str]
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, folders expanded to their image files (by suffix, sorted by name)."""
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise MfcacheError(f"no such image or folder: {item}")
-    if not paths:
-        raise MfcacheError(f"no image files in {', '.join(map(str, inputs)) or 'the arguments'}")
-    return paths
-
-
 def run_categories(run_dir: Path, info: DetectorInfo, extract: ExtractSettings) -> tuple[torch.Tensor, dict[int, str]]:
     """Detector label -> dataset category id ``[num labels]`` (-1 = none) and the category
     names, as recorded in the split the run was trained on (``extract``: that cache's settings);
@@ -106,17 +94,6 @@ def run_categories(run_dir: Path, info: DetectorInfo, extract: ExtractSettings) 
     except (TypeError, KeyError, ValueError, MfcacheError):  # the cache moved or is gone: fall back
         return (torch.arange(1, len(info.label_names) + 1),
                 {i + 1: name for i, name in enumerate(info.label_names)})
-
-
-def _overlay_names(paths: list[Path]) -> list[str]:
-    """``<stem>.png`` per image; a repeated stem gets ``-<image_id>`` appended."""
-    seen: set[str] = set()
-    names = []
-    for image_id, path in enumerate(paths, start=1):
-        name = path.stem if path.stem not in seen else f"{path.stem}-{image_id}"
-        seen.add(name)
-        names.append(f"{name}.png")
-    return names
 
 
 def load_segmenter(run_dir: Path, *, detector: str | None = None, device: str = "auto") -> Segmenter:
@@ -154,50 +131,96 @@ def segment(segmenter: Segmenter, pixels: dict[int, torch.Tensor], *, min_score:
 
 def predict_images(*, detector: str | None = None, run_dir: Path, inputs: Sequence[str | Path], out: Path,
                    score_threshold: float = 0.3, device: str = "auto", batch_size: int = 1,
-                   progress: bool = True) -> PredictSummary:
-    """Segment the images ``inputs`` (files or folders) with detector spec ``detector`` (None:
-    the run's, :func:`load_segmenter`) and the head of ``run_dir``; writes
-    ``out/results.json``, ``out/images.json`` and ``out/overlays/*.png`` (image ids are 1..N
-    in input order) and returns a summary."""
-    paths = expand_inputs(inputs)
-    segmenter = load_segmenter(Path(run_dir), detector=detector, device=device)
-    category_names = segmenter.category_names
+                   progress: bool = True, recursive: bool = False, skip_bad: bool = False,
+                   overlays: bool = True, masks: str = "none") -> PredictSummary:
+    """Segment the images ``inputs`` (files or folders, :func:`find_images`) with detector
+    spec ``detector`` (None: the run's, :func:`load_segmenter`) and the head of ``run_dir``;
+    writes ``out/results.json``, ``out/images.json``, ``out/overlays/`` (unless not
+    ``overlays``) and, with ``masks`` ``instance`` or ``label``, ``out/masks/``
+    (:mod:`mfcache.stages.predict_outputs`), and returns a summary. Image ids are 1..N in
+    input order. With ``skip_bad`` an image that cannot be decoded is reported (a warning
+    line) and left out, its id unused; without, it stops everything."""
+    if masks not in MASK_MODES:
+        raise MfcacheError(f"unknown --masks {masks!r}; choose one of {', '.join(MASK_MODES)}")
     out = Path(out)
+    items = find_images(inputs, recursive=recursive, exclude=out)
+    for item in items:  # before any work: nothing may resolve outside --out
+        for path in planned_paths(item.name, overlays=overlays, masks=masks).values():
+            if path is not None:
+                inside(out, path, what="output")
+    segmenter = load_segmenter(Path(run_dir), detector=detector, device=device)
     out.mkdir(parents=True, exist_ok=True)
-    names = _overlay_names(paths)
-    overlays = [inside(out, Path("overlays") / name, what="overlay") for name in names]  # before any work
     stage = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
+    options = {"score_threshold": score_threshold, "overlays": overlays, "masks": masks}
     try:
-        (stage / "overlays").mkdir()
-        results, images, per_image = [], [], []
-        with progress_bar(progress) as bar:
-            status = f"{segmenter.model.info.family} on {segmenter.device.type}"
-            task = bar.add_task("predict", total=len(paths), status=status)
-            for start in range(0, len(paths), batch_size):
-                chunk = list(enumerate(paths[start: start + batch_size], start=start + 1))
-                pixels = {image_id: load_image(path) for image_id, path in chunk}
-                for (image_id, path), found in zip(chunk, segment(segmenter, pixels)):
-                    results += found.to_coco(image_id)
-                    height, width = found.image_size
-                    images.append({"id": image_id, "file_name": str(path.resolve()), "height": height, "width": width})
-                    drawn = found[found.scores >= score_threshold]
-                    _draw(pixels[image_id], drawn).save(stage / "overlays" / names[image_id - 1])
-                    per_image.append({"image_id": image_id, "file": str(path), "detections": len(found),
-                                      "drawn": len(drawn), "overlay": str(overlays[image_id - 1])})
-                bar.advance(task, len(chunk))
-        categories = [{"id": cid, "name": name} for cid, name in sorted(category_names.items())]
+        results, images, per_image, skipped = _predict_all(segmenter, items, stage, batch_size=batch_size,
+                                                            skip_bad=skip_bad, progress=progress, **options)
+        categories = [{"id": cid, "name": name} for cid, name in sorted(segmenter.category_names.items())]
         (stage / "results.json").write_text(json.dumps(results))
         (stage / "images.json").write_text(json.dumps({"images": images, "categories": categories,
                                                        "annotations": []}, indent=1))
-        (out / "overlays").mkdir(exist_ok=True)
-        for name, target in zip(names, overlays):
-            shutil.move(stage / "overlays" / name, target)
-        for name in ("results.json", "images.json"):
-            shutil.move(stage / name, out / name)
+        _publish(stage, out, [item.name for item in items if item.image_id not in skipped], masks=masks)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    return PredictSummary(num_images=len(paths), num_detections=len(results), results=out / "results.json",
-                          images=out / "images.json", overlays=out / "overlays", per_image=per_image)
+    for record in per_image:  # where each file now is
+        for key in ("overlay", "masks"):
+            record[key] = str(out / record[key]) if record[key] else None
+    return PredictSummary(num_images=len(images), num_detections=len(results), results=out / "results.json",
+                          images=out / "images.json", overlays=out / "overlays" if overlays else None,
+                          masks=out / "masks" if masks != "none" else None, per_image=per_image,
+                          skipped=[{"image_id": i, "file": str(path), "error": why} for i, (path, why) in skipped.items()])
+
+
+def _predict_all(segmenter: Segmenter, items: list[ImageInput], stage: Path, *, batch_size: int, skip_bad: bool,
+                 progress: bool, **options) -> tuple[list[dict], list[dict], list[dict], dict[int, tuple]]:
+    """Run every image of ``items`` and stage its outputs; returns the COCO results, the
+    COCO images, the per-image records and ``{image_id: (path, error)}`` of skipped images."""
+    results, images, per_image, skipped = [], [], [], {}
+    with progress_bar(progress) as bar:
+        task = bar.add_task("predict", total=len(items), status=f"{segmenter.model.info.family} on "
+                                                               f"{segmenter.device.type}")
+        for start in range(0, len(items), batch_size):
+            chunk = items[start: start + batch_size]
+            pixels, alphas = {}, {}
+            for item in chunk:
+                try:
+                    pixels[item.image_id], alphas[item.image_id] = load_image_alpha(item.path,
+                                                                                   alpha=options["overlays"])
+                except MfcacheError as exc:
+                    if not skip_bad:
+                        raise MfcacheError(f"{exc} (pass --skip-bad to skip unreadable images and go on)") from None
+                    skipped[item.image_id] = (item.path, str(exc))
+                    console.print(f"[bold yellow]warning:[/bold yellow] skipped: {exc}", highlight=False,
+                                  soft_wrap=True)
+            found_all = segment(segmenter, pixels) if pixels else []
+            for item, found in zip([i for i in chunk if i.image_id in pixels], found_all):
+                results += found.to_coco(item.image_id)
+                height, width = found.image_size
+                images.append({"id": item.image_id, "file_name": str(item.path.resolve()), "height": height,
+                               "width": width})
+                drawn = write_image_outputs(stage, item.name, pixels[item.image_id], found,
+                                            image_alpha=alphas[item.image_id], **options)
+                per_image.append({"image_id": item.image_id, "file": str(item.path), "detections": len(found),
+                                  "drawn": drawn, **planned_paths(item.name, overlays=options["overlays"],
+                                                                  masks=options["masks"])})
+            bar.advance(task, len(chunk))
+    if not images:
+        raise MfcacheError(f"none of the {len(items)} images could be decoded (see the warnings above)")
+    return results, images, per_image, skipped
+
+
+def _publish(stage: Path, out: Path, names: list[str], *, masks: str) -> None:
+    """Move everything staged into ``out``, every target checked first (nothing resolves
+    outside ``out``); instance mask PNGs a previous run left for these images are removed."""
+    moves = [(path, inside(out, path.relative_to(stage), what="output"))
+             for path in sorted(stage.rglob("*")) if path.is_file()]
+    if masks == "instance":
+        for name in names:
+            for old in stale_instance_pngs(out / "masks" / name):
+                old.unlink()
+    for source, target in moves:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(source, target)
 
 
 def detect(model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, head: MaskHead,
@@ -224,8 +247,3 @@ def detect(model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, 
         samples.append(served_sample(record, image_id=image_id, input_hw=input_hw, orig_hw=image.shape[1:],
                                      level_hw=level_hw[stored], wanted=[stored.index(l) for l in head.levels]))
     return Batch.collate(samples)
-
-
-def _draw(image: torch.Tensor, found: Instances):
-    """Overlay of one image's instances on its pixels (``uint8 [3, H, W]``)."""
-    return overlay(image, found.masks, found.boxes, found.names, found.scores)

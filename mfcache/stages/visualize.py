@@ -15,8 +15,9 @@ outlines are the masks', box frames are drawn on the boxes' edge pixels and labe
 from __future__ import annotations
 
 import colorsys
+import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,8 @@ from mfcache.data.transforms import load_image
 from mfcache.errors import MfcacheError
 from mfcache.paths import inside
 
-__all__ = ["decode_results", "label_edges", "overlay", "palette", "side_by_side", "visualize_split"]
+__all__ = ["decode_results", "instance_map", "label_edges", "overlay", "overlay_map", "paint_order", "palette",
+           "side_by_side", "tag_texts", "visualize_split"]
 
 _GOLDEN = 0.618033988749895
 
@@ -49,12 +51,24 @@ def label_edges(labels: Tensor, width: int = 1) -> Tensor:
     """``[H, W]`` integer label map (0 = background) -> ``[H, W]`` bool: labelled pixels
     within ``width`` px of a pixel with another label, i.e. each region minus its erosion by
     a ``(2 width + 1)``-square (max- and min-pooling the map). The image border is not an edge:
-    max_pool2d pads with -inf, which never differs from a label in the max (nor, negated, in the min)."""
-    x = labels[None, None].float()
+    max_pool2d pads with -inf, which never differs from a label in the max (nor, negated, in the min).
+
+    Only the window around the labelled pixels (``width`` px beyond them) is pooled: outside
+    it nothing is labelled, and inside it every neighbourhood is the whole map's, so a few
+    small instances on a 12-megapixel photo cost a small window, not four float copies of it."""
+    out = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    rows, cols = torch.nonzero(labels.any(1)).flatten(), torch.nonzero(labels.any(0)).flatten()
+    if not len(rows):
+        return out
+    r0, r1 = max(0, int(rows[0]) - width), min(labels.shape[0], int(rows[-1]) + 1 + width)
+    c0, c1 = max(0, int(cols[0]) - width), min(labels.shape[1], int(cols[-1]) + 1 + width)
+    window = labels[r0:r1, c0:c1]
+    x = window[None, None].float()
     k = 2 * width + 1
     hi = F.max_pool2d(x, k, stride=1, padding=width)
     lo = -F.max_pool2d(-x, k, stride=1, padding=width)
-    return ((hi != x) | (lo != x))[0, 0] & (labels > 0)
+    out[r0:r1, c0:c1] = ((hi != x) | (lo != x))[0, 0] & (window > 0)
+    return out
 
 
 def _font(height: int) -> ImageFont.ImageFont:
@@ -62,8 +76,10 @@ def _font(height: int) -> ImageFont.ImageFont:
 
 
 def overlay(image: Tensor, masks: Tensor, boxes: Tensor, labels: Sequence[str], scores: Tensor | None = None,
-            *, alpha: float = 0.5, outline: int = 2, colors: np.ndarray | None = None) -> Image.Image:
-    """Draw N instances on ``image`` and return an RGB PIL image of the same size.
+            *, alpha: float = 0.5, outline: int = 2, colors: np.ndarray | None = None,
+            image_alpha: Tensor | None = None) -> Image.Image:
+    """Draw N instances on ``image`` and return a PIL image of the same size: RGB, or RGBA
+    carrying ``image_alpha`` (``uint8 [H, W]``, the input's own alpha channel) unchanged.
 
     image ``uint8 [3, H, W]``; masks ``[N, H, W]`` bool; boxes ``[N, 4]`` xyxy pixels;
     labels N names; scores ``[N]`` or None (then labels are drawn alone).
@@ -78,25 +94,60 @@ def overlay(image: Tensor, masks: Tensor, boxes: Tensor, labels: Sequence[str], 
         raise ValueError(f"image {tuple(image.shape)}, masks {tuple(masks.shape)}, boxes {tuple(boxes.shape)} "
                          f"and {len(labels)} labels disagree")
     colors = palette(n) if colors is None else np.asarray(colors, dtype=np.uint8)
-    order = torch.argsort(scores.cpu(), stable=True) if scores is not None else torch.arange(n)
-    masks, boxes = masks.cpu().bool()[order], boxes.cpu().float()[order]
-    color = torch.from_numpy(colors).float()[order] if n else torch.zeros(0, 3)
-    texts = [f"{labels[i]} {float(scores[i]):.2f}" if scores is not None else labels[i] for i in order.tolist()]
+    order = paint_order(scores, n)
+    texts = tag_texts(labels, scores)
+    top = instance_map([masks.cpu().bool()[order]], (height, width))
+    return overlay_map(image, top, boxes[order], colors[order.numpy()], [texts[i] for i in order.tolist()],
+                       alpha=alpha, outline=outline, image_alpha=image_alpha)
 
-    # Top-most instance per pixel: the last mask (in paint order) that covers it.
-    rank = torch.arange(1, n + 1, dtype=torch.int32)[:, None, None]
-    top = (masks.to(torch.int32) * rank).amax(0) if n else torch.zeros(height, width, dtype=torch.int32)
+
+def paint_order(scores: Tensor | None, n: int) -> Tensor:
+    """``[n]`` indices in the order instances are painted: ascending score (the best on top),
+    ties in their given order; the given order without scores."""
+    return torch.argsort(scores.detach().cpu(), stable=True) if scores is not None else torch.arange(n)
+
+
+def tag_texts(labels: Sequence[str], scores: Tensor | None) -> list[str]:
+    """Each instance's tag: ``"name 0.87"``, or the name alone without scores."""
+    if scores is None:
+        return list(labels)
+    return [f"{name} {float(score):.2f}" for name, score in zip(labels, scores.detach().cpu().tolist())]
+
+
+def instance_map(chunks: Iterable[Tensor], image_hw: tuple[int, int]) -> Tensor:
+    """Masks in paint order, given as consecutive chunks ``[n, H, W]`` bool -> ``[H, W]``
+    int32: 1 + the index of the last mask covering each pixel, 0 where none covers it. Holds
+    one chunk at a time (not an int32 copy of every mask)."""
+    top = torch.zeros(image_hw, dtype=torch.int32)
+    seen = 0
+    for chunk in chunks:
+        for i, mask in enumerate(chunk.cpu().bool()):
+            top.masked_fill_(mask, seen + i + 1)
+        seen += chunk.shape[0]
+    return top
+
+
+def overlay_map(image: Tensor, top: Tensor, boxes: Tensor, colors: np.ndarray, texts: Sequence[str], *,
+                alpha: float = 0.5, outline: int = 2, image_alpha: Tensor | None = None) -> Image.Image:
+    """:func:`overlay` from the instances' :func:`instance_map` ``top [H, W]`` (instance
+    ``i`` = value ``i + 1``, in paint order), with ``boxes [N, 4]``, ``colors [N, 3]`` uint8
+    and tag ``texts`` in that same order. Blends in uint8 except on the covered pixels, so a
+    large photo costs a few bytes per pixel."""
+    height, width = image.shape[1:]
+    n = boxes.shape[0]
+    color = torch.from_numpy(np.asarray(colors, dtype=np.uint8)).float() if n else torch.zeros(0, 3)
     filled = top > 0
     lined = label_edges(top, width=outline)  # the outline of every visible region
-    pixels = image.permute(1, 2, 0).float()  # [H, W, 3]
     palette_ext = torch.cat([torch.zeros(1, 3), color])  # index 0 = no instance
-    pixels[filled] = (1 - alpha) * pixels[filled] + alpha * palette_ext[top[filled].long()]
-    pixels[lined] = palette_ext[top[lined].long()]
-    canvas = Image.fromarray(pixels.round().clamp(0, 255).to(torch.uint8).numpy(), "RGB")
+    pixels = image.permute(1, 2, 0).contiguous()  # [H, W, 3] uint8
+    blend = (1 - alpha) * pixels[filled].float() + alpha * palette_ext[top[filled].long()]
+    pixels[filled] = blend.round().clamp(0, 255).to(torch.uint8)
+    pixels[lined] = palette_ext[top[lined].long()].to(torch.uint8)
+    canvas = Image.fromarray(pixels.numpy(), "RGB")
 
     draw = ImageDraw.Draw(canvas)
     font = _font(min(height, width))
-    for (x0, y0, x1, y1), rgb, text in zip(boxes.tolist(), color.to(torch.uint8).tolist(), texts):
+    for (x0, y0, x1, y1), rgb, text in zip(boxes.cpu().float().tolist(), color.to(torch.uint8).tolist(), texts):
         # Pixels whose centres lie in the box: columns [round(x0), round(x1)), same for rows.
         c0, r0 = max(0, round(x0)), max(0, round(y0))
         c1, r1 = min(width, round(x1)) - 1, min(height, round(y1)) - 1
@@ -104,6 +155,8 @@ def overlay(image: Tensor, masks: Tensor, boxes: Tensor, labels: Sequence[str], 
             continue
         draw.rectangle([c0, r0, c1, r1], outline=tuple(rgb), width=1)
         _draw_tag(canvas, (c0, r0, c1, r1), text, tuple(rgb), font)
+    if image_alpha is not None:
+        canvas.putalpha(Image.fromarray(image_alpha.cpu().numpy(), "L"))
     return canvas
 
 
@@ -147,12 +200,25 @@ def decode_results(results: Sequence[dict], height: int, width: int) -> tuple[Te
     return masks, boxes, scores, [int(r["category_id"]) for r in results]
 
 
+_PANEL = re.compile(r"^\d+(\.tmp)?\.png$")  # <image_id>.png, and a temporary one a kill left behind
+
+
+def stale_panels(folder: Path) -> list[Path]:
+    """The panel files (``<image_id>.png``) in ``folder``: regular files named as
+    :func:`visualize_split` names them, nothing else (no links, no other names)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _PANEL.match(p.name) and p.is_file() and not p.is_symlink())
+
+
 def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, score_threshold: float = 0.3,
                     images_dir: Path | None = None) -> list[Path]:
     """Ground truth | prediction panels for the first ``n`` complete images of a cache split
     (:class:`mfcache.cache.reader.CacheSplit`), written to ``out_dir/<image_id>.png``;
     returns the paths. A panel that would land outside ``out_dir``'s parent (``out_dir`` or
-    a panel being a link that leads elsewhere) is refused before any is drawn.
+    a panel being a link that leads elsewhere) is refused before any is drawn. The panels a
+    previous call left in ``out_dir`` (:func:`stale_panels`) are removed first, so the folder
+    shows these results only.
 
     GT masks come from the split's cached annotations; predictions are ``results`` (COCO
     results of the split) scoring at least ``score_threshold``. Pixels are read from
@@ -176,6 +242,8 @@ def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, sc
     # out_dir is a folder of its parent (the metrics folder): a link there must not lead elsewhere
     targets = {image_id: inside(out_dir.parent, Path(out_dir.name) / f"{image_id}.png", what="panel")
                for image_id in image_ids}
+    for old in stale_panels(out_dir):
+        old.unlink()
     written = []
     for image_id in image_ids:
         info = coco.imgs[image_id]
