@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from mfcache.errors import MfcacheError
 from mfcache.runtime import console
@@ -40,7 +41,7 @@ def user_errors(fn=None, *, interrupted: str | Callable[[dict], str] = ""):
             return fn(*args, **kwargs)
         except MfcacheError as exc:
             for line in str(exc).splitlines() or [""]:
-                console.print(f"[bold red]error:[/bold red] {line}", highlight=False, soft_wrap=True)
+                console.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             hint = interrupted(kwargs) if callable(interrupted) else interrupted
