@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from mfcache.errors import MfcacheError
 from mfcache.runtime import console
@@ -40,7 +41,7 @@ def user_errors(fn=None, *, interrupted: str | Callable[[dict], str] = ""):
             return fn(*args, **kwargs)
         except MfcacheError as exc:
             for line in str(exc).splitlines() or [""]:
-                console.print(f"[bold red]error:[/bold red] {line}", highlight=False, soft_wrap=True)
+                console.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             hint = interrupted(kwargs) if callable(interrupted) else interrupted
@@ -58,6 +59,18 @@ CacheOpt = Annotated[Path, typer.Option("--cache", help="Cache folder written by
 SplitOpt = Annotated[str | None, typer.Option("--split", help="Split of the cache (default: train* for training, val* for eval).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value, e.g. train.steps=500 or head.roi_size=64 (repeatable).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N "
+                                               "(shorthand for --set train.device=...).")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Training steps (shorthand for "
+                                              "--set train.steps=N).")]
+
+
+def train_overrides(overrides: list[str] | None, *, steps: int | None, device: str | None) -> list[str] | None:
+    """``--set`` strings with ``--steps`` / ``--device`` added (after them, so they win)."""
+    extra = ([f"train.steps={steps}"] if steps is not None else []) + ([f"train.device={device}"] if device else [])
+    return [*(overrides or []), *extra] or None
+
+
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-checkpoint",
     help="Load checkpoints (and a cache's stored C1 program) with the full unpickler, accepting types beyond "

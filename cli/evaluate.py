@@ -15,7 +15,11 @@ from mfcache.runtime import stdout
 def command(
     cache: CacheOpt,
     run: Annotated[Path, typer.Option("--run", help="Run folder written by `mfcache train`.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Where to write metrics.json (default: RUN/metrics.json).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write metrics.json (default: RUN/metrics.json, "
+                                             "RUN/metrics_best.json with --checkpoint best).")] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="last: the run's last head (checkpoint.pt); best: "
+                                            "its best by val segm AP (best.pt, kept when trained with "
+                                            "train.eval_every).")] = "last",
     split: Annotated[str | None, typer.Option("--split", help="Split of the cache (default: the val*/test* split; "
                                               "a train split is evaluated only when named).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -42,21 +46,22 @@ def command(
     Example: mfcache eval --cache caches/ddetr --run runs/baseline --out runs/baseline/metrics.json
     """
     from mfcache.checkpoint_io import trusting
-    from mfcache.stages.evaluate import evaluate
+    from mfcache.stages.evaluate import evaluate, metrics_path
     from mfcache.metrics import metrics_table
     from mfcache.stages.visualize import visualize_split
 
-    panels = (out or run / "metrics.json").parent / "visualize"
+    out = out or metrics_path(run, checkpoint)
+    panels = out.parent / "visualize"
     draw = (lambda data, results: visualize_split(data, results, panels, visualize,
                                                                images_dir=images)) if visualize else None
     with trusting(trust_checkpoint):
         metrics = evaluate(cache_path=cache, run_dir=run, split=split, out=out, device=device, progress=not quiet,
-                           overrides=overrides, force=force, on_results=draw)
+                           overrides=overrides, force=force, checkpoint=checkpoint, on_results=draw)
     if as_json:
         print_json(metrics)  # exactly what metrics.json holds
         return
     agnostic = ", class-agnostic: all categories as one" if metrics.get("class_agnostic") else ""
     stdout.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images{agnostic})"))
-    stdout.print(f"metrics written to {out or run / 'metrics.json'}")
+    stdout.print(f"metrics written to {out}")
     if visualize:
         stdout.print(f"{min(visualize, metrics['num_images'])} panels (ground truth | prediction) in {panels}/")

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import RERUN, CacheOpt, JsonOpt, QuietOpt, SetOpt, TrustOpt, print_json, user_errors
+from mfcache.cli.common import (RERUN, CacheOpt, DeviceOpt, JsonOpt, QuietOpt, SetOpt, StepsOpt, TrustOpt, print_json,
+                                user_errors)
 from mfcache.runtime import console, stdout
 
 
@@ -16,7 +17,8 @@ def command(
     cache: CacheOpt,
     heads: Annotated[list[str], typer.Option("--heads", help="`all`, a preset name or a head TOML file (repeatable).")],
     out: Annotated[Path, typer.Option("--out", help="Sweep folder: one run folder per head + sweep.json/md/png.")],
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training steps per head (overrides train.steps).")] = None,
+    steps: StepsOpt = None,
+    device: DeviceOpt = None,
     overrides: SetOpt = None,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
@@ -28,7 +30,7 @@ def command(
     peak memory. Heads that already have metrics in --out are not retrained. The table shows
     AP in %; sweep.json (and --json, which prints it) holds fractions in [0, 1].
 
-    Example: mfcache sweep --cache caches/ddetr --heads box_baseline --heads paper_final --steps 2000 --out sweeps/ablation
+    Example: mfcache sweep --cache caches/ddetr --heads box_baseline --heads paper_final --steps 2000 --device cuda --out sweeps/ablation
     """
     from rich.table import Table
     from mfcache.checkpoint_io import trusting
@@ -40,7 +42,7 @@ def command(
                       f"{' (already done)' if reused else ''}")
 
     with trusting(trust_checkpoint):  # the run folders' checkpoints, a cache's stored C1 program
-        rows = sweep(cache_path=cache, heads=heads, out_dir=out, steps=steps, overrides=overrides,
+        rows = sweep(cache_path=cache, heads=heads, out_dir=out, steps=steps, device=device, overrides=overrides,
                      progress=not quiet, on_row=report)
     if as_json:
         print_json(rows)  # exactly what sweep.json holds

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import CacheOpt, QuietOpt, SetOpt, SplitOpt, TrustOpt, user_errors
+from mfcache.cli.common import (CacheOpt, DeviceOpt, QuietOpt, SetOpt, SplitOpt, StepsOpt, TrustOpt, train_overrides,
+                                user_errors)
 from mfcache.config import resolve_run_config
 from mfcache.runtime import stdout
 
@@ -32,6 +33,8 @@ def command(
     out: Annotated[Path, typer.Option("--out", help="Run folder for the checkpoint, config and log.")],
     head: Annotated[str | None, typer.Option("--head", help="Head preset name (see `mfcache heads`) or a TOML file.")] = None,
     overrides: SetOpt = None,
+    steps: StepsOpt = None,
+    device: DeviceOpt = None,
     split: SplitOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint, with the "
                                          "configuration stored there (--set train.steps=N extends it).")] = False,
@@ -41,13 +44,16 @@ def command(
     """Train a mask head on a cache split (the detector is never loaded).
 
     Ctrl-C or SIGTERM stops after the current step and saves a checkpoint; --resume continues
-    it exactly as if it had never stopped.
+    it exactly as if it had never stopped. The resolved settings are printed as it starts;
+    --set train.eval_every=N validates every N steps (segm AP on the val split, the best head
+    kept as RUN/best.pt) and train.tensorboard=true writes TensorBoard scalars to RUN/tensorboard/.
 
-    Example: mfcache train --cache caches/ddetr --head box_baseline --set train.steps=2000 --out runs/baseline
+    Example: mfcache train --cache caches/ddetr --head box_baseline --steps 2000 --device cuda --out runs/baseline
     """
     from mfcache.checkpoint_io import trusting
     from mfcache.stages.train import train
 
+    overrides = train_overrides(overrides, steps=steps, device=device)
     # resuming: the run's own configuration (+ --set), unless --head names one in full
     config = resolve_run_config(head, overrides) if head or not resume else None
     with trusting(trust_checkpoint):

@@ -221,6 +221,8 @@ class TrainConfig:
     log_every: int = option(25, low=1)
     device: str = option("auto", check=_device)
     amp: str = option("off", choices=AMP_CHOICES)  # autocast of the head's forward and loss; fp16 adds a grad scaler
+    eval_every: int = option(0, low=0)  # val segm AP every N steps and at the end, best.pt kept (0 = never)
+    tensorboard: bool = option(False, check=anything)  # scalars in RUN/tensorboard/ (pip install mfcache[tensorboard])
 
 
 @dataclass(frozen=True)
@@ -379,7 +381,8 @@ def check_config(config, names: dict[str, str] | None = None) -> None:
 
 # Fields a resumed run may change: how long it trains (train.steps; the lr schedule is that of
 # the new length from the resumed step on) and how it runs, never what it learns from.
-RESUMABLE = ("train.steps", "train.num_workers", "train.device", "train.checkpoint_every", "train.log_every")
+RESUMABLE = ("train.steps", "train.num_workers", "train.device", "train.checkpoint_every", "train.log_every",
+             "train.eval_every", "train.tensorboard")
 
 
 def _flat(config: RunConfig) -> dict[str, object]:

@@ -26,7 +26,13 @@ from mfcache.metrics import coco_evaluate
 from mfcache.outputs import atomic_write, check_file, write_errors
 from mfcache.runtime import progress_bar, resolve_device
 from mfcache.stages.postprocess import batch_results
-from mfcache.stages.runs import load_run
+from mfcache.stages.runs import CHECKPOINTS, load_run, read_checkpoint
+
+
+def metrics_path(run_dir: Path, checkpoint: str = "last") -> Path:
+    """Where ``eval`` writes by default: ``RUN/metrics.json``, ``RUN/metrics_best.json`` for
+    ``best.pt`` (so the two never overwrite each other)."""
+    return Path(run_dir) / ("metrics.json" if checkpoint == "last" else f"metrics_{checkpoint}.json")
 
 
 @torch.no_grad()
@@ -51,15 +57,16 @@ def predict_split(head: MaskHead, config: RunConfig, data: CacheSplit, device: t
 
 def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: Path | None = None,
              box_filled: bool = True, progress: bool = True, device: str = "auto",
-             overrides: list[str] | None = None, force: bool = False,
+             overrides: list[str] | None = None, force: bool = False, checkpoint: str = "last",
              on_results: Callable[[CacheSplit, list[dict]], None] | None = None) -> dict:
     """COCO segm + bbox AP of a trained head on a cache split; writes ``metrics.json``
-    (default: inside the run folder) and returns the metrics. ``overrides``: ``--set eval.*``
-    strings (the run's eval settings otherwise). An existing metrics file is replaced only if
-    it holds metrics of the same cache (:func:`check_previous`) or with ``force``.
-    ``on_results(split, results)``, if given, receives the head's COCO results once the
-    metrics are written (e.g. to draw them)."""
-    out = Path(out) if out else Path(run_dir) / "metrics.json"
+    (default: :func:`metrics_path`) and returns the metrics. ``checkpoint``: the run's
+    ``last`` head or its ``best`` (``best.pt``, kept by ``train.eval_every``); the metrics
+    name it and its step. ``overrides``: ``--set eval.*`` strings (the run's eval settings
+    otherwise). An existing metrics file is replaced only if it holds metrics of the same
+    cache (:func:`check_previous`) or with ``force``. ``on_results(split, results)``, if
+    given, receives the head's COCO results once the metrics are written (e.g. to draw them)."""
+    out = Path(out) if out else metrics_path(run_dir, checkpoint)
     check_file(out, "--out (the metrics file)")  # now, not after the whole evaluation
     cache = Cache(cache_path)
     data = cache.split(split, role="eval")
@@ -68,11 +75,13 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
     if not force:
         check_previous(out, source)
     torch_device = resolve_device(device)
-    run = load_run(Path(run_dir), cache.fingerprint, torch_device)
+    state = read_checkpoint(Path(run_dir), torch_device, checkpoint)
+    run = load_run(Path(run_dir), cache.fingerprint, torch_device, state=state)
     config = eval_config(run.config, overrides)
     results = predict_split(run.head, config, data, torch_device, progress=progress, box_filled=box_filled)
     metrics = {**score(data, results), "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
-               "config": config.to_dict(), "cache": source}
+               "config": config.to_dict(), "cache": source,
+               "checkpoint": {"file": CHECKPOINTS[checkpoint], "step": state["step"]}}
     with write_errors("the metrics", out):
         out.parent.mkdir(parents=True, exist_ok=True)
     # whole or not at all: a full disk leaves no truncated metrics.json

@@ -3,8 +3,10 @@
 A run folder holds ``checkpoint.pt`` (head weights, optimizer, resolved config, step, RNG
 state, the split and the fingerprint of the cache it was trained on: self-describing, so
 ``--resume``, ``eval`` and ``predict`` need nothing retyped), ``config.json`` (the config,
-the cache path and split, for people and for ``predict``'s category names) and
-``log.jsonl`` (one line per logged step).
+the cache path and split, for people and for ``predict``'s category names),
+``log.jsonl`` (one line per logged step) and, when training validates periodically
+(``train.eval_every``), ``best.pt``: the head at the step of the best val segm AP so far,
+which ``eval --checkpoint best`` reads as it reads ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from mfcache.heads import MaskHead, build_head
 from mfcache.outputs import write_errors
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+CHECKPOINTS = {"last": CHECKPOINT, "best": BEST}  # eval --checkpoint NAME
 RUN_INFO = "config.json"
 LOG = "log.jsonl"
 
@@ -35,10 +39,16 @@ def head_for(info: DetectorInfo, extract: ExtractSettings, head: HeadConfig) -> 
                       num_levels=len(info.strides))
 
 
-def read_checkpoint(run_dir: Path, device: torch.device | str = "cpu") -> dict:
-    """The checkpoint dict of the run in ``run_dir`` (a clear error if there is none)."""
-    path = Path(run_dir) / CHECKPOINT
+def read_checkpoint(run_dir: Path, device: torch.device | str = "cpu", which: str = "last") -> dict:
+    """The checkpoint dict of the run in ``run_dir``: its last (``checkpoint.pt``) or its best
+    (``best.pt``) head; a clear error if there is none."""
+    if which not in CHECKPOINTS:
+        raise MfcacheError(f"unknown checkpoint {which!r}: choose {' or '.join(CHECKPOINTS)}")
+    path = Path(run_dir) / CHECKPOINTS[which]
     if not path.is_file():
+        if which == "best":
+            raise MfcacheError(f"no best checkpoint in {run_dir} (expected {BEST}: training keeps one when it "
+                               "validates periodically, with --set train.eval_every=N)")
         raise MfcacheError(f"no trained head in {run_dir} (expected {CHECKPOINT}; run `mfcache train`)")
     return load_checkpoint(path, what="run checkpoint", map_location=device)
 
@@ -56,14 +66,28 @@ def checkpoint_to_resume(run_dir: Path, resume: bool) -> dict | None:
 
 
 def save_run_checkpoint(run_dir: Path, *, head: MaskHead, optimizer: torch.optim.Optimizer, config: RunConfig,
-                        step: int, fingerprint: dict, split: str, scaler: torch.amp.GradScaler | None = None) -> None:
+                        step: int, fingerprint: dict, split: str, scaler: torch.amp.GradScaler | None = None,
+                        best: dict | None = None) -> None:
     """The run's checkpoint at ``step``, written atomically (the previous one survives a kill);
-    with ``scaler`` (``train.amp=fp16``) its loss scale too."""
+    with ``scaler`` (``train.amp=fp16``) its loss scale too, with ``best`` the record of
+    ``best.pt`` (``{"step", "segm_AP", "split"}``) so a resumed run keeps comparing against it."""
     payload = {"model": head.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
                "step": step, "fingerprint": fingerprint, "rng": torch.get_rng_state(), "split": split}
     if scaler is not None and scaler.is_enabled():
         payload["scaler"] = scaler.state_dict()
+    if best is not None:
+        payload["best"] = best
     save_checkpoint(Path(run_dir) / CHECKPOINT, payload)
+
+
+def save_best_checkpoint(run_dir: Path, *, head: MaskHead, config: RunConfig, step: int, fingerprint: dict,
+                         split: str, best: dict) -> None:
+    """``best.pt``: the head at ``step`` with its val record ``best`` (``{"step", "segm_AP",
+    "split"}``), written atomically. What ``eval`` and ``predict`` read, no optimizer: it is
+    evaluated, not resumed."""
+    save_checkpoint(Path(run_dir) / BEST, {"model": head.state_dict(), "config": config.to_dict(), "step": step,
+                                           "fingerprint": fingerprint, "split": split, "best": best},
+                    what="the best checkpoint")
 
 
 def write_run_info(run_dir: Path, config: RunConfig, cache_path: Path, split: str) -> None:

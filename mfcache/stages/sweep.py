@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mfcache.cache.reader import Cache
-from mfcache.config import RunConfig, load_head_file, preset_names, resolve_run_config
+from mfcache.config import RESUMABLE, RunConfig, load_head_file, preset_names, resolve_run_config
 from mfcache.stages.evaluate import evaluate
 from mfcache.stages.runs import CHECKPOINT, head_for
 from mfcache.stages.train import train
@@ -111,16 +111,17 @@ def run_head(*, cache_path: Path, config: RunConfig, run_dir: Path, split: str |
     return row
 
 
-def sweep(*, cache_path: Path, heads: list[str], out_dir: Path, steps: int | None = None,
+def sweep(*, cache_path: Path, heads: list[str], out_dir: Path, steps: int | None = None, device: str | None = None,
           overrides: list[str] | None = None, split: str | None = None, eval_split: str | None = None,
           progress: bool = True, on_row=None) -> list[dict]:
     """Train and evaluate each head of ``heads`` (preset names, TOML files or ``["all"]``)
-    on ``cache_path``; ``steps`` overrides ``train.steps`` and ``overrides`` are ``--set``
-    strings applied to every head. Writes ``out_dir/sweep.{json,md,png}``; returns the rows.
+    on ``cache_path``; ``steps`` and ``device`` override ``train.steps`` and ``train.device``
+    (training and evaluation), and ``overrides`` are ``--set`` strings applied to every head. Writes ``out_dir/sweep.{json,md,png}``; returns the rows.
     ``on_row(row, reused)`` is called as each head finishes."""
     out_dir = Path(out_dir)
     names = resolve_heads(heads)
-    extra = list(overrides or []) + ([f"train.steps={steps}"] if steps is not None else [])
+    extra = [*(overrides or []), *([f"train.steps={steps}"] if steps is not None else []),
+             *([f"train.device={device}"] if device else [])]
     configs = [resolve_run_config(name, extra) for name in names]
     taken: dict[str, str] = {}
     for name, config in zip(names, configs):
@@ -141,7 +142,7 @@ def sweep(*, cache_path: Path, heads: list[str], out_dir: Path, steps: int | Non
         reused = (run_dir / "metrics.json").is_file() and row_file.is_file()
         if reused:
             row = json.loads(row_file.read_text())
-            if RunConfig.from_dict(row["config"]) != config:
+            if _what_it_learns(RunConfig.from_dict(row["config"])) != _what_it_learns(config):
                 raise MfcacheError(f"{run_dir} holds a run with another configuration; "
                                    "delete it or choose another --out")
         else:
@@ -152,6 +153,18 @@ def sweep(*, cache_path: Path, heads: list[str], out_dir: Path, steps: int | Non
             on_row(row, reused)
         write_outputs(rows, out_dir)  # after every head, so an interrupted sweep keeps its table
     return rows
+
+
+def _what_it_learns(config: RunConfig) -> dict:
+    """``config`` without the settings of how a run ran (device, workers, logging, validation;
+    :data:`~mfcache.config.RESUMABLE` but ``train.steps``): a finished head is reused whatever
+    they were."""
+    learned = config.to_dict()
+    for key in RESUMABLE:
+        if key != "train.steps":
+            section, name = key.split(".")
+            del learned[section][name]
+    return learned
 
 
 def _fmt_ap(value) -> str:

@@ -29,8 +29,11 @@ from mfcache.ops.losses import head_loss, image_generators, resize_targets
 from mfcache.outputs import check_folder, write_errors
 from mfcache.runtime import autocast, console, progress_bar, resolve_device
 from mfcache.stages.postprocess import once_per_query, run_head
-from mfcache.stages.runs import CHECKPOINT, LOG, checkpoint_to_resume, head_for, save_run_checkpoint, write_run_info
+from mfcache.stages.runs import (CHECKPOINT, LOG, checkpoint_to_resume, head_for, save_best_checkpoint,
+                                 save_run_checkpoint, write_run_info)
 from mfcache.stages.sampling import RankSlice, StepBatches, lr_at
+from mfcache.stages.validation import PeriodicValidation
+from mfcache.stages.watch import Scalars, require_tensorboard, settings_summary
 from mfcache.stopping import Interrupted, StopSignals, ignore_stop_signals
 
 
@@ -52,7 +55,13 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, o
     Under ``torchrun --nproc_per_node N`` the head is wrapped in DistributedDataParallel and
     every rank takes a disjoint slice of each step's batch (the global batch stays
     ``train.batch_size``); each rank's loss is weighted by its share of the step's positives,
-    so the averaged gradient equals a one-process run's. Only rank 0 writes the run folder."""
+    so the averaged gradient equals a one-process run's. Only rank 0 writes the run folder.
+
+    With ``progress`` the resolved settings are printed (stderr) before the first step. With
+    ``train.eval_every`` N > 0 the head is validated (segm AP on the cache's val split) every N
+    steps and at the end, and the best is kept as ``best.pt``
+    (:mod:`mfcache.stages.validation`); ``train.tensorboard`` writes the log as TensorBoard
+    scalars (:mod:`mfcache.stages.watch`)."""
     run_dir = Path(run_dir)
     check_folder(run_dir, "--out (the run folder)")  # a file or a read-only place: before any work
     state = checkpoint_to_resume(run_dir, resume)
@@ -63,6 +72,8 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, o
     elif config is None:
         config = resolve_run_config(None, overrides)
     device = resolve_device(config.train.device)
+    if config.train.tensorboard:
+        require_tensorboard()  # before any work
     world, created = init_world(device)
     try:
         cache, data = _open_split(cache_path, split, state, run_dir)
@@ -70,6 +81,12 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, o
         trainer = Trainer(cache, data, config, world=world, device=world.device(device), state=state)
         if world.is_main:
             write_run_info(run_dir, config, cache_path, data.name)
+            if progress:
+                console.print(settings_summary(
+                    config, cache=cache_path, split=data.name, images=len(data.done), run_dir=run_dir,
+                    device=trainer.device, ranks=world.size, step=trainer.step,
+                    validation=trainer.validation.data.name if trainer.validation else None),
+                    highlight=False, soft_wrap=True, markup=False)
         return trainer.run(run_dir, progress=progress and world.is_main)
     finally:
         close_world(created)
@@ -126,6 +143,9 @@ class Trainer:
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
         self.scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
         self.step = 0
+        self.best = state.get("best") if state is not None else None  # the record of best.pt
+        # every rank opens the val split (a cache without one fails on all alike); rank 0 alone validates
+        self.validation = PeriodicValidation.open(cache, tc.eval_every, self.best)
         if state is not None:
             self.head.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -163,14 +183,18 @@ class Trainer:
         started = time.perf_counter()
         with write_errors("the training log", run_dir / LOG):
             log = (run_dir / LOG).open("a") if self.world.is_main else open(os.devnull, "w")
-        with log, StopSignals() as stop, progress_bar(progress) as bar:
+        scalars = Scalars(run_dir, enabled=tc.tensorboard and self.world.is_main, step=self.step)
+        with log, scalars, StopSignals() as stop, progress_bar(progress) as bar:
             task = bar.add_task("train", total=tc.steps, completed=self.step, status="")
             for batch in on_device(loader, self.device):
                 entry = self.train_step(batch, checkpoint_path)
-                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                if self.validation is not None and self.validation.due(self.step, tc.steps):
+                    self.validate(run_dir, entry, say=progress)
+                if self.step % tc.log_every == 0 or self.step == tc.steps or "val" in entry:
                     with write_errors("the training log", run_dir / LOG):
                         log.write(json.dumps(entry) + "\n")
                         log.flush()
+                    scalars.write(entry)
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                     self.checkpoint(run_dir)
                 bar.update(task, advance=1, status=f"loss {entry['loss']:.4f}" if entry["loss"] is not None
@@ -224,12 +248,30 @@ class Trainer:
         return {"step": self.step, "loss": value, **{k: v.item() for k, v in parts.items()},
                 "positives": positives, "lr": lr}
 
+    def validate(self, run_dir: Path, entry: dict, say: bool) -> None:
+        """Rank 0: this step's val segm AP into ``entry["val"]`` and, when it is the best so
+        far, ``best.pt``; the other ranks wait for it (they hold the same weights)."""
+        if self.world.is_main:
+            entry["val"] = record = self.validation(self.head, self.config, self.device, self.step)
+            if record.get("best"):
+                self.best = self.validation.best
+                save_best_checkpoint(run_dir, head=self.head, config=self.config, step=self.step,
+                                     fingerprint=self.cache.fingerprint, split=self.data.name, best=self.best)
+            if say:
+                ap = record["segm"]["AP"]
+                console.print(f"step {self.step}: val segm AP {'-' if ap is None else f'{100 * ap:.1f}%'} on "
+                              f"{record['split']!r}" + (" (best so far: best.pt)" if record.get("best") else
+                                                        f" (best {100 * self.best['segm_AP']:.1f}% at step "
+                                                        f"{self.best['step']})"),
+                              highlight=False, soft_wrap=True, markup=False)
+        self.world.barrier()
+
     def checkpoint(self, run_dir: Path) -> None:
-        """Save the run at the current step (rank 0 only)."""
+        """Save the run at the current step (rank 0 only), with the record of ``best.pt``."""
         if self.world.is_main:
             save_run_checkpoint(run_dir, head=self.head, optimizer=self.optimizer, config=self.config,
                                 step=self.step, fingerprint=self.cache.fingerprint, split=self.data.name,
-                                scaler=self.scaler)
+                                scaler=self.scaler, best=self.best)
 
 
 def _non_finite(value: float, step: int, checkpoint_path: Path) -> str:
