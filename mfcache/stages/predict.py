@@ -240,10 +240,14 @@ def detect(model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, 
         level_hw = np.asarray(level_shapes(input_hw, info.strides))
         crop = crop_outputs(outputs, top, b, level_hw=level_hw, input_hw=input_hw, image_id=image_id,
                             orig_hw=image.shape[1:]).cpu()
-        if not head.uses_c1:
-            crop.c1 = None
+        c1 = crop.c1 if head.uses_c1 else None
+        if not head.uses_c1 or extract.c1 == "recompute":
+            crop.c1 = None  # recomputed C1 is not stored: the reader serves the stem's float32 map
         record = image_record(crop, gt=None, target_size=extract.target_size, dtype=extract.dtype,
                               levels=stored)
-        samples.append(served_sample(record, image_id=image_id, input_hw=input_hw, orig_hw=image.shape[1:],
-                                     level_hw=level_hw[stored], wanted=[stored.index(l) for l in head.levels]))
+        sample = served_sample(record, image_id=image_id, input_hw=input_hw, orig_hw=image.shape[1:],
+                               level_hw=level_hw[stored], wanted=[stored.index(l) for l in head.levels])
+        if c1 is not None and extract.c1 == "recompute":
+            sample.c1 = c1.float()
+        samples.append(sample)
     return Batch.collate(samples)
