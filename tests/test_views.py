@@ -27,7 +27,7 @@ def config(views: int) -> ExtractConfig:
 
 
 def run_extract(data, out, views):
-    return extract(detector="demo", images=data / "train", annotations=data / "annotations" / "train.json",
+    return extract(detector="demo", images=data / "val", annotations=data / "annotations" / "val.json",
                    out=out, config=config(views), progress=False)
 
 
@@ -49,7 +49,7 @@ def test_view_transforms_are_deterministic_and_varied():
 
 
 def test_rows_are_images_times_views_and_view0_is_the_plain_cache(caches):
-    one, two = Cache(caches[0]).split("train"), Cache(caches[1]).split("train")
+    one, two = Cache(caches[0]).split("val"), Cache(caches[1]).split("val")
     n = one.num_images
     assert two.num_images == 2 * n
     np.testing.assert_array_equal(two.index["image_id"], np.repeat(one.index["image_id"], 2))
@@ -64,8 +64,8 @@ def test_rows_are_images_times_views_and_view0_is_the_plain_cache(caches):
 
 
 def test_view1_targets_are_the_flipped_and_rescaled_ground_truth(caches, shapes_data):
-    two = Cache(caches[1]).split("train")
-    dataset = CocoDataset(shapes_data / "annotations" / "train.json", shapes_data / "train")
+    two = Cache(caches[1]).split("val")
+    dataset = CocoDataset(shapes_data / "annotations" / "val.json", shapes_data / "val")
     preprocess = load_detector("demo", device=torch.device("cpu")).info.preprocess
     differs = 0
     for j, image in enumerate(dataset.images):
@@ -107,9 +107,9 @@ def test_training_draws_one_view_per_image_per_epoch_deterministically():
 
 
 def test_dataset_serves_the_drawn_view(caches):
-    one = CacheDataset(caches[1], "train", levels=None, c1=False, targets=True)
-    every = CacheDataset(caches[1], "train", levels=None, c1=False, targets=True, all_views=True)
-    assert len(one) == len(every) == 8 and every.rows.shape == (8, 2)
+    one = CacheDataset(caches[1], "val", levels=None, c1=False, targets=True)
+    every = CacheDataset(caches[1], "val", levels=None, c1=False, targets=True, all_views=True)
+    assert len(one) == len(every) == 4 and every.rows.shape == (4, 2)
     a, b, c = every[(3, 0)], every[(3, 1)], one[3]
     assert a.image_id == b.image_id == c.image_id
     assert torch.equal(a.boxes, c.boxes) and not torch.equal(a.boxes, b.boxes)
@@ -123,12 +123,12 @@ def test_train_and_eval_on_a_views_cache_score_each_image_once(caches, tmp_path)
     overrides = ["train.steps=2", "train.batch_size=2", "train.num_workers=0", "train.device=cpu",
                  "train.min_iou=0.1", "train.checkpoint_every=2", "train.eval_every=0"]
     cfg = resolve_run_config(None, overrides)
-    entry = train(cache_path=caches[1], run_dir=tmp_path / "run", config=cfg, split="train", progress=False)
+    entry = train(cache_path=caches[1], run_dir=tmp_path / "run", config=cfg, split="val", progress=False)
     assert np.isfinite(entry["loss"])
     from mfcache.heads import build_head
 
     cache = Cache(caches[1])
-    data = cache.split("train")
+    data = cache.split("val")
     info = cache.detector
     head = build_head(cfg.head, d_model=info.d_model, c1_channels=info.c1_channels,
                       num_levels=len(info.strides)).eval()
