@@ -116,9 +116,9 @@ def test_dataset_serves_the_drawn_view(caches):
 
 
 def test_train_and_eval_on_a_views_cache_score_each_image_once(caches, tmp_path):
+    from mfcache.config import resolve_run_config
     from mfcache.stages.evaluate import predict_split
     from mfcache.stages.train import train
-    from mfcache.config import resolve_run_config
 
     overrides = ["train.steps=2", "train.batch_size=2", "train.num_workers=0", "train.device=cpu",
                  "train.min_iou=0.1", "train.checkpoint_every=2", "train.eval_every=0"]

@@ -11,7 +11,12 @@ from torch.utils.data import Dataset
 
 from mfcache.data.coco import CocoDataset
 from mfcache.data.transforms import load_image, to_input
-from mfcache.data.views import flip_ground_truth, flip_pixels, view_preprocess, view_transform
+from mfcache.data.views import (
+    flip_ground_truth,
+    flip_pixels,
+    view_preprocess,
+    view_transform,
+)
 from mfcache.detectors.base import Preprocess
 from mfcache.errors import MfcacheError
 

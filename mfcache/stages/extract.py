@@ -36,7 +36,7 @@ from mfcache.data.labels import LabelMap, chosen_label_map, resolve_labels, unma
 from mfcache.data.image_source import ImageSource
 from mfcache.data.views import rows_input_hw
 from mfcache.detectors import load_detector, run_detector
-from mfcache.detectors.base import Detector, Preprocess, select_topk
+from mfcache.detectors.base import Detector, select_topk
 from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
 from mfcache.outputs import check_folder
