@@ -151,6 +151,9 @@ class ExtractConfig:
     class_agnostic: bool = option(False, check=anything, help="Every detection is a candidate whatever its label; "
                                                               "eval scores all categories as one (recorded in the "
                                                               "fingerprint).")
+    views: int = option(1, low=1, help="Views cached per image: view 0 the plain image, views 1.. flipped and/or "
+                                       "rescaled (mfcache/data/views.py); training draws one per image per epoch "
+                                       "(recorded in the fingerprint).")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from mfcache.cache.schema import (
 )
 from mfcache.cache.store import StrictStore, damage
 from mfcache.checkpoint_io import files_trusted, trusting
+from mfcache.data.views import view_rows
 from mfcache.detectors.base import DetectorInfo
 from mfcache.errors import MfcacheError
 
@@ -150,10 +151,11 @@ class CacheSplit:
     def num_images(self) -> int:
         return len(self.index["image_id"])
 
-    @property
-    def done(self) -> np.ndarray:
-        """Positions of the images whose data is complete (skipped images excluded)."""
-        return np.flatnonzero(self.index["done"] == DONE)
+    def view_rows(self, *, all_views: bool = False) -> np.ndarray:
+        """``[M, views]`` or ``[M, 1]`` (view 0): each complete image's rows (:mod:`mfcache.data.views`)."""
+        return view_rows(self.index["done"] == DONE, self.cache.settings.views, all_views=all_views)
+
+    done = property(lambda self: self.view_rows()[:, 0], doc="View 0 rows of the complete images: each image once.")
 
     @property
     def skipped(self) -> dict[int, str]:
@@ -365,7 +367,7 @@ class CacheDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache_path: str | Path, split: str, *, levels: tuple[int, ...] | None,
-                 c1: bool, targets: bool):
+                 c1: bool, targets: bool, all_views: bool = False):
         self.cache_path, self.split_name = Path(cache_path), split
         self.kwargs = {"levels": levels, "c1": c1, "targets": targets}
         self.trusted = files_trusted()  # the workers that reopen the split inherit this choice
@@ -373,7 +375,7 @@ class CacheDataset(torch.utils.data.Dataset):
         self._open().check_levels(levels)  # a missing level is one clear error, before any worker starts
         if c1 and self._open().recompute_c1:  # so is running an untrusted stored program
             self._open()._c1_recomputer.require_trust()
-        self.positions = self._open().done
+        self.rows = self._open().view_rows(all_views=all_views)  # [M, views or 1]: item j is image j
 
     def _open(self) -> CacheSplit:
         if self._split is None:
@@ -385,11 +387,14 @@ class CacheDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_split": None}
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.rows)
 
-    def __getitem__(self, j: int) -> Sample:
-        return self._open().read(int(self.positions[j]), **self.kwargs)
+    def row(self, key: int | tuple[int, int]) -> int:  # image j (its view 0) or (j, view) with all_views
+        return int(self.rows[key] if isinstance(key, tuple) else self.rows[key, 0])
 
-    def __getitems__(self, js: list[int]) -> list[Sample]:
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        return self._open().read(self.row(key), **self.kwargs)
+
+    def __getitems__(self, keys: list) -> list[Sample]:
         """A whole batch (DataLoader fetches batches this way): every image's reads at once."""
-        return self._open().read_many([int(self.positions[j]) for j in js], **self.kwargs)
+        return self._open().read_many([self.row(k) for k in keys], **self.kwargs)

@@ -171,6 +171,7 @@ class ExtractSettings:
     amp: str = "off"        # mixed precision of the detector's forward pass
     # detector labels -> dataset categories (mfcache.data.labels): None by name, "agnostic", or the map
     label_map: dict | str | None = field(default=None, hash=False)
+    views: int = 1          # rows per image (mfcache.data.views): image-major, view 0 the plain image
 
     @property
     def agnostic(self) -> bool:
@@ -182,24 +183,27 @@ class ExtractSettings:
         extract = fp["extract"]
         return cls(topk=extract["topk"], target_size=extract["target_size"], c1=extract["c1"],
                    dtype=extract["dtype"], levels=tuple(stored_levels(fp)), compress=extract.get("compress", False),
-                   resize=stored_resize(fp), amp=extract.get("amp", "off"), label_map=extract.get("label_map"))
+                   resize=stored_resize(fp), amp=extract.get("amp", "off"), label_map=extract.get("label_map"),
+                   views=extract.get("views", 1))
 
     def options(self) -> dict:
         """The fingerprint's ``extract`` dict, as written to disk (the keyword arguments of
         :func:`fingerprint`; ``resize`` is the detector's, not among them)."""
         return {"topk": self.topk, "target_size": self.target_size, "c1": self.c1, "dtype": self.dtype,
-                "levels": list(self.levels), "compress": self.compress, "amp": self.amp, "label_map": self.label_map}
+                "levels": list(self.levels), "compress": self.compress, "amp": self.amp, "label_map": self.label_map,
+                "views": self.views}
 
 
 def fingerprint(info: DetectorInfo, *, topk: int, target_size: int, c1: str, dtype: str,
                 levels: tuple[int, ...] | None = None, compress: bool = False, amp: str = "off",
-                label_map: dict | str | None = None) -> dict:
+                label_map: dict | str | None = None, views: int = 1) -> dict:
     """What a cache's contents depend on, besides the images and annotations.
     ``levels``: stored encoder level indices (None = all); ``label_map``: how detector labels
-    become dataset categories (:mod:`mfcache.data.labels`: None by name, a map, ``"agnostic"``)."""
+    become dataset categories (:mod:`mfcache.data.labels`: None by name, a map, ``"agnostic"``);
+    ``views``: rows per image (:mod:`mfcache.data.views`)."""
     settings = ExtractSettings(topk=topk, target_size=target_size, c1=c1, dtype=dtype, compress=compress, amp=amp,
                                levels=tuple(range(len(info.strides)) if levels is None else levels),
-                               resize=info.preprocess.resize, label_map=label_map)
+                               resize=info.preprocess.resize, label_map=label_map, views=views)
     return {
         "schema_version": SCHEMA_VERSION,
         "detector": info.to_dict(),
@@ -239,7 +243,7 @@ def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
             what = "weights" if key == "weights_sha256" else key
             return f"another detector ({what} differ: cache has {sd.get('spec')!r})"
     # options added later read as their defaults in caches written before them
-    defaults = {"levels": stored_levels(stored), "compress": False, "amp": "off"}
+    defaults = {"levels": stored_levels(stored), "compress": False, "amp": "off", "views": 1}
     have, value = stored["extract"].get("label_map"), wanted["extract"].get("label_map")
     if have != value:  # first: it also changes the top-k of a class-agnostic cache
         return f"{describe_change(have, value)}: another label mapping is another cache"
@@ -285,12 +289,15 @@ def auto_chunk_tokens(tokens_per_image: np.ndarray) -> int:
 
 
 def plan_split(image_ids, orig_hw, info: DetectorInfo, chunk_tokens: int = 0,
-               levels: list[int] | tuple[int, ...] | None = None) -> SplitPlan:
+               levels: list[int] | tuple[int, ...] | None = None, input_hw: np.ndarray | None = None) -> SplitPlan:
     """Token and C1 offsets of every image: ``image_ids [N]``, ``orig_hw [N, 2]``; tokens
-    count the stored ``levels`` only (None = all), ``level_hw`` holds every level."""
+    count the stored ``levels`` only (None = all), ``level_hw`` holds every level.
+    ``input_hw [N, 2]``: the detector input sizes when they are not the detector's resize
+    rule's (rescaled views, :func:`mfcache.data.views.rows_input_hw`)."""
     orig_hw = np.asarray(orig_hw, dtype=np.int32).reshape(-1, 2)
-    input_hw = np.array([info.preprocess.input_size(int(h), int(w)) for h, w in orig_hw], dtype=np.int32)
-    input_hw = input_hw.reshape(-1, 2)
+    if input_hw is None:
+        input_hw = np.array([info.preprocess.input_size(int(h), int(w)) for h, w in orig_hw], dtype=np.int32)
+    input_hw = np.asarray(input_hw, dtype=np.int32).reshape(-1, 2)
     level_hw = np.array([level_shapes(tuple(hw), info.strides) for hw in input_hw], dtype=np.int32)
     level_hw = level_hw.reshape(-1, len(info.strides), 2)
     stored = list(range(len(info.strides))) if levels is None else list(levels)

@@ -47,6 +47,7 @@ from mfcache.cache.schema import (
     stored_levels,
 )
 from mfcache.cache.store import damage
+from mfcache.data.views import rows_input_hw
 from mfcache.errors import MfcacheError
 
 FINGERPRINT_KEYS = {"schema_version", "detector", "extract", "mfcache_version"}
@@ -131,8 +132,11 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
         return out
     index = {key: arrays[key][:] for key in IMAGE_ARRAYS if key.startswith("index/")}
     levels = stored_levels(cache.fingerprint)
+    views = cache.settings.views  # rescaled views have their own input sizes (mfcache.data.views)
+    input_hw = (rows_input_hw(cache.detector.preprocess, index["index/image_id"], index["index/orig_hw"], views)
+                if views > 1 else None)
     plan = plan_split(index["index/image_id"], index["index/orig_hw"], cache.detector, int(attrs["chunk_tokens"]),
-                      levels)
+                      levels, input_hw=input_hw)
     if not _check_scales(arrays, ext, problem):
         return out
     ragged = _ragged_layout(plan, cache.detector, has_c1="c1" in arrays)

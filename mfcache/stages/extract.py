@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from mfcache.cache.c1_stem import STEM_ARRAY, c1_note, export_detector_stem, resolve_c1
 from mfcache.cache.lock import writer_lock
@@ -33,9 +33,10 @@ from mfcache.cache.writer import (
 from mfcache.config import ExtractConfig, check_config
 from mfcache.data.coco import CocoDataset
 from mfcache.data.labels import LabelMap, chosen_label_map, resolve_labels, unmapped_warning
-from mfcache.data.transforms import load_image, to_input
+from mfcache.data.image_source import ImageSource
+from mfcache.data.views import rows_input_hw
 from mfcache.detectors import load_detector, run_detector
-from mfcache.detectors.base import Detector, Preprocess, select_topk
+from mfcache.detectors.base import Detector, select_topk
 from mfcache.distributed import World, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
 from mfcache.outputs import check_folder
@@ -61,37 +62,6 @@ def split_name(annotation_file: Path) -> str:
     """``instances_val2017.json`` -> ``val2017``; ``train.json`` -> ``train``."""
     name = annotation_file.stem.removeprefix("instances_")
     return re.sub(r"[^A-Za-z0-9_-]", "_", name) or "split"
-
-
-class _ImageSource(Dataset):
-    """Decodes image ``positions[j]`` and its ground truth (runs in DataLoader workers).
-    Problems come back as a message, so the main process can report them in one line
-    (or, with ``--skip-bad``, record them and go on)."""
-
-    def __init__(self, dataset: CocoDataset, positions: np.ndarray, preprocess: Preprocess):
-        self.dataset, self.positions, self.preprocess = dataset, positions, preprocess
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, j: int) -> dict:
-        i = int(self.positions[j])
-        image = self.dataset.images[i]
-        try:
-            path = self.dataset.image_path(image)
-            pixels = load_image(path)
-            if tuple(pixels.shape[1:]) != (image.height, image.width):
-                raise MfcacheError(
-                    f"image {path} is {pixels.shape[1]}x{pixels.shape[2]} (h x w) "
-                    f"but the annotations say {image.height}x{image.width}"
-                )
-            try:
-                gt = self.dataset.ground_truth(image)
-            except (ValueError, TypeError, KeyError, IndexError) as exc:
-                raise MfcacheError(f"cannot decode the annotations of image id {image.id} ({path}): {exc}") from None
-            return {"position": i, "input": to_input(pixels, self.preprocess), "gt": gt}
-        except MfcacheError as exc:
-            return {"position": i, "error": str(exc)}
 
 
 def pending_positions(done: np.ndarray, block: int, *, retry_skipped: bool) -> np.ndarray:
@@ -204,6 +174,7 @@ class _Job:
     amp: str = "off"     # mixed precision of the detector's forward pass
     label_map: LabelMap | str | None = None  # extract.label_map of the fingerprint (mfcache.data.labels)
     warning: str | None = None  # dataset categories no detector label maps to
+    views: int = 1       # rows per image, image-major (mfcache.data.views)
 
     @property
     def agnostic(self) -> bool:
@@ -265,10 +236,14 @@ def _prepare(*, detector: str, images: Path, annotations: Path, out: Path, split
         "skipped_annotations": {str(k): v for k, v in dataset.report.left_out.items()},
     }
     existing = stored_fingerprint(out)
+    if config.views > 1 and config.c1 == "recompute":  # C1 is re-made from the plain image only
+        raise MfcacheError("--views > 1 needs --c1 store, none or auto: recomputed C1 would miss the views' transforms")
     c1 = resolve_c1(config.c1, existing=existing["extract"]["c1"] if existing else None,
-                    can_recompute=info.c1_channels > 0 and model.c1_stem() is not None and Path(images).is_dir())
+                    can_recompute=info.c1_channels > 0 and model.c1_stem() is not None and Path(images).is_dir()
+                    and config.views == 1)
     return _Job(dataset=dataset, split=split, model=model, topk=topk, levels=levels, meta=meta, c1=c1,
-                amp=config.amp, label_map=label_map, warning=unmapped_warning(labels, dataset.category_names))
+                amp=config.amp, label_map=label_map, warning=unmapped_warning(labels, dataset.category_names),
+                views=config.views)
 
 
 def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> tuple[zarr.Group, SplitPlan]:
@@ -280,9 +255,11 @@ def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> 
         world.barrier()  # rank 0 creates the root and the split's layout alone
     root = open_root(out, fingerprint(info, topk=job.topk, target_size=config.target_size, c1=job.c1,
                                       dtype=config.dtype, levels=job.levels, compress=config.compress,
-                                      amp=config.amp, label_map=job.label_map))
-    plan = plan_split([im.id for im in job.dataset.images], [(im.height, im.width) for im in job.dataset.images],
-                      info, config.chunk_tokens, job.levels)
+                                      amp=config.amp, label_map=job.label_map, views=job.views))
+    ids = np.repeat([im.id for im in job.dataset.images], job.views)  # rows: images x views, image-major
+    orig_hw = np.repeat([(im.height, im.width) for im in job.dataset.images], job.views, axis=0).reshape(-1, 2)
+    plan = plan_split(ids, orig_hw, info, config.chunk_tokens, job.levels,
+                      input_hw=rows_input_hw(info.preprocess, ids, orig_hw, job.views) if job.views > 1 else None)
     group = create_split(
         root, job.split, plan, meta=job.meta, annotations=job.dataset.stored, topk=job.topk,
         d_model=info.d_model, c1_channels=info.c1_channels if job.c1 == "store" else 0,
@@ -334,7 +311,7 @@ def _loader(job: _Job, pending: np.ndarray, block: int, config: ExtractConfig) -
                for k in [min(b0 + block, len(pending))]
                for j in range(b0, k, config.batch_size)]
     return DataLoader(
-        _ImageSource(job.dataset, pending, job.model.info.preprocess), batch_sampler=batches,
+        ImageSource(job.dataset, pending, job.model.info.preprocess, job.views), batch_sampler=batches,
         num_workers=config.num_workers, collate_fn=list,
         persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
+from mfcache.data.views import epoch_views
 from mfcache.distributed import World
 from mfcache.errors import MfcacheError
 
@@ -42,6 +43,30 @@ class StepBatches(Sampler):
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+class ViewStepBatches(StepBatches):
+    """:class:`StepBatches` (the same images, step for step) on a cache of ``views`` views
+    per image (``extract --views``): batch ``s`` is a list of ``(image, view)`` keys, each
+    image drawn at one view per epoch, a pure function of ``(seed, epoch, image)``
+    (:func:`mfcache.data.views.epoch_views`), so a resumed run sees the same views."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int, *, views: int):
+        super().__init__(num_items, batch_size, seed, start, stop)
+        self.views = views
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        chosen = super().batch(step)
+        views = epoch_views(self.seed, step // (self.n // self.bs), self.n, self.views)
+        return [(i, int(views[i])) for i in chosen]
+
+
+def step_batches(num_items: int, batch_size: int, seed: int, start: int, stop: int, *, views: int = 1) -> StepBatches:
+    """The training sampler: plain :class:`StepBatches` on a one-view cache (the batches runs
+    always had), :class:`ViewStepBatches` on a cache of several views."""
+    if views == 1:
+        return StepBatches(num_items, batch_size, seed, start, stop)
+    return ViewStepBatches(num_items, batch_size, seed, start, stop, views=views)
 
 
 class RankSlice(Sampler):

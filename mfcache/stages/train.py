@@ -31,7 +31,7 @@ from mfcache.runtime import autocast, console, progress_bar, resolve_device
 from mfcache.stages.postprocess import once_per_query, run_head
 from mfcache.stages.runs import (CHECKPOINT, LOG, checkpoint_to_resume, head_for, save_best_checkpoint,
                                  save_run_checkpoint, write_run_info)
-from mfcache.stages.sampling import RankSlice, StepBatches, lr_at
+from mfcache.stages.sampling import RankSlice, lr_at, step_batches
 from mfcache.stages.validation import PeriodicValidation
 from mfcache.stages.watch import Scalars, require_tensorboard, settings_summary
 from mfcache.stopping import Interrupted, StopSignals, ignore_stop_signals
@@ -158,11 +158,12 @@ class Trainer:
     def loader(self) -> DataLoader:
         """Batches of steps ``self.step`` .. ``train.steps`` (this rank's slice of each)."""
         tc = self.config.train
+        views = self.cache.settings.views  # extract --views: one view per image per epoch
         dataset = CacheDataset(self.cache.path, self.data.name, levels=self.head.levels, c1=self.head.uses_c1,
-                               targets=True)
+                               targets=True, all_views=views > 1)
         if len(dataset) == 0:
             raise MfcacheError(f"split {self.data.name!r} has no images to train on")
-        batches = StepBatches(len(dataset), tc.batch_size, tc.seed, self.step, tc.steps)
+        batches = step_batches(len(dataset), tc.batch_size, tc.seed, self.step, tc.steps, views=views)
         return DataLoader(dataset, batch_sampler=RankSlice(batches, self.world) if self.world.enabled else batches,
                           collate_fn=Batch.collate, num_workers=tc.num_workers,
                           pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals,

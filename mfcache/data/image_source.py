@@ -1,0 +1,55 @@
+"""Extraction's input: row ``r`` of a split decoded to detector input and its ground truth.
+
+Rows are images x views, image-major (:mod:`mfcache.data.views`): row ``r`` is view
+``r % views`` of image ``r // views``; view 0 is the plain image, as without views.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from mfcache.data.coco import CocoDataset
+from mfcache.data.transforms import load_image, to_input
+from mfcache.data.views import (
+    flip_ground_truth,
+    flip_pixels,
+    view_preprocess,
+    view_transform,
+)
+from mfcache.detectors.base import Preprocess
+from mfcache.errors import MfcacheError
+
+
+class ImageSource(Dataset):
+    """Decodes row ``positions[j]`` (its image, transformed as its view says) and its ground
+    truth (runs in DataLoader workers). Problems come back as a message, so the main process
+    can report them in one line (or, with ``--skip-bad``, record them and go on)."""
+
+    def __init__(self, dataset: CocoDataset, positions: np.ndarray, preprocess: Preprocess, views: int = 1):
+        self.dataset, self.positions, self.preprocess, self.views = dataset, positions, preprocess, views
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, j: int) -> dict:
+        i = int(self.positions[j])
+        image = self.dataset.images[i // self.views]
+        try:
+            path = self.dataset.image_path(image)
+            pixels = load_image(path)
+            if tuple(pixels.shape[1:]) != (image.height, image.width):
+                raise MfcacheError(
+                    f"image {path} is {pixels.shape[1]}x{pixels.shape[2]} (h x w) "
+                    f"but the annotations say {image.height}x{image.width}"
+                )
+            try:
+                gt = self.dataset.ground_truth(image)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                raise MfcacheError(f"cannot decode the annotations of image id {image.id} ({path}): {exc}") from None
+            view = view_transform(image.id, i % self.views)
+            if view.flip:
+                pixels, gt = flip_pixels(pixels), flip_ground_truth(gt, image.width)
+            return {"position": i, "input": to_input(pixels, view_preprocess(self.preprocess, view)), "gt": gt}
+        except MfcacheError as exc:
+            return {"position": i, "error": str(exc)}
