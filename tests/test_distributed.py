@@ -70,7 +70,7 @@ def test_two_rank_extract_equals_one_process(data, reference, tmp_path):
                     "--annotations", str(data / "annotations" / "train.json"), "--out", str(out),
                     "--workers", "0", "--topk", "10", "--target-size", "8", "--block-size", str(BLOCK),
                     "--batch-size", "2", "--device", "cpu", "--c1", "store", "-q")
-    said = " ".join(proc.stderr.split())
+    said = " ".join(proc.stdout.split())  # the summary is a result: stdout
     assert said.count("12 images cached") == 1 and "(12 written now)" in said  # rank 0 reports both ranks' work
     ours, theirs = arrays(out), arrays(reference)
     assert sorted(ours) == sorted(theirs)
