@@ -6,7 +6,7 @@ the repeats), so load from other processes affects every side alike.
 
 - ``maskrcnn_train_ratio``: a torchvision Mask R-CNN R50-FPN training step (batch 2, 7 GT
   instances per image) vs a training step of the paper's head (``paper_final``; also
-  ``blendmask``) from the cache, batch 8, per image. Mask R-CNN is built as
+  ``blendmask``) from the cache, batch 8 (``--quick``: 2), per image. Mask R-CNN is built as
   ``maskrcnn_resnet50_fpn`` builds it from an ImageNet backbone (frozen BatchNorm, stem and
   layer1 frozen), the recipe users train; ``weights=None`` alone would train every layer with
   live BatchNorm, which costs more.
@@ -33,38 +33,37 @@ from common import PAPER_EDGES, interleaved, write_coco_sized_dataset, write_nat
 
 INPUT_HW = (800, 1067)   # a 480x640 image at the paper's resize
 POSITIVES = 20           # training queries per image on every head-training side
-BATCH = 8                # the paper's head batch
 MASKRCNN_BATCH = 2       # torchvision's reference recipe: 2 images per GPU
 GT_PER_IMAGE = 7         # COCO train2017 averages 7.3 instances per image
 PAPER_HEAD = "paper_final"
 
 
-def _head_config(name: str, steps: int = 1):
+def _head_config(name: str, steps: int = 1, batch: int = 8):
     from mfcache.config import resolve_run_config
 
-    return resolve_run_config(name, [f"train.steps={steps}", f"train.batch_size={BATCH}", "train.num_workers=0",
+    return resolve_run_config(name, [f"train.steps={steps}", f"train.batch_size={batch}", "train.num_workers=0",
                                      "train.device=cpu", "train.checkpoint_every=1000000",
                                      "train.log_every=1000000"])
 
 
 class CachedTraining:
-    """Each call trains head ``name`` one more step (batch 8) from ``cache`` with
+    """Each call trains head ``name`` one more step of ``batch`` images from ``cache`` with
     ``mfcache.stages.train`` (the run is resumed: its checkpoint read and written once a call)."""
 
-    def __init__(self, cache: Path, run_dir: Path, name: str):
-        self.cache, self.run_dir, self.name, self.steps = cache, run_dir, name, 0
+    def __init__(self, cache: Path, run_dir: Path, name: str, batch: int):
+        self.cache, self.run_dir, self.name, self.batch, self.steps = cache, run_dir, name, batch, 0
 
     def __call__(self) -> None:
         from mfcache.stages.train import train
 
         self.steps += 1
         train(cache_path=self.cache, run_dir=self.run_dir, progress=False, resume=self.steps > 1,
-              config=_head_config(self.name, self.steps))
+              config=_head_config(self.name, self.steps, self.batch))
 
 
-def cached_forward(cache: Path, name: str):
-    """A call: read 8 images from ``cache`` and run head ``name`` (eval) on their 100 queries
-    each, as evaluation does (:func:`mfcache.stages.postprocess.mask_probs`)."""
+def cached_forward(cache: Path, name: str, images: int):
+    """A call: read ``images`` images from ``cache`` and run head ``name`` (eval) on their 100
+    queries each, as evaluation does (:func:`mfcache.stages.postprocess.mask_probs`)."""
     from mfcache.cache.reader import Cache, CacheDataset
     from mfcache.cache.sample import Batch
     from mfcache.stages.postprocess import mask_probs
@@ -76,7 +75,7 @@ def cached_forward(cache: Path, name: str):
 
     @torch.no_grad()
     def run() -> None:
-        mask_probs(head, Batch.collate([dataset[i] for i in range(BATCH)]))
+        mask_probs(head, Batch.collate([dataset[i] for i in range(images)]).to("cpu"))
     return run
 
 
@@ -154,7 +153,7 @@ def live_step(tmp: Path, images: int):
 
     def step() -> None:
         with torch.no_grad():
-            batch = detect(model, pixels, extract=settings, head=head, device=torch.device("cpu"))
+            batch = detect(model, pixels, extract=settings, head=head, device=torch.device("cpu")).to("cpu")
         select = torch.zeros(batch.scores.shape, dtype=torch.bool)
         select[:, :POSITIVES] = True
         out = run_head(head, batch, select)
@@ -167,15 +166,17 @@ def live_step(tmp: Path, images: int):
 
 
 def bench_peers(quick: bool) -> dict:
-    """Every side, alternately: one warm-up each, then 2 (``quick``) or 3 timed repeats."""
-    live_images = 1 if quick else 2
+    """Every side, alternately: one warm-up each, then 2 (``quick``) or 3 timed repeats. The
+    cached head trains at the paper's batch 8 (``quick``: 2, the same cost per image on a CPU
+    plus a larger share of the per-step costs) and runs forward on 8 images (``quick``: 2)."""
+    batch, live_images = (2, 1) if quick else (8, 2)
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         tmp = Path(tmp)
-        cache = synthetic_cache(tmp / "cache", images=BATCH, input_hw=INPUT_HW, positives=POSITIVES)
-        sides = {"cache_train_paper_final": (CachedTraining(cache, tmp / "paper", PAPER_HEAD), BATCH),
-                 "cache_train_blendmask": (CachedTraining(cache, tmp / "blend", "blendmask"), BATCH),
+        cache = synthetic_cache(tmp / "cache", images=8, input_hw=INPUT_HW, positives=POSITIVES)
+        sides = {"cache_train_paper_final": (CachedTraining(cache, tmp / "paper", PAPER_HEAD, batch), batch),
+                 "cache_train_blendmask": (CachedTraining(cache, tmp / "blend", "blendmask", batch), batch),
                  "maskrcnn_train": (maskrcnn_step(), MASKRCNN_BATCH),
-                 "cache_forward_paper_final": (cached_forward(cache, PAPER_HEAD), BATCH),
+                 "cache_forward_paper_final": (cached_forward(cache, PAPER_HEAD, batch), batch),
                  "sam_vit_b_100_boxes": (sam_masks(), 1),
                  "live_hdetr_paper_final": (live_step(tmp, live_images), live_images)}
         seconds = interleaved({name: fn for name, (fn, _) in sides.items()}, 2 if quick else 3)
@@ -184,7 +185,7 @@ def bench_peers(quick: bool) -> dict:
     return {
         "setup": (f"480x640 images -> {INPUT_HW[0]}x{INPUT_HW[1]} inputs (800/1333 resize), random weights; cache: "
                   f"H-DETR R50 layout (4 levels x 256, C1 256 ch stored, top-100, float16), {POSITIVES} training "
-                  f"queries/image; head batch {BATCH}; Mask R-CNN R50-FPN batch {MASKRCNN_BATCH}, "
+                  f"queries/image; head batch {batch}; Mask R-CNN R50-FPN batch {MASKRCNN_BATCH}, "
                   f"{GT_PER_IMAGE} GT/image; SAM ViT-B at 1024 with 100 boxes; live H-DETR R50 batch {live_images}"),
         "s_per_image": per_image,
         "maskrcnn_train_ratio": per_image["maskrcnn_train"] / paper,
