@@ -104,6 +104,7 @@ class Run:
     work: Path
     storage: dict
     results: dict
+    eval_batch: int
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def log(self, message: str) -> None:
@@ -149,8 +150,8 @@ def stage_extract(run: Run, data: Path, annotations: Path) -> list[dict]:
             run.log(f"extract {name} {storage} ({images} images)")
             row = {"detector": name, "storage": storage, "options": option, "images": images, "model_load_s": load_s}
             try:
-                row.update(extract_once(run, spec, data, annotations if storage == MAIN else subset, images, option,
-                                        run.work / f"cache-{name}-{len(rows)}", keep=storage == MAIN))
+                row.update(extract_once(run, spec, data, annotations if images == plan.images else subset, images,
+                                        option, run.work / f"cache-{name}-{len(rows)}", keep=storage == MAIN))
             except Exception as exc:  # e.g. a C1 policy this detector does not support: the rest still runs
                 row.update(error_row(exc))
             rows.append(row)
@@ -165,6 +166,7 @@ def extract_once(run: Run, spec: str, data: Path, annotations: Path, images: int
                  keep: bool) -> dict:
     """One ``extract`` into ``cache`` (block size = the images, so no block is part padding, as
     almost none is in a 118k-image split); its cost and the bytes the cache takes on disk."""
+    from mfcache.cache.reader import Cache
     from mfcache.config import ExtractConfig, check_config
     from mfcache.stages.extract import extract
 
@@ -178,6 +180,8 @@ def extract_once(run: Run, spec: str, data: Path, annotations: Path, images: int
         run.sync()
         seconds = time.perf_counter() - start
     size = cache_bytes(cache)
+    if Cache(cache).split("train").num_images != images:  # every per-image figure divides by it
+        raise RuntimeError(f"{cache} holds {Cache(cache).split('train').num_images} images, not {images}")
     row = {"extract_s": seconds, "s_per_image": seconds / images, "bytes_per_image": size["per_image_arrays"] / images,
            "fixed_bytes": size["fixed"], "cache_bytes": size["total"], "peak_GiB": peak.gib, "peak_kind": peak.kind}
     if keep:
@@ -232,12 +236,14 @@ def train_and_eval(run: Run, cache: Path, head: str, min_iou: float, images: int
         result = train(cache_path=cache, run_dir=run_dir, progress=False, resume=True,
                        config=config(plan.warmup_steps + plan.steps))
     start = time.perf_counter()
-    evaluate(cache_path=cache, run_dir=run_dir, split="train", device=str(run.device), progress=False)
+    evaluate(cache_path=cache, run_dir=run_dir, split="train", device=str(run.device), progress=False,
+             overrides=[f"eval.batch_size={run.eval_batch}"])
     run.sync()
     eval_s = time.perf_counter() - start
     return {"batch": batch, "steps": plan.steps, "warmup_steps": plan.warmup_steps, "train_s": result["seconds"],
             "s_per_step": result["seconds"] / plan.steps, "images_per_s": plan.steps * batch / result["seconds"],
-            "peak_GiB": peak.gib, "peak_kind": peak.kind, "eval_images": images, "eval_s": eval_s,
+            "peak_GiB": peak.gib, "peak_kind": peak.kind, "eval_images": images, "eval_batch": run.eval_batch,
+            "eval_s": eval_s,
             "eval_s_per_image": eval_s / images}
 
 
@@ -334,6 +340,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer images and steps (sizes unchanged)")
     parser.add_argument("--storage", nargs="*", default=[], metavar="NAME=key=value,...",
                         help="a further storage option, as extract config fields (e.g. 'compact=dtype=compact')")
+    parser.add_argument("--eval-batch", type=int, default=None,
+                        help="eval.batch_size (default: 8, the library's, on a GPU; 2 on a CPU: paper_final at 8 "
+                             "runs its box encoder on 800 RoIs at once, over 20 GB)")
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="torch CPU threads")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny detectors and images
@@ -349,7 +358,10 @@ def main() -> None:
             "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__, "quick": args.quick,
             "started": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}", "plan": dataclasses.asdict(plan),
             "image_hw": plan.hw, "load_average_at_start": os.getloadavg(), "positives_aimed_at": POSITIVES}
-    run = Run(device=device, plan=plan, out=args.out, work=work, storage=storage, results={"meta": meta})
+    eval_batch = args.eval_batch or (8 if device.type == "cuda" else 2)
+    meta["eval_batch"] = eval_batch
+    run = Run(device=device, plan=plan, out=args.out, work=work, storage=storage, results={"meta": meta},
+              eval_batch=eval_batch)
     try:
         run.log(f"writing {plan.images} synthetic {plan.hw[0]}x{plan.hw[1]} images")
         annotations = write_coco_sized_dataset(work / "data", images=plan.images, hw=plan.hw)

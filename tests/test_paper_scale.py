@@ -33,6 +33,7 @@ def test_tiny_run_writes_measured_bytes_training_eval_and_projection(tmp_path):
     assert hdetr["f32"] > hdetr["float16 c1=none"]
     for row in result["extract"]:
         assert "error" in row or (row["s_per_image"] > 0 and row["fixed_bytes"] > 0), row
+    assert [r["images"] for r in result["extract"] if r["detector"] == "dino_4scale_r50"] == [1]  # untrained: 1
 
     heads = {(r["detector"], r["head"]): r for r in result["train_eval"]}
     assert set(heads) == {("hdetr_r50", "paper_final"), ("hdetr_r50", "box_baseline")}
