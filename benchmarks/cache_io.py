@@ -39,11 +39,16 @@ def sequential_read(root: Path) -> int:
 
 
 def synthetic_cache(out: Path, *, images: int, input_hw: tuple[int, int], d_model: int = 256,
-                    c1_channels: int = 256, dtype: str = "float16", topk: int = 100) -> Path:
+                    c1_channels: int = 256, dtype: str = "float16", topk: int = 100,
+                    positives: int | None = None) -> Path:
     """A cache with the layout of a Deformable DETR R50 extraction (4 levels, strides 8-64,
-    d=256, C1 256 channels) at ``input_hw``, filled with random values (no detector run)."""
+    d=256, C1 256 channels; H-DETR and DINO-4scale R50 have the same) at ``input_hw``, filled
+    with random values (no detector run). ``positives``: queries per image matched to a GT
+    instance of their own at IoU 1 (the first ones; default all ``topk``), the rest to none, so
+    that training trains on that many per image; the split records these match statistics."""
     from mfcache.cache.schema import fingerprint, plan_split, quantize
     from mfcache.cache.records import ImageRecord
+    from mfcache.cache.stats import STATS_ATTR, MatchStats
     from mfcache.cache.writer import BlockWriter, create_split, open_root
     from mfcache.detectors.base import DetectorInfo, Preprocess
 
@@ -57,6 +62,11 @@ def synthetic_cache(out: Path, *, images: int, input_hw: tuple[int, int], d_mode
                                                     "label_to_category": [1], "category_names": {"1": "thing"}},
                          annotations=b"{}", topk=topk, d_model=d_model, c1_channels=c1_channels, target_size=64,
                          block_size=8, dtype=dtype)
+    positives = topk if positives is None else min(positives, topk)
+    group.attrs[STATS_ATTR] = MatchStats(images=images, gt_instances=images * positives, min_iou=0.5,
+                                         matched=images * positives, recalled=images * positives,
+                                         best_iou=1.0).to_dict()
+    matched = np.arange(topk) < positives
     writer = BlockWriter(group)
     rng = np.random.default_rng(0)
     tokens = int(plan.level_hw[0].prod(-1).sum())
@@ -76,7 +86,8 @@ def synthetic_cache(out: Path, *, images: int, input_hw: tuple[int, int], d_mode
         boxes = np.sort(rng.uniform(0, min(h, w), (topk, 4)).astype(np.float32).reshape(topk, 2, 2), 1).reshape(topk, 4)
         return ImageRecord(queries=feats["queries"], boxes=boxes, scores=rng.random(topk, dtype=np.float32),
                            labels=np.zeros(topk, np.int32), query_index=np.arange(topk, dtype=np.int32),
-                           gt_id=np.arange(topk, dtype=np.int64), gt_iou=np.ones(topk, np.float32),
+                           gt_id=np.where(matched, np.arange(topk), -1).astype(np.int64),
+                           gt_iou=matched.astype(np.float32),
                            target_masks=rng.integers(0, 255, (topk, 512), dtype=np.uint8),
                            memory=feats["memory"], c1=feats["c1"], scales=scales)
 

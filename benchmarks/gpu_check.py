@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from cache_io import COCO_TRAIN2017_IMAGES, write_r50_checkpoint
-from run_all import interleaved
+from common import clean, cpu_name, disk_bytes, fmt, interleaved, positives_threshold, write_native_checkpoint
 
 CPU_DEMO_SEGM_AP = 0.411    # README: the default demo on the project's CPU machine
 DEMO_AP_TOLERANCE = 0.005
@@ -138,7 +138,7 @@ def section_environment(run: Run) -> dict:
     env = {"device": str(run.device), "torch": torch.__version__, "torchvision": torchvision.__version__,
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-           "platform": platform.platform(), "cpu": _cpu_name(),
+           "platform": platform.platform(), "cpu": cpu_name(),
            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
     if shutil.which("nvidia-smi"):
         try:
@@ -157,16 +157,6 @@ def section_environment(run: Run) -> dict:
     else:
         env["device_name"] = env["cpu"]
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------- 2. agreement
@@ -450,28 +440,6 @@ TINY_HDETR = {"backbone": "resnet18", "d_model": 64, "nheads": 4, "enc_layers": 
               "num_queries_one2many": 30}
 
 
-def write_hdetr_checkpoint(folder: Path, *, shortest_edge: int, options: dict | None = None) -> str:
-    """An H-DETR checkpoint in the original repo's layout (``{"model": state}``), random weights
-    scaled as tests/test_native.py's ``random_checkpoint`` scales them, labelled with the
-    shapes categories; returns its ``hdetr:`` spec. ``options``: architecture options (default:
-    the published R50 model, two-stage + box refine + mixed selection, 300 queries)."""
-    from mfcache.data.shapes import CATEGORIES
-    from mfcache.detectors.native import HDetr, HDetrConfig
-    from mfcache.detectors.native.checkpoint import random_state_dict
-
-    folder.mkdir(parents=True, exist_ok=True)
-    options = dict(options or {})
-    labels = folder / "labels.json"
-    labels.write_text(json.dumps(["N/A", *CATEGORIES]))  # index = shapes category id
-    model = HDetr(HDetrConfig(**options, num_classes=1 + len(CATEGORIES)))
-    state = random_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()
-                               if not k.endswith("num_batches_tracked")})
-    path = folder / "hdetr.pth"
-    torch.save({"model": state, "epoch": 0}, path)
-    query = {**options, "labels": labels, "shortest_edge": shortest_edge, "longest_edge": shortest_edge * 5 // 3}
-    return f"hdetr:{path}?" + "&".join(f"{k}={v}" for k, v in query.items())
-
-
 def write_tiny_deformable_checkpoint(path: Path, shortest_edge: int) -> str:
     """A tiny Deformable DETR (box refine; ResNet of 16-64 channels, d=64) for --quick on a CPU,
     labelled with the shapes categories; returns its ``hf:`` spec."""
@@ -491,12 +459,6 @@ def write_tiny_deformable_checkpoint(path: Path, shortest_edge: int) -> str:
         {"size": {"shortest_edge": shortest_edge, "longest_edge": shortest_edge * 5 // 3},
          "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
     return f"hf:{path}"
-
-
-def disk_bytes(folder: Path) -> tuple[int, int]:
-    """(bytes on disk as du counts them, apparent bytes) of the files under ``folder``."""
-    files = [p.stat() for p in folder.rglob("*") if p.is_file()]
-    return sum(s.st_blocks * 512 for s in files), sum(s.st_size for s in files)
 
 
 def section_extraction(run: Run) -> dict:
@@ -521,14 +483,16 @@ def section_extraction(run: Run) -> dict:
         small = data / "annotations" / "train_small.json"
         small.write_text(json.dumps(coco))
     if plan.full_size:
-        detectors = {"hdetr_r50": lambda: write_hdetr_checkpoint(root / "hdetr", shortest_edge=plan.shortest_edge),
+        detectors = {"hdetr_r50": lambda: write_native_checkpoint(root / "hdetr", "hdetr",
+                                                                  shortest_edge=plan.shortest_edge),
                      "deformable_detr_r50": lambda: write_r50_checkpoint(root / "r50",
                                                                          shortest_edge=plan.shortest_edge)}
         setup = (f"full-size R50 detectors, random weights; H-DETR: two-stage, box refine, mixed selection, 300 "
                  f"queries; Deformable DETR: box refine; shortest edge {plan.shortest_edge}")
     else:
-        detectors = {"hdetr_tiny": lambda: write_hdetr_checkpoint(root / "hdetr", shortest_edge=plan.shortest_edge,
-                                                                  options=TINY_HDETR),
+        detectors = {"hdetr_tiny": lambda: write_native_checkpoint(root / "hdetr", "hdetr",
+                                                                   shortest_edge=plan.shortest_edge,
+                                                                   options=TINY_HDETR),
                      "deformable_detr_tiny": lambda: write_tiny_deformable_checkpoint(root / "tiny",
                                                                                       plan.shortest_edge)}
         setup = (f"--quick on a CPU: TINY detectors (ResNet-18 / 16-64 channel ResNet, d=64) at shortest edge "
@@ -702,26 +666,6 @@ def section_training(run: Run) -> dict:
     return out
 
 
-def positives_threshold(cache, target: int) -> tuple[float, float]:
-    """(train.min_iou, queries per image that train at it): the IoU at which about ``target``
-    queries per image (each query once, as training selects them) have a matched GT; at most
-    0.5 (the default), at least 0.01. Ties at the threshold can give more."""
-    split = cache.split("train")
-    per_image = []
-    for i in range(split.num_images):
-        s = split.read(i, levels=(split.stored_levels[-1],), c1=False, targets=True)
-        best: dict[int, float] = {}
-        for q, g, iou in zip(s.query_index.tolist(), s.gt_id.tolist(), s.gt_iou.tolist()):
-            if g >= 0:
-                best[q] = max(best.get(q, 0.0), iou)
-        per_image.append(sorted(best.values(), reverse=True))
-    everything = sorted((v for values in per_image for v in values), reverse=True)
-    wanted = target * len(per_image)
-    threshold = everything[min(wanted, len(everything)) - 1] if everything else 0.5
-    threshold = float(min(0.5, max(0.01, threshold)))
-    return threshold, sum(v >= threshold for values in per_image for v in values) / max(1, len(per_image))
-
-
 def _overrides(run: Run, amp: str, batch: int, steps: int) -> list[str]:
     return [f"train.steps={steps}", f"train.min_iou={run.min_iou}", f"train.batch_size={batch}", f"train.amp={amp}",
             f"train.device={run.device}", f"train.num_workers={run.plan.train_workers}",
@@ -892,14 +836,6 @@ def md_projection(r: dict) -> list[str]:
     return rows
 
 
-def fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
-
-
 SECTIONS = {"environment": (section_environment, md_environment),
             "agreement": (section_agreement, md_agreement),
             "demo": (section_demo, md_demo),
@@ -927,21 +863,6 @@ def markdown(results: dict) -> str:
             except Exception as exc:  # a table that cannot be drawn must not lose the JSON
                 lines.append(f"(table failed: {type(exc).__name__}: {exc})\n")
     return "\n".join(lines)
-
-
-def clean(value):
-    """JSON-safe: numpy scalars to Python, non-finite floats to None, paths to str."""
-    if isinstance(value, dict):
-        return {str(k): clean(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def save(run: Run) -> str:

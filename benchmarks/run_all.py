@@ -10,6 +10,7 @@ from other processes on a shared machine affects both sides alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import json
 import platform
@@ -21,19 +22,10 @@ from pathlib import Path
 import torch
 
 from cache_io import bench_extract_overhead, bench_reader, bench_storage, rows as cache_io_rows, write_r50_checkpoint
+from common import interleaved
+from peers import bench_peers, rows as peers_rows
 
-
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, run alternately ``repeats`` times after a warm-up."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+PAPER_SCALE_JSON = Path(__file__).parent / "results" / "paper_scale.json"
 
 
 def bench_paste(quick: bool) -> dict:
@@ -139,16 +131,34 @@ def bench_cache_payoff(quick: bool) -> dict:
             "setup": "Deformable DETR R50 (box refine, random weights), 512 px shortest edge, box_baseline head"}
 
 
+def bench_paper_scale(quick: bool, path: Path = PAPER_SCALE_JSON) -> dict:
+    """Bytes per image per detector and storage option, as ``benchmarks/paper_scale.py``
+    measured them on written caches (read from its JSON: extracting full-size detectors at
+    800x1333 takes minutes per option on a CPU), with that run's date and machine."""
+    if not path.is_file():
+        return {"skipped": f"{path} not found: run benchmarks/paper_scale.py --out {path.parent} first"}
+    measured = json.loads(path.read_text())
+    meta = measured["meta"]
+    return {"source": str(path), "measured": meta["started"], "device": meta["device_name"],
+            "quick": meta["quick"], "bytes_per_image": measured["bytes_per_image"],
+            "train2017_TB": {det: {name: b * 118_287 / 1e12 for name, b in options.items()}
+                             for det, options in measured["bytes_per_image"].items()}}
+
+
 BENCHMARKS = {"eval": bench_paste, "roi_align": bench_roi_align, "reader": bench_reader,
-              "extract": bench_extract_overhead, "storage": bench_storage, "cache_payoff": bench_cache_payoff}
+              "extract": bench_extract_overhead, "storage": bench_storage, "cache_payoff": bench_cache_payoff,
+              "peers": bench_peers, "paper_scale": bench_paper_scale}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller runs")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these")
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these (e.g. --only peers)")
+    parser.add_argument("--paper-scale-json", type=Path, default=PAPER_SCALE_JSON,
+                        help="paper_scale.py's JSON, the source of the paper_scale section")
     args = parser.parse_args()
+    benchmarks = {**BENCHMARKS, "paper_scale": functools.partial(bench_paper_scale, path=args.paper_scale_json)}
     torch.set_num_threads(2)
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                            "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -156,7 +166,9 @@ def main() -> None:
                "quick": args.quick}
     for name in args.only or BENCHMARKS:
         print(f"running {name} ...", flush=True)
-        results[name] = BENCHMARKS[name](args.quick)
+        results[name] = benchmarks[name](args.quick)
+        if name == "peers":  # the paper-scale payoff is measured with the peers, filed with the payoff
+            results.setdefault("cache_payoff", {}).update(results["peers"].pop("cache_payoff"))
     results["machine"]["load_average_at_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -170,10 +182,17 @@ def main() -> None:
         rows.append(f"| roi_align fwd+bwd (64 RoIs, 8x128x64x96) | {r['mfcache_s']*1e3:.0f} ms vs "
                     f"{r['torchvision_s']*1e3:.0f} ms (torchvision) | {r['speedup']:.2f}x |")
     rows += cache_io_rows(results)
-    if "cache_payoff" in results:
+    if "ratio" in results.get("cache_payoff", {}):
         r = results["cache_payoff"]
         rows.append(f"| cache_payoff.ratio (head training, s/image) | {r['cache_s_per_image']:.3f} s cached vs "
                     f"{r['live_s_per_image']:.2f} s live R50 | {r['ratio']:.1f}x |")
+    rows += peers_rows(results)
+    if "bytes_per_image" in results.get("paper_scale", {}):
+        r = results["paper_scale"]
+        for det, options in r["bytes_per_image"].items():
+            for name, b in options.items():
+                rows.append(f"| paper_scale.bytes_per_image {det} {name} ({r['measured']}, written cache) | "
+                            f"{b / 2**20:.2f} MiB/image, {r['train2017_TB'][det][name]:.2f} TB train2017 | |")
     load = results["machine"]
     rows.append(f"\nload average (1/5/15 min) at start {load['load_average_at_start']}, "
                 f"at end {load['load_average_at_end']} on {os.cpu_count()} cores")
