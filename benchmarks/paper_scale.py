@@ -283,7 +283,7 @@ def markdown(results: dict) -> str:
     n = COCO_TRAIN2017_IMAGES
     if "extract" in results:
         lines += ["| detector | storage | images | s/image (end to end) | s/image (after load) | MiB/image | "
-                  f"train2017 TB | train2017 extract h | peak GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "train2017 TB | train2017 extract h | peak GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results["extract"]:
             if "error" in r:
                 lines.append(f"| {r['detector']} | {r['storage']} | {r['images']} | {r['error']} | | | | | |")
