@@ -339,7 +339,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="fewer images and steps (sizes unchanged)")
     parser.add_argument("--storage", nargs="*", default=[], metavar="NAME=key=value,...",
-                        help="a further storage option, as extract config fields (e.g. 'compact=dtype=compact')")
+                        help="a further storage option, as extract config fields (e.g. 'compact=dtype=int8,compress=true')")
     parser.add_argument("--eval-batch", type=int, default=None,
                         help="eval.batch_size (default: 8, the library's, on a GPU; 2 on a CPU: paper_final at 8 "
                              "runs its box encoder on 800 RoIs at once, over 20 GB)")
