@@ -71,12 +71,12 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
     cache = Cache(cache_path)
     data = cache.split(split, role="eval")
     data.require_complete()
+    torch_device = resolve_device(device)
+    state = read_checkpoint(Path(run_dir), torch_device, checkpoint)
+    run = load_run(Path(run_dir), cache.fingerprint, torch_device, state=state)  # a head of another cache: first
     source = cache_record(cache, data)
     if not force:
         check_previous(out, source)
-    torch_device = resolve_device(device)
-    state = read_checkpoint(Path(run_dir), torch_device, checkpoint)
-    run = load_run(Path(run_dir), cache.fingerprint, torch_device, state=state)
     config = eval_config(run.config, overrides)
     results = predict_split(run.head, config, data, torch_device, progress=progress, box_filled=box_filled)
     metrics = {**score(data, results), "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
