@@ -203,6 +203,14 @@ def fmt(value) -> str:
     return str(value)
 
 
+def write_report(out: Path, stem: str, results: dict, table: str) -> str:
+    """``out/<stem>.json`` (:func:`clean` results) and ``out/<stem>.md`` (``table``); returns ``table``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(clean(results), indent=2))
+    (out / f"{stem}.md").write_text(table + "\n")
+    return table
+
+
 def clean(value):
     """JSON-safe: numpy scalars to Python, non-finite floats to None, paths to str; keys that
     start with ``_`` (a run's private hand-offs) dropped."""

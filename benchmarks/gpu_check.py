@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 
 from cache_io import COCO_TRAIN2017_IMAGES, write_r50_checkpoint
-from common import clean, cpu_name, disk_bytes, fmt, interleaved, positives_threshold, write_native_checkpoint
+from common import (cpu_name, disk_bytes, fmt, interleaved, positives_threshold, write_native_checkpoint,
+                    write_report)
 
 CPU_DEMO_SEGM_AP = 0.411    # README: the default demo on the project's CPU machine
 DEMO_AP_TOLERANCE = 0.005
@@ -867,11 +868,7 @@ def markdown(results: dict) -> str:
 
 def save(run: Run) -> str:
     run.results["meta"]["elapsed_s"] = run.elapsed()
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "gpu.json").write_text(json.dumps(clean(run.results), indent=2))
-    table = markdown(run.results)
-    (run.out / "gpu.md").write_text(table + "\n")
-    return table
+    return write_report(run.out, "gpu", run.results, markdown(run.results))
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import shutil
 import sys
@@ -46,8 +45,8 @@ from pathlib import Path
 import torch
 
 from cache_io import COCO_TRAIN2017_IMAGES
-from common import (COCO_HW, PAPER_EDGES, PeakMemory, cache_bytes, clean, cpu_name, fmt, positives_threshold,
-                    subset_annotations, write_coco_sized_dataset, write_native_checkpoint)
+from common import (COCO_HW, PAPER_EDGES, PeakMemory, cache_bytes, cpu_name, fmt, positives_threshold,
+                    subset_annotations, write_coco_sized_dataset, write_native_checkpoint, write_report)
 
 PAPER_STEPS, PAPER_BATCH = 88_500, 8
 COCO_VAL2017_IMAGES = 5_000
@@ -312,11 +311,7 @@ def markdown(results: dict) -> str:
 
 def save(run: Run) -> str:
     run.results["meta"]["elapsed_s"] = time.perf_counter() - run.started
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "paper_scale.json").write_text(json.dumps(clean(run.results), indent=2))
-    table = markdown(run.results)
-    (run.out / "paper_scale.md").write_text(table + "\n")
-    return table
+    return write_report(run.out, "paper_scale", run.results, markdown(run.results))
 
 
 # ----------------------------------------------------------------------------- main
