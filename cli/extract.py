@@ -51,6 +51,7 @@ def command(
     amp: Annotated[str, _option("amp")] = _D.amp,
     label_map: Annotated[Path | None, _option("label_map")] = None,
     class_agnostic: Annotated[bool, _option("class_agnostic")] = _D.class_agnostic,
+    prompts: Annotated[Path | None, _option("prompts")] = None,
     views: Annotated[int, _option("views")] = _D.views,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
@@ -64,6 +65,10 @@ def command(
     others (JSON {"detector label": "category name" or id}), --class-agnostic makes every
     detection a candidate and scores all categories as one. Categories no label maps to are
     named in a warning.
+
+    Open-vocabulary detectors (Grounding DINO, MM Grounding DINO, OmDet-Turbo) detect the
+    phrases of a text prompt: by default the dataset's category names, or --prompts FILE
+    (JSON ["phrase", ...] or {"category name": "phrase"}); the prompt is part of the cache.
 
     --views N stores every image N times: view 0 as it is, views 1.. flipped and/or rescaled,
     each a full detector pass with its own targets; training draws one view per image per
@@ -85,7 +90,7 @@ def command(
     config = ExtractConfig(topk=topk, batch_size=batch_size, c1=c1, dtype=dtype, target_size=target_size,
                            num_workers=workers, device=device, block_size=block_size, levels=level_list,
                            compress=compress, resize=resize, amp=amp, label_map=str(label_map or ""),
-                           class_agnostic=class_agnostic, views=views)
+                           class_agnostic=class_agnostic, prompts=str(prompts or ""), views=views)
     check_config(config, FLAGS)  # before anything starts, naming the options as typed
     with trusting(trust_checkpoint):  # the detector's checkpoint
         summary = extract(detector=detector, images=images, annotations=annotations, out=out, split=split,

@@ -151,6 +151,10 @@ class ExtractConfig:
     class_agnostic: bool = option(False, check=anything, help="Every detection is a candidate whatever its label; "
                                                               "eval scores all categories as one (recorded in the "
                                                               "fingerprint).")
+    # mfcache/data/prompts.py: the file is read and checked there; its phrases go into the fingerprint
+    prompts: str = option("", check=anything, help="Open-vocabulary detectors: JSON file of the text prompt, a list "
+                                                   '["phrase", ...] or {"category name": "phrase"}; default: the '
+                                                   "dataset's category names (recorded in the fingerprint).")
     views: int = option(1, low=1, help="Views cached per image: view 0 the plain image, views 1.. flipped and/or "
                                        "rescaled (mfcache/data/views.py); training draws one per image per epoch "
                                        "(recorded in the fingerprint).")

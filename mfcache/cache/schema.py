@@ -47,6 +47,7 @@ import numpy as np
 from mfcache import __version__
 from mfcache.config import ExtractConfig, choices
 from mfcache.data.labels import AGNOSTIC, describe_change
+from mfcache.data.prompts import describe_prompt_change
 from mfcache.detectors.base import LEGACY_PREPROCESS, DetectorInfo, level_shapes
 
 try:  # the same CRC-32 as zlib's, ~5x faster (ISA-L, SIMD): the `fast` extra
@@ -236,7 +237,10 @@ def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
     # a cache written before a preprocessing field existed was made as the legacy value says
     sd = {**sd, "preprocess": {**LEGACY_PREPROCESS, **sd.get("preprocess", {})}}
     resize = sd["preprocess"]["resize"], wd["preprocess"]["resize"]
+    prompts = sd.get("prompts", []), wd.get("prompts", [])  # none in caches from before prompts existed
     for key in ("family", "weights_sha256", "preprocess", "strides", "label_names", "num_queries", "d_model"):
+        if key == "label_names" and prompts[0] != prompts[1]:  # an open-vocabulary detector's labels: its prompt
+            return f"{describe_prompt_change(*prompts)}: another prompt is another cache"
         if key == "preprocess" and resize[0] != resize[1]:  # the same detector on the other pixel path
             return f"preprocessing resize={resize[0]!r} (asked for {resize[1]!r})"
         if sd.get(key) != wd.get(key):

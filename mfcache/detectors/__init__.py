@@ -6,7 +6,7 @@ is imported by code that never runs a detector; the adapters load on first use.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -49,12 +49,15 @@ LOADERS: dict[str, Callable[[str], Detector]] = {
 }
 
 
-def load_detector(spec: str, *, device: str | torch.device = "cpu", resize: str | None = None) -> Detector:
+def load_detector(spec: str, *, device: str | torch.device = "cpu", resize: str | None = None,
+                  prompts: Sequence[str] | None = None) -> Detector:
     """Build the frozen detector named by ``spec``: eval mode, no grads, on ``device``.
 
     ``resize`` picks the pixel path (:class:`~mfcache.detectors.base.Preprocess` ``.resize``:
     ``processor`` or ``float``); None keeps the detector's own (``processor`` for ``hf:``,
-    ``float`` for ``demo``, whose weights were trained on it)."""
+    ``float`` for ``demo``, whose weights were trained on it). ``prompts``: the phrases of an
+    open-vocabulary detector (:meth:`~mfcache.detectors.base.Detector.set_prompts`; without
+    them it runs only once they are set)."""
     if resize is not None and resize not in RESIZE_PATHS:
         raise MfcacheError(f"resize must be {' or '.join(RESIZE_PATHS)}, got {resize!r}")
     prefix, _, arg = spec.partition(":")
@@ -66,7 +69,10 @@ def load_detector(spec: str, *, device: str | torch.device = "cpu", resize: str 
         detector.info = replace(detector.info, preprocess=replace(detector.info.preprocess, resize=resize))
     detector.eval()
     detector.requires_grad_(False)
-    return detector.to(device)
+    detector = detector.to(device)
+    if prompts:
+        detector.set_prompts(prompts)
+    return detector
 
 
 __all__ = ["Detector", "LOADERS", "SPEC_FORMS", "load_detector"]

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from mfcache.config import ExtractConfig, choices
+from mfcache.errors import MfcacheError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,7 +128,11 @@ def level_shapes(input_hw: tuple[int, int], strides: tuple[int, ...]) -> list[tu
 
 @dataclass(frozen=True)
 class DetectorInfo:
-    """Everything about a detector that its cached outputs depend on (the fingerprint)."""
+    """Everything about a detector that its cached outputs depend on (the fingerprint).
+
+    ``prompts``: the text phrases an open-vocabulary detector was run with, one per label
+    (its ``label_names`` are these phrases, :meth:`Detector.set_prompts`); ``()`` for a
+    detector with fixed classes."""
 
     spec: str
     family: str
@@ -138,6 +145,7 @@ class DetectorInfo:
     weights_sha256: str
     preprocess: Preprocess = field(default_factory=Preprocess)
     trained: bool = True
+    prompts: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,16 +155,21 @@ class DetectorInfo:
         d = dict(d)
         preprocess = {**LEGACY_PREPROCESS, **d["preprocess"]}
         d["preprocess"] = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.items()})
-        for key in ("label_names", "strides"):
-            d[key] = tuple(d[key])
+        for key in ("label_names", "strides", "prompts"):
+            if key in d:  # caches written before prompts existed have none
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
 class Detector(nn.Module):
     """A frozen detector: ``forward(pixel_values [B,3,H,W], pixel_mask [B,H,W] bool)``
-    returns a :class:`DetectorOutput`. Subclasses set ``info`` and implement ``forward``."""
+    returns a :class:`DetectorOutput`. Subclasses set ``info`` and implement ``forward``.
+
+    An open-vocabulary detector (``open_vocabulary``) takes its classes from text: it runs only
+    after :meth:`set_prompts`, and its labels are the phrases."""
 
     info: DetectorInfo
+    open_vocabulary: ClassVar[bool] = False
 
     def forward(self, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:  # pragma: no cover
         raise NotImplementedError
@@ -166,6 +179,12 @@ class Detector(nn.Module):
         pixels -> ``[B, C, H/4, W/4]`` (``--c1 recompute`` exports it into the cache), or None
         if this detector cannot separate it."""
         return None
+
+    def set_prompts(self, phrases: Sequence[str]) -> None:
+        """Make ``phrases`` (one per class) this detector's classes: its labels, in that order
+        (``info.label_names == info.prompts == tuple(phrases)``). Detectors with fixed classes refuse."""
+        raise MfcacheError(f"{self.info.spec} ({self.info.family}) has fixed classes; --prompts applies to "
+                           "open-vocabulary detectors (grounding-dino, mm-grounding-dino, omdet-turbo)")
 
 
 @dataclass

@@ -3,9 +3,12 @@
 The adapter is chosen by ``config.json``'s ``model_type`` from :data:`ADAPTERS`; the
 shared machinery lives in :mod:`mfcache.detectors.hf_base`, each family in its own module
 (``hf_detr``: DETR, Conditional DETR, DAB-DETR; ``hf_deformable``: Deformable DETR;
-``hf_rtdetr``: RT-DETR, RT-DETRv2, D-FINE, DEIMv2). Preprocessing is read from the
-model's ``preprocessor_config.json`` and, on the default ``processor`` path, gives the pixels
-of the processor ``AutoImageProcessor`` loads for it (:func:`mfcache.data.transforms.to_input`).
+``hf_rtdetr``: RT-DETR, RT-DETRv2, D-FINE, DEIMv2; open-vocabulary detectors, whose classes
+are the phrases of a text prompt, share ``hf_open_vocab``: ``hf_grounding``: Grounding DINO,
+MM Grounding DINO; ``hf_omdet``: OmDet-Turbo). Preprocessing is read from the model's
+``preprocessor_config.json`` (or a whole processor's ``processor_config.json``) and, on the
+default ``processor`` path, gives the pixels of the processor ``AutoImageProcessor`` loads for
+it (:func:`mfcache.data.transforms.to_input`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from mfcache.detectors.base import IMAGENET_MEAN, IMAGENET_STD, Detector, Prepro
 from mfcache.detectors.hf_base import HFDetector, input_hw_from_mask
 from mfcache.detectors.hf_deformable import HFDeformableDetr
 from mfcache.detectors.hf_detr import HFConditionalDetr, HFDabDetr, HFDetr
+from mfcache.detectors.hf_grounding import HFGroundingDino, HFMMGroundingDino
+from mfcache.detectors.hf_omdet import HFOmDetTurbo
 from mfcache.detectors.hf_rtdetr import HFDFine, HFDeimV2, HFRTDetr, HFRTDetrV2
 from mfcache.errors import MfcacheError
 from mfcache.hashing import file_sha256
@@ -30,6 +35,7 @@ ADAPTERS: dict[str, type[HFDetector]] = {
     cls.family: cls
     for cls in (HFDetr, HFConditionalDetr, HFDabDetr, HFDeformableDetr, HFRTDetr, HFRTDetrV2, HFDFine, HFDeimV2)
 }
+ADAPTERS.update({cls.family: cls for cls in (HFGroundingDino, HFMMGroundingDino, HFOmDetTurbo)})  # text prompts
 
 
 # --------------------------------------------------------------------------- loading
@@ -78,13 +84,17 @@ def read_preprocess(path: Path | None, default: Preprocess = Preprocess()) -> Pr
     """Preprocess from a ``preprocessor_config.json``; what it leaves out (or the whole
     file, when ``path`` is None) comes from ``default``, the family's processor defaults.
     Reads the resize rule, ``resample`` (bilinear only), ``do_rescale``/``rescale_factor``,
-    ``do_normalize``/``image_mean``/``image_std`` and ``do_pad``/``pad_size``."""
+    ``do_normalize``/``image_mean``/``image_std`` and ``do_pad``/``pad_size``; a whole
+    processor's ``processor_config.json`` (image processor and tokenizer saved together) holds
+    them under ``image_processor``."""
     if path is None:
         return default
     try:
         cfg = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise MfcacheError(f"cannot read {path}: {exc}") from None
+    if isinstance(cfg.get("image_processor"), dict):
+        cfg = cfg["image_processor"]
     size = cfg.get("size")
     shortest, longest, fixed_size = default.shortest_edge, default.longest_edge, default.fixed_size
     if isinstance(size, dict) and "height" in size and "width" in size:  # RT-DETR-style plain resize
@@ -153,8 +163,21 @@ def load_hf(path: str, spec: str | None = None, *, preprocess: Preprocess | None
         raise MfcacheError(f"{path}: checkpoint lacks {len(missing)} weights the model needs "
                            f"(e.g. {missing[0]}); refusing to run a partly random detector")
     if preprocess is None:
-        preprocess = read_preprocess(_resolve(path, "preprocessor_config.json", required=False),
-                                     adapter.default_preprocess)
+        found = (_resolve(path, "preprocessor_config.json", required=False)
+                 or _resolve(path, "processor_config.json", required=False))
+        preprocess = read_preprocess(found, adapter.default_preprocess)
     weights = _resolve(path, "model.safetensors", required=False)
     sha = file_sha256(weights) if weights is not None else state_dict_sha256(model)
-    return adapter(model, spec=spec, preprocess=preprocess, weights_sha256=sha, trained=trained)
+    extra = {"tokenizer": _load_tokenizer(source, path)} if adapter.open_vocabulary else {}
+    return adapter(model, spec=spec, preprocess=preprocess, weights_sha256=sha, trained=trained, **extra)
+
+
+def _load_tokenizer(source: str, path: str):
+    """The tokenizer saved with an open-vocabulary model (its processor's), which turns prompts into tokens."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as exc:
+        raise MfcacheError(f"{path}: cannot load the tokenizer its text prompts need ({_first_line(exc)}); save "
+                           "the model's processor into the directory (processor.save_pretrained(dir))") from None

@@ -49,6 +49,15 @@ def input_hw_from_mask(pixel_mask: Tensor) -> Tensor:
     return torch.stack([mask.any(2).sum(1), mask.any(1).sum(1)], dim=1)
 
 
+def valid_from_strides(pixel_mask: Tensor, strides: tuple[int, ...], shapes: Tensor) -> Tensor:
+    """``[B, L, 2]`` ceil(input / stride) per level, within the level ``shapes [L, 2]``: the valid
+    sizes of models that ignore ``pixel_mask`` (their levels cover the whole canvas)."""
+    hw = input_hw_from_mask(pixel_mask)
+    s = torch.as_tensor(strides, device=hw.device)
+    valid = torch.div(hw[:, None, :] + s[None, :, None] - 1, s[None, :, None], rounding_mode="floor")
+    return torch.minimum(valid, shapes.to(hw.device)[None])
+
+
 def valid_from_level_mask(mask: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
     """``mask [B, sum(h*w)]`` (True = real token, levels flattened back to back) ->
     ``[B, L, 2]`` real (h, w) of each level, counted on the masks the model itself built."""
@@ -150,6 +159,10 @@ class HFDetector(Detector):
         stages = getattr(encoder, "stages", None)
         if stages is not None and len(stages) > 0:  # transformers ResNet / ConvNeXt / ... backbones
             return stages[0]
+        swin = getattr(getattr(backbone, "swin", None), "encoder", None)
+        if swin is not None and len(swin.layers) > 0:  # transformers Swin: (tokens, [B, C, H/4, W/4] map, ...)
+            self._c1_output_index = 1  # the map before the stage's patch merging (SwinBackbone asks for it)
+            return swin.layers[0]
         if hasattr(backbone, "layer1"):  # timm ResNet (FeatureListNet keeps the names)
             return backbone.layer1
         return None
@@ -162,8 +175,10 @@ class HFDetector(Detector):
             return None
         return nn.Sequential(embedder, self._c1_module).eval()
 
+    _c1_output_index = 0  # which output of the C1 module is the map, when it returns several
+
     def _c1_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._stash["c1"] = output[0] if isinstance(output, (tuple, list)) else output
+        self._stash["c1"] = output[self._c1_output_index] if isinstance(output, (tuple, list)) else output
 
     def _strides_and_c1(self) -> tuple[list[int], int]:
         """Level strides (finest first) and C1 channels: from the config for transformers'
@@ -225,11 +240,14 @@ class HFDetector(Detector):
         scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=1)
         return _cxcywh_to_xyxy(pred_boxes) * scale[:, None, :]
 
+    def _run_model(self, pixel_values: Tensor, pixel_mask: Tensor) -> Any:
+        """The wrapped model's raw output on one batch (families with more inputs override it)."""
+        return self.model(pixel_values=pixel_values, pixel_mask=pixel_mask.to(torch.long))
+
     def forward(self, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:
         self._stash.clear()
         try:
             with torch.no_grad():
-                raw = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask.to(torch.long))
-                return self._collect(raw, pixel_values, pixel_mask)
+                return self._collect(self._run_model(pixel_values, pixel_mask), pixel_values, pixel_mask)
         finally:
             self._stash.clear()

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mfcache.detectors.base import DetectorOutput, Preprocess
-from mfcache.detectors.hf_base import HFDetector, input_hw_from_mask
+from mfcache.detectors.hf_base import HFDetector, valid_from_strides
 from mfcache.errors import MfcacheError
 
 
@@ -54,13 +54,6 @@ class HFRTDetrFamily(HFDetector):
         self._stash["memory"] = kwargs["encoder_hidden_states"]  # [B, sum(h*w), d_model]
         self._stash["spatial_shapes"] = [(int(h), int(w)) for h, w in kwargs["spatial_shapes_list"]]
 
-    def _valid(self, pixel_mask: Tensor, shapes: Tensor) -> Tensor:
-        """[B, L, 2] ceil(input / stride) per level, within the level (the model has no mask)."""
-        hw = input_hw_from_mask(pixel_mask)
-        strides = torch.as_tensor(self.info.strides, device=hw.device)
-        valid = torch.div(hw[:, None, :] + strides[None, :, None] - 1, strides[None, :, None], rounding_mode="floor")
-        return torch.minimum(valid, shapes.to(hw.device)[None])
-
     def _collect(self, raw: Any, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:
         memory = self._stash["memory"]
         shapes = torch.as_tensor(self._stash["spatial_shapes"], dtype=torch.long, device=memory.device)
@@ -70,7 +63,7 @@ class HFRTDetrFamily(HFDetector):
             boxes=self.boxes_to_input_pixels(raw.pred_boxes, pixel_mask),
             memory=memory,
             spatial_shapes=shapes,
-            valid=self._valid(pixel_mask, shapes),
+            valid=valid_from_strides(pixel_mask, self.info.strides, shapes),
             c1=self._stash.get("c1"),
         )
 

@@ -33,6 +33,7 @@ from mfcache.cache.writer import (
 from mfcache.config import ExtractConfig, check_config
 from mfcache.data.coco import CocoDataset
 from mfcache.data.labels import LabelMap, chosen_label_map, resolve_labels, unmapped_warning
+from mfcache.data.prompts import PromptFile, prompt_phrases, read_prompts, with_implied_map
 from mfcache.data.image_source import ImageSource
 from mfcache.data.views import rows_input_hw
 from mfcache.detectors import load_detector, run_detector
@@ -211,6 +212,7 @@ def _prepare(*, detector: str, images: Path, annotations: Path, out: Path, split
     levels, C1 policy and split attrs: a bad option or a label mismatch leaves no empty cache behind."""
     check_config(config)
     label_map = chosen_label_map(config.label_map, config.class_agnostic)  # a bad file: before the slow parts
+    prompts = read_prompts(config.prompts) if config.prompts else None
     dataset = CocoDataset(annotations, images, skip_bad=skip_bad)
     if not len(dataset):
         raise MfcacheError(f"{annotations} lists no images")
@@ -218,6 +220,7 @@ def _prepare(*, detector: str, images: Path, annotations: Path, out: Path, split
         raise MfcacheError("--skip-bad needs a single process: run extract without torchrun")
     split = split or split_name(Path(annotations))
     model = load_detector(detector, device=device, resize=None if config.resize == "auto" else config.resize)
+    label_map = _apply_prompts(model, prompts, dataset.category_names, label_map, f"--prompts {config.prompts}")
     info = model.info
     num_classes = len(info.label_names)
     labels = resolve_labels(info.label_names, dataset.category_names, label_map, dataset.data["annotations"],
@@ -244,6 +247,18 @@ def _prepare(*, detector: str, images: Path, annotations: Path, out: Path, split
     return _Job(dataset=dataset, split=split, model=model, topk=topk, levels=levels, meta=meta, c1=c1,
                 amp=config.amp, label_map=label_map, warning=unmapped_warning(labels, dataset.category_names),
                 views=config.views)
+
+
+def _apply_prompts(model: Detector, prompts: PromptFile | None, categories: dict[int, str],
+                   label_map: LabelMap | str | None, where: str) -> LabelMap | str | None:
+    """Give an open-vocabulary detector its prompt (``prompts``, the ``--prompts`` file, or the
+    category names) and return the label mode with the map the file implies; a detector with
+    fixed classes refuses ``--prompts``."""
+    if prompts is None and not model.open_vocabulary:
+        return label_map
+    phrases, implied = prompt_phrases(prompts, categories, where=where)
+    model.set_prompts(phrases)
+    return with_implied_map(label_map, implied)
 
 
 def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> tuple[zarr.Group, SplitPlan]:

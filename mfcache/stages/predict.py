@@ -99,14 +99,15 @@ def run_categories(run_dir: Path, info: DetectorInfo, extract: ExtractSettings) 
 def load_segmenter(run_dir: Path, *, detector: str | None = None, device: str = "auto") -> Segmenter:
     """The head of ``run_dir`` and the detector ``detector`` (a spec; None: the one the run's
     cache was extracted with, as recorded in its fingerprint), refused unless that detector
-    (weights, preprocessing) is the one the head learned from."""
+    (weights, preprocessing, the prompt of an open-vocabulary detector) is the one the head learned from."""
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
     state = read_checkpoint(run_dir, torch_device)
     extract = ExtractSettings.from_fingerprint(state["fingerprint"])  # of the cache the head was trained on
     spec = detector or state["fingerprint"]["detector"]["spec"]
     try:  # that cache's pixel path: the head learned from those outputs
-        model = load_detector(spec, device=torch_device, resize=extract.resize)
+        model = load_detector(spec, device=torch_device, resize=extract.resize,  # and that cache's prompt
+                              prompts=state["fingerprint"]["detector"].get("prompts"))
     except MfcacheError as exc:
         if detector:
             raise
