@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,9 @@ SHOWN_ANNOTATIONS = 20  # skipped annotations listed one per line; the rest are 
 @user_errors
 def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")], as_json: JsonOpt = False):
     """Show a cache's fingerprint, splits, and every array's shape, dtype and size.
+
+    The fingerprint includes the text prompt of an open-vocabulary detector (its phrases are
+    its labels).
 
     Per split also how detector labels map to dataset categories (by name, a --label-map or
     class-agnostic) and which categories no label maps to, how many GT instances a cached
@@ -48,6 +52,9 @@ def _print_fingerprint(report: dict) -> None:
                   f"trained={det['trained']}")
     stdout.print(f"          d_model={det['d_model']} queries={det['num_queries']} classes={len(det['label_names'])} "
                   f"strides={list(det['strides'])} c1_channels={det['c1_channels']} sigmoid={det['sigmoid']}")
+    if det.get("prompts"):  # an open-vocabulary detector: its classes are these phrases
+        stdout.print(f"prompt    {len(det['prompts'])} phrases: " + ", ".join(json.dumps(p) for p in det["prompts"]),
+                     highlight=False, soft_wrap=True)
     stdout.print(f"preprocess shortest_edge={p['shortest_edge']} longest_edge={p['longest_edge']} "
                   f"pad_divisor={p['pad_divisor']} pad_size={p['pad_size'] and list(p['pad_size'])} "
                   f"mean={list(p['mean'])} std={list(p['std'])} resize={p['resize']}")
