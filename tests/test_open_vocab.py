@@ -108,7 +108,8 @@ class Family:
 
 
 FAMILIES = {
-    "grounding-dino": Family(_grounding(T.GroundingDinoConfig, T.GroundingDinoForObjectDetection), (8, 16, 32, 64), False),
+    "grounding-dino": Family(_grounding(T.GroundingDinoConfig, T.GroundingDinoForObjectDetection),
+                             (8, 16, 32, 64), False),
     "mm-grounding-dino": Family(_grounding(T.MMGroundingDinoConfig, T.MMGroundingDinoForObjectDetection),
                                 (8, 16, 32, 64), False),
     "omdet-turbo": Family(_omdet, (8, 16, 32), True),
@@ -207,7 +208,8 @@ def _check_omdet(det, model, processor, out, pv, pm):
         maps = [proj(m) for proj, m in zip(model.decoder.channel_projection_layers, raw.encoder_extracted_states)]
     torch.testing.assert_close(out.logits, raw.decoder_class_logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.queries, raw.decoder_hidden_states[-1], rtol=0, atol=1e-5)
-    torch.testing.assert_close(out.memory, torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1), rtol=0, atol=1e-5)
+    memory = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
+    torch.testing.assert_close(out.memory, memory, rtol=0, atol=1e-5)
     k = 12  # (query, phrase) pairs, as its post-processing ranks them before NMS (1.0 keeps every box)
     top = select_topk(out, k, sigmoid=True)
     ref = processor.post_process_grounded_object_detection(
@@ -229,7 +231,8 @@ def test_adapter_matches_the_model(saved):
     if family.fixed:
         assert info.preprocess.fixed_size == FIXED
     else:  # read from the whole processor's processor_config.json
-        assert (info.preprocess.shortest_edge, info.preprocess.longest_edge, info.preprocess.fixed_size) == (64, 100, None)
+        p = info.preprocess
+        assert (p.shortest_edge, p.longest_edge, p.fixed_size) == (64, 100, None)
     sizes = [FIXED, FIXED] if family.fixed else SIZES
     pv, pm = padded_batch(sizes, info.preprocess.pad_divisor, fill=torch.rand)
     out = det(pv, pm)
