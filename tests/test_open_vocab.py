@@ -73,8 +73,9 @@ def _grounding(config_cls, model_cls):
         tokenizer = _bert_tokenizer(folder)
         text = T.BertConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=32, num_hidden_layers=1,
                             num_attention_heads=2, intermediate_size=64)
-        # two decoder layers: the per-layer heads are tied to layer 0
-        config = config_cls(backbone_config=_swin(), text_config=text, d_model=32, encoder_layers=1, decoder_layers=2,
+        # two decoder layers: the per-layer heads are tied to layer 0; d_model 64: its GroupNorm(32)
+        # needs two channels per group on a 1 x 1 level (a 64 x 64 input)
+        config = config_cls(backbone_config=_swin(), text_config=text, d_model=64, encoder_layers=1, decoder_layers=2,
                             encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
                             decoder_attention_heads=2, num_queries=10, max_text_len=32)
         image = T.GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 100})
@@ -104,15 +105,16 @@ def _omdet(folder):
 class Family:
     build: Callable  # folder -> (model, processor); the tokenizer's files are written into the folder
     strides: tuple[int, ...]
+    d_model: int
     fixed: bool
 
 
 FAMILIES = {
     "grounding-dino": Family(_grounding(T.GroundingDinoConfig, T.GroundingDinoForObjectDetection),
-                             (8, 16, 32, 64), False),
+                             (8, 16, 32, 64), 64, False),
     "mm-grounding-dino": Family(_grounding(T.MMGroundingDinoConfig, T.MMGroundingDinoForObjectDetection),
-                                (8, 16, 32, 64), False),
-    "omdet-turbo": Family(_omdet, (8, 16, 32), True),
+                                (8, 16, 32, 64), 64, False),
+    "omdet-turbo": Family(_omdet, (8, 16, 32), 32, True),
 }
 
 
@@ -227,7 +229,7 @@ def test_adapter_matches_the_model(saved):
     info = det.info
     assert (info.family, info.prompts, info.label_names) == (name, CATEGORIES, CATEGORIES)
     assert (info.strides, info.c1_channels, info.d_model, info.num_queries, info.sigmoid) == (
-        family.strides, 16, 32, 10, True)
+        family.strides, 16, family.d_model, 10, True)
     if family.fixed:
         assert info.preprocess.fixed_size == FIXED
     else:  # read from the whole processor's processor_config.json
