@@ -80,6 +80,7 @@ class HFDetector(Detector):
     sigmoid: ClassVar[bool] = True
     boxes_relative_to_canvas: ClassVar[bool] = False  # True: pred_boxes normalised to the padded input
     default_preprocess: ClassVar[Preprocess] = Preprocess()  # the family's image-processor defaults
+    _c1_output_index = 0  # which output of the C1 module is the map, when it returns several (Swin: 1)
 
     def __init__(self, model: nn.Module, *, spec: str, preprocess: Preprocess, weights_sha256: str,
                  trained: bool = True):
@@ -174,8 +175,6 @@ class HFDetector(Detector):
         if embedder is None or self._c1_module is None:
             return None
         return nn.Sequential(embedder, self._c1_module).eval()
-
-    _c1_output_index = 0  # which output of the C1 module is the map, when it returns several
 
     def _c1_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self._stash["c1"] = output[self._c1_output_index] if isinstance(output, (tuple, list)) else output
