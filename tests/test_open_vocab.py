@@ -118,15 +118,25 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def saved(request, tmp_path_factory):
-    family = FAMILIES[request.param]
-    path = tmp_path_factory.mktemp(request.param)
+def _save(name: str, tmp_path_factory):
+    family = FAMILIES[name]
+    path = tmp_path_factory.mktemp(name)
     torch.manual_seed(0)
     model, processor = family.build(path)
     model.eval().save_pretrained(path)
     processor.save_pretrained(path)  # with the tokenizer: hf:<dir> loads both
-    return request.param, family, path, model, processor
+    return name, family, path, model, processor
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def saved(request, tmp_path_factory):
+    return _save(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def grounding_saved(tmp_path_factory):
+    """One family only: the prompt -> category mapping is the same for every family."""
+    return _save("grounding-dino", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -327,12 +337,10 @@ def test_a_changed_prompt_is_another_cache(saved, shapes, extracted, tmp_path):
                    "phrase 3 is 'crescent' in the cache, 'moon' asked for", "another prompt is another cache")
 
 
-def test_prompt_files_map_phrases_to_categories(saved, shapes, tmp_path):
+def test_prompt_files_map_phrases_to_categories(grounding_saved, shapes, tmp_path):
     from mfcache.cache.reader import Cache
 
-    name, family, path, *_ = saved
-    if name != "grounding-dino":
-        pytest.skip("the prompt -> category mapping is the same for every family")
+    name, family, path, *_ = grounding_saved
     renamed = tmp_path / "renamed.json"
     renamed.write_text(json.dumps({"ring": "circle", "crescent": None}))  # crescent left out of the prompt
     _extract(path, shapes, tmp_path / "object", prompts=str(renamed))
