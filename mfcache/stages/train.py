@@ -63,7 +63,9 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, o
     ``train.eval_every`` N > 0 the head is validated (segm AP on the cache's val split) every N
     steps and at the end, and the best is kept as ``best.pt``
     (:mod:`mfcache.stages.validation`); ``train.tensorboard`` writes the log as TensorBoard
-    scalars (:mod:`mfcache.stages.watch`)."""
+    scalars (:mod:`mfcache.stages.watch`). With ``train.categories`` the head learns from those
+    categories' instances alone; queries on the others' are left out of the loss
+    (:mod:`mfcache.stages.categories`)."""
     run_dir = Path(run_dir)
     check_folder(run_dir, "--out (the run folder)")  # a file or a read-only place: before any work
     state = checkpoint_to_resume(run_dir, resume)
