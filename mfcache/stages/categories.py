@@ -74,7 +74,7 @@ def subset_summary(per_category: dict[str, dict], learned: tuple[str, ...]) -> d
     GT (AP None) left out of the means; ``gap``: learned minus held-out segm AP."""
     groups = {"learned": [n for n in per_category if n in learned],
               "held_out": [n for n in per_category if n not in learned]}
-    summary: dict = {key: names for key, names in groups.items()}
+    summary: dict = dict(groups)
     for key, names in groups.items():
         for metric in ("segm_AP", "bbox_AP"):
             values = [per_category[n][metric] for n in names if per_category[n].get(metric) is not None]
