@@ -29,6 +29,8 @@ def command(
                                                 "extraction (default: the folder recorded in the cache).")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override an eval setting, e.g. "
                                                         "eval.mask_threshold=0.4 or eval.amp=bf16 (repeatable).")] = None,
+    per_category: Annotated[bool, typer.Option("--per-category", help="Also print AP per category (metrics.json "
+                                               "always holds it, under per_category).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a metrics file computed on another cache "
                                         "(refused otherwise).")] = False,
     quiet: QuietOpt = False,
@@ -41,13 +43,15 @@ def command(
     the floor a mask head must clear. --visualize N draws the first N images (replacing the
     panels a previous eval drew there). An existing metrics file computed on another cache
     is kept unless --force. The table shows AP in %; metrics.json (and --json, which prints
-    it) holds fractions in [0, 1].
+    it) holds fractions in [0, 1]. metrics.json also holds each category's AP (per_category)
+    and, for a head trained on some categories (train.categories), the mean AP of the learned
+    and of the held-out ones (category_subset).
 
     Example: mfcache eval --cache caches/ddetr --run runs/baseline --out runs/baseline/metrics.json
     """
     from mfcache.checkpoint_io import trusting
     from mfcache.stages.evaluate import evaluate, metrics_path
-    from mfcache.metrics import metrics_table
+    from mfcache.metrics import category_table, metrics_table
     from mfcache.stages.visualize import visualize_split
 
     out = out or metrics_path(run, checkpoint)
@@ -62,6 +66,13 @@ def command(
         return
     agnostic = ", class-agnostic: all categories as one" if metrics.get("class_agnostic") else ""
     stdout.print(metrics_table(metrics, title=f"COCO AP on {metrics['split']} ({metrics['num_images']} images{agnostic})"))
+    subset = metrics.get("category_subset")
+    if per_category and "per_category" in metrics:
+        stdout.print(category_table(metrics["per_category"], subset["learned"] if subset else ()))
+    if subset:
+        ap = {k: "-" if subset[k] is None else f"{100 * subset[k]:.1f}" for k in ("segm_AP_learned", "segm_AP_held_out")}
+        stdout.print(f"masks learned from {', '.join(subset['learned'])}: segm AP {ap['segm_AP_learned']}; held out "
+                     f"({', '.join(subset['held_out'])}): segm AP {ap['segm_AP_held_out']} (mean over categories)")
     stdout.print(f"metrics written to {out}")
     if visualize:
         stdout.print(f"{min(visualize, metrics['num_images'])} panels (ground truth | prediction) in {panels}/")

@@ -68,6 +68,11 @@ def anything(_value) -> None:
     return None
 
 
+def _names(v) -> str | None:  # e.g. train.categories: distinct non-empty names
+    ok = all(isinstance(n, str) and n.strip() for n in v) and len(set(v)) == len(v)
+    return None if ok else "must be distinct non-empty names"
+
+
 def _run_name(v) -> str | None:  # a sweep makes a folder of this name
     return None if v and v not in (".", "..") and not re.search(r"[/\\]", v) else "must be a non-empty folder name (no / or \\)"
 
@@ -230,6 +235,9 @@ class TrainConfig:
     amp: str = option("off", choices=AMP_CHOICES)  # autocast of the head's forward and loss; fp16 adds a grad scaler
     eval_every: int = option(0, low=0)  # val segm AP every N steps and at the end, best.pt kept (0 = never)
     tensorboard: bool = option(False, check=anything)  # scalars in RUN/tensorboard/ (pip install mfcache[tensorboard])
+    # learn masks from these dataset categories only (names; () = all): queries matched to another category's GT
+    # instance are left out of the loss, neither positives nor negatives (mfcache/stages/categories.py)
+    categories: tuple[str, ...] = option((), check=_names)
 
 
 @dataclass(frozen=True)
@@ -266,6 +274,8 @@ def _coerce(value, annotation, where: str):
     """Check a TOML value against a dataclass field type (lists become tuples)."""
     origin = typing.get_origin(annotation)
     if origin is tuple:
+        if isinstance(value, str) and typing.get_args(annotation) == (str, ...):  # --set train.categories=a,b
+            value = [v.strip() for v in value.split(",")] if value.strip() else []
         if not isinstance(value, (list, tuple)):
             raise MfcacheError(f"{where}: expected a list, got {value!r}")
         return tuple(float(v) if isinstance(v, int) else v for v in value)

@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from rich.table import Table
 from torch import Tensor
 
-__all__ = ["SEGM_KEYS", "coco_evaluate", "metrics_table", "results_from_detections"]
+__all__ = ["SEGM_KEYS", "category_table", "coco_evaluate", "metrics_table", "results_from_detections"]
 
 # The first six of COCOeval.stats, in order.
 SEGM_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -81,7 +81,8 @@ def coco_evaluate(
     iou_types: Sequence[str] = ("segm", "bbox"),
     image_ids: Sequence[int] | None = None,
     class_agnostic: bool = False,
-) -> dict[str, dict[str, float | None]]:
+    per_category: bool = False,
+) -> dict[str, dict]:
     """Run pycocotools' COCOeval for each iou type over every image of ``coco_gt``, or only
     over ``image_ids`` (e.g. leaving out images skipped at extraction, whose GT would
     otherwise count as misses).
@@ -101,6 +102,11 @@ def coco_evaluate(
     0``: a detection matches the best GT of any category, crowd regions of any category are
     ignored, ``maxDets`` counts an image's detections of all categories); the results'
     ``category_id`` is then ignored.
+
+    ``per_category`` (not with ``class_agnostic``): also ``"per_category": {name: {"id",
+    "num_gt", "<iou type>_AP", ...}}``, each category's AP over IoU 0.50:0.95 (all areas, 100
+    detections, as detectron2 and mmdet report it), None for a category without non-crowd GT
+    in the scored images; the mean of these (over the categories with GT) is the overall AP.
     """
     gt_images = set(coco_gt.getImgIds())
     if image_ids is not None:
@@ -111,7 +117,8 @@ def coco_evaluate(
     if stray:
         raise ValueError(f"results for {len(stray)} image(s) not in the GT, e.g. {min(stray)}")
 
-    metrics: dict[str, dict[str, float | None]] = {}
+    metrics: dict[str, dict] = {}
+    categories: dict[str, dict] = _category_entries(coco_gt, gt_images) if per_category and not class_agnostic else {}
     for iou_type in iou_types:
         if iou_type == "segm":
             needed, dropped = "segmentation", "bbox"
@@ -137,7 +144,39 @@ def coco_evaluate(
             key: (None if stat < 0 else float(stat))
             for key, stat in zip(SEGM_KEYS, evaluator.stats[: len(SEGM_KEYS)])
         }
+        for entry, ap in zip(categories.values(), _category_ap(evaluator)):
+            entry[f"{iou_type}_AP"] = ap
+    if categories:
+        metrics["per_category"] = categories
     return metrics
+
+
+def _category_entries(coco_gt: COCO, image_ids: set[int]) -> dict[str, dict]:
+    """``{name: {"id", "num_gt"}}`` for every category of ``coco_gt`` in id order (COCOeval's
+    ``catIds`` order); ``num_gt``: its non-crowd instances in ``image_ids``. A name two
+    categories share is told apart by its id (``name#id``)."""
+    cats = sorted(coco_gt.dataset.get("categories", []), key=lambda c: c["id"])
+    names = [str(c["name"]) for c in cats]
+    counts: dict[int, int] = {}
+    for a in coco_gt.dataset.get("annotations", []):
+        if a["image_id"] in image_ids and not a.get("iscrowd", 0):
+            counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
+    return {(name if names.count(name) == 1 else f"{name}#{c['id']}"): {"id": int(c["id"]),
+                                                                        "num_gt": counts.get(c["id"], 0)}
+            for name, c in zip(names, cats)}
+
+
+def _category_ap(evaluator: COCOeval) -> list[float | None]:
+    """Per category (``params.catIds`` order): the mean of COCOeval's precision ``[T, R, K, A,
+    M]`` over IoU thresholds and recall points, area "all", the last maxDets (100), -1 entries
+    (no GT) left out, as ``stats[0]`` averages them over all categories at once."""
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    out = []
+    for k in range(precision.shape[2]):
+        p = precision[:, :, k]
+        p = p[p > -1]
+        out.append(float(p.mean()) if p.size else None)
+    return out
 
 
 def _metric_rows(metrics: Mapping) -> list[tuple[str, Mapping]]:
@@ -172,4 +211,20 @@ def metrics_table(metrics: Mapping, title: str = "COCO AP") -> Table:
             value = scores.get(key)
             cells.append("-" if value is None else f"{100 * float(value):.1f}")
         table.add_row(label, *cells)
+    return table
+
+
+def category_table(per_category: Mapping[str, Mapping], learned: Sequence[str] = ()) -> Table:
+    """A rich Table of ``metrics["per_category"]``: one row per category with its GT count and
+    segm / bbox AP in %; with ``learned`` (a run's ``train.categories``) a column marks each
+    category as learned or held out."""
+    table = Table(title="AP per category, in %")
+    for name, justify in (("category", "left"), ("GT", "right"), ("segm AP", "right"), ("bbox AP", "right")):
+        table.add_column(name, justify=justify)
+    if learned:
+        table.add_column("masks")
+    for name, entry in per_category.items():
+        cells = ["-" if entry.get(k) is None else f"{100 * float(entry[k]):.1f}" for k in ("segm_AP", "bbox_AP")]
+        table.add_row(name, str(entry.get("num_gt", "")), *cells,
+                      *(["learned" if name in learned else "held out"] if learned else []))
     return table

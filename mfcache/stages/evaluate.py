@@ -25,6 +25,7 @@ from mfcache.heads import MaskHead
 from mfcache.metrics import coco_evaluate
 from mfcache.outputs import atomic_write, check_file, write_errors
 from mfcache.runtime import progress_bar, resolve_device
+from mfcache.stages.categories import subset_summary
 from mfcache.stages.postprocess import batch_results
 from mfcache.stages.runs import CHECKPOINTS, load_run, read_checkpoint
 
@@ -65,7 +66,9 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
     name it and its step. ``overrides``: ``--set eval.*`` strings (the run's eval settings
     otherwise). An existing metrics file is replaced only if it holds metrics of the same
     cache (:func:`check_previous`) or with ``force``. ``on_results(split, results)``, if
-    given, receives the head's COCO results once the metrics are written (e.g. to draw them)."""
+    given, receives the head's COCO results once the metrics are written (e.g. to draw them).
+    A run trained on some categories (``train.categories``) also gets ``category_subset``: the
+    mean AP of the learned and of the held-out categories (:func:`subset_summary`)."""
     out = Path(out) if out else metrics_path(run_dir, checkpoint)
     check_file(out, "--out (the metrics file)")  # now, not after the whole evaluation
     cache = Cache(cache_path)
@@ -82,6 +85,8 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
     metrics = {**score(data, results), "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
                "config": config.to_dict(), "cache": source,
                "checkpoint": {"file": CHECKPOINTS[checkpoint], "step": state["step"]}}
+    if run.config.train.categories and "per_category" in metrics:  # learned vs held-out categories
+        metrics["category_subset"] = subset_summary(metrics["per_category"], run.config.train.categories)
     with write_errors("the metrics", out):
         out.parent.mkdir(parents=True, exist_ok=True)
     # whole or not at all: a full disk leaves no truncated metrics.json
@@ -135,12 +140,13 @@ def eval_config(config: RunConfig, overrides: list[str] | None) -> RunConfig:
 
 def score(data: CacheSplit, results: dict[str, list[dict]]) -> dict:
     """COCO AP of ``results`` (``{"head": [...]}``, optionally ``"box_filled"``) on the split's
-    finished images, with what was left out of the score; class-agnostic AP (every category
-    one class) for a class-agnostic cache."""
+    finished images, with what was left out of the score, and the head's AP per category
+    (``per_category``); class-agnostic AP (every category one class, none per category) for a
+    class-agnostic cache."""
     coco_gt = data.coco()
     evaluated = data.index["image_id"][data.done].tolist()  # images skipped at extraction are not scored
     agnostic = data.class_agnostic  # all GT and results one class (mfcache.data.labels)
-    metrics = coco_evaluate(coco_gt, results["head"], image_ids=evaluated, class_agnostic=agnostic)
+    metrics = coco_evaluate(coco_gt, results["head"], image_ids=evaluated, class_agnostic=agnostic, per_category=True)
     if "box_filled" in results:
         metrics["box_filled"] = {"segm": coco_evaluate(coco_gt, results["box_filled"], iou_types=("segm",),
                                                        image_ids=evaluated, class_agnostic=agnostic)["segm"]}

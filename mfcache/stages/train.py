@@ -14,12 +14,13 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from mfcache.cache.reader import Cache, CacheDataset, CacheSplit
 from mfcache.cache.sample import Batch, on_device
-from mfcache.cache.schema import fingerprint_mismatch
+from mfcache.cache.schema import DONE, fingerprint_mismatch
 from mfcache.cache.stats import FEW_MATCHED, MatchStats, split_stats
 from mfcache.config import RunConfig, resolve_run_config, resume_config
 from mfcache.distributed import World, all_sum, close_world, init_world
@@ -28,6 +29,7 @@ from mfcache.heads import MaskHead
 from mfcache.ops.losses import head_loss, image_generators, resize_targets
 from mfcache.outputs import check_folder, write_errors
 from mfcache.runtime import autocast, console, progress_bar, resolve_device
+from mfcache.stages.categories import check_learnable, held_out, held_out_annotations, learned_mask
 from mfcache.stages.postprocess import once_per_query, run_head
 from mfcache.stages.runs import (CHECKPOINT, LOG, checkpoint_to_resume, head_for, save_best_checkpoint,
                                  save_run_checkpoint, write_run_info)
@@ -61,7 +63,9 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, o
     ``train.eval_every`` N > 0 the head is validated (segm AP on the cache's val split) every N
     steps and at the end, and the best is kept as ``best.pt``
     (:mod:`mfcache.stages.validation`); ``train.tensorboard`` writes the log as TensorBoard
-    scalars (:mod:`mfcache.stages.watch`)."""
+    scalars (:mod:`mfcache.stages.watch`). With ``train.categories`` the head learns from those
+    categories' instances alone; queries on the others' are left out of the loss
+    (:mod:`mfcache.stages.categories`)."""
     run_dir = Path(run_dir)
     check_folder(run_dir, "--out (the run folder)")  # a file or a read-only place: before any work
     state = checkpoint_to_resume(run_dir, resume)
@@ -78,14 +82,16 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, o
     try:
         cache, data = _open_split(cache_path, split, state, run_dir)
         _check_positives(data, config.train.min_iou, warn=world.is_main)
-        trainer = Trainer(cache, data, config, world=world, device=world.device(device), state=state)
+        excluded, held = _held_out(data, config)
+        trainer = Trainer(cache, data, config, world=world, device=world.device(device), state=state,
+                          excluded=excluded)
         if world.is_main:
             write_run_info(run_dir, config, cache_path, data.name)
             if progress:
                 console.print(settings_summary(
                     config, cache=cache_path, split=data.name, images=len(data.done), run_dir=run_dir,
                     device=trainer.device, ranks=world.size, step=trainer.step,
-                    validation=trainer.validation.data.name if trainer.validation else None),
+                    validation=trainer.validation.data.name if trainer.validation else None, held_out=held),
                     highlight=False, soft_wrap=True, markup=False)
         return trainer.run(run_dir, progress=progress and world.is_main)
     finally:
@@ -127,13 +133,33 @@ def _check_positives(data: CacheSplit, min_iou: float, warn: bool) -> MatchStats
     return stats
 
 
+def _held_out(data: CacheSplit, config: RunConfig) -> tuple[torch.Tensor, list[str]]:
+    """With ``train.categories``: the annotation ids ``[A]`` of the other categories' instances
+    (left out of the loss) and those categories' names; checked against the split's categories,
+    refused when no positive is left. Without: nothing excluded."""
+    tc = config.train
+    if not tc.categories:
+        return torch.zeros(0, dtype=torch.int64), []
+    coco = data.coco()
+    where = f"split {data.name!r} of {data.cache.path}"
+    held = held_out(coco, tc.categories, where)
+    excluded = held_out_annotations(coco, held)
+    if held:
+        rows = np.flatnonzero(data.index["done"] == DONE)
+        check_learnable(data.group["targets/gt_id"][:][rows], data.group["targets/gt_iou"][:][rows], excluded,
+                        tc.min_iou, where, tc.categories)
+    return excluded, held
+
+
 class Trainer:
     """One training run of a head on a cache split: the head, its optimizer and step, and the
-    data loader that serves step ``step`` onwards (``state``: the checkpoint to resume)."""
+    data loader that serves step ``step`` onwards (``state``: the checkpoint to resume;
+    ``excluded [A]``: annotation ids whose queries never train, ``train.categories``)."""
 
     def __init__(self, cache: Cache, data: CacheSplit, config: RunConfig, *, world: World, device: torch.device,
-                 state: dict | None = None):
+                 state: dict | None = None, excluded: torch.Tensor | None = None):
         self.cache, self.data, self.config, self.world, self.device = cache, data, config, world, device
+        self.excluded = (excluded if excluded is not None else torch.zeros(0, dtype=torch.int64)).to(device)
         tc = config.train
         torch.manual_seed(tc.seed)
         self.head: MaskHead = head_for(cache.detector, cache.settings, config.head).to(device)
@@ -210,13 +236,15 @@ class Trainer:
 
     def train_step(self, batch: Batch, checkpoint_path: Path) -> dict:
         """One optimizer step on ``batch`` (on the device); returns its log entry. The head
-        learns from each detection matched to a GT instance at ``train.min_iou``, once per query;
-        a step without any (on every rank) updates nothing."""
+        learns from each detection matched to a GT instance at ``train.min_iou`` (of a learned
+        category: ``train.categories``), once per query; a step without any (on every rank)
+        updates nothing."""
         tc, world = self.config.train, self.world
         lr = lr_at(self.step, tc.steps, tc.lr, tc.lr_drops)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        select = once_per_query(batch.query_index, (batch.gt_id >= 0) & (batch.gt_iou >= tc.min_iou))
+        select = once_per_query(batch.query_index, (batch.gt_id >= 0) & (batch.gt_iou >= tc.min_iou)
+                                & learned_mask(batch.gt_id, self.excluded))
         self.step += 1
         local = int(select.sum())
         positives = int(all_sum(local, self.device))  # over every rank's slice of the batch

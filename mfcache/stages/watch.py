@@ -25,10 +25,11 @@ _IN_HEADER = {"steps", "batch_size", "device", "lr", "amp", "eval_every", "tenso
 
 
 def settings_summary(config: RunConfig, *, cache: Path, split: str, images: int, run_dir: Path, device: torch.device,
-                     ranks: int, step: int, validation: str | None) -> str:
+                     ranks: int, step: int, validation: str | None, held_out: list[str] | None = None) -> str:
     """A few lines for stderr: the head, cache, split, device, steps and batch, then every head,
     train and eval setting that differs from its default (whole config: ``RUN/config.json``).
-    ``step`` > 0: the run resumes there; ``validation``: the split validated on."""
+    ``step`` > 0: the run resumes there; ``validation``: the split validated on; ``held_out``:
+    the categories whose instances ``train.categories`` leaves out of the loss."""
     tc = config.train
     start = f" (resuming at step {step})" if step else ""
     lines = [f"training {config.head.name}{start}: cache {cache}, split {split} ({images} images), run {run_dir}",
@@ -40,6 +41,9 @@ def settings_summary(config: RunConfig, *, cache: Path, split: str, images: int,
     for section, skip in (("head", {"name", "description"}), ("train", _IN_HEADER), ("eval", set())):
         changed = non_default(getattr(config, section), skip)
         lines.append(f"  {section}: {', '.join(changed) if changed else 'defaults'}")
+    if held_out:
+        lines.append(f"  masks learned from {', '.join(tc.categories)} only; held out (instances left out of the "
+                     f"loss): {', '.join(held_out)}")
     lines.append(f"  full configuration: {run_dir / RUN_INFO}")
     return "\n".join(lines)
 
