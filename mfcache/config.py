@@ -6,7 +6,7 @@ A head preset is a short TOML file whose top-level keys are :class:`HeadConfig` 
 whose optional ``[train]`` / ``[eval]`` tables override :class:`TrainConfig` /
 :class:`EvalConfig` (see ``mfcache/heads/presets/``).
 
-Each field is declared with :func:`option`: its description and allowed values live next to
+Each field is declared with :func:`mfcache.options.option`: its description and allowed values live next to
 it, and the range checks (:data:`RANGES`), the heads builder's choices (:data:`HEAD_CHOICES`)
 and the ``mfcache extract`` options are derived from there.
 """
@@ -14,108 +14,16 @@ and the ``mfcache extract`` options are derived from there.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import re
 import tomllib
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mfcache.errors import MfcacheError
+from mfcache.options import (Check, above, anything, between, device_name, distinct_names, each, machine_workers,
+                             option, run_name)
 
 PRESET_DIR = Path(__file__).parent / "heads" / "presets"
-
-
-# --- ranges: every field of every config declares its allowed values (option()); RANGES collects them ---
-
-Check = Callable[[object], str | None]  # a value -> what is wrong with it, None if fine
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def at_least(low: float) -> Check:
-    return lambda v: None if _number(v) and v >= low else f"must be {'' if _number(v) else 'a finite number '}>= {low:g}"
-
-
-def above(low: float) -> Check:
-    return lambda v: None if _number(v) and v > low else f"must be {'' if _number(v) else 'a finite number '}> {low:g}"
-
-
-def between(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Check:
-    def check(v):
-        ok = _number(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
-        return None if ok else f"must be in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-    return check
-
-
-def one_of(*choices) -> Check:
-    return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
-
-
-def each(check: Check) -> Check:
-    """A check of every item of a tuple."""
-    def check_all(values):
-        problems = [p for p in map(check, values) if p]
-        return f"must have every item {problems[0].removeprefix('must be ')}" if problems else None
-    return check_all
-
-
-def anything(_value) -> None:
-    return None
-
-
-def _names(v) -> str | None:  # e.g. train.categories: distinct non-empty names
-    ok = all(isinstance(n, str) and n.strip() for n in v) and len(set(v)) == len(v)
-    return None if ok else "must be distinct non-empty names"
-
-
-def _run_name(v) -> str | None:  # a sweep makes a folder of this name
-    return None if v and v not in (".", "..") and not re.search(r"[/\\]", v) else "must be a non-empty folder name (no / or \\)"
-
-
-def _device(v) -> str | None:
-    return None if re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"
-
-
-def _prose(choices: dict[object, str]) -> str:
-    """``{"a": "", "b": "note", "c": ""}`` -> ``a, b (note) or c``."""
-    items = [f"{value} ({note})" if note else str(value) for value, note in choices.items()]
-    return " or ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
-
-
-def option(default, *, help: str = "", choices: tuple | dict | None = None, low: float | None = None,
-           check: Check | None = None, flag: str | None = None):
-    """A config field that carries its description and its allowed values (one of ``choices``,
-    a dict mapping each value to a note for the help; a number ``>= low``; or any other
-    ``check``), so the range check (:data:`RANGES`), the heads builder (:data:`HEAD_CHOICES`)
-    and the CLI options (``cli/extract.py``: help, lower bound, ``flag`` when it is not
-    ``--field-name``) all read them from here. ``{choices}`` in ``help`` becomes the choices
-    as prose. For a tuple field (tuple default) ``choices`` and ``low`` apply to every item;
-    a ``check`` sees the whole tuple."""
-    if sum(x is not None for x in (choices, low, check)) != 1:
-        raise TypeError("option() takes exactly one of choices, low or check")
-    if choices is not None:
-        notes = choices if isinstance(choices, dict) else dict.fromkeys(choices, "")
-        choices = tuple(notes)
-        help = help.replace("{choices}", _prose(notes))
-        check = one_of(*choices)
-    elif low is not None:
-        check = at_least(low)
-    if isinstance(default, tuple) and (choices is not None or low is not None):  # to every item
-        check = each(check)
-    return field(default=default, metadata={"help": help, "choices": choices, "min": low, "check": check,
-                                            "flag": flag})
-
-
-def machine_workers() -> int:
-    """Data-loading processes for this machine: half its cores, at least 2 (on 2 cores two
-    readers overlap each other and the step, measured) and at most 8."""
-    return max(2, min(8, (os.cpu_count() or 2) // 2))
-
 
 AMP_CHOICES = {"off": "float32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast"}
 
@@ -146,7 +54,7 @@ class ExtractConfig:
         "float": "rescale, then resize the float image without rounding; the demo was trained on it"})
     num_workers: int = option(machine_workers(), low=0, flag="--workers",
                               help="Image-decoding processes (default: for this machine, 2 to 8).")
-    device: str = option("auto", check=_device, help="auto, cpu, cuda or cuda:N.")
+    device: str = option("auto", check=device_name, help="auto, cpu, cuda or cuda:N.")
     amp: str = option("off", help="Mixed precision for the detector's forward pass: {choices} (the cache keeps "
                                   "its --dtype; recorded in the fingerprint).", choices=AMP_CHOICES)
     # mfcache/data/labels.py: the file is read and checked there; its map goes into the fingerprint
@@ -170,7 +78,7 @@ class HeadConfig:
     """Stage 2: the mask head (DESIGN §5). The default is the paper's box-level baseline.
     The fields with choices are exactly what the heads builder (mfcache/heads) composes."""
 
-    name: str = option("box_baseline", check=_run_name)
+    name: str = option("box_baseline", check=run_name)
     description: str = option("", check=anything, help="One line shown by `mfcache heads`.")
     region: str = option("box", help="Where masks are predicted: {choices}.", choices={
         "box": "RoIAlign inside each box", "image": "q . F over the whole map, then crop"})
@@ -231,13 +139,13 @@ class TrainConfig:
     num_workers: int = option(machine_workers(), low=0)
     checkpoint_every: int = option(500, low=1)
     log_every: int = option(25, low=1)
-    device: str = option("auto", check=_device)
+    device: str = option("auto", check=device_name)
     amp: str = option("off", choices=AMP_CHOICES)  # autocast of the head's forward and loss; fp16 adds a grad scaler
     eval_every: int = option(0, low=0)  # val segm AP every N steps and at the end, best.pt kept (0 = never)
     tensorboard: bool = option(False, check=anything)  # scalars in RUN/tensorboard/ (pip install mfcache[tensorboard])
     # learn masks from these dataset categories only (names; () = all): queries matched to another category's GT
     # instance are left out of the loss, neither positives nor negatives (mfcache/stages/categories.py)
-    categories: tuple[str, ...] = option((), check=_names)
+    categories: tuple[str, ...] = option((), check=distinct_names)
 
 
 @dataclass(frozen=True)
