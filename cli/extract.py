@@ -53,6 +53,7 @@ def command(
     class_agnostic: Annotated[bool, _option("class_agnostic")] = _D.class_agnostic,
     prompts: Annotated[Path | None, _option("prompts")] = None,
     views: Annotated[int, _option("views")] = _D.views,
+    view_crop: Annotated[float, _option("view_crop")] = _D.view_crop,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
 ):
@@ -72,7 +73,8 @@ def command(
 
     --views N stores every image N times: view 0 as it is, views 1.. flipped and/or rescaled,
     each a full detector pass with its own targets; training draws one view per image per
-    epoch, eval and predict use view 0.
+    epoch, eval and predict use view 0. --view-crop P first crops a view >= 1 with probability P
+    (each side 0.5..1.0 of the image's; the GT cropped with it).
 
     Under `torchrun --nproc_per_node N -m ...` (or the `mfcache` script run by torchrun) the
     processes share the blocks, one GPU each; the cache is the same as a one-process run's.
@@ -90,7 +92,8 @@ def command(
     config = ExtractConfig(topk=topk, batch_size=batch_size, c1=c1, dtype=dtype, target_size=target_size,
                            num_workers=workers, device=device, block_size=block_size, levels=level_list,
                            compress=compress, resize=resize, amp=amp, label_map=str(label_map or ""),
-                           class_agnostic=class_agnostic, prompts=str(prompts or ""), views=views)
+                           class_agnostic=class_agnostic, prompts=str(prompts or ""), views=views,
+                           view_crop=view_crop)
     check_config(config, FLAGS)  # before anything starts, naming the options as typed
     with trusting(trust_checkpoint):  # the detector's checkpoint
         summary = extract(detector=detector, images=images, annotations=annotations, out=out, split=split,

@@ -71,6 +71,10 @@ class ExtractConfig:
     views: int = option(1, low=1, help="Views cached per image: view 0 the plain image, views 1.. flipped and/or "
                                        "rescaled (mfcache/data/views.py); training draws one per image per epoch "
                                        "(recorded in the fingerprint).")
+    view_crop: float = option(0.0, check=between(0, 1), help="Probability a view >= 1 is first randomly cropped "
+                                                             "(DETR's random crop; each side 0.5..1.0 of the image's, "
+                                                             "mfcache/data/views.py); 0 = never. Needs --views > 1 "
+                                                             "(recorded in the fingerprint).")
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,8 @@ def _targets(split: CacheSplit, done: int) -> dict | None:
     """The split's GT match stats: recorded at extraction, else computed over its complete images."""
     match, source = stored_stats(split.group), "recorded at extraction"
     if match is None and done:  # a cache written before extraction recorded it, or an unfinished split
-        match, source = group_stats(split.group), f"computed now over the {done} complete images"
+        match = group_stats(split.group, views=split.cache.settings.views)
+        source = f"computed now over the {done} complete images"
     if match is None:
         return None
     return {"stats": match.to_dict(), "line": match.line(), "source": source}

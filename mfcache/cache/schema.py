@@ -173,6 +173,7 @@ class ExtractSettings:
     # detector labels -> dataset categories (mfcache.data.labels): None by name, "agnostic", or the map
     label_map: dict | str | None = field(default=None, hash=False)
     views: int = 1          # rows per image (mfcache.data.views): image-major, view 0 the plain image
+    view_crop: float = 0.0  # probability a view >= 1 is cropped (mfcache.data.views.view_crop)
 
     @property
     def agnostic(self) -> bool:
@@ -185,26 +186,30 @@ class ExtractSettings:
         return cls(topk=extract["topk"], target_size=extract["target_size"], c1=extract["c1"],
                    dtype=extract["dtype"], levels=tuple(stored_levels(fp)), compress=extract.get("compress", False),
                    resize=stored_resize(fp), amp=extract.get("amp", "off"), label_map=extract.get("label_map"),
-                   views=extract.get("views", 1))
+                   views=extract.get("views", 1), view_crop=extract.get("view_crop", 0.0))
 
     def options(self) -> dict:
         """The fingerprint's ``extract`` dict, as written to disk (the keyword arguments of
-        :func:`fingerprint`; ``resize`` is the detector's, not among them)."""
+        :func:`fingerprint`; ``resize`` is the detector's, not among them). ``view_crop`` only when
+        it is not 0: a cache without crops has the fingerprint it had before the option."""
+        crop = {"view_crop": self.view_crop} if self.view_crop else {}
         return {"topk": self.topk, "target_size": self.target_size, "c1": self.c1, "dtype": self.dtype,
                 "levels": list(self.levels), "compress": self.compress, "amp": self.amp, "label_map": self.label_map,
-                "views": self.views}
+                "views": self.views, **crop}
 
 
 def fingerprint(info: DetectorInfo, *, topk: int, target_size: int, c1: str, dtype: str,
                 levels: tuple[int, ...] | None = None, compress: bool = False, amp: str = "off",
-                label_map: dict | str | None = None, views: int = 1) -> dict:
+                label_map: dict | str | None = None, views: int = 1, view_crop: float = 0.0) -> dict:
     """What a cache's contents depend on, besides the images and annotations.
     ``levels``: stored encoder level indices (None = all); ``label_map``: how detector labels
     become dataset categories (:mod:`mfcache.data.labels`: None by name, a map, ``"agnostic"``);
-    ``views``: rows per image (:mod:`mfcache.data.views`)."""
+    ``views``: rows per image, ``view_crop``: the probability a view >= 1 is cropped
+    (:mod:`mfcache.data.views`)."""
     settings = ExtractSettings(topk=topk, target_size=target_size, c1=c1, dtype=dtype, compress=compress, amp=amp,
                                levels=tuple(range(len(info.strides)) if levels is None else levels),
-                               resize=info.preprocess.resize, label_map=label_map, views=views)
+                               resize=info.preprocess.resize, label_map=label_map, views=views,
+                               view_crop=view_crop)
     return {
         "schema_version": SCHEMA_VERSION,
         "detector": info.to_dict(),
@@ -247,11 +252,12 @@ def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
             what = "weights" if key == "weights_sha256" else key
             return f"another detector ({what} differ: cache has {sd.get('spec')!r})"
     # options added later read as their defaults in caches written before them
-    defaults = {"levels": stored_levels(stored), "compress": False, "amp": "off", "views": 1}
+    defaults = {"levels": stored_levels(stored), "compress": False, "amp": "off", "views": 1, "view_crop": 0.0}
     have, value = stored["extract"].get("label_map"), wanted["extract"].get("label_map")
     if have != value:  # first: it also changes the top-k of a class-agnostic cache
         return f"{describe_change(have, value)}: another label mapping is another cache"
-    for key, value in wanted["extract"].items():
+    wanted_extract = {**{k: defaults[k] for k in stored["extract"] if k == "view_crop"}, **wanted["extract"]}
+    for key, value in wanted_extract.items():  # view_crop is written only when not 0
         have = stored["extract"].get(key, defaults.get(key))
         if have != value:
             return f"extract option {key}={have!r} (asked for {value!r})"

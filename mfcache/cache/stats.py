@@ -11,6 +11,9 @@ Two numbers per split, over its complete images and their non-crowd GT instances
   bound on what any mask head can find. GT boxes are the annotations' ``bbox`` (the boxes COCO
   box AP uses), or the segmentation's box where an annotation has none.
 
+A split of several views per image (``extract --views``) counts each image once, at its view 0
+row: the other views' frames are flipped or cropped, so the annotations' boxes are not theirs.
+
 Extraction records both in the split's attrs (:data:`STATS_ATTR`, at :data:`REPORT_IOU`);
 for caches written before that, :func:`split_stats` computes them from the stored arrays.
 """
@@ -92,10 +95,16 @@ def _gt_boxes(coco: COCO, image_id: int) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
 
-def group_stats(group: zarr.Group, min_iou: float = REPORT_IOU) -> MatchStats:
-    """:class:`MatchStats` of a split group, computed from its stored arrays and annotations
-    (complete images only: pending and skipped rows hold fill values)."""
+def view0_done(group: zarr.Group, views: int) -> np.ndarray:
+    """The complete view 0 rows of a split of ``views`` rows per image (image-major)."""
     done = np.flatnonzero(group["index/done"][:] == DONE)
+    return done[done % views == 0]
+
+
+def group_stats(group: zarr.Group, min_iou: float = REPORT_IOU, views: int = 1) -> MatchStats:
+    """:class:`MatchStats` of a split group of ``views`` rows per image, computed from its stored
+    arrays and annotations (complete images only, at view 0: pending and skipped rows hold fill values)."""
+    done = view0_done(group, views)
     gt_id = group["targets/gt_id"][:][done]
     gt_iou = group["targets/gt_iou"][:][done]
     boxes = group["boxes"][:][done].astype(np.float64)
@@ -122,14 +131,14 @@ def stored_stats(group: zarr.Group) -> MatchStats | None:
     return MatchStats.from_dict(stored) if stored else None
 
 
-def split_stats(group: zarr.Group, min_iou: float = REPORT_IOU) -> MatchStats:
+def split_stats(group: zarr.Group, min_iou: float = REPORT_IOU, views: int = 1) -> MatchStats:
     """:class:`MatchStats` at ``min_iou``: the GT counts recorded at extraction when there are
     any (only the matched count, cheap, is recomputed for this threshold), else all computed."""
     stored = stored_stats(group)
     if stored is None:
-        return group_stats(group, min_iou)
+        return group_stats(group, min_iou, views)
     if stored.min_iou == min_iou:
         return stored
-    done = np.flatnonzero(group["index/done"][:] == DONE)
+    done = view0_done(group, views)
     matched = matched_count(group["targets/gt_id"][:][done], group["targets/gt_iou"][:][done], min_iou)
     return MatchStats(**{**stored.to_dict(), "min_iou": float(min_iou), "matched": matched})

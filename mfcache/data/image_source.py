@@ -11,23 +11,21 @@ from torch.utils.data import Dataset
 
 from mfcache.data.coco import CocoDataset
 from mfcache.data.transforms import load_image, to_input
-from mfcache.data.views import (
-    flip_ground_truth,
-    flip_pixels,
-    view_preprocess,
-    view_transform,
-)
+from mfcache.data.views import apply_view, view_preprocess, view_transform
 from mfcache.detectors.base import Preprocess
 from mfcache.errors import MfcacheError
 
 
 class ImageSource(Dataset):
     """Decodes row ``positions[j]`` (its image, transformed as its view says) and its ground
-    truth (runs in DataLoader workers). Problems come back as a message, so the main process
-    can report them in one line (or, with ``--skip-bad``, record them and go on)."""
+    truth (runs in DataLoader workers); ``crop``: the probability a view >= 1 is cropped
+    (``extract --view-crop``). Problems come back as a message, so the main process can report
+    them in one line (or, with ``--skip-bad``, record them and go on)."""
 
-    def __init__(self, dataset: CocoDataset, positions: np.ndarray, preprocess: Preprocess, views: int = 1):
+    def __init__(self, dataset: CocoDataset, positions: np.ndarray, preprocess: Preprocess, views: int = 1,
+                 crop: float = 0.0):
         self.dataset, self.positions, self.preprocess, self.views = dataset, positions, preprocess, views
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -47,9 +45,8 @@ class ImageSource(Dataset):
                 gt = self.dataset.ground_truth(image)
             except (ValueError, TypeError, KeyError, IndexError) as exc:
                 raise MfcacheError(f"cannot decode the annotations of image id {image.id} ({path}): {exc}") from None
-            view = view_transform(image.id, i % self.views)
-            if view.flip:
-                pixels, gt = flip_pixels(pixels), flip_ground_truth(gt, image.width)
+            view = view_transform(image.id, i % self.views, crop=self.crop, hw=(image.height, image.width))
+            pixels, gt = apply_view(pixels, gt, view)
             return {"position": i, "input": to_input(pixels, view_preprocess(self.preprocess, view)), "gt": gt}
         except MfcacheError as exc:
             return {"position": i, "error": str(exc)}

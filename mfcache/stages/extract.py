@@ -35,7 +35,7 @@ from mfcache.data.coco import CocoDataset
 from mfcache.data.labels import LabelMap, chosen_label_map, resolve_labels, unmapped_warning
 from mfcache.data.prompts import PromptFile, prompt_phrases, read_prompts, with_implied_map
 from mfcache.data.image_source import ImageSource
-from mfcache.data.views import rows_input_hw
+from mfcache.data.views import rows_frames, rows_input_hw
 from mfcache.detectors import load_detector, run_detector
 from mfcache.detectors.base import Detector, select_topk
 from mfcache.distributed import World, all_sum, close_world, init_world
@@ -176,6 +176,7 @@ class _Job:
     label_map: LabelMap | str | None = None  # extract.label_map of the fingerprint (mfcache.data.labels)
     warning: str | None = None  # dataset categories no detector label maps to
     views: int = 1       # rows per image, image-major (mfcache.data.views)
+    view_crop: float = 0.0  # probability a view >= 1 is cropped (mfcache.data.views.view_crop)
 
     @property
     def agnostic(self) -> bool:
@@ -241,12 +242,14 @@ def _prepare(*, detector: str, images: Path, annotations: Path, out: Path, split
     existing = stored_fingerprint(out)
     if config.views > 1 and config.c1 == "recompute":  # C1 is re-made from the plain image only
         raise MfcacheError("--views > 1 needs --c1 store, none or auto: recomputed C1 would miss the views' transforms")
+    if config.view_crop and config.views == 1:  # only views >= 1 are cropped
+        raise MfcacheError("--view-crop needs --views > 1: view 0 is never cropped")
     c1 = resolve_c1(config.c1, existing=existing["extract"]["c1"] if existing else None,
                     can_recompute=info.c1_channels > 0 and model.c1_stem() is not None and Path(images).is_dir()
                     and config.views == 1)
     return _Job(dataset=dataset, split=split, model=model, topk=topk, levels=levels, meta=meta, c1=c1,
                 amp=config.amp, label_map=label_map, warning=unmapped_warning(labels, dataset.category_names),
-                views=config.views)
+                views=config.views, view_crop=config.view_crop)
 
 
 def _apply_prompts(model: Detector, prompts: PromptFile | None, categories: dict[int, str],
@@ -270,9 +273,10 @@ def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> 
         world.barrier()  # rank 0 creates the root and the split's layout alone
     root = open_root(out, fingerprint(info, topk=job.topk, target_size=config.target_size, c1=job.c1,
                                       dtype=config.dtype, levels=job.levels, compress=config.compress,
-                                      amp=config.amp, label_map=job.label_map, views=job.views))
-    ids = np.repeat([im.id for im in job.dataset.images], job.views)  # rows: images x views, image-major
-    orig_hw = np.repeat([(im.height, im.width) for im in job.dataset.images], job.views, axis=0).reshape(-1, 2)
+                                      amp=config.amp, label_map=job.label_map, views=job.views,
+                                      view_crop=job.view_crop))
+    ids, orig_hw = rows_frames([im.id for im in job.dataset.images],  # images x views, a crop's frame its own
+                               [(im.height, im.width) for im in job.dataset.images], job.views, job.view_crop)
     plan = plan_split(ids, orig_hw, info, config.chunk_tokens, job.levels,
                       input_hw=rows_input_hw(info.preprocess, ids, orig_hw, job.views) if job.views > 1 else None)
     group = create_split(
@@ -326,7 +330,7 @@ def _loader(job: _Job, pending: np.ndarray, block: int, config: ExtractConfig) -
                for k in [min(b0 + block, len(pending))]
                for j in range(b0, k, config.batch_size)]
     return DataLoader(
-        ImageSource(job.dataset, pending, job.model.info.preprocess, job.views), batch_sampler=batches,
+        ImageSource(job.dataset, pending, job.model.info.preprocess, job.views, job.view_crop), batch_sampler=batches,
         num_workers=config.num_workers, collate_fn=list,
         persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
     )
@@ -369,19 +373,20 @@ def _finish(job: _Job, group: zarr.Group, writer: BlockWriter, plan: SplitPlan, 
         written = int(all_sum(written, device))
         world.barrier()
     done = group["index/done"][:] if world.enabled else writer.index["index/done"]
-    match = record_match_stats(group, recompute=written > 0) if world.is_main and not (done == 0).any() else None
+    complete = world.is_main and not (done == 0).any()
+    match = record_match_stats(group, recompute=written > 0, views=job.views) if complete else None
     return ExtractSummary(split=job.split, num_images=plan.num_images, written=written, cache=out, c1=job.c1,
                           skipped=int((done == SKIPPED).sum()), match=match,
                           annotations=job.dataset.report.summary(),
                           skipped_annotations=len(job.dataset.report.left_out))
 
 
-def record_match_stats(group, *, recompute: bool) -> MatchStats:
+def record_match_stats(group, *, recompute: bool, views: int = 1) -> MatchStats:
     """The finished split's :class:`~mfcache.cache.stats.MatchStats` (how many GT instances a
     query trains on, the box recall at 0.5), stored in its attrs for `inspect` and `train`;
     kept as stored when this run wrote nothing new."""
     stats = None if recompute else stored_stats(group)
     if stats is None:
-        stats = group_stats(group)
+        stats = group_stats(group, views=views)
         group.attrs[STATS_ATTR] = stats.to_dict()
     return stats

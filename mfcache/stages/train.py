@@ -114,7 +114,7 @@ def _check_positives(data: CacheSplit, min_iou: float, warn: bool) -> MatchStats
     """Refuse a split on which no query would train (no GT instance is a cached query's best
     match at box IoU >= ``min_iou``); warn when fewer than :data:`FEW_MATCHED` of its GT
     instances are (the head learns from those alone, and eval counts the rest as misses)."""
-    stats = split_stats(data.group, min_iou)
+    stats = split_stats(data.group, min_iou, data.cache.settings.views)
     where = f"split {data.name!r} of {data.cache.path}"
     if stats.gt_instances == 0:
         raise MfcacheError(f"{where} has no ground-truth instances to train on (its annotation file "
