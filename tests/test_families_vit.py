@@ -196,8 +196,11 @@ def test_extract_train_evaluate(saved, shapes, tmp_path):
     cache = Cache(tmp_path / "cache")
     assert cache.detector.family == family.name and cache.detector.c1_channels == 0
     assert (cache.split("train").index["input_hw"] == family.size).all()
-    run = resolve_run_config(None, ["train.steps=1", "train.batch_size=2", "train.device=cpu", "train.min_iou=0",
-                                    "head.use_c1=false", "head.neck=none"])
+    basic = ["train.steps=1", "train.batch_size=2", "train.device=cpu", "train.min_iou=0"]
+    with pytest.raises(MfcacheError, match="no C1 map .*ViT backbones"):  # the default head fuses C1
+        train(cache_path=tmp_path / "cache", run_dir=tmp_path / "refused", config=resolve_run_config(None, basic),
+              split="train", progress=False)
+    run = resolve_run_config(None, [*basic, "head.use_c1=false"])
     train(cache_path=tmp_path / "cache", run_dir=tmp_path / "run", config=run, split="train", progress=False)
     metrics = evaluate(cache_path=tmp_path / "cache", run_dir=tmp_path / "run", split="val", progress=False,
                        device="cpu")
