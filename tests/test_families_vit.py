@@ -7,8 +7,8 @@ processor's ``post_process_object_detection``; then extract -> train 1 step -> e
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -104,7 +104,7 @@ def shapes(tmp_path_factory):
 
 
 def test_adapter_matches_the_model(saved):
-    key, family, path, model = saved
+    _, family, path, model = saved
     det = load_detector(f"hf:{path}")
     info = det.info
     config = json.loads((path / "config.json").read_text())
@@ -190,8 +190,9 @@ def test_extract_train_evaluate(saved, shapes, tmp_path):
         pytest.skip("the same plumbing as lw_detr")
     config = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu")
     for split in ("train", "val"):
-        summary = extract(detector=f"hf:{path}", images=shapes / split, annotations=shapes / "annotations" / f"{split}.json",
-                          out=tmp_path / "cache", config=config, progress=False)
+        summary = extract(detector=f"hf:{path}", images=shapes / split,
+                          annotations=shapes / "annotations" / f"{split}.json", out=tmp_path / "cache", config=config,
+                          progress=False)
         assert summary.written == summary.num_images
     cache = Cache(tmp_path / "cache")
     assert cache.detector.family == family.name and cache.detector.c1_channels == 0

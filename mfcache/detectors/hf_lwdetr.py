@@ -42,7 +42,7 @@ from mfcache.errors import MfcacheError
 def _side(value: Any) -> int:
     """A square patch/size given as an int or a pair."""
     if isinstance(value, (list, tuple)):
-        if len(set(int(v) for v in value)) != 1:
+        if len({int(v) for v in value}) != 1:
             raise MfcacheError(f"non-square patch size {value!r} is not supported")
         return int(value[0])
     return int(value)
@@ -124,7 +124,7 @@ class HFLwDetr(HFViTDetrFamily):
     model_class = "LwDetrForObjectDetection"
 
     def _windows_per_side(self) -> int:
-        return int(math.isqrt(int(self.model.config.backbone_config.num_windows)))
+        return math.isqrt(int(self.model.config.backbone_config.num_windows))
 
     def _strides(self) -> list[int]:
         patch, scales = self._patch(), self.model.config.projector_scale_factors
