@@ -49,9 +49,10 @@ class ExtractConfig:
     compress: bool = option(False, check=anything,
                             help="Blosc zstd + shuffle on the features (only pays on slow storage).")
     resize: str = option("auto", help="Pixel path: {choices}.", choices={
-        "auto": "the detector's own: processor for hf:, float for demo",
+        "auto": "the detector's own: processor for hf: (float-noaa for RF-DETR), float for demo",
         "processor": "the same pixels as the checkpoint's transformers image processor",
-        "float": "rescale, then resize the float image without rounding; the demo was trained on it"})
+        "float": "rescale, then resize the float image without rounding; the demo was trained on it",
+        "float-noaa": "the float path without antialiasing (RF-DETR's processor)"})
     num_workers: int = option(machine_workers(), low=0, flag="--workers",
                               help="Image-decoding processes (default: for this machine, 2 to 8).")
     device: str = option("auto", check=device_name, help="auto, cpu, cuda or cuda:N.")

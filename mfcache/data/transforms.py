@@ -124,8 +124,8 @@ def to_input(image: Tensor, preprocess: Preprocess) -> Tensor:
     size = preprocess.input_size(image.shape[1], image.shape[2])
     if preprocess.resize == "processor":
         return _processor_input(image, size, preprocess)
-    if preprocess.resize == "float":
-        return _float_input(image, size, preprocess)
+    if preprocess.resize in ("float", "float-noaa"):
+        return _float_input(image, size, preprocess, antialias=preprocess.resize == "float")
     raise MfcacheError(f"unknown resize path {preprocess.resize!r}; choose one of {', '.join(RESIZE_PATHS)}")
 
 
@@ -144,11 +144,12 @@ def _processor_input(image: Tensor, size: tuple[int, int], preprocess: Preproces
     return image.to(torch.float32).sub_(mean).div_(std)
 
 
-def _float_input(image: Tensor, size: tuple[int, int], preprocess: Preprocess) -> Tensor:
-    """Rescale first, then resize the float image (bilinear, antialiased; never rounded)."""
+def _float_input(image: Tensor, size: tuple[int, int], preprocess: Preprocess, *, antialias: bool) -> Tensor:
+    """Rescale first, then resize the float image (bilinear, antialiased unless RF-DETR's
+    processor is followed; never rounded)."""
     x = image.float().div_(1.0 / preprocess.rescale_factor)[None]
     if size != tuple(image.shape[1:]):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
     mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
     std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
     return ((x - mean) / std)[0]

@@ -71,8 +71,10 @@ class Preprocess:
     processors (their default torchvision backend), so the pixels equal
     ``AutoImageProcessor.from_pretrained(checkpoint)(images)["pixel_values"]`` bit for bit;
     ``"float"`` rescales first and resizes the float image (no rounding; it differs by up
-    to one grey level, 0.0175 after ImageNet normalisation). A detector's outputs follow its
-    preprocessing, so the path is part of the cache fingerprint.
+    to one grey level, 0.0175 after ImageNet normalisation); ``"float-noaa"`` is the float
+    path without antialiasing, which is what RF-DETR's processor does (its ``processor``
+    path). A detector's outputs follow its preprocessing, so the path is part of the cache
+    fingerprint.
 
     ``fixed_size = (h, w)`` replaces the aspect-preserving resize by a plain resize to
     exactly that size, as RT-DETR-style processors do (their ``size={"height", "width"}``);

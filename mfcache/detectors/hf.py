@@ -3,9 +3,9 @@
 The adapter is chosen by ``config.json``'s ``model_type`` from :data:`ADAPTERS`; the
 shared machinery lives in :mod:`mfcache.detectors.hf_base`, each family in its own module
 (``hf_detr``: DETR, Conditional DETR, DAB-DETR; ``hf_deformable``: Deformable DETR;
-``hf_rtdetr``: RT-DETR, RT-DETRv2, D-FINE, DEIMv2; open-vocabulary detectors, whose classes
-are the phrases of a text prompt, share ``hf_open_vocab``: ``hf_grounding``: Grounding DINO,
-MM Grounding DINO; ``hf_omdet``: OmDet-Turbo). Preprocessing is read from the model's
+``hf_rtdetr``: RT-DETR, RT-DETRv2, D-FINE, DEIMv2; ``hf_lwdetr``: LW-DETR, RF-DETR; open-vocabulary
+detectors, whose classes are the phrases of a text prompt, share ``hf_open_vocab``: ``hf_grounding``:
+Grounding DINO, MM Grounding DINO; ``hf_omdet``: OmDet-Turbo). Preprocessing is read from the model's
 ``preprocessor_config.json`` (or a whole processor's ``processor_config.json``) and, on the
 default ``processor`` path, gives the pixels of the processor ``AutoImageProcessor`` loads for
 it (:func:`mfcache.data.transforms.to_input`).
@@ -25,6 +25,7 @@ from mfcache.detectors.hf_deformable import HFDeformableDetr
 from mfcache.detectors.hf_detr import HFConditionalDetr, HFDabDetr, HFDetr
 from mfcache.detectors.hf_grounding import HFGroundingDino, HFMMGroundingDino
 from mfcache.detectors.hf_omdet import HFOmDetTurbo
+from mfcache.detectors.hf_lwdetr import HFLwDetr, HFRfDetr
 from mfcache.detectors.hf_rtdetr import HFDFine, HFDeimV2, HFRTDetr, HFRTDetrV2
 from mfcache.errors import MfcacheError
 from mfcache.hashing import file_sha256
@@ -33,7 +34,8 @@ __all__ = ["ADAPTERS", "HFDeformableDetr", "HFDetector", "input_hw_from_mask", "
 
 ADAPTERS: dict[str, type[HFDetector]] = {
     cls.family: cls
-    for cls in (HFDetr, HFConditionalDetr, HFDabDetr, HFDeformableDetr, HFRTDetr, HFRTDetrV2, HFDFine, HFDeimV2)
+    for cls in (HFDetr, HFConditionalDetr, HFDabDetr, HFDeformableDetr, HFRTDetr, HFRTDetrV2, HFDFine, HFDeimV2,
+                HFLwDetr, HFRfDetr)
 }
 ADAPTERS.update({cls.family: cls for cls in (HFGroundingDino, HFMMGroundingDino, HFOmDetTurbo)})  # text prompts
 
@@ -140,7 +142,8 @@ def load_hf(path: str, spec: str | None = None, *, preprocess: Preprocess | None
     spec = spec or f"hf:{path}"
     config_path = _resolve(path, "config.json", required=True)
     try:
-        model_type = json.loads(config_path.read_text()).get("model_type")
+        model_config = json.loads(config_path.read_text())
+        model_type = model_config.get("model_type")
     except (OSError, ValueError) as exc:
         raise MfcacheError(f"cannot read {config_path}: {exc}") from None
     adapter = ADAPTERS.get(model_type)
@@ -149,7 +152,7 @@ def load_hf(path: str, spec: str | None = None, *, preprocess: Preprocess | None
                            f"supported: {', '.join(sorted(ADAPTERS))}")
     import transformers
 
-    model_cls = getattr(transformers, adapter.model_class)
+    model_cls = getattr(transformers, adapter.model_class_for(model_config.get("architectures")))
     source = str(Path(path).expanduser()) if Path(path).expanduser().is_dir() else path
     transformers.utils.logging.disable_progress_bar()  # mfcache draws its own; no bar per loaded model
     try:

@@ -77,6 +77,8 @@ class HFDetector(Detector):
 
     family: ClassVar[str]
     model_class: ClassVar[str]  # name of the transformers class, imported lazily
+    # every class a checkpoint of this family may name in config.json's ``architectures``
+    model_classes: ClassVar[tuple[str, ...]] = ()
     sigmoid: ClassVar[bool] = True
     boxes_relative_to_canvas: ClassVar[bool] = False  # True: pred_boxes normalised to the padded input
     default_preprocess: ClassVar[Preprocess] = Preprocess()  # the family's image-processor defaults
@@ -96,9 +98,10 @@ class HFDetector(Detector):
             self._handles.append(self._c1_handle)
         self._install_hooks()
         strides, c1_channels = self._strides_and_c1()
-        if preprocess.pad_divisor % strides[-1]:
+        multiple = self._pad_multiple(strides)
+        if preprocess.pad_divisor % multiple:
             # padding to a multiple of the coarsest stride is what makes valid == level_shapes
-            preprocess = replace(preprocess, pad_divisor=strides[-1])
+            preprocess = replace(preprocess, pad_divisor=multiple)
         config = model.config
         self.info = DetectorInfo(
             spec=spec,
@@ -114,7 +117,18 @@ class HFDetector(Detector):
             trained=trained,
         )
 
+    @classmethod
+    def model_class_for(cls, architectures: list[str] | None) -> str:
+        """The transformers class to build: the checkpoint's own (``architectures[0]``) where the
+        family accepts it, else :attr:`model_class`."""
+        named = (architectures or [None])[0]
+        return named if named in cls.model_classes else cls.model_class
+
     # ----------------------------------------------------------------- for subclasses
+    def _pad_multiple(self, strides: list[int]) -> int:
+        """What the padded canvas must be a multiple of: by default the coarsest stride."""
+        return strides[-1]
+
     def _install_hooks(self) -> None:
         """Register the family's own hooks (append handles to ``self._handles``)."""
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ from mfcache.heads.dot import DotPredictor, ImageDotPredictor
 from mfcache.heads.fcn import FCNPredictor
 from mfcache.heads.fusion import FusedMap, conv_gn, fused_norm
 from mfcache.heads.query_encoder import QueryEncoder
+from mfcache.heads.region import FUSED_STRIDE
 from mfcache.heads.scoring import MaskIoUHead
 from mfcache.heads.swin import SwinEncoder
 
@@ -35,8 +38,8 @@ def check_head_config(c: HeadConfig, *, channels: int, c1_channels: int, num_lev
     if not 0 <= c.level < num_levels:
         raise MfcacheError(f"head.level {c.level} is out of range: the cache has {num_levels} levels")
     if c.use_c1 and not c1_channels:
-        raise MfcacheError("head.use_c1 = true but the cache holds no C1 map (extracted with --c1 none); "
-                           "use --set head.use_c1=false")
+        raise MfcacheError("head.use_c1 = true but the cache holds no C1 map (extracted with --c1 none, or a "
+                           "detector without a stride-4 map: ViT backbones); use --set head.use_c1=false")
     if c.neck != "none" and not c.use_c1:
         raise MfcacheError(f"head.neck = {c.neck!r} needs head.use_c1 = true (the neck maps C1)")
     if "box_cross_attn" in c.query_encoder and "self_attn" in c.query_encoder[c.query_encoder.index("box_cross_attn"):]:
@@ -64,9 +67,12 @@ def query_projection(d_model: int, channels: int, init: str) -> nn.Linear:
     return proj
 
 
-def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels: int) -> MaskHead:
-    """The head ``config`` describes, sized for a cache's detector (c1_channels 0 = no C1 cached)."""
+def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels: int,
+               strides: Sequence[int] | None = None) -> MaskHead:
+    """The head ``config`` describes, sized for a cache's detector (c1_channels 0 = no C1 cached;
+    ``strides``: each level's stride, by default 8 * 2^l, Deformable DETR's)."""
     c = config
+    strides = tuple(strides) if strides is not None else tuple(8 * 2**level for level in range(num_levels))
     channels = c.channels or d_model
     check_head_config(c, channels=channels, c1_channels=c1_channels, num_levels=num_levels)
     multi_scale = c.encoder == "deformable"
@@ -84,7 +90,7 @@ def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels
     else:
         neck = nn.Conv2d(c1_channels, channels, 1) if c1_channels != channels else nn.Identity()
     fusion = FusedMap(encoder=encoder, multi_scale=multi_scale, index=levels.index(c.level),
-                      upsample=2 ** (c.level + 1),  # level l has stride 8 * 2^l; F has stride 4
+                      upsample=strides[c.level] / FUSED_STRIDE,  # F has stride 4 (LW/RF-DETR: 14 / 4 = 3.5)
                       mapper=nn.Conv2d(d_model, channels, 1) if channels != d_model else nn.Identity(), neck=neck,
                       norm=fused_norm(c.fused_norm, channels))
     feature_size = c.roi_size // 2 if c.predictor == "fcn" else c.roi_size

@@ -55,7 +55,7 @@ class FusedMap(nn.Module):
     on its own (:func:`fused_norm`).
     """
 
-    def __init__(self, *, encoder: nn.Module | None, multi_scale: bool, index: int, upsample: int,
+    def __init__(self, *, encoder: nn.Module | None, multi_scale: bool, index: int, upsample: float,
                  mapper: nn.Module, neck: nn.Module | None, norm: nn.Module | None = None):
         super().__init__()
         self.encoder, self.multi_scale, self.index, self.upsample = encoder, multi_scale, index, upsample

@@ -36,7 +36,7 @@ def head_for(info: DetectorInfo, extract: ExtractSettings, head: HeadConfig) -> 
     """A new head for a detector (``info``) cached with ``extract`` (C1 is an input only if the
     cache has it)."""
     return build_head(head, d_model=info.d_model, c1_channels=info.c1_channels if extract.c1 != "none" else 0,
-                      num_levels=len(info.strides))
+                      num_levels=len(info.strides), strides=info.strides)
 
 
 def read_checkpoint(run_dir: Path, device: torch.device | str = "cpu", which: str = "last") -> dict:
