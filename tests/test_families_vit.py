@@ -179,15 +179,14 @@ def test_fused_map_is_at_stride_4_for_any_level_stride(stride, level_hw, fused_h
     assert tuple(fused[0].shape[-2:]) == fused_hw
 
 
+@pytest.mark.parametrize("saved", [k for k in FAMILIES if k != "lw_detr_one_level"], indirect=True)  # same plumbing
 def test_extract_train_evaluate(saved, shapes, tmp_path):
     from mfcache.cache.reader import Cache
     from mfcache.stages.evaluate import evaluate
     from mfcache.stages.extract import extract
     from mfcache.stages.train import train
 
-    key, family, path, _ = saved
-    if key == "lw_detr_one_level":
-        pytest.skip("the same plumbing as lw_detr")
+    _, family, path, _ = saved
     config = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu")
     for split in ("train", "val"):
         summary = extract(detector=f"hf:{path}", images=shapes / split,
