@@ -50,19 +50,25 @@ def chosen_label_map(label_map_file: str | Path | None, class_agnostic: bool) ->
     return read_label_map(label_map_file) if label_map_file else None
 
 
-def read_label_map(path: str | Path) -> LabelMap:
-    """The JSON object of ``--label-map`` ``path``, its shape checked (string keys; string,
-    integer or null values); one-line :class:`MfcacheError` otherwise. Names are checked
-    against the detector and the dataset by :func:`resolve_labels`."""
-    where = f"--label-map {path}"
+def read_json_option(path: str | Path, where: str):
+    """The JSON document of an option's file (``where`` names the option and file in errors):
+    a missing, unreadable or malformed file is one-line :class:`MfcacheError`."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MfcacheError(f"{where}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MfcacheError(f"{where}: cannot read it ({exc})") from None
     except json.JSONDecodeError as exc:
         raise MfcacheError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+
+
+def read_label_map(path: str | Path) -> LabelMap:
+    """The JSON object of ``--label-map`` ``path``, its shape checked (string keys; string,
+    integer or null values); one-line :class:`MfcacheError` otherwise. Names are checked
+    against the detector and the dataset by :func:`resolve_labels`."""
+    where = f"--label-map {path}"
+    data = read_json_option(path, where)
     if not isinstance(data, dict) or not data:
         raise MfcacheError(f'{where}: expected a non-empty JSON object {{"detector label": "dataset category"}}, '
                            f"got {type(data).__name__ if not isinstance(data, dict) else 'an empty object'}")

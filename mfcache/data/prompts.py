@@ -25,7 +25,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from mfcache.data.labels import AGNOSTIC, LabelMap
+from mfcache.data.labels import AGNOSTIC, LabelMap, read_json_option
 from mfcache.errors import MfcacheError
 
 PromptFile = list[str] | dict[str, str | None]  # the two forms of --prompts FILE
@@ -36,14 +36,7 @@ def read_prompts(path: str | Path) -> PromptFile:
     """The JSON of ``--prompts`` ``path``, its shape checked (a non-empty list of strings, or
     an object of strings or nulls); one-line :class:`MfcacheError` otherwise."""
     where = f"--prompts {path}"
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MfcacheError(f"{where}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MfcacheError(f"{where}: cannot read it ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise MfcacheError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    data = read_json_option(path, where)
     if isinstance(data, list) and data and all(isinstance(v, str) for v in data):
         return data
     if isinstance(data, dict) and data and all(v is None or isinstance(v, str) for v in data.values()):

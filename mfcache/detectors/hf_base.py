@@ -166,6 +166,22 @@ class HFDetector(Detector):
     def _collect(self, raw: Any, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:
         raise NotImplementedError
 
+    def _stashed_output(self, raw: Any, pixel_mask: Tensor, memory: Tensor,
+                        logits: Tensor | None = None) -> DetectorOutput:
+        """The output of a family whose hooks stashed ``spatial_shapes`` and ``level_mask``: the
+        decoder's queries, ``logits`` (default: the model's), boxes in input pixels, ``memory``
+        ``[B, sum(h*w), D]``, the levels' shapes and valid sizes, and C1 if one was stashed."""
+        shapes = self._stash["spatial_shapes"]
+        return DetectorOutput(
+            queries=raw.last_hidden_state,
+            logits=raw.logits if logits is None else logits,
+            boxes=self.boxes_to_input_pixels(raw.pred_boxes, pixel_mask),
+            memory=memory,
+            spatial_shapes=torch.as_tensor(shapes, dtype=torch.long, device=memory.device),
+            valid=valid_from_level_mask(self._stash["level_mask"], shapes),
+            c1=self._stash.get("c1"),
+        )
+
     # ----------------------------------------------------------------- shared machinery
     def _find_c1_module(self) -> nn.Module | None:
         """The backbone's first stage, whose output is the stride-4 map."""

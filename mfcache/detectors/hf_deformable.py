@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from mfcache.detectors.base import DetectorOutput
-from mfcache.detectors.hf_base import HFDetector, valid_from_level_mask
+from mfcache.detectors.hf_base import HFDetector
 
 
 class HFDeformableDetr(HFDetector):
@@ -37,13 +36,4 @@ class HFDeformableDetr(HFDetector):
         self._stash["level_mask"] = kwargs["attention_mask"]  # [B, sum(h*w)], True = real
 
     def _collect(self, raw: Any, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:
-        memory = raw.encoder_last_hidden_state
-        return DetectorOutput(
-            queries=raw.last_hidden_state,
-            logits=raw.logits,
-            boxes=self.boxes_to_input_pixels(raw.pred_boxes, pixel_mask),
-            memory=memory,
-            spatial_shapes=torch.as_tensor(self._stash["spatial_shapes"], dtype=torch.long, device=memory.device),
-            valid=valid_from_level_mask(self._stash["level_mask"], self._stash["spatial_shapes"]),
-            c1=self._stash.get("c1"),
-        )
+        return self._stashed_output(raw, pixel_mask, raw.encoder_last_hidden_state)

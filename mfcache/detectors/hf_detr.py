@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from mfcache.detectors.base import DetectorOutput
-from mfcache.detectors.hf_base import HFDetector, valid_from_level_mask
+from mfcache.detectors.hf_base import HFDetector
 
 
 class HFSingleScaleDetr(HFDetector):
@@ -52,17 +51,7 @@ class HFSingleScaleDetr(HFDetector):
         self._stash["memory"] = output[0]  # last_hidden_state [B, h*w, D]
 
     def _collect(self, raw: Any, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:
-        memory = self._stash["memory"]
-        shapes = self._stash["spatial_shapes"]
-        return DetectorOutput(
-            queries=raw.last_hidden_state,
-            logits=raw.logits,
-            boxes=self.boxes_to_input_pixels(raw.pred_boxes, pixel_mask),
-            memory=memory,
-            spatial_shapes=torch.as_tensor(shapes, dtype=torch.long, device=memory.device),
-            valid=valid_from_level_mask(self._stash["level_mask"], shapes),
-            c1=self._stash.get("c1"),
-        )
+        return self._stashed_output(raw, pixel_mask, self._stash["memory"])
 
 
 class HFDetr(HFSingleScaleDetr):

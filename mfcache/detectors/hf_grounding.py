@@ -34,7 +34,6 @@ import torch
 from torch import Tensor, nn
 
 from mfcache.detectors.base import DetectorOutput
-from mfcache.detectors.hf_base import valid_from_level_mask
 from mfcache.detectors.hf_open_vocab import HFOpenVocabDetector
 from mfcache.errors import MfcacheError
 
@@ -102,17 +101,8 @@ class HFGroundingDino(HFOpenVocabDetector):
                           token_type_ids=self._token_type_ids.expand(batch, -1))
 
     def _collect(self, raw: Any, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:
-        memory = raw.encoder_last_hidden_state_vision
-        shapes = self._stash["spatial_shapes"]
-        return DetectorOutput(
-            queries=raw.last_hidden_state,
-            logits=phrase_logits(raw.logits, self._token_phrase, len(self.info.prompts)),
-            boxes=self.boxes_to_input_pixels(raw.pred_boxes, pixel_mask),
-            memory=memory,
-            spatial_shapes=torch.as_tensor(shapes, dtype=torch.long, device=memory.device),
-            valid=valid_from_level_mask(self._stash["level_mask"], shapes),
-            c1=self._stash.get("c1"),
-        )
+        return self._stashed_output(raw, pixel_mask, raw.encoder_last_hidden_state_vision,
+                                    logits=phrase_logits(raw.logits, self._token_phrase, len(self.info.prompts)))
 
 
 class HFMMGroundingDino(HFGroundingDino):

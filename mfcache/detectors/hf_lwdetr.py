@@ -31,11 +31,10 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from mfcache.detectors.base import DetectorOutput, Preprocess
-from mfcache.detectors.hf_base import HFDetector, valid_from_level_mask
+from mfcache.detectors.hf_base import HFDetector
 from mfcache.errors import MfcacheError
 
 
@@ -104,17 +103,7 @@ class HFViTDetrFamily(HFDetector):
         self._stash["level_mask"] = kwargs["encoder_attention_mask"]  # [B, sum(h*w)], True = real
 
     def _collect(self, raw: Any, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:
-        memory = self._stash["memory"]
-        shapes = self._stash["spatial_shapes"]
-        return DetectorOutput(
-            queries=raw.last_hidden_state,
-            logits=raw.logits,
-            boxes=self.boxes_to_input_pixels(raw.pred_boxes, pixel_mask),
-            memory=memory,
-            spatial_shapes=torch.as_tensor(shapes, dtype=torch.long, device=memory.device),
-            valid=valid_from_level_mask(self._stash["level_mask"], shapes),
-            c1=None,
-        )
+        return self._stashed_output(raw, pixel_mask, self._stash["memory"])  # no C1: a ViT has no stride-4 map
 
 
 class HFLwDetr(HFViTDetrFamily):
