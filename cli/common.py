@@ -56,6 +56,21 @@ def user_errors(fn=None, *, interrupted: str | Callable[[dict], str] = ""):
 RERUN = "work finished so far is kept; run the same command again to resume"
 
 CacheOpt = Annotated[Path, typer.Option("--cache", help="Cache folder written by `mfcache extract`.")]
+CacheArg = Annotated[Path | None, typer.Argument(help="Cache folder (or --cache).", show_default=False)]
+CacheOrOpt = Annotated[Path | None, typer.Option("--cache", help="Cache folder, as in the other commands.",
+                                                 show_default=False)]
+
+
+def one_cache(positional: Path | None, option: Path | None) -> Path:
+    """The cache folder of a command that takes it as ``CACHE`` or ``--cache CACHE`` (either,
+    not both, not neither)."""
+    if positional is not None and option is not None and positional != option:
+        raise MfcacheError(f"two caches given ({positional} and --cache {option}); give one")
+    if positional is None and option is None:
+        raise MfcacheError("no cache given: pass the cache folder, e.g. `CACHE` or `--cache CACHE`")
+    return positional if positional is not None else option
+
+
 SplitOpt = Annotated[str | None, typer.Option("--split", help="Split of the cache (default: train* for training, val* for eval).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value, e.g. train.steps=500 or head.roi_size=64 (repeatable).")]

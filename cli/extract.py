@@ -102,8 +102,9 @@ def command(
     if world_from_env().rank:  # under torchrun, rank 0 reports for all
         return
     skipped = f", {summary.skipped} skipped: see `mfcache inspect {summary.cache}`" if summary.skipped else ""
-    stdout.print(f"split {summary.split!r}: {summary.num_images} images cached in {summary.cache} "
-                  f"({summary.written} written now{skipped})")
+    unit = " rows" if summary.views > 1 else ""
+    stdout.print(f"split {summary.split!r}: {summary.rows_line()} cached in {summary.cache} "
+                  f"({summary.written}{unit} written now{skipped})", highlight=False)
     if summary.annotations:
         see = f" (see `mfcache inspect {summary.cache}`)" if summary.skipped_annotations else ""
         stdout.print(summary.annotations + see, highlight=False)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated
 
-import typer
 
-from mfcache.cli.common import JsonOpt, print_json, user_errors
+from mfcache.cli.common import CacheArg, CacheOrOpt, JsonOpt, one_cache, print_json, user_errors
 from mfcache.cache.schema import format_bytes
 from mfcache.runtime import stdout
 
@@ -16,7 +13,7 @@ SHOWN_ANNOTATIONS = 20  # skipped annotations listed one per line; the rest are 
 
 
 @user_errors
-def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")], as_json: JsonOpt = False):
+def command(cache: CacheArg = None, cache_opt: CacheOrOpt = None, as_json: JsonOpt = False):
     """Show a cache's fingerprint, splits, and every array's shape, dtype and size.
 
     The fingerprint includes the text prompt of an open-vocabulary detector (its phrases are
@@ -28,8 +25,9 @@ def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")], as_jso
     and the detector's box recall at 0.5.
     --json prints the same description as one JSON document.
 
-    Example: mfcache inspect caches/ddetr
+    Example: mfcache inspect caches/ddetr  (or: mfcache inspect --cache caches/ddetr)
     """
+    cache = one_cache(cache, cache_opt)
     from mfcache.cache.report import describe
     from mfcache.errors import MfcacheError
 

@@ -51,6 +51,7 @@ def command(
     Example: mfcache train --cache caches/ddetr --head box_baseline --steps 2000 --device cuda --out runs/baseline
     """
     from mfcache.checkpoint_io import trusting
+    from mfcache.distributed import world_from_env
     from mfcache.stages.train import train
 
     overrides = train_overrides(overrides, steps=steps, device=device)
@@ -59,6 +60,8 @@ def command(
     with trusting(trust_checkpoint):
         last = train(cache_path=cache, run_dir=out, config=config, overrides=None if config else overrides,
                      split=split, resume=resume, progress=not quiet)
+    if world_from_env().rank:  # under torchrun, rank 0 reports for all
+        return
     if last.get("finished"):
         stdout.print(f"{out} is already trained to step {last['step']}: to train it longer, "
                       f"--resume --set train.steps=N with N > {last['step']}")

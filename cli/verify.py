@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import JsonOpt, print_json, user_errors
+from mfcache.cli.common import CacheArg, CacheOrOpt, JsonOpt, one_cache, print_json, user_errors
 from mfcache.runtime import stdout
 
 
 @user_errors
-def command(cache: Annotated[Path, typer.Argument(help="Cache folder.")], as_json: JsonOpt = False):
+def command(cache: CacheArg = None, cache_opt: CacheOrOpt = None, as_json: JsonOpt = False):
     """Check a cache for damage; exits 1 listing every problem found.
 
     Checks index consistency, completion flags, that every chunk is readable, finite and
     matches its checksum, and that the fingerprint is well formed. The report goes to stdout
     (--json: {"path", "ok", "problems", "splits"}), with exit code 1 if anything is wrong.
 
-    Example: mfcache verify caches/ddetr
+    Example: mfcache verify caches/ddetr  (or: mfcache verify --cache caches/ddetr)
     """
+    cache = one_cache(cache, cache_opt)
     import dataclasses
 
     from rich.table import Table

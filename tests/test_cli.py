@@ -53,6 +53,12 @@ def test_pipeline_end_to_end(shapes_data, tmp_path):
             "--annotations", shapes_data / "annotations" / f"{split}.json", "--out", cache, "--workers", 0, "-q")
     out = run("inspect", cache)
     assert "split train: " in out and "8/8 images complete" in out and "memory" in out
+    for command in ("inspect", "verify"):  # the cache as CACHE or as --cache, like the other commands
+        assert run(command, "--cache", cache) == run(command, cache)
+        two = runner.invoke(app, [command, str(cache), "--cache", str(tmp_path / "other")])
+        none = runner.invoke(app, [command])
+        assert two.exit_code == none.exit_code == 1
+        assert "error: two caches given" in two.output and "error: no cache given" in none.output
     run("train", "--cache", cache, "--out", run_dir, "--set", "train.steps=3", "--set", "train.batch_size=2", "-q")
     assert (run_dir / "checkpoint.pt").is_file()
     run("eval", "--cache", cache, "--run", run_dir, "--out", tmp_path / "metrics.json", "-q")

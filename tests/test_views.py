@@ -82,6 +82,14 @@ def test_rows_are_images_times_views_and_view0_is_the_plain_cache(caches):
     assert verify(caches[1]).ok
 
 
+def test_the_summary_counts_images_and_views_apart(caches, shapes_data):
+    again = run_extract(shapes_data, caches[1], 2)  # a finished cache: nothing written, the same counts
+    n = Cache(caches[0]).split("val").num_images
+    assert (again.num_images, again.views, again.written) == (2 * n, 2, 0)
+    assert again.rows_line() == f"{n} images x 2 views ({2 * n} rows)"
+    assert run_extract(shapes_data, caches[0], 1).rows_line() == f"{n} images"
+
+
 def test_view1_targets_are_the_flipped_and_rescaled_ground_truth(caches, shapes_data):
     two = Cache(caches[1]).split("val")
     dataset = CocoDataset(shapes_data / "annotations" / "val.json", shapes_data / "val")

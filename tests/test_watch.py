@@ -60,6 +60,8 @@ def test_settings_printed_at_start_and_steps_device_take_effect(cache, tmp_path)
     assert lines[at + 3] == "  train: min_iou=0.1, num_workers=0"
     assert lines[at + 4] == "  eval: defaults"
     assert lines[at + 5] == f"  full configuration: {run / 'config.json'}"
+    plain = invoke("train", "--cache", cache, "--out", tmp_path / "plain", "--steps", "1", "--device", "cpu").stderr
+    assert "  train: the rest at defaults" in plain.splitlines()  # not "defaults": --steps / --device are set
     # before the training's progress; -q prints none of it
     progress = [i for i, line in enumerate(lines) if line.startswith("train: ")]
     assert progress and min(progress) > at + 5

@@ -48,6 +48,8 @@ WRITE_QUEUE = 2  # finished blocks waiting for the writer thread before the dete
 
 @dataclass
 class ExtractSummary:
+    """Counts are cache rows: ``num_images`` rows = dataset images x ``views``."""
+
     split: str
     num_images: int
     written: int
@@ -57,6 +59,13 @@ class ExtractSummary:
     skipped_annotations: int = 0
     match: MatchStats | None = None  # GT coverage of the finished split (None while it is incomplete)
     c1: str = "store"  # the C1 policy the cache is made with (--c1 auto resolved)
+    views: int = 1  # rows per dataset image (extract --views)
+
+    def rows_line(self) -> str:
+        """``400 images`` or ``400 images x 4 views (1600 rows)``: what the split holds."""
+        if self.views == 1:
+            return f"{self.num_images} images"
+        return f"{self.num_images // self.views} images x {self.views} views ({self.num_images} rows)"
 
 
 def split_name(annotation_file: Path) -> str:
@@ -376,7 +385,7 @@ def _finish(job: _Job, group: zarr.Group, writer: BlockWriter, plan: SplitPlan, 
     complete = world.is_main and not (done == 0).any()
     match = record_match_stats(group, recompute=written > 0, views=job.views) if complete else None
     return ExtractSummary(split=job.split, num_images=plan.num_images, written=written, cache=out, c1=job.c1,
-                          skipped=int((done == SKIPPED).sum()), match=match,
+                          views=job.views, skipped=int((done == SKIPPED).sum()), match=match,
                           annotations=job.dataset.report.summary(),
                           skipped_annotations=len(job.dataset.report.left_out))
 

@@ -40,7 +40,8 @@ def settings_summary(config: RunConfig, *, cache: Path, split: str, images: int,
              + (f", tensorboard {run_dir / TENSORBOARD}" if tc.tensorboard else "")]
     for section, skip in (("head", {"name", "description"}), ("train", _IN_HEADER), ("eval", set())):
         changed = non_default(getattr(config, section), skip)
-        lines.append(f"  {section}: {', '.join(changed) if changed else 'defaults'}")
+        rest = "the rest at defaults" if section == "train" else "defaults"  # the line above has steps, lr, ...
+        lines.append(f"  {section}: {', '.join(changed) if changed else rest}")
     if held_out:
         lines.append(f"  masks learned from {', '.join(tc.categories)} only; held out (instances left out of the "
                      f"loss): {', '.join(held_out)}")
