@@ -97,6 +97,32 @@ def test_mask_logits_alone_equal_batched(preset, case, seed):
         torch.testing.assert_close(batched.quality[rows], alone.quality, atol=1e-5, rtol=0)
 
 
+TOKEN_PRESETS = [p for p in preset_names() if head_of(p).uses_tokens]
+
+
+@pytest.mark.parametrize("preset", TOKEN_PRESETS)
+def test_inference_runs_rois_one_image_at_a_time_with_the_batch_values(preset):
+    """At inference a head with RoI tokens runs one image's boxes at a time (memory bounded by
+    one image's detections): the values of the whole-batch pass training runs, and an
+    image with no selected detection is skipped."""
+    head = head_of(preset)
+    samples = [sample(h, w, 7 + i, head.levels) for i, (h, w) in enumerate([(40, 56), (72, 24), (33, 90)])]
+    select = torch.ones(3, K, dtype=torch.bool)
+    select[1] = False  # the middle image has nothing to segment
+    select[2, 1] = False
+    calls = []
+    hook = head.predictor.register_forward_hook(lambda module, args, out: calls.append(len(out)))
+    with torch.no_grad():
+        whole = run(head.train(), Batch.collate(samples), select)
+        per_image = run(head.eval(), Batch.collate(samples), select)
+    hook.remove()
+    assert calls == [2 * K - 1, K, K - 1]  # training: one pass; inference: one per image with detections
+    assert per_image.mask_logits.shape == whole.mask_logits.shape
+    torch.testing.assert_close(per_image.mask_logits, whole.mask_logits, atol=1e-5, rtol=0)
+    if whole.quality is not None:
+        torch.testing.assert_close(per_image.quality, whole.quality, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("preset", preset_names())
 @settings(max_examples=2, deadline=None)
 @given(case=images(), seed=st.integers(0, 1000))

@@ -7,6 +7,9 @@
 3. RoI features of the selected boxes (when a part needs them), + a learned position,
    through the box encoder (query token prepended) and the query encoder's box layers.
 4. The mask predictor -> ``[N, 1, M, M]``; the mask-IoU head -> quality ``[N]`` (optional).
+
+Steps 3-4 run on the whole batch in training; at inference a head with RoI tokens runs them
+one image at a time (memory bounded by one image's detections; the same values).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from mfcache.heads.box_encoder import BoxEncoder
 from mfcache.heads.fusion import FusedMap
 from mfcache.heads.query_encoder import QueryEncoder
 from mfcache.heads.region import FUSED_STRIDE, selected_rois
-from mfcache.heads.roi import roi_align
+from mfcache.heads.roi import per_image, roi_align
 from mfcache.heads.scoring import MaskIoUHead
 
 
@@ -47,6 +50,25 @@ class ComposedHead(MaskHead):
             q = self.query_encoder.image(self.query_proj(queries))  # all K queries of each image
             q = q.reshape(-1, q.shape[-1]) if select is None else q[select]
         rois = selected_rois(boxes, select)
+        if self.training or not self.uses_tokens:
+            return self.boxes_stage(fused, q, rois)
+        # inference with RoI tokens: one image's boxes at a time, so memory (a transformer over
+        # every box's M x M tokens) is bounded by one image's detections, whatever eval.batch_size
+        parts = [(sel, self.boxes_stage(fused, None if q is None else q[sel], rois[sel]))
+                 for _, sel in per_image(rois[:, 0].long())]
+        if not parts:
+            return self.boxes_stage(fused, q, rois)
+        logits = parts[0][1].mask_logits.new_empty(len(rois), *parts[0][1].mask_logits.shape[1:])
+        quality = None if self.scorer is None else logits.new_empty(len(rois))
+        for sel, out in parts:
+            logits[sel] = out.mask_logits
+            if quality is not None:
+                quality[sel] = out.quality
+        return HeadOutput(mask_logits=logits, quality=quality)
+
+    def boxes_stage(self, fused: list[Tensor], q: Tensor | None, rois: Tensor) -> HeadOutput:
+        """Steps 3-4 for ``rois [N, 5]`` (batch index into ``fused``, xyxy) and their queries
+        ``q [N, d']`` (None for a predictor that ignores them)."""
         feats = None
         if self.needs_roi_features:
             feats = roi_align(fused, rois, self.feature_size, 1.0 / FUSED_STRIDE, sampling_ratio=2)
