@@ -19,6 +19,10 @@ so a run cut short keeps what finished:
 5. ``training``: head training images/s from section 4's cache (box_baseline, blendmask,
    paper_final; AMP off and bf16), peak GPU memory, and the reader alone (reader-bound or not).
 6. ``projection``: COCO train2017 hours (extraction; the paper's 88,500 x 8 head schedule) and TB.
+7. ``sweep`` (only when asked: ``--only sweep``, about 10 minutes on an H200): the heads the
+   CPU cannot train at the demo's budget (RoI-token transformers, the FCN), ``paper_final``
+   first, and ``blendmask`` as the reference, each 1500 steps of 8 at lr 1e-3 on the demo
+   cache (built in the run), then COCO AP: the README's ablation sweep, completed.
 
 ``--quick`` shrinks every section (on a CPU: tiny detectors at 64 px, a few images and steps);
 its figures check that the code runs, they measure nothing. ``--budget-s`` (default 480):
@@ -55,8 +59,51 @@ CPU_DEMO_SEGM_AP = 0.411    # README: the default demo on the project's CPU mach
 DEMO_AP_TOLERANCE = 0.005
 PAPER_STEPS, PAPER_BATCH = 88_500, 8
 HEADS = ("box_baseline", "blendmask", "paper_final")
+# the README sweep's heads that need a GPU, most wanted first: paper_final and its reference at equal steps
+SWEEP_HEADS = ("paper_final", "blendmask", "box_encoder", "query_box_cross_attn", "fcn", "mask_scoring")
+SWEEP_STEPS, SWEEP_LR = 1500, 1e-3  # the README sweep's budget (the demo's: 30 epochs of 400 images)
 AMPS = ("off", "bf16")
 READER_MARGIN = 1.5  # the reader alone must be this much faster than training, or training is reader-bound
+
+
+# ----------------------------------------------------------------------------- 7. sweep
+def section_sweep(run: Run) -> dict:
+    """``SWEEP_HEADS`` trained on the demo cache as the README's sweep trains its heads (1500
+    steps of 8, lr 1e-3, seed 0) and evaluated: segm AP, seconds, and each head's seconds per
+    step against ``blendmask``'s (what "equal wall time" means on this device). Heads past the
+    budget are recorded as skipped."""
+    from mfcache.stages.demo import demo_cache
+    from mfcache.stages.sweep import sweep
+
+    demo = {k: v for k, v in run.plan.demo.items() if k != "steps"}
+    cache = demo_cache(run.work / "sweep", device=str(run.device), progress=False,
+                       say=lambda message: run.log(f"  sweep: {message}"), **demo)
+    batch = run.plan.sweep_batch
+    out = {"settings": f"demo cache ({demo or 'defaults: 400 train / 100 val images'}), "
+                       f"{run.plan.sweep_steps} steps of {batch}, lr {SWEEP_LR:g}, seed 0", "heads": []}
+    for name in SWEEP_HEADS:
+        if run.over_budget():
+            out["heads"].append({"head": name, **over_budget_note(run)})
+            continue
+        run.log(f"  sweep: {name}")
+        try:
+            row = sweep(cache_path=cache, heads=[name], out_dir=run.work / "sweep" / "runs", steps=run.plan.sweep_steps,
+                        device=str(run.device), overrides=[f"train.lr={SWEEP_LR}", f"train.batch_size={batch}",
+                                                f"train.num_workers={run.plan.train_workers}",
+                                                *run.plan.sweep_overrides],
+                        progress=False)[0]
+            out["heads"].append({"head": name, "segm_AP": row["segm_AP"], "segm_AP50": row["segm_AP50"],
+                                 "params": row["params"], "train_seconds": row["train_seconds"],
+                                 "s_per_step": row["train_seconds"] / run.plan.sweep_steps})
+        except Exception as exc:  # the next head still runs
+            out["heads"].append({"head": name, "error": f"{type(exc).__name__}: {exc}"})
+        run.free()
+    reference = next((h["s_per_step"] for h in out["heads"] if h["head"] == "blendmask" and "s_per_step" in h), None)
+    for h in out["heads"]:
+        if reference and "s_per_step" in h:
+            h["over_blendmask"] = h["s_per_step"] / reference
+    shutil.rmtree(run.work / "sweep", ignore_errors=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- the run
@@ -65,6 +112,7 @@ class Plan:
     """Image and step counts of one run (full on a GPU, shrunk with --quick)."""
 
     demo: dict                  # run_demo keyword arguments
+    sweep_steps: int
     extract_images: int         # images per extraction setting
     extract_small: int          # 0 = no steady-state (marginal) rate; else images of the short run subtracted
     shortest_edge: int
@@ -75,19 +123,22 @@ class Plan:
     steps: int
     train_workers: int
     positives: int = 20         # training queries per image aimed at (see positives_threshold)
+    sweep_batch: int = 8
+    sweep_overrides: tuple[str, ...] = ()  # --quick on a CPU: fewer detections per image to evaluate
 
     @classmethod
     def make(cls, device: torch.device, quick: bool) -> Plan:
         cpus = os.cpu_count() or 1
         if not quick:
-            return cls(demo={}, extract_images=32, extract_small=4, shortest_edge=800, full_size=True,
+            return cls(demo={}, sweep_steps=SWEEP_STEPS, extract_images=32, extract_small=4, shortest_edge=800, full_size=True,
                        forward_repeats=2, extract_workers=min(8, max(1, cpus // 2)), warmup_steps=5, steps=100,
                        train_workers=min(4, max(1, cpus // 4)))
         if device.type == "cuda":  # a quick look on a GPU: full-size detectors, few images
-            return cls(demo=dict(train_images=40, val_images=20, steps=30), extract_images=8, extract_small=2,
+            return cls(demo=dict(train_images=40, val_images=20, steps=30), sweep_steps=30, extract_images=8, extract_small=2,
                        shortest_edge=800, full_size=True, forward_repeats=1, extract_workers=min(4, cpus),
                        warmup_steps=2, steps=10, train_workers=2)
-        return cls(demo=dict(train_images=6, val_images=3, steps=3), extract_images=2, extract_small=0,
+        return cls(demo=dict(train_images=6, val_images=3, steps=3), sweep_steps=2,
+                   sweep_batch=1, sweep_overrides=("eval.max_detections=5",), extract_images=2, extract_small=0,
                    shortest_edge=64, full_size=False, forward_repeats=1, extract_workers=0, warmup_steps=1,
                    steps=2, train_workers=0, positives=1)
 
@@ -819,6 +870,18 @@ def md_training(r: dict) -> list[str]:
     return rows
 
 
+def md_sweep(r: dict) -> list[str]:
+    rows = [r["settings"] + "\n", "| head | segm AP | AP50 | params | train s | s/step | x blendmask |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for h in r["heads"]:
+        if "segm_AP" not in h:
+            rows.append(f"| {h['head']} | {h.get('error') or h.get('skipped')} | | | | | |")
+            continue
+        rows.append(f"| {h['head']} | {100 * h['segm_AP']:.1f} | {100 * h['segm_AP50']:.1f} | {h['params']:,} | "
+                    f"{h['train_seconds']:.0f} | {h['s_per_step']:.3f} | {fmt(h.get('over_blendmask'))} |")
+    return rows
+
+
 def md_projection(r: dict) -> list[str]:
     rows = ([f"**{r['note']}**\n"] if r.get("note") else []) + [
         f"COCO train2017: {r['images']:,} images; head schedule {r['schedule']}\n",
@@ -842,7 +905,9 @@ SECTIONS = {"environment": (section_environment, md_environment),
             "demo": (section_demo, md_demo),
             "extraction": (section_extraction, md_extraction),
             "training": (section_training, md_training),
-            "projection": (section_projection, md_projection)}
+            "projection": (section_projection, md_projection),
+            "sweep": (section_sweep, md_sweep)}
+DEFAULT_SECTIONS = [name for name in SECTIONS if name != "sweep"]  # the sweep runs only when asked
 
 
 def markdown(results: dict) -> str:
@@ -900,7 +965,7 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         run.log("no CUDA device is available: use --device cpu")
     try:
-        for name in args.only or SECTIONS:
+        for name in args.only or DEFAULT_SECTIONS:
             fn, _ = SECTIONS[name]
             if name != "projection" and run.over_budget():
                 result = over_budget_note(run)

@@ -77,6 +77,23 @@ def test_quick_cpu_run_has_every_section_without_errors_and_positive_figures(tmp
     assert not list(tmp_path.glob("gpucheck-*"))  # the scratch folder is removed
 
 
+def test_the_sweep_section_runs_only_when_asked_and_trains_every_gpu_head(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert "sweep" not in gpu_check.DEFAULT_SECTIONS  # ~10 minutes on a GPU: never part of the default check
+    proc = run_script(tmp_path, "--only", "sweep", timeout=480)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    sweep = json.loads((tmp_path / "out" / "gpu.json").read_text())["sweep"]
+    assert "error" not in sweep and [h["head"] for h in sweep["heads"]] == list(gpu_check.SWEEP_HEADS)
+    for h in sweep["heads"]:
+        assert 0 <= h["segm_AP"] <= 1 and positive(h["s_per_step"]) and positive(h["over_blendmask"]), h
+    assert next(h for h in sweep["heads"] if h["head"] == "blendmask")["over_blendmask"] == 1.0
+    assert "| paper_final |" in (tmp_path / "out" / "gpu.md").read_text()
+
+
 def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path):
     proc = run_script(tmp_path, "--only", "projection", "environment", timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -73,7 +73,6 @@ def run_demo(out: Path, *, train_images: int = 400, val_images: int = 100, steps
     the detector and the head run (``auto``: a GPU if there is one). An unknown ``head``
     fails before anything is written."""
     from mfcache.stages.evaluate import evaluate
-    from mfcache.stages.extract import extract
     from mfcache.stages.train import train
     from mfcache.stages.visualize import visualize_split
 
@@ -82,14 +81,8 @@ def run_demo(out: Path, *, train_images: int = 400, val_images: int = 100, steps
     config = resolve_run_config(head, [f"train.steps={steps}", f"train.lr={DEMO_LR}",  # a bad head fails first
                                        f"train.device={device}"])
     out = Path(out)
-    data, cache, run, overlays_dir = out / "data", out / "cache", out / "run", out / "overlays"
-    if not (data / "annotations" / "val.json").is_file():
-        say("1/4  data: synthetic shapes (COCO format)")
-        _write_data(data, train_images, val_images, progress)
-    say("2/4  extract: frozen demo detector -> Zarr cache")
-    for split in ("train", "val"):
-        summary = extract(detector="demo", images=data / split, annotations=data / "annotations" / f"{split}.json",
-                          out=cache, split=split, config=ExtractConfig(device=device, c1=DEMO_C1), progress=progress)
+    cache, run, overlays_dir = out / "cache", out / "run", out / "overlays"
+    demo_cache(out, train_images=train_images, val_images=val_images, device=device, progress=progress, say=say)
     say(f"3/4  train: {config.head.name} head, from the cache alone")
     train(cache_path=cache, run_dir=run, config=config, resume=(run / "checkpoint.pt").exists(), progress=progress)
     say("4/4  eval: COCO AP with pycocotools")
@@ -101,9 +94,29 @@ def run_demo(out: Path, *, train_images: int = 400, val_images: int = 100, steps
     json.loads((out / "metrics.json").read_text())  # written and readable
     trained = bool(metrics["detector"]["trained"])
     return DemoResult(metrics=metrics, metrics_path=out / "metrics.json", overlays=overlays,
-                      overlays_dir=overlays_dir, cache=summary.cache, run=run,
+                      overlays_dir=overlays_dir, cache=cache, run=run,
                       seconds=time.perf_counter() - started, detector_trained=trained,
                       detector_note=demo_detector_note() if trained else UNTRAINED_NOTE)
+
+
+def demo_cache(out: Path, *, train_images: int = 400, val_images: int = 100, device: str = "auto",
+               progress: bool = True, say: Callable[[str], None] | None = None) -> Path:
+    """Stages 1-2 of the demo: the shapes data under ``out/data`` (generated once) and its
+    train and val splits extracted by the demo detector into ``out/cache`` (finished splits are
+    skipped). Returns the cache folder."""
+    from mfcache.stages.extract import extract
+
+    say = say or console.rule
+    out = Path(out)
+    data, cache = out / "data", out / "cache"
+    if not (data / "annotations" / "val.json").is_file():
+        say("1/4  data: synthetic shapes (COCO format)")
+        _write_data(data, train_images, val_images, progress)
+    say("2/4  extract: frozen demo detector -> Zarr cache")
+    for split in ("train", "val"):
+        extract(detector="demo", images=data / split, annotations=data / "annotations" / f"{split}.json",
+                out=cache, split=split, config=ExtractConfig(device=device, c1=DEMO_C1), progress=progress)
+    return cache
 
 
 def _write_data(data: Path, train_images: int, val_images: int, progress: bool) -> None:
