@@ -98,6 +98,8 @@ def section_sweep(run: Run) -> dict:
         except Exception as exc:  # the next head still runs
             out["heads"].append({"head": name, "error": f"{type(exc).__name__}: {exc}"})
         run.free()
+        run.results["sweep"] = {**out, "unfinished": True}  # a run killed mid-section keeps its heads
+        save(run)
     reference = next((h["s_per_step"] for h in out["heads"] if h["head"] == "blendmask" and "s_per_step" in h), None)
     for h in out["heads"]:
         if reference and "s_per_step" in h:
