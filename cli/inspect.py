@@ -63,7 +63,8 @@ def _print_split(split: dict) -> None:
     from rich.table import Table
 
     name, skipped, left_out = split["name"], split["skipped_images"], split["skipped_annotations"]
-    stdout.print(f"\n[bold]split {name}[/bold]: {split['complete']}/{split['num_images']} images complete"
+    views = f" ({split['views']} views each, {split['num_images']} rows)" if split.get("views", 1) > 1 else ""
+    stdout.print(f"\n[bold]split {name}[/bold]: {split['complete']}/{split['images']} images complete{views}"
                   + (f", {len(skipped)} skipped" if skipped else "") + "; "
                   f"annotations {split['annotation_file']} (sha256 {split['annotations_sha256'][:16]})")
     for image in skipped:
@@ -87,7 +88,9 @@ def _print_split(split: dict) -> None:
                       format_bytes(a["stored"]))
     stdout.print(table)
     total = split["stored_bytes"]
-    stdout.print(f"split {name}: {format_bytes(total)} on disk, {format_bytes(total / max(split['num_images'], 1))} per image")
+    per = (f"{format_bytes(total / max(split['images'], 1))} per image ({split['views']} views)"
+           if split.get("views", 1) > 1 else f"{format_bytes(total / max(split['num_images'], 1))} per image")
+    stdout.print(f"split {name}: {format_bytes(total)} on disk, {per}")
 
 
 def _print_labels(labels: dict) -> None:

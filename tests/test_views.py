@@ -88,6 +88,13 @@ def test_the_summary_counts_images_and_views_apart(caches, shapes_data):
     assert (again.num_images, again.views, again.written) == (2 * n, 2, 0)
     assert again.rows_line() == f"{n} images x 2 views ({2 * n} rows)"
     assert run_extract(shapes_data, caches[0], 1).rows_line() == f"{n} images"
+    from typer.testing import CliRunner
+
+    from mfcache.cli.main import app
+
+    shown = " ".join(CliRunner().invoke(app, ["inspect", str(caches[1])]).output.split())
+    assert f"split val: {n}/{n} images complete (2 views each, {2 * n} rows)" in shown  # not "n/2n": half done
+    assert "per image (2 views)" in shown
 
 
 def test_view1_targets_are_the_flipped_and_rescaled_ground_truth(caches, shapes_data):

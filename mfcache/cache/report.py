@@ -52,7 +52,8 @@ def _describe_split(cache: Cache, name: str, into: list[dict]) -> None:
     """Append split ``name``'s entry to ``into`` as soon as it exists, then complete it, so
     that damage found on the way leaves what was gathered before it::
 
-        {"name", "num_images", "complete", "annotation_file", "annotations_sha256",
+        {"name", "num_images" (rows: images x views), "views", "images", "complete" (images),
+         "annotation_file", "annotations_sha256",
          "skipped_images": [{"id", "reason"}], "skipped_annotations": [{"id", "reason"}],
          "labels": mfcache.data.labels.describe_labels(...) (detector label -> category),
          "targets": None or {"stats": MatchStats.to_dict(), "line", "source"},
@@ -63,8 +64,10 @@ def _describe_split(cache: Cache, name: str, into: list[dict]) -> None:
     split = cache.split(name)
     entry = {
         "name": name,
-        "num_images": split.num_images,
-        "complete": len(split.done),
+        "num_images": split.num_images,  # rows: images x views
+        "views": cache.settings.views,
+        "images": split.num_images // cache.settings.views,
+        "complete": len(split.done),  # images (every view written)
         "annotation_file": split.attrs["annotation_file"],
         "annotations_sha256": split.attrs["annotations_sha256"],
         "skipped_images": [{"id": i, "reason": r} for i, r in sorted(split.skipped.items())],

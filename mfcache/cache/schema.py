@@ -347,14 +347,15 @@ class StoragePlan:
         per = self.per_image()
         return int(per.sum() if positions is None else per[positions].sum())
 
-    def line(self, positions: np.ndarray) -> str:
-        """``12 images, 1.3 MiB per image (memory 0.9, c1 0.4, ...), 16 MiB in all``."""
+    def line(self, positions: np.ndarray, unit: str = "image") -> str:
+        """``12 images, 1.3 MiB per image (memory 0.9, c1 0.4, ...), 16 MiB in all`` (``unit``
+        "row" for a cache of several views per image)."""
         n = len(positions)
         if n == 0:
             return "nothing left to write"
         parts = sorted(((int(v[positions].sum()) / n, k) for k, v in self.parts.items()), reverse=True)
         shown = ", ".join(f"{k} {format_bytes(b)}" for b, k in parts if b >= 0.01 * self.total(positions) / n)
-        return (f"{n} images, {format_bytes(self.total(positions) / n)} per image ({shown}), "
+        return (f"{n} {unit}s, {format_bytes(self.total(positions) / n)} per {unit} ({shown}), "
                 f"{format_bytes(self.total(positions))} in all")
 
 

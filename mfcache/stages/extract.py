@@ -313,7 +313,8 @@ def _check_space(job: _Job, plan: SplitPlan, todo: np.ndarray, out: Path, config
     need = storage.total(todo)
     if say:
         console.print(f"plan for split {job.split!r} ({c1_note(job.c1, config.c1, info.c1_channels)}): "
-                      f"{storage.line(todo)}; {format_bytes(free)} free on {out}", highlight=False, soft_wrap=True)
+                      f"{storage.line(todo, 'row' if job.views > 1 else 'image')}; {format_bytes(free)} free on {out}",
+                      highlight=False, soft_wrap=True)
     if need > free and not ignore:
         less = "--dtype int8, --c1 recompute or none, --levels" if job.c1 == "store" else "--dtype int8, --levels"
         raise MfcacheError(
