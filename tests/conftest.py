@@ -21,3 +21,13 @@ def shapes_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     write_shapes_dataset(root, num_train=8, num_val=4, seed=3)
     return root
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A 4 + 2 image shapes dataset (64-96 px) for the detector-family tests, made per module."""
+    from mfcache.data.shapes import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(root, num_train=4, num_val=2, seed=5, min_size=64, max_size=96)
+    return root

@@ -14,7 +14,7 @@ import torch
 from batches import padded_batch
 
 from mfcache.config import ExtractConfig, resolve_run_config
-from mfcache.data.shapes import CATEGORIES, write_shapes_dataset
+from mfcache.data.shapes import CATEGORIES
 from mfcache.detectors import load_detector
 from mfcache.detectors.base import Preprocess, level_shapes, select_topk
 
@@ -130,22 +130,20 @@ def _batch(sizes, pad):
     return padded_batch(sizes, pad, fill=torch.rand)
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def saved(request, tmp_path_factory):
-    family = FAMILIES[request.param]
-    path = tmp_path_factory.mktemp(request.param)
+def save_family(name: str, family, tmp_path_factory):
+    """``family``'s tiny random model (seed 0) and its processor saved to a new folder ->
+    (name, family, folder, the model)."""
+    path = tmp_path_factory.mktemp(name)
     torch.manual_seed(0)
     model = family.build().eval()
     model.save_pretrained(path)
     family.processor().save_pretrained(path)
-    return request.param, family, path, model
+    return name, family, path, model
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    write_shapes_dataset(root, num_train=4, num_val=2, seed=5, min_size=64, max_size=96)
-    return root
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def saved(request, tmp_path_factory):
+    return save_family(request.param, FAMILIES[request.param], tmp_path_factory)
 
 
 def test_adapter_matches_the_model(saved):

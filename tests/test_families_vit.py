@@ -13,10 +13,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 import torch
-from test_families import LABELS, _batch
+from test_families import LABELS, _batch, save_family
 
 from mfcache.config import ExtractConfig, HeadConfig, resolve_run_config
-from mfcache.data.shapes import write_shapes_dataset
 from mfcache.data.transforms import to_input
 from mfcache.detectors import load_detector
 from mfcache.detectors.base import IMAGENET_MEAN, IMAGENET_STD, level_shapes, select_topk
@@ -87,20 +86,7 @@ FAMILIES = {
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def saved(request, tmp_path_factory):
-    family = FAMILIES[request.param]
-    path = tmp_path_factory.mktemp(request.param)
-    torch.manual_seed(0)
-    model = family.build().eval()
-    model.save_pretrained(path)
-    family.processor().save_pretrained(path)
-    return request.param, family, path, model
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    write_shapes_dataset(root, num_train=4, num_val=2, seed=5, min_size=64, max_size=96)
-    return root
+    return save_family(request.param, FAMILIES[request.param], tmp_path_factory)
 
 
 def test_adapter_matches_the_model(saved):

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from mfcache.cli.main import app
 from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.data.prompts import prompt_phrases, read_prompts, with_implied_map
-from mfcache.data.shapes import CATEGORIES, write_shapes_dataset
+from mfcache.data.shapes import CATEGORIES
 from mfcache.detectors import load_detector
 from mfcache.detectors.base import level_shapes, select_topk
 from mfcache.errors import MfcacheError
@@ -137,13 +137,6 @@ def saved(request, tmp_path_factory):
 def grounding_saved(tmp_path_factory):
     """One family only: the prompt -> category mapping is the same for every family."""
     return _save("grounding-dino", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    write_shapes_dataset(root, num_train=4, num_val=2, seed=5, min_size=64, max_size=96)
-    return root
 
 
 def cli(*args, ok=True):
