@@ -26,15 +26,18 @@ from mfcache.data.views import (
 )
 from mfcache.detectors import load_detector
 from mfcache.errors import MfcacheError
-from mfcache.stages.extract import extract
+from mfcache.stages.extract import detector_batches, extract
 from mfcache.stages.sampling import StepBatches, ViewStepBatches, step_batches
 
 TARGET = 16
 
 
 def config(views: int, crop: float = 0.0) -> ExtractConfig:
-    return ExtractConfig(topk=10, target_size=TARGET, block_size=4, num_workers=0, device="cpu", c1="store",
-                         views=views, view_crop=crop)
+    # batch 2 divides the 2 images of a 4-row block of a 2-view cache: its view-0 rows run through
+    # the detector in the batches the 1-view cache's rows do (detector_batches), so the tests below
+    # may compare them bit for bit on any CPU (other batch compositions may differ in the last bits)
+    return ExtractConfig(topk=10, target_size=TARGET, block_size=4, batch_size=2, num_workers=0, device="cpu",
+                         c1="store", views=views, view_crop=crop)
 
 
 def run_extract(data, out, views, crop=0.0):
@@ -65,6 +68,23 @@ def test_view_transforms_are_deterministic_and_varied():
         assert view_transform(image_id, 1).flip and not view_transform(image_id, 2).flip
         assert view_transform(image_id, 2).scale in SCALES and view_transform(image_id, 2).scale != 1.0
     assert len({view_transform(i, 1).scale for i in range(20)}) > 1  # scales differ between images
+
+
+def test_views_never_share_a_detector_batch_and_view0_is_batched_as_the_plain_cache():
+    block, size = 8, 2
+    plain = detector_batches(np.arange(10), block, size)
+    assert plain == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]  # never across a block, from its first row
+    for views, rows_per_block in ((2, block), (4, block), (2, block * 2)):  # size divides block's images
+        rows = np.arange(10 * views)
+        batches = detector_batches(rows, rows_per_block, size, views)
+        assert sorted(j for b in batches for j in b) == rows.tolist()  # every row once
+        assert all(len({int(rows[j]) % views for j in b}) == 1 for b in batches)  # one view per batch
+        view0 = [[int(rows[j]) // views for j in b] for b in batches if rows[b[0]] % views == 0]
+        assert view0 == plain  # the plain cache's images, batch for batch
+        # a resumed run (the first block finished) batches the rest as the whole run did
+        rest = rows[rows_per_block:]
+        assert [[int(rest[j]) for j in b] for b in detector_batches(rest, rows_per_block, size, views)] == \
+            [[int(rows[j]) for j in b] for b in batches if rows[b[0]] >= rows_per_block]
 
 
 def test_rows_are_images_times_views_and_view0_is_the_plain_cache(caches):

@@ -331,16 +331,31 @@ def _own_pending(writer: BlockWriter, todo: np.ndarray, split: str, out: Path, b
     return own_blocks(todo, block, world)
 
 
+def detector_batches(pending: np.ndarray, block: int, batch_size: int, views: int = 1) -> list[list[int]]:
+    """The detector batches over ``pending`` (row positions, whole blocks of ``block`` rows), as
+    indices into ``pending``: each block's rows view by view (all its view-0 rows, then its
+    view-1 rows, ...), cut into batches of ``batch_size`` from the first row of each view.
+
+    A batch never straddles a block and starts at a block's first row of its view, so a resumed
+    run batches (and pads) every row exactly as an uninterrupted run does: outputs are identical.
+    Views never share a batch, so with ``batch_size`` dividing ``block // views`` the view-0 rows
+    of a ``views`` cache are batched exactly as the rows of the plain cache (same ``block`` and
+    ``batch_size``) and their outputs equal it bit for bit: the detector's floating point may
+    differ in the last bits between batch compositions on some CPUs' kernels."""
+    batches = []
+    for b0 in range(0, len(pending), block):
+        rows = np.arange(b0, min(b0 + block, len(pending)))
+        for v in range(views):
+            same_view = rows[pending[rows] % views == v].tolist()
+            batches += [same_view[j:j + batch_size] for j in range(0, len(same_view), batch_size)]
+    return batches
+
+
 def _loader(job: _Job, pending: np.ndarray, block: int, config: ExtractConfig) -> DataLoader:
     """Decoded images of ``pending`` in detector batches."""
-    # Batches never straddle a block and start at its first image, so a resumed run batches
-    # (and pads) every image exactly as an uninterrupted run does: outputs are identical.
-    batches = [list(range(j, min(j + config.batch_size, k)))
-               for b0 in range(0, len(pending), block)
-               for k in [min(b0 + block, len(pending))]
-               for j in range(b0, k, config.batch_size)]
     return DataLoader(
-        ImageSource(job.dataset, pending, job.model.info.preprocess, job.views, job.view_crop), batch_sampler=batches,
+        ImageSource(job.dataset, pending, job.model.info.preprocess, job.views, job.view_crop),
+        batch_sampler=detector_batches(pending, block, config.batch_size, job.views),
         num_workers=config.num_workers, collate_fn=list,
         persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
     )
