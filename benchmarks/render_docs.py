@@ -179,7 +179,7 @@ def sweep_page() -> tuple[str, dict[str, Callable[[Path], None]]]:
         name = h["head"] + (f" ({h['what']})" if h["what"] else "")
         rows.append([name, ap, f"{h['segm_AP50']:.1f}", f"{h['inbox_iou']:.3f}", f"{h['params']:,}"])
     sweep = (table(["head", "segm AP (%)", "AP50", "in-box IoU", "params"], rows, "lrrrr") + "\n\n"
-             + f"Budget: {meta['budget']}.\n\n" + provenance(meta) + "\n\n![segm AP and in-box IoU of each head](img/sweep.png)")
+             + f"Budget: {meta['budget']}.\n\n" + provenance(meta))
     fn = data["fused_norm"]
     norm = table(["head", "`head.fused_norm=none` (the paper's F, the default)", "`layer`", "`group`"],
                  [[r["head"], r["none"], r["layer"], r["group"]] for r in fn["rows"]], "lrrr")
@@ -210,7 +210,7 @@ def sweep_page() -> tuple[str, dict[str, Callable[[Path], None]]]:
         plt.close(fig)
 
     text = page("The ablation sweep on the demo cache", f"benchmarks/results/{source}",
-                section("table", sweep),
+                section("table", sweep), "![segm AP and in-box IoU of each head](img/sweep.png)",
                 "## F's normalisation\n\n" + section("fused-norm", norm),
                 "## `paper_final` against `blendmask` at 120 steps\n\n" + section("paper-final", short),
                 "## History\n\n" + "\n".join(f"- {h}" for h in data["history"]))
@@ -226,8 +226,7 @@ def learning_curves_page() -> tuple[str, dict[str, Callable[[Path], None]]]:
                               for step in steps] for label in labels]
     body = (table(["val segm AP (%) at step", *map(str, steps)], rows, "l" + "r" * len(steps)) + "\n\n"
             + "`box_baseline`, seed 0, 1500 steps of 8 at lr 1e-3 on the demo cache, val segm AP every 250 steps. "
-            + provenance(meta) + "\n\n![training loss and val segm AP of box_baseline, F raw against F GroupNorm]"
-            "(img/learning_curves.png)")
+            + provenance(meta))
 
     def plot(path: Path) -> None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -236,7 +235,8 @@ def learning_curves_page() -> tuple[str, dict[str, Callable[[Path], None]]]:
         draw(curves, path)
 
     return page("Learning curves: `box_baseline`, F raw against F GroupNorm", f"benchmarks/results/{source}",
-                section("table", body)), {"learning_curves.png": plot}
+                section("table", body),
+                "![training loss and val segm AP of box_baseline, F raw against F GroupNorm](img/learning_curves.png)"), {"learning_curves.png": plot}
 
 
 def peers_page() -> str:
