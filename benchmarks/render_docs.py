@@ -117,11 +117,10 @@ def _docstring(text: str) -> str:
 def cli_reference() -> str:
     """Every command of ``mfcache`` with its usage, help and options, as ``--help`` shows them."""
     import typer.main
-    from typer._click.core import Context
-
     from mfcache.cli.main import app
 
     root = typer.main.get_command(app)
+    Context = root.context_class  # click's (or typer's own) Context, without naming a private module
     ctx = Context(root, info_name="mfcache")
     parts = [
         "# CLI reference\n",
