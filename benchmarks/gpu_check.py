@@ -22,7 +22,7 @@ so a run cut short keeps what finished:
 7. ``sweep`` (only when asked: ``--only sweep``, about 10 minutes on an H200): the heads the
    CPU cannot train at the demo's budget (RoI-token transformers, the FCN), ``paper_final``
    first, and ``blendmask`` as the reference, each 1500 steps of 8 at lr 1e-3 on the demo
-   cache (built in the run), then COCO AP: the README's ablation sweep, completed.
+   cache (built in the run), then COCO AP: the ablation sweep of docs/heads.md, completed.
 
 ``--quick`` shrinks every section (on a CPU: tiny detectors at 64 px, a few images and steps);
 its figures check that the code runs, they measure nothing. ``--budget-s`` (default 480):
@@ -55,20 +55,20 @@ from cache_io import COCO_TRAIN2017_IMAGES, write_r50_checkpoint
 from common import (cpu_name, disk_bytes, fmt, interleaved, positives_threshold, write_native_checkpoint,
                     write_report)
 
-CPU_DEMO_SEGM_AP = 0.411    # README: the default demo on the project's CPU machine
+CPU_DEMO_SEGM_AP = 0.411    # docs/getting-started.md: the default demo on the project's CPU machine
 DEMO_AP_TOLERANCE = 0.005
 PAPER_STEPS, PAPER_BATCH = 88_500, 8
 HEADS = ("box_baseline", "blendmask", "paper_final")
-# the README sweep's heads that need a GPU, most wanted first: paper_final and its reference at equal steps
+# the sweep's heads (docs/heads.md) that need a GPU, most wanted first: paper_final and its reference at equal steps
 SWEEP_HEADS = ("paper_final", "blendmask", "box_encoder", "query_box_cross_attn", "fcn", "mask_scoring")
-SWEEP_STEPS, SWEEP_LR = 1500, 1e-3  # the README sweep's budget (the demo's: 30 epochs of 400 images)
+SWEEP_STEPS, SWEEP_LR = 1500, 1e-3  # the sweep's budget (docs/heads.md) (the demo's: 30 epochs of 400 images)
 AMPS = ("off", "bf16")
 READER_MARGIN = 1.5  # the reader alone must be this much faster than training, or training is reader-bound
 
 
 # ----------------------------------------------------------------------------- 7. sweep
 def section_sweep(run: Run) -> dict:
-    """``SWEEP_HEADS`` trained on the demo cache as the README's sweep trains its heads (1500
+    """``SWEEP_HEADS`` trained on the demo cache as the sweep of docs/heads.md trains its heads (1500
     steps of 8, lr 1e-3, seed 0) and evaluated: segm AP, seconds, and each head's seconds per
     step against ``blendmask``'s (what "equal wall time" means on this device). Heads past the
     budget are recorded as skipped."""

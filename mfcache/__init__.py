@@ -5,4 +5,4 @@ caches its outputs in Zarr; stage 2 (`train`) trains light mask heads from that 
 stage 3 (`eval`) reports COCO mask AP.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

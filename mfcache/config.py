@@ -80,7 +80,7 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """Stage 2: the mask head (DESIGN §5). The default is the paper's box-level baseline.
+    """Stage 2: the mask head (design §5, docs/design.md). The default is the paper's box-level baseline.
     The fields with choices are exactly what the heads builder (mfcache/heads) composes."""
 
     name: str = option("box_baseline", check=run_name)
@@ -126,7 +126,7 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Stage 2: optimisation. Defaults follow the paper's recipe (DESIGN §5)."""
+    """Stage 2: optimisation. Defaults follow the paper's recipe (design §5, docs/design.md)."""
 
     steps: int = option(2000, low=1)
     batch_size: int = option(8, low=1)

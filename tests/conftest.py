@@ -31,3 +31,38 @@ def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     write_shapes_dataset(root, num_train=4, num_val=2, seed=5, min_size=64, max_size=96)
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_layout(shapes_data, tmp_path_factory):
+    """``mfcache demo``'s layout in a fresh folder, small (the Python API tests and the docs' runnable
+    blocks run in it): mfcache-demo/data (2 val images),
+    mfcache-demo/cache (their demo-detector outputs, detector batch 1) and mfcache-demo/run
+    (a head trained 2 steps on it)."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from mfcache.cli.main import app
+
+    runner = CliRunner()
+    root = tmp_path_factory.mktemp("api")
+    demo = root / "mfcache-demo"
+    val = json.loads((shapes_data / "annotations" / "val.json").read_text())
+    images = val["images"][:2]
+    (demo / "data" / "val").mkdir(parents=True)
+    (demo / "data" / "annotations").mkdir()
+    for im in images:
+        shutil.copy(shapes_data / "val" / im["file_name"], demo / "data" / "val" / im["file_name"])
+    keep = {im["id"] for im in images}
+    subset = {**val, "images": images, "annotations": [a for a in val["annotations"] if a["image_id"] in keep]}
+    (demo / "data" / "annotations" / "val.json").write_text(json.dumps(subset))
+    for args in (["extract", "--detector", "demo", "--images", demo / "data" / "val", "--annotations",
+                  demo / "data" / "annotations" / "val.json", "--out", demo / "cache", "--batch-size", 1,
+                  "--workers", 0],
+                 ["train", "--cache", demo / "cache", "--split", "val", "--out", demo / "run",
+                  "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "eval.batch_size=1"]):
+        result = runner.invoke(app, [str(a) for a in args] + ["-q"])
+        assert result.exit_code == 0, result.output
+    return root

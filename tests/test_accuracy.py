@@ -4,7 +4,7 @@ The other end-to-end tests accept any AP in [0, 1]; this one fails when a change
 its loss, the cache, the mask pasting or the evaluation costs mask AP. It generates a small
 shapes dataset the demo detector never saw (seed 7; the detector was trained on seed 0),
 extracts it with the shipped demo detector, trains the demo's head (``blendmask``, the preset
-that learns masks fastest per CPU second, see README) for a short schedule and evaluates it.
+that learns masks fastest per CPU second, see docs/heads.md) for a short schedule and evaluates it.
 Everything goes through ``mfcache`` commands, the stable interface (the library's internals
 may move), and runs on the CPU, so the figures below are the ones the test reproduces.
 """

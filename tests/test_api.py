@@ -20,7 +20,8 @@ from mfcache.errors import MfcacheError
 runner = CliRunner()
 
 README = Path(__file__).parents[1] / "README.md"
-MARKER = "<!-- api-example -->"
+API_PAGE = Path(__file__).parents[1] / "docs" / "api.md"
+MARKER = "<!-- runnable -->"
 
 # The README's "Python API" example, verbatim: test_readme_shows_this_example checks that the README's
 # block (the ```python block after MARKER) is this text, test_the_readme_example_runs runs it. It
@@ -51,29 +52,9 @@ coco = results[0].to_coco(image_id=1)
 
 
 @pytest.fixture(scope="module")
-def demo_dir(shapes_data, tmp_path_factory):
-    """``mfcache demo``'s layout in a fresh folder, small: mfcache-demo/data (2 val images),
-    mfcache-demo/cache (their demo-detector outputs, detector batch 1) and mfcache-demo/run
-    (a head trained 2 steps on it)."""
-    root = tmp_path_factory.mktemp("api")
-    demo = root / "mfcache-demo"
-    val = json.loads((shapes_data / "annotations" / "val.json").read_text())
-    images = val["images"][:2]
-    (demo / "data" / "val").mkdir(parents=True)
-    (demo / "data" / "annotations").mkdir()
-    for im in images:
-        shutil.copy(shapes_data / "val" / im["file_name"], demo / "data" / "val" / im["file_name"])
-    keep = {im["id"] for im in images}
-    subset = {**val, "images": images, "annotations": [a for a in val["annotations"] if a["image_id"] in keep]}
-    (demo / "data" / "annotations" / "val.json").write_text(json.dumps(subset))
-    for args in (["extract", "--detector", "demo", "--images", demo / "data" / "val", "--annotations",
-                  demo / "data" / "annotations" / "val.json", "--out", demo / "cache", "--batch-size", 1,
-                  "--workers", 0],
-                 ["train", "--cache", demo / "cache", "--split", "val", "--out", demo / "run",
-                  "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "eval.batch_size=1"]):
-        result = runner.invoke(app, [str(a) for a in args] + ["-q"])
-        assert result.exit_code == 0, result.output
-    return root
+def demo_dir(demo_layout):
+    """``mfcache demo``'s layout, small (conftest.py: ``demo_layout``)."""
+    return demo_layout
 
 
 @pytest.fixture(scope="module")
@@ -197,12 +178,12 @@ def test_the_readme_example_runs(demo_dir, predicted, monkeypatch, capsys):
                      re.MULTILINE)
 
 
-def test_readme_shows_this_example():
-    """The README's Python API block is EXAMPLE, the text test_the_readme_example_runs runs."""
-    text = README.read_text()
-    assert MARKER in text, f"README.md has no {MARKER} line before its Python API example"
-    block = re.search(r"```python\n(.*?)```", text[text.index(MARKER):], re.DOTALL)
-    assert block and block.group(1) == EXAMPLE
+@pytest.mark.parametrize("page", [README, API_PAGE], ids=lambda p: p.name)
+def test_readme_shows_this_example(page):
+    """The Python API block of README.md and docs/api.md is EXAMPLE, the text
+    test_the_readme_example_runs runs (tests/test_docs.py runs every runnable block too)."""
+    blocks = re.findall(re.escape(MARKER) + r"\n```python\n(.*?)```", page.read_text(), re.DOTALL)
+    assert EXAMPLE in blocks, f"{page.name} has no runnable Python block equal to the API example"
 
 
 def test_import_mfcache_stays_light():

@@ -1,4 +1,4 @@
-"""Batch independence (DESIGN §7): an image's mask logits, training loss, eval results and
+"""Batch independence (design §7, docs/design.md): an image's mask logits, training loss, eval results and
 predictions never depend on its batch mates or the batch size.
 
 Head inputs are built directly (as the cache reader serves one image: maps cropped to the

@@ -24,7 +24,7 @@ def command_paths(group=None, prefix=()):
 
 
 COMMANDS = list(command_paths())
-README = (Path(__file__).parents[1] / "README.md").read_text()
+COMMANDS_PAGE = (Path(__file__).parents[1] / "docs" / "commands" / "index.md").read_text()
 
 
 def test_the_commands_are_the_documented_set():
@@ -33,11 +33,11 @@ def test_the_commands_are_the_documented_set():
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
-def test_every_command_has_help_with_an_example_and_a_readme_section(command):
+def test_every_command_has_help_with_an_example_and_a_docs_section(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Example: mfcache " + command[0] in " ".join(result.output.split())
-    assert f"`mfcache {' '.join(command)}`" in README, f"README has no section for mfcache {' '.join(command)}"
+    assert f"## `mfcache {' '.join(command)}`" in COMMANDS_PAGE, f"docs/commands/index.md has no section for mfcache {' '.join(command)}"
 
 
 def run(*args):

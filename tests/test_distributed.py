@@ -57,7 +57,7 @@ def arrays(path: Path) -> dict:
 
 def test_two_rank_extract_equals_one_process(data, reference, tmp_path):
     out = tmp_path / "cache"
-    # `torchrun -m mfcache extract ...`, the form the README documents
+    # `torchrun -m mfcache extract ...`, the form docs/commands/index.md documents
     proc = torchrun("-m", "mfcache", "extract", "--detector", "demo", "--images", str(data / "train"),
                     "--annotations", str(data / "annotations" / "train.json"), "--out", str(out),
                     "--workers", "0", "--topk", "10", "--target-size", "8", "--block-size", str(BLOCK),
@@ -78,7 +78,7 @@ def test_two_rank_ddp_training_equals_one_process(data, reference, tmp_path):
                 "train.num_workers=0", "train.device=cpu", "train.min_iou=0.1", "train.grad_clip=0"]
     training.train(cache_path=reference, run_dir=tmp_path / "one", config=resolve_run_config(None, settings),
                  progress=False)
-    # `torchrun -m mfcache train ...`, the form the README documents
+    # `torchrun -m mfcache train ...`, the form docs/commands/index.md documents
     proc = torchrun("-m", "mfcache", "train", "--cache", str(reference), "--out", str(tmp_path / "two"), "-q",
                     *[a for s in settings for a in ("--set", s)])
     assert proc.stdout.count("trained box_baseline to step 3") == 1  # rank 0 reports for all

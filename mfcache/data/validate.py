@@ -1,7 +1,7 @@
 """Every annotation field that extract, train and eval read, checked once when the
 annotation file is loaded (before anything is written), and cleaned into what eval can score.
 
-Per annotation (the README's "Guarantees" lists the same):
+Per annotation (docs/guarantees.md lists the same):
 - ``image_id``, ``category_id``: integers naming a listed image / category, else an error;
 - ``segmentation``: polygons (lists of an even count of finite numbers, at most one image
   size outside the image, outline at most ``H * W`` pixels: :mod:`mfcache.data.segmentation`) or an RLE (compressed string or

@@ -1,4 +1,4 @@
-"""The one head class: parts chosen by ``build_head``, wired in the order of DESIGN §5.
+"""The one head class: parts chosen by ``build_head``, wired in the order of design §5 (docs/design.md).
 
 1. F = fused map (image encoder on E, channel mapper, C1 neck) at stride 4, computed for each
    image on its own valid maps: a list of B maps ``[d', h_b, w_b]``, never padded to a batch.

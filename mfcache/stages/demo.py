@@ -23,11 +23,11 @@ from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.runtime import console, progress_bar
 
 DEMO_OVERLAYS = 4  # val images drawn as ground truth | prediction panels
-DEMO_HEAD = "blendmask"  # on the small demo detector's features, the head that learns masks fastest (README)
+DEMO_HEAD = "blendmask"  # on the small demo detector's features, the head that learns masks fastest (docs/heads.md)
 DEMO_LR = 1e-3           # a short schedule: 30 epochs of the 400 demo images at the default 1500 steps
 # The demo stores C1 (not --c1 auto's recompute): its maps are ~86 KB per image (~43 MB for the
 # 500 images), and re-making one costs ~14-18 ms of a CPU reader per training sample against
-# ~9 ms to read the stored sample (README): on a CPU that would slow the 12,000 samples of training.
+# ~9 ms to read the stored sample (docs/commands/index.md, extract --c1): on a CPU that would slow the 12,000 samples of training.
 DEMO_C1 = "store"
 
 UNTRAINED_NOTE = ("the demo detector is UNTRAINED (random weights from a fixed seed): its boxes are random, so "
