@@ -191,6 +191,11 @@ def resolve_options(family: str, options: dict, state: dict[str, Tensor], where:
     """The spec's options completed from the checkpoint; an option that contradicts it is an error.
     ``given_as`` names how an option was given when not by itself (``num_classes``: a labels file)."""
     read = read_architecture(family, state, options.get("nheads", NativeConfig.nheads))
+    if "backbone" not in read and "backbone" not in options:
+        first = next((k for k in state if k.startswith("backbone.0.")), None)
+        if first is not None:
+            raise MfcacheError(f"{where}: the checkpoint's backbone ({first}, ...) is none that mfcache builds "
+                               "(ResNet 18/34/50/101, Swin tiny/small/base/large)")
     out = dict(options)
     for key, reading in read.items():
         if key == "query_rows":
