@@ -136,3 +136,15 @@ def test_an_option_that_contradicts_the_checkpoint_is_one_error_line(tmp_path, o
     with pytest.raises(MfcacheError, match=message) as info:
         load(f"hdetr:CKPT?{option}", path)
     assert "\n" not in str(info.value)
+
+
+def test_dc5_keeps_the_last_level_at_stride_16():
+    """``dilation=1`` (no tensor tells it): layer4 dilated, so the single level is 1/16 of the input."""
+    from mfcache.detectors.native.backbone import build_backbone
+
+    body = build_backbone("resnet50", (4,), dilation=True).eval()
+    with torch.no_grad():
+        c1, (c5,) = body(torch.zeros(1, 3, 96, 64))
+    assert body.strides == [16] and tuple(c5.shape[-2:]) == (6, 4) and tuple(c1.shape[-2:]) == (24, 16)
+    with pytest.raises(MfcacheError, match="dilation needs a bottleneck ResNet"):
+        build_backbone("resnet18", (4,), dilation=True)

@@ -2,7 +2,10 @@
 
 ``load_native("hdetr", "<file.pth>?options")`` / ``load_native("dino", ...)``; the spec
 grammar and options are documented in :mod:`mfcache.detectors.native.checkpoint`.
-Backbones: ResNet (R50 default) and Swin (``backbone=swin_large``); C1 is the first stage's
+The architecture is read from the checkpoint's tensors where they fix it
+(:mod:`~mfcache.detectors.native.architecture`: backbone, Swin window, levels, queries, ...).
+Backbones: ResNet 18/34/50/101 (DC5 with ``dilation=1``) and Swin tiny/small/base/large, window
+7 or 12 as the checkpoint has it; C1 is the first stage's
 output at stride 4 (ResNet ``layer1``, 256 channels for R50; Swin stage 0 before any norm,
 192 channels for Swin-L).
 """
