@@ -184,12 +184,21 @@ def test_spec_errors_are_one_clear_line(tmp_path):
     random_checkpoint(path, "hdetr", HDETR_TINY)
     with pytest.raises(MfcacheError, match="unknown option.*num_querys"):
         load_detector(spec("hdetr", path, HDETR_TINY, num_querys=3))
-    with pytest.raises(MfcacheError, match=r"other shapes.*query_embed\.weight"):
+    # options the tensors fix must agree with them; the error names the tensor
+    with pytest.raises(MfcacheError, match=r"20 \+ num_queries_one2many=10 = 30 contradicts the checkpoint: "
+                                           r"query_embed\.weight is \[50, 64\]"):
         load_detector(spec("hdetr", path, {**HDETR_TINY, "num_queries_one2many": 10}))
-    with pytest.raises(MfcacheError, match="does not fit.*unexpected"):
+    with pytest.raises(MfcacheError, match="option two_stage=0 contradicts the checkpoint.*enc_output"):
         load_detector(spec("hdetr", path, HDETR_TINY, two_stage=0, box_refine=0))
-    with pytest.raises(MfcacheError, match="two_stage needs box_refine"):
+    with pytest.raises(MfcacheError, match="option box_refine=0 contradicts the checkpoint"):
         load_detector(spec("hdetr", path, HDETR_TINY, box_refine=0))
+    # no tensor gives the number of heads, only heads x levels x points: a wrong nheads shows
+    # as points that disagree, or (where the product does not divide) as shapes
+    with pytest.raises(MfcacheError, match=r"enc_n_points=2 contradicts.*\[32, 64\] = 8 heads x 4 levels x 1 points"):
+        load_detector(spec("hdetr", path, {**HDETR_TINY, "nheads": 8}))
+    no_points = {k: v for k, v in HDETR_TINY.items() if not k.endswith("_n_points")}
+    with pytest.raises(MfcacheError, match=r"other shapes.*cross_attn\.sampling_offsets"):
+        load_detector(spec("hdetr", path, {**no_points, "nheads": 8}))
     with pytest.raises(MfcacheError, match="not found"):
         load_detector(f"dino:{tmp_path / 'nope.pth'}")
     torch.save({"state_dict": {}}, path)

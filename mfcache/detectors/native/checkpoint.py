@@ -4,11 +4,12 @@ and strict state-dict matching.
 Spec: ``hdetr:<file.pth>[?option=value&...]`` / ``dino:<file.pth>[?...]``. The file is a
 ``torch.save`` dict whose ``"model"`` entry is the state dict (as both repos save it); it is
 read without running code from the file (:mod:`mfcache.checkpoint_io`).
-Options (all optional; defaults are the published R50 models):
+Options (all optional: what the checkpoint's tensors fix is read from them,
+:mod:`~mfcache.detectors.native.architecture`; an option given must agree with them):
 
 - architecture (:class:`~mfcache.detectors.native.detector.NativeConfig` and the family
-  config): ``backbone`` (resnet50 | resnet101 | resnet18 | resnet34 | swin_large | swin_tiny),
-  ``d_model``, ``nheads``,
+  config): ``backbone`` (resnet50 | resnet101 | resnet18 | resnet34 | swin_tiny | swin_small |
+  swin_base | swin_large), ``window`` (Swin), ``dilation`` (ResNet DC5), ``d_model``, ``nheads``,
   ``enc_layers``, ``dec_layers``, ``dim_feedforward``, ``num_feature_levels``,
   ``backbone_levels``, ``enc_n_points``, ``dec_n_points``, ``num_classes``; H-DETR:
   ``num_queries`` (one-to-one queries, 300), ``num_queries_one2many`` (1500), ``two_stage``,
@@ -90,8 +91,8 @@ def _coerce(key: str, value: str, kind: str, where: str):
         raise MfcacheError(f"{where}: option {key}={value!r} must be {expected}") from None
 
 
-def build_config(cfg_cls: type, options: dict[str, str], where: str) -> tuple[object, dict[str, str]]:
-    """The family config from the spec options, and the non-architecture options."""
+def parse_options(cfg_cls: type, options: dict[str, str], where: str) -> tuple[dict, dict[str, str]]:
+    """(the architecture options typed as the family config's fields, the other options)."""
     fields = {f.name: str(f.type) for f in dataclasses.fields(cfg_cls)}
     unknown = sorted(set(options) - set(fields) - set(EXTRA_OPTIONS))
     if unknown:
@@ -99,7 +100,7 @@ def build_config(cfg_cls: type, options: dict[str, str], where: str) -> tuple[ob
                            f"{', '.join(sorted(fields) + list(EXTRA_OPTIONS))}")
     values = {k: _coerce(k, v, fields[k], where) for k, v in options.items() if k in fields}
     extra = {k: v for k, v in options.items() if k in EXTRA_OPTIONS}
-    return cfg_cls(**values), extra
+    return values, extra
 
 
 def read_labels(path: str, where: str) -> tuple[str, ...]:
@@ -130,8 +131,8 @@ def _names(keys: list[str]) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > _SHOWN else ''})"
 
 
-def map_state_dict(state: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Checkpoint names -> native names (RENAMES, ALIASES, IGNORED); no checks."""
+def rename_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Checkpoint names -> native names (RENAMES; IGNORED dropped); no checks."""
     out = {}
     for key, value in state.items():
         if IGNORED.search(key):
@@ -139,6 +140,12 @@ def map_state_dict(state: dict[str, Tensor], expected: dict[str, Tensor]) -> dic
         for pattern, repl in RENAMES:
             key = re.sub(pattern, repl, key)
         out[key] = value
+    return out
+
+
+def map_state_dict(state: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Checkpoint names -> native names (RENAMES, IGNORED, and the ALIASES ``expected`` needs); no checks."""
+    out = rename_keys(state)
     for alias, canonical in ALIASES:
         for key in expected:
             for a, b in ((alias, canonical), (canonical, alias)):
@@ -157,7 +164,7 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], where: str, family:
         parts = ([f"missing {_names(missing)}"] if missing else []) + (
             [f"unexpected {_names(unexpected)}"] if unexpected else [])
         raise MfcacheError(f"{where}: checkpoint does not fit the {family} architecture: {'; '.join(parts)}; "
-                           "check the spec options (two_stage, box_refine, num_feature_levels, layers, ...)")
+                           "check the spec options (nheads, num_queries, ...)")
     differ = [a + k[len(a):] for a, c in ALIASES for k in expected if k.startswith(a)
               and c + k[len(a):] in state and not torch.equal(state[k], state[c + k[len(a):]])]
     if differ:
@@ -167,7 +174,7 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], where: str, family:
     if wrong:
         raise MfcacheError(f"{where}: {len(wrong)} weight(s) have other shapes than the {family} architecture "
                            f"(checkpoint vs model), e.g. {'; '.join(wrong[:2])}; check the spec options "
-                           "(d_model, dim_feedforward, num_queries, labels/num_classes, backbone, ...)")
+                           "(nheads, num_queries, ...)")
     model.load_state_dict(state, strict=True)
 
 

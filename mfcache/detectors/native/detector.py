@@ -24,6 +24,8 @@ class NativeConfig:
     """Architecture options shared by the family configs (defaults: the published R50 models)."""
 
     backbone: str = "resnet50"
+    window: int = 0              # Swin window size; 0: the backbone's default (see swin.SWINS)
+    dilation: bool = False       # ResNet DC5: layer4 dilated, stride 16
     d_model: int = 256
     nheads: int = 8
     enc_layers: int = 6
@@ -70,7 +72,7 @@ class NativeDetector(Detector):
         if cfg.d_model % cfg.nheads or cfg.d_model % 2 or min(cfg.enc_layers, cfg.dec_layers) < 1:
             raise ValueError("need d_model divisible by nheads (and even) and at least one encoder and decoder layer")
         self.cfg = cfg
-        body = build_backbone(cfg.backbone, cfg.return_layers)
+        body = build_backbone(cfg.backbone, cfg.return_layers, window=cfg.window, dilation=cfg.dilation)
         self.backbone = nn.ModuleList([body])
         self.input_proj = input_projections(body.num_channels, cfg.num_feature_levels, cfg.d_model)
         num_pred = self.num_heads()

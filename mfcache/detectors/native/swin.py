@@ -13,15 +13,27 @@ blocks use the originals' -100 attention mask.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# name -> (embed_dim, depths, heads, window)
+# name -> (embed_dim, depths, heads, default window). The window is a separate choice: H-DETR's
+# Swin-L (``swin_large``, ImageNet-22k 224) uses 7, DINO's (``swin_L_384_22k``) 12; a checkpoint
+# tells which (:mod:`.architecture`), the default serves models built without one.
 SWINS = {
     "swin_tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24), 7),
+    "swin_small": (96, (2, 2, 18, 2), (3, 6, 12, 24), 7),
+    "swin_base": (128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
     "swin_large": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
 }
+
+
+def window_of(table_rows: int) -> int | None:
+    """The window ``w`` whose relative-position bias table has ``(2w - 1)^2`` rows, or None."""
+    side = math.isqrt(table_rows)
+    return (side + 1) // 2 if side * side == table_rows and side % 2 == 1 else None
 
 
 def _windows(x: Tensor, size: int) -> Tensor:
@@ -201,9 +213,10 @@ class SwinC1Stem(nn.Module):
 
 
 class SwinTrunk(nn.Module):
-    def __init__(self, name: str, out_indices: tuple[int, ...]):
+    def __init__(self, name: str, out_indices: tuple[int, ...], window: int = 0):
         super().__init__()
-        dim, depths, heads, size = SWINS[name]
+        dim, depths, heads, default = SWINS[name]
+        size = window or default
         self.out_indices = out_indices
         self.patch_embed = PatchEmbed(dim)
         self.layers = nn.ModuleList(SwinStage(dim * 2 ** i, d, h, size, i < 3)
@@ -213,12 +226,14 @@ class SwinTrunk(nn.Module):
 
 
 class SwinBody(nn.Module):
-    """Holds ``body`` so names read ``backbone.0.body.*``; same interface as ResNetBody."""
+    """Holds ``body`` so names read ``backbone.0.body.*``; same interface as ResNetBody.
+    ``window`` 0 is the size's default window (:data:`SWINS`)."""
 
-    def __init__(self, name: str, return_layers: tuple[int, ...]):
+    def __init__(self, name: str, return_layers: tuple[int, ...], window: int = 0):
         super().__init__()
         dim = SWINS[name][0]
-        self.body = SwinTrunk(name, tuple(i - 1 for i in return_layers))
+        self.body = SwinTrunk(name, tuple(i - 1 for i in return_layers), window)
+        self.window = self.body.layers[0].size
         self.return_layers = return_layers  # 1..4 = stages 0..3, as ResNet's layer1..layer4
         self.num_channels = [dim * 2 ** (i - 1) for i in return_layers]
         self.c1_channels = dim
