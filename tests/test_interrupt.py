@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from mfcache.cli.main import app
+from mfcache.stopping import Interrupted, StopSignals, ignore_stop_signals, worker_batches
 from test_resume import train_cache  # noqa: F401 - a fixture shared with the resume tests
 
 runner = CliRunner()
@@ -99,8 +100,24 @@ def reference(cache, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("signum, code, workers", [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 0)],
-                         ids=["SIGINT", "SIGTERM"])
+def group_gone(pgid, seconds=30):
+    """Whether every process of group ``pgid`` (the command and its loader workers) has ended
+    within ``seconds``: nothing is left running after the command exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# Each signal goes to the whole process group (a terminal's Ctrl-C, scancel, a pod eviction),
+# loader workers included: they are expected to go, quietly, with the main process.
+@pytest.mark.parametrize("signum, code, workers", [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 0),
+                                                   (signal.SIGTERM, 143, 2)],
+                         ids=["SIGINT", "SIGTERM", "SIGTERM-2-workers"])
 def test_a_signal_saves_the_step_reached_and_resume_is_exact(cache, reference, tmp_path, signum, code, workers):
     run = tmp_path / "run"
     proc = child(*train_args(cache, run, workers))
@@ -113,7 +130,9 @@ def test_a_signal_saves_the_step_reached_and_resume_is_exact(cache, reference, t
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     text = " ".join(err.split())
-    assert "Traceback" not in err and text.startswith("interrupted:"), err
+    assert "Traceback" not in err and "DataLoader worker" not in err and text.startswith("interrupted:"), err
+    assert len(err.strip().splitlines()) == 1 and text.startswith(f"interrupted: {signal.Signals(signum).name} "), err
+    assert group_gone(proc.pid), "a loader worker outlived the command"
     assert f"resume with: mfcache train --cache {cache} --out {run} --resume" in text, err
 
     state = torch.load(run / "checkpoint.pt", weights_only=False)
@@ -129,6 +148,34 @@ def test_a_signal_saves_the_step_reached_and_resume_is_exact(cache, reference, t
     b = torch.load(run / "checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 8 and torch.equal(a["rng"], b["rng"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_sigusr1_is_an_early_warning_and_a_second_sigterm_stops_at_once():
+    """SIGUSR1 (SLURM's --signal=USR1@N) asks for a stop like SIGTERM; the SIGTERM of the time
+    limit after it is still a first stop (the save in progress goes on), a second one is not."""
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.signum == signal.SIGUSR1 and stop.requested(torch.device("cpu"), world_enabled=False)
+        os.kill(os.getpid(), signal.SIGTERM)  # after the warning: recorded, no exception
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(Interrupted) as second:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert second.value.exit_code == 143 and "again" in str(second.value)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_loader_workers_ignore_stop_signals_and_end_with_the_loop():
+    """A group-wide SIGTERM reaches the workers too: they ignore it, and leaving the loop ends
+    them (they cannot outlive the command: multiprocessing's exit-time SIGTERM would not)."""
+    loader = torch.utils.data.DataLoader(list(range(64)), batch_size=1, num_workers=2,
+                                         worker_init_fn=ignore_stop_signals)
+    with StopSignals() as stop, worker_batches(loader) as batches:
+        next(batches)
+        workers = list(batches._workers)
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)
+        assert [int(b) for _, b in zip(range(3), batches)] == [1, 2, 3]  # the workers lived on
+    assert stop.signum is None and not any(w.is_alive() for w in workers)
 
 
 TORCHRUN_SCRIPT = """
