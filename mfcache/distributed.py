@@ -75,6 +75,15 @@ def all_sum(value: float | int, device: torch.device) -> float:
     return t.item()
 
 
+def all_max(value: float | int, device: torch.device) -> float:
+    """The largest of a number over all ranks (the number itself without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def broadcast_from_main(value, world: World):
     """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself without torchrun."""
     if not world.enabled:

@@ -1,7 +1,9 @@
 """Stage 1: run the frozen detector once over a COCO split and cache what the heads need.
 
 Resumable by construction: images are written in blocks whose ``done`` flags are set
-last, so running the same command again skips every finished block.
+last, so running the same command again skips every finished block. SIGINT, SIGTERM or
+SIGUSR1 (:mod:`mfcache.stopping`) stop it after the batch in progress, with every finished
+block written.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from mfcache.data.image_source import ImageSource
 from mfcache.data.views import rows_frames, rows_input_hw
 from mfcache.detectors import load_detector, run_detector
 from mfcache.detectors.base import Detector, select_topk
-from mfcache.distributed import World, all_sum, close_world, init_world
+from mfcache.distributed import World, all_max, all_sum, close_world, init_world
 from mfcache.errors import MfcacheError
 from mfcache.outputs import check_folder
 from mfcache.runtime import console, progress_bar, resolve_device
+from mfcache.stopping import Interrupted, StopSignals, ignore_stop_signals, worker_batches
 
 WRITE_QUEUE = 2  # finished blocks waiting for the writer thread before the detector waits
 
@@ -156,7 +159,12 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
     One writer per cache: a second extract into ``out`` is refused at once, naming the
     process that holds it (:func:`mfcache.cache.lock.writer_lock`).
     Blocks are written by a background thread (:class:`BackgroundWriter`) while the
-    detector runs on the next batches."""
+    detector runs on the next batches.
+
+    SIGINT, SIGTERM or SIGUSR1, to this process or its whole process group (loader workers
+    included), stop it after the batch in progress: the finished blocks are written, and
+    :class:`mfcache.stopping.Interrupted` is raised (on every rank under torchrun); the same
+    call again resumes."""
     check_folder(Path(out), "--out (the cache folder)")  # a file or a read-only place: before anything is made
     device = resolve_device(config.device)
     world, created = init_world(device)
@@ -211,9 +219,28 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
     pending = _own_pending(writer, todo, job.split, out, block, world=world)
     assemble = _BlockAssembler(writer, block, plan.num_images, out,
                                {"target_size": config.target_size, "dtype": config.dtype, "levels": job.levels})
-    _run_detector(job, plan, _loader(job, pending, block, config), assemble, total=len(pending),
-                  skip_bad=skip_bad, progress=progress, world=world, device=device)
+    stopped = _run_detector(job, plan, _loader(job, pending, block, config), assemble, total=len(pending),
+                            skip_bad=skip_bad, progress=progress, world=world, device=device)
+    stopped = _agree_on_stop(stopped, world, device)
+    if stopped is not None:
+        raise Interrupted(stopped, _cached_line(group, plan.num_images))
     return _finish(job, group, writer, plan, written=len(pending), out=out, world=world, device=device)
+
+
+def _agree_on_stop(signum: int | None, world: World, device: torch.device) -> int | None:
+    """The stop signal this run ends on (None: it finished), the same on every rank: under
+    torchrun each rank stops on its own signal after its batch, and any rank's stop is all of
+    theirs (the others' blocks are written by then too)."""
+    if not world.enabled:
+        return signum
+    highest = int(all_max(signum or 0, device))
+    return highest or None
+
+
+def _cached_line(group: zarr.Group, num_images: int) -> str:
+    """``with 6 of 12 images cached``: the split's finished rows as written now."""
+    done = int((group["index/done"][:] != 0).sum())
+    return f"with {done} of {num_images} images cached"
 
 
 def _prepare(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
@@ -341,20 +368,23 @@ def _loader(job: _Job, pending: np.ndarray, block: int, config: ExtractConfig) -
                for j in range(b0, k, config.batch_size)]
     return DataLoader(
         ImageSource(job.dataset, pending, job.model.info.preprocess, job.views, job.view_crop), batch_sampler=batches,
-        num_workers=config.num_workers, collate_fn=list,
+        num_workers=config.num_workers, collate_fn=list, worker_init_fn=ignore_stop_signals,
         persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
     )
 
 
 def _run_detector(job: _Job, plan: SplitPlan, loader: DataLoader, assemble: _BlockAssembler, *, total: int,
-                  skip_bad: bool, progress: bool, world: World, device: torch.device) -> None:
+                  skip_bad: bool, progress: bool, world: World, device: torch.device) -> int | None:
     """The detector over every batch of ``loader``; each image's outputs (or its skip reason)
-    go to the writer thread, which writes a block once all its images are in."""
+    go to the writer thread, which writes a block once all its images are in. Returns the stop
+    signal that ended it after a batch, every finished block written (None: all done); a
+    block left unfinished is not written, so it reads as pending and the next run redoes it."""
     model, info = job.model, job.model.info
     where = f"{info.family} on {device.type}" + (f", rank 0 of {world.size}" if world.enabled else "")
-    with progress_bar(progress) as bar, BackgroundWriter(assemble, depth=WRITE_QUEUE * assemble.block) as background:
+    with (StopSignals() as stop, worker_batches(loader) as batches, progress_bar(progress) as bar,
+          BackgroundWriter(assemble, depth=WRITE_QUEUE * assemble.block) as background):
         task = bar.add_task(f"extract {job.split}", total=total, status=where)
-        for items in loader:
+        for items in batches:
             good = [item for item in items if "error" not in item]
             for item in items:
                 if "error" in item and not skip_bad:
@@ -372,8 +402,15 @@ def _run_detector(job: _Job, plan: SplitPlan, loader: DataLoader, assemble: _Blo
                 if "error" in item:
                     background.submit(item["position"], item["error"])
             bar.advance(task, len(items))
+            if stop.signum is not None:
+                break
+        else:  # the last batch is done: a signal now stops nothing (its blocks are still written)
+            stop.signum = None
+    if stop.signum is not None:
+        return stop.signum
     if assemble.buffers:  # pending holds whole blocks, so every block fills up
         raise MfcacheError(f"internal error: unfinished blocks {sorted(assemble.buffers)}")
+    return None
 
 
 def _finish(job: _Job, group: zarr.Group, writer: BlockWriter, plan: SplitPlan, *, written: int, out: Path,
