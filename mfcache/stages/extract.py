@@ -40,7 +40,7 @@ from mfcache.data.image_source import ImageSource
 from mfcache.data.views import rows_frames, rows_input_hw
 from mfcache.detectors import load_detector, run_detector
 from mfcache.detectors.base import Detector, select_topk
-from mfcache.distributed import World, all_max, all_sum, close_world, init_world
+from mfcache.distributed import World, all_max, all_sum, close_world, init_world, together
 from mfcache.errors import MfcacheError
 from mfcache.outputs import check_folder
 from mfcache.runtime import console, progress_bar, resolve_device
@@ -204,19 +204,23 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
              config: ExtractConfig, skip_bad: bool, ignore_free_space: bool, progress: bool, world: World,
              device: torch.device) -> ExtractSummary:
     out = Path(out)
-    job = _prepare(detector=detector, images=images, annotations=annotations, out=out, split=split,
-                   config=config, skip_bad=skip_bad, world=world, device=device)
+    # under torchrun every step of the setup ends on all ranks together: a failure on any rank
+    # is the same one-line error on all of them, none is left waiting (mfcache.distributed.together)
+    with together(world):
+        job = _prepare(detector=detector, images=images, annotations=annotations, out=out, split=split,
+                       config=config, skip_bad=skip_bad, world=world, device=device)
     group, plan = _create_split(job, out, config, world)
     if job.warning and world.is_main:  # before the long part: the user may stop and fix the mapping
         console.print(f"[bold yellow]warning:[/bold yellow] {job.warning}", highlight=False, soft_wrap=True)
-    writer = BlockWriter(group)
-    block = int(group.attrs["block_size"])  # the split's own, whatever this run asked for
-    todo = pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad)
-    if world.is_main:
-        _check_space(job, plan, todo, out, config, ignore=ignore_free_space, say=progress)
-        if job.c1 == "recompute" and not (out / STEM_ARRAY).is_dir():  # after the plan is accepted
-            export_detector_stem(job.model, zarr.open_group(str(out), mode="r+", zarr_format=3))
-    pending = _own_pending(writer, todo, job.split, out, block, world=world)
+    with together(world):
+        writer = BlockWriter(group)
+        block = int(group.attrs["block_size"])  # the split's own, whatever this run asked for
+        todo = pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad)
+        if world.is_main:
+            _check_space(job, plan, todo, out, config, ignore=ignore_free_space, say=progress)
+            if job.c1 == "recompute" and not (out / STEM_ARRAY).is_dir():  # after the plan is accepted
+                export_detector_stem(job.model, zarr.open_group(str(out), mode="r+", zarr_format=3))
+        pending = _own_pending(writer, todo, job.split, out, block, world=world)
     assemble = _BlockAssembler(writer, block, plan.num_images, out,
                                {"target_size": config.target_size, "dtype": config.dtype, "levels": job.levels})
     stopped = _run_detector(job, plan, _loader(job, pending, block, config), assemble, total=len(pending),
@@ -302,30 +306,37 @@ def _apply_prompts(model: Detector, prompts: PromptFile | None, categories: dict
 
 def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> tuple[zarr.Group, SplitPlan]:
     """Open (or create) the cache and the split's layout. Under torchrun rank 0 does it alone and
-    removes an interrupted run's partial writes, while the other ranks wait at the barrier; they
-    open the finished layout after it."""
+    removes an interrupted run's partial writes, while the other ranks wait (for its outcome:
+    a refused cache is the same error on every rank); they open the finished layout after it."""
     info = job.model.info
-    if not world.is_main:
-        world.barrier()  # rank 0 creates the root and the split's layout alone
+    with together(world):
+        ids, orig_hw = rows_frames([im.id for im in job.dataset.images],  # images x views, a crop's frame its own
+                                   [(im.height, im.width) for im in job.dataset.images], job.views, job.view_crop)
+        plan = plan_split(ids, orig_hw, info, config.chunk_tokens, job.levels,
+                          input_hw=rows_input_hw(info.preprocess, ids, orig_hw, job.views) if job.views > 1 else None)
+        if world.is_main:  # rank 0 creates the root and the split's layout alone; nothing writes yet
+            group = _open_layout(job, out, config, plan)
+            remove_partial_writes(out, job.split)
+    with together(world):
+        if not world.is_main:
+            group = _open_layout(job, out, config, plan)
+    return group, plan
+
+
+def _open_layout(job: _Job, out: Path, config: ExtractConfig, plan: SplitPlan) -> zarr.Group:
+    """The split's group in cache ``out``, root and layout created if missing; a cache made
+    with another fingerprint is refused (:func:`open_root`)."""
+    info = job.model.info
     root = open_root(out, fingerprint(info, topk=job.topk, target_size=config.target_size, c1=job.c1,
                                       dtype=config.dtype, levels=job.levels, compress=config.compress,
                                       amp=config.amp, label_map=job.label_map, views=job.views,
                                       view_crop=job.view_crop))
-    ids, orig_hw = rows_frames([im.id for im in job.dataset.images],  # images x views, a crop's frame its own
-                               [(im.height, im.width) for im in job.dataset.images], job.views, job.view_crop)
-    plan = plan_split(ids, orig_hw, info, config.chunk_tokens, job.levels,
-                      input_hw=rows_input_hw(info.preprocess, ids, orig_hw, job.views) if job.views > 1 else None)
-    group = create_split(
+    return create_split(
         root, job.split, plan, meta=job.meta, annotations=job.dataset.stored, topk=job.topk,
         d_model=info.d_model, c1_channels=info.c1_channels if job.c1 == "store" else 0,
         target_size=config.target_size, block_size=config.block_size, dtype=config.dtype,
         compress=config.compress,
     )
-    if world.is_main:  # the other ranks wait at the barrier: nothing writes yet
-        remove_partial_writes(out, job.split)
-    if world.is_main:
-        world.barrier()
-    return group, plan
 
 
 def _check_space(job: _Job, plan: SplitPlan, todo: np.ndarray, out: Path, config: ExtractConfig, *,

@@ -23,7 +23,7 @@ from mfcache.cache.sample import Batch, on_device
 from mfcache.cache.schema import DONE, fingerprint_mismatch
 from mfcache.cache.stats import FEW_MATCHED, MatchStats, split_stats
 from mfcache.config import RunConfig, resolve_run_config, resume_config
-from mfcache.distributed import World, all_sum, close_world, init_world
+from mfcache.distributed import World, all_sum, close_world, init_world, together
 from mfcache.errors import MfcacheError
 from mfcache.heads import MaskHead
 from mfcache.ops.losses import head_loss, image_generators, resize_targets
@@ -81,19 +81,23 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, o
         require_tensorboard()  # before any work
     world, created = init_world(device)
     try:
-        cache, data = _open_split(cache_path, split, state, run_dir)
-        _check_positives(data, config.train.min_iou, warn=world.is_main)
-        excluded, held = _held_out(data, config)
+        # under torchrun each setup step ends on all ranks together: a failure on any rank is the
+        # same one-line error on all of them, none is left waiting (mfcache.distributed.together)
+        with together(world):
+            cache, data = _open_split(cache_path, split, state, run_dir)
+            _check_positives(data, config.train.min_iou, warn=world.is_main)
+            excluded, held = _held_out(data, config)
         trainer = Trainer(cache, data, config, world=world, device=world.device(device), state=state,
                           excluded=excluded)
-        if world.is_main:
-            write_run_info(run_dir, config, cache_path, data.name)
-            if progress:
-                console.print(settings_summary(
-                    config, cache=cache_path, split=data.name, images=len(data.done), run_dir=run_dir,
-                    device=trainer.device, ranks=world.size, step=trainer.step,
-                    validation=trainer.validation.data.name if trainer.validation else None, held_out=held),
-                    highlight=False, soft_wrap=True, markup=False)
+        with together(world):
+            if world.is_main:
+                write_run_info(run_dir, config, cache_path, data.name)
+        if world.is_main and progress:
+            console.print(settings_summary(
+                config, cache=cache_path, split=data.name, images=len(data.done), run_dir=run_dir,
+                device=trainer.device, ranks=world.size, step=trainer.step,
+                validation=trainer.validation.data.name if trainer.validation else None, held_out=held),
+                highlight=False, soft_wrap=True, markup=False)
         return trainer.run(run_dir, progress=progress and world.is_main)
     finally:
         close_world(created)
