@@ -235,3 +235,38 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step(cache, tmp_path):
     assert a["step"] == b["step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert log(run) == log(tmp_path / "reference")
+
+
+def test_eval_of_an_unfinished_run_says_so_and_records_its_step(cache, tmp_path, monkeypatch):
+    """A run stopped early (here by SIGUSR1, a scheduler's early warning, during its 2nd step)
+    or still training: eval scores its head with a one-line warning naming the step, and
+    metrics.json records it; once finished, finished: true and no warning."""
+    from mfcache.stages import train as training
+
+    run, lr_at, calls = tmp_path / "run", training.lr_at, []
+
+    def warned_in_step_2(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return lr_at(*args)
+
+    monkeypatch.setattr(training, "lr_at", warned_in_step_2)
+    stopped = cli("train", "--cache", cache, "--out", run, *sets("train.steps=6", "train.batch_size=2",
+                  "train.num_workers=0", "train.device=cpu", "train.min_iou=0.1"), "-q")
+    assert stopped.exit_code == 138, stopped.output  # 128 + SIGUSR1
+    assert " ".join(stopped.output.split()).startswith("interrupted: SIGUSR1 at step 2 of 6;")
+
+    evaluated = cli("eval", "--cache", cache, "--run", run, "--split", "train", "--device", "cpu", "-q")
+    assert evaluated.exit_code == 0, evaluated.output
+    warnings = [line for line in evaluated.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"the run in {run} is not finished: trained to step 2 of 6" in warnings[0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["step"], metrics["steps"], metrics["finished"]) == (2, 6, False)
+
+    monkeypatch.setattr(training, "lr_at", lr_at)
+    assert cli("train", "--cache", cache, "--out", run, "--resume", "-q").exit_code == 0
+    evaluated = cli("eval", "--cache", cache, "--run", run, "--split", "train", "--device", "cpu", "-q")
+    assert evaluated.exit_code == 0 and "warning" not in evaluated.stderr, evaluated.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["step"], metrics["steps"], metrics["finished"]) == (6, 6, True)
