@@ -56,8 +56,9 @@ def read_checkpoint(run_dir: Path, device: torch.device | str = "cpu", which: st
 def run_progress(run_dir: Path, state: dict, which: str = "last") -> dict:
     """How far the run in ``run_dir`` trained, for the head ``state`` read from its ``which``
     checkpoint: ``{"step": that head's step, "steps": the run's schedule (train.steps),
-    "finished": whether the run reached it}``. A run still training, or stopped early, is not
-    finished; best.pt's step says nothing of that, so the run's last checkpoint decides."""
+    "finished": whether the run reached it, "last_step": the step it reached}``. A run still
+    training, or stopped early, is not finished; best.pt's step says nothing of that, so the
+    run's last checkpoint decides."""
     steps = int(RunConfig.from_dict(state["config"]).train.steps)
     last = state if which == "last" else _last_state(run_dir)
     reached = int(last["step"]) if last is not None else int(state["step"])
