@@ -43,7 +43,7 @@ def command(
 ):
     """Train a mask head on a cache split (the detector is never loaded).
 
-    Ctrl-C or SIGTERM stops after the current step and saves a checkpoint; --resume continues
+    Ctrl-C, SIGTERM or SIGUSR1 stops after the current step and saves a checkpoint; --resume continues
     it exactly as if it had never stopped. The resolved settings are printed as it starts;
     --set train.eval_every=N validates every N steps (segm AP on the val split, the best head
     kept as RUN/best.pt) and train.tensorboard=true writes TensorBoard scalars to RUN/tensorboard/.

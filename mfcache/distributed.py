@@ -3,15 +3,24 @@
 Under ``torchrun --nproc_per_node N`` every process sees ``WORLD_SIZE``, ``RANK`` and
 ``LOCAL_RANK`` in its environment; a plain run is world size 1 and touches no
 ``torch.distributed`` state. Backends: ``nccl`` when the stage runs on CUDA, else ``gloo``.
+
+A rank that fails while the others wait in a collective (a barrier, a broadcast) would leave
+them waiting until the job's time runs out. So setup runs in steps that every rank ends
+together (:func:`together`): each step ends in one collective at which every rank learns
+whether any failed, and then all raise the same one-line error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from mfcache.errors import MfcacheError
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,48 @@ def all_sum(value: float | int, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item()
+
+
+def all_max(value: float | int, device: torch.device) -> float:
+    """The largest of a number over all ranks (the number itself without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+@contextlib.contextmanager
+def together(world: World) -> Iterator[None]:
+    """One setup step run by every rank (some ranks may do nothing in it) and ended together:
+    if any rank raised, every rank raises :class:`MfcacheError` with the lowest failing rank's
+    one line (its own message for an :class:`MfcacheError`, ``rank R failed: Type: message``
+    for anything else, which that rank re-raises with its traceback). Its end is a barrier, so
+    a step can stand for one: rank 0 makes something in one step, the others open it in the
+    next. Every rank must run the same steps in the same order; without torchrun it is nothing."""
+    if not world.enabled:
+        yield
+        return
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as exc:  # reported to every rank below; BaseException (a signal) ends this rank alone
+        failure = exc
+    reports: list[str | None] = [None] * world.size
+    dist.all_gather_object(reports, None if failure is None else _report(failure, world.rank))
+    first = next((report for report in reports if report is not None), None)
+    if failure is not None and not isinstance(failure, MfcacheError):
+        raise failure  # a bug: its traceback on the rank it happened on, its line on the others
+    if first is not None:
+        raise MfcacheError(first)
+
+
+def _report(failure: Exception, rank: int) -> str:
+    """What the other ranks say of ``failure``: a user error's own message, a bug's one line."""
+    if isinstance(failure, MfcacheError):
+        return str(failure)
+    line = (str(failure).strip().splitlines() or [""])[0]
+    return f"rank {rank} failed: {type(failure).__name__}: {line} (its traceback is in rank {rank}'s output)"
 
 
 def broadcast_from_main(value, world: World):

@@ -4,6 +4,7 @@ batch ends with the weights of a one-process run."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,22 @@ def test_two_rank_ddp_training_equals_one_process(data, reference, tmp_path):
     for a, b in zip(log_one, log_two):
         assert a["positives"] == b["positives"] > 0
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_a_setup_error_on_rank_0_ends_every_rank_with_the_same_line(data, reference, tmp_path):
+    """Rank 0 alone opens an existing cache, and refuses it (made with another --topk) while
+    rank 1 waits for the layout: both ranks end at once, each with the same one-line error,
+    instead of rank 1 waiting at a barrier until the job's time runs out."""
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mfcache", "extract", "--detector", "demo", "--images", str(data / "train"),
+               "--annotations", str(data / "annotations" / "train.json"), "--out", str(out), "--workers", "0",
+               "--topk", "5", "--target-size", "8", "--block-size", str(BLOCK), "--device", "cpu", "-q"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120,  # hanging ranks fail here
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-4000:]  # one line from each rank
+    assert "topk" in errors[0], errors[0]
+    assert "Traceback" not in "".join(line for line in proc.stderr.splitlines() if "[rank" in line), proc.stderr[-4000:]

@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from mfcache.cli.main import app
+from mfcache.stopping import Interrupted, StopSignals, ignore_stop_signals, worker_batches
 from test_resume import train_cache  # noqa: F401 - a fixture shared with the resume tests
 
 runner = CliRunner()
@@ -99,8 +100,24 @@ def reference(cache, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("signum, code, workers", [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 0)],
-                         ids=["SIGINT", "SIGTERM"])
+def group_gone(pgid, seconds=30):
+    """Whether every process of group ``pgid`` (the command and its loader workers) has ended
+    within ``seconds``: nothing is left running after the command exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# Each signal goes to the whole process group (a terminal's Ctrl-C, scancel, a pod eviction),
+# loader workers included: they are expected to go, quietly, with the main process.
+@pytest.mark.parametrize("signum, code, workers", [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 0),
+                                                   (signal.SIGTERM, 143, 2)],
+                         ids=["SIGINT", "SIGTERM", "SIGTERM-2-workers"])
 def test_a_signal_saves_the_step_reached_and_resume_is_exact(cache, reference, tmp_path, signum, code, workers):
     run = tmp_path / "run"
     proc = child(*train_args(cache, run, workers))
@@ -113,7 +130,9 @@ def test_a_signal_saves_the_step_reached_and_resume_is_exact(cache, reference, t
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     text = " ".join(err.split())
-    assert "Traceback" not in err and text.startswith("interrupted:"), err
+    assert "Traceback" not in err and "DataLoader worker" not in err and text.startswith("interrupted:"), err
+    assert len(err.strip().splitlines()) == 1 and text.startswith(f"interrupted: {signal.Signals(signum).name} "), err
+    assert group_gone(proc.pid), "a loader worker outlived the command"
     assert f"resume with: mfcache train --cache {cache} --out {run} --resume" in text, err
 
     state = torch.load(run / "checkpoint.pt", weights_only=False)
@@ -129,6 +148,34 @@ def test_a_signal_saves_the_step_reached_and_resume_is_exact(cache, reference, t
     b = torch.load(run / "checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 8 and torch.equal(a["rng"], b["rng"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_sigusr1_is_an_early_warning_and_a_second_sigterm_stops_at_once():
+    """SIGUSR1 (SLURM's --signal=USR1@N) asks for a stop like SIGTERM; the SIGTERM of the time
+    limit after it is still a first stop (the save in progress goes on), a second one is not."""
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.signum == signal.SIGUSR1 and stop.requested(torch.device("cpu"), world_enabled=False)
+        os.kill(os.getpid(), signal.SIGTERM)  # after the warning: recorded, no exception
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(Interrupted) as second:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert second.value.exit_code == 143 and "again" in str(second.value)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_loader_workers_ignore_stop_signals_and_end_with_the_loop():
+    """A group-wide SIGTERM reaches the workers too: they ignore it, and leaving the loop ends
+    them (they cannot outlive the command: multiprocessing's exit-time SIGTERM would not)."""
+    loader = torch.utils.data.DataLoader(list(range(64)), batch_size=1, num_workers=2,
+                                         worker_init_fn=ignore_stop_signals)
+    with StopSignals() as stop, worker_batches(loader) as batches:
+        next(batches)
+        workers = list(batches._workers)
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)
+        assert [int(b) for _, b in zip(range(3), batches)] == [1, 2, 3]  # the workers lived on
+    assert stop.signum is None and not any(w.is_alive() for w in workers)
 
 
 TORCHRUN_SCRIPT = """
@@ -188,3 +235,38 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step(cache, tmp_path):
     assert a["step"] == b["step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert log(run) == log(tmp_path / "reference")
+
+
+def test_eval_of_an_unfinished_run_says_so_and_records_its_step(cache, tmp_path, monkeypatch):
+    """A run stopped early (here by SIGUSR1, a scheduler's early warning, during its 2nd step)
+    or still training: eval scores its head with a one-line warning naming the step, and
+    metrics.json records it; once finished, finished: true and no warning."""
+    from mfcache.stages import train as training
+
+    run, lr_at, calls = tmp_path / "run", training.lr_at, []
+
+    def warned_in_step_2(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return lr_at(*args)
+
+    monkeypatch.setattr(training, "lr_at", warned_in_step_2)
+    stopped = cli("train", "--cache", cache, "--out", run, *sets("train.steps=6", "train.batch_size=2",
+                  "train.num_workers=0", "train.device=cpu", "train.min_iou=0.1"), "-q")
+    assert stopped.exit_code == 138, stopped.output  # 128 + SIGUSR1
+    assert " ".join(stopped.output.split()).startswith("interrupted: SIGUSR1 at step 2 of 6;")
+
+    evaluated = cli("eval", "--cache", cache, "--run", run, "--split", "train", "--device", "cpu", "-q")
+    assert evaluated.exit_code == 0, evaluated.output
+    warnings = [line for line in evaluated.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"the run in {run} is not finished: trained to step 2 of 6" in warnings[0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["step"], metrics["steps"], metrics["finished"]) == (2, 6, False)
+
+    monkeypatch.setattr(training, "lr_at", lr_at)
+    assert cli("train", "--cache", cache, "--out", run, "--resume", "-q").exit_code == 0
+    evaluated = cli("eval", "--cache", cache, "--run", run, "--split", "train", "--device", "cpu", "-q")
+    assert evaluated.exit_code == 0 and "warning" not in evaluated.stderr, evaluated.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["step"], metrics["steps"], metrics["finished"]) == (6, 6, True)

@@ -120,6 +120,51 @@ def test_kill_and_rerun_equals_uninterrupted(point, data, reference, tmp_path):
     assert verify(out).ok and not list(out.rglob("*.partial"))
 
 
+# The real command with each detector batch slowed down, so a signal lands mid-run.
+SLOW_BATCHES = """
+import sys, time
+from mfcache.stages import extract as extraction
+run_detector = extraction.run_detector
+extraction.run_detector = lambda *a, **k: (time.sleep(0.3), run_detector(*a, **k))[1]
+from mfcache.cli.main import main
+sys.argv = ["mfcache", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigterm_to_the_process_group_keeps_finished_blocks_and_the_same_command_resumes(data, reference, tmp_path):
+    """scancel / a pod eviction: SIGTERM to the command and its 2 loader workers at once. It
+    stops after the batch in progress with one line and status 143, no worker is left, and the
+    same command again completes the cache an uninterrupted run writes."""
+    from test_interrupt import group_gone
+
+    out = tmp_path / "cache"
+    command = [sys.executable, "-c", SLOW_BATCHES, *args(data, out)]
+    command[command.index("--workers") + 1] = "2"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "COLUMNS": "300"}
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not ((flags := done_flags(out)) is not None and flags.sum() >= BLOCK):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "extract never finished a block"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "DataLoader worker" not in err and len(err.strip().splitlines()) == 1, err
+    cached = int((done_flags(out) == 1).sum())
+    assert BLOCK <= cached < 12 and cached % BLOCK == 0, "the signal came too late to test anything"
+    assert " ".join(err.split()) == (f"interrupted: SIGTERM with {cached} of 12 images cached; finished blocks are "
+                                     "kept; run the same command again to resume")
+    assert group_gone(proc.pid), "a loader worker outlived the command"
+
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert f"({12 - cached} written now)" in " ".join(again.stdout.split())
+    assert_same_cache(out, reference)
+
+
 def test_records_built_on_the_writer_thread_equal_in_line(data, reference, tmp_path, monkeypatch):
     from mfcache.stages import extract as extract_module
 

@@ -123,3 +123,37 @@ def test_resident_peak_does_not_count_memory_freed_before_it():
     assert held - base > 100  # freed but still resident...
     assert peak.peak_mb < held - 100  # ...and not part of the next measurement
     del pin
+
+
+def test_sigterm_during_a_heads_eval_stops_before_the_next_head_and_the_sweep_resumes(tiny_cache, tmp_path,
+                                                                                      monkeypatch):
+    """A preemption between heads (here while the first head is evaluated): that head's row and
+    the table are written, the sweep stops with one line and status 143, and the same command
+    finishes the rest."""
+    import os
+    import signal
+
+    import mfcache.stages.sweep as sweeping
+
+    evaluate = sweeping.evaluate
+
+    def preempted_once(**kwargs):
+        monkeypatch.setattr(sweeping, "evaluate", evaluate)
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded: this evaluation still finishes
+        return evaluate(**kwargs)
+
+    monkeypatch.setattr(sweeping, "evaluate", preempted_once)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--cache", str(tiny_cache), "--heads", "box_baseline", "--heads", "blendmask",
+            "--steps", "1", "--set", "train.batch_size=2", "--set", "train.num_workers=0", "--out", str(out), "-q"]
+    stopped = runner.invoke(app, args)
+    assert stopped.exit_code == 143, stopped.output
+    assert stopped.output.splitlines()[-1] == ("interrupted: SIGTERM after 1 of 2 heads; work finished so far is "
+                                               "kept; run the same command again to resume")
+    assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == ["box_baseline"]
+    assert not (out / "blendmask").exists()
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("already done") == 1
+    assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == ["box_baseline", "blendmask"]

@@ -24,10 +24,10 @@ from mfcache.errors import MfcacheError
 from mfcache.heads import MaskHead
 from mfcache.metrics import coco_evaluate
 from mfcache.outputs import atomic_write, check_file, write_errors
-from mfcache.runtime import progress_bar, resolve_device
+from mfcache.runtime import console, progress_bar, resolve_device
 from mfcache.stages.categories import subset_summary
 from mfcache.stages.postprocess import batch_results
-from mfcache.stages.runs import CHECKPOINTS, load_run, read_checkpoint
+from mfcache.stages.runs import CHECKPOINTS, load_run, read_checkpoint, run_progress, unfinished_line
 
 
 def metrics_path(run_dir: Path, checkpoint: str = "last") -> Path:
@@ -68,7 +68,12 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
     cache (:func:`check_previous`) or with ``force``. ``on_results(split, results)``, if
     given, receives the head's COCO results once the metrics are written (e.g. to draw them).
     A run trained on some categories (``train.categories``) also gets ``category_subset``: the
-    mean AP of the learned and of the held-out categories (:func:`subset_summary`)."""
+    mean AP of the learned and of the held-out categories (:func:`subset_summary`).
+
+    A run that has not reached its last step (still training, or stopped early) is evaluated
+    as it is, with a one-line warning on stderr naming the step; ``metrics.json`` always
+    records ``step`` (of the head evaluated), ``steps`` (the run's schedule) and ``finished``
+    (:func:`~mfcache.stages.runs.run_progress`)."""
     out = Path(out) if out else metrics_path(run_dir, checkpoint)
     check_file(out, "--out (the metrics file)")  # now, not after the whole evaluation
     cache = Cache(cache_path)
@@ -81,10 +86,15 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
     if not force:
         check_previous(out, source)
     config = eval_config(run.config, overrides)
+    trained = run_progress(Path(run_dir), state, checkpoint)
+    if not trained["finished"]:  # before the work: the user may rather wait for the run
+        console.print(f"[bold yellow]warning:[/bold yellow] {unfinished_line(Path(run_dir), trained, checkpoint)}",
+                      highlight=False, soft_wrap=True)
     results = predict_split(run.head, config, data, torch_device, progress=progress, box_filled=box_filled)
     metrics = {**score(data, results), "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
                "config": config.to_dict(), "cache": source,
-               "checkpoint": {"file": CHECKPOINTS[checkpoint], "step": state["step"]}}
+               "checkpoint": {"file": CHECKPOINTS[checkpoint], "step": state["step"]},
+               "step": trained["step"], "steps": trained["steps"], "finished": trained["finished"]}
     if run.config.train.categories and "per_category" in metrics:  # learned vs held-out categories
         metrics["category_subset"] = subset_summary(metrics["per_category"], run.config.train.categories)
     with write_errors("the metrics", out):

@@ -1,7 +1,9 @@
 """Stage 1: run the frozen detector once over a COCO split and cache what the heads need.
 
 Resumable by construction: images are written in blocks whose ``done`` flags are set
-last, so running the same command again skips every finished block.
+last, so running the same command again skips every finished block. SIGINT, SIGTERM or
+SIGUSR1 (:mod:`mfcache.stopping`) stop it after the batch in progress, with every finished
+block written.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from mfcache.data.image_source import ImageSource
 from mfcache.data.views import rows_frames, rows_input_hw
 from mfcache.detectors import load_detector, run_detector
 from mfcache.detectors.base import Detector, select_topk
-from mfcache.distributed import World, all_sum, close_world, init_world
+from mfcache.distributed import World, all_max, all_sum, close_world, init_world, together
 from mfcache.errors import MfcacheError
 from mfcache.outputs import check_folder
 from mfcache.runtime import console, progress_bar, resolve_device
+from mfcache.stopping import Interrupted, StopSignals, ignore_stop_signals, worker_batches
 
 WRITE_QUEUE = 2  # finished blocks waiting for the writer thread before the detector waits
 
@@ -156,7 +159,12 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
     One writer per cache: a second extract into ``out`` is refused at once, naming the
     process that holds it (:func:`mfcache.cache.lock.writer_lock`).
     Blocks are written by a background thread (:class:`BackgroundWriter`) while the
-    detector runs on the next batches."""
+    detector runs on the next batches.
+
+    SIGINT, SIGTERM or SIGUSR1, to this process or its whole process group (loader workers
+    included), stop it after the batch in progress: the finished blocks are written, and
+    :class:`mfcache.stopping.Interrupted` is raised (on every rank under torchrun); the same
+    call again resumes."""
     check_folder(Path(out), "--out (the cache folder)")  # a file or a read-only place: before anything is made
     device = resolve_device(config.device)
     world, created = init_world(device)
@@ -196,24 +204,47 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
              config: ExtractConfig, skip_bad: bool, ignore_free_space: bool, progress: bool, world: World,
              device: torch.device) -> ExtractSummary:
     out = Path(out)
-    job = _prepare(detector=detector, images=images, annotations=annotations, out=out, split=split,
-                   config=config, skip_bad=skip_bad, world=world, device=device)
+    # under torchrun every step of the setup ends on all ranks together: a failure on any rank
+    # is the same one-line error on all of them, none is left waiting (mfcache.distributed.together)
+    with together(world):
+        job = _prepare(detector=detector, images=images, annotations=annotations, out=out, split=split,
+                       config=config, skip_bad=skip_bad, world=world, device=device)
     group, plan = _create_split(job, out, config, world)
     if job.warning and world.is_main:  # before the long part: the user may stop and fix the mapping
         console.print(f"[bold yellow]warning:[/bold yellow] {job.warning}", highlight=False, soft_wrap=True)
-    writer = BlockWriter(group)
-    block = int(group.attrs["block_size"])  # the split's own, whatever this run asked for
-    todo = pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad)
-    if world.is_main:
-        _check_space(job, plan, todo, out, config, ignore=ignore_free_space, say=progress)
-        if job.c1 == "recompute" and not (out / STEM_ARRAY).is_dir():  # after the plan is accepted
-            export_detector_stem(job.model, zarr.open_group(str(out), mode="r+", zarr_format=3))
-    pending = _own_pending(writer, todo, job.split, out, block, world=world)
+    with together(world):
+        writer = BlockWriter(group)
+        block = int(group.attrs["block_size"])  # the split's own, whatever this run asked for
+        todo = pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad)
+        if world.is_main:
+            _check_space(job, plan, todo, out, config, ignore=ignore_free_space, say=progress)
+            if job.c1 == "recompute" and not (out / STEM_ARRAY).is_dir():  # after the plan is accepted
+                export_detector_stem(job.model, zarr.open_group(str(out), mode="r+", zarr_format=3))
+        pending = _own_pending(writer, todo, job.split, out, block, world=world)
     assemble = _BlockAssembler(writer, block, plan.num_images, out,
                                {"target_size": config.target_size, "dtype": config.dtype, "levels": job.levels})
-    _run_detector(job, plan, _loader(job, pending, block, config), assemble, total=len(pending),
-                  skip_bad=skip_bad, progress=progress, world=world, device=device)
+    stopped = _run_detector(job, plan, _loader(job, pending, block, config), assemble, total=len(pending),
+                            skip_bad=skip_bad, progress=progress, world=world, device=device)
+    stopped = _agree_on_stop(stopped, world, device)
+    if stopped is not None:
+        raise Interrupted(stopped, _cached_line(group, plan.num_images))
     return _finish(job, group, writer, plan, written=len(pending), out=out, world=world, device=device)
+
+
+def _agree_on_stop(signum: int | None, world: World, device: torch.device) -> int | None:
+    """The stop signal this run ends on (None: it finished), the same on every rank: under
+    torchrun each rank stops on its own signal after its batch, and any rank's stop is all of
+    theirs (the others' blocks are written by then too)."""
+    if not world.enabled:
+        return signum
+    highest = int(all_max(signum or 0, device))
+    return highest or None
+
+
+def _cached_line(group: zarr.Group, num_images: int) -> str:
+    """``with 6 of 12 images cached``: the split's finished rows as written now."""
+    done = int((group["index/done"][:] != 0).sum())
+    return f"with {done} of {num_images} images cached"
 
 
 def _prepare(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
@@ -275,30 +306,37 @@ def _apply_prompts(model: Detector, prompts: PromptFile | None, categories: dict
 
 def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> tuple[zarr.Group, SplitPlan]:
     """Open (or create) the cache and the split's layout. Under torchrun rank 0 does it alone and
-    removes an interrupted run's partial writes, while the other ranks wait at the barrier; they
-    open the finished layout after it."""
+    removes an interrupted run's partial writes, while the other ranks wait (for its outcome:
+    a refused cache is the same error on every rank); they open the finished layout after it."""
     info = job.model.info
-    if not world.is_main:
-        world.barrier()  # rank 0 creates the root and the split's layout alone
+    with together(world):
+        ids, orig_hw = rows_frames([im.id for im in job.dataset.images],  # images x views, a crop's frame its own
+                                   [(im.height, im.width) for im in job.dataset.images], job.views, job.view_crop)
+        plan = plan_split(ids, orig_hw, info, config.chunk_tokens, job.levels,
+                          input_hw=rows_input_hw(info.preprocess, ids, orig_hw, job.views) if job.views > 1 else None)
+        if world.is_main:  # rank 0 creates the root and the split's layout alone; nothing writes yet
+            group = _open_layout(job, out, config, plan)
+            remove_partial_writes(out, job.split)
+    with together(world):
+        if not world.is_main:
+            group = _open_layout(job, out, config, plan)
+    return group, plan
+
+
+def _open_layout(job: _Job, out: Path, config: ExtractConfig, plan: SplitPlan) -> zarr.Group:
+    """The split's group in cache ``out``, root and layout created if missing; a cache made
+    with another fingerprint is refused (:func:`open_root`)."""
+    info = job.model.info
     root = open_root(out, fingerprint(info, topk=job.topk, target_size=config.target_size, c1=job.c1,
                                       dtype=config.dtype, levels=job.levels, compress=config.compress,
                                       amp=config.amp, label_map=job.label_map, views=job.views,
                                       view_crop=job.view_crop))
-    ids, orig_hw = rows_frames([im.id for im in job.dataset.images],  # images x views, a crop's frame its own
-                               [(im.height, im.width) for im in job.dataset.images], job.views, job.view_crop)
-    plan = plan_split(ids, orig_hw, info, config.chunk_tokens, job.levels,
-                      input_hw=rows_input_hw(info.preprocess, ids, orig_hw, job.views) if job.views > 1 else None)
-    group = create_split(
+    return create_split(
         root, job.split, plan, meta=job.meta, annotations=job.dataset.stored, topk=job.topk,
         d_model=info.d_model, c1_channels=info.c1_channels if job.c1 == "store" else 0,
         target_size=config.target_size, block_size=config.block_size, dtype=config.dtype,
         compress=config.compress,
     )
-    if world.is_main:  # the other ranks wait at the barrier: nothing writes yet
-        remove_partial_writes(out, job.split)
-    if world.is_main:
-        world.barrier()
-    return group, plan
 
 
 def _check_space(job: _Job, plan: SplitPlan, todo: np.ndarray, out: Path, config: ExtractConfig, *,
@@ -356,20 +394,23 @@ def _loader(job: _Job, pending: np.ndarray, block: int, config: ExtractConfig) -
     return DataLoader(
         ImageSource(job.dataset, pending, job.model.info.preprocess, job.views, job.view_crop),
         batch_sampler=detector_batches(pending, block, config.batch_size, job.views),
-        num_workers=config.num_workers, collate_fn=list,
+        num_workers=config.num_workers, collate_fn=list, worker_init_fn=ignore_stop_signals,
         persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
     )
 
 
 def _run_detector(job: _Job, plan: SplitPlan, loader: DataLoader, assemble: _BlockAssembler, *, total: int,
-                  skip_bad: bool, progress: bool, world: World, device: torch.device) -> None:
+                  skip_bad: bool, progress: bool, world: World, device: torch.device) -> int | None:
     """The detector over every batch of ``loader``; each image's outputs (or its skip reason)
-    go to the writer thread, which writes a block once all its images are in."""
+    go to the writer thread, which writes a block once all its images are in. Returns the stop
+    signal that ended it after a batch, every finished block written (None: all done); a
+    block left unfinished is not written, so it reads as pending and the next run redoes it."""
     model, info = job.model, job.model.info
     where = f"{info.family} on {device.type}" + (f", rank 0 of {world.size}" if world.enabled else "")
-    with progress_bar(progress) as bar, BackgroundWriter(assemble, depth=WRITE_QUEUE * assemble.block) as background:
+    with (StopSignals() as stop, worker_batches(loader) as batches, progress_bar(progress) as bar,
+          BackgroundWriter(assemble, depth=WRITE_QUEUE * assemble.block) as background):
         task = bar.add_task(f"extract {job.split}", total=total, status=where)
-        for items in loader:
+        for items in batches:
             good = [item for item in items if "error" not in item]
             for item in items:
                 if "error" in item and not skip_bad:
@@ -387,8 +428,15 @@ def _run_detector(job: _Job, plan: SplitPlan, loader: DataLoader, assemble: _Blo
                 if "error" in item:
                     background.submit(item["position"], item["error"])
             bar.advance(task, len(items))
+            if stop.signum is not None:
+                break
+        else:  # the last batch is done: a signal now stops nothing (its blocks are still written)
+            stop.signum = None
+    if stop.signum is not None:
+        return stop.signum
     if assemble.buffers:  # pending holds whole blocks, so every block fills up
         raise MfcacheError(f"internal error: unfinished blocks {sorted(assemble.buffers)}")
+    return None
 
 
 def _finish(job: _Job, group: zarr.Group, writer: BlockWriter, plan: SplitPlan, *, written: int, out: Path,

@@ -53,6 +53,34 @@ def read_checkpoint(run_dir: Path, device: torch.device | str = "cpu", which: st
     return load_checkpoint(path, what="run checkpoint", map_location=device)
 
 
+def run_progress(run_dir: Path, state: dict, which: str = "last") -> dict:
+    """How far the run in ``run_dir`` trained, for the head ``state`` read from its ``which``
+    checkpoint: ``{"step": that head's step, "steps": the run's schedule (train.steps),
+    "finished": whether the run reached it, "last_step": the step it reached}``. A run still
+    training, or stopped early, is not finished; best.pt's step says nothing of that, so the
+    run's last checkpoint decides."""
+    steps = int(RunConfig.from_dict(state["config"]).train.steps)
+    last = state if which == "last" else _last_state(run_dir)
+    reached = int(last["step"]) if last is not None else int(state["step"])
+    return {"step": int(state["step"]), "steps": steps, "finished": reached >= steps, "last_step": reached}
+
+
+def _last_state(run_dir: Path) -> dict | None:
+    """``checkpoint.pt`` of ``run_dir`` (on the CPU), or None if there is none."""
+    if not (Path(run_dir) / CHECKPOINT).is_file():
+        return None
+    return read_checkpoint(run_dir, "cpu", "last")
+
+
+def unfinished_line(run_dir: Path, progress: dict, which: str = "last") -> str:
+    """One line saying that the run in ``run_dir`` has not reached its last step (``progress``:
+    :func:`run_progress`), which step was evaluated, and how to finish it."""
+    head = (f"these metrics are of its head at step {progress['step']}" if which == "last" else
+            f"these metrics are of {CHECKPOINTS[which]}, the head of step {progress['step']}")
+    return (f"the run in {run_dir} is not finished: trained to step {progress['last_step']} of "
+            f"{progress['steps']} (still training, or stopped early: `mfcache train --resume` continues it); {head}")
+
+
 def checkpoint_to_resume(run_dir: Path, resume: bool) -> dict | None:
     """The checkpoint dict of the run in ``run_dir`` if it is to be resumed; None for a new
     run. A folder that holds a run is refused without ``resume``; ``resume`` without one is too."""

@@ -25,6 +25,7 @@ from mfcache.stages.train import train
 from mfcache.errors import MfcacheError
 from mfcache.outputs import check_folder, write_errors
 from mfcache.runtime import resolve_device
+from mfcache.stopping import Interrupted, StopSignals
 
 ROW_FILE = "sweep_row.json"
 AP_KEYS = ("AP", "AP50", "APs", "APm", "APl")
@@ -117,7 +118,11 @@ def sweep(*, cache_path: Path, heads: list[str], out_dir: Path, steps: int | Non
     """Train and evaluate each head of ``heads`` (preset names, TOML files or ``["all"]``)
     on ``cache_path``; ``steps`` and ``device`` override ``train.steps`` and ``train.device``
     (training and evaluation), and ``overrides`` are ``--set`` strings applied to every head. Writes ``out_dir/sweep.{json,md,png}``; returns the rows.
-    ``on_row(row, reused)`` is called as each head finishes."""
+    ``on_row(row, reused)`` is called as each head finishes.
+
+    SIGINT, SIGTERM or SIGUSR1 stop it at the next safe point (a training step, or before the
+    next head), raising :class:`mfcache.stopping.Interrupted` with every finished head's run
+    and row kept: the same call again resumes."""
     out_dir = Path(out_dir)
     names = resolve_heads(heads)
     extra = [*(overrides or []), *([f"train.steps={steps}"] if steps is not None else []),
@@ -136,23 +141,34 @@ def sweep(*, cache_path: Path, heads: list[str], out_dir: Path, steps: int | Non
     with write_errors("the sweep folder", out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for config in configs:
-        run_dir = out_dir / config.head.name
-        row_file = run_dir / ROW_FILE
-        reused = (run_dir / "metrics.json").is_file() and row_file.is_file()
-        if reused:
-            row = json.loads(row_file.read_text())
-            if _what_it_learns(RunConfig.from_dict(row["config"])) != _what_it_learns(config):
-                raise MfcacheError(f"{run_dir} holds a run with another configuration; "
-                                   "delete it or choose another --out")
-        else:
-            row = run_head(cache_path=cache_path, config=config, run_dir=run_dir, split=split,
-                           eval_split=eval_split, progress=progress)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row, reused)
-        write_outputs(rows, out_dir)  # after every head, so an interrupted sweep keeps its table
+    with StopSignals() as stop:  # while a head trains, its own stop (train's) takes over
+        for config in configs:
+            if stop.signum is not None:  # a signal between heads (during an eval): stop before the next
+                raise Interrupted(stop.signum, f"after {len(rows)} of {len(configs)} heads")
+            rows.append(_sweep_head(config, cache_path, out_dir, split=split, eval_split=eval_split,
+                                    progress=progress, on_row=on_row))
+            write_outputs(rows, out_dir)  # after every head, so an interrupted sweep keeps its table
     return rows
+
+
+def _sweep_head(config: RunConfig, cache_path: Path, out_dir: Path, *, split: str | None, eval_split: str | None,
+                progress: bool, on_row) -> dict:
+    """The sweep row of one head: read back if its run folder is finished, else trained and
+    evaluated (a run interrupted mid-training resumes from its checkpoint)."""
+    run_dir = out_dir / config.head.name
+    row_file = run_dir / ROW_FILE
+    reused = (run_dir / "metrics.json").is_file() and row_file.is_file()
+    if reused:
+        row = json.loads(row_file.read_text())
+        if _what_it_learns(RunConfig.from_dict(row["config"])) != _what_it_learns(config):
+            raise MfcacheError(f"{run_dir} holds a run with another configuration; "
+                               "delete it or choose another --out")
+    else:
+        row = run_head(cache_path=cache_path, config=config, run_dir=run_dir, split=split,
+                       eval_split=eval_split, progress=progress)
+    if on_row is not None:
+        on_row(row, reused)
+    return row
 
 
 def _what_it_learns(config: RunConfig) -> dict:

@@ -23,7 +23,7 @@ from mfcache.cache.sample import Batch, on_device
 from mfcache.cache.schema import DONE, fingerprint_mismatch
 from mfcache.cache.stats import FEW_MATCHED, MatchStats, split_stats
 from mfcache.config import RunConfig, resolve_run_config, resume_config
-from mfcache.distributed import World, all_sum, close_world, init_world
+from mfcache.distributed import World, all_sum, close_world, init_world, together
 from mfcache.errors import MfcacheError
 from mfcache.heads import MaskHead
 from mfcache.ops.losses import head_loss, image_generators, resize_targets
@@ -36,7 +36,7 @@ from mfcache.stages.runs import (CHECKPOINT, LOG, checkpoint_to_resume, head_for
 from mfcache.stages.sampling import RankSlice, lr_at, step_batches
 from mfcache.stages.validation import PeriodicValidation
 from mfcache.stages.watch import Scalars, require_tensorboard, settings_summary
-from mfcache.stopping import Interrupted, StopSignals, ignore_stop_signals
+from mfcache.stopping import Interrupted, StopSignals, ignore_stop_signals, worker_batches
 
 
 def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, overrides: list[str] | None = None,
@@ -50,9 +50,10 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, o
     how the run runs (:func:`mfcache.config.resume_config`). Without ``resume``, ``config``
     None means the defaults with ``overrides``.
 
-    SIGINT (Ctrl-C) or SIGTERM stop the run after the step in progress, save a checkpoint
-    there and raise :class:`mfcache.stopping.Interrupted`; resuming from it gives exactly the
-    uninterrupted run.
+    SIGINT (Ctrl-C), SIGTERM or SIGUSR1 (a scheduler's early warning) stop the run after the
+    step in progress, save a checkpoint there and raise :class:`mfcache.stopping.Interrupted`;
+    resuming from it gives exactly the uninterrupted run. A signal to the whole process group
+    (a cluster's preemption) is the same: the loader's workers ignore it and are ended here.
 
     Under ``torchrun --nproc_per_node N`` the head is wrapped in DistributedDataParallel and
     every rank takes a disjoint slice of each step's batch (the global batch stays
@@ -80,19 +81,23 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, o
         require_tensorboard()  # before any work
     world, created = init_world(device)
     try:
-        cache, data = _open_split(cache_path, split, state, run_dir)
-        _check_positives(data, config.train.min_iou, warn=world.is_main)
-        excluded, held = _held_out(data, config)
+        # under torchrun each setup step ends on all ranks together: a failure on any rank is the
+        # same one-line error on all of them, none is left waiting (mfcache.distributed.together)
+        with together(world):
+            cache, data = _open_split(cache_path, split, state, run_dir)
+            _check_positives(data, config.train.min_iou, warn=world.is_main)
+            excluded, held = _held_out(data, config)
         trainer = Trainer(cache, data, config, world=world, device=world.device(device), state=state,
                           excluded=excluded)
-        if world.is_main:
-            write_run_info(run_dir, config, cache_path, data.name)
-            if progress:
-                console.print(settings_summary(
-                    config, cache=cache_path, split=data.name, images=len(data.done), run_dir=run_dir,
-                    device=trainer.device, ranks=world.size, step=trainer.step,
-                    validation=trainer.validation.data.name if trainer.validation else None, held_out=held),
-                    highlight=False, soft_wrap=True, markup=False)
+        with together(world):
+            if world.is_main:
+                write_run_info(run_dir, config, cache_path, data.name)
+        if world.is_main and progress:
+            console.print(settings_summary(
+                config, cache=cache_path, split=data.name, images=len(data.done), run_dir=run_dir,
+                device=trainer.device, ranks=world.size, step=trainer.step,
+                validation=trainer.validation.data.name if trainer.validation else None, held_out=held),
+                highlight=False, soft_wrap=True, markup=False)
         return trainer.run(run_dir, progress=progress and world.is_main)
     finally:
         close_world(created)
@@ -211,9 +216,9 @@ class Trainer:
         with write_errors("the training log", run_dir / LOG):
             log = (run_dir / LOG).open("a") if self.world.is_main else open(os.devnull, "w")
         scalars = Scalars(run_dir, enabled=tc.tensorboard and self.world.is_main, step=self.step)
-        with log, scalars, StopSignals() as stop, progress_bar(progress) as bar:
+        with log, scalars, StopSignals() as stop, worker_batches(loader) as batches, progress_bar(progress) as bar:
             task = bar.add_task("train", total=tc.steps, completed=self.step, status="")
-            for batch in on_device(loader, self.device):
+            for batch in on_device(batches, self.device):
                 entry = self.train_step(batch, checkpoint_path)
                 if self.validation is not None and self.validation.due(self.step, tc.steps):
                     self.validate(run_dir, entry, say=progress)
@@ -231,7 +236,7 @@ class Trainer:
         if self.step < tc.steps or not checkpoint_path.exists():
             self.checkpoint(run_dir)
         if stop.signum is not None and self.step < tc.steps:
-            raise Interrupted(stop.signum, self.step, tc.steps, checkpoint_path)
+            raise Interrupted(stop.signum, f"at step {self.step} of {tc.steps}; checkpoint saved to {checkpoint_path}")
         return {**entry, "seconds": time.perf_counter() - started, "head": self.config.head.name}
 
     def train_step(self, batch: Batch, checkpoint_path: Path) -> dict:
