@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from mfcache.errors import MfcacheError
+from mfcache.errors import MfcacheError, UntrustedFile
 from mfcache.runtime import console
 
 
@@ -40,7 +40,8 @@ def user_errors(fn=None, *, interrupted: str | Callable[[dict], str] = ""):
         try:
             return fn(*args, **kwargs)
         except MfcacheError as exc:
-            for line in str(exc).splitlines() or [""]:
+            message = exc.with_fix(TRUST_FLAG) if isinstance(exc, UntrustedFile) else str(exc)
+            for line in message.splitlines() or [""]:
                 console.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
@@ -86,8 +87,9 @@ def train_overrides(overrides: list[str] | None, *, steps: int | None, device: s
     return [*(overrides or []), *extra] or None
 
 
+TRUST_FLAG = "--trust-checkpoint"  # the CLI's spelling of the trust_checkpoint setting (UntrustedFile)
 TrustOpt = Annotated[bool, typer.Option(
-    "--trust-checkpoint",
+    TRUST_FLAG,
     help="Load checkpoints (and a cache's stored C1 program) with the full unpickler, accepting types beyond "
          "tensors, containers and numbers. RISK: such a file can run any code on this machine; use only for "
          "files from a source you trust.")]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mfcache.checkpoint_io import TRUST_OPTION, trusting
+from mfcache.checkpoint_io import trusting
 from mfcache.data.transforms import to_image
 from mfcache.errors import MfcacheError
 from mfcache.stages.postprocess import Instances
@@ -62,11 +62,8 @@ class Predictor:
             raise MfcacheError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.run = Path(run)
         self.score_threshold, self.batch_size = score_threshold, batch_size
-        try:
-            with trusting(trust_checkpoint):  # the detector's checkpoint and the run's are read here only
-                self._segmenter = load_segmenter(self.run, detector=detector, device=device)
-        except MfcacheError as exc:  # a refusal names the CLI's option: name this API's argument
-            raise MfcacheError(str(exc).replace(TRUST_OPTION, "trust_checkpoint=True")) from None
+        with trusting(trust_checkpoint):  # the detector's checkpoint and the run's are read here only
+            self._segmenter = load_segmenter(self.run, detector=detector, device=device)
 
     @property
     def detector(self) -> str:

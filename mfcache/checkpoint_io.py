@@ -30,10 +30,9 @@ from pathlib import Path
 
 import torch
 
-from mfcache.errors import MfcacheError
+from mfcache.errors import MfcacheError, UntrustedFile
 from mfcache.outputs import atomic_write
 
-TRUST_OPTION = "--trust-checkpoint"
 _TRUSTED = contextvars.ContextVar("mfcache_trusted_files", default=False)
 
 # What torch's weights-only unpickler names in its refusals (torch/_weights_only_unpickler.py)
@@ -92,10 +91,9 @@ def load_checkpoint(path: str | Path, *, what: str, map_location: str | torch.de
     except pickle.UnpicklingError as exc:
         if weights_only and asked_for(exc):
             allowed = "".join(f", {t.__module__}.{t.__qualname__}" for t in allow)
-            raise MfcacheError(
+            raise UntrustedFile(
                 f"{what} {path} asks for {asked_for(exc)}, and loading that could run code from the file, so it "
-                f"is refused (mfcache loads tensors, plain containers and numbers{allowed}); if you trust the "
-                f"file's source, pass {TRUST_OPTION} (the file can then run any code on this machine)") from None
+                f"is refused (mfcache loads tensors, plain containers and numbers{allowed})") from None
         raise MfcacheError(_cannot_read(what, path, exc)) from None
     except Exception as exc:  # noqa: BLE001 - a corrupt, truncated or foreign file is the user's to fix
         raise MfcacheError(_cannot_read(what, path, exc)) from None

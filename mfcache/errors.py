@@ -1,20 +1,27 @@
 """The one exception type for problems a user can fix (bad input, bad config, bad cache).
 
 The CLI prints such an error as a single line and exits non-zero; any other exception
-is a bug and keeps its traceback.
+is a bug and keeps its traceback. A DataLoader worker's error reaches the main process as
+a value (:class:`mfcache.cache.reader.ReadFailure`), never as traceback text to parse.
 """
-
-_WORKER_LINE = "mfcache.errors.MfcacheError: "
 
 
 class MfcacheError(Exception):
-    """A user-facing error: its message is one line naming the culprit.
+    """A user-facing error: its message is one line naming the culprit."""
 
-    Raised in a DataLoader worker (a damaged cache found while reading), torch re-raises it
-    in the main process as ``MfcacheError("Caught MfcacheError in DataLoader worker process
-    N. Original Traceback ...")``; that message is cut back to the worker's one line."""
 
-    def __init__(self, message: str = ""):
-        if isinstance(message, str) and message.startswith("Caught MfcacheError") and _WORKER_LINE in message:
-            message = message.rsplit(_WORKER_LINE, 1)[1].strip()
-        super().__init__(message)
+class UntrustedFile(MfcacheError):
+    """A file refused because loading it could run code it holds (a pickled checkpoint, a
+    program stored in a cache). The fix is to trust its source: the setting
+    ``trust_checkpoint`` (``trust_checkpoint=True`` in Python, which the message names; each
+    front end names its own spelling with :meth:`with_fix`, the CLI ``--trust-checkpoint``)."""
+
+    SETTING = "trust_checkpoint=True"
+
+    def __init__(self, refusal: str):
+        self.refusal = refusal
+        super().__init__(self.with_fix(self.SETTING))
+
+    def with_fix(self, trust: str) -> str:
+        """The one-line message, naming ``trust`` as the way to trust the file."""
+        return f"{self.refusal}; if you trust its source, pass {trust} (the file can then run any code on this machine)"

@@ -30,7 +30,7 @@ from mfcache.data.shapes import CATEGORIES
 from mfcache.detectors import load_detector
 from mfcache.stages.runs import CHECKPOINT
 from mfcache.stages.train import train
-from mfcache.errors import MfcacheError
+from mfcache.errors import MfcacheError, UntrustedFile
 from mfcache.stages.extract import extract
 from test_native import HDETR_TINY, random_checkpoint, spec
 
@@ -95,7 +95,9 @@ def test_a_malicious_native_checkpoint_never_runs(tmp_path, payload):
     with pytest.raises(MfcacheError) as error:
         load_detector(spec("hdetr", tmp_path / "evil.pth", HDETR_TINY))
     message = str(error.value)
-    assert "\n" not in message and f"asks for {asked}," in message and "--trust-checkpoint" in message
+    assert "\n" not in message and f"asks for {asked}," in message
+    assert "pass trust_checkpoint=True" in message  # the setting; the CLI names its flag (test below)
+    assert isinstance(error.value, UntrustedFile)
     assert not marker.exists()
 
 
@@ -287,7 +289,7 @@ def test_a_stem_this_user_exported_runs_without_trust_and_nobody_elses_does(shap
     assert split.read(0, levels=(0,), targets=False).c1.ndim == 3  # made here: runs
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "another-user"))
-    with pytest.raises(MfcacheError, match="not exported by your own extraction.*--trust-checkpoint"):
+    with pytest.raises(UntrustedFile, match="not exported by your own extraction.*trust_checkpoint=True"):
         Cache(cache).split("val").read(0, levels=(0,), targets=False)
     with trusting():
         assert Cache(cache).split("val").read(0, levels=(0,), targets=False).c1.ndim == 3

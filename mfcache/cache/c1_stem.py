@@ -30,11 +30,11 @@ from torch import Tensor, nn
 from torch.export import Dim
 from zarr.codecs import BloscCodec
 
-from mfcache.checkpoint_io import TRUST_OPTION, exported_here, files_trusted, remember_exported
+from mfcache.checkpoint_io import exported_here, files_trusted, remember_exported
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors.base import Preprocess
 from mfcache.cache.schema import c1_size, checksum
-from mfcache.errors import MfcacheError
+from mfcache.errors import MfcacheError, UntrustedFile
 
 if TYPE_CHECKING:
     from mfcache.detectors.base import Detector
@@ -116,10 +116,9 @@ class C1Recomputer:
         or trusts its source (see the module doc)."""
         if self.trusted or files_trusted() or exported_here(program or self._program().tobytes()):
             return
-        raise MfcacheError(
+        raise UntrustedFile(
             f"{self.cache_path} recomputes C1 with a program stored in the cache that was not exported "
-            f"by your own extraction, and loading it (torch.export) can run code from the cache; if you "
-            f"trust its source, pass {TRUST_OPTION}")
+            f"by your own extraction, and loading it (torch.export) can run code from the cache")
 
     def __getstate__(self):
         return {**self.__dict__, "_stem": None}

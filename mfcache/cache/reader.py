@@ -16,6 +16,8 @@ import contextlib
 import hashlib
 import io
 import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from mfcache.cache.c1_stem import STEM_ARRAY, C1Recomputer
 from mfcache.cache.records import ImageRecord, served_sample
-from mfcache.cache.sample import Sample
+from mfcache.cache.sample import Batch, Sample
 from mfcache.cache.schema import (
     DONE,
     INDEX_ARRAYS,
@@ -392,9 +394,41 @@ class CacheDataset(torch.utils.data.Dataset):
     def row(self, key: int | tuple[int, int]) -> int:  # image j (its view 0) or (j, view) with all_views
         return int(self.rows[key] if isinstance(key, tuple) else self.rows[key, 0])
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
-        return self._open().read(self.row(key), **self.kwargs)
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample | ReadFailure:
+        return self.__getitems__([key])[0]
 
-    def __getitems__(self, keys: list) -> list[Sample]:
-        """A whole batch (DataLoader fetches batches this way): every image's reads at once."""
-        return self._open().read_many([self.row(k) for k in keys], **self.kwargs)
+    def __getitems__(self, keys: list) -> list[Sample] | list[ReadFailure]:
+        """A whole batch (DataLoader fetches batches this way): every image's reads at once.
+        In a DataLoader worker a refused read comes back as ``[ReadFailure]`` (:func:`collate`)."""
+        try:
+            return self._open().read_many([self.row(k) for k in keys], **self.kwargs)
+        except MfcacheError as exc:
+            if torch.utils.data.get_worker_info() is None:  # the main process: raise it as it is
+                raise
+            return [ReadFailure(str(exc))]
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """A read refused in a DataLoader worker (a damaged cache), returned as a value: torch
+    re-raises a worker's exception as a new one whose message is the worker's traceback text,
+    so the one-line error travels as data and :func:`raise_failures` raises it in the main
+    process as the :class:`MfcacheError` it was."""
+
+    message: str
+
+
+def collate(samples: list[Sample] | list[ReadFailure]) -> Batch | ReadFailure:
+    """The ``collate_fn`` of loaders over a :class:`CacheDataset`: :meth:`Batch.collate`, or
+    the batch's :class:`ReadFailure` passed on."""
+    if samples and isinstance(samples[0], ReadFailure):
+        return samples[0]
+    return Batch.collate(samples)
+
+
+def raise_failures(batches: Iterable[Batch | ReadFailure]) -> Iterator[Batch]:
+    """``batches``, with a worker's :class:`ReadFailure` raised as its one-line error."""
+    for batch in batches:
+        if isinstance(batch, ReadFailure):
+            raise MfcacheError(batch.message)
+        yield batch

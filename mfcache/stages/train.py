@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mfcache.cache.reader import Cache, CacheDataset, CacheSplit
+from mfcache.cache.reader import Cache, CacheDataset, CacheSplit, collate, raise_failures
 from mfcache.cache.sample import Batch, on_device
 from mfcache.cache.schema import DONE, fingerprint_mismatch
 from mfcache.cache.stats import FEW_MATCHED, MatchStats, split_stats
@@ -196,7 +196,7 @@ class Trainer:
             raise MfcacheError(f"split {self.data.name!r} has no images to train on")
         batches = step_batches(len(dataset), tc.batch_size, tc.seed, self.step, tc.steps, views=views)
         return DataLoader(dataset, batch_sampler=RankSlice(batches, self.world) if self.world.enabled else batches,
-                          collate_fn=Batch.collate, num_workers=tc.num_workers,
+                          collate_fn=collate, num_workers=tc.num_workers,
                           pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals,
                           # its own generator: starting the loader must not draw from the global RNG,
                           # or a resumed run's random ops (point sampling) would be shifted by one draw
@@ -218,7 +218,7 @@ class Trainer:
         scalars = Scalars(run_dir, enabled=tc.tensorboard and self.world.is_main, step=self.step)
         with log, scalars, StopSignals() as stop, worker_batches(loader) as batches, progress_bar(progress) as bar:
             task = bar.add_task("train", total=tc.steps, completed=self.step, status="")
-            for batch in on_device(batches, self.device):
+            for batch in on_device(raise_failures(batches), self.device):
                 entry = self.train_step(batch, checkpoint_path)
                 if self.validation is not None and self.validation.due(self.step, tc.steps):
                     self.validate(run_dir, entry, say=progress)
