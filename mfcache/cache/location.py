@@ -41,6 +41,7 @@ from mfcache.errors import MfcacheError
 # URL scheme -> obstore store kind
 SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "azure": "azure", "abfs": "azure"}
 EXTRA = "pip install 'mfcache[s3]'"
+REMOTE_CONCURRENCY = 64  # requests in flight to object storage (zarr's default, 10, is sized for a disk)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -146,9 +147,13 @@ class CacheLocation:
     # ---- stores -------------------------------------------------------------------------
 
     def object_store(self):
-        """The obstore store of a remote location (opened once per process)."""
+        """The obstore store of a remote location (opened once per process). Raises zarr's
+        request concurrency to ``REMOTE_CONCURRENCY``: each request waits a round trip, so a
+        batch's reads (all issued at once by the reader) need many in flight."""
         if self._object_store is None:
             self._object_store = _open_object_store(self)
+            if zarr.config.get("async.concurrency") < REMOTE_CONCURRENCY:
+                zarr.config.set({"async.concurrency": REMOTE_CONCURRENCY})
         return self._object_store
 
     def store(self, *, read_only: bool) -> zarr.abc.store.Store:

@@ -22,6 +22,7 @@ limit and works below fsspec only, not below obstore.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -68,19 +69,14 @@ class ReadThroughStore(WrapperStore):
             return await self._store.get(key, prototype, byte_range)
         local = self.folder / key
         if not self.fresh:
-            try:
-                data = local.read_bytes()
-            except (FileNotFoundError, NotADirectoryError):
-                pass
-            else:
+            data = await asyncio.to_thread(_read_local, local)  # off the event loop: reads overlap
+            if data is not None:
                 self.hits += 1
-                with contextlib.suppress(OSError):
-                    os.utime(local)  # most recently read: removed last
                 return prototype.buffer.from_bytes(data)
         self.misses += 1
         value = await self._store.get(key, prototype, byte_range)
         if value is not None:
-            self._keep(local, value.to_bytes())
+            await asyncio.to_thread(self._keep, local, value.to_bytes())
         return value
 
     def _keep(self, local: Path, data: bytes) -> None:
@@ -100,6 +96,16 @@ class ReadThroughStore(WrapperStore):
                 self._written = 0
         if due:
             trim(self.limit_folder, self.max_bytes)
+
+
+def _read_local(local: Path) -> bytes | None:
+    try:
+        data = local.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(local)  # most recently read: removed last
+    return data
 
 
 def folder_files(folder: Path) -> list[tuple[float, int, Path]]:
