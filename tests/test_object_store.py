@@ -207,6 +207,22 @@ def test_an_expired_lease_is_taken_over(s3):
         acquire_lease(locate(url))
 
 
+def test_a_writer_whose_lease_was_taken_over_stops_writing(s3):
+    location = locate(f"s3://{BUCKET}/caches/taken")
+    lease = acquire_lease(location)
+    expires = lease.info["expires"]
+    time.sleep(0.01)
+    lease.renew()  # a conditional write on its own ETag
+    assert lease.info["expires"] > expires
+    s3.put_object(Bucket=BUCKET, Key=f"caches/taken/{LEASE_NAME}", Body=b'{"owner": "another"}')
+    with pytest.raises(Exception, match="took it over"):
+        lease.renew()
+    with pytest.raises(MfcacheError, match="lost the writer lease"):
+        location.open_group("a")  # every write through the cache's store is refused
+    lease.release()  # leaves the other writer's lease alone
+    assert b"another" in s3.get_object(Bucket=BUCKET, Key=f"caches/taken/{LEASE_NAME}")["Body"].read()
+
+
 # The real command, each block write slowed down so that the test can kill it inside one.
 CHILD = """
 import sys, time

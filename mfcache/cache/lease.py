@@ -68,10 +68,10 @@ class Lease:
         while not self._stop.wait(RENEW):
             try:
                 self.renew()
-            except Exception as exc:  # a network blip: tried again at the next renewal
-                if isinstance(exc, _Taken):
-                    self._lost = str(exc)
-                    return
+            except _Taken:
+                return
+            except Exception:  # a network blip: tried again at the next renewal
+                pass
 
     def renew(self) -> None:
         """Push the expiry ``TTL`` seconds on, if the lease is still ours."""
@@ -84,7 +84,8 @@ class Lease:
             result = obstore.put(self.location.object_store(), LEASE_NAME, json.dumps(info).encode(),
                                  mode={"e_tag": self._etag} if self._etag else "overwrite")
         except (obstore.exceptions.PreconditionError, FileNotFoundError):
-            raise _Taken("another writer took it over") from None
+            self._lost = "another writer took it over"
+            raise _Taken(self._lost) from None
         self.info, self._etag = info, result.get("e_tag")
         self._deadline = started + TTL - RENEW
 

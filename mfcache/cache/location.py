@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -251,20 +250,9 @@ class CacheLocation:
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in listed["common_prefixes"]] + \
                [o["path"].rsplit("/", 1)[-1] for o in listed["objects"]]
 
-    def remove_node(self, name: str) -> None:
-        """Delete group ``name`` and everything under it."""
-        if self.is_local:
-            shutil.rmtree(self.path / name)
-            return
-        zarr.core.sync.sync(zarr.storage.ObjectStore(self.object_store()).delete_dir(name))
-
     def is_cache(self) -> bool:
         """Whether a cache (its root metadata) exists here."""
         return self.has("zarr.json")
-
-    def free_bytes(self) -> int | None:
-        """Free space where the cache is written; None for object storage (no such limit)."""
-        return shutil.disk_usage(self.path).free if self.is_local else None
 
     def check_reachable(self) -> None:
         """Raise one line unless the bucket (container) exists and these credentials may list it."""

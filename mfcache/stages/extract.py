@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,7 +320,7 @@ def _check_space(job: _Job, plan: SplitPlan, todo: np.ndarray, out: Path, config
     info = job.model.info
     storage = storage_plan(plan, topk=job.topk, d_model=info.d_model, target_size=config.target_size,
                            c1_channels=info.c1_channels if job.c1 == "store" else 0, dtype=config.dtype)
-    free = out.free_bytes()  # None in object storage: no free space to check
+    free = shutil.disk_usage(out.path).free if out.is_local else None  # object storage: no free space to check
     need = storage.total(todo)
     if say:
         space = f"{format_bytes(free)} free on {out}" if free is not None else f"writing to {out}"
