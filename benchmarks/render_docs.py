@@ -162,6 +162,30 @@ def performance_page() -> str:
                 "## History\n\n" + "\n".join(f"- {h}" for h in data["history"]))
 
 
+def object_storage_page() -> str:
+    source = "remote_reader.json"
+    data, meta = load(source)
+    rate, ratio = data["MBps"], data["ratio_to_disk"]
+    names = {"s3_default": "from the bucket, zarr's default 10 requests in flight",
+             "s3": f"from the bucket, {data['concurrency']} requests in flight (the default for object storage)",
+             "s3_local_cold": "from the bucket through an empty `--local-cache` folder (the first epoch)",
+             "s3_local_warm": "through the `--local-cache` folder, warm (later epochs and runs)"}
+    rows = [["from local disk, page cache dropped", f"{rate['disk']:.0f}", "1"]]
+    rows += [[text, f"{rate[key]:.0f}", f"**{ratio[key]:.2f}×**"] for key, text in names.items()]
+    body = table(["the training reader reads every image", "MB/s", "÷ local disk"], rows, "lrr")
+    layers = data.get("store_layers_MBps", {})
+    if layers:
+        body += "\n\n" + table(["store layer (one array read whole from the bucket)", "MB/s"],
+                                 [[f"`{name}`", f"{value:.0f}"] for name, value in layers.items()], "lr")
+    body += "\n\n" + provenance(meta) + (f" *{data['images']} images of the R50 layout at "
+                                         f"{data['input_hw'][0]}×{data['input_hw'][1]}, {data['bytes'] / 1e6:.0f} MB.*")
+    return page("Reading a cache from object storage", f"benchmarks/results/{source}",
+                "The training reader (`CacheSplit.read_many`, batches of 8, every part CRC-checked, one process) "
+                "reading a synthetic cache from a moto S3 server on 127.0.0.1 and from local disk, and through the "
+                "read-through folder (`--local-cache`), cold and warm.",
+                section("table", body))
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
@@ -359,6 +383,7 @@ def render() -> tuple[dict[Path, str], dict[Path, Callable[[Path], None]]]:
     results["paper-scale.md"] = paper_scale_page()
     results["peers.md"] = peers_page()
     results["probes.md"] = probes_page()
+    results["object-storage.md"] = object_storage_page()
     results = {"index.md": results_index(results), **results}
     pages = {DOCS / "results" / name: text for name, text in results.items()}
     pages[DOCS / "commands" / "reference.md"] = cli_reference()

@@ -56,20 +56,38 @@ def user_errors(fn=None, *, interrupted: str | Callable[[dict], str] = ""):
 
 RERUN = "work finished so far is kept; run the same command again to resume"
 
-CacheOpt = Annotated[Path, typer.Option("--cache", help="Cache folder written by `mfcache extract`.")]
-CacheArg = Annotated[Path | None, typer.Argument(help="Cache folder (or --cache).", show_default=False)]
-CacheOrOpt = Annotated[Path | None, typer.Option("--cache", help="Cache folder, as in the other commands.",
-                                                 show_default=False)]
+# A cache is a folder or an object-store URL (s3://bucket/prefix, gs://..., az://...): taken as
+# text, since a Path would fold the URL's "//"; cache_place() gives the folder as a Path.
+CacheOpt = Annotated[str, typer.Option("--cache", help="Cache written by `mfcache extract`: a folder, or a "
+                                       "URL like s3://bucket/caches/x (also gs://, az://).")]
+CacheArg = Annotated[str | None, typer.Argument(help="Cache folder or URL (or --cache).", show_default=False)]
+CacheOrOpt = Annotated[str | None, typer.Option("--cache", help="Cache folder or URL, as in the other commands.",
+                                                show_default=False)]
+LocalCacheOpt = Annotated[Path | None, typer.Option(
+    "--local-cache", help="Cache in object storage: keep the chunks read in this local folder, so later epochs "
+                          "and runs read them from disk.", show_default=False)]
+LocalCacheSizeOpt = Annotated[str | None, typer.Option(
+    "--local-cache-size", help="Most the --local-cache folder holds, e.g. 500GB (default 100GB); the chunks "
+                               "read longest ago are removed first.", show_default=False)]
 
 
-def one_cache(positional: Path | None, option: Path | None) -> Path:
-    """The cache folder of a command that takes it as ``CACHE`` or ``--cache CACHE`` (either,
-    not both, not neither)."""
-    if positional is not None and option is not None and positional != option:
+def cache_place(where: str, local_cache: Path | None = None, local_cache_size: str | None = None):
+    """The cache named on the command line: a ``Path`` for a folder (as always), a
+    :class:`~mfcache.cache.location.CacheLocation` for object storage (with its read-through folder)."""
+    from mfcache.cache.location import locate
+
+    location = locate(where, local_cache=local_cache, local_cache_size=local_cache_size)
+    return location.path if location.is_local else location
+
+
+def one_cache(positional: str | None, option: str | None):
+    """The cache of a command that takes it as ``CACHE`` or ``--cache CACHE`` (either,
+    not both, not neither): a folder (``Path``) or a place in object storage."""
+    if positional is not None and option is not None and cache_place(positional) != cache_place(option):
         raise MfcacheError(f"two caches given ({positional} and --cache {option}); give one")
     if positional is None and option is None:
         raise MfcacheError("no cache given: pass the cache folder, e.g. `CACHE` or `--cache CACHE`")
-    return positional if positional is not None else option
+    return cache_place(positional if positional is not None else option)
 
 
 SplitOpt = Annotated[str | None, typer.Option("--split", help="Split of the cache (default: train* for training, val* for eval).")]

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import CacheOpt, JsonOpt, QuietOpt, TrustOpt, print_json, user_errors
+from mfcache.cli.common import (CacheOpt, JsonOpt, LocalCacheOpt, LocalCacheSizeOpt, QuietOpt, TrustOpt, cache_place,
+                                print_json, user_errors)
 from mfcache.runtime import stdout
 
 
@@ -36,6 +37,8 @@ def command(
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
     as_json: JsonOpt = False,
+    local_cache: LocalCacheOpt = None,
+    local_cache_size: LocalCacheSizeOpt = None,
 ):
     """Evaluate a trained head on a cache split with pycocotools (segm and bbox AP).
 
@@ -54,6 +57,7 @@ def command(
     from mfcache.metrics import category_table, metrics_table
     from mfcache.stages.visualize import visualize_split
 
+    cache = cache_place(cache, local_cache, local_cache_size)
     out = out or metrics_path(run, checkpoint)
     panels = out.parent / "visualize"
     draw = (lambda data, results: visualize_split(data, results, panels, visualize,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import QuietOpt, SplitOpt, TrustOpt, user_errors
+from mfcache.cli.common import QuietOpt, SplitOpt, TrustOpt, cache_place, user_errors
 from mfcache.config import ExtractConfig, check_config
 from mfcache.errors import MfcacheError
 from mfcache.runtime import stdout
@@ -32,7 +32,8 @@ def command(
     detector: Annotated[str, typer.Option("--detector", help="Detector spec: 'demo', 'hf:<checkpoint dir>', 'hdetr:<file.pth>[?options]' or 'dino:<file.pth>[?options]'.")],
     images: Annotated[Path, typer.Option("--images", help="Folder the annotation file's file_names are relative to.")],
     annotations: Annotated[Path, typer.Option("--annotations", help="COCO instances JSON of the split.")],
-    out: Annotated[Path, typer.Option("--out", help="Cache folder (created, or completed if it exists).")],
+    out: Annotated[str, typer.Option("--out", help="Cache folder, or an object-store URL like s3://bucket/caches/x "
+                                     "(also gs://, az://); created, or completed if it exists.")],
     split: SplitOpt = None,
     topk: Annotated[int, _option("topk")] = _D.topk,
     batch_size: Annotated[int, _option("batch_size")] = _D.batch_size,
@@ -96,7 +97,7 @@ def command(
                            view_crop=view_crop)
     check_config(config, FLAGS)  # before anything starts, naming the options as typed
     with trusting(trust_checkpoint):  # the detector's checkpoint
-        summary = extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
+        summary = extract(detector=detector, images=images, annotations=annotations, out=cache_place(out), split=split,
                           config=config, skip_bad=skip_bad, ignore_free_space=ignore_free_space,
                           progress=not quiet)
     if world_from_env().rank:  # under torchrun, rank 0 reports for all

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mfcache.cli.common import (RERUN, CacheOpt, DeviceOpt, JsonOpt, QuietOpt, SetOpt, StepsOpt, TrustOpt, print_json,
-                                user_errors)
+                                cache_place, user_errors)
 from mfcache.runtime import console, stdout
 
 
@@ -41,6 +41,7 @@ def command(
         console.print(f"{row['name']}: mask AP {'-' if ap is None else f'{100 * ap:.1f}'}"
                       f"{' (already done)' if reused else ''}")
 
+    cache = cache_place(cache)  # a folder (Path) or a place in object storage
     with trusting(trust_checkpoint):  # the run folders' checkpoints, a cache's stored C1 program
         rows = sweep(cache_path=cache, heads=heads, out_dir=out, steps=steps, device=device, overrides=overrides,
                      progress=not quiet, on_row=report)

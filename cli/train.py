@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import (CacheOpt, DeviceOpt, QuietOpt, SetOpt, SplitOpt, StepsOpt, TrustOpt, train_overrides,
-                                user_errors)
+from mfcache.cli.common import (CacheOpt, DeviceOpt, LocalCacheOpt, LocalCacheSizeOpt, QuietOpt, SetOpt, SplitOpt,
+                                StepsOpt, TrustOpt, cache_place, train_overrides, user_errors)
 from mfcache.config import resolve_run_config
 from mfcache.runtime import stdout
 
@@ -40,6 +40,8 @@ def command(
                                          "configuration stored there (--set train.steps=N extends it).")] = False,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
+    local_cache: LocalCacheOpt = None,
+    local_cache_size: LocalCacheSizeOpt = None,
 ):
     """Train a mask head on a cache split (the detector is never loaded).
 
@@ -55,6 +57,7 @@ def command(
     from mfcache.stages.train import train
 
     overrides = train_overrides(overrides, steps=steps, device=device)
+    cache = cache_place(cache, local_cache, local_cache_size)
     # resuming: the run's own configuration (+ --set), unless --head names one in full
     config = resolve_run_config(head, overrides) if head or not resume else None
     with trusting(trust_checkpoint):

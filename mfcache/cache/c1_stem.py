@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 from zarr.codecs import BloscCodec
 
+from mfcache.cache.location import locate
 from mfcache.checkpoint_io import exported_here, files_trusted, remember_exported
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors.base import Preprocess
@@ -103,10 +104,12 @@ class C1Recomputer:
     float32, for the valid (unpadded) region, exactly as extraction's detector saw the image
     when it was alone in its batch."""
 
-    def __init__(self, cache_path: Path, preprocess: Preprocess):
-        if not (cache_path / STEM_ARRAY).is_dir():
-            raise MfcacheError(f"{cache_path} recomputes C1 but holds no {STEM_ARRAY!r} program: extract again")
-        self.cache_path, self.preprocess = cache_path, preprocess
+    def __init__(self, cache_path, preprocess: Preprocess):
+        location = locate(cache_path)  # a folder or a place in object storage
+        if not location.has_node(STEM_ARRAY):
+            raise MfcacheError(f"{location} recomputes C1 but holds no {STEM_ARRAY!r} program: extract again")
+        self.location, self.preprocess = location, preprocess
+        self.cache_path = location.path if location.is_local else location
         # decided where it is made too: DataLoader workers that run it inherit the caller's choice
         self.trusted = files_trusted()
         self._stem = None  # loaded on first use, in the process (DataLoader worker) that uses it
@@ -127,7 +130,8 @@ class C1Recomputer:
         """The stored program's bytes, refused unless they are exactly those extraction wrote."""
         where = f"{self.cache_path}: array {STEM_ARRAY} (the C1 program)"
         try:
-            array = zarr.open_array(str(self.cache_path / STEM_ARRAY), mode="r", zarr_format=3)
+            array = (zarr.open_array(str(self.cache_path / STEM_ARRAY), mode="r", zarr_format=3)
+                     if self.location.is_local else self.location.open_group("r")[STEM_ARRAY])
             data = array[:]
         except Exception as exc:  # zarr raises many types for damaged metadata or chunks
             raise MfcacheError(f"{where} is unreadable ({type(exc).__name__}: {exc}): extract again") from None

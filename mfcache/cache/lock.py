@@ -116,14 +116,20 @@ def acquire(path: str | Path) -> CacheLock:
 
 
 @contextlib.contextmanager
-def writer_lock(path: str | Path, world: World) -> Iterator[CacheLock | None]:
-    """Hold the lock of cache ``path`` for the body: rank 0 takes it before anything is created,
-    and every rank of a torchrun job gets the same one-line error if it is refused (no rank
-    is left waiting). Yields the lock on rank 0, None on the other ranks."""
+def writer_lock(path, world: World) -> Iterator[CacheLock | None]:
+    """Hold the lock of cache ``path`` (a folder, or a :class:`~mfcache.cache.location.CacheLocation`)
+    for the body: rank 0 takes it before anything is created, and every rank of a torchrun job
+    gets the same one-line error if it is refused (no rank is left waiting). In object storage
+    the lock is a lease object (:mod:`mfcache.cache.lease`). Yields the lock on rank 0, None on
+    the other ranks."""
+    from mfcache.cache.lease import acquire_lease
+    from mfcache.cache.location import locate
+
+    location = locate(path)
     lock, refusal = None, None
     if world.is_main:
         try:
-            lock = acquire(path)
+            lock = acquire(location.path) if location.is_local else acquire_lease(location)
         except MfcacheError as exc:
             refusal = str(exc)
     refusal = broadcast_from_main(refusal, world)

@@ -40,7 +40,8 @@ from mfcache.cache.schema import (
     checksum,
     checksum_parts,
 )
-from mfcache.cache.store import StrictStore, damage
+from mfcache.cache.location import CacheLocation, locate
+from mfcache.cache.store import damage
 from mfcache.checkpoint_io import files_trusted, trusting
 from mfcache.data.views import view_rows
 from mfcache.detectors.base import DetectorInfo
@@ -48,14 +49,19 @@ from mfcache.errors import MfcacheError
 
 
 class Cache:
-    """An mfcache cache on disk: its fingerprint and its splits."""
+    """An mfcache cache, in a folder or in object storage (``path``: a path, a URL or a
+    :class:`~mfcache.cache.location.CacheLocation`): its fingerprint and its splits.
+    ``self.path`` is the folder (a ``Path``) or, in object storage, the location."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
+    def __init__(self, path: str | Path | CacheLocation):
+        self.location = locate(path)
+        self.path = self.location.path if self.location.is_local else self.location
+        self.location.check_reachable()
+        if not self.location.is_cache():
             raise MfcacheError(f"no mfcache cache at {self.path} (run `mfcache extract` first)")
+        self._fresh_root: zarr.Group | None = None
         try:
-            self.root = zarr.open_group(store=StrictStore(self.path), mode="r", zarr_format=3)
+            self.root = zarr.open_group(store=self.location.strict_store(), mode="r", zarr_format=3)
         except Exception as exc:  # zarr raises many types for a damaged store
             raise MfcacheError(f"cannot open cache {self.path}: {exc}") from None
         self.fingerprint = self.root.attrs.get("mfcache")
@@ -71,19 +77,28 @@ class Cache:
         self.settings = ExtractSettings.from_fingerprint(self.fingerprint)  # the extract options, typed
 
     @property
+    def fresh_root(self) -> zarr.Group:
+        """The root group read from object storage itself, replacing the read-through copies
+        (:meth:`CacheSplit.read_many` re-reads an image through it when a local copy fails its checks)."""
+        if self._fresh_root is None:
+            self._fresh_root = zarr.open_group(store=self.location.strict_store(fresh=True), mode="r", zarr_format=3)
+        return self._fresh_root
+
+    @property
     def splits(self) -> list[str]:
         """The split folders, read from the disk rather than from zarr's listing, so one split
         with damaged metadata (refused when opened) hides neither itself nor the others."""
         names = []
-        for folder in sorted(p for p in self.path.iterdir() if (p / "zarr.json").is_file()):
-            if folder.name == STEM_ARRAY or folder.name.endswith(".tmp"):
+        for folder in self.location.children():
+            data = self.location.read(f"{folder}/zarr.json")
+            if data is None or folder == STEM_ARRAY or folder.endswith(".tmp"):
                 continue
             try:
-                node_type = json.loads((folder / "zarr.json").read_bytes()).get("node_type")
+                node_type = json.loads(data).get("node_type")
             except (ValueError, AttributeError):
                 node_type = "group"  # damaged: listed, and refused with its reason when opened
             if node_type == "group":
-                names.append(folder.name)
+                names.append(folder)
         return names
 
     def split(self, name: str | None = None, *, role: str = "train") -> CacheSplit:
@@ -132,6 +147,7 @@ class CacheSplit:
         if not self.attrs.get("ready"):
             raise MfcacheError(f"split {name!r} of {cache.path} was never fully created; run extract again")
         self._arrays: dict[str, zarr.Array] = {}
+        self._fresh_arrays: dict[str, zarr.Array] = {}  # read past the read-through copies
         self.index = {key.split("/", 1)[1]: self._read_whole(key) for key in INDEX_ARRAYS}
         # column of each checksum part in index/checksum [N, P]
         self.part = {part: k for k, part in enumerate(checksum_parts(self.index["level_hw"].shape[1]))}
@@ -140,7 +156,7 @@ class CacheSplit:
         self.class_agnostic = bool(self.attrs.get("class_agnostic", False))
         self.recompute_c1 = cache.settings.c1 == "recompute"  # made from the image at read time
         self.has_c1 = self._has("c1") or self.recompute_c1
-        self._c1_recomputer = (C1Recomputer(cache.path, cache.detector.preprocess)
+        self._c1_recomputer = (C1Recomputer(cache.location, cache.detector.preprocess)
                                if self.recompute_c1 else None)
         self._file_names: dict[int, str] | None = None
         self.target_size = cache.settings.target_size
@@ -218,7 +234,7 @@ class CacheSplit:
     def _has(self, name: str) -> bool:
         """Whether the split stores array ``name`` (from the disk: damaged metadata is refused
         when the array is read, not taken for an absent array)."""
-        return (self.cache.path / self.name / name / "zarr.json").is_file()
+        return self.cache.location.has(f"{self.name}/{name}/zarr.json")
 
     def _damaged(self, name: str, what: str, i: int | None = None) -> MfcacheError:
         """The one-line error for damage found in array ``name`` (of image position ``i``)."""
@@ -245,22 +261,29 @@ class CacheSplit:
         except Exception as exc:
             raise self._damaged(name, damage(exc)) from None
 
-    def _fetch(self, requests: dict) -> dict:
+    def _fetch(self, requests: dict, *, fresh: bool = False) -> dict:
         """``{key: (array name, selection)}`` -> ``{key: data}``, or the exception that read
         raised (see :meth:`_check`); with ``concurrent``, every read is in flight at once on
-        zarr's event loop (one round trip per batch)."""
+        zarr's event loop (one round trip per batch). ``fresh``: read from object storage,
+        past (and replacing) the read-through copies."""
+        array = self._fresh_array if fresh else self.array
         if not self.concurrent:
             out = {}
             for key, (name, sel) in requests.items():
                 try:
-                    out[key] = self.array(name)[sel]
+                    out[key] = array(name)[sel]
                 except MfcacheError:
                     raise
                 except Exception as exc:
                     out[key] = exc
             return out
-        reads = [self.array(name)._async_array.getitem(sel) for name, sel in requests.values()]
+        reads = [array(name)._async_array.getitem(sel) for name, sel in requests.values()]
         return dict(zip(requests, zarr_sync(_gather(reads))))
+
+    def _fresh_array(self, name: str) -> zarr.Array:
+        if name not in self._fresh_arrays:
+            self._fresh_arrays[name] = self.cache.fresh_root[self.name][name]
+        return self._fresh_arrays[name]
 
     def _check(self, plan: dict, data: dict) -> None:
         """Raise unless every part image ``plan["i"]`` read is exactly what extraction wrote:
@@ -303,8 +326,15 @@ class CacheSplit:
                 self.array(name, plan["i"])
         data = self._fetch({(j, key): request for j, plan in enumerate(plans) for key, request in plan["requests"].items()})
         images = [{key: data[(j, key)] for key in plan["requests"]} for j, plan in enumerate(plans)]
-        for plan, image in zip(plans, images):
-            self._check(plan, image)
+        for j, (plan, image) in enumerate(zip(plans, images)):
+            try:
+                self._check(plan, image)
+            except MfcacheError:
+                if self.cache.location.read_through is None:
+                    raise
+                # a local copy may be what is damaged: read the image from object storage once more
+                images[j] = self._fetch(plan["requests"], fresh=True)
+                self._check(plan, images[j])
         return [self._assemble(plan, image) for plan, image in zip(plans, images)]
 
     def _plan(self, i: int, wanted: list[int], with_c1: bool, targets: bool) -> dict:
@@ -368,9 +398,9 @@ class CacheDataset(torch.utils.data.Dataset):
     opens the store itself.
     """
 
-    def __init__(self, cache_path: str | Path, split: str, *, levels: tuple[int, ...] | None,
+    def __init__(self, cache_path: str | Path | CacheLocation, split: str, *, levels: tuple[int, ...] | None,
                  c1: bool, targets: bool, all_views: bool = False):
-        self.cache_path, self.split_name = Path(cache_path), split
+        self.cache_path, self.split_name = locate(cache_path), split
         self.kwargs = {"levels": levels, "c1": c1, "targets": targets}
         self.trusted = files_trusted()  # the workers that reopen the split inherit this choice
         self._split: CacheSplit | None = None

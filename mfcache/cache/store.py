@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, WrapperStore
 
 _CHUNK_KEY = re.compile(r"(^|/)c(/\d+)+$")  # zarr v3 default chunk keys: <array>/c/<i>/<j>...
 # A block's flags and checksums are written with its data: until then their chunks are absent
@@ -40,10 +40,21 @@ class StrictStore(LocalStore):
         super().__init__(root, read_only=True)
 
     async def get(self, key: str, prototype=None, byte_range=None):
-        value = await super().get(key, prototype, byte_range)
-        if value is None and _CHUNK_KEY.search(key) and not _WRITTEN_LATER.search(key):
-            raise MissingChunk(key)
-        return value
+        return _refuse_missing(key, await super().get(key, prototype, byte_range))
+
+
+class StrictWrapper(WrapperStore):
+    """:class:`StrictStore` for any store (object storage): an absent chunk raises
+    :class:`MissingChunk` instead of reading as zeros."""
+
+    async def get(self, key: str, prototype=None, byte_range=None):
+        return _refuse_missing(key, await self._store.get(key, prototype, byte_range))
+
+
+def _refuse_missing(key: str, value):
+    if value is None and _CHUNK_KEY.search(key) and not _WRITTEN_LATER.search(key):
+        raise MissingChunk(key)
+    return value
 
 
 def damage(exc: BaseException) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from mfcache.cache.location import CacheLocation, locate
 from mfcache.cache.reader import Cache
 from mfcache.cache.schema import (
     CHECKSUM_ARRAYS,
@@ -84,9 +85,12 @@ class VerifyReport:
 
 def verify(path: str | Path) -> VerifyReport:
     """Check the cache at ``path``; see the module docstring for what is checked."""
-    report = VerifyReport(Path(path))
     try:
-        fp = zarr.open_group(str(path), mode="r", zarr_format=3).attrs.get("mfcache")
+        location = locate(path)  # a folder or a place in object storage
+        report = VerifyReport(location.path if location.is_local else location)
+        fp = location.open_group("r").attrs.get("mfcache")
+    except MfcacheError:
+        raise
     except Exception:
         fp = None  # Cache() below says why
     if isinstance(fp, dict):
@@ -143,7 +147,7 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
     _check_index(arrays, index, plan, ragged, levels, problem)
     _check_flags(index, attrs, problem, out)
     _check_annotations(arrays["annotations"], attrs, problem)
-    store_root = Path(cache.root.store.root)
+    store_root = cache.location
     _check_blocks(arrays, ragged, index, int(attrs["block_size"]), len(cache.detector.strides), levels,
                   store_root, problem, out)
     for array_name in STATIC_INDEX:
@@ -166,7 +170,7 @@ def _open_split(cache: Cache, name: str, problem) -> tuple[dict, dict[str, zarr.
     if missing := [a for a in SPLIT_ATTRS if a not in attrs]:
         problem(f"attrs lack {', '.join(missing)}")
         return None
-    arrays = _open_arrays(group, Path(cache.path) / name, problem)
+    arrays = _open_arrays(group, cache.location, name, problem)
     if arrays is None:
         return None
     if missing := [a for a in IMAGE_ARRAYS if a not in arrays] + [a for a in ("memory", "annotations") if a not in arrays]:
@@ -259,7 +263,7 @@ def _check_annotations(stored: zarr.Array, attrs: dict, problem) -> None:
         problem(f"annotations unreadable: {exc}")
 
 
-def _check_blocks(arrays, ragged, index, block: int, num_levels: int, levels, store_root: Path, problem,
+def _check_blocks(arrays, ragged, index, block: int, num_levels: int, levels, store_root: CacheLocation, problem,
                   out: SplitReport) -> None:
     """Block by block: flags set block-wise, every chunk of a written block on disk and
     decodable (:func:`_read_block`), and each written image's parts matching their CRC-32."""
@@ -331,28 +335,27 @@ def _read_block(arrays, ragged, index, start, stop, written, store_root, problem
     return rows if ok else None
 
 
-def _open_arrays(group: zarr.Group, folder: Path, problem) -> dict[str, zarr.Array] | None:
-    """Every array of the split that exists on disk, opened; None if any metadata file is
+def _open_arrays(group: zarr.Group, location: CacheLocation, split: str, problem) -> dict[str, zarr.Array] | None:
+    """Every array of the split that exists in the store, opened; None if any metadata file is
     unreadable (each reported)."""
     arrays = {}
-    for array_name in [*IMAGE_ARRAYS, *RAGGED_ARRAYS, *SCALE_ARRAYS, "annotations"]:
-        if not (folder / array_name / "zarr.json").is_file():
-            continue
+    present = [a for a in [*IMAGE_ARRAYS, *RAGGED_ARRAYS, *SCALE_ARRAYS, "annotations"]
+               if location.has(f"{split}/{a}/zarr.json")]
+    for array_name in present:
         try:
             arrays[array_name] = group[array_name]
         except Exception as exc:
             problem(f"array {array_name}: metadata {array_name}/zarr.json {damage(exc)}")
-    n_expected = sum((folder / a / "zarr.json").is_file() for a in [*IMAGE_ARRAYS, *RAGGED_ARRAYS, *SCALE_ARRAYS, "annotations"])
-    return arrays if len(arrays) == n_expected else None
+    return arrays if len(arrays) == len(present) else None
 
 
-def _check_chunk_files(array: zarr.Array, chunks, store_root: Path, problem) -> bool:
+def _check_chunk_files(array: zarr.Array, chunks, store_root: CacheLocation, problem) -> bool:
     """Report chunk files (along axis 0) missing from disk; True if all are there."""
     ok = True
     extra = (0,) * (array.ndim - 1)
     for k in chunks:
         key = array.metadata.encode_chunk_key((k, *extra))
-        if not (store_root / array.path / key).is_file():
+        if not store_root.has(f"{array.path}/{key}"):
             problem(f"{array.path}: chunk file {key} is missing")
             ok = False
     return ok

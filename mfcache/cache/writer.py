@@ -20,6 +20,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from mfcache.cache.lease import check_out_prefix
+from mfcache.cache.location import locate
 from mfcache.cache.lock import check_out_folder
 from mfcache.cache.records import ImageRecord
 from mfcache.cache.schema import (
@@ -40,33 +42,44 @@ from mfcache.cache.schema import (
 from mfcache.errors import MfcacheError
 
 
-def open_root(path: Path, fingerprint: dict) -> zarr.Group:
-    """Open (or create) a cache root, refusing one made with anything else. Writers hold
-    the cache's lock (:mod:`mfcache.cache.lock`), whose file may be all the folder holds yet."""
-    check_out_folder(path)
-    root = zarr.open_group(str(path), mode="a", zarr_format=3)
+def open_root(path, fingerprint: dict) -> zarr.Group:
+    """Open (or create) a cache root (a folder or a :class:`~mfcache.cache.location.CacheLocation`),
+    refusing one made with anything else. Writers hold the cache's lock
+    (:mod:`mfcache.cache.lock`), whose file may be all the folder holds yet."""
+    location = locate(path)
+    if location.is_local:
+        check_out_folder(location.path)
+    else:
+        check_out_prefix(location)
+    root = location.open_group("a")
     stored = root.attrs.get("mfcache")
     if stored is None:
         root.attrs["mfcache"] = fingerprint
         return root
     problem = fingerprint_mismatch(stored, fingerprint)
     if problem:
-        raise MfcacheError(f"cache {path} was made with {problem}; use another --out")
+        raise MfcacheError(f"cache {location} was made with {problem}; use another --out")
     return root
 
 
-def stored_fingerprint(path: Path) -> dict | None:
+def stored_fingerprint(path) -> dict | None:
     """The fingerprint of the cache at ``path``, or None where there is no cache yet."""
-    if not (Path(path) / "zarr.json").is_file():
+    location = locate(path)
+    if not location.is_cache():
         return None
-    return zarr.open_group(str(path), mode="r", zarr_format=3).attrs.get("mfcache")
+    return location.open_group("r").attrs.get("mfcache")
 
 
-def remove_partial_writes(root: Path, split: str) -> int:
+def remove_partial_writes(root, split: str) -> int:
     """Delete the ``*.partial`` files that zarr's local store writes before renaming them
     over a file: a write killed midway leaves one behind (the file it was to replace is
     intact). Looks in the cache ``root`` itself (its metadata) and everywhere under
-    ``root/split``; only safe while nothing writes there. Returns the number removed."""
+    ``root/split``; only safe while nothing writes there. Returns the number removed.
+    Object stores write an object whole or not at all: nothing to remove there."""
+    location = locate(root)
+    if not location.is_local:
+        return 0
+    root = location.path
     stale = list(Path(root).glob("*.partial")) + list((Path(root) / split).rglob("*.partial"))
     for file in stale:
         file.unlink(missing_ok=True)
@@ -91,7 +104,7 @@ def create_split(
                 )
             return group
         # A killed creation left a partial layout and no data: start it again.
-        shutil.rmtree(Path(root.store.root) / name)
+        _remove_group(root, name)
     group = root.create_group(name)
     n = plan.num_images
     num_levels = plan.level_hw.shape[1]
@@ -128,6 +141,14 @@ def create_split(
         "num_images": n, "ready": True,
     })
     return group
+
+
+def _remove_group(root: zarr.Group, name: str) -> None:
+    store = root.store
+    if hasattr(store, "root"):  # a local folder
+        shutil.rmtree(Path(store.root) / name)
+    else:
+        zarr.core.sync.sync(store.delete_dir(name))
 
 
 class BlockWriter:

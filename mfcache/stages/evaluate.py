@@ -112,7 +112,8 @@ def cache_record(cache: Cache, data: CacheSplit) -> dict:
     ``fingerprint_sha256`` (sha256 of the fingerprint's canonical JSON: detector, weights,
     preprocessing, extract options) and ``annotations_sha256`` (the split's annotation file)."""
     canonical = json.dumps(cache.fingerprint, sort_keys=True, separators=(",", ":"), default=str)
-    return {"path": str(Path(cache.path).resolve()), "fingerprint_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
+    where = str(Path(cache.path).resolve()) if cache.location.is_local else str(cache.location)
+    return {"path": where, "fingerprint_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
             "annotations_sha256": data.attrs.get("annotations_sha256")}
 
 

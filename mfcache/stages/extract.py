@@ -20,6 +20,7 @@ import zarr
 from torch.utils.data import DataLoader
 
 from mfcache.cache.c1_stem import STEM_ARRAY, c1_note, export_detector_stem, resolve_c1
+from mfcache.cache.location import CacheLocation, describe_store_error, locate
 from mfcache.cache.lock import writer_lock
 from mfcache.cache.records import ImageRecord, crop_outputs, image_record
 from mfcache.cache.schema import SKIPPED, SplitPlan, fingerprint, format_bytes, plan_split, storage_plan
@@ -56,7 +57,7 @@ class ExtractSummary:
     split: str
     num_images: int
     written: int
-    cache: Path
+    cache: Path | CacheLocation  # a folder, or the cache's place in object storage
     skipped: int = 0
     annotations: str = ""  # what loading did to the annotations (derived, left out), one line or ''
     skipped_annotations: int = 0
@@ -100,6 +101,14 @@ def _write_block(writer: BlockWriter, start: int, parts: dict[int, ImageRecord |
             f"{what} while writing images {start}..{start + len(records) - 1} to {out}; "
             "finished blocks are kept: free space and run the same command again"
         ) from None
+    except MfcacheError:
+        raise
+    except Exception as exc:  # a request to object storage failed
+        if isinstance(out, CacheLocation) and not out.is_local:
+            raise MfcacheError(f"cannot write images {start}..{start + len(records) - 1} to {out} "
+                               f"({describe_store_error(exc)}); finished blocks are kept: run the same "
+                               "command again") from None
+        raise
 
 
 class _BlockAssembler:
@@ -165,11 +174,13 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
     included), stop it after the batch in progress: the finished blocks are written, and
     :class:`mfcache.stopping.Interrupted` is raised (on every rank under torchrun); the same
     call again resumes."""
-    check_folder(Path(out), "--out (the cache folder)")  # a file or a read-only place: before anything is made
+    out = locate(out)  # a folder, or a prefix in object storage (mfcache.cache.location)
+    if out.is_local:
+        check_folder(out.path, "--out (the cache folder)")  # a file or a read-only place: before anything is made
     device = resolve_device(config.device)
     world, created = init_world(device)
     try:
-        with writer_lock(Path(out), world):  # one writer per cache, held to the end (rank 0 for the job)
+        with writer_lock(out, world):  # one writer per cache, held to the end (rank 0 for the job)
             return _extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
                             config=config, skip_bad=skip_bad, ignore_free_space=ignore_free_space,
                             progress=progress and world.is_main,
@@ -203,7 +214,7 @@ class _Job:
 def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
              config: ExtractConfig, skip_bad: bool, ignore_free_space: bool, progress: bool, world: World,
              device: torch.device) -> ExtractSummary:
-    out = Path(out)
+    out = locate(out)
     # under torchrun every step of the setup ends on all ranks together: a failure on any rank
     # is the same one-line error on all of them, none is left waiting (mfcache.distributed.together)
     with together(world):
@@ -218,8 +229,8 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
         todo = pending_positions(writer.index["index/done"], block, retry_skipped=not skip_bad)
         if world.is_main:
             _check_space(job, plan, todo, out, config, ignore=ignore_free_space, say=progress)
-            if job.c1 == "recompute" and not (out / STEM_ARRAY).is_dir():  # after the plan is accepted
-                export_detector_stem(job.model, zarr.open_group(str(out), mode="r+", zarr_format=3))
+            if job.c1 == "recompute" and not out.has_node(STEM_ARRAY):  # after the plan is accepted
+                export_detector_stem(job.model, out.open_group("r+"))
         pending = _own_pending(writer, todo, job.split, out, block, world=world)
     assemble = _BlockAssembler(writer, block, plan.num_images, out,
                                {"target_size": config.target_size, "dtype": config.dtype, "levels": job.levels})
@@ -347,13 +358,14 @@ def _check_space(job: _Job, plan: SplitPlan, todo: np.ndarray, out: Path, config
     info = job.model.info
     storage = storage_plan(plan, topk=job.topk, d_model=info.d_model, target_size=config.target_size,
                            c1_channels=info.c1_channels if job.c1 == "store" else 0, dtype=config.dtype)
-    free = shutil.disk_usage(out).free
+    free = shutil.disk_usage(out.path).free if out.is_local else None  # object storage: no free space to check
     need = storage.total(todo)
     if say:
+        space = f"{format_bytes(free)} free on {out}" if free is not None else f"writing to {out}"
         console.print(f"plan for split {job.split!r} ({c1_note(job.c1, config.c1, info.c1_channels)}): "
-                      f"{storage.line(todo, 'row' if job.views > 1 else 'image')}; {format_bytes(free)} free on {out}",
+                      f"{storage.line(todo, 'row' if job.views > 1 else 'image')}; {space}",
                       highlight=False, soft_wrap=True)
-    if need > free and not ignore:
+    if free is not None and need > free and not ignore:
         less = "--dtype int8, --c1 recompute or none, --levels" if job.c1 == "store" else "--dtype int8, --levels"
         raise MfcacheError(
             f"split {job.split!r} needs {format_bytes(need)} but {out} has {format_bytes(free)} free: free space, "
@@ -448,7 +460,8 @@ def _finish(job: _Job, group: zarr.Group, writer: BlockWriter, plan: SplitPlan, 
     done = group["index/done"][:] if world.enabled else writer.index["index/done"]
     complete = world.is_main and not (done == 0).any()
     match = record_match_stats(group, recompute=written > 0, views=job.views) if complete else None
-    return ExtractSummary(split=job.split, num_images=plan.num_images, written=written, cache=out, c1=job.c1,
+    return ExtractSummary(split=job.split, num_images=plan.num_images, written=written,
+                          cache=out.path if out.is_local else out, c1=job.c1,
                           views=job.views, skipped=int((done == SKIPPED).sum()), match=match,
                           annotations=job.dataset.report.summary(),
                           skipped_annotations=len(job.dataset.report.left_out))
