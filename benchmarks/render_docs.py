@@ -124,7 +124,7 @@ def cli_reference() -> str:
     ctx = Context(root, info_name="mfcache")
     parts = [
         "# CLI reference\n",
-        GENERATED.format(source="the Typer app in cli/").strip() + "\n",
+        GENERATED.format(source="the Typer app in mfcache/cli/").strip() + "\n",
         "Every command and option, as `mfcache --help` and `mfcache COMMAND --help` show them. "
         "What the commands do, with examples and what they print: [Commands](index.md).\n",
         "## `mfcache`\n",

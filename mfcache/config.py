@@ -31,7 +31,7 @@ AMP_CHOICES = {"off": "float32", "bf16": "bfloat16 autocast", "fp16": "float16 a
 @dataclass(frozen=True)
 class ExtractConfig:
     """Stage 1: how the frozen detector's outputs are cached. Each field's help is its
-    `mfcache extract` option's (cli/extract.py builds the options from these fields)."""
+    `mfcache extract` option's (mfcache/cli/extract.py builds the options from these fields)."""
 
     topk: int = option(100, low=1, help="Detections cached per image.")  # the paper's top-100 queries
     target_size: int = option(64, low=8, help="Side of the cached per-query GT mask crops.")  # heads resample

@@ -72,7 +72,7 @@ def option(default, *, help: str = "", choices: tuple | dict | None = None, low:
     """A config field that carries its description and its allowed values (one of ``choices``,
     a dict mapping each value to a note for the help; a number ``>= low``; or any other
     ``check``), so the range check, the heads builder (:data:`mfcache.config.HEAD_CHOICES`)
-    and the CLI options (``cli/extract.py``: help, lower bound, ``flag`` when it is not
+    and the CLI options (``mfcache/cli/extract.py``: help, lower bound, ``flag`` when it is not
     ``--field-name``) all read them from here. ``{choices}`` in ``help`` becomes the choices
     as prose. For a tuple field (tuple default) ``choices`` and ``low`` apply to every item;
     a ``check`` sees the whole tuple."""

@@ -3,7 +3,7 @@ image takes into the cache and back out, used by extraction (writing), the reade
 and ``predict`` (which stores and serves in memory, so the head sees exactly what training
 data looked like).
 
-* :func:`crop_outputs`: image ``b`` of a detector batch as a full-precision :class:`Sample`
+* :func:`image_sample`: image ``b`` of a detector batch as a full-precision :class:`Sample`
   on the detector's device, every level cropped to the image's valid region.
 * :func:`image_record`: that sample as the cache stores it (:class:`ImageRecord`: numpy,
   the storage dtype, int8 quantised per image and channel, targets matched and packed).
@@ -54,7 +54,7 @@ class ImageRecord:
     scales: dict[str, np.ndarray] | None = None
 
 
-def crop_outputs(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray, input_hw: Sequence[int],
+def image_sample(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray, input_hw: Sequence[int],
                  image_id: int, orig_hw: Sequence[int]) -> Sample:
     """Image ``b`` of a detector batch, cropped to its valid region (on the detector's device
     and dtype): the top-k detections ``top`` and every encoder level, finest first.
@@ -102,7 +102,7 @@ def stored_features(sample: Sample, dtype: str, levels: Sequence[int] | None = N
 
 def image_record(sample: Sample, *, gt: GroundTruth | None, target_size: int, dtype: str,
                  levels: Sequence[int] | None = None) -> ImageRecord:
-    """The cache record of a cropped sample (:func:`crop_outputs`); with ``gt`` (the image's
+    """The cache record of a cropped sample (:func:`image_sample`); with ``gt`` (the image's
     annotations) also its per-query targets. ``memory`` holds the stored ``levels`` (None =
     all); int8 is quantised per channel."""
     features, scales = stored_features(sample, dtype, levels)

@@ -34,7 +34,7 @@ def fused_norm(kind: str, channels: int) -> nn.Module | None:
             "group": lambda: nn.GroupNorm(math.gcd(32, channels), channels)}[kind]()
 
 
-def crop(x: Tensor, b: int, hw: list[int] | None) -> Tensor:
+def image_valid_region(x: Tensor, b: int, hw: list[int] | None) -> Tensor:
     """``x [B, C, H, W]`` -> image ``b``'s valid ``[1, C, h, w]`` (``hw`` = (h, w); None: all of
     it), dense and channels-last: on the CPU, a strided view of the padded batch sends the
     convolutions' weight gradients down a slow path."""
@@ -68,8 +68,8 @@ class FusedMap(nn.Module):
         c1_sizes = [None] * batch if c1_hw is None else c1_hw.tolist()
         maps = []
         for b in range(batch):  # each image alone: its own borders, its own statistics
-            own_levels = [crop(x, b, hw) for x, hw in zip(levels, level_sizes[b])]
-            maps.append(self.image(own_levels, None if c1 is None else crop(c1, b, c1_sizes[b]))[0])
+            own_levels = [image_valid_region(x, b, hw) for x, hw in zip(levels, level_sizes[b])]
+            maps.append(self.image(own_levels, None if c1 is None else image_valid_region(c1, b, c1_sizes[b]))[0])
         return maps
 
     def image(self, levels: list[Tensor], c1: Tensor | None) -> Tensor:

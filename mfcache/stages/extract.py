@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from mfcache.cache.c1_stem import STEM_ARRAY, c1_note, export_detector_stem, resolve_c1
 from mfcache.cache.location import CacheLocation, describe_store_error, locate
 from mfcache.cache.lock import writer_lock
-from mfcache.cache.records import ImageRecord, crop_outputs, image_record
+from mfcache.cache.records import ImageRecord, image_sample, image_record
 from mfcache.cache.schema import SKIPPED, SplitPlan, fingerprint, format_bytes, plan_split, storage_plan
 from mfcache.cache.stats import STATS_ATTR, MatchStats, group_stats, stored_stats
 from mfcache.cache.writer import (
@@ -432,7 +432,7 @@ def _run_detector(job: _Job, plan: SplitPlan, loader: DataLoader, assemble: _Blo
                 top = select_topk(out_batch, job.topk, sigmoid=info.sigmoid, agnostic=job.agnostic)
             for b, item in enumerate(good):
                 i = item["position"]
-                sample = crop_outputs(out_batch, top, b, level_hw=plan.level_hw[i], input_hw=plan.input_hw[i],
+                sample = image_sample(out_batch, top, b, level_hw=plan.level_hw[i], input_hw=plan.input_hw[i],
                                       image_id=plan.image_id[i], orig_hw=plan.orig_hw[i])
                 part = {"sample": sample.cpu(), "gt": item["gt"]}
                 background.submit(i, part if records_on_writer_thread(device) else assemble.record(part))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mfcache.cache.reader import Cache
-from mfcache.cache.records import crop_outputs, image_record, served_sample
+from mfcache.cache.records import image_sample, image_record, served_sample
 from mfcache.cache.sample import Batch
 from mfcache.cache.schema import ExtractSettings, fingerprint
 from mfcache.data.labels import AGNOSTIC_CATEGORY
@@ -239,7 +239,7 @@ def detect(model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, 
     for b, (image_id, image) in enumerate(pixels.items()):
         input_hw = tuple(inputs[b].shape[1:])
         level_hw = np.asarray(level_shapes(input_hw, info.strides))
-        crop = crop_outputs(outputs, top, b, level_hw=level_hw, input_hw=input_hw, image_id=image_id,
+        crop = image_sample(outputs, top, b, level_hw=level_hw, input_hw=input_hw, image_id=image_id,
                             orig_hw=image.shape[1:]).cpu()
         c1 = crop.c1 if head.uses_c1 else None
         if not head.uses_c1 or extract.c1 == "recompute":

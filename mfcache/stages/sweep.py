@@ -81,7 +81,7 @@ class ResidentPeak:
             self.peak_mb = max(self.peak_mb, self._sample())
 
 
-def run_head(*, cache_path: Path, config: RunConfig, run_dir: Path, split: str | None, eval_split: str | None,
+def train_and_evaluate(*, cache_path: Path, config: RunConfig, run_dir: Path, split: str | None, eval_split: str | None,
              progress: bool) -> dict:
     """Train + evaluate one head in ``run_dir`` and return its sweep row.
 
@@ -164,7 +164,7 @@ def _sweep_head(config: RunConfig, cache_path: Path, out_dir: Path, *, split: st
             raise MfcacheError(f"{run_dir} holds a run with another configuration; "
                                "delete it or choose another --out")
     else:
-        row = run_head(cache_path=cache_path, config=config, run_dir=run_dir, split=split,
+        row = train_and_evaluate(cache_path=cache_path, config=config, run_dir=run_dir, split=split,
                        eval_split=eval_split, progress=progress)
     if on_row is not None:
         on_row(row, reused)
