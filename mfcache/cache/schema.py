@@ -159,8 +159,10 @@ def image_checksums(parts: dict[str, np.ndarray], num_levels: int) -> np.ndarray
 class ExtractSettings:
     """How a cache was extracted: the typed view of a fingerprint's ``extract`` options (and
     of the pixel path, which the fingerprint keeps in the detector's preprocessing). Options
-    added after the first caches read, in caches written before them, as what those caches
-    were made with (:func:`stored_levels`, :func:`stored_resize`, ``compress`` False)."""
+    added after schema 3 (``amp``, ``views``, ``label_map``; ``view_crop`` is written only when
+    not 0) read, in caches written before them, as what those caches were made with, as does
+    the pixel path (:func:`stored_resize`); ``levels`` and ``compress`` are in every schema-3
+    fingerprint."""
 
     topk: int               # detections stored per image
     target_size: int        # side of the stored GT mask crops
@@ -184,7 +186,7 @@ class ExtractSettings:
     def from_fingerprint(cls, fp: dict) -> ExtractSettings:
         extract = fp["extract"]
         return cls(topk=extract["topk"], target_size=extract["target_size"], c1=extract["c1"],
-                   dtype=extract["dtype"], levels=tuple(stored_levels(fp)), compress=extract.get("compress", False),
+                   dtype=extract["dtype"], levels=tuple(stored_levels(fp)), compress=extract["compress"],
                    resize=stored_resize(fp), amp=extract.get("amp", "off"), label_map=extract.get("label_map"),
                    views=extract.get("views", 1), view_crop=extract.get("view_crop", 0.0))
 
@@ -219,9 +221,8 @@ def fingerprint(info: DetectorInfo, *, topk: int, target_size: int, c1: str, dty
 
 
 def stored_levels(fp: dict) -> list[int]:
-    """Encoder level indices held in ``memory`` (caches from before the option: all)."""
-    levels = fp["extract"].get("levels")
-    return list(range(len(fp["detector"]["strides"]))) if levels is None else list(levels)
+    """Encoder level indices held in ``memory`` (every schema-3 fingerprint records them)."""
+    return list(fp["extract"]["levels"])
 
 
 def stored_resize(fp: dict) -> str:
@@ -252,7 +253,7 @@ def fingerprint_mismatch(stored: dict, wanted: dict) -> str | None:
             what = "weights" if key == "weights_sha256" else key
             return f"another detector ({what} differ: cache has {sd.get('spec')!r})"
     # options added later read as their defaults in caches written before them
-    defaults = {"levels": stored_levels(stored), "compress": False, "amp": "off", "views": 1, "view_crop": 0.0}
+    defaults = {"amp": "off", "views": 1, "view_crop": 0.0}
     have, value = stored["extract"].get("label_map"), wanted["extract"].get("label_map")
     if have != value:  # first: it also changes the top-k of a class-agnostic cache
         return f"{describe_change(have, value)}: another label mapping is another cache"
