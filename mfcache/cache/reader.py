@@ -285,21 +285,21 @@ class CacheSplit:
             self._fresh_arrays[name] = self.cache.fresh_root[self.name][name]
         return self._fresh_arrays[name]
 
-    def _check(self, plan: dict, data: dict) -> None:
-        """Raise unless every part image ``plan["i"]`` read is exactly what extraction wrote:
+    def _check(self, plan: ReadPlan, data: dict) -> None:
+        """Raise unless every part image ``plan.position`` read is exactly what extraction wrote:
         each read succeeded (no missing, truncated or undecodable chunk) and each part's
         CRC-32 equals its ``index/checksum`` entry. ``memory`` is checked per stored level
         inside the rows read; C1 recomputed from the image has no stored part to check."""
-        i, stored = plan["i"], self.index["checksum"][plan["i"]]
-        for key, (name, _) in plan["requests"].items():
+        i, stored = plan.position, self.index["checksum"][plan.position]
+        for key, (name, _) in plan.requests.items():
             value = data[key]
             if isinstance(value, BaseException):
                 raise self._damaged(name, damage(value), i)
             if not self.checksums:
                 continue
             if key == "memory":
-                for l, start, size in zip(self.stored_levels, plan["starts"], plan["sizes"]):
-                    rows = start - plan["lo"]
+                for l, start, size in zip(self.stored_levels, plan.starts, plan.sizes):
+                    rows = start - plan.lo
                     if 0 <= rows and rows + size <= len(value):
                         if checksum(value[rows: rows + size]) != stored[self.part[f"memory[{l}]"]]:
                             raise self._damaged(f"memory (level {l})", _MISMATCH, i)
@@ -322,10 +322,10 @@ class CacheSplit:
         wanted = [self.stored_levels.index(l) for l in (self.stored_levels if levels is None else levels)]
         plans = [self._plan(int(i), wanted, c1 and self.has_c1, targets) for i in positions]
         for plan in plans:  # metadata damage names the image it stops
-            for name, _ in plan["requests"].values():
-                self.array(name, plan["i"])
-        data = self._fetch({(j, key): request for j, plan in enumerate(plans) for key, request in plan["requests"].items()})
-        images = [{key: data[(j, key)] for key in plan["requests"]} for j, plan in enumerate(plans)]
+            for name, _ in plan.requests.values():
+                self.array(name, plan.position)
+        data = self._fetch({(j, key): request for j, plan in enumerate(plans) for key, request in plan.requests.items()})
+        images = [{key: data[(j, key)] for key in plan.requests} for j, plan in enumerate(plans)]
         for j, (plan, image) in enumerate(zip(plans, images)):
             try:
                 self._check(plan, image)
@@ -333,12 +333,12 @@ class CacheSplit:
                 if self.cache.location.read_through is None:
                     raise
                 # a local copy may be what is damaged: read the image from object storage once more
-                images[j] = self._fetch(plan["requests"], fresh=True)
+                images[j] = self._fetch(plan.requests, fresh=True)
                 self._check(plan, images[j])
         return [self._assemble(plan, image) for plan, image in zip(plans, images)]
 
-    def _plan(self, i: int, wanted: list[int], with_c1: bool, targets: bool) -> dict:
-        """What to read for image ``i``: ``requests`` for :meth:`_fetch`, and the row layout.
+    def _plan(self, i: int, wanted: list[int], with_c1: bool, targets: bool) -> ReadPlan:
+        """What to read for image ``i`` (:class:`ReadPlan`).
         Refuses an image that was not written, or whose index row (in RAM: the offsets about
         to be used) differs from what extraction wrote."""
         if self.index["done"][i] != DONE:
@@ -362,13 +362,12 @@ class CacheSplit:
         if targets:
             requests.update({name: (f"targets/{name}", i) for name in ("gt_id", "gt_iou", "masks")})
         requests.update({scale: (scale, i) for name, scale in self.scales.items() if name in requests})
-        return {"i": i, "requests": requests, "level_hw": level_hw, "sizes": sizes, "starts": starts, "lo": lo,
-                "wanted": wanted, "c1_hw": c1_hw, "recompute_c1": with_c1 and self.recompute_c1,
-                "targets": targets}
+        return ReadPlan(position=i, requests=requests, level_hw=level_hw, sizes=sizes, starts=starts, lo=lo,
+                        wanted=wanted, recompute_c1=with_c1 and self.recompute_c1)
 
-    def _assemble(self, plan: dict, data: dict[str, np.ndarray]) -> Sample:
-        """The :class:`Sample` of image ``plan["i"]`` from its checked reads."""
-        i = plan["i"]
+    def _assemble(self, plan: ReadPlan, data: dict[str, np.ndarray]) -> Sample:
+        """The :class:`Sample` of image ``plan.position`` from its checked reads."""
+        i = plan.position
         record = ImageRecord(
             **{name: data.get(name) for name in ("queries", "boxes", "scores", "labels", "query_index", "memory",
                                                  "c1", "gt_id", "gt_iou")},
@@ -376,12 +375,27 @@ class CacheSplit:
             scales={scale: data[scale] for scale in self.scales.values() if scale in data},
         )
         sample = served_sample(record, image_id=self.index["image_id"][i], input_hw=self.index["input_hw"][i],
-                               orig_hw=self.index["orig_hw"][i], level_hw=plan["level_hw"], wanted=plan["wanted"],
-                               memory_start=plan["lo"] - int(self.index["token_offset"][i]),
+                               orig_hw=self.index["orig_hw"][i], level_hw=plan.level_hw, wanted=plan.wanted,
+                               memory_start=plan.lo - int(self.index["token_offset"][i]),
                                target_size=self.target_size)
-        if plan["recompute_c1"]:
+        if plan.recompute_c1:
             sample.c1 = self._c1_recomputer(self.image_path(i), tuple(self.index["input_hw"][i].tolist()))
         return sample
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """What :meth:`CacheSplit.read_many` reads for the image at ``position`` of a split, and
+    where its stored levels lie in the rows read."""
+
+    position: int
+    requests: dict[str, tuple[str, int | slice]]  # part -> (array name, its selection), for _fetch
+    level_hw: np.ndarray  # [stored L, 2] valid (h, w) of each stored level
+    sizes: np.ndarray     # [stored L] tokens of each stored level
+    starts: np.ndarray    # [stored L] first row of each stored level in ``memory``
+    lo: int               # first ``memory`` row read (the wanted levels' span starts here)
+    wanted: list[int]     # indices into the stored levels, in the order the head reads them
+    recompute_c1: bool    # C1 is re-made from the image (not read)
 
 
 _MISMATCH = "checksum mismatch (its stored bytes changed after extraction)"
