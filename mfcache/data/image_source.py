@@ -6,14 +6,35 @@ Rows are images x views, image-major (:mod:`mfcache.data.views`): row ``r`` is v
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from torch import Tensor
 from torch.utils.data import Dataset
 
-from mfcache.data.coco import CocoDataset
+from mfcache.data.coco import CocoDataset, GroundTruth
 from mfcache.data.transforms import load_image, to_input
 from mfcache.data.views import apply_view, view_preprocess, view_transform
 from mfcache.detectors.base import Preprocess
 from mfcache.errors import MfcacheError
+
+
+@dataclass(frozen=True)
+class DecodedRow:
+    """Row ``position`` of a split: the detector's input ``[3, h, w]`` float (its view's
+    transform applied) and the view's ground truth."""
+
+    position: int
+    input: Tensor
+    gt: GroundTruth
+
+
+@dataclass(frozen=True)
+class UnreadableRow:
+    """Row ``position`` could not be decoded: ``reason`` is the one-line message."""
+
+    position: int
+    reason: str
 
 
 class ImageSource(Dataset):
@@ -30,7 +51,7 @@ class ImageSource(Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, j: int) -> dict:
+    def __getitem__(self, j: int) -> DecodedRow | UnreadableRow:
         i = int(self.positions[j])
         image = self.dataset.images[i // self.views]
         try:
@@ -47,6 +68,6 @@ class ImageSource(Dataset):
                 raise MfcacheError(f"cannot decode the annotations of image id {image.id} ({path}): {exc}") from None
             view = view_transform(image.id, i % self.views, crop=self.crop, hw=(image.height, image.width))
             pixels, gt = apply_view(pixels, gt, view)
-            return {"position": i, "input": to_input(pixels, view_preprocess(self.preprocess, view)), "gt": gt}
+            return DecodedRow(i, to_input(pixels, view_preprocess(self.preprocess, view)), gt)
         except MfcacheError as exc:
-            return {"position": i, "error": str(exc)}
+            return UnreadableRow(i, str(exc))

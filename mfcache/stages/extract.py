@@ -34,10 +34,11 @@ from mfcache.cache.writer import (
     stored_fingerprint,
 )
 from mfcache.config import ExtractConfig, check_config
-from mfcache.data.coco import CocoDataset
+from mfcache.cache.sample import Sample
+from mfcache.data.coco import CocoDataset, GroundTruth
 from mfcache.data.labels import LabelMap, chosen_label_map, resolve_labels, unmapped_warning
 from mfcache.data.prompts import PromptFile, prompt_phrases, read_prompts, with_implied_map
-from mfcache.data.image_source import ImageSource
+from mfcache.data.image_source import DecodedRow, ImageSource, UnreadableRow
 from mfcache.data.views import rows_frames, rows_input_hw
 from mfcache.detectors import load_detector, run_detector
 from mfcache.detectors.base import Detector, select_topk
@@ -88,11 +89,27 @@ def pending_positions(done: np.ndarray, block: int, *, retry_skipped: bool) -> n
     return np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
 
 
-def _write_block(writer: BlockWriter, start: int, parts: dict[int, ImageRecord | str], out: Path) -> None:
+@dataclass(frozen=True)
+class Detected:
+    """One row's detector outputs (cropped to the image, on the CPU) and its ground truth, on
+    their way to the writer thread, which makes them its :class:`ImageRecord`."""
+
+    sample: Sample
+    gt: GroundTruth
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A row recorded as skipped (``--skip-bad``), with the reason."""
+
+    reason: str
+
+
+def _write_block(writer: BlockWriter, start: int, parts: dict[int, ImageRecord | Skipped], out: Path) -> None:
     """Write one finished block; ``parts`` maps each position to its record or skip reason."""
     positions = sorted(parts)
-    records = [parts[p] if not isinstance(parts[p], str) else None for p in positions]
-    skipped = {p: parts[p] for p in positions if isinstance(parts[p], str)}
+    records = [None if isinstance(parts[p], Skipped) else parts[p] for p in positions]
+    skipped = {p: parts[p].reason for p in positions if isinstance(parts[p], Skipped)}
     try:
         writer.write(start, records, skipped)
     except OSError as exc:
@@ -119,13 +136,15 @@ class _BlockAssembler:
     def __init__(self, writer: BlockWriter, block: int, num_images: int, out: Path, record_options: dict):
         self.writer, self.block, self.num_images, self.out = writer, block, num_images, out
         self.record_options = record_options
-        self.buffers: dict[int, dict[int, ImageRecord | str]] = {}
+        self.buffers: dict[int, dict[int, ImageRecord | Skipped]] = {}
 
-    def record(self, part: dict | ImageRecord | str) -> ImageRecord | str:
-        """``part`` as stored: a ``{"sample", "gt"}`` dict becomes its record."""
-        return image_record(**part, **self.record_options) if isinstance(part, dict) else part
+    def record(self, part: Detected | ImageRecord | Skipped) -> ImageRecord | Skipped:
+        """``part`` as stored: detector outputs become their record."""
+        if isinstance(part, Detected):
+            return image_record(part.sample, gt=part.gt, **self.record_options)
+        return part
 
-    def __call__(self, i: int, part: dict | ImageRecord | str) -> None:
+    def __call__(self, i: int, part: Detected | ImageRecord | Skipped) -> None:
         start = i - i % self.block
         self.buffers.setdefault(start, {})[i] = self.record(part)
         if len(self.buffers[start]) == min(self.block, self.num_images - start):
@@ -423,22 +442,22 @@ def _run_detector(job: _Job, plan: SplitPlan, loader: DataLoader, assemble: _Blo
           BackgroundWriter(assemble, depth=WRITE_QUEUE * assemble.block) as background):
         task = bar.add_task(f"extract {job.split}", total=total, status=where)
         for items in batches:
-            good = [item for item in items if "error" not in item]
+            good = [item for item in items if isinstance(item, DecodedRow)]
             for item in items:
-                if "error" in item and not skip_bad:
-                    raise MfcacheError(f"{item['error']} (pass --skip-bad to record it as skipped and go on)")
+                if isinstance(item, UnreadableRow) and not skip_bad:
+                    raise MfcacheError(f"{item.reason} (pass --skip-bad to record it as skipped and go on)")
             if good:
-                out_batch = run_detector(model, [item["input"] for item in good], device=device, amp=job.amp)
+                out_batch = run_detector(model, [item.input for item in good], device=device, amp=job.amp)
                 top = select_topk(out_batch, job.topk, sigmoid=info.sigmoid, agnostic=job.agnostic)
             for b, item in enumerate(good):
-                i = item["position"]
+                i = item.position
                 sample = image_sample(out_batch, top, b, level_hw=plan.level_hw[i], input_hw=plan.input_hw[i],
                                       image_id=plan.image_id[i], orig_hw=plan.orig_hw[i])
-                part = {"sample": sample.cpu(), "gt": item["gt"]}
+                part = Detected(sample.cpu(), item.gt)
                 background.submit(i, part if records_on_writer_thread(device) else assemble.record(part))
             for item in items:
-                if "error" in item:
-                    background.submit(item["position"], item["error"])
+                if isinstance(item, UnreadableRow):
+                    background.submit(item.position, Skipped(item.reason))
             bar.advance(task, len(items))
             if stop.signum is not None:
                 break
