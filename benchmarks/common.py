@@ -126,7 +126,7 @@ def positives_threshold(cache, target: int) -> tuple[float, float]:
     it trains on, so benchmarks aim at a stated number instead."""
     split = cache.split("train")
     per_image = []
-    for i in range(split.num_images):
+    for i in range(split.num_rows):
         s = split.read(i, levels=(split.stored_levels[-1],), c1=False, targets=True)
         best: dict[int, float] = {}
         for q, g, iou in zip(s.query_index.tolist(), s.gt_id.tolist(), s.gt_iou.tolist()):

@@ -430,7 +430,7 @@ def _agree_extraction(run: Run, size: dict) -> list[dict]:
     ref_split, got_split = splits["reference"], splits["device"]
     pairs: dict[str, tuple[list, list]] = {k: ([], []) for k in ("levels", "c1", "queries", "boxes", "scores")}
     same_topk, matched, total = 0, 0, 0
-    for i in range(ref_split.num_images):
+    for i in range(ref_split.num_rows):
         ref, got = ref_split.read(i), got_split.read(i)
         pairs["levels"][0].extend(level.flatten() for level in got.levels)
         pairs["levels"][1].extend(level.flatten() for level in ref.levels)
@@ -681,7 +681,7 @@ def section_training(run: Run) -> dict:
         raise RuntimeError("section extraction left no Deformable DETR cache (amp off) to train from")
     plan = run.plan
     cache = Cache(cache_path)
-    images = cache.split("train").num_images
+    images = cache.split("train").num_rows
     batch = min(8, images)
     min_iou, positives = positives_threshold(cache, plan.positives)
     run.min_iou = min_iou

@@ -179,8 +179,8 @@ def extract_once(run: Run, spec: str, data: Path, annotations: Path, images: int
         run.sync()
         seconds = time.perf_counter() - start
     size = cache_bytes(cache)
-    if Cache(cache).split("train").num_images != images:  # every per-image figure divides by it
-        raise RuntimeError(f"{cache} holds {Cache(cache).split('train').num_images} images, not {images}")
+    if Cache(cache).split("train").num_rows != images:  # every per-image figure divides by it
+        raise RuntimeError(f"{cache} holds {Cache(cache).split('train').num_rows} images, not {images}")
     row = {"extract_s": seconds, "s_per_image": seconds / images, "bytes_per_image": size["per_image_arrays"] / images,
            "fixed_bytes": size["fixed"], "cache_bytes": size["total"], "peak_GiB": peak.gib, "peak_kind": peak.kind}
     if keep:

@@ -66,7 +66,7 @@ def read_all(cache, batch: int = 8) -> float:
 
     start = time.perf_counter()
     split = Cache(cache).split("train")
-    rows = list(split.done)
+    rows = list(split.complete_rows)
     for lo in range(0, len(rows), batch):
         split.read_many(rows[lo: lo + batch])
     return time.perf_counter() - start

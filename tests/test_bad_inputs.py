@@ -77,7 +77,7 @@ def test_missing_image_keeps_finished_blocks_and_skip_bad_records_it(data, tmp_p
     split = Cache(out).split()
     assert list(split.skipped) == [image_id] and "not found" in split.skipped[image_id]
     split.require_complete()  # skipped counts as finished
-    assert 3 not in split.done.tolist() and verify(out).ok
+    assert 3 not in split.complete_rows.tolist() and verify(out).ok
     shown = " ".join(runner.invoke(app, ["inspect", str(out)]).output.split())
     assert f"skipped image id {image_id}: image file not found" in shown
     path.write_bytes(saved)  # fixed: a run without --skip-bad tries it again
@@ -196,7 +196,7 @@ def test_odd_but_valid_dataset_extracts(tmp_path):
     extract(detector="demo", images=tmp_path / "img", annotations=tmp_path / "a.json", out=tmp_path / "cache",
             config=CONFIG, progress=False)
     split = Cache(tmp_path / "cache").split()
-    assert len(split.done) == 4 and verify(tmp_path / "cache").ok
+    assert len(split.complete_rows) == 4 and verify(tmp_path / "cache").ok
     gt_ids = set(zarr.open_array(tmp_path / "cache" / "a" / "targets" / "gt_id", mode="r")[:].ravel().tolist())
     assert gt_ids <= {-1, 5, 17}  # crowd and degenerate polygons are never targets
 

@@ -192,7 +192,7 @@ def test_eval_results_and_ap_do_not_depend_on_the_batch_size(shapes_data, tmp_pa
 
     cached = cache_and_run(shapes_data, tmp_path_factory, 1)
     data = Cache(cached / "cache").split("val")
-    assert len({tuple(hw) for hw in data.index["input_hw"].tolist()}) == data.num_images  # sizes all differ
+    assert len({tuple(hw) for hw in data.index["input_hw"].tolist()}) == data.num_rows  # sizes all differ
     loaded = load_run(cached / "run", data.cache.fingerprint, torch.device("cpu"))
     head, config = loaded.head, loaded.config
     results, metrics = {}, {}

@@ -26,7 +26,7 @@ def test_recomputed_c1_equals_the_stored_one_and_training_never_loads_the_detect
     stored = cache(shapes_data, tmp_path / "stored", "store")
     recomputed = cache(shapes_data, tmp_path / "recompute", "recompute")
     assert "c1" not in recomputed.group and STEM_ARRAY in Cache(tmp_path / "recompute").root
-    for i in range(recomputed.num_images):  # the stored stem runs: this user's extraction exported it
+    for i in range(recomputed.num_rows):  # the stored stem runs: this user's extraction exported it
         a = stored.read(i, levels=(0,), targets=False).c1.float()
         b = recomputed.read(i, levels=(0,), targets=False).c1
         assert a.shape == b.shape
@@ -100,7 +100,7 @@ def test_native_detectors_recompute_the_c1_they_store(shapes_data, tmp_path, mon
     assert "c1" in stored.group and "c1" not in recomputed.group
     assert STEM_ARRAY in Cache(tmp_path / "recompute").root
     sizes = set()
-    for i in range(recomputed.num_images):
+    for i in range(recomputed.num_rows):
         a = stored.read(i, levels=(0,), targets=False).c1
         b = recomputed.read(i, levels=(0,), targets=False).c1
         assert a.shape == b.shape and a.shape[0] == (64 if backbone == "resnet18" else SWIN_MICRO[0])

@@ -61,7 +61,7 @@ def test_round_trip_is_exact_per_image(tmp_path):
     for start in range(0, len(records), 2):
         writer.write(start, records[start: start + 2])
     split = Cache(tmp_path / "c").split()
-    assert len(split.done) == len(SIZES)
+    assert len(split.complete_rows) == len(SIZES)
     for i, rec in enumerate(records):
         got = split.read(i)
         np.testing.assert_array_equal(got.queries.numpy(), rec.queries)
@@ -100,7 +100,7 @@ def test_unfinished_blocks_read_as_not_done(tmp_path):
     group, _, records = make_cache(tmp_path / "c", SIZES)
     BlockWriter(group).write(2, records[2:4])
     split = Cache(tmp_path / "c").split()
-    assert split.done.tolist() == [2, 3]
+    assert split.complete_rows.tolist() == [2, 3]
     with pytest.raises(MfcacheError, match="incomplete"):
         split.require_complete()
     assert len(CacheDataset(tmp_path / "c", "train", levels=None, c1=True, targets=True)) == 2

@@ -203,7 +203,7 @@ def test_extract_train_evaluate(saved, shapes, tmp_path):
     for split in ("train", "val"):
         summary = extract(detector=f"hf:{path}", images=shapes / split, annotations=shapes / "annotations" / f"{split}.json",
                           out=tmp_path / "cache", config=config, progress=False)
-        assert summary.written == summary.num_images
+        assert summary.written == summary.num_rows
     cache = Cache(tmp_path / "cache")
     assert cache.detector.family == name and cache.detector.sigmoid == family.sigmoid
     index = cache.split("train").index

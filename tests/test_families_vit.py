@@ -178,7 +178,7 @@ def test_extract_train_evaluate(saved, shapes, tmp_path):
         summary = extract(detector=f"hf:{path}", images=shapes / split,
                           annotations=shapes / "annotations" / f"{split}.json", out=tmp_path / "cache", config=config,
                           progress=False)
-        assert summary.written == summary.num_images
+        assert summary.written == summary.num_rows
     cache = Cache(tmp_path / "cache")
     assert cache.detector.family == family.name and cache.detector.c1_channels == 0
     assert (cache.split("train").index["input_hw"] == family.size).all()

@@ -154,7 +154,7 @@ def test_describe_is_plain_data_and_stops_at_damage(cache):
     report = describe(cache)
     assert "error" not in report and [s["name"] for s in report["splits"]] == ["train", "val"]
     train = report["splits"][0]
-    assert train["complete"] == train["num_images"] == 5 and train["targets"]["source"] == "recorded at extraction"
+    assert train["complete"] == train["rows"] == 5 and train["targets"]["source"] == "recorded at extraction"
     assert {"memory", "index/done"} <= {a["path"] for a in train["arrays"]}
     assert train["stored_bytes"] == sum(a["stored"] for a in train["arrays"]) > 0
     assert json.loads(json.dumps(report))["extract"]["topk"] == 10

@@ -131,7 +131,7 @@ def test_a_bucket_cache_gives_the_folder_cache_metrics_exactly(s3, data, folder_
     assert any(p.is_file() for p in local.rglob("c/*"))
     for attempt in range(2):  # (eval reads no targets: the first read of them fills the folder)
         split = Cache(locate(bucket_cache, local_cache=local, local_cache_size="1GB")).split("val")
-        split.read_many(list(split.done))
+        split.read_many(list(split.complete_rows))
     store = split.cache.root.store._store  # StrictWrapper(ReadThroughStore(...))
     assert store.misses == 0 and store.hits > 0
 

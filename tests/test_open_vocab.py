@@ -288,7 +288,7 @@ def extracted(saved, shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"cache-{name}") / "cache"
     for split in ("train", "val"):
         summary = _extract(path, shapes, out, split)
-        assert summary.written == summary.num_images
+        assert summary.written == summary.num_rows
     return out
 
 

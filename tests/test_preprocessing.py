@@ -173,7 +173,7 @@ def test_recomputed_c1_follows_the_caches_path(shapes_data, tmp_path):
     run_extract(shapes_data, annotations, tmp_path / "again", c1="recompute", resize="processor")
     stored, again = Cache(tmp_path / "stored").split("val"), Cache(tmp_path / "again").split("val")
     assert Cache(tmp_path / "again").detector.preprocess.resize == "processor"
-    for i in range(again.num_images):
+    for i in range(again.num_rows):
         torch.testing.assert_close(again.read(i, levels=(0,), targets=False).c1,
                                    stored.read(i, levels=(0,), targets=False).c1, rtol=1e-5, atol=1e-5)
 

@@ -55,8 +55,8 @@ def int8(shapes_data, tmp_path_factory):
 
 def test_int8_cache_reads_back_within_about_one_percent(int8, reference):
     split = int8
-    assert split.group["memory"].dtype == np.int8 and split.group["scales/memory"].shape == (split.num_images, split.group["memory"].shape[1])
-    for i in split.done[:3]:
+    assert split.group["memory"].dtype == np.int8 and split.group["scales/memory"].shape == (split.num_rows, split.group["memory"].shape[1])
+    for i in split.complete_rows[:3]:
         a, b = reference.read(int(i)), split.read(int(i))
         assert b.queries.dtype == torch.float32
         for key in ("queries", "c1"):

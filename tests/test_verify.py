@@ -41,7 +41,7 @@ def test_healthy_cache_passes_with_a_summary(healthy):
     report = verify(healthy)
     assert report.ok, report.problems
     (split,) = report.splits
-    assert (split.num_images, split.written, split.skipped, split.pending) == (5, 5, 0, 0)
+    assert (split.num_rows, split.written, split.skipped, split.pending) == (5, 5, 0, 0)
     result = CliRunner().invoke(app, ["verify", str(healthy)])
     assert result.exit_code == 0 and "OK" in result.output
 

@@ -89,10 +89,10 @@ def test_views_never_share_a_detector_batch_and_view0_is_batched_as_the_plain_ca
 
 def test_rows_are_images_times_views_and_view0_is_the_plain_cache(caches):
     one, two = Cache(caches[0]).split("val"), Cache(caches[1]).split("val")
-    n = one.num_images
-    assert two.num_images == 2 * n
+    n = one.num_rows
+    assert two.num_rows == 2 * n
     np.testing.assert_array_equal(two.index["image_id"], np.repeat(one.index["image_id"], 2))
-    np.testing.assert_array_equal(two.done, np.arange(0, 2 * n, 2))  # eval/validation: each image once
+    np.testing.assert_array_equal(two.complete_rows, np.arange(0, 2 * n, 2))  # eval/validation: each image once
     np.testing.assert_array_equal(two.index["input_hw"][0::2], one.index["input_hw"])
     for i in range(n):
         a, b = one.read(i), two.read(2 * i)
@@ -104,8 +104,8 @@ def test_rows_are_images_times_views_and_view0_is_the_plain_cache(caches):
 
 def test_the_summary_counts_images_and_views_apart(caches, shapes_data):
     again = run_extract(shapes_data, caches[1], 2)  # a finished cache: nothing written, the same counts
-    n = Cache(caches[0]).split("val").num_images
-    assert (again.num_images, again.views, again.written) == (2 * n, 2, 0)
+    n = Cache(caches[0]).split("val").num_rows
+    assert (again.num_rows, again.views, again.written) == (2 * n, 2, 0)
     assert again.rows_line() == f"{n} images x 2 views ({2 * n} rows)"
     assert run_extract(shapes_data, caches[0], 1).rows_line() == f"{n} images"
     from typer.testing import CliRunner

@@ -166,14 +166,15 @@ class CacheSplit:
                                    + self.index["level_hw"][:, self.stored_levels].prod(-1).sum(-1))
 
     @property
-    def num_images(self) -> int:
+    def num_rows(self) -> int:
         return len(self.index["image_id"])
 
     def view_rows(self, *, all_views: bool = False) -> np.ndarray:
         """``[M, views]`` or ``[M, 1]`` (view 0): each complete image's rows (:mod:`mfcache.data.views`)."""
         return view_rows(self.index["done"] == DONE, self.cache.settings.views, all_views=all_views)
 
-    done = property(lambda self: self.view_rows()[:, 0], doc="View 0 rows of the complete images: each image once.")
+    complete_rows = property(lambda self: self.view_rows()[:, 0],
+                             doc="[M] positions of the view-0 rows of the complete images: each image once.")
 
     @property
     def skipped(self) -> dict[int, str]:
@@ -194,7 +195,7 @@ class CacheSplit:
         missing = int((self.index["done"] == 0).sum())
         if missing:
             raise MfcacheError(
-                f"split {self.name!r} of {self.cache.path} is incomplete ({missing} of {self.num_images} "
+                f"split {self.name!r} of {self.cache.path} is incomplete ({missing} of {self.num_rows} "
                 "images missing): run the same `mfcache extract` command again to finish it"
             )
 
@@ -360,7 +361,8 @@ class CacheSplit:
             c1_start = int(self.index["c1_offset"][i])
             requests["c1"] = ("c1", slice(c1_start, c1_start + c1_hw[0] * c1_hw[1]))
         if targets:
-            requests.update({name: (f"targets/{name}", i) for name in ("gt_id", "gt_iou", "masks")})
+            requests.update({"gt_id": ("targets/gt_id", i), "gt_iou": ("targets/gt_iou", i),
+                             "target_masks": ("targets/masks", i)})
         requests.update({scale: (scale, i) for name, scale in self.scales.items() if name in requests})
         return ReadPlan(position=i, requests=requests, level_hw=level_hw, sizes=sizes, starts=starts, lo=lo,
                         wanted=wanted, recompute_c1=with_c1 and self.recompute_c1)
@@ -370,8 +372,7 @@ class CacheSplit:
         i = plan.position
         record = ImageRecord(
             **{name: data.get(name) for name in ("queries", "boxes", "scores", "labels", "query_index", "memory",
-                                                 "c1", "gt_id", "gt_iou")},
-            target_masks=data.get("masks"),
+                                                 "c1", "gt_id", "gt_iou", "target_masks")},
             scales={scale: data[scale] for scale in self.scales.values() if scale in data},
         )
         sample = served_sample(record, image_id=self.index["image_id"][i], input_hw=self.index["input_hw"][i],

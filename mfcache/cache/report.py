@@ -52,7 +52,7 @@ def _describe_split(cache: Cache, name: str, into: list[dict]) -> None:
     """Append split ``name``'s entry to ``into`` as soon as it exists, then complete it, so
     that damage found on the way leaves what was gathered before it::
 
-        {"name", "num_images" (rows: images x views), "views", "images", "complete" (images),
+        {"name", "rows" (images x views), "views", "images", "complete" (images),
          "annotation_file", "annotations_sha256",
          "skipped_images": [{"id", "reason"}], "skipped_annotations": [{"id", "reason"}],
          "labels": mfcache.data.labels.describe_labels(...) (detector label -> category),
@@ -64,10 +64,10 @@ def _describe_split(cache: Cache, name: str, into: list[dict]) -> None:
     split = cache.split(name)
     entry = {
         "name": name,
-        "num_images": split.num_images,  # rows: images x views
+        "rows": split.num_rows,  # images x views
         "views": cache.settings.views,
-        "images": split.num_images // cache.settings.views,
-        "complete": len(split.done),  # images (every view written)
+        "images": split.num_rows // cache.settings.views,
+        "complete": len(split.complete_rows),  # images (every view written)
         "annotation_file": split.attrs["annotation_file"],
         "annotations_sha256": split.attrs["annotations_sha256"],
         "skipped_images": [{"id": i, "reason": r} for i, r in sorted(split.skipped.items())],

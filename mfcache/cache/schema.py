@@ -283,7 +283,7 @@ class SplitPlan:
     c1_chunk: int
 
     @property
-    def num_images(self) -> int:
+    def num_rows(self) -> int:
         return len(self.image_id)
 
 
@@ -364,7 +364,7 @@ def storage_plan(plan: SplitPlan, *, topk: int, d_model: int, c1_channels: int, 
                  target_size: int) -> StoragePlan:
     """What each image of ``plan`` will take on disk (``c1_channels`` 0: C1 not stored)."""
     size = np.dtype(STORAGE_DTYPES[dtype]).itemsize
-    n = plan.num_images
+    n = plan.num_rows
     per_query = 4 * 4 + 4 + 4 + 4 + 8 + 4 + packed_bytes(target_size)  # boxes .. targets/masks
     parts = {
         "memory": np.diff(plan.token_offset) * d_model * size,

@@ -62,7 +62,7 @@ SPLIT_ATTRS = ("annotations_sha256", "label_to_category", "chunk_tokens", "c1_ch
 @dataclass
 class SplitReport:
     name: str
-    num_images: int = 0
+    num_rows: int = 0
     written: int = 0
     skipped: int = 0
     pending: int = 0
@@ -130,7 +130,7 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
     if opened is None:
         return out
     attrs, arrays = opened
-    n = out.num_images = int(attrs["num_images"])
+    n = out.num_rows = int(attrs["num_images"])
     ext = cache.fingerprint["extract"]  # its keys were checked by verify()
     if not _check_shapes(arrays, n, cache.detector, ext, problem):
         return out

@@ -106,7 +106,7 @@ def create_split(
         # A killed creation left a partial layout and no data: start it again.
         _remove_group(root, name)
     group = root.create_group(name)
-    n = plan.num_images
+    n = plan.num_rows
     num_levels = plan.level_hw.shape[1]
     dims = {"K": topk, "D": d_model, "C": c1_channels, "L": num_levels, "B": packed_bytes(target_size),
             "P": len(checksum_parts(num_levels))}

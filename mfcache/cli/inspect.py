@@ -63,7 +63,7 @@ def _print_split(split: dict) -> None:
     from rich.table import Table
 
     name, skipped, left_out = split["name"], split["skipped_images"], split["skipped_annotations"]
-    views = f" ({split['views']} views each, {split['num_images']} rows)" if split.get("views", 1) > 1 else ""
+    views = f" ({split['views']} views each, {split['rows']} rows)" if split.get("views", 1) > 1 else ""
     stdout.print(f"\n[bold]split {name}[/bold]: {split['complete']}/{split['images']} images complete{views}"
                   + (f", {len(skipped)} skipped" if skipped else "") + "; "
                   f"annotations {split['annotation_file']} (sha256 {split['annotations_sha256'][:16]})")
@@ -89,7 +89,7 @@ def _print_split(split: dict) -> None:
     stdout.print(table)
     total = split["stored_bytes"]
     per = (f"{format_bytes(total / max(split['images'], 1))} per image ({split['views']} views)"
-           if split.get("views", 1) > 1 else f"{format_bytes(total / max(split['num_images'], 1))} per image")
+           if split.get("views", 1) > 1 else f"{format_bytes(total / max(split['rows'], 1))} per image")
     stdout.print(f"split {name}: {format_bytes(total)} on disk, {per}")
 
 

@@ -41,7 +41,7 @@ def command(cache: CacheArg = None, cache_opt: CacheOrOpt = None, as_json: JsonO
     table = Table("split", "images", "written", "skipped", "pending", "chunks read", "bytes checked",
                   title=f"{report.path}: OK")
     for s in report.splits:
-        table.add_row(s.name, str(s.num_images), str(s.written), str(s.skipped), str(s.pending),
+        table.add_row(s.name, str(s.num_rows), str(s.written), str(s.skipped), str(s.pending),
                       str(s.chunks), f"{s.bytes / 2**20:.1f} MiB")
     stdout.print(table)
     pending = sum(s.pending for s in report.splits)

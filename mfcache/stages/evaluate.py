@@ -155,7 +155,7 @@ def score(data: CacheSplit, results: dict[str, list[dict]]) -> dict:
     (``per_category``); class-agnostic AP (every category one class, none per category) for a
     class-agnostic cache."""
     coco_gt = data.coco()
-    evaluated = data.index["image_id"][data.done].tolist()  # images skipped at extraction are not scored
+    evaluated = data.index["image_id"][data.complete_rows].tolist()  # images skipped at extraction are not scored
     agnostic = data.class_agnostic  # all GT and results one class (mfcache.data.labels)
     metrics = coco_evaluate(coco_gt, results["head"], image_ids=evaluated, class_agnostic=agnostic, per_category=True)
     if "box_filled" in results:

@@ -53,10 +53,10 @@ WRITE_QUEUE = 2  # finished blocks waiting for the writer thread before the dete
 
 @dataclass
 class ExtractSummary:
-    """Counts are cache rows: ``num_images`` rows = dataset images x ``views``."""
+    """Counts are cache rows: ``num_rows`` rows = dataset images x ``views``."""
 
     split: str
-    num_images: int
+    num_rows: int
     written: int
     cache: Path | CacheLocation  # a folder, or the cache's place in object storage
     skipped: int = 0
@@ -69,8 +69,8 @@ class ExtractSummary:
     def rows_line(self) -> str:
         """``400 images`` or ``400 images x 4 views (1600 rows)``: what the split holds."""
         if self.views == 1:
-            return f"{self.num_images} images"
-        return f"{self.num_images // self.views} images x {self.views} views ({self.num_images} rows)"
+            return f"{self.num_rows} images"
+        return f"{self.num_rows // self.views} images x {self.views} views ({self.num_rows} rows)"
 
 
 def split_name(annotation_file: Path) -> str:
@@ -133,8 +133,8 @@ class _BlockAssembler:
     record, or its skip reason) become its :class:`ImageRecord` (fp16/int8 rows, targets),
     and a block is written as soon as all its images are in."""
 
-    def __init__(self, writer: BlockWriter, block: int, num_images: int, out: Path, record_options: dict):
-        self.writer, self.block, self.num_images, self.out = writer, block, num_images, out
+    def __init__(self, writer: BlockWriter, block: int, num_rows: int, out: Path, record_options: dict):
+        self.writer, self.block, self.num_rows, self.out = writer, block, num_rows, out
         self.record_options = record_options
         self.buffers: dict[int, dict[int, ImageRecord | Skipped]] = {}
 
@@ -147,7 +147,7 @@ class _BlockAssembler:
     def __call__(self, i: int, part: Detected | ImageRecord | Skipped) -> None:
         start = i - i % self.block
         self.buffers.setdefault(start, {})[i] = self.record(part)
-        if len(self.buffers[start]) == min(self.block, self.num_images - start):
+        if len(self.buffers[start]) == min(self.block, self.num_rows - start):
             _write_block(self.writer, start, self.buffers.pop(start), self.out)
 
 
@@ -251,13 +251,13 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
             if job.c1 == "recompute" and not out.has_node(STEM_ARRAY):  # after the plan is accepted
                 export_detector_stem(job.model, out.open_group("r+"))
         pending = _own_pending(writer, todo, job.split, out, block, world=world)
-    assemble = _BlockAssembler(writer, block, plan.num_images, out,
+    assemble = _BlockAssembler(writer, block, plan.num_rows, out,
                                {"target_size": config.target_size, "dtype": config.dtype, "levels": job.levels})
     stopped = _run_detector(job, plan, _loader(job, pending, block, config), assemble, total=len(pending),
                             skip_bad=skip_bad, progress=progress, world=world, device=device)
     stopped = _agree_on_stop(stopped, world, device)
     if stopped is not None:
-        raise Interrupted(stopped, _cached_line(group, plan.num_images))
+        raise Interrupted(stopped, _cached_line(group, plan.num_rows))
     return _finish(job, group, writer, plan, written=len(pending), out=out, world=world, device=device)
 
 
@@ -271,10 +271,10 @@ def _agree_on_stop(signum: int | None, world: World, device: torch.device) -> in
     return highest or None
 
 
-def _cached_line(group: zarr.Group, num_images: int) -> str:
+def _cached_line(group: zarr.Group, num_rows: int) -> str:
     """``with 6 of 12 images cached``: the split's finished rows as written now."""
     done = int((group["index/done"][:] != 0).sum())
-    return f"with {done} of {num_images} images cached"
+    return f"with {done} of {num_rows} images cached"
 
 
 def _prepare(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
@@ -479,7 +479,7 @@ def _finish(job: _Job, group: zarr.Group, writer: BlockWriter, plan: SplitPlan, 
     done = group["index/done"][:] if world.enabled else writer.index["index/done"]
     complete = world.is_main and not (done == 0).any()
     match = record_match_stats(group, recompute=written > 0, views=job.views) if complete else None
-    return ExtractSummary(split=job.split, num_images=plan.num_images, written=written,
+    return ExtractSummary(split=job.split, num_rows=plan.num_rows, written=written,
                           cache=out.path if out.is_local else out, c1=job.c1,
                           views=job.views, skipped=int((done == SKIPPED).sum()), match=match,
                           annotations=job.dataset.report.summary(),

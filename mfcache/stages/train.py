@@ -94,7 +94,7 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, o
                 write_run_info(run_dir, config, cache_path, data.name)
         if world.is_main and progress:
             console.print(settings_summary(
-                config, cache=cache_path, split=data.name, images=len(data.done), run_dir=run_dir,
+                config, cache=cache_path, split=data.name, images=len(data.complete_rows), run_dir=run_dir,
                 device=trainer.device, ranks=world.size, step=trainer.step,
                 validation=trainer.validation.data.name if trainer.validation else None, held_out=held),
                 highlight=False, soft_wrap=True, markup=False)

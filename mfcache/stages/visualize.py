@@ -236,7 +236,7 @@ def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, sc
     for r in results:
         if r["score"] >= score_threshold:
             by_image.setdefault(int(r["image_id"]), []).append(r)
-    image_ids = [int(split.index["image_id"][i]) for i in split.done[:n]]
+    image_ids = [int(split.index["image_id"][i]) for i in split.complete_rows[:n]]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # out_dir is a folder of its parent (the metrics folder): a link there must not lead elsewhere
