@@ -66,15 +66,14 @@ def uncertain_points(logits: Tensor, *, num_points: int, oversample: float, impo
     return torch.cat([chosen, rest], 1)
 
 
-def point_mask_losses(logits: Tensor, targets: Tensor, *, num_points: int, oversample: float,
-                      importance: float, generators: Sequence[tuple[int, torch.Generator]] | None = None
-                      ) -> dict[str, Tensor]:
-    """BCE + dice on ``num_points`` points per mask chosen by :func:`uncertain_points`
-    (PointRend's / Mask2Former's point loss). logits ``[N, 1, M, M]``, targets ``[N, S, S]``
-    (bool or float) over the same box at any size S -> ``{"bce", "dice"}`` (means). The points
-    are (x, y) in [0, 1] of the box: the logits are read off bilinearly at M, the targets at
-    their own size S, so with S > M (the cached crop, ``head.point_targets = "cache"``) a point
-    near the boundary gets the finer target's value, as PointRend samples the full-size GT.
+def point_values(logits: Tensor, targets: Tensor, *, num_points: int, oversample: float, importance: float,
+                 generators: Sequence[tuple[int, torch.Generator]] | None = None) -> tuple[Tensor, Tensor]:
+    """The point loss's samples: ``num_points`` points per mask chosen by :func:`uncertain_points`
+    on ``logits [N, 1, M, M]``, and (logits ``[N, P]``, targets ``[N, P]``) there. ``targets
+    [N, S, S]`` (bool or float) cover the same box at any size S. The points are (x, y) in
+    [0, 1] of the box: the logits are read off bilinearly at M, the targets at their own size S,
+    so with S > M (the cached crop, ``head.point_targets = "cache"``) a point near the boundary
+    gets the finer target's value, as PointRend samples the full-size GT mask.
 
     ``generators``: ``(rows, generator)`` per image, in row order (the rows of one image are
     consecutive), so an image's points depend on its own generator alone, never on its batch
@@ -91,7 +90,16 @@ def point_mask_losses(logits: Tensor, targets: Tensor, *, num_points: int, overs
                             for part, (_, g) in zip(logits.split(rows), generators)]) if rows else \
             logits.new_zeros(0, num_points, 2)
     point_logits = point_sample(logits, points)[:, 0]
-    point_targets = point_sample(targets[:, None].to(point_logits.dtype), points)[:, 0]
+    return point_logits, point_sample(targets[:, None].to(point_logits.dtype), points)[:, 0]
+
+
+def point_mask_losses(logits: Tensor, targets: Tensor, *, num_points: int, oversample: float,
+                      importance: float, generators: Sequence[tuple[int, torch.Generator]] | None = None
+                      ) -> dict[str, Tensor]:
+    """BCE + dice (means) on the points of :func:`point_values` (PointRend's / Mask2Former's
+    point loss): logits ``[N, 1, M, M]``, targets ``[N, S, S]`` -> ``{"bce", "dice"}``."""
+    point_logits, point_targets = point_values(logits, targets, num_points=num_points, oversample=oversample,
+                                               importance=importance, generators=generators)
     return {
         "bce": F.binary_cross_entropy_with_logits(point_logits, point_targets),
         "dice": dice_loss(point_logits, point_targets),
