@@ -249,19 +249,19 @@ def test_mlp_quality_head_learns_where_the_mask_lies():
     from mfcache.heads.scoring import MaskIoUHead
 
     gen = torch.Generator().manual_seed(0)
-    centres = torch.rand(256, 2, generator=gen)
+    centres = torch.rand(128, 2, generator=gen)
     grid = (torch.arange(16) + 0.5) / 16
     blob = ((grid[None, None, :] - centres[:, 0, None, None]) ** 2 +
-            (grid[None, :, None] - centres[:, 1, None, None]) ** 2) < 0.06  # [256, y, x]
+            (grid[None, :, None] - centres[:, 1, None, None]) ** 2) < 0.06  # [128, y, x]
     logits = torch.where(blob, 4.0, -4.0)[:, None]
     target = blob[..., :8].flatten(1).sum(1) / blob.flatten(1).sum(1).clamp(min=1)
-    features = torch.zeros(256, 4, 16, 16)
+    features = torch.zeros(128, 4, 16, 16)
 
     def fit(readout: str) -> float:
         torch.manual_seed(0)
         head = MaskIoUHead(channels=4, hidden=16, readout=readout)
         optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
-        for _ in range(150):
+        for _ in range(60):
             loss = torch.nn.functional.mse_loss(head(features, logits), target)
             optimizer.zero_grad()
             loss.backward()
@@ -315,13 +315,19 @@ def test_point_loss_option_picks_the_targets_resolution():
 def test_mask_prob_score_on_the_pasted_mask_counts_the_image_pixels():
     """eval.mask_prob_at = image: the mean probability over the pasted mask's pixels > 0.5, so
     the part of a box outside the image counts for nothing (on the M x M grid it counts)."""
+    from mfcache.ops.masks import paste_masks
     from mfcache.stages.postprocess import foreground_prob, pasted_foreground_prob
 
     prob = torch.full((1, 8, 8), 0.9)
     prob[:, :, 4:] = 0.6  # the right half, which lies outside the image
     boxes = torch.tensor([[20.0, 10.0, 60.0, 30.0]])  # x 20..60 in a 40 px wide image
     torch.testing.assert_close(foreground_prob(prob), torch.tensor([0.75]))
-    torch.testing.assert_close(pasted_foreground_prob(prob, boxes, (50, 40)), torch.tensor([0.9]), atol=0.01, rtol=0)
-    inside = torch.tensor([[0.0, 0.0, 40.0, 40.0]])  # a box filling the image: the same as on the grid
+    pasted = pasted_foreground_prob(prob, boxes, (50, 40))
+    torch.testing.assert_close(pasted, foreground_prob(paste_masks(prob, boxes, (50, 40), threshold=None)))
+    assert pasted.item() > 0.82  # the 0.9 half, and the band blended towards the 0.6 half at the image's edge
+    inside = torch.tensor([[0.0, 0.0, 40.0, 40.0]])  # a box filling the image: about the grid's value
     torch.testing.assert_close(pasted_foreground_prob(prob, inside, (40, 40)), foreground_prob(prob), atol=0.02,
                                rtol=0)
+    several = torch.cat([prob, prob.flip(-1), prob])  # pasted a few at a time: the same per mask
+    torch.testing.assert_close(pasted_foreground_prob(several, boxes.expand(3, 4), (50, 40), chunk_pixels=1),
+                               pasted_foreground_prob(several, boxes.expand(3, 4), (50, 40)))

@@ -63,7 +63,8 @@ def rows_per_image(batch_index: Tensor, rows: Callable[[int, Tensor], Tensor], e
 
 
 # The dense path up to this many map pixels (a 96 x 96 map at stride 4: a 384 x 384 input), torchvision's above:
-# benchmarks/roi_align_speed.py, forward + backward, the two paths side by side (see the README's Performance).
+# where a training step's forward + backward of the two paths cross (benchmarks/roi_align_speed.py, results in
+# benchmarks/results/roi_align_speed/); inference alone (no backward) favours torchvision's on every map measured.
 DENSE_MAX_PIXELS = 96 * 96
 ROI_METHODS = ("auto", "dense", "torchvision")
 
