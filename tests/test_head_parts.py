@@ -249,17 +249,17 @@ def test_mlp_quality_head_learns_where_the_mask_lies():
     from mfcache.heads.scoring import MaskIoUHead
 
     gen = torch.Generator().manual_seed(0)
-    centres = torch.rand(128, 2, generator=gen)
+    centres = torch.rand(64, 2, generator=gen)
     grid = (torch.arange(16) + 0.5) / 16
     blob = ((grid[None, None, :] - centres[:, 0, None, None]) ** 2 +
-            (grid[None, :, None] - centres[:, 1, None, None]) ** 2) < 0.06  # [128, y, x]
+            (grid[None, :, None] - centres[:, 1, None, None]) ** 2) < 0.06  # [64, y, x]
     logits = torch.where(blob, 4.0, -4.0)[:, None]
     target = blob[..., :8].flatten(1).sum(1) / blob.flatten(1).sum(1).clamp(min=1)
-    features = torch.zeros(128, 4, 16, 16)
+    features = torch.zeros(64, 1, 16, 16)
 
     def fit(readout: str) -> float:
         torch.manual_seed(0)
-        head = MaskIoUHead(channels=4, hidden=16, readout=readout)
+        head = MaskIoUHead(channels=1, hidden=8, readout=readout, mlp_hidden=64)
         optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
         for _ in range(60):
             loss = torch.nn.functional.mse_loss(head(features, logits), target)
