@@ -69,7 +69,7 @@ def encoder_calls(hw: tuple[int, int], keep_only: bool):
     from mfcache.heads.deformable import DeformableEncoder
 
     torch.manual_seed(0)
-    encoder = DeformableEncoder(dim=CHANNELS, num_levels=4, depth=2).eval()
+    encoder = DeformableEncoder(dim=CHANNELS, num_levels=4, depth=2, activation="gelu").eval()
     levels = [torch.randn(1, CHANNELS, -(-hw[0] // (8 << l)), -(-hw[1] // (8 << l))) for l in range(4)]
 
     @torch.no_grad()
