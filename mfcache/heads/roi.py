@@ -62,9 +62,12 @@ def rows_per_image(batch_index: Tensor, rows: Callable[[int, Tensor], Tensor], e
     return empty if out is None else out
 
 
-# The dense path up to this many map pixels (a 96 x 96 map at stride 4: a 384 x 384 input), torchvision's above:
-# where a training step's forward + backward of the two paths cross (benchmarks/roi_align_speed.py, results in
-# benchmarks/results/roi_align_speed/); inference alone (no backward) favours torchvision's on every map measured.
+# The dense path up to this many map pixels (a 96 x 96 map at stride 4: a 384 x 384 input), torchvision's above.
+# benchmarks/roi_align_speed.py (results in benchmarks/results/roi_align_speed/), 2 CPU threads: in training
+# (forward + backward) the dense path is 1.7x faster on a 64 x 86 map, the two are within 1.6x either way from
+# 96 x 128 to 128 x 171, and torchvision's is 1.9x faster at the paper's 200 x 267; inference (forward alone)
+# favours torchvision's on every map measured (1.7x at 64 x 86, 3.1x at 200 x 267). The bound sits where
+# training stops clearly favouring the dense path; it also bounds the dense path's [n, C, M, W] intermediate.
 DENSE_MAX_PIXELS = 96 * 96
 ROI_METHODS = ("auto", "dense", "torchvision")
 
