@@ -63,11 +63,11 @@ def rows_per_image(batch_index: Tensor, rows: Callable[[int, Tensor], Tensor], e
 
 
 # The dense path up to this many map pixels (a 96 x 96 map at stride 4: a 384 x 384 input), torchvision's above.
-# benchmarks/roi_align_speed.py (results in benchmarks/results/roi_align_speed/), 2 CPU threads: in training
-# (forward + backward) the dense path is 1.7x faster on a 64 x 86 map, the two are within 1.6x either way from
-# 96 x 128 to 128 x 171, and torchvision's is 1.9x faster at the paper's 200 x 267; inference (forward alone)
-# favours torchvision's on every map measured (1.7x at 64 x 86, 3.1x at 200 x 267). The bound sits where
-# training stops clearly favouring the dense path; it also bounds the dense path's [n, C, M, W] intermediate.
+# benchmarks/roi_align_speed.py (results in benchmarks/results/roi_align_speed/), 2 CPU threads, 20 boxes' forward +
+# backward (training): the dense path is faster on a 64 x 86 map (0.6-0.85x of torchvision's time over three
+# runs), torchvision's from about 96 x 128 (0.6-1.6x there: the crossover), 1.8-2.5x at the paper's 200 x 267;
+# 100 boxes' forward (inference) favours torchvision's on every map measured (1.7-2.1x at 64 x 86, 2.2-4.5x at
+# 200 x 267). The bound also caps the dense path's [n, C, M, W] intermediate.
 DENSE_MAX_PIXELS = 96 * 96
 ROI_METHODS = ("auto", "dense", "torchvision")
 
