@@ -200,6 +200,64 @@ def bench_peers(quick: bool) -> dict:
     }
 
 
+def bench_paper_ratios(quick: bool) -> dict:
+    """The two peers ratios of the paper's head alone (``maskrcnn_train_ratio``,
+    ``sam_mask_ratio``): its four sides of :func:`bench_peers` (no blendmask, no live H-DETR),
+    alternately, one warm-up each, then 2 (``quick``) or 3 timed repeats. For re-measuring
+    ``paper_final`` after a change to it in a fraction of the full section's time."""
+    batch = 2 if quick else 8
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+        tmp = Path(tmp)
+        cache = synthetic_cache(tmp / "cache", images=8, input_hw=INPUT_HW, positives=POSITIVES)
+        sides = {"cache_train_paper_final": (CachedTraining(cache, tmp / "paper", PAPER_HEAD, batch), batch),
+                 "maskrcnn_train": (maskrcnn_step(), MASKRCNN_BATCH),
+                 "cache_forward_paper_final": (cached_forward(cache, PAPER_HEAD, 2), 2),
+                 "sam_vit_b_100_boxes": (sam_masks(), 1)}
+        seconds = interleaved({name: fn for name, (fn, _) in sides.items()}, 2 if quick else 3)
+    per_image = {name: seconds[name] / n for name, (_, n) in sides.items()}
+    return {
+        "setup": (f"480x640 images -> {INPUT_HW[0]}x{INPUT_HW[1]} inputs (800/1333 resize), random weights; cache: "
+                  f"H-DETR R50 layout (4 levels x 256, C1 256 ch stored, top-100, float16), {POSITIVES} training "
+                  f"queries/image; head {PAPER_HEAD} batch {batch}; Mask R-CNN R50-FPN batch {MASKRCNN_BATCH}, "
+                  f"{GT_PER_IMAGE} GT/image; SAM ViT-B at 1024 with 100 boxes"),
+        "s_per_image": per_image,
+        "maskrcnn_train_ratio": per_image["maskrcnn_train"] / per_image["cache_train_paper_final"],
+        "sam_mask_ratio": per_image["sam_vit_b_100_boxes"] / per_image["cache_forward_paper_final"],
+    }
+
+
+def main() -> None:
+    """``python benchmarks/peers.py --out DIR [--quick]``: :func:`bench_paper_ratios` alone
+    (run_all.py runs the whole section)."""
+    import argparse
+    import datetime
+    import os
+
+    from common import cpu_name, write_report
+
+    parser = argparse.ArgumentParser(description=bench_paper_ratios.__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    start = os.getloadavg()
+    r = bench_paper_ratios(args.quick)
+    r.update(date=datetime.datetime.now().isoformat(timespec="minutes"), cpu=cpu_name(), threads=2, quick=args.quick,
+             load_average_at_start=start, load_average_at_end=os.getloadavg())
+    t = r["s_per_image"]
+    table = "\n".join([
+        "| benchmark | measured | ratio |", "|---|---|---|",
+        f"| peers.maskrcnn_train_ratio: training s/image, Mask R-CNN R50-FPN vs {PAPER_HEAD} from the cache "
+        f"(800x1067) | {t['maskrcnn_train']:.2f} s vs {t['cache_train_paper_final']:.2f} s | "
+        f"{r['maskrcnn_train_ratio']:.1f}x |",
+        f"| peers.sam_mask_ratio: masks for 100 boxes, s/image, SAM ViT-B (image encoder included) vs {PAPER_HEAD} "
+        f"from the cache | {t['sam_vit_b_100_boxes']:.2f} s vs {t['cache_forward_paper_final']:.2f} s | "
+        f"{r['sam_mask_ratio']:.1f}x |",
+        "", f"{r['date']}, {r['cpu']}, 2 threads, load average at start {start[0]:.1f}, at end "
+            f"{r['load_average_at_end'][0]:.1f}; {r['setup']}"])
+    print(write_report(args.out, "paper_ratios", r, table))
+
+
 def rows(results: dict) -> list[str]:
     """Markdown rows of the peers section (and the paper-scale cache payoff)."""
     out = []
@@ -219,3 +277,7 @@ def rows(results: dict) -> list[str]:
                    f"the cache (800x1067, paper_final) | {payoff['paper_scale_live_s_per_image']:.2f} s vs "
                    f"{payoff['paper_scale_cache_s_per_image']:.2f} s | {payoff['paper_scale_ratio']:.1f}x |")
     return out
+
+
+if __name__ == "__main__":
+    main()

@@ -283,7 +283,28 @@ def peers_page() -> str:
     ]
     body = table(["benchmark", "measured (s/image)", "ratio", "goal"], rows, "llrl") + "\n\n" + provenance(meta)
     return page("Peers: Mask R-CNN and SAM against the cached heads", f"benchmarks/results/{source}",
-                f"Setup: {escape(p['setup'])}.", section("table", body))
+                f"Setup: {escape(p['setup'])}.", section("table", body), paper_ratios_section())
+
+
+def paper_ratios_section() -> str:
+    """The two paper-head ratios alone, re-measured with ``paper_final`` in the paper's form
+    (RoI tokens alone, box-to-query cross-attention, GELU, MLP scorer) after RoIAlign moved to
+    torchvision's kernel on large maps (``benchmarks/peers.py --quick``)."""
+    source = "peers/paper_ratios.json"
+    data, meta = load(source)
+    s = data["s_per_image"]
+    rows = [
+        ["`peers.maskrcnn_train_ratio`", f"{s['maskrcnn_train']:.1f} s vs {s['cache_train_paper_final']:.1f} s",
+         f"**{data['maskrcnn_train_ratio']:.2f}×**"],
+        ["`peers.sam_mask_ratio`", f"{s['sam_vit_b_100_boxes']:.1f} s vs {s['cache_forward_paper_final']:.1f} s",
+         f"**{data['sam_mask_ratio']:.1f}×**"],
+    ]
+    body = ("`paper_final` in the paper's form, after RoIAlign moved to torchvision's kernel on maps above "
+            "96×96 and the deformable encoder's last block to the kept level only. Not measured side by side "
+            "with the table above (another run, another load), so the two tables do not give the change's "
+            "speed-up; `benchmarks/results/roi_align_speed/` does, for the parts that changed.\n\n"
+            + table(["benchmark", "measured (s/image)", "ratio"], rows, "llr") + "\n\n" + provenance(meta))
+    return f"## After the paper-form changes\n\nSetup: {escape(data['setup'])}.\n\n" + section("paper_form", body)
 
 
 def paper_scale_page() -> str:

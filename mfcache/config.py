@@ -95,10 +95,15 @@ class HeadConfig:
     encoder: str = option("none", choices=("none", "deformable", "swin", "convnext"),
                           help="Image feature encoder on the cached memory: {choices}.")
     encoder_depth: int = option(1, low=1, help="Blocks of that encoder.")
+    encoder_activation: str = option("relu", help="deformable encoder: its FFN's activation, {choices} (Swin and "
+                                                  "ConvNeXt blocks always use GELU).", choices={
+        "relu": "Deformable DETR's", "gelu": "the paper's"})
     neck: str = option("none", help="On C1: {choices}.", choices={
         "none": "1x1 projection only if channels differ", "conv_gn": "1x1 conv + GroupNorm"})
-    box_encoder_depth: int = option(0, low=0, help="Transformer layers over the M x M RoI tokens "
-                                                   "(query token prepended).")
+    box_encoder_depth: int = option(0, low=0, help="Transformer layers over the M x M RoI tokens.")
+    box_encoder_query: bool = option(True, check=anything, help="box encoder: prepend the query as an extra token "
+                                                               "(it reads its RoI and is updated); false = the "
+                                                               "paper's, RoI tokens only.")
     query_encoder: tuple[str, ...] = option((), choices=("self_attn", "box_cross_attn", "ffn"),
                                             help="Query encoder layers in order, from: {choices}.")
     predictor: str = option("dot", help="Mask predictor: {choices}.", choices={
@@ -116,8 +121,15 @@ class HeadConfig:
     scoring: str = option("mask_prob", help="Mask score: {choices}.", choices={
         "class": "", "mask_prob": "class x mean prob over pixels > 0.5", "mask_iou": "class x learned IoU"})
     quality_weight: float = option(1.0, low=0, help="mask_iou: weight of the quality (IoU regression) loss.")
+    quality_head: str = option("pool", help="mask_iou: the quality head's read-out after its two convs: {choices}.",
+                               choices={"pool": "global average pool + one linear layer",
+                                        "mlp": "the paper's: flatten (pooled to 8 x 8) + a two-layer MLP (256)"})
     loss: str = option("bce_dice", help="Mask loss: {choices}.", choices={
         "bce_dice": "on the whole RoI", "point": "BCE + dice on sampled points"})
+    point_targets: str = option("cache", help="point loss: where the points' targets are read: {choices}.",
+                                choices={"cache": "the cached GT crop at its stored size (extract --target-size), "
+                                                  "PointRend's",
+                                         "roi": "the crop first resized to M x M (a reweighted BCE on that grid)"})
     points: int = option(1024, low=1, help="point loss: N sampled points per mask.")
     oversample: float = option(3.0, low=1, help="point loss: k, candidates = k * N random points.")
     importance: float = option(0.75, check=between(0, 1),
@@ -161,6 +173,9 @@ class EvalConfig:
     batch_size: int = option(8, low=1)
     max_detections: int = option(100, low=1)
     amp: str = option("off", choices=AMP_CHOICES)  # autocast of the head's forward
+    mask_prob_at: str = option("box", help="head.scoring = mask_prob: where the mean probability of the mask's "
+                                           "pixels > 0.5 is taken: {choices}.", choices={
+        "box": "on the M x M grid inside the box", "image": "on the mask pasted into the original image, the paper's"})
 
 
 @dataclass(frozen=True)

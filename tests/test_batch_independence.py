@@ -228,3 +228,23 @@ def test_predict_on_cached_images_equals_eval(shapes_data, tmp_path_factory, tmp
         ours = [{**r, "image_id": None} for r in predicted if r["image_id"] == number]
         theirs = [{**r, "image_id": None} for r in captured["results"] if r["image_id"] == id_of[name]]
         assert ours and ours == theirs, name
+
+
+@pytest.mark.parametrize("preset", ["box_baseline", "paper_final"])
+def test_mask_logits_alone_equal_batched_on_torchvisions_roi_align(preset, monkeypatch):
+    """The same guarantee when RoIAlign takes torchvision's path (the one large maps take): it
+    runs image by image on each image's own map, as the dense path does."""
+    import mfcache.heads.roi as roi
+
+    monkeypatch.setattr(roi, "DENSE_MAX_PIXELS", 0)
+    head = head_of(preset).eval()
+    sizes = [(24, 32), (40, 36), (16, 24)]
+    samples = [sample(h, w, 5 + i, head.levels) for i, (h, w) in enumerate(sizes)]
+    with torch.no_grad():
+        batched = run(head, Batch.collate(samples))
+        for at in range(3):
+            alone = run(head, Batch.collate([samples[at]]))
+            rows = slice(at * K, (at + 1) * K)
+            torch.testing.assert_close(batched.mask_logits[rows], alone.mask_logits, atol=1e-5, rtol=0)
+            if alone.quality is not None:
+                torch.testing.assert_close(batched.quality[rows], alone.quality, atol=1e-5, rtol=0)

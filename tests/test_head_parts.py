@@ -183,3 +183,151 @@ def test_swin_shift_mask_and_window_padding():
     y[..., :3, :3] += 1
     diff = (block(y) - block(x)).abs().sum(1)[0]
     assert diff[:3, :3].sum() > 0 and diff[3:6, 3:6].sum() == 0 and math.isfinite(diff.sum().item())
+
+
+# --- the paper's variants (issue 30): each option does what it says ---------------------------
+
+def test_encoder_activation_gelu_swaps_the_deformable_ffns_activation():
+    args = dict(d_model=D, c1_channels=C1, num_levels=4)
+    torch.manual_seed(0)
+    relu = build_head(HeadConfig(encoder="deformable", encoder_depth=2), **args)
+    gelu = build_head(HeadConfig(encoder="deformable", encoder_depth=2, encoder_activation="gelu"), **args)
+    gelu.load_state_dict(relu.state_dict())  # the same weights: only the activation differs
+    for block_relu, block_gelu in zip(relu.fusion.encoder.blocks, gelu.fusion.encoder.blocks):
+        assert isinstance(block_relu.ffn[1], torch.nn.ReLU) and isinstance(block_gelu.ffn[1], torch.nn.GELU)
+    x = tiny_batch()
+    a, b = (h(x["queries"], x["boxes"], x["levels"], x["c1"]).mask_logits for h in (relu, gelu))
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_deformable_encoder_computes_the_kept_level_alone_with_the_same_values():
+    from mfcache.heads.deformable import DeformableEncoder
+
+    torch.manual_seed(0)
+    encoder = DeformableEncoder(dim=D, num_levels=4, depth=2)
+    levels = tiny_batch()["levels"]
+    for keep in (0, 2):
+        torch.testing.assert_close(encoder(levels, output_level=keep), encoder(levels)[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_box_encoder_without_the_query_token_encodes_the_roi_tokens_alone():
+    from mfcache.heads.box_encoder import BoxEncoder
+
+    torch.manual_seed(0)
+    with_token = BoxEncoder(dim=D, depth=1)
+    without = BoxEncoder(dim=D, depth=1, query_token=False)
+    without.load_state_dict(with_token.state_dict())
+    q, tokens = torch.randn(3, D), torch.randn(3, 10, D)
+    q_out, t_out = without(q, tokens)
+    assert q_out is q  # the query passes through untouched
+    torch.testing.assert_close(t_out, with_token(None, tokens)[1])  # the layers on the tokens alone
+    _, t_other = without(torch.randn(3, D), tokens)
+    torch.testing.assert_close(t_other, t_out)  # ... whatever the query
+    _, t_token = with_token(q, tokens)
+    assert not torch.allclose(t_token, t_out, atol=1e-4)  # the token changes the encoded RoI
+    head = build_head(HeadConfig(roi_size=16, box_encoder_depth=1, box_encoder_query=False), d_model=D,
+                      c1_channels=C1, num_levels=4)
+    assert head.box_encoder.query_token is False
+
+
+@pytest.mark.parametrize("roi_size", [16, 32, 64])
+def test_mlp_quality_head_shapes(roi_size):
+    from mfcache.heads.scoring import MaskIoUHead
+
+    head = MaskIoUHead(channels=D, readout="mlp")
+    out = head(torch.randn(5, D, roi_size, roi_size), torch.randn(5, 1, roi_size, roi_size))
+    assert out.shape == (5,) and ((out > 0) & (out < 1)).all()
+    built = build_head(HeadConfig(scoring="mask_iou", quality_head="mlp", roi_size=roi_size), d_model=D,
+                       c1_channels=C1, num_levels=4)
+    assert isinstance(built.scorer.layers[-1], torch.nn.Linear) and len(built.scorer.layers) == 11
+
+
+def test_mlp_quality_head_learns_where_the_mask_lies():
+    """The flatten + MLP read-out keeps the layout: it learns a quality that depends on where the
+    mask lies in the box (here: the share of the mask in the box's left half), which a global
+    average pool of local features can hardly tell."""
+    from mfcache.heads.scoring import MaskIoUHead
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.rand(64, 2, generator=gen)
+    grid = (torch.arange(16) + 0.5) / 16
+    blob = ((grid[None, None, :] - centres[:, 0, None, None]) ** 2 +
+            (grid[None, :, None] - centres[:, 1, None, None]) ** 2) < 0.06  # [64, y, x]
+    logits = torch.where(blob, 4.0, -4.0)[:, None]
+    target = blob[..., :8].flatten(1).sum(1) / blob.flatten(1).sum(1).clamp(min=1)
+    features = torch.zeros(64, 1, 16, 16)
+
+    def fit(readout: str) -> float:
+        torch.manual_seed(0)
+        head = MaskIoUHead(channels=1, hidden=8, readout=readout, mlp_hidden=64)
+        optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+        for _ in range(60):
+            loss = torch.nn.functional.mse_loss(head(features, logits), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return loss.item()
+
+    mlp, pool = fit("mlp"), fit("pool")
+    assert mlp < 0.1 * target.var().item(), (mlp, target.var().item())  # it learns
+    assert mlp < 0.5 * pool, (mlp, pool)
+
+
+def test_point_targets_are_read_at_the_cached_size():
+    """A stripe 3 px wide in a 128 x 128 cached crop is 0.75 of a cell at M = 32: read at the
+    cached size (point_targets = cache) the points that fall on it see 1, as PointRend reads
+    the full-size GT; resized to M first (roi) no point can see more than 0.75."""
+    from mfcache.ops.losses import image_generators, point_values
+
+    target = torch.zeros(1, 128, 128, dtype=torch.bool)
+    target[:, :, 61:64] = True
+    logits = torch.zeros(1, 1, 32, 32)
+    options = {"num_points": 2048, "oversample": 3.0, "importance": 0.0}
+    _, cached = point_values(logits, target, **options, generators=image_generators([1], [7], seed=0, step=1))
+    _, shrunk = point_values(logits, resize_targets(target, 32), **options,
+                             generators=image_generators([1], [7], seed=0, step=1))
+    assert (cached > 0.99).sum() >= 20  # ~2.3% of 2048 points land on the stripe
+    assert shrunk.max() <= 0.76
+
+
+def test_point_loss_option_picks_the_targets_resolution():
+    """head_loss with point_targets = cache reads the crop at its stored size, = roi at M."""
+    import dataclasses
+
+    from mfcache.config import TrainConfig
+    from mfcache.heads.base import HeadOutput
+    from mfcache.ops.losses import head_loss, image_generators
+
+    torch.manual_seed(0)
+    target = torch.rand(2, 64, 64) > 0.5
+    out = HeadOutput(torch.randn(2, 1, 32, 32))
+    config = HeadConfig(loss="point", points=64)
+
+    def loss(c, t):
+        return head_loss(out, t, c, TrainConfig(), image_generators([2], [3], seed=0, step=1))[0]
+
+    assert loss(config, target) == loss(config, target.float())
+    roi = dataclasses.replace(config, point_targets="roi")
+    torch.testing.assert_close(loss(roi, target), loss(config, resize_targets(target, 32)))
+    assert not torch.equal(loss(roi, target), loss(config, target))
+
+
+def test_mask_prob_score_on_the_pasted_mask_counts_the_image_pixels():
+    """eval.mask_prob_at = image: the mean probability over the pasted mask's pixels > 0.5, so
+    the part of a box outside the image counts for nothing (on the M x M grid it counts)."""
+    from mfcache.ops.masks import paste_masks
+    from mfcache.stages.postprocess import foreground_prob, pasted_foreground_prob
+
+    prob = torch.full((1, 8, 8), 0.9)
+    prob[:, :, 4:] = 0.6  # the right half, which lies outside the image
+    boxes = torch.tensor([[20.0, 10.0, 60.0, 30.0]])  # x 20..60 in a 40 px wide image
+    torch.testing.assert_close(foreground_prob(prob), torch.tensor([0.75]))
+    pasted = pasted_foreground_prob(prob, boxes, (50, 40))
+    torch.testing.assert_close(pasted, foreground_prob(paste_masks(prob, boxes, (50, 40), threshold=None)))
+    assert pasted.item() > 0.82  # the 0.9 half, and the band blended towards the 0.6 half at the image's edge
+    inside = torch.tensor([[0.0, 0.0, 40.0, 40.0]])  # a box filling the image: about the grid's value
+    torch.testing.assert_close(pasted_foreground_prob(prob, inside, (40, 40)), foreground_prob(prob), atol=0.02,
+                               rtol=0)
+    several = torch.cat([prob, prob.flip(-1), prob])  # pasted a few at a time: the same per mask
+    torch.testing.assert_close(pasted_foreground_prob(several, boxes.expand(3, 4), (50, 40), chunk_pixels=1),
+                               pasted_foreground_prob(several, boxes.expand(3, 4), (50, 40)))

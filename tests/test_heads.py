@@ -103,13 +103,37 @@ def test_matmul_roi_align_equals_torchvision():
     features = torch.randn(3, 5, 12, 17, requires_grad=True)
     xy = torch.rand(20, 2) * 80 - 10  # some boxes cross the border or lie outside
     rois = torch.cat([torch.randint(0, 3, (20, 1)).float(), xy, xy + torch.rand(20, 2) * 30 + 0.5], 1)
-    for m, ratio in ((7, 2), (16, 1), (4, 3)):
-        ours = roi_align(features, rois, m, 0.25, ratio)
-        theirs = reference(features, rois, m, 0.25, ratio, aligned=True)
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
-        g_ours, = torch.autograd.grad(ours.sum(), features)
-        g_theirs, = torch.autograd.grad(theirs.sum(), features)
-        torch.testing.assert_close(g_ours, g_theirs, atol=1e-4, rtol=1e-4)
+    for method in ("dense", "torchvision", "auto"):
+        for m, ratio in ((7, 2), (16, 1), (4, 3)):
+            ours = roi_align(features, rois, m, 0.25, ratio, method=method)
+            theirs = reference(features, rois, m, 0.25, ratio, aligned=True)
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+            g_ours, = torch.autograd.grad(ours.sum(), features)
+            g_theirs, = torch.autograd.grad(theirs.sum(), features)
+            torch.testing.assert_close(g_ours, g_theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_roi_align_path_follows_the_maps_size_and_each_image_is_aligned_alone():
+    """``auto`` takes the dense path up to DENSE_MAX_PIXELS, torchvision's above, chosen per
+    image from its own map; either way an image's RoIs equal torchvision's on that image alone,
+    whatever its batch mates (one map per image, each at its own size)."""
+    from torchvision.ops import roi_align as reference
+
+    from mfcache.heads.roi import DENSE_MAX_PIXELS, roi_align, roi_method
+
+    side = int(DENSE_MAX_PIXELS ** 0.5)
+    assert roi_method(side, side) == "dense" and roi_method(side + 1, side) == "torchvision"
+    torch.manual_seed(2)
+    maps = [torch.randn(4, side + 4, side + 9), torch.randn(4, 20, 30), torch.randn(4, side, side)]  # tv, dense, dense
+    xy = torch.rand(12, 2) * 300
+    rois = torch.cat([torch.arange(12).remainder(3)[:, None].float(), xy, xy + 8 + torch.rand(12, 2) * 200], 1)
+    together = roi_align(maps, rois, 8, 0.25, 2)
+    for b, fmap in enumerate(maps):
+        mine = rois[:, 0] == b
+        alone = reference(fmap[None], [rois[mine, 1:]], 8, 0.25, 2, aligned=True)
+        torch.testing.assert_close(together[mine], alone, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(roi_align([fmap], torch.cat([torch.zeros(int(mine.sum()), 1), rois[mine, 1:]], 1),
+                                             8, 0.25, 2), together[mine], atol=0, rtol=0)
 
 
 def test_eval_runs_the_head_only_on_kept_queries():

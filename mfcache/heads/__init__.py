@@ -79,7 +79,8 @@ def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels
     levels = tuple(range(num_levels)) if multi_scale else (c.level,)
     encoder = {
         "none": lambda: None,
-        "deformable": lambda: DeformableEncoder(dim=d_model, num_levels=num_levels, depth=c.encoder_depth),
+        "deformable": lambda: DeformableEncoder(dim=d_model, num_levels=num_levels, depth=c.encoder_depth,
+                                                activation=c.encoder_activation),
         "swin": lambda: SwinEncoder(dim=d_model, depth=c.encoder_depth),
         "convnext": lambda: ConvNeXtEncoder(dim=d_model, depth=c.encoder_depth),
     }[c.encoder]()
@@ -109,9 +110,10 @@ def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels
         levels=levels, uses_c1=c.use_c1, roi_size=c.roi_size, feature_size=feature_size, fusion=fusion,
         query_proj=query_proj,
         query_encoder=QueryEncoder(dim=channels, kinds=c.query_encoder),
-        box_encoder=BoxEncoder(dim=channels, depth=c.box_encoder_depth) if c.box_encoder_depth else None,
+        box_encoder=BoxEncoder(dim=channels, depth=c.box_encoder_depth, query_token=c.box_encoder_query)
+        if c.box_encoder_depth else None,
         predictor=predictor,
-        scorer=MaskIoUHead(channels=channels) if c.scoring == "mask_iou" else None,
+        scorer=MaskIoUHead(channels=channels, readout=c.quality_head) if c.scoring == "mask_iou" else None,
         needs_roi_features=c.region == "box" and c.predictor == "fcn",
         channels=channels,
     )

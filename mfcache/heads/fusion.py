@@ -76,7 +76,7 @@ class FusedMap(nn.Module):
         """F of images whose maps are all valid: ``[n, D, h_l, w_l]`` levels, ``c1 [n, C1, h, w]``
         -> ``[n, d', s*h, s*w]``."""
         if self.encoder is not None and self.multi_scale:
-            memory = self.encoder(levels)[self.index]
+            memory = self.encoder(levels, output_level=self.index)  # the other levels' outputs are never computed
         else:
             memory = levels[self.index]
             if self.encoder is not None:

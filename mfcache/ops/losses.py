@@ -66,17 +66,19 @@ def uncertain_points(logits: Tensor, *, num_points: int, oversample: float, impo
     return torch.cat([chosen, rest], 1)
 
 
-def point_mask_losses(logits: Tensor, targets: Tensor, *, num_points: int, oversample: float,
-                      importance: float, generators: Sequence[tuple[int, torch.Generator]] | None = None
-                      ) -> dict[str, Tensor]:
-    """BCE + dice on ``num_points`` points per mask chosen by :func:`uncertain_points`
-    (Mask2Former's point loss). logits ``[N, 1, M, M]``, targets ``[N, M, M]`` float ->
-    ``{"bce", "dice"}`` (means); targets are sampled bilinearly at the same points.
+def point_values(logits: Tensor, targets: Tensor, *, num_points: int, oversample: float, importance: float,
+                 generators: Sequence[tuple[int, torch.Generator]] | None = None) -> tuple[Tensor, Tensor]:
+    """The point loss's samples: ``num_points`` points per mask chosen by :func:`uncertain_points`
+    on ``logits [N, 1, M, M]``, and (logits ``[N, P]``, targets ``[N, P]``) there. ``targets
+    [N, S, S]`` (bool or float) cover the same box at any size S. The points are (x, y) in
+    [0, 1] of the box: the logits are read off bilinearly at M, the targets at their own size S,
+    so with S > M (the cached crop, ``head.point_targets = "cache"``) a point near the boundary
+    gets the finer target's value, as PointRend samples the full-size GT mask.
 
     ``generators``: ``(rows, generator)`` per image, in row order (the rows of one image are
     consecutive), so an image's points depend on its own generator alone, never on its batch
     mates or on which rank holds it; None draws from the global generator."""
-    logits = logits.reshape(-1, 1, *targets.shape[-2:])
+    logits = logits.reshape(len(targets), 1, *logits.shape[-2:])
     options = {"num_points": num_points, "oversample": oversample, "importance": importance}
     if generators is None:
         points = uncertain_points(logits, **options)
@@ -88,7 +90,16 @@ def point_mask_losses(logits: Tensor, targets: Tensor, *, num_points: int, overs
                             for part, (_, g) in zip(logits.split(rows), generators)]) if rows else \
             logits.new_zeros(0, num_points, 2)
     point_logits = point_sample(logits, points)[:, 0]
-    point_targets = point_sample(targets[:, None], points)[:, 0]
+    return point_logits, point_sample(targets[:, None].to(point_logits.dtype), points)[:, 0]
+
+
+def point_mask_losses(logits: Tensor, targets: Tensor, *, num_points: int, oversample: float,
+                      importance: float, generators: Sequence[tuple[int, torch.Generator]] | None = None
+                      ) -> dict[str, Tensor]:
+    """BCE + dice (means) on the points of :func:`point_values` (PointRend's / Mask2Former's
+    point loss): logits ``[N, 1, M, M]``, targets ``[N, S, S]`` -> ``{"bce", "dice"}``."""
+    point_logits, point_targets = point_values(logits, targets, num_points=num_points, oversample=oversample,
+                                               importance=importance, generators=generators)
     return {
         "bce": F.binary_cross_entropy_with_logits(point_logits, point_targets),
         "dice": dice_loss(point_logits, point_targets),
@@ -125,16 +136,21 @@ def quality_loss(quality: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
 def head_loss(out: HeadOutput, targets: Tensor, head: HeadConfig, train: TrainConfig,
               generators: Sequence[tuple[int, torch.Generator]] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The training loss of a head's output on its selected detections: ``out.mask_logits
-    [N, 1, M, M]``, ``targets [N, M, M]`` float (:func:`resize_targets` to the head's M).
-    BCE + dice on the whole RoI or on sampled points (``head.loss``; ``generators``: see
+    [N, 1, M, M]``, ``targets [N, S, S]`` bool or float, the GT crops at the size they are
+    cached at (S = ``extract --target-size``; or already at M). BCE + dice on the whole RoI
+    (targets :func:`resize_targets` to M) or on sampled points (``head.loss``; the points'
+    targets read at S or, with ``head.point_targets = "roi"``, at M; ``generators``: see
     :func:`point_mask_losses`), weighted by ``train.bce_weight`` / ``train.dice_weight``, plus
-    ``head.quality_weight`` x the quality regression when the head predicts mask quality.
+    ``head.quality_weight`` x the quality regression (at M) when the head predicts mask quality.
     Returns (loss, its parts, unweighted)."""
+    roi_targets = resize_targets(targets, out.mask_logits.shape[-1])
     if head.loss == "point":
-        parts = point_mask_losses(out.mask_logits, targets, num_points=head.points, oversample=head.oversample,
-                                  importance=head.importance, generators=generators)
+        parts = point_mask_losses(out.mask_logits, targets if head.point_targets == "cache" else roi_targets,
+                                  num_points=head.points, oversample=head.oversample, importance=head.importance,
+                                  generators=generators)
     else:
-        parts = mask_losses(out.mask_logits, targets)
+        parts = mask_losses(out.mask_logits, roi_targets)
+    targets = roi_targets
     loss = train.bce_weight * parts["bce"] + train.dice_weight * parts["dice"]
     if out.quality is not None:  # learned mask-IoU: regress the true IoU at the head's M
         parts["quality"] = quality_loss(out.quality, out.mask_logits, targets)

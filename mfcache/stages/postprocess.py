@@ -89,18 +89,39 @@ def mask_probs(head: MaskHead, batch: Batch, select: Tensor | None = None, amp: 
     return prob, quality.gather(1, first) * select
 
 
-def mask_scores(class_scores: Tensor, mask_prob: Tensor, scoring: str, quality: Tensor | None = None) -> Tensor:
+def foreground_prob(mask_prob: Tensor) -> Tensor:
+    """``[N, ...]`` probabilities -> ``[N]``: the mean probability of each mask's pixels > 0.5
+    (0 where there are none)."""
+    fg = (mask_prob > 0.5).to(mask_prob.dtype)
+    return (mask_prob * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp(min=1.0)
+
+
+def pasted_foreground_prob(box_probs: Tensor, boxes: Tensor, image_hw: tuple[int, int],
+                           chunk_pixels: int = 1 << 24) -> Tensor:
+    """:func:`foreground_prob` of the masks pasted into the image: ``box_probs [N, M, M]``,
+    ``boxes [N, 4]`` xyxy original px, ``image_hw`` (H, W) -> ``[N]``. Each pixel of the image
+    counts once (a box's part outside the image, none; a large box, many pixels per mask cell),
+    as the paper's s_i is taken on the final mask. A few masks at a time (at most
+    ``chunk_pixels`` float pixels), never all N pasted at once."""
+    per_chunk = max(1, chunk_pixels // max(1, image_hw[0] * image_hw[1]))
+    parts = [foreground_prob(paste_masks(box_probs[s:s + per_chunk], boxes[s:s + per_chunk], image_hw,
+                                         threshold=None)) for s in range(0, len(box_probs), per_chunk)]
+    return torch.cat(parts) if parts else box_probs.new_zeros(0)
+
+
+def mask_scores(class_scores: Tensor, mask_prob: Tensor, scoring: str, quality: Tensor | None = None,
+                foreground: Tensor | None = None) -> Tensor:
     """[N] class scores x (for ``mask_prob``) the mean probability of the pixels > 0.5 of
-    each [N, M, M] mask (the paper's baseline rescoring), or x (for ``mask_iou``) the
-    head's predicted mask quality ``[N]``."""
+    each [N, M, M] mask (the paper's baseline rescoring; ``foreground [N]``: that mean taken
+    elsewhere, e.g. :func:`pasted_foreground_prob`), or x (for ``mask_iou``) the head's
+    predicted mask quality ``[N]``."""
     if scoring == "class":
         return class_scores
     if scoring == "mask_iou":
         if quality is None:
             raise MfcacheError("scoring mask_iou needs a head with a quality branch (HeadOutput.quality)")
         return class_scores * quality
-    fg = (mask_prob > 0.5).float()
-    return class_scores * (mask_prob * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp(min=1.0)
+    return class_scores * (foreground_prob(mask_prob) if foreground is None else foreground)
 
 
 # Output pixels pasted at once when masks are produced chunk by chunk: 64 MiB of bool masks,
@@ -193,13 +214,16 @@ def image_instances(batch: Batch, b: int, prob: Tensor, to_category: Tensor, con
     ``min_score`` (only those are pasted), boxes and masks in original pixels. ``quality
     [K]``: the head's predicted mask quality, needed by ``mask_iou`` scoring."""
     keep = _kept(batch, b, to_category, config)
-    scores = mask_scores(batch.scores[b][keep], prob[keep], config.head.scoring,
-                         None if quality is None else quality[keep])
-    if min_score > 0:
-        passing = (scores >= min_score).cpu()
-        keep, scores = keep[passing], scores[passing.to(scores.device)]
     orig_hw = tuple(batch.orig_hw[b].tolist())
     boxes = scale_boxes(batch.boxes[b][keep], tuple(batch.input_hw[b].tolist()), orig_hw)
+    foreground = None
+    if config.head.scoring == "mask_prob" and config.eval.mask_prob_at == "image":
+        foreground = pasted_foreground_prob(prob[keep], boxes.to(prob.device), orig_hw)
+    scores = mask_scores(batch.scores[b][keep], prob[keep], config.head.scoring,
+                         None if quality is None else quality[keep], foreground)
+    if min_score > 0:
+        passing = (scores >= min_score).cpu()
+        keep, scores, boxes = keep[passing], scores[passing.to(scores.device)], boxes[passing.to(boxes.device)]
     return Instances(boxes.cpu(), scores.cpu(), to_category[batch.labels[b].cpu()][keep], box_probs=prob[keep],
                      image_size=orig_hw, mask_threshold=config.eval.mask_threshold)
 

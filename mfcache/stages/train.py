@@ -26,7 +26,7 @@ from mfcache.config import RunConfig, resolve_run_config, resume_config
 from mfcache.distributed import World, all_sum, close_world, init_world, together
 from mfcache.errors import MfcacheError
 from mfcache.heads import MaskHead
-from mfcache.ops.losses import head_loss, image_generators, resize_targets
+from mfcache.ops.losses import head_loss, image_generators
 from mfcache.outputs import check_folder, write_errors
 from mfcache.runtime import autocast, console, progress_bar, resolve_device
 from mfcache.stages.categories import check_learnable, held_out, held_out_annotations, learned_mask
@@ -262,8 +262,7 @@ class Trainer:
                                        device=self.device) if self.config.head.loss == "point" else None)
         with autocast(self.device, tc.amp):  # the head's forward; its loss in float32
             out = run_head(self.model, batch, select).float()
-        loss, parts = head_loss(out, resize_targets(batch.target_masks[select], self.head.roi_size),
-                                self.config.head, tc, generators)
+        loss, parts = head_loss(out, batch.target_masks[select], self.config.head, tc, generators)
         if world.enabled:  # the step's losses over the whole batch, as a one-process run logs them
             value = all_sum(loss.item() * local, self.device) / positives
             parts = {k: torch.tensor(all_sum(v.item() * local, self.device) / positives) for k, v in parts.items()}
