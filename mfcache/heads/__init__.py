@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -67,6 +67,48 @@ def query_projection(d_model: int, channels: int, init: str) -> nn.Linear:
     return proj
 
 
+# Registries: plain dicts of builders, as the detectors' ``LOADERS`` (one style for both). Each
+# builder takes the head's config and the sizes it needs, keyword-only.
+def _no_encoder(c: HeadConfig, *, d_model: int, num_levels: int) -> None:
+    return None
+
+
+def _deformable_encoder(c: HeadConfig, *, d_model: int, num_levels: int) -> nn.Module:
+    return DeformableEncoder(dim=d_model, num_levels=num_levels, depth=c.encoder_depth,
+                             activation=c.encoder_activation)
+
+
+def _swin_encoder(c: HeadConfig, *, d_model: int, num_levels: int) -> nn.Module:
+    return SwinEncoder(dim=d_model, depth=c.encoder_depth)
+
+
+def _convnext_encoder(c: HeadConfig, *, d_model: int, num_levels: int) -> nn.Module:
+    return ConvNeXtEncoder(dim=d_model, depth=c.encoder_depth)
+
+
+ENCODERS: dict[str, Callable[..., nn.Module | None]] = {
+    "none": _no_encoder, "deformable": _deformable_encoder, "swin": _swin_encoder, "convnext": _convnext_encoder,
+}
+
+
+def _dot_predictor(c: HeadConfig, *, channels: int) -> nn.Module:
+    return DotPredictor(channels=channels, roi_size=c.roi_size, affine=c.dot_logit == "affine")
+
+
+def _blender_predictor(c: HeadConfig, *, channels: int) -> nn.Module:
+    return BlenderPredictor(channels=channels, bases=c.blender_bases, attn_size=c.blender_attn_size,
+                            roi_size=c.roi_size)
+
+
+def _fcn_predictor(c: HeadConfig, *, channels: int) -> nn.Module:
+    return FCNPredictor(channels=channels, hidden=min(channels, 128))
+
+
+PREDICTORS: dict[str, Callable[..., nn.Module]] = {
+    "dot": _dot_predictor, "blender": _blender_predictor, "fcn": _fcn_predictor,
+}
+
+
 def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels: int,
                strides: Sequence[int] | None = None) -> MaskHead:
     """The head ``config`` describes, sized for a cache's detector (c1_channels 0 = no C1 cached;
@@ -77,13 +119,7 @@ def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels
     check_head_config(c, channels=channels, c1_channels=c1_channels, num_levels=num_levels)
     multi_scale = c.encoder == "deformable"
     levels = tuple(range(num_levels)) if multi_scale else (c.level,)
-    encoder = {
-        "none": lambda: None,
-        "deformable": lambda: DeformableEncoder(dim=d_model, num_levels=num_levels, depth=c.encoder_depth,
-                                                activation=c.encoder_activation),
-        "swin": lambda: SwinEncoder(dim=d_model, depth=c.encoder_depth),
-        "convnext": lambda: ConvNeXtEncoder(dim=d_model, depth=c.encoder_depth),
-    }[c.encoder]()
+    encoder = ENCODERS[c.encoder](c, d_model=d_model, num_levels=num_levels)
     if not c.use_c1:
         neck = None
     elif c.neck == "conv_gn":
@@ -99,12 +135,7 @@ def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels
         predictor: nn.Module = ImageDotPredictor(channels=channels, roi_size=c.roi_size,
                                                    affine=c.dot_logit == "affine")
     else:
-        predictor = {
-            "dot": lambda: DotPredictor(channels=channels, roi_size=c.roi_size, affine=c.dot_logit == "affine"),
-            "blender": lambda: BlenderPredictor(channels=channels, bases=c.blender_bases,
-                                                attn_size=c.blender_attn_size, roi_size=c.roi_size),
-            "fcn": lambda: FCNPredictor(channels=channels, hidden=min(channels, 128)),
-        }[c.predictor]()
+        predictor = PREDICTORS[c.predictor](c, channels=channels)
     query_proj = None if c.predictor == "fcn" else query_projection(d_model, channels, c.query_init)
     return ComposedHead(
         levels=levels, uses_c1=c.use_c1, roi_size=c.roi_size, feature_size=feature_size, fusion=fusion,

@@ -30,8 +30,9 @@ class PixelLayerNorm(nn.LayerNorm):
 
 def fused_norm(kind: str, channels: int) -> nn.Module | None:
     """``head.fused_norm``: None (the paper's raw F), a per-pixel LayerNorm or a per-image GroupNorm."""
-    return {"none": lambda: None, "layer": lambda: PixelLayerNorm(channels),
-            "group": lambda: nn.GroupNorm(math.gcd(32, channels), channels)}[kind]()
+    if kind == "none":
+        return None
+    return PixelLayerNorm(channels) if kind == "layer" else nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 def image_valid_region(x: Tensor, b: int, hw: list[int] | None) -> Tensor:

@@ -48,6 +48,13 @@ class FeedForward(nn.Module):
         return self.norm(q + self.mlp(q))
 
 
+def _feed_forward(*, dim: int) -> nn.Module:
+    return FeedForward(dim=dim, hidden=2 * dim)
+
+
+QUERY_LAYERS = {"self_attn": SelfAttention, "box_cross_attn": BoxCrossAttention, "ffn": _feed_forward}  # kind -> builder(dim=)
+
+
 class QueryEncoder(nn.Module):
     """``kinds`` in order, split at the first ``box_cross_attn``: :meth:`image` runs the
     layers before it on ``[B, K, C]``, :meth:`box` the rest on ``[N, C]`` with RoI tokens."""
@@ -55,10 +62,8 @@ class QueryEncoder(nn.Module):
     def __init__(self, *, dim: int, kinds: tuple[str, ...]):
         super().__init__()
         split = kinds.index("box_cross_attn") if "box_cross_attn" in kinds else len(kinds)
-        make = {"self_attn": lambda: SelfAttention(dim=dim), "box_cross_attn": lambda: BoxCrossAttention(dim=dim),
-                "ffn": lambda: FeedForward(dim=dim, hidden=2 * dim)}
-        self.image_layers = nn.ModuleList(make[k]() for k in kinds[:split])
-        self.box_layers = nn.ModuleList(make[k]() for k in kinds[split:])
+        self.image_layers = nn.ModuleList(QUERY_LAYERS[k](dim=dim) for k in kinds[:split])
+        self.box_layers = nn.ModuleList(QUERY_LAYERS[k](dim=dim) for k in kinds[split:])
 
     def image(self, q: Tensor) -> Tensor:
         for layer in self.image_layers:

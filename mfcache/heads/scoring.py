@@ -24,12 +24,13 @@ class MaskIoUHead(nn.Module):
 
     def __init__(self, *, channels: int, hidden: int = 64, readout: str = "pool", mlp_hidden: int = 256):
         super().__init__()
-        head = {
-            "pool": lambda: [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1)],
-            "mlp": lambda: [nn.AdaptiveAvgPool2d(MLP_GRID), nn.Flatten(),
-                            nn.Linear(hidden * MLP_GRID * MLP_GRID, mlp_hidden), nn.ReLU(),
-                            nn.Linear(mlp_hidden, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, 1)],
-        }[readout]()
+        if readout == "pool":
+            head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1)]
+        elif readout == "mlp":  # the paper's flatten + MLP
+            head = [nn.AdaptiveAvgPool2d(MLP_GRID), nn.Flatten(), nn.Linear(hidden * MLP_GRID * MLP_GRID, mlp_hidden),
+                    nn.ReLU(), nn.Linear(mlp_hidden, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, 1)]
+        else:
+            raise ValueError(f"readout must be pool or mlp, got {readout!r}")
         self.layers = nn.Sequential(
             nn.Conv2d(channels + 1, hidden, 3, padding=1), nn.ReLU(),
             nn.Conv2d(hidden, hidden, 3, stride=2, padding=1), nn.ReLU(),

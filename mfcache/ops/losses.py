@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mfcache.config import HeadConfig, TrainConfig
-from mfcache.heads.base import HeadOutput
 
 
 def resize_targets(targets: Tensor, size: int) -> Tensor:
@@ -133,7 +133,15 @@ def quality_loss(quality: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
     return F.mse_loss(quality, mask_iou(logits, targets))
 
 
-def head_loss(out: HeadOutput, targets: Tensor, head: HeadConfig, train: TrainConfig,
+class MaskPrediction(Protocol):
+    """What a loss reads of a head's output (:class:`mfcache.heads.base.HeadOutput` is one):
+    ``mask_logits [N, 1, M, M]`` and ``quality [N]`` or None."""
+
+    mask_logits: Tensor
+    quality: Tensor | None
+
+
+def head_loss(out: MaskPrediction, targets: Tensor, head: HeadConfig, train: TrainConfig,
               generators: Sequence[tuple[int, torch.Generator]] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The training loss of a head's output on its selected detections: ``out.mask_logits
     [N, 1, M, M]``, ``targets [N, S, S]`` bool or float, the GT crops at the size they are
