@@ -228,18 +228,18 @@ def image_instances(batch: Batch, b: int, prob: Tensor, to_category: Tensor, con
                      image_size=orig_hw, mask_threshold=config.eval.mask_threshold)
 
 
-def image_results(batch: Batch, b: int, prob: Tensor, to_category: Tensor, config: RunConfig,
-                  box_filled: bool = False, quality: Tensor | None = None) -> dict[str, list[dict]]:
-    """COCO results of image ``b`` of ``batch`` (:func:`image_instances`):
-    ``{"head": [...]}`` and, with ``box_filled``, the same detections with each mask set to
-    its whole box (scored by the class score)."""
-    found = image_instances(batch, b, prob, to_category, config, quality)
+def image_results(batch: Batch, b: int, found: Instances, to_category: Tensor, config: RunConfig,
+                  box_filled: bool = False) -> dict[str, list[dict]]:
+    """COCO results of image ``b`` of ``batch``, whose :class:`Instances` are ``found``
+    (:func:`image_instances`, every detection evaluation reports): ``{"head": [...]}`` and,
+    with ``box_filled``, the same detections with each mask set to its whole box (scored by
+    the class score)."""
     image_id = batch.image_id[b]
     results = {"head": found.to_coco(image_id)}
     if box_filled:
         keep = _kept(batch, b, to_category, config)
-        boxes = found.boxes.to(prob.device)
-        filled = paste_masks(torch.ones_like(prob[keep]), boxes, found.image_size, threshold=0.5)
+        boxes = found.boxes.to(found.box_probs.device)
+        filled = paste_masks(torch.ones_like(found.box_probs), boxes, found.image_size, threshold=0.5)
         results["box_filled"] = results_from_detections(
             image_id, found.boxes, batch.scores[b][keep].cpu(), found.labels, encode_rle(filled.cpu()))
     return results
@@ -257,9 +257,6 @@ def batch_instances(head: MaskHead, batch: Batch, to_category: Tensor, config: R
 
 def batch_results(head: MaskHead, batch: Batch, to_category: Tensor, config: RunConfig,
                   box_filled: bool = False) -> list[dict[str, list[dict]]]:
-    """:func:`image_results` of every image of ``batch`` (on the head's device), the head run
-    once on the detections evaluation reports."""
-    kept = kept_queries(batch.labels, to_category, config.eval.max_detections, batch.query_index)
-    prob, quality = mask_probs(head, batch, kept, amp=config.eval.amp)
-    return [image_results(batch, b, prob[b], to_category, config, box_filled,
-                          None if quality is None else quality[b]) for b in range(len(batch))]
+    """:func:`image_results` of every image of ``batch``: its :func:`batch_instances` as COCO results."""
+    found = batch_instances(head, batch, to_category, config)
+    return [image_results(batch, b, image, to_category, config, box_filled) for b, image in enumerate(found)]
