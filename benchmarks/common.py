@@ -21,8 +21,9 @@ PAPER_EDGES = (800, 1333)  # the paper's resize rule (shortest, longest edge)
 
 
 # ----------------------------------------------------------------------------- detectors
-def write_native_checkpoint(folder: Path, family: str, *, shortest_edge: int, longest_edge: int | None = None,
-                            options: dict | None = None) -> str:
+def write_native_checkpoint(
+    folder: Path, family: str, *, shortest_edge: int, longest_edge: int | None = None, options: dict | None = None
+) -> str:
     """An H-DETR or DINO checkpoint (``family`` "hdetr" | "dino") in the original repo's layout
     (``{"model": state}``), random weights scaled by
     :func:`mfcache.detectors.native.checkpoint.random_state_dict` (the compute of a trained
@@ -39,8 +40,9 @@ def write_native_checkpoint(folder: Path, family: str, *, shortest_edge: int, lo
     labels.write_text(json.dumps(["N/A", *CATEGORIES]))  # index = shapes category id
     config_cls, model_cls = FAMILIES[family]
     model = model_cls(config_cls(**options, num_classes=1 + len(CATEGORIES)))
-    state = random_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()
-                               if not k.endswith("num_batches_tracked")})
+    state = random_state_dict(
+        {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    )
     path = folder / f"{family}.pth"
     torch.save({"model": state, "epoch": 0}, path)
     longest_edge = longest_edge or shortest_edge * 5 // 3

@@ -34,8 +34,9 @@ def one_run(cache: str, head: str, mode: str, steps: int, device: str) -> dict:
     from mfcache.distributed import init_world
     from mfcache.stages.train import Trainer
 
-    config = resolve_run_config(head, [f"train.steps={steps}", "train.batch_size=8", "train.num_workers=1",
-                                       f"train.device={device}"])
+    config = resolve_run_config(
+        head, [f"train.steps={steps}", "train.batch_size=8", "train.num_workers=1", f"train.device={device}"]
+    )
     world, _ = init_world(torch.device(device))
     cache_ = Cache(Path(cache))
     trainer = Trainer(cache_, cache_.split(None, role="train"), config, world=world, device=torch.device(device))
@@ -49,8 +50,7 @@ def one_run(cache: str, head: str, mode: str, steps: int, device: str) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     later = sorted(times[2:]) or times
-    return {"first_step_s": times[0], "median_step_s": later[len(later) // 2], "total_s": sum(times),
-            "last_loss": loss}
+    return {"first_step_s": times[0], "median_step_s": later[len(later) // 2], "total_s": sum(times), "last_loss": loss}
 
 
 def main() -> None:
@@ -70,12 +70,28 @@ def main() -> None:
     results = {"cache": args.cache, "device": args.device, "steps": args.steps, "runs": []}
     for head in args.heads:
         for mode in args.modes:
-            command = [sys.executable, __file__, "--cache", args.cache, "--out", str(args.out), "--steps",
-                       str(args.steps), "--device", args.device, "--one", head, mode]
+            command = [
+                sys.executable,
+                __file__,
+                "--cache",
+                args.cache,
+                "--out",
+                str(args.out),
+                "--steps",
+                str(args.steps),
+                "--device",
+                args.device,
+                "--one",
+                head,
+                mode,
+            ]
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
-                row = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
-                       else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]})
+                row = (
+                    json.loads(done.stdout.strip().splitlines()[-1])
+                    if done.returncode == 0
+                    else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+                )
             except subprocess.TimeoutExpired:
                 row = {"error": f"not done in {args.timeout_s:.0f} s"}
             results["runs"].append({"head": head, "mode": mode, **row})

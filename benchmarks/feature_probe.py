@@ -66,23 +66,24 @@ def roi_inputs(cache: Path, split: str, images: int) -> tuple[Tensor, Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-
 def pixels(x: Tensor, y: Tensor, per: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """``per`` random pixels of every positive: ``[N * per, C]`` features, ``[N * per]`` targets."""
     g = torch.Generator().manual_seed(seed)
     n, c = x.shape[:2]
     pick = torch.stack([torch.randperm(SIZE * SIZE, generator=g)[:per] for _ in range(n)])
     flat = x.float().flatten(2).transpose(1, 2)  # [N, 1024, C]
-    return (flat.gather(1, pick[..., None].expand(-1, -1, c)).reshape(-1, c),
-            y.flatten(1).gather(1, pick).reshape(-1).float())
+    return (
+        flat.gather(1, pick[..., None].expand(-1, -1, c)).reshape(-1, c),
+        y.flatten(1).gather(1, pick).reshape(-1).float(),
+    )
 
 
 @torch.no_grad()
 def inbox_iou(model: nn.Module, x: Tensor, y: Tensor) -> float:
     ious = []
     for i in range(0, len(x), 256):
-        pred = model(x[i:i + 256].float().permute(0, 2, 3, 1))[..., 0] > 0
-        target = y[i:i + 256]
+        pred = model(x[i : i + 256].float().permute(0, 2, 3, 1))[..., 0] > 0
+        target = y[i : i + 256]
         ious.append((pred & target).flatten(1).sum(1) / (pred | target).flatten(1).sum(1).clamp(min=1))
     return float(torch.cat(ious).mean())
 
@@ -127,15 +128,27 @@ def main() -> None:
     tx, ty = roi_inputs(args.cache, args.train_split, args.train_images)
     vx, vy = roi_inputs(args.cache, args.val_split, args.val_images)
     train_px, train_py = pixels(tx, ty, 128)
-    probes = {"linear": fit_linear(train_px, train_py), "linear_on_val": fit_linear(*pixels(vx, vy, 256)),
-              "mlp": fit_mlp(train_px, train_py, args.mlp_steps)}
-    results = {"cache": str(args.cache), "train_positives": len(tx), "val_positives": len(vx),
-               "probes": {name: {"val_inbox_iou": inbox_iou(m, vx, vy), "train_inbox_iou": inbox_iou(m, tx, ty)}
-                          for name, m in probes.items()}}
-    rows = [f"| probe ({len(tx)} train / {len(vx)} val positives) | val in-box IoU | train in-box IoU |",
-            "|---|---:|---:|"]
-    rows += [f"| {name} | {r['val_inbox_iou']:.3f} | {r['train_inbox_iou']:.3f} |"
-             for name, r in results["probes"].items()]
+    probes = {
+        "linear": fit_linear(train_px, train_py),
+        "linear_on_val": fit_linear(*pixels(vx, vy, 256)),
+        "mlp": fit_mlp(train_px, train_py, args.mlp_steps),
+    }
+    results = {
+        "cache": str(args.cache),
+        "train_positives": len(tx),
+        "val_positives": len(vx),
+        "probes": {
+            name: {"val_inbox_iou": inbox_iou(m, vx, vy), "train_inbox_iou": inbox_iou(m, tx, ty)}
+            for name, m in probes.items()
+        },
+    }
+    rows = [
+        f"| probe ({len(tx)} train / {len(vx)} val positives) | val in-box IoU | train in-box IoU |",
+        "|---|---:|---:|",
+    ]
+    rows += [
+        f"| {name} | {r['val_inbox_iou']:.3f} | {r['train_inbox_iou']:.3f} |" for name, r in results["probes"].items()
+    ]
     print(write_report(args.out, "feature_probe", results, "\n".join(rows)))
 
 

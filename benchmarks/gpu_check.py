@@ -50,12 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from cache_io import COCO_TRAIN2017_IMAGES, write_r50_checkpoint
-from common import (cpu_name, disk_bytes, fmt, interleaved, positives_threshold, write_native_checkpoint,
-                    write_report)
+from common import cpu_name, disk_bytes, fmt, interleaved, positives_threshold, write_native_checkpoint, write_report
 
-CPU_DEMO_SEGM_AP = 0.411    # docs/getting-started.md: the default demo on the project's CPU machine
+CPU_DEMO_SEGM_AP = 0.411  # docs/getting-started.md: the default demo on the project's CPU machine
 DEMO_AP_TOLERANCE = 0.005
 PAPER_STEPS, PAPER_BATCH = 88_500, 8
 HEADS = ("box_baseline", "blendmask", "paper_final")
@@ -76,25 +74,49 @@ def section_sweep(run: Run) -> dict:
     from mfcache.stages.sweep import sweep
 
     demo = {k: v for k, v in run.plan.demo.items() if k != "steps"}
-    cache = demo_cache(run.work / "sweep", device=str(run.device), progress=False,
-                       say=lambda message: run.log(f"  sweep: {message}"), **demo)
+    cache = demo_cache(
+        run.work / "sweep",
+        device=str(run.device),
+        progress=False,
+        say=lambda message: run.log(f"  sweep: {message}"),
+        **demo,
+    )
     batch = run.plan.sweep_batch
-    out = {"settings": f"demo cache ({demo or 'defaults: 400 train / 100 val images'}), "
-                       f"{run.plan.sweep_steps} steps of {batch}, lr {SWEEP_LR:g}, seed 0", "heads": []}
+    out = {
+        "settings": f"demo cache ({demo or 'defaults: 400 train / 100 val images'}), "
+        f"{run.plan.sweep_steps} steps of {batch}, lr {SWEEP_LR:g}, seed 0",
+        "heads": [],
+    }
     for name in SWEEP_HEADS:
         if run.over_budget():
             out["heads"].append({"head": name, **over_budget_note(run)})
             continue
         run.log(f"  sweep: {name}")
         try:
-            row = sweep(cache_path=cache, heads=[name], out_dir=run.work / "sweep" / "runs", steps=run.plan.sweep_steps,
-                        device=str(run.device), overrides=[f"train.lr={SWEEP_LR}", f"train.batch_size={batch}",
-                                                f"train.num_workers={run.plan.train_workers}",
-                                                *run.plan.sweep_overrides],
-                        progress=False)[0]
-            out["heads"].append({"head": name, "segm_AP": row["segm_AP"], "segm_AP50": row["segm_AP50"],
-                                 "params": row["params"], "train_seconds": row["train_seconds"],
-                                 "s_per_step": row["train_seconds"] / run.plan.sweep_steps})
+            row = sweep(
+                cache_path=cache,
+                heads=[name],
+                out_dir=run.work / "sweep" / "runs",
+                steps=run.plan.sweep_steps,
+                device=str(run.device),
+                overrides=[
+                    f"train.lr={SWEEP_LR}",
+                    f"train.batch_size={batch}",
+                    f"train.num_workers={run.plan.train_workers}",
+                    *run.plan.sweep_overrides,
+                ],
+                progress=False,
+            )[0]
+            out["heads"].append(
+                {
+                    "head": name,
+                    "segm_AP": row["segm_AP"],
+                    "segm_AP50": row["segm_AP50"],
+                    "params": row["params"],
+                    "train_seconds": row["train_seconds"],
+                    "s_per_step": row["train_seconds"] / run.plan.sweep_steps,
+                }
+            )
         except Exception as exc:  # the next head still runs
             out["heads"].append({"head": name, "error": f"{type(exc).__name__}: {exc}"})
         run.free()
@@ -113,18 +135,18 @@ def section_sweep(run: Run) -> dict:
 class Plan:
     """Image and step counts of one run (full on a GPU, shrunk with --quick)."""
 
-    demo: dict                  # run_demo keyword arguments
+    demo: dict  # run_demo keyword arguments
     sweep_steps: int
-    extract_images: int         # images per extraction setting
-    extract_small: int          # 0 = no steady-state (marginal) rate; else images of the short run subtracted
+    extract_images: int  # images per extraction setting
+    extract_small: int  # 0 = no steady-state (marginal) rate; else images of the short run subtracted
     shortest_edge: int
-    full_size: bool             # full-size R50 detectors (else tiny ones)
+    full_size: bool  # full-size R50 detectors (else tiny ones)
     forward_repeats: int
     extract_workers: int
     warmup_steps: int
     steps: int
     train_workers: int
-    positives: int = 20         # training queries per image aimed at (see positives_threshold)
+    positives: int = 20  # training queries per image aimed at (see positives_threshold)
     sweep_batch: int = 8
     sweep_overrides: tuple[str, ...] = ()  # --quick on a CPU: fewer detections per image to evaluate
 
@@ -132,17 +154,49 @@ class Plan:
     def make(cls, device: torch.device, quick: bool) -> Plan:
         cpus = os.cpu_count() or 1
         if not quick:
-            return cls(demo={}, sweep_steps=SWEEP_STEPS, extract_images=32, extract_small=4, shortest_edge=800, full_size=True,
-                       forward_repeats=2, extract_workers=min(8, max(1, cpus // 2)), warmup_steps=5, steps=100,
-                       train_workers=min(4, max(1, cpus // 4)))
+            return cls(
+                demo={},
+                sweep_steps=SWEEP_STEPS,
+                extract_images=32,
+                extract_small=4,
+                shortest_edge=800,
+                full_size=True,
+                forward_repeats=2,
+                extract_workers=min(8, max(1, cpus // 2)),
+                warmup_steps=5,
+                steps=100,
+                train_workers=min(4, max(1, cpus // 4)),
+            )
         if device.type == "cuda":  # a quick look on a GPU: full-size detectors, few images
-            return cls(demo=dict(train_images=40, val_images=20, steps=30), sweep_steps=30, extract_images=8, extract_small=2,
-                       shortest_edge=800, full_size=True, forward_repeats=1, extract_workers=min(4, cpus),
-                       warmup_steps=2, steps=10, train_workers=2)
-        return cls(demo=dict(train_images=6, val_images=3, steps=3), sweep_steps=2,
-                   sweep_batch=1, sweep_overrides=("eval.max_detections=5",), extract_images=2, extract_small=0,
-                   shortest_edge=64, full_size=False, forward_repeats=1, extract_workers=0, warmup_steps=1,
-                   steps=2, train_workers=0, positives=1)
+            return cls(
+                demo=dict(train_images=40, val_images=20, steps=30),
+                sweep_steps=30,
+                extract_images=8,
+                extract_small=2,
+                shortest_edge=800,
+                full_size=True,
+                forward_repeats=1,
+                extract_workers=min(4, cpus),
+                warmup_steps=2,
+                steps=10,
+                train_workers=2,
+            )
+        return cls(
+            demo=dict(train_images=6, val_images=3, steps=3),
+            sweep_steps=2,
+            sweep_batch=1,
+            sweep_overrides=("eval.max_detections=5",),
+            extract_images=2,
+            extract_small=0,
+            shortest_edge=64,
+            full_size=False,
+            forward_repeats=1,
+            extract_workers=0,
+            warmup_steps=1,
+            steps=2,
+            train_workers=0,
+            positives=1,
+        )
 
 
 @dataclass
@@ -189,15 +243,28 @@ def section_environment(run: Run) -> dict:
     """Device name, driver, library versions, CPUs, and the float32 matmul/conv modes (TF32)."""
     import torchvision
 
-    env = {"device": str(run.device), "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-           "platform": platform.platform(), "cpu": cpu_name(),
-           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+    env = {
+        "device": str(run.device),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+    }
     if shutil.which("nvidia-smi"):
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30)
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             env["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
             env["driver"] = smi.stdout.strip().splitlines()[0].split(",")[-1].strip() if smi.stdout.strip() else None
         except (OSError, subprocess.SubprocessError) as exc:
@@ -206,8 +273,12 @@ def section_environment(run: Run) -> dict:
         env["nvidia_smi"] = "not found"
     if run.cuda:
         props = torch.cuda.get_device_properties(run.device)
-        env.update(device_name=props.name, gpu_memory_GiB=props.total_memory / 2**30,
-                   capability=f"{props.major}.{props.minor}", bf16_supported=torch.cuda.is_bf16_supported())
+        env.update(
+            device_name=props.name,
+            gpu_memory_GiB=props.total_memory / 2**30,
+            capability=f"{props.major}.{props.minor}",
+            bf16_supported=torch.cuda.is_bf16_supported(),
+        )
     else:
         env["device_name"] = env["cpu"]
     return env
@@ -228,18 +299,46 @@ def difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 def item(name: str, a: torch.Tensor, b: torch.Tensor, tolerance: float, note: str = "") -> dict:
     """One comparison: pass if the relative difference (max |a - b| / max |b|) is within ``tolerance``."""
     max_abs, rel = difference(a, b)
-    return {"item": name, "max_abs": max_abs, "rel": rel, "tolerance": tolerance,
-            "pass": bool(math.isfinite(rel) and rel <= tolerance), "note": note}
+    return {
+        "item": name,
+        "max_abs": max_abs,
+        "rel": rel,
+        "tolerance": tolerance,
+        "pass": bool(math.isfinite(rel) and rel <= tolerance),
+        "note": note,
+    }
 
 
 # Sizes of the comparisons: full (realistic: an 800x1067 input's maps) and --quick.
 AGREE_SIZES = {
-    "full": {"msda_shapes": [[100, 134], [50, 67], [25, 34], [13, 17]], "msda_queries": 300, "roi_channels": 64,
-             "roi_map": (200, 267), "rois": 200, "head_d": 256, "head_c1": 256, "head_hw": (512, 683),
-             "head_queries": 100, "head_selected": 40, "paste_masks": 100, "extract_images": 8},
-    "quick": {"msda_shapes": [[20, 27], [10, 14], [5, 7], [3, 4]], "msda_queries": 50, "roi_channels": 16,
-              "roi_map": (50, 67), "rois": 50, "head_d": 64, "head_c1": 16, "head_hw": (128, 171),
-              "head_queries": 20, "head_selected": 5, "paste_masks": 20, "extract_images": 2},
+    "full": {
+        "msda_shapes": [[100, 134], [50, 67], [25, 34], [13, 17]],
+        "msda_queries": 300,
+        "roi_channels": 64,
+        "roi_map": (200, 267),
+        "rois": 200,
+        "head_d": 256,
+        "head_c1": 256,
+        "head_hw": (512, 683),
+        "head_queries": 100,
+        "head_selected": 40,
+        "paste_masks": 100,
+        "extract_images": 8,
+    },
+    "quick": {
+        "msda_shapes": [[20, 27], [10, 14], [5, 7], [3, 4]],
+        "msda_queries": 50,
+        "roi_channels": 16,
+        "roi_map": (50, 67),
+        "rois": 50,
+        "head_d": 64,
+        "head_c1": 16,
+        "head_hw": (128, 171),
+        "head_queries": 20,
+        "head_selected": 5,
+        "paste_masks": 20,
+        "extract_images": 2,
+    },
 }
 
 
@@ -258,8 +357,13 @@ def agreement(run: Run) -> dict:
     the CPU itself, to run this code before it meets a GPU)."""
     items: list[dict] = []
     size = AGREE_SIZES["quick" if run.quick else "full"]
-    for name, fn in (("ms_deform_attn", _agree_msda), ("roi_align", _agree_roi_align), ("heads", _agree_heads),
-                     ("paste_masks", _agree_paste), ("demo_extraction", _agree_extraction)):
+    for name, fn in (
+        ("ms_deform_attn", _agree_msda),
+        ("roi_align", _agree_roi_align),
+        ("heads", _agree_heads),
+        ("paste_masks", _agree_paste),
+        ("demo_extraction", _agree_extraction),
+    ):
         run.log(f"  agreement: {name}")
         try:
             items += fn(run, size)
@@ -267,8 +371,13 @@ def agreement(run: Run) -> dict:
             traceback.print_exc()
             items.append({"item": name, "error": f"{type(exc).__name__}: {exc}", "pass": False})
         run.free()
-    return {"items": items, "passed": sum(i["pass"] for i in items), "failed": sum(not i["pass"] for i in items),
-            "tf32_cudnn": torch.backends.cudnn.allow_tf32, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+    return {
+        "items": items,
+        "passed": sum(i["pass"] for i in items),
+        "failed": sum(not i["pass"] for i in items),
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+    }
 
 
 def _agree_msda(run: Run, size: dict) -> list[dict]:
@@ -292,9 +401,11 @@ def _agree_msda(run: Run, size: dict) -> list[dict]:
         return out, v.grad, w.grad
 
     (ref, ref_v, ref_w), (got, got_v, got_w) = run_on("cpu"), run_on(run.device)
-    return [item(f"ms_deform_attn forward [2, {q}, 256] over {tokens} tokens", got, ref, 1e-5),
-            item("ms_deform_attn grad value", got_v, ref_v, 1e-5),
-            item("ms_deform_attn grad attention weights", got_w, ref_w, 1e-5)]
+    return [
+        item(f"ms_deform_attn forward [2, {q}, 256] over {tokens} tokens", got, ref, 1e-5),
+        item("ms_deform_attn grad value", got_v, ref_v, 1e-5),
+        item("ms_deform_attn grad attention weights", got_w, ref_w, 1e-5),
+    ]
 
 
 def _agree_roi_align(run: Run, size: dict) -> list[dict]:
@@ -305,8 +416,9 @@ def _agree_roi_align(run: Run, size: dict) -> list[dict]:
     (h, w), n, c = size["roi_map"], size["rois"], size["roi_channels"]
     features = torch.randn(2, c, h, w, generator=gen)
     xy = torch.rand(n, 2, generator=gen) * torch.tensor([w * 4 * 0.9, h * 4 * 0.9])
-    rois = torch.cat([torch.randint(0, 2, (n, 1), generator=gen).float(), xy,
-                      xy + 8 + torch.rand(n, 2, generator=gen) * w * 1.2], 1)
+    rois = torch.cat(
+        [torch.randint(0, 2, (n, 1), generator=gen).float(), xy, xy + 8 + torch.rand(n, 2, generator=gen) * w * 1.2], 1
+    )
     upstream = torch.randn(n, c, 32, 32, generator=gen)
 
     def run_on(device):
@@ -316,12 +428,13 @@ def _agree_roi_align(run: Run, size: dict) -> list[dict]:
         return out, f.grad
 
     (ref, ref_g), (got, got_g) = run_on("cpu"), run_on(run.device)
-    return [item(f"roi_align values ({n} RoIs on 2 x {c} x {h} x {w}, 32x32)", got, ref, 1e-4),
-            item("roi_align grad of the maps", got_g, ref_g, 1e-4)]
+    return [
+        item(f"roi_align values ({n} RoIs on 2 x {c} x {h} x {w}, 32x32)", got, ref, 1e-4),
+        item("roi_align grad of the maps", got_g, ref_g, 1e-4),
+    ]
 
 
-def random_batch(*, d_model: int, c1_channels: int, images: int = 2, queries: int = 100, hw=(512, 683),
-                 seed: int = 0):
+def random_batch(*, d_model: int, c1_channels: int, images: int = 2, queries: int = 100, hw=(512, 683), seed: int = 0):
     """A :class:`~mfcache.cache.sample.Batch` as the cache serves it, random features at the
     sizes of a ``hw`` input (4 levels at strides 8-64, C1 at stride 4)."""
     from mfcache.cache.sample import Batch
@@ -332,13 +445,20 @@ def random_batch(*, d_model: int, c1_channels: int, images: int = 2, queries: in
     boxes = torch.cat([xy, xy + 8 + torch.rand(images, queries, 2, generator=gen) * min(h, w) * 0.4], -1)
     levels = [torch.randn(images, d_model, -(-h // s), -(-w // s), generator=gen) for s in (8, 16, 32, 64)]
     c1 = torch.randn(images, c1_channels, -(-h // 4), -(-w // 4), generator=gen)
-    return Batch(image_id=list(range(images)), queries=torch.randn(images, queries, d_model, generator=gen),
-                 boxes=boxes, scores=torch.rand(images, queries, generator=gen),
-                 labels=torch.zeros(images, queries, dtype=torch.long),
-                 query_index=torch.arange(queries).expand(images, queries), levels=levels,
-                 level_hw=torch.tensor([m.shape[-2:] for m in levels]).expand(images, -1, -1),
-                 input_hw=torch.tensor([[h, w]] * images), orig_hw=torch.tensor([[h, w]] * images),
-                 c1=c1, c1_hw=torch.tensor([c1.shape[-2:]] * images))
+    return Batch(
+        image_id=list(range(images)),
+        queries=torch.randn(images, queries, d_model, generator=gen),
+        boxes=boxes,
+        scores=torch.rand(images, queries, generator=gen),
+        labels=torch.zeros(images, queries, dtype=torch.long),
+        query_index=torch.arange(queries).expand(images, queries),
+        levels=levels,
+        level_hw=torch.tensor([m.shape[-2:] for m in levels]).expand(images, -1, -1),
+        input_hw=torch.tensor([[h, w]] * images),
+        orig_hw=torch.tensor([[h, w]] * images),
+        c1=c1,
+        c1_hw=torch.tensor([c1.shape[-2:]] * images),
+    )
 
 
 def _agree_heads(run: Run, size: dict) -> list[dict]:
@@ -353,8 +473,9 @@ def _agree_heads(run: Run, size: dict) -> list[dict]:
         torch.manual_seed(0)
         head = build_head(resolve_run_config(name).head, d_model=d, c1_channels=c1, num_levels=4).eval()
         batch = random_batch(d_model=d, c1_channels=c1, queries=k, hw=size["head_hw"])
-        batch = dataclasses.replace(batch, levels=[batch.levels[level] for level in head.levels],
-                                    level_hw=batch.level_hw[:, list(head.levels)])
+        batch = dataclasses.replace(
+            batch, levels=[batch.levels[level] for level in head.levels], level_hw=batch.level_hw[:, list(head.levels)]
+        )
         select = torch.zeros(batch.scores.shape, dtype=torch.bool)
         select[:, :chosen] = True
         gen = torch.Generator().manual_seed(2)
@@ -403,9 +524,17 @@ def _agree_paste(run: Run, size: dict) -> list[dict]:
     differ = (ref_b != got_b).sum().item()
     on = (ref_b | got_b).sum().item()
     fraction = differ / max(on, 1)
-    return [item(f"paste_masks probabilities ({n} masks, 480x640)", got, ref, 1e-5),
-            {"item": "paste_masks thresholded: pixels that differ / pixels on", "max_abs": differ, "rel": fraction,
-             "tolerance": 1e-4, "pass": fraction <= 1e-4, "note": f"{differ} of {on} pixels"}]
+    return [
+        item(f"paste_masks probabilities ({n} masks, 480x640)", got, ref, 1e-5),
+        {
+            "item": "paste_masks thresholded: pixels that differ / pixels on",
+            "max_abs": differ,
+            "rel": fraction,
+            "tolerance": 1e-4,
+            "pass": fraction <= 1e-4,
+            "note": f"{differ} of {on} pixels",
+        },
+    ]
 
 
 def _agree_extraction(run: Run, size: dict) -> list[dict]:
@@ -422,10 +551,14 @@ def _agree_extraction(run: Run, size: dict) -> list[dict]:
     write_shapes_dataset(root / "data", num_train=n, num_val=0, seed=1)
     splits = {}
     for side, device in (("reference", "cpu"), ("device", str(run.device))):
-        extract(detector="demo", images=root / "data" / "train",
-                annotations=root / "data" / "annotations" / "train.json", out=root / side,
-                config=ExtractConfig(device=device, num_workers=run.plan.extract_workers, c1="store"),  # C1 compared
-                progress=False)
+        extract(
+            detector="demo",
+            images=root / "data" / "train",
+            annotations=root / "data" / "annotations" / "train.json",
+            out=root / side,
+            config=ExtractConfig(device=device, num_workers=run.plan.extract_workers, c1="store"),  # C1 compared
+            progress=False,
+        )
         splits[side] = Cache(root / side).split("train")
     ref_split, got_split = splits["reference"], splits["device"]
     pairs: dict[str, tuple[list, list]] = {k: ([], []) for k in ("levels", "c1", "queries", "boxes", "scores")}
@@ -446,13 +579,26 @@ def _agree_extraction(run: Run, size: dict) -> list[dict]:
         for name in ("queries", "boxes", "scores"):
             pairs[name][0].append(getattr(got, name)[rows_got].flatten())
             pairs[name][1].append(getattr(ref, name)[rows_ref].flatten())
-    items = [item(f"demo extraction {name}", torch.cat(g), torch.cat(r), 1e-2,
-                  note="on the (query, label) pairs in both" if name in ("queries", "boxes", "scores")
-                  else "float16 cache")
-             for name, (g, r) in pairs.items()]
-    items.append({"item": "demo extraction top-k identical (query_index and labels)", "max_abs": n - same_topk,
-                  "rel": 1 - matched / max(total, 1), "tolerance": 0, "pass": same_topk == n,
-                  "note": f"{same_topk}/{n} images identical; {matched}/{total} (query, label) pairs in both"})
+    items = [
+        item(
+            f"demo extraction {name}",
+            torch.cat(g),
+            torch.cat(r),
+            1e-2,
+            note="on the (query, label) pairs in both" if name in ("queries", "boxes", "scores") else "float16 cache",
+        )
+        for name, (g, r) in pairs.items()
+    ]
+    items.append(
+        {
+            "item": "demo extraction top-k identical (query_index and labels)",
+            "max_abs": n - same_topk,
+            "rel": 1 - matched / max(total, 1),
+            "tolerance": 0,
+            "pass": same_topk == n,
+            "note": f"{same_topk}/{n} images identical; {matched}/{total} (query, label) pairs in both",
+        }
+    )
     shutil.rmtree(root, ignore_errors=True)
     return items
 
@@ -474,24 +620,47 @@ def section_demo(run: Run) -> dict:
     times = [(name, (stages[i + 1][1] if i + 1 < len(stages) else end) - t) for i, (name, t) in enumerate(stages)]
     ap = result.metrics["segm"]["AP"]
     demo = run.plan.demo
-    out = {"settings": (f"{demo['train_images']} train / {demo['val_images']} val images, {demo['steps']} steps"
-                        if demo else "defaults: 400 train / 100 val images, 1500 steps"), "head": "blendmask",
-           "seconds": result.seconds, "stage_seconds": {name.split(":")[0].split()[-1]: s for name, s in times},
-           "segm_AP": ap, "segm_AP50": result.metrics["segm"]["AP50"], "bbox_AP": result.metrics["bbox"]["AP"],
-           "detector_trained": result.detector_trained}
+    out = {
+        "settings": (
+            f"{demo['train_images']} train / {demo['val_images']} val images, {demo['steps']} steps"
+            if demo
+            else "defaults: 400 train / 100 val images, 1500 steps"
+        ),
+        "head": "blendmask",
+        "seconds": result.seconds,
+        "stage_seconds": {name.split(":")[0].split()[-1]: s for name, s in times},
+        "segm_AP": ap,
+        "segm_AP50": result.metrics["segm"]["AP50"],
+        "bbox_AP": result.metrics["bbox"]["AP"],
+        "detector_trained": result.detector_trained,
+    }
     if run.quick:
         out["check"] = "skipped with --quick (a shorter demo)"
     else:
-        out.update({"cpu_segm_AP": CPU_DEMO_SEGM_AP, "tolerance": DEMO_AP_TOLERANCE,
-                    "pass": bool(abs(ap - CPU_DEMO_SEGM_AP) <= DEMO_AP_TOLERANCE)})
+        out.update(
+            {
+                "cpu_segm_AP": CPU_DEMO_SEGM_AP,
+                "tolerance": DEMO_AP_TOLERANCE,
+                "pass": bool(abs(ap - CPU_DEMO_SEGM_AP) <= DEMO_AP_TOLERANCE),
+            }
+        )
     shutil.rmtree(run.work / "demo", ignore_errors=True)
     return out
 
 
 # ----------------------------------------------------------------------------- 4. extraction
-TINY_HDETR = {"backbone": "resnet18", "d_model": 64, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
-              "dim_feedforward": 96, "enc_n_points": 2, "dec_n_points": 3, "num_queries": 30,
-              "num_queries_one2many": 30}
+TINY_HDETR = {
+    "backbone": "resnet18",
+    "d_model": 64,
+    "nheads": 4,
+    "enc_layers": 1,
+    "dec_layers": 2,
+    "dim_feedforward": 96,
+    "enc_n_points": 2,
+    "dec_n_points": 3,
+    "num_queries": 30,
+    "num_queries_one2many": 30,
+}
 
 
 def write_tiny_deformable_checkpoint(path: Path, shortest_edge: int) -> str:
@@ -502,16 +671,37 @@ def write_tiny_deformable_checkpoint(path: Path, shortest_edge: int) -> str:
     from mfcache.data.shapes import CATEGORIES
 
     torch.manual_seed(0)
-    backbone = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1],
-                            layer_type="basic", out_features=["stage2", "stage3", "stage4"])
-    config = DeformableDetrConfig(backbone_config=backbone, d_model=64, encoder_layers=1, decoder_layers=2,
-                                  encoder_ffn_dim=96, decoder_ffn_dim=96, encoder_attention_heads=4,
-                                  decoder_attention_heads=4, num_queries=30, with_box_refine=True,
-                                  num_labels=len(CATEGORIES), id2label=dict(enumerate(CATEGORIES)))
+    backbone = ResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 64],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    config = DeformableDetrConfig(
+        backbone_config=backbone,
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=96,
+        decoder_ffn_dim=96,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        num_queries=30,
+        with_box_refine=True,
+        num_labels=len(CATEGORIES),
+        id2label=dict(enumerate(CATEGORIES)),
+    )
     DeformableDetrForObjectDetection(config).save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps(
-        {"size": {"shortest_edge": shortest_edge, "longest_edge": shortest_edge * 5 // 3},
-         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "size": {"shortest_edge": shortest_edge, "longest_edge": shortest_edge * 5 // 3},
+                "image_mean": [0.485, 0.456, 0.406],
+                "image_std": [0.229, 0.224, 0.225],
+            }
+        )
+    )
     return f"hf:{path}"
 
 
@@ -537,28 +727,39 @@ def section_extraction(run: Run) -> dict:
         small = data / "annotations" / "train_small.json"
         small.write_text(json.dumps(coco))
     if plan.full_size:
-        detectors = {"hdetr_r50": lambda: write_native_checkpoint(root / "hdetr", "hdetr",
-                                                                  shortest_edge=plan.shortest_edge),
-                     "deformable_detr_r50": lambda: write_r50_checkpoint(root / "r50",
-                                                                         shortest_edge=plan.shortest_edge)}
-        setup = (f"full-size R50 detectors, random weights; H-DETR: two-stage, box refine, mixed selection, 300 "
-                 f"queries; Deformable DETR: box refine; shortest edge {plan.shortest_edge}")
+        detectors = {
+            "hdetr_r50": lambda: write_native_checkpoint(root / "hdetr", "hdetr", shortest_edge=plan.shortest_edge),
+            "deformable_detr_r50": lambda: write_r50_checkpoint(root / "r50", shortest_edge=plan.shortest_edge),
+        }
+        setup = (
+            f"full-size R50 detectors, random weights; H-DETR: two-stage, box refine, mixed selection, 300 "
+            f"queries; Deformable DETR: box refine; shortest edge {plan.shortest_edge}"
+        )
     else:
-        detectors = {"hdetr_tiny": lambda: write_native_checkpoint(root / "hdetr", "hdetr",
-                                                                   shortest_edge=plan.shortest_edge,
-                                                                   options=TINY_HDETR),
-                     "deformable_detr_tiny": lambda: write_tiny_deformable_checkpoint(root / "tiny",
-                                                                                      plan.shortest_edge)}
-        setup = (f"--quick on a CPU: TINY detectors (ResNet-18 / 16-64 channel ResNet, d=64) at shortest edge "
-                 f"{plan.shortest_edge}: checks the code path, measures nothing")
+        detectors = {
+            "hdetr_tiny": lambda: write_native_checkpoint(
+                root / "hdetr", "hdetr", shortest_edge=plan.shortest_edge, options=TINY_HDETR
+            ),
+            "deformable_detr_tiny": lambda: write_tiny_deformable_checkpoint(root / "tiny", plan.shortest_edge),
+        }
+        setup = (
+            f"--quick on a CPU: TINY detectors (ResNet-18 / 16-64 channel ResNet, d=64) at shortest edge "
+            f"{plan.shortest_edge}: checks the code path, measures nothing"
+        )
     # C1 stored, so section 5 trains from stored maps as before; --c1 auto (recompute for these
     # detectors) stores the same minus the c1 array, projected from its bytes (section 6)
     config = ExtractConfig(device=str(run.device), num_workers=plan.extract_workers, c1="store")
     settings = []
-    out = {"setup": setup, "images": plan.extract_images, "image_sizes": "480-640 px originals (shapes, COCO-like)",
-           "batch": config.batch_size, "block": config.block_size, "workers": plan.extract_workers,
-           "steady_state_from": f"{plan.extract_images} vs {plan.extract_small} images" if small else None,
-           "settings": settings}
+    out = {
+        "setup": setup,
+        "images": plan.extract_images,
+        "image_sizes": "480-640 px originals (shapes, COCO-like)",
+        "batch": config.batch_size,
+        "block": config.block_size,
+        "workers": plan.extract_workers,
+        "steady_state_from": f"{plan.extract_images} vs {plan.extract_small} images" if small else None,
+        "settings": settings,
+    }
     for name, make in detectors.items():
         if run.over_budget():
             settings.append({"detector": name, **over_budget_note(run)})
@@ -577,8 +778,9 @@ def section_extraction(run: Run) -> dict:
     return out
 
 
-def _extract_detector(run: Run, name: str, spec: str, data: Path, annotations: Path, small: Path | None,
-                      config) -> list[dict]:
+def _extract_detector(
+    run: Run, name: str, spec: str, data: Path, annotations: Path, small: Path | None, config
+) -> list[dict]:
     from mfcache.data.transforms import load_image, to_input
     from mfcache.detectors import load_detector, run_detector
     from mfcache.stages.extract import extract
@@ -594,8 +796,15 @@ def _extract_detector(run: Run, name: str, spec: str, data: Path, annotations: P
         if small is not None:
             run.sync()
             start = time.perf_counter()
-            extract(detector=spec, images=data / "train", annotations=small, out=root / "small", split="train",
-                    config=cfg, progress=False)
+            extract(
+                detector=spec,
+                images=data / "train",
+                annotations=small,
+                out=root / "small",
+                split="train",
+                config=cfg,
+                progress=False,
+            )
             run.sync()
             row["extract_small_s"] = time.perf_counter() - start
             shutil.rmtree(root / "small")
@@ -604,8 +813,15 @@ def _extract_detector(run: Run, name: str, spec: str, data: Path, annotations: P
             torch.cuda.reset_peak_memory_stats(run.device)
         run.sync()
         start = time.perf_counter()
-        extract(detector=spec, images=data / "train", annotations=annotations, out=cache, split="train",
-                config=cfg, progress=False)
+        extract(
+            detector=spec,
+            images=data / "train",
+            annotations=annotations,
+            out=cache,
+            split="train",
+            config=cfg,
+            progress=False,
+        )
         run.sync()
         seconds = time.perf_counter() - start
         row.update(extract_s=seconds, extract_images_per_s=plan.extract_images / seconds)
@@ -615,15 +831,20 @@ def _extract_detector(run: Run, name: str, spec: str, data: Path, annotations: P
             extra = seconds - row["extract_small_s"]
             row["steady_images_per_s"] = (plan.extract_images - plan.extract_small) / extra if extra > 0 else None
         du, apparent = disk_bytes(cache / "train")
-        row.update(bytes_per_image=du / plan.extract_images, apparent_bytes_per_image=apparent / plan.extract_images,
-                   c1_bytes_per_image=disk_bytes(cache / "train" / "c1")[0] / plan.extract_images)
+        row.update(
+            bytes_per_image=du / plan.extract_images,
+            apparent_bytes_per_image=apparent / plan.extract_images,
+            c1_bytes_per_image=disk_bytes(cache / "train" / "c1")[0] / plan.extract_images,
+        )
         if amp == "off" and name.startswith("deformable_detr"):
             row.update(cache=str(cache), keep=True)  # section 5 trains from it
         else:
             shutil.rmtree(cache)
         results.append(row)
-        run.log(f"  extraction: {name} amp={amp}: {row['extract_images_per_s']:.2f} images/s end to end"
-                + (f", {row['steady_images_per_s']:.2f} steady" if row.get("steady_images_per_s") else ""))
+        run.log(
+            f"  extraction: {name} amp={amp}: {row['extract_images_per_s']:.2f} images/s end to end"
+            + (f", {row['steady_images_per_s']:.2f} steady" if row.get("steady_images_per_s") else "")
+        )
 
     # the forward alone, on the same decoded images at the same batch size, AMP settings alternated
     start = time.perf_counter()
@@ -637,8 +858,9 @@ def _extract_detector(run: Run, name: str, spec: str, data: Path, annotations: P
         @torch.no_grad()
         def all_images():
             for j in range(0, len(inputs), batch):
-                run_detector(model, inputs[j: j + batch], device=run.device, amp=amp)
+                run_detector(model, inputs[j : j + batch], device=run.device, amp=amp)
             run.sync()
+
         return all_images
 
     fns = {amp: forward(amp) for amp in AMPS if not run.over_budget()}
@@ -650,8 +872,9 @@ def _extract_detector(run: Run, name: str, spec: str, data: Path, annotations: P
         @torch.no_grad()
         def eight():
             for j in range(0, len(inputs), batch8):
-                run_detector(model, inputs[j: j + batch8], device=run.device, amp="off")
+                run_detector(model, inputs[j : j + batch8], device=run.device, amp="off")
             run.sync()
+
         extra["forward_images_per_s_batch8_amp_off"] = len(inputs) / interleaved({"b8": eight}, 1)["b8"]
     for row in results:
         if row["amp"] not in times:
@@ -686,13 +909,20 @@ def section_training(run: Run) -> dict:
     min_iou, positives = positives_threshold(cache, plan.positives)
     run.min_iou = min_iou
     page_cached = " (page-cached: a train2017 cache is read from disk)" if run.cuda else ""
-    out = {"cache": f"{cache.detector.family} d={cache.detector.d_model}, C1 {cache.detector.c1_channels} ch stored, "
-                    f"top-{cache.settings.topk}, {images} images{page_cached}",
-           "batch": batch, "steps": plan.steps, "warmup_steps": plan.warmup_steps, "workers": plan.train_workers,
-           "min_iou": min_iou, "positives_per_image": positives,
-           "positives_note": f"random-weight detector: train.min_iou chosen aiming at {plan.positives} training "
-                             "queries/image (head compute grows with them; a chosen figure, not measured on COCO)",
-           "settings": [], "readers": {}}
+    out = {
+        "cache": f"{cache.detector.family} d={cache.detector.d_model}, C1 {cache.detector.c1_channels} ch stored, "
+        f"top-{cache.settings.topk}, {images} images{page_cached}",
+        "batch": batch,
+        "steps": plan.steps,
+        "warmup_steps": plan.warmup_steps,
+        "workers": plan.train_workers,
+        "min_iou": min_iou,
+        "positives_per_image": positives,
+        "positives_note": f"random-weight detector: train.min_iou chosen aiming at {plan.positives} training "
+        "queries/image (head compute grows with them; a chosen figure, not measured on COCO)",
+        "settings": [],
+        "readers": {},
+    }
     for name in HEADS:
         head = head_for(cache.detector, cache.settings, resolve_run_config(name).head)
         key = f"levels {','.join(map(str, head.levels))}" + (" + C1" if head.uses_c1 else "")
@@ -714,16 +944,25 @@ def section_training(run: Run) -> dict:
                 row["reader_over_train"] = reader["images_per_s"] / row["images_per_s"]
                 row["bound"] = "reader-bound" if row["reader_over_train"] < READER_MARGIN else "compute-bound"
             out["settings"].append(row)
-            run.log(f"  training: {name} amp={amp}: " + (f"{row['images_per_s']:.1f} images/s"
-                                                          if "images_per_s" in row else row.get("error", "")))
+            run.log(
+                f"  training: {name} amp={amp}: "
+                + (f"{row['images_per_s']:.1f} images/s" if "images_per_s" in row else row.get("error", ""))
+            )
             run.free()
     return out
 
 
 def _overrides(run: Run, amp: str, batch: int, steps: int) -> list[str]:
-    return [f"train.steps={steps}", f"train.min_iou={run.min_iou}", f"train.batch_size={batch}", f"train.amp={amp}",
-            f"train.device={run.device}", f"train.num_workers={run.plan.train_workers}",
-            "train.checkpoint_every=1000000", "train.log_every=1000000"]
+    return [
+        f"train.steps={steps}",
+        f"train.min_iou={run.min_iou}",
+        f"train.batch_size={batch}",
+        f"train.amp={amp}",
+        f"train.device={run.device}",
+        f"train.num_workers={run.plan.train_workers}",
+        "train.checkpoint_every=1000000",
+        "train.log_every=1000000",
+    ]
 
 
 def _time_training(run: Run, cache: Path, name: str, amp: str, batch: int) -> dict:
@@ -733,16 +972,33 @@ def _time_training(run: Run, cache: Path, name: str, amp: str, batch: int) -> di
     plan = run.plan
     run_dir = run.work / "train" / f"{name}-{amp}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    train(cache_path=cache, run_dir=run_dir, progress=False,
-          config=resolve_run_config(name, _overrides(run, amp, batch, plan.warmup_steps)))
+    train(
+        cache_path=cache,
+        run_dir=run_dir,
+        progress=False,
+        config=resolve_run_config(name, _overrides(run, amp, batch, plan.warmup_steps)),
+    )
     if run.cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
     total = plan.warmup_steps + plan.steps
-    result = train(cache_path=cache, run_dir=run_dir, progress=False, resume=True,
-                   config=resolve_run_config(name, _overrides(run, amp, batch, total)))
-    row = {"head": name, "amp": amp, "batch": batch, "steps": plan.steps, "seconds": result["seconds"],
-           "images_per_s": plan.steps * batch / result["seconds"], "s_per_step": result["seconds"] / plan.steps,
-           "last_loss": result.get("loss"), "positives_last_step": result.get("positives")}
+    result = train(
+        cache_path=cache,
+        run_dir=run_dir,
+        progress=False,
+        resume=True,
+        config=resolve_run_config(name, _overrides(run, amp, batch, total)),
+    )
+    row = {
+        "head": name,
+        "amp": amp,
+        "batch": batch,
+        "steps": plan.steps,
+        "seconds": result["seconds"],
+        "images_per_s": plan.steps * batch / result["seconds"],
+        "s_per_step": result["seconds"] / plan.steps,
+        "last_loss": result.get("loss"),
+        "positives_last_step": result.get("positives"),
+    }
     if run.cuda:
         row["peak_GiB"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -762,8 +1018,9 @@ def _time_reader(run: Run, cache: Path, head, batch: int) -> dict:
     batches = StepBatches(len(dataset), batch, 0, start_step, start_step + plan.steps)
     start = time.perf_counter()
     served = 0
-    for b in DataLoader(dataset, batch_sampler=batches, collate_fn=Batch.collate, num_workers=plan.train_workers,
-                        pin_memory=run.cuda):
+    for b in DataLoader(
+        dataset, batch_sampler=batches, collate_fn=Batch.collate, num_workers=plan.train_workers, pin_memory=run.cuda
+    ):
         served += len(b)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "images": served, "images_per_s": served / seconds}
@@ -779,143 +1036,215 @@ def section_projection(run: Run) -> dict:
     training = run.results.get("training", {}).get("settings", [])
     if not any("extract_s" in s for s in extraction) and not any("seconds" in s for s in training):
         raise RuntimeError("nothing to project: sections extraction and training left no figures")
-    out: dict = {"images": COCO_TRAIN2017_IMAGES, "schedule": f"{PAPER_STEPS:,} steps x batch {PAPER_BATCH}",
-                 "extraction": [], "training": [], "storage": []}
+    out: dict = {
+        "images": COCO_TRAIN2017_IMAGES,
+        "schedule": f"{PAPER_STEPS:,} steps x batch {PAPER_BATCH}",
+        "extraction": [],
+        "training": [],
+        "storage": [],
+    }
     if run.quick:
         out["note"] = "--quick: projected from shrunk runs, not representative"
     for s in extraction:
         if "extract_s" not in s:
             continue
         rate = s.get("steady_images_per_s") or s["extract_images_per_s"]
-        out["extraction"].append({"detector": s["detector"], "amp": s["amp"], "images_per_s": rate,
-                                  "basis": "steady state" if s.get("steady_images_per_s") else "end to end",
-                                  "train2017_hours": COCO_TRAIN2017_IMAGES / rate / 3600})
+        out["extraction"].append(
+            {
+                "detector": s["detector"],
+                "amp": s["amp"],
+                "images_per_s": rate,
+                "basis": "steady state" if s.get("steady_images_per_s") else "end to end",
+                "train2017_hours": COCO_TRAIN2017_IMAGES / rate / 3600,
+            }
+        )
         if s["amp"] == "off":
             auto = s["bytes_per_image"] - s.get("c1_bytes_per_image", 0)  # --c1 auto: recompute, no c1 array
-            out["storage"].append({"detector": s["detector"], "bytes_per_image": s["bytes_per_image"],
-                                   "train2017_TB": s["bytes_per_image"] * COCO_TRAIN2017_IMAGES / 1e12,
-                                   "auto_bytes_per_image": auto,
-                                   "train2017_TB_auto": auto * COCO_TRAIN2017_IMAGES / 1e12})
+            out["storage"].append(
+                {
+                    "detector": s["detector"],
+                    "bytes_per_image": s["bytes_per_image"],
+                    "train2017_TB": s["bytes_per_image"] * COCO_TRAIN2017_IMAGES / 1e12,
+                    "auto_bytes_per_image": auto,
+                    "train2017_TB_auto": auto * COCO_TRAIN2017_IMAGES / 1e12,
+                }
+            )
     for s in training:
         if "seconds" not in s:
             continue
         per_step = s["s_per_step"] * PAPER_BATCH / s["batch"]  # measured at a smaller batch only with few images
-        out["training"].append({"head": s["head"], "amp": s["amp"], "s_per_step": per_step,
-                                "paper_schedule_hours": PAPER_STEPS * per_step / 3600,
-                                "bound": s.get("bound", "")})
+        out["training"].append(
+            {
+                "head": s["head"],
+                "amp": s["amp"],
+                "s_per_step": per_step,
+                "paper_schedule_hours": PAPER_STEPS * per_step / 3600,
+                "bound": s.get("bound", ""),
+            }
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- tables
 def md_environment(r: dict) -> list[str]:
-    keys = ("device_name", "driver", "nvidia_smi", "capability", "gpu_memory_GiB", "torch", "torchvision", "cuda",
-            "cudnn", "cpu", "cpu_count", "torch_threads", "tf32_matmul", "tf32_cudnn", "python")
+    keys = (
+        "device_name",
+        "driver",
+        "nvidia_smi",
+        "capability",
+        "gpu_memory_GiB",
+        "torch",
+        "torchvision",
+        "cuda",
+        "cudnn",
+        "cpu",
+        "cpu_count",
+        "torch_threads",
+        "tf32_matmul",
+        "tf32_cudnn",
+        "python",
+    )
     return ["| item | value |", "|---|---|"] + [f"| {k} | {fmt(r[k])} |" for k in keys if k in r]
 
 
 def md_agreement(r: dict) -> list[str]:
-    rows = ["| CPU vs CUDA | max abs | relative (max abs / max \\|cpu\\|) | tolerance | result | note |",
-            "|---|---:|---:|---:|---|---|"]
+    rows = [
+        "| CPU vs CUDA | max abs | relative (max abs / max \\|cpu\\|) | tolerance | result | note |",
+        "|---|---:|---:|---:|---|---|",
+    ]
     for i in r["items"]:
         if "error" in i:
             rows.append(f"| {i['item']} | | | | **ERROR** | {i['error']} |")
         else:
-            rows.append(f"| {i['item']} | {i['max_abs']:.3g} | {i['rel']:.3g} | {i['tolerance']:g} | "
-                        f"{'pass' if i['pass'] else '**FAIL**'} | {i.get('note', '')} |")
-    rows.append(f"\n{r['passed']} passed, {r['failed']} failed "
-                f"(TF32: cuDNN {r['tf32_cudnn']}, matmul {r['tf32_matmul']})")
+            rows.append(
+                f"| {i['item']} | {i['max_abs']:.3g} | {i['rel']:.3g} | {i['tolerance']:g} | "
+                f"{'pass' if i['pass'] else '**FAIL**'} | {i.get('note', '')} |"
+            )
+    rows.append(
+        f"\n{r['passed']} passed, {r['failed']} failed (TF32: cuDNN {r['tf32_cudnn']}, matmul {r['tf32_matmul']})"
+    )
     return rows
 
 
 def md_demo(r: dict) -> list[str]:
-    check = r.get("check") or (f"{'pass' if r['pass'] else '**FAIL**'}: CPU {r['cpu_segm_AP']:.3f} "
-                               f"± {r['tolerance']}")
+    check = r.get("check") or (f"{'pass' if r['pass'] else '**FAIL**'}: CPU {r['cpu_segm_AP']:.3f} ± {r['tolerance']}")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["stage_seconds"].items())
-    return ["| demo on the device | value | check |", "|---|---:|---|",
-            f"| wall time ({r['settings']}) | {r['seconds']:.1f} s | {stages} |",
-            f"| segm AP | {r['segm_AP']:.3f} | {check} |",
-            f"| bbox AP | {r['bbox_AP']:.3f} | |"]
+    return [
+        "| demo on the device | value | check |",
+        "|---|---:|---|",
+        f"| wall time ({r['settings']}) | {r['seconds']:.1f} s | {stages} |",
+        f"| segm AP | {r['segm_AP']:.3f} | {check} |",
+        f"| bbox AP | {r['bbox_AP']:.3f} | |",
+    ]
 
 
 def md_extraction(r: dict) -> list[str]:
-    rows = [f"{r['setup']}; {r['images']} images ({r['image_sizes']}), batch {r['batch']}, {r['workers']} workers"
-            + (f"; steady state from {r['steady_state_from']}" if r.get("steady_state_from") else "") + "\n",
-            "| detector | AMP | extract img/s (end to end) | extract img/s (steady) | forward img/s | "
-            "extract ÷ forward | MiB/image | peak GPU GiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        f"{r['setup']}; {r['images']} images ({r['image_sizes']}), batch {r['batch']}, {r['workers']} workers"
+        + (f"; steady state from {r['steady_state_from']}" if r.get("steady_state_from") else "")
+        + "\n",
+        "| detector | AMP | extract img/s (end to end) | extract img/s (steady) | forward img/s | "
+        "extract ÷ forward | MiB/image | peak GPU GiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for s in r["settings"]:
         if "extract_s" not in s:
             rows.append(f"| {s['detector']} | {s.get('amp', '')} | {s.get('error') or s.get('skipped')} | | | | | |")
             continue
-        rows.append(f"| {s['detector']} | {s['amp']} | {s['extract_images_per_s']:.2f} | "
-                    f"{fmt(s.get('steady_images_per_s'))} | {fmt(s.get('forward_images_per_s'))} | "
-                    f"{fmt(s.get('extract_over_forward'))}x | {s['bytes_per_image'] / 2**20:.2f} | "
-                    f"{fmt(s.get('extract_peak_GiB'))} |")
+        rows.append(
+            f"| {s['detector']} | {s['amp']} | {s['extract_images_per_s']:.2f} | "
+            f"{fmt(s.get('steady_images_per_s'))} | {fmt(s.get('forward_images_per_s'))} | "
+            f"{fmt(s.get('extract_over_forward'))}x | {s['bytes_per_image'] / 2**20:.2f} | "
+            f"{fmt(s.get('extract_peak_GiB'))} |"
+        )
         if "forward_images_per_s_batch8_amp_off" in s:
-            rows.append(f"| {s['detector']} forward at batch 8 | off | | | "
-                        f"{s['forward_images_per_s_batch8_amp_off']:.2f} | | | |")
+            rows.append(
+                f"| {s['detector']} forward at batch 8 | off | | | "
+                f"{s['forward_images_per_s_batch8_amp_off']:.2f} | | | |"
+            )
     return rows
 
 
 def md_training(r: dict) -> list[str]:
-    rows = [f"cache: {r['cache']}; batch {r['batch']}, {r['steps']} timed steps after {r['warmup_steps']} warm-up, "
-            f"{r['workers']} reader workers; train.min_iou {r['min_iou']:g}: {r['positives_per_image']:.1f} training "
-            f"queries per image ({r['positives_note']})\n",
-            "| head | AMP | train img/s | s/step | peak GPU GiB | reader alone img/s | reader ÷ train | bound |",
-            "|---|---|---:|---:|---:|---:|---:|---|"]
+    rows = [
+        f"cache: {r['cache']}; batch {r['batch']}, {r['steps']} timed steps after {r['warmup_steps']} warm-up, "
+        f"{r['workers']} reader workers; train.min_iou {r['min_iou']:g}: {r['positives_per_image']:.1f} training "
+        f"queries per image ({r['positives_note']})\n",
+        "| head | AMP | train img/s | s/step | peak GPU GiB | reader alone img/s | reader ÷ train | bound |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for s in r["settings"]:
         if "images_per_s" not in s:
             rows.append(f"| {s['head']} | {s['amp']} | {s.get('error') or s.get('skipped')} | | | | | |")
             continue
-        rows.append(f"| {s['head']} | {s['amp']} | {s['images_per_s']:.1f} | {s['s_per_step']:.3f} | "
-                    f"{fmt(s.get('peak_GiB'))} | {fmt(s.get('reader_images_per_s'))} | "
-                    f"{fmt(s.get('reader_over_train'))}x | {s.get('bound', '')} |")
+        rows.append(
+            f"| {s['head']} | {s['amp']} | {s['images_per_s']:.1f} | {s['s_per_step']:.3f} | "
+            f"{fmt(s.get('peak_GiB'))} | {fmt(s.get('reader_images_per_s'))} | "
+            f"{fmt(s.get('reader_over_train'))}x | {s.get('bound', '')} |"
+        )
     return rows
 
 
 def md_sweep(r: dict) -> list[str]:
-    rows = [r["settings"] + "\n", "| head | segm AP | AP50 | params | train s | s/step | x blendmask |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        r["settings"] + "\n",
+        "| head | segm AP | AP50 | params | train s | s/step | x blendmask |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for h in r["heads"]:
         if "segm_AP" not in h:
             rows.append(f"| {h['head']} | {h.get('error') or h.get('skipped')} | | | | | |")
             continue
-        rows.append(f"| {h['head']} | {100 * h['segm_AP']:.1f} | {100 * h['segm_AP50']:.1f} | {h['params']:,} | "
-                    f"{h['train_seconds']:.0f} | {h['s_per_step']:.3f} | {fmt(h.get('over_blendmask'))} |")
+        rows.append(
+            f"| {h['head']} | {100 * h['segm_AP']:.1f} | {100 * h['segm_AP50']:.1f} | {h['params']:,} | "
+            f"{h['train_seconds']:.0f} | {h['s_per_step']:.3f} | {fmt(h.get('over_blendmask'))} |"
+        )
     return rows
 
 
 def md_projection(r: dict) -> list[str]:
     rows = ([f"**{r['note']}**\n"] if r.get("note") else []) + [
         f"COCO train2017: {r['images']:,} images; head schedule {r['schedule']}\n",
-        "| projection | setting | figure |", "|---|---|---:|"]
+        "| projection | setting | figure |",
+        "|---|---|---:|",
+    ]
     for s in r["extraction"]:
-        rows.append(f"| extraction, one device | {s['detector']} AMP {s['amp']} ({s['basis']}) | "
-                    f"{s['train2017_hours']:.1f} h |")
+        rows.append(
+            f"| extraction, one device | {s['detector']} AMP {s['amp']} ({s['basis']}) | {s['train2017_hours']:.1f} h |"
+        )
     for s in r["training"]:
-        rows.append(f"| head training, paper schedule | {s['head']} AMP {s['amp']} ({s['bound'] or 'bound unknown'}) | "
-                    f"{s['paper_schedule_hours']:.1f} h |")
+        rows.append(
+            f"| head training, paper schedule | {s['head']} AMP {s['amp']} ({s['bound'] or 'bound unknown'}) | "
+            f"{s['paper_schedule_hours']:.1f} h |"
+        )
     for s in r["storage"]:
         rows.append(f"| cache size (float16, C1 stored, top-100) | {s['detector']} | {s['train2017_TB']:.2f} TB |")
         if "train2017_TB_auto" in s:
-            rows.append(f"| cache size (float16, --c1 auto: C1 recomputed, top-100) | {s['detector']} | "
-                        f"{s['train2017_TB_auto']:.2f} TB |")
+            rows.append(
+                f"| cache size (float16, --c1 auto: C1 recomputed, top-100) | {s['detector']} | "
+                f"{s['train2017_TB_auto']:.2f} TB |"
+            )
     return rows
 
 
-SECTIONS = {"environment": (section_environment, md_environment),
-            "agreement": (section_agreement, md_agreement),
-            "demo": (section_demo, md_demo),
-            "extraction": (section_extraction, md_extraction),
-            "training": (section_training, md_training),
-            "projection": (section_projection, md_projection),
-            "sweep": (section_sweep, md_sweep)}
+SECTIONS = {
+    "environment": (section_environment, md_environment),
+    "agreement": (section_agreement, md_agreement),
+    "demo": (section_demo, md_demo),
+    "extraction": (section_extraction, md_extraction),
+    "training": (section_training, md_training),
+    "projection": (section_projection, md_projection),
+    "sweep": (section_sweep, md_sweep),
+}
 DEFAULT_SECTIONS = [name for name in SECTIONS if name != "sweep"]  # the sweep runs only when asked
 
 
 def markdown(results: dict) -> str:
     meta = results["meta"]
-    lines = [f"# mfcache GPU check ({meta['device']}{', --quick' if meta['quick'] else ''})\n",
-             f"{meta['started']}, {meta['elapsed_s']:.0f} s" + ("" if meta.get("finished") else " (unfinished)") + "\n"]
+    lines = [
+        f"# mfcache GPU check ({meta['device']}{', --quick' if meta['quick'] else ''})\n",
+        f"{meta['started']}, {meta['elapsed_s']:.0f} s" + ("" if meta.get("finished") else " (unfinished)") + "\n",
+    ]
     for name, (_, table) in SECTIONS.items():
         if name not in results:
             continue
@@ -943,11 +1272,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu.json and gpu.md")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--quick", action="store_true", help="shrunk runs (on a CPU: tiny detectors, 64 px)")
-    parser.add_argument("--budget-s", type=float, default=480.0,
-                        help="past this many seconds, what remains is recorded as skipped (default 480)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: up to 8; 1 with --device cpu --quick, a check that "
-                             "shares its cores with its own reader processes)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="past this many seconds, what remains is recorded as skipped (default 480)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: up to 8; 1 with --device cpu --quick, a check that "
+        "shares its cores with its own reader processes)",
+    )
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--only", nargs="*", choices=list(SECTIONS), help="run only these sections")
     args = parser.parse_args()
@@ -958,12 +1295,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="gpucheck-", dir=args.work))
-    run = Run(device=device, quick=args.quick, out=args.out, work=work, budget_s=args.budget_s,
-              plan=Plan.make(device, args.quick))
-    run.results["meta"] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": args.device,
-                           "quick": args.quick, "started": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
-                           "threads": args.threads, "budget_s": args.budget_s,
-                           "plan": dataclasses.asdict(run.plan), "elapsed_s": 0.0}
+    run = Run(
+        device=device,
+        quick=args.quick,
+        out=args.out,
+        work=work,
+        budget_s=args.budget_s,
+        plan=Plan.make(device, args.quick),
+    )
+    run.results["meta"] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": args.device,
+        "quick": args.quick,
+        "started": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
+        "threads": args.threads,
+        "budget_s": args.budget_s,
+        "plan": dataclasses.asdict(run.plan),
+        "elapsed_s": 0.0,
+    }
     if device.type == "cuda" and not torch.cuda.is_available():
         run.log("no CUDA device is available: use --device cpu")
     try:
@@ -978,11 +1327,12 @@ def main() -> None:
                     result = fn(run)
                 except Exception as exc:  # a GPU lease is precious: record the failure and go on
                     traceback.print_exc()
-                    result = {"error": f"{type(exc).__name__}: {exc}",
-                              "traceback": traceback.format_exc(limit=-4)}
+                    result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=-4)}
                 result["seconds"] = time.perf_counter() - start
-                run.log(f"section {name}: {'ERROR ' + result['error'] if 'error' in result else 'done'} "
-                        f"in {result['seconds']:.1f} s")
+                run.log(
+                    f"section {name}: {'ERROR ' + result['error'] if 'error' in result else 'done'} "
+                    f"in {result['seconds']:.1f} s"
+                )
             run.results[name] = result
             run.free()
             save(run)

@@ -36,8 +36,9 @@ def measure(cache: str, heads: list[str], steps: int, device: str) -> dict:
     cache_ = Cache(Path(cache))
     trainers = {}
     for head in heads:
-        config = resolve_run_config(head, [f"train.steps={steps + 1}", "train.batch_size=8", "train.num_workers=1",
-                                           f"train.device={device}"])
+        config = resolve_run_config(
+            head, [f"train.steps={steps + 1}", "train.batch_size=8", "train.num_workers=1", f"train.device={device}"]
+        )
         trainers[head] = Trainer(cache_, cache_.split(None, role="train"), config, world=world, device=dev)
     times: dict[str, list[float]] = {head: [] for head in heads}
     # one loader per head (each reads the levels its head needs), the same images in the same steps
@@ -52,8 +53,15 @@ def measure(cache: str, heads: list[str], steps: int, device: str) -> dict:
             if i:  # step 0 is the warm-up
                 times[head].append(time.perf_counter() - start)
     fastest = min(statistics.median(t) for t in times.values())
-    return {head: {"median_step_s": statistics.median(t), "mean_step_s": statistics.fmean(t), "steps": len(t),
-                   "relative": statistics.median(t) / fastest} for head, t in times.items()}
+    return {
+        head: {
+            "median_step_s": statistics.median(t),
+            "mean_step_s": statistics.fmean(t),
+            "steps": len(t),
+            "relative": statistics.median(t) / fastest,
+        }
+        for head, t in times.items()
+    }
 
 
 def main() -> None:
@@ -64,11 +72,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    results = {"cache": args.cache, "device": args.device, "heads": measure(args.cache, args.heads, args.steps,
-                                                                              args.device)}
+    results = {
+        "cache": args.cache,
+        "device": args.device,
+        "heads": measure(args.cache, args.heads, args.steps, args.device),
+    }
     rows = ["| head | median s/step | mean s/step | × fastest |", "|---|---:|---:|---:|"]
-    rows += [f"| {h} | {r['median_step_s']:.3f} | {r['mean_step_s']:.3f} | {r['relative']:.1f} |"
-             for h, r in results["heads"].items()]
+    rows += [
+        f"| {h} | {r['median_step_s']:.3f} | {r['mean_step_s']:.3f} | {r['relative']:.1f} |"
+        for h, r in results["heads"].items()
+    ]
     print(write_report(args.out, "head_speed", results, "\n".join(rows)))
 
 

@@ -25,8 +25,15 @@ from mfcache.stages.runs import load_run
 
 
 @torch.no_grad()
-def inbox_iou(cache_path: Path, run_dir: Path, split: str = "val", *, min_iou: float = 0.5,
-              limit: int | None = None, batch_size: int = 8) -> dict:
+def inbox_iou(
+    cache_path: Path,
+    run_dir: Path,
+    split: str = "val",
+    *,
+    min_iou: float = 0.5,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict:
     """{"positives": N, "inbox_iou": mean IoU, "split", "run"} over the first ``limit`` images."""
     cache = Cache(cache_path)
     device = torch.device("cpu")
@@ -47,8 +54,13 @@ def inbox_iou(cache_path: Path, run_dir: Path, split: str = "val", *, min_iou: f
         union = (pred | target).flatten(1).sum(1).clamp(min=1)
         ious.append(inter / union)
     iou = torch.cat(ious) if ious else torch.zeros(0)
-    return {"run": str(run_dir), "split": split, "images": n, "positives": int(iou.numel()),
-            "inbox_iou": round(float(iou.mean()), 4) if iou.numel() else None}
+    return {
+        "run": str(run_dir),
+        "split": split,
+        "images": n,
+        "positives": int(iou.numel()),
+        "inbox_iou": round(float(iou.mean()), 4) if iou.numel() else None,
+    }
 
 
 def main() -> None:

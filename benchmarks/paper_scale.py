@@ -43,10 +43,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from cache_io import COCO_TRAIN2017_IMAGES
-from common import (COCO_HW, PAPER_EDGES, PeakMemory, cache_bytes, cpu_name, fmt, positives_threshold,
-                    subset_annotations, write_coco_sized_dataset, write_native_checkpoint, write_report)
+from common import (
+    COCO_HW,
+    PAPER_EDGES,
+    PeakMemory,
+    cache_bytes,
+    cpu_name,
+    fmt,
+    positives_threshold,
+    subset_annotations,
+    write_coco_sized_dataset,
+    write_native_checkpoint,
+    write_report,
+)
 
 PAPER_STEPS, PAPER_BATCH = 88_500, 8
 COCO_VAL2017_IMAGES = 5_000
@@ -63,20 +73,30 @@ STORAGE = {
 }
 MAIN = "float16"  # the option every detector runs on all its images; heads train on its cache
 DETECTORS = {"hdetr_r50": ("hdetr", {}), "dino_4scale_r50": ("dino", {})}
-TINY = {"backbone": "resnet18", "d_model": 64, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
-        "dim_feedforward": 96, "enc_n_points": 2, "dec_n_points": 3}
-TINY_DETECTORS = {"hdetr_r50": ("hdetr", {**TINY, "num_queries": 30, "num_queries_one2many": 30}),
-                  "dino_4scale_r50": ("dino", {**TINY, "num_queries": 30})}
+TINY = {
+    "backbone": "resnet18",
+    "d_model": 64,
+    "nheads": 4,
+    "enc_layers": 1,
+    "dec_layers": 2,
+    "dim_feedforward": 96,
+    "enc_n_points": 2,
+    "dec_n_points": 3,
+}
+TINY_DETECTORS = {
+    "hdetr_r50": ("hdetr", {**TINY, "num_queries": 30, "num_queries_one2many": 30}),
+    "dino_4scale_r50": ("dino", {**TINY, "num_queries": 30}),
+}
 
 
 @dataclass(frozen=True)
 class Plan:
     """Counts of one run; sizes stay the paper's except with the hidden ``--tiny`` (tests)."""
 
-    images: int                  # images of a trained detector's MAIN extraction (training batch: min(8, images))
-    option_images: int           # images of each further storage option
+    images: int  # images of a trained detector's MAIN extraction (training batch: min(8, images))
+    option_images: int  # images of each further storage option
     all_options: tuple[str, ...]  # detectors measured with every storage option (others: MAIN only)
-    trained: tuple[str, ...]     # detectors whose MAIN cache trains and evaluates the heads
+    trained: tuple[str, ...]  # detectors whose MAIN cache trains and evaluates the heads
     warmup_steps: int
     steps: int
     hw: tuple[int, int] = COCO_HW
@@ -86,13 +106,24 @@ class Plan:
     @classmethod
     def make(cls, quick: bool, tiny: bool) -> Plan:
         if tiny:  # the test's plan: the code paths of --quick in seconds
-            return cls(images=2, option_images=1, all_options=("hdetr_r50",), trained=("hdetr_r50",),
-                       warmup_steps=1, steps=1, hw=(48, 64), edges=(64, 107), tiny=True)
+            return cls(
+                images=2,
+                option_images=1,
+                all_options=("hdetr_r50",),
+                trained=("hdetr_r50",),
+                warmup_steps=1,
+                steps=1,
+                hw=(48, 64),
+                edges=(64, 107),
+                tiny=True,
+            )
         if quick:
-            return cls(images=8, option_images=1, all_options=("hdetr_r50",), trained=("hdetr_r50",),
-                       warmup_steps=1, steps=1)
-        return cls(images=32, option_images=8, all_options=tuple(DETECTORS), trained=tuple(DETECTORS),
-                   warmup_steps=3, steps=20)
+            return cls(
+                images=8, option_images=1, all_options=("hdetr_r50",), trained=("hdetr_r50",), warmup_steps=1, steps=1
+            )
+        return cls(
+            images=32, option_images=8, all_options=tuple(DETECTORS), trained=tuple(DETECTORS), warmup_steps=3, steps=20
+        )
 
 
 @dataclass
@@ -107,8 +138,7 @@ class Run:
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def log(self, message: str) -> None:
-        print(f"[{datetime.datetime.now():%H:%M:%S} +{time.perf_counter() - self.started:6.1f}s] {message}",
-              flush=True)
+        print(f"[{datetime.datetime.now():%H:%M:%S} +{time.perf_counter() - self.started:6.1f}s] {message}", flush=True)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -136,8 +166,9 @@ def stage_extract(run: Run, data: Path, annotations: Path) -> list[dict]:
     subset = subset_annotations(annotations, plan.option_images, data / "annotations" / "subset.json")
     detectors = TINY_DETECTORS if plan.tiny else DETECTORS
     for name, (family, options) in detectors.items():
-        spec = write_native_checkpoint(run.work / name, family, shortest_edge=plan.edges[0],
-                                       longest_edge=plan.edges[1], options=options)
+        spec = write_native_checkpoint(
+            run.work / name, family, shortest_edge=plan.edges[0], longest_edge=plan.edges[1], options=options
+        )
         start = time.perf_counter()
         load_detector(spec, device=run.device)  # the model load alone, subtracted from each extraction
         run.sync()
@@ -149,40 +180,69 @@ def stage_extract(run: Run, data: Path, annotations: Path) -> list[dict]:
             run.log(f"extract {name} {storage} ({images} images)")
             row = {"detector": name, "storage": storage, "options": option, "images": images, "model_load_s": load_s}
             try:
-                row.update(extract_once(run, spec, data, annotations if images == plan.images else subset, images,
-                                        option, run.work / f"cache-{name}-{len(rows)}", keep=storage == MAIN))
+                row.update(
+                    extract_once(
+                        run,
+                        spec,
+                        data,
+                        annotations if images == plan.images else subset,
+                        images,
+                        option,
+                        run.work / f"cache-{name}-{len(rows)}",
+                        keep=storage == MAIN,
+                    )
+                )
             except Exception as exc:  # e.g. a C1 policy this detector does not support: the rest still runs
                 row.update(error_row(exc))
             rows.append(row)
-            run.log(f"  {fmt(row.get('s_per_image'))} s/image, {fmt(row.get('bytes_per_image', 0) / 2**20)} "
-                    f"MiB/image" if "error" not in row else f"  {row['error']}")
+            run.log(
+                f"  {fmt(row.get('s_per_image'))} s/image, {fmt(row.get('bytes_per_image', 0) / 2**20)} MiB/image"
+                if "error" not in row
+                else f"  {row['error']}"
+            )
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def extract_once(run: Run, spec: str, data: Path, annotations: Path, images: int, option: dict, cache: Path,
-                 keep: bool) -> dict:
+def extract_once(
+    run: Run, spec: str, data: Path, annotations: Path, images: int, option: dict, cache: Path, keep: bool
+) -> dict:
     """One ``extract`` into ``cache`` (block size = the images, so no block is part padding, as
     almost none is in a 118k-image split); its cost and the bytes the cache takes on disk."""
     from mfcache.cache.reader import Cache
     from mfcache.config import ExtractConfig, check_config
     from mfcache.stages.extract import extract
 
-    config = ExtractConfig(device=str(run.device), num_workers=run.workers("extract"), block_size=min(16, images),
-                           **option)
+    config = ExtractConfig(
+        device=str(run.device), num_workers=run.workers("extract"), block_size=min(16, images), **option
+    )
     check_config(config)
     with PeakMemory(run.device) as peak:
         start = time.perf_counter()
-        extract(detector=spec, images=data / "train", annotations=annotations, out=cache, split="train",
-                config=config, progress=False)
+        extract(
+            detector=spec,
+            images=data / "train",
+            annotations=annotations,
+            out=cache,
+            split="train",
+            config=config,
+            progress=False,
+        )
         run.sync()
         seconds = time.perf_counter() - start
     size = cache_bytes(cache)
     if Cache(cache).split("train").num_rows != images:  # every per-image figure divides by it
         raise RuntimeError(f"{cache} holds {Cache(cache).split('train').num_rows} images, not {images}")
-    row = {"extract_s": seconds, "s_per_image": seconds / images, "bytes_per_image": size["per_image_arrays"] / images,
-           "fixed_bytes": size["fixed"], "cache_bytes": size["total"], "peak_GiB": peak.gib, "peak_kind": peak.kind}
+    row = {
+        "extract_s": seconds,
+        "s_per_image": seconds / images,
+        "bytes_per_image": size["per_image_arrays"] / images,
+        "fixed_bytes": size["fixed"],
+        "cache_bytes": size["total"],
+        "peak_GiB": peak.gib,
+        "peak_kind": peak.kind,
+    }
     if keep:
         row["_cache"] = cache
     else:
@@ -203,15 +263,17 @@ def stage_train_eval(run: Run, extraction: list[dict]) -> list[dict]:
         min_iou, positives = positives_threshold(Cache(cache), POSITIVES)
         for head in HEADS:
             run.log(f"train + eval {head} on {source['detector']}")
-            row = {"detector": source["detector"], "head": head, "min_iou": min_iou,
-                   "positives_per_image": positives}
+            row = {"detector": source["detector"], "head": head, "min_iou": min_iou, "positives_per_image": positives}
             try:
                 row.update(train_and_eval(run, cache, head, min_iou, source["images"]))
             except Exception as exc:
                 row.update(error_row(exc))
             rows.append(row)
-            run.log(f"  {fmt(row.get('s_per_step'))} s/step, eval {fmt(row.get('eval_s_per_image'))} s/image"
-                    if "error" not in row else f"  {row['error']}")
+            run.log(
+                f"  {fmt(row.get('s_per_step'))} s/step, eval {fmt(row.get('eval_s_per_image'))} s/image"
+                if "error" not in row
+                else f"  {row['error']}"
+            )
     return rows
 
 
@@ -225,41 +287,86 @@ def train_and_eval(run: Run, cache: Path, head: str, min_iou: float, images: int
     run_dir = cache.parent / f"run-{cache.name}-{head}"
 
     def config(steps: int):
-        return resolve_run_config(head, [f"train.steps={steps}", f"train.min_iou={min_iou}",
-                                         f"train.batch_size={batch}", f"train.device={run.device}",
-                                         f"train.num_workers={run.workers('train')}", "train.checkpoint_every=1000000",
-                                         "train.log_every=1000000"])
+        return resolve_run_config(
+            head,
+            [
+                f"train.steps={steps}",
+                f"train.min_iou={min_iou}",
+                f"train.batch_size={batch}",
+                f"train.device={run.device}",
+                f"train.num_workers={run.workers('train')}",
+                "train.checkpoint_every=1000000",
+                "train.log_every=1000000",
+            ],
+        )
 
     train(cache_path=cache, run_dir=run_dir, progress=False, config=config(plan.warmup_steps))
     with PeakMemory(run.device) as peak:
-        result = train(cache_path=cache, run_dir=run_dir, progress=False, resume=True,
-                       config=config(plan.warmup_steps + plan.steps))
+        result = train(
+            cache_path=cache,
+            run_dir=run_dir,
+            progress=False,
+            resume=True,
+            config=config(plan.warmup_steps + plan.steps),
+        )
     start = time.perf_counter()
-    evaluate(cache_path=cache, run_dir=run_dir, split="train", device=str(run.device), progress=False,
-             overrides=[f"eval.batch_size={run.eval_batch}"])
+    evaluate(
+        cache_path=cache,
+        run_dir=run_dir,
+        split="train",
+        device=str(run.device),
+        progress=False,
+        overrides=[f"eval.batch_size={run.eval_batch}"],
+    )
     run.sync()
     eval_s = time.perf_counter() - start
-    return {"batch": batch, "steps": plan.steps, "warmup_steps": plan.warmup_steps, "train_s": result["seconds"],
-            "s_per_step": result["seconds"] / plan.steps, "images_per_s": plan.steps * batch / result["seconds"],
-            "peak_GiB": peak.gib, "peak_kind": peak.kind, "eval_images": images, "eval_batch": run.eval_batch,
-            "eval_s": eval_s,
-            "eval_s_per_image": eval_s / images}
+    return {
+        "batch": batch,
+        "steps": plan.steps,
+        "warmup_steps": plan.warmup_steps,
+        "train_s": result["seconds"],
+        "s_per_step": result["seconds"] / plan.steps,
+        "images_per_s": plan.steps * batch / result["seconds"],
+        "peak_GiB": peak.gib,
+        "peak_kind": peak.kind,
+        "eval_images": images,
+        "eval_batch": run.eval_batch,
+        "eval_s": eval_s,
+        "eval_s_per_image": eval_s / images,
+    }
 
 
 # ----------------------------------------------------------------------------- 4. projection
 def projection(extraction: list[dict], training: list[dict]) -> dict:
     """COCO figures on this device from the measured per-image ones."""
     n = COCO_TRAIN2017_IMAGES
-    storage = [{"detector": r["detector"], "storage": r["storage"], "bytes_per_image": r["bytes_per_image"],
-                "train2017_TB": r["bytes_per_image"] * n / 1e12,
-                "extract_hours": max(r["extract_s"] - r["model_load_s"], 0) / r["images"] * n / 3600}
-               for r in extraction if "bytes_per_image" in r]
-    heads = [{"detector": r["detector"], "head": r["head"],
-              "paper_schedule_hours": PAPER_STEPS * r["s_per_step"] * PAPER_BATCH / r["batch"] / 3600,
-              "val2017_eval_hours": COCO_VAL2017_IMAGES * r["eval_s_per_image"] / 3600}
-             for r in training if "s_per_step" in r]
-    return {"train2017_images": n, "schedule": f"{PAPER_STEPS:,} steps x batch {PAPER_BATCH}",
-            "storage": storage, "heads": heads}
+    storage = [
+        {
+            "detector": r["detector"],
+            "storage": r["storage"],
+            "bytes_per_image": r["bytes_per_image"],
+            "train2017_TB": r["bytes_per_image"] * n / 1e12,
+            "extract_hours": max(r["extract_s"] - r["model_load_s"], 0) / r["images"] * n / 3600,
+        }
+        for r in extraction
+        if "bytes_per_image" in r
+    ]
+    heads = [
+        {
+            "detector": r["detector"],
+            "head": r["head"],
+            "paper_schedule_hours": PAPER_STEPS * r["s_per_step"] * PAPER_BATCH / r["batch"] / 3600,
+            "val2017_eval_hours": COCO_VAL2017_IMAGES * r["eval_s_per_image"] / 3600,
+        }
+        for r in training
+        if "s_per_step" in r
+    ]
+    return {
+        "train2017_images": n,
+        "schedule": f"{PAPER_STEPS:,} steps x batch {PAPER_BATCH}",
+        "storage": storage,
+        "heads": heads,
+    }
 
 
 def bytes_per_image(extraction: list[dict]) -> dict:
@@ -274,37 +381,48 @@ def bytes_per_image(extraction: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- tables
 def markdown(results: dict) -> str:
     meta = results["meta"]
-    lines = [f"# paper scale ({meta['device_name']}, {meta['threads']} threads"
-             f"{', --quick' if meta['quick'] else ''}{', TINY sizes' if meta['plan']['tiny'] else ''})\n",
-             f"{meta['started']}, {meta.get('elapsed_s', 0):.0f} s; images {meta['image_hw'][0]}x{meta['image_hw'][1]} "
-             f"-> resize {meta['plan']['edges'][0]}/{meta['plan']['edges'][1]}; load average at start "
-             f"{meta['load_average_at_start']}, at end {meta.get('load_average_at_end')}\n"]
+    lines = [
+        f"# paper scale ({meta['device_name']}, {meta['threads']} threads"
+        f"{', --quick' if meta['quick'] else ''}{', TINY sizes' if meta['plan']['tiny'] else ''})\n",
+        f"{meta['started']}, {meta.get('elapsed_s', 0):.0f} s; images {meta['image_hw'][0]}x{meta['image_hw'][1]} "
+        f"-> resize {meta['plan']['edges'][0]}/{meta['plan']['edges'][1]}; load average at start "
+        f"{meta['load_average_at_start']}, at end {meta.get('load_average_at_end')}\n",
+    ]
     n = COCO_TRAIN2017_IMAGES
     if "extract" in results:
-        lines += ["| detector | storage | images | s/image (end to end) | s/image (after load) | MiB/image | "
-                  "train2017 TB | train2017 extract h | peak GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "| detector | storage | images | s/image (end to end) | s/image (after load) | MiB/image | "
+            "train2017 TB | train2017 extract h | peak GiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in results["extract"]:
             if "error" in r:
                 lines.append(f"| {r['detector']} | {r['storage']} | {r['images']} | {r['error']} | | | | | |")
                 continue
             after = max(r["extract_s"] - r["model_load_s"], 0) / r["images"]
-            lines.append(f"| {r['detector']} | {r['storage']} | {r['images']} | {r['s_per_image']:.2f} | {after:.2f} | "
-                         f"{r['bytes_per_image'] / 2**20:.2f} | {r['bytes_per_image'] * n / 1e12:.2f} | "
-                         f"{after * n / 3600:.0f} | {fmt(r['peak_GiB'])} |")
+            lines.append(
+                f"| {r['detector']} | {r['storage']} | {r['images']} | {r['s_per_image']:.2f} | {after:.2f} | "
+                f"{r['bytes_per_image'] / 2**20:.2f} | {r['bytes_per_image'] * n / 1e12:.2f} | "
+                f"{after * n / 3600:.0f} | {fmt(r['peak_GiB'])} |"
+            )
         lines.append("")
     if "train_eval" in results:
-        lines += ["| detector | head | batch | s/step | images/s | peak GiB | train queries/image | "
-                  "paper schedule h | eval s/image | val2017 eval h |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "| detector | head | batch | s/step | images/s | peak GiB | train queries/image | "
+            "paper schedule h | eval s/image | val2017 eval h |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in results["train_eval"]:
             if "error" in r:
                 lines.append(f"| {r['detector']} | {r['head']} | {r['error']} | | | | | | | |")
                 continue
             hours = PAPER_STEPS * r["s_per_step"] * PAPER_BATCH / r["batch"] / 3600
-            lines.append(f"| {r['detector']} | {r['head']} | {r['batch']} | {r['s_per_step']:.2f} | "
-                         f"{r['images_per_s']:.2f} | {fmt(r['peak_GiB'])} | {r['positives_per_image']:.1f} | "
-                         f"{hours:.0f} | {r['eval_s_per_image']:.3f} | "
-                         f"{COCO_VAL2017_IMAGES * r['eval_s_per_image'] / 3600:.2f} |")
+            lines.append(
+                f"| {r['detector']} | {r['head']} | {r['batch']} | {r['s_per_step']:.2f} | "
+                f"{r['images_per_s']:.2f} | {fmt(r['peak_GiB'])} | {r['positives_per_image']:.1f} | "
+                f"{hours:.0f} | {r['eval_s_per_image']:.3f} | "
+                f"{COCO_VAL2017_IMAGES * r['eval_s_per_image'] / 3600:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -333,11 +451,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for paper_scale.json and paper_scale.md")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="fewer images and steps (sizes unchanged)")
-    parser.add_argument("--storage", nargs="*", default=[], metavar="NAME=key=value,...",
-                        help="a further storage option, as extract config fields (e.g. 'compact=dtype=int8,compress=true')")
-    parser.add_argument("--eval-batch", type=int, default=None,
-                        help="eval.batch_size (default: 8, the library's, on a GPU; 2 on a CPU: paper_final at 8 "
-                             "runs its box encoder on 800 RoIs at once, over 20 GB)")
+    parser.add_argument(
+        "--storage",
+        nargs="*",
+        default=[],
+        metavar="NAME=key=value,...",
+        help="a further storage option, as extract config fields (e.g. 'compact=dtype=int8,compress=true')",
+    )
+    parser.add_argument(
+        "--eval-batch",
+        type=int,
+        default=None,
+        help="eval.batch_size (default: 8, the library's, on a GPU; 2 on a CPU: paper_final at 8 "
+        "runs its box encoder on 800 RoIs at once, over 20 GB)",
+    )
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="torch CPU threads")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny detectors and images
@@ -348,15 +475,31 @@ def main() -> None:
     plan = Plan.make(args.quick, args.tiny)
     work = Path(tempfile.mkdtemp(prefix="paperscale-", dir=args.work))
     storage = {**STORAGE, **parse_storage(args.storage)}
-    meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": args.device,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__, "quick": args.quick,
-            "started": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}", "plan": dataclasses.asdict(plan),
-            "image_hw": plan.hw, "load_average_at_start": os.getloadavg(), "positives_aimed_at": POSITIVES}
+    meta = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "started": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
+        "plan": dataclasses.asdict(plan),
+        "image_hw": plan.hw,
+        "load_average_at_start": os.getloadavg(),
+        "positives_aimed_at": POSITIVES,
+    }
     eval_batch = args.eval_batch or (8 if device.type == "cuda" else 2)
     meta["eval_batch"] = eval_batch
-    run = Run(device=device, plan=plan, out=args.out, work=work, storage=storage, results={"meta": meta},
-              eval_batch=eval_batch)
+    run = Run(
+        device=device,
+        plan=plan,
+        out=args.out,
+        work=work,
+        storage=storage,
+        results={"meta": meta},
+        eval_batch=eval_batch,
+    )
     try:
         run.log(f"writing {plan.images} synthetic {plan.hw[0]}x{plan.hw[1]} images")
         annotations = write_coco_sized_dataset(work / "data", images=plan.images, hw=plan.hw)

@@ -27,23 +27,30 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from cache_io import synthetic_cache
 from common import PAPER_EDGES, interleaved, write_coco_sized_dataset, write_native_checkpoint
 
-INPUT_HW = (800, 1067)   # a 480x640 image at the paper's resize
-POSITIVES = 20           # training queries per image on every head-training side
-MASKRCNN_BATCH = 2       # torchvision's reference recipe: 2 images per GPU
-GT_PER_IMAGE = 7         # COCO train2017 averages 7.3 instances per image
+INPUT_HW = (800, 1067)  # a 480x640 image at the paper's resize
+POSITIVES = 20  # training queries per image on every head-training side
+MASKRCNN_BATCH = 2  # torchvision's reference recipe: 2 images per GPU
+GT_PER_IMAGE = 7  # COCO train2017 averages 7.3 instances per image
 PAPER_HEAD = "paper_final"
 
 
 def _head_config(name: str, steps: int = 1, batch: int = 8):
     from mfcache.config import resolve_run_config
 
-    return resolve_run_config(name, [f"train.steps={steps}", f"train.batch_size={batch}", "train.num_workers=0",
-                                     "train.device=cpu", "train.checkpoint_every=1000000",
-                                     "train.log_every=1000000"])
+    return resolve_run_config(
+        name,
+        [
+            f"train.steps={steps}",
+            f"train.batch_size={batch}",
+            "train.num_workers=0",
+            "train.device=cpu",
+            "train.checkpoint_every=1000000",
+            "train.log_every=1000000",
+        ],
+    )
 
 
 class CachedTraining:
@@ -57,8 +64,13 @@ class CachedTraining:
         from mfcache.stages.train import train
 
         self.steps += 1
-        train(cache_path=self.cache, run_dir=self.run_dir, progress=False, resume=self.steps > 1,
-              config=_head_config(self.name, self.steps, self.batch))
+        train(
+            cache_path=self.cache,
+            run_dir=self.run_dir,
+            progress=False,
+            resume=self.steps > 1,
+            config=_head_config(self.name, self.steps, self.batch),
+        )
 
 
 def cached_forward(cache: Path, name: str, images: int):
@@ -76,6 +88,7 @@ def cached_forward(cache: Path, name: str, images: int):
     @torch.no_grad()
     def run() -> None:
         mask_probs(head, Batch.collate([dataset[i] for i in range(images)]).to("cpu"))
+
     return run
 
 
@@ -91,8 +104,9 @@ def maskrcnn_step(hw=(480, 640)):
     # what maskrcnn_resnet50_fpn builds for a pretrained backbone: FrozenBatchNorm, 3 trainable layers
     backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3)
     model = MaskRCNN(backbone, num_classes=91, min_size=PAPER_EDGES[0], max_size=PAPER_EDGES[1]).train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9,
-                                weight_decay=1e-4)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9, weight_decay=1e-4
+    )
     h, w = hw
     images = [torch.rand(3, h, w) for _ in range(MASKRCNN_BATCH)]
     targets = []
@@ -109,6 +123,7 @@ def maskrcnn_step(hw=(480, 640)):
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
+
     return step
 
 
@@ -126,6 +141,7 @@ def sam_masks(boxes: int = 100):
     @torch.no_grad()
     def run() -> None:
         model(pixel_values=pixels, input_boxes=prompts, multimask_output=False)
+
     return run
 
 
@@ -145,8 +161,9 @@ def live_step(tmp: Path, images: int):
     annotations = write_coco_sized_dataset(tmp / "data", images=images)
     pixels = {i: load_image(path) for i, path in enumerate(sorted((annotations.parent.parent / "train").glob("*.png")))}
     model = load_detector(spec, device=torch.device("cpu"))
-    settings = ExtractSettings(topk=100, target_size=64, c1="store", dtype="float16", levels=(0, 1, 2, 3),
-                               resize=model.info.preprocess.resize)
+    settings = ExtractSettings(
+        topk=100, target_size=64, c1="store", dtype="float16", levels=(0, 1, 2, 3), resize=model.info.preprocess.resize
+    )
     config = _head_config(PAPER_HEAD)
     head = head_for(model.info, settings, config.head)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.train.lr)
@@ -162,6 +179,7 @@ def live_step(tmp: Path, images: int):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -174,29 +192,35 @@ def bench_peers(quick: bool) -> dict:
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         tmp = Path(tmp)
         cache = synthetic_cache(tmp / "cache", images=8, input_hw=INPUT_HW, positives=POSITIVES)
-        sides = {"cache_train_paper_final": (CachedTraining(cache, tmp / "paper", PAPER_HEAD, batch), batch),
-                 "cache_train_blendmask": (CachedTraining(cache, tmp / "blend", "blendmask", batch), batch),
-                 "maskrcnn_train": (maskrcnn_step(), MASKRCNN_BATCH),
-                 "cache_forward_paper_final": (cached_forward(cache, PAPER_HEAD, 2), 2),
-                 "sam_vit_b_100_boxes": (sam_masks(), 1),
-                 "live_hdetr_paper_final": (live_step(tmp, live_images), live_images)}
+        sides = {
+            "cache_train_paper_final": (CachedTraining(cache, tmp / "paper", PAPER_HEAD, batch), batch),
+            "cache_train_blendmask": (CachedTraining(cache, tmp / "blend", "blendmask", batch), batch),
+            "maskrcnn_train": (maskrcnn_step(), MASKRCNN_BATCH),
+            "cache_forward_paper_final": (cached_forward(cache, PAPER_HEAD, 2), 2),
+            "sam_vit_b_100_boxes": (sam_masks(), 1),
+            "live_hdetr_paper_final": (live_step(tmp, live_images), live_images),
+        }
         seconds = interleaved({name: fn for name, (fn, _) in sides.items()}, 2 if quick else 3)
     per_image = {name: seconds[name] / n for name, (_, n) in sides.items()}
     paper, blend = per_image["cache_train_paper_final"], per_image["cache_train_blendmask"]
     return {
-        "setup": (f"480x640 images -> {INPUT_HW[0]}x{INPUT_HW[1]} inputs (800/1333 resize), random weights; cache: "
-                  f"H-DETR R50 layout (4 levels x 256, C1 256 ch stored, top-100, float16), {POSITIVES} training "
-                  f"queries/image; head batch {batch}; Mask R-CNN R50-FPN batch {MASKRCNN_BATCH}, "
-                  f"{GT_PER_IMAGE} GT/image; SAM ViT-B at 1024 with 100 boxes; live H-DETR R50 batch {live_images}"),
+        "setup": (
+            f"480x640 images -> {INPUT_HW[0]}x{INPUT_HW[1]} inputs (800/1333 resize), random weights; cache: "
+            f"H-DETR R50 layout (4 levels x 256, C1 256 ch stored, top-100, float16), {POSITIVES} training "
+            f"queries/image; head batch {batch}; Mask R-CNN R50-FPN batch {MASKRCNN_BATCH}, "
+            f"{GT_PER_IMAGE} GT/image; SAM ViT-B at 1024 with 100 boxes; live H-DETR R50 batch {live_images}"
+        ),
         "s_per_image": per_image,
         "maskrcnn_train_ratio": per_image["maskrcnn_train"] / paper,
         "maskrcnn_train_ratio_blendmask": per_image["maskrcnn_train"] / blend,
         "sam_mask_ratio": per_image["sam_vit_b_100_boxes"] / per_image["cache_forward_paper_final"],
-        "cache_payoff": {"paper_scale_ratio": per_image["live_hdetr_paper_final"] / paper,
-                         "paper_scale_live_s_per_image": per_image["live_hdetr_paper_final"],
-                         "paper_scale_cache_s_per_image": paper,
-                         "paper_scale_setup": f"H-DETR R50 at 800x1067, {PAPER_HEAD} head, {POSITIVES} "
-                                              "training queries/image on both sides"},
+        "cache_payoff": {
+            "paper_scale_ratio": per_image["live_hdetr_paper_final"] / paper,
+            "paper_scale_live_s_per_image": per_image["live_hdetr_paper_final"],
+            "paper_scale_cache_s_per_image": paper,
+            "paper_scale_setup": f"H-DETR R50 at 800x1067, {PAPER_HEAD} head, {POSITIVES} "
+            "training queries/image on both sides",
+        },
     }
 
 
@@ -209,17 +233,21 @@ def bench_paper_ratios(quick: bool) -> dict:
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         tmp = Path(tmp)
         cache = synthetic_cache(tmp / "cache", images=8, input_hw=INPUT_HW, positives=POSITIVES)
-        sides = {"cache_train_paper_final": (CachedTraining(cache, tmp / "paper", PAPER_HEAD, batch), batch),
-                 "maskrcnn_train": (maskrcnn_step(), MASKRCNN_BATCH),
-                 "cache_forward_paper_final": (cached_forward(cache, PAPER_HEAD, 2), 2),
-                 "sam_vit_b_100_boxes": (sam_masks(), 1)}
+        sides = {
+            "cache_train_paper_final": (CachedTraining(cache, tmp / "paper", PAPER_HEAD, batch), batch),
+            "maskrcnn_train": (maskrcnn_step(), MASKRCNN_BATCH),
+            "cache_forward_paper_final": (cached_forward(cache, PAPER_HEAD, 2), 2),
+            "sam_vit_b_100_boxes": (sam_masks(), 1),
+        }
         seconds = interleaved({name: fn for name, (fn, _) in sides.items()}, 2 if quick else 3)
     per_image = {name: seconds[name] / n for name, (_, n) in sides.items()}
     return {
-        "setup": (f"480x640 images -> {INPUT_HW[0]}x{INPUT_HW[1]} inputs (800/1333 resize), random weights; cache: "
-                  f"H-DETR R50 layout (4 levels x 256, C1 256 ch stored, top-100, float16), {POSITIVES} training "
-                  f"queries/image; head {PAPER_HEAD} batch {batch}; Mask R-CNN R50-FPN batch {MASKRCNN_BATCH}, "
-                  f"{GT_PER_IMAGE} GT/image; SAM ViT-B at 1024 with 100 boxes"),
+        "setup": (
+            f"480x640 images -> {INPUT_HW[0]}x{INPUT_HW[1]} inputs (800/1333 resize), random weights; cache: "
+            f"H-DETR R50 layout (4 levels x 256, C1 256 ch stored, top-100, float16), {POSITIVES} training "
+            f"queries/image; head {PAPER_HEAD} batch {batch}; Mask R-CNN R50-FPN batch {MASKRCNN_BATCH}, "
+            f"{GT_PER_IMAGE} GT/image; SAM ViT-B at 1024 with 100 boxes"
+        ),
         "s_per_image": per_image,
         "maskrcnn_train_ratio": per_image["maskrcnn_train"] / per_image["cache_train_paper_final"],
         "sam_mask_ratio": per_image["sam_vit_b_100_boxes"] / per_image["cache_forward_paper_final"],
@@ -242,19 +270,30 @@ def main() -> None:
     torch.set_num_threads(2)
     start = os.getloadavg()
     r = bench_paper_ratios(args.quick)
-    r.update(date=datetime.datetime.now().isoformat(timespec="minutes"), cpu=cpu_name(), threads=2, quick=args.quick,
-             load_average_at_start=start, load_average_at_end=os.getloadavg())
+    r.update(
+        date=datetime.datetime.now().isoformat(timespec="minutes"),
+        cpu=cpu_name(),
+        threads=2,
+        quick=args.quick,
+        load_average_at_start=start,
+        load_average_at_end=os.getloadavg(),
+    )
     t = r["s_per_image"]
-    table = "\n".join([
-        "| benchmark | measured | ratio |", "|---|---|---|",
-        f"| peers.maskrcnn_train_ratio: training s/image, Mask R-CNN R50-FPN vs {PAPER_HEAD} from the cache "
-        f"(800x1067) | {t['maskrcnn_train']:.2f} s vs {t['cache_train_paper_final']:.2f} s | "
-        f"{r['maskrcnn_train_ratio']:.1f}x |",
-        f"| peers.sam_mask_ratio: masks for 100 boxes, s/image, SAM ViT-B (image encoder included) vs {PAPER_HEAD} "
-        f"from the cache | {t['sam_vit_b_100_boxes']:.2f} s vs {t['cache_forward_paper_final']:.2f} s | "
-        f"{r['sam_mask_ratio']:.1f}x |",
-        "", f"{r['date']}, {r['cpu']}, 2 threads, load average at start {start[0]:.1f}, at end "
-            f"{r['load_average_at_end'][0]:.1f}; {r['setup']}"])
+    table = "\n".join(
+        [
+            "| benchmark | measured | ratio |",
+            "|---|---|---|",
+            f"| peers.maskrcnn_train_ratio: training s/image, Mask R-CNN R50-FPN vs {PAPER_HEAD} from the cache "
+            f"(800x1067) | {t['maskrcnn_train']:.2f} s vs {t['cache_train_paper_final']:.2f} s | "
+            f"{r['maskrcnn_train_ratio']:.1f}x |",
+            f"| peers.sam_mask_ratio: masks for 100 boxes, s/image, SAM ViT-B (image encoder included) vs {PAPER_HEAD} "
+            f"from the cache | {t['sam_vit_b_100_boxes']:.2f} s vs {t['cache_forward_paper_final']:.2f} s | "
+            f"{r['sam_mask_ratio']:.1f}x |",
+            "",
+            f"{r['date']}, {r['cpu']}, 2 threads, load average at start {start[0]:.1f}, at end "
+            f"{r['load_average_at_end'][0]:.1f}; {r['setup']}",
+        ]
+    )
     print(write_report(args.out, "paper_ratios", r, table))
 
 
@@ -263,19 +302,23 @@ def rows(results: dict) -> list[str]:
     out = []
     if "peers" in results:
         r, t = results["peers"], results["peers"]["s_per_image"]
-        out += [f"| peers.maskrcnn_train_ratio: training s/image, Mask R-CNN R50-FPN vs the paper's head from the "
-                f"cache (800x1067) | {t['maskrcnn_train']:.2f} s vs {t['cache_train_paper_final']:.2f} s | "
-                f"{r['maskrcnn_train_ratio']:.1f}x |",
-                f"| the same vs the blendmask head | {t['maskrcnn_train']:.2f} s vs {t['cache_train_blendmask']:.2f} s "
-                f"| {r['maskrcnn_train_ratio_blendmask']:.1f}x |",
-                f"| peers.sam_mask_ratio: masks for 100 boxes, s/image, SAM ViT-B (image encoder included) vs the "
-                f"paper's head from the cache | {t['sam_vit_b_100_boxes']:.2f} s vs "
-                f"{t['cache_forward_paper_final']:.2f} s | {r['sam_mask_ratio']:.1f}x |"]
+        out += [
+            f"| peers.maskrcnn_train_ratio: training s/image, Mask R-CNN R50-FPN vs the paper's head from the "
+            f"cache (800x1067) | {t['maskrcnn_train']:.2f} s vs {t['cache_train_paper_final']:.2f} s | "
+            f"{r['maskrcnn_train_ratio']:.1f}x |",
+            f"| the same vs the blendmask head | {t['maskrcnn_train']:.2f} s vs {t['cache_train_blendmask']:.2f} s "
+            f"| {r['maskrcnn_train_ratio_blendmask']:.1f}x |",
+            f"| peers.sam_mask_ratio: masks for 100 boxes, s/image, SAM ViT-B (image encoder included) vs the "
+            f"paper's head from the cache | {t['sam_vit_b_100_boxes']:.2f} s vs "
+            f"{t['cache_forward_paper_final']:.2f} s | {r['sam_mask_ratio']:.1f}x |",
+        ]
     payoff = results.get("cache_payoff", {})
     if "paper_scale_ratio" in payoff:
-        out.append(f"| cache_payoff.paper_scale_ratio: head training s/image, live frozen H-DETR R50 + head vs "
-                   f"the cache (800x1067, paper_final) | {payoff['paper_scale_live_s_per_image']:.2f} s vs "
-                   f"{payoff['paper_scale_cache_s_per_image']:.2f} s | {payoff['paper_scale_ratio']:.1f}x |")
+        out.append(
+            f"| cache_payoff.paper_scale_ratio: head training s/image, live frozen H-DETR R50 + head vs "
+            f"the cache (800x1067, paper_final) | {payoff['paper_scale_live_s_per_image']:.2f} s vs "
+            f"{payoff['paper_scale_cache_s_per_image']:.2f} s | {payoff['paper_scale_ratio']:.1f}x |"
+        )
     return out
 
 

@@ -31,7 +31,7 @@ def top10(detector, coco, preprocess, batch_size: int) -> list[dict]:
 
     found = []
     for start in range(0, len(coco), batch_size):
-        images = coco.images[start:start + batch_size]
+        images = coco.images[start : start + batch_size]
         inputs = [to_input(load_image(coco.image_path(im)), preprocess) for im in images]
         top = select_topk(detector(*pad_batch(inputs, preprocess)), 10, sigmoid=True)
         found += [{"labels": l, "boxes": b, "scores": s} for l, b, s in zip(top.labels, top.boxes, top.scores)]
@@ -86,32 +86,58 @@ def main() -> None:
         for label, n in subsets.items():
             keep = {im["id"] for im in val["images"][:n]}
             subset = Path(tmp) / f"val-{n}.json"
-            subset.write_text(json.dumps({**val, "images": val["images"][:n],
-                                          "annotations": [a for a in val["annotations"] if a["image_id"] in keep]}))
+            subset.write_text(
+                json.dumps(
+                    {
+                        **val,
+                        "images": val["images"][:n],
+                        "annotations": [a for a in val["annotations"] if a["image_id"] in keep],
+                    }
+                )
+            )
             coco = CocoDataset(subset, data / "val")
-            rows[label] = {name: evaluate_bbox(det.model, coco, torch.device("cpu"), args.batch_size,
-                                               det.info.preprocess)
-                           for name, det in paths.items()}
+            rows[label] = {
+                name: evaluate_bbox(det.model, coco, torch.device("cpu"), args.batch_size, det.info.preprocess)
+                for name, det in paths.items()
+            }
         found = {name: top10(det, full, det.info.preprocess, args.batch_size) for name, det in paths.items()}
         changed = [i for i, (a, b) in enumerate(zip(found["float"], found["processor"])) if not same_ranking(a, b)]
         same = [i for i in range(len(full)) if i not in changed]
         # rank-wise score differences where the ranking is the same (elsewhere they compare different objects)
-        score_diff = max((float((found["float"][i]["scores"] - found["processor"][i]["scores"]).abs().max())
-                          for i in same), default=0.0)
+        score_diff = max(
+            (float((found["float"][i]["scores"] - found["processor"][i]["scores"]).abs().max()) for i in same),
+            default=0.0,
+        )
         pre = {name: det.info.preprocess for name, det in paths.items()}
-        pixel_diff = max(float((to_input(load_image(full.image_path(im)), pre["float"])
-                                - to_input(load_image(full.image_path(im)), pre["processor"])).abs().max())
-                         for im in full.images)
+        pixel_diff = max(
+            float(
+                (
+                    to_input(load_image(full.image_path(im)), pre["float"])
+                    - to_input(load_image(full.image_path(im)), pre["processor"])
+                )
+                .abs()
+                .max()
+            )
+            for im in full.images
+        )
     coco_pre = {name: replace(p, shortest_edge=800, longest_edge=1333, pad_size=None) for name, p in pre.items()}
-    timing = {name: {"demo 256x192 -> 192x144": seconds_per_image(p, (256, 192)),
-                     "COCO 480x640 -> 800x1066": seconds_per_image(coco_pre[name], (480, 640), repeats=5)}
-              for name, p in pre.items()}
+    timing = {
+        name: {
+            "demo 256x192 -> 192x144": seconds_per_image(p, (256, 192)),
+            "COCO 480x640 -> 800x1066": seconds_per_image(coco_pre[name], (480, 640), repeats=5),
+        }
+        for name, p in pre.items()
+    }
 
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "val_images": len(full), "bbox": rows, "top10_changed_images": len(changed),
-        "top10_changed_ids": [full.images[i].id for i in changed], "max_score_diff_same_ranking": score_diff,
-        "max_pixel_diff": pixel_diff, "to_input_seconds": timing,
+        "val_images": len(full),
+        "bbox": rows,
+        "top10_changed_images": len(changed),
+        "top10_changed_ids": [full.images[i].id for i in changed],
+        "max_score_diff_same_ranking": score_diff,
+        "max_pixel_diff": pixel_diff,
+        "to_input_seconds": timing,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -119,8 +145,10 @@ def main() -> None:
     for label, by_path in rows.items():
         for name, m in by_path.items():
             print(f"| {label} | {name} | {m['AP']:.4f} | {m['AP50']:.4f} | {m['AP75']:.4f} |")
-    print(f"top-10 ranking (label, box IoU >= 0.9 rank by rank) differs on {len(changed)} of {len(full)} images; "
-          f"max score difference elsewhere {score_diff:.2e}; max pixel difference {pixel_diff:.4f}")
+    print(
+        f"top-10 ranking (label, box IoU >= 0.9 rank by rank) differs on {len(changed)} of {len(full)} images; "
+        f"max score difference elsewhere {score_diff:.2e}; max pixel difference {pixel_diff:.4f}"
+    )
     for name, t in timing.items():
         print(f"to_input {name}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()))
 

@@ -45,9 +45,15 @@ def start_server() -> str:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-                       "AWS_EC2_METADATA_DISABLED": "true"})
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
     return f"http://{host}:{port}"
 
 
@@ -68,7 +74,7 @@ def read_all(cache, batch: int = 8) -> float:
     split = Cache(cache).split("train")
     rows = list(split.complete_rows)
     for lo in range(0, len(rows), batch):
-        split.read_many(rows[lo: lo + batch])
+        split.read_many(rows[lo : lo + batch])
     return time.perf_counter() - start
 
 
@@ -122,8 +128,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import zarr
-
     from cache_io import evict, synthetic_cache
+
     from mfcache.cache.location import locate
 
     endpoint = start_server()
@@ -149,9 +155,15 @@ def main() -> None:
     mb = stored / 1e6
     rate = {k: mb / statistics.median(v) for k, v in times.items()}
     result = {
-        "meta": {"date": date.today().isoformat(), "machine": args.machine,
-                 "command": "python benchmarks/remote_reader.py " + " ".join(_without_machine(sys.argv[1:]))},
-        "images": args.images, "input_hw": [480, 640], "bytes": stored, "concurrency": args.concurrency,
+        "meta": {
+            "date": date.today().isoformat(),
+            "machine": args.machine,
+            "command": "python benchmarks/remote_reader.py " + " ".join(_without_machine(sys.argv[1:])),
+        },
+        "images": args.images,
+        "input_hw": [480, 640],
+        "bytes": stored,
+        "concurrency": args.concurrency,
         "MBps": rate,
         "ratio_to_disk": {k: rate[k] / rate["disk"] for k in rate if k != "disk"},
         "store_layers_MBps": layers,

@@ -38,8 +38,14 @@ def escape(text: str) -> str:
         if part.startswith("`") and part.endswith("`") and len(part) > 1:
             out.append(part.replace("|", "\\|"))
         else:
-            out.append(part.replace("\\", "\\\\").replace("<", "&lt;").replace(">", "&gt;")
-                       .replace("*", "\\*").replace("|", "\\|").replace("_", "\\_"))
+            out.append(
+                part.replace("\\", "\\\\")
+                .replace("<", "&lt;")
+                .replace(">", "&gt;")
+                .replace("*", "\\*")
+                .replace("|", "\\|")
+                .replace("_", "\\_")
+            )
     return "".join(out)
 
 
@@ -108,7 +114,7 @@ def _docstring(text: str) -> str:
     for paragraph in re.split(r"\n\s*\n", (text or "").strip()):
         flat = " ".join(paragraph.split())
         if flat.startswith("Example: "):
-            out.append("Example:\n\n```bash\n" + flat[len("Example: "):] + "\n```")
+            out.append("Example:\n\n```bash\n" + flat[len("Example: ") :] + "\n```")
         else:
             out.append(escape(flat))
     return "\n\n".join(out)
@@ -117,6 +123,7 @@ def _docstring(text: str) -> str:
 def cli_reference() -> str:
     """Every command of ``mfcache`` with its usage, help and options, as ``--help`` shows them."""
     import typer.main
+
     from mfcache.cli.main import app
 
     root = typer.main.get_command(app)
@@ -131,9 +138,12 @@ def cli_reference() -> str:
         "```\n" + root.get_usage(ctx).replace("Usage: mfcache", "mfcache") + "\n```\n",
         _docstring(root.help) + "\n",
         table(["option", "description"], [[f"`{n}`", escape(h)] for n, h in _help_rows(root, ctx)]) + "\n",
-        "| command | what it does |\n|---|---|\n" + "\n".join(
+        "| command | what it does |\n|---|---|\n"
+        + "\n".join(
             f"| [`mfcache {' '.join(path)}`](#mfcache-{'-'.join(path)}) | {escape(c.get_short_help_str(limit=200))} |"
-            for path, c in _commands(root)) + "\n",
+            for path, c in _commands(root)
+        )
+        + "\n",
     ]
     for path, command in _commands(root):
         name = " ".join(path)
@@ -152,38 +162,62 @@ def cli_reference() -> str:
 def performance_page() -> str:
     source = "run_all/quick-2026-11-22.json"
     data, meta = load(source)
-    rows = [[r["benchmark"], r["measured"], f"**{r['ratio']:g}×**" if r["goal"] not in ("", "—") else f"{r['ratio']:g}×",
-             r["goal"] + (" ✓" if r["met"] else " ✗" if r["met"] is False else "")] for r in data["rows"]]
+    rows = [
+        [
+            r["benchmark"],
+            r["measured"],
+            f"**{r['ratio']:g}×**" if r["goal"] not in ("", "—") else f"{r['ratio']:g}×",
+            r["goal"] + (" ✓" if r["met"] else " ✗" if r["met"] is False else ""),
+        ]
+        for r in data["rows"]
+    ]
     body = table(["benchmark", "measured", "ratio", "goal"], rows, "lllr"[:3] + "l") + "\n\n" + provenance(meta)
-    return page("Performance: the design's ratios", f"benchmarks/results/{source}",
-                "Each ratio times both sides alternately in one run, so load from other processes affects both "
-                "alike. Goals are from the scaling issue.",
-                section("table", body),
-                "## History\n\n" + "\n".join(f"- {h}" for h in data["history"]))
+    return page(
+        "Performance: the design's ratios",
+        f"benchmarks/results/{source}",
+        "Each ratio times both sides alternately in one run, so load from other processes affects both "
+        "alike. Goals are from the scaling issue.",
+        section("table", body),
+        "## History\n\n" + "\n".join(f"- {h}" for h in data["history"]),
+    )
 
 
 def object_storage_page() -> str:
     source = "remote_reader.json"
     data, meta = load(source)
     rate, ratio = data["MBps"], data["ratio_to_disk"]
-    names = {"s3_default": "from the bucket, zarr's default 10 requests in flight",
-             "s3": f"from the bucket, {data['concurrency']} requests in flight (the default for object storage)",
-             "s3_local_cold": "from the bucket through an empty `--local-cache` folder (the first epoch)",
-             "s3_local_warm": "through the `--local-cache` folder, warm (later epochs and runs)"}
+    names = {
+        "s3_default": "from the bucket, zarr's default 10 requests in flight",
+        "s3": f"from the bucket, {data['concurrency']} requests in flight (the default for object storage)",
+        "s3_local_cold": "from the bucket through an empty `--local-cache` folder (the first epoch)",
+        "s3_local_warm": "through the `--local-cache` folder, warm (later epochs and runs)",
+    }
     rows = [["from local disk, page cache dropped", f"{rate['disk']:.0f}", "1"]]
     rows += [[text, f"{rate[key]:.0f}", f"**{ratio[key]:.2f}×**"] for key, text in names.items()]
     body = table(["the training reader reads every image", "MB/s", "÷ local disk"], rows, "lrr")
     layers = data.get("store_layers_MBps", {})
     if layers:
-        body += "\n\n" + table(["store layer (one array read whole from the bucket)", "MB/s"],
-                                 [[f"`{name}`", f"{value:.0f}"] for name, value in layers.items()], "lr")
-    body += "\n\n" + provenance(meta) + (f" *{data['images']} images of the R50 layout at "
-                                         f"{data['input_hw'][0]}×{data['input_hw'][1]}, {data['bytes'] / 1e6:.0f} MB.*")
-    return page("Reading a cache from object storage", f"benchmarks/results/{source}",
-                "The training reader (`CacheSplit.read_many`, batches of 8, every part CRC-checked, one process) "
-                "reading a synthetic cache from a moto S3 server on 127.0.0.1 and from local disk, and through the "
-                "read-through folder (`--local-cache`), cold and warm.",
-                section("table", body))
+        body += "\n\n" + table(
+            ["store layer (one array read whole from the bucket)", "MB/s"],
+            [[f"`{name}`", f"{value:.0f}"] for name, value in layers.items()],
+            "lr",
+        )
+    body += (
+        "\n\n"
+        + provenance(meta)
+        + (
+            f" *{data['images']} images of the R50 layout at "
+            f"{data['input_hw'][0]}×{data['input_hw'][1]}, {data['bytes'] / 1e6:.0f} MB.*"
+        )
+    )
+    return page(
+        "Reading a cache from object storage",
+        f"benchmarks/results/{source}",
+        "The training reader (`CacheSplit.read_many`, batches of 8, every part CRC-checked, one process) "
+        "reading a synthetic cache from a moto S3 server on 127.0.0.1 and from local disk, and through the "
+        "read-through folder (`--local-cache`), cold and warm.",
+        section("table", body),
+    )
 
 
 def _pct(x: float | None) -> str:
@@ -201,16 +235,29 @@ def sweep_page() -> tuple[str, dict[str, Callable[[Path], None]]]:
             ap += f" (seeds {seeds}: {', '.join(f'{v:.1f}' for v in h['other_seeds'].values())})"
         name = h["head"] + (f" ({h['what']})" if h["what"] else "")
         rows.append([name, ap, f"{h['segm_AP50']:.1f}", f"{h['inbox_iou']:.3f}", f"{h['params']:,}"])
-    sweep = (table(["head", "segm AP (%)", "AP50", "in-box IoU", "params"], rows, "lrrrr") + "\n\n"
-             + f"Budget: {meta['budget']}.\n\n" + provenance(meta))
+    sweep = (
+        table(["head", "segm AP (%)", "AP50", "in-box IoU", "params"], rows, "lrrrr")
+        + "\n\n"
+        + f"Budget: {meta['budget']}.\n\n"
+        + provenance(meta)
+    )
     fn = data["fused_norm"]
-    norm = table(["head", "`head.fused_norm=none` (the paper's F, the default)", "`layer`", "`group`"],
-                 [[r["head"], r["none"], r["layer"], r["group"]] for r in fn["rows"]], "lrrr")
+    norm = table(
+        ["head", "`head.fused_norm=none` (the paper's F, the default)", "`layer`", "`group`"],
+        [[r["head"], r["none"], r["layer"], r["group"]] for r in fn["rows"]],
+        "lrrr",
+    )
     norm += f"\n\n{fn['what']}. " + provenance(meta)
     pf = data["paper_final_vs_blendmask_120_steps"]
-    short = table(["head", "segm AP (%)", "AP50"],
-                  [[k, f"{pf[k]['segm_AP']:.1f}", f"{pf[k]['segm_AP50']:.1f}"] for k in ("paper_final", "blendmask")],
-                  "lrr") + f"\n\n{pf['what']}. " + provenance(meta)
+    short = (
+        table(
+            ["head", "segm AP (%)", "AP50"],
+            [[k, f"{pf[k]['segm_AP']:.1f}", f"{pf[k]['segm_AP50']:.1f}"] for k in ("paper_final", "blendmask")],
+            "lrr",
+        )
+        + f"\n\n{pf['what']}. "
+        + provenance(meta)
+    )
 
     def plot(path: Path) -> None:
         import matplotlib
@@ -232,11 +279,15 @@ def sweep_page() -> tuple[str, dict[str, Callable[[Path], None]]]:
         fig.savefig(path, dpi=100, metadata={"Software": None})
         plt.close(fig)
 
-    text = page("The ablation sweep on the demo cache", f"benchmarks/results/{source}",
-                section("table", sweep), "![segm AP and in-box IoU of each head](img/sweep.png)",
-                "## F's normalisation\n\n" + section("fused-norm", norm),
-                "## `paper_final` against `blendmask` at 120 steps\n\n" + section("paper-final", short),
-                "## History\n\n" + "\n".join(f"- {h}" for h in data["history"]))
+    text = page(
+        "The ablation sweep on the demo cache",
+        f"benchmarks/results/{source}",
+        section("table", sweep),
+        "![segm AP and in-box IoU of each head](img/sweep.png)",
+        "## F's normalisation\n\n" + section("fused-norm", norm),
+        "## `paper_final` against `blendmask` at 120 steps\n\n" + section("paper-final", short),
+        "## History\n\n" + "\n".join(f"- {h}" for h in data["history"]),
+    )
     return text, {"sweep.png": plot}
 
 
@@ -245,11 +296,17 @@ def learning_curves_page() -> tuple[str, dict[str, Callable[[Path], None]]]:
     curves, meta = load(source)
     labels = list(curves)
     steps = sorted({s for c in curves.values() for s, _ in c["val_segm_AP"]})
-    rows = [[f"`{label}`"] + [next((_pct(ap) for s, ap in curves[label]["val_segm_AP"] if s == step), "–")
-                              for step in steps] for label in labels]
-    body = (table(["val segm AP (%) at step", *map(str, steps)], rows, "l" + "r" * len(steps)) + "\n\n"
-            + "`box_baseline`, seed 0, 1500 steps of 8 at lr 1e-3 on the demo cache, val segm AP every 250 steps. "
-            + provenance(meta))
+    rows = [
+        [f"`{label}`"]
+        + [next((_pct(ap) for s, ap in curves[label]["val_segm_AP"] if s == step), "–") for step in steps]
+        for label in labels
+    ]
+    body = (
+        table(["val segm AP (%) at step", *map(str, steps)], rows, "l" + "r" * len(steps))
+        + "\n\n"
+        + "`box_baseline`, seed 0, 1500 steps of 8 at lr 1e-3 on the demo cache, val segm AP every 250 steps. "
+        + provenance(meta)
+    )
 
     def plot(path: Path) -> None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -257,9 +314,12 @@ def learning_curves_page() -> tuple[str, dict[str, Callable[[Path], None]]]:
 
         draw(curves, path)
 
-    return page("Learning curves: `box_baseline`, F raw against F GroupNorm", f"benchmarks/results/{source}",
-                section("table", body),
-                "![training loss and val segm AP of box_baseline, F raw against F GroupNorm](img/learning_curves.png)"), {"learning_curves.png": plot}
+    return page(
+        "Learning curves: `box_baseline`, F raw against F GroupNorm",
+        f"benchmarks/results/{source}",
+        section("table", body),
+        "![training loss and val segm AP of box_baseline, F raw against F GroupNorm](img/learning_curves.png)",
+    ), {"learning_curves.png": plot}
 
 
 def peers_page() -> str:
@@ -268,22 +328,42 @@ def peers_page() -> str:
     s = data["peers"]["s_per_image"]
     p, c = data["peers"], data["cache_payoff"]
     rows = [
-        ["`peers.maskrcnn_train_ratio`: training, torchvision Mask R-CNN R50-FPN (batch 2, 7 GT/image) vs the paper's "
-         "head (`paper_final`) from the cache", f"{s['maskrcnn_train']:.1f} s vs {s['cache_train_paper_final']:.1f} s",
-         f"**{p['maskrcnn_train_ratio']:.1f}×**", "≥ 10 " + ("✓" if p["maskrcnn_train_ratio"] >= 10 else "✗")],
-        ["the same vs the `blendmask` head", f"{s['maskrcnn_train']:.1f} s vs {s['cache_train_blendmask']:.2f} s",
-         f"**{p['maskrcnn_train_ratio_blendmask']:.1f}×**", "≥ 10 " + ("✓" if p["maskrcnn_train_ratio_blendmask"] >= 10 else "✗")],
-        ["`peers.sam_mask_ratio`: masks for 100 boxes, SAM ViT-B (`SamModel(SamConfig())`, 1024 px, image encoder "
-         "included) vs `paper_final` forward from the cache (read included)",
-         f"{s['sam_vit_b_100_boxes']:.1f} s vs {s['cache_forward_paper_final']:.1f} s",
-         f"**{p['sam_mask_ratio']:.1f}×**", "≥ 20 " + ("✓" if p["sam_mask_ratio"] >= 20 else "✗")],
-        ["`cache_payoff.paper_scale_ratio`: head training, live frozen H-DETR R50 (800×1067) + `paper_final` step vs "
-         "the same step from the cache", f"{c['paper_scale_live_s_per_image']:.1f} s vs {c['paper_scale_cache_s_per_image']:.1f} s",
-         f"**{c['paper_scale_ratio']:.1f}×**", "—"],
+        [
+            "`peers.maskrcnn_train_ratio`: training, torchvision Mask R-CNN R50-FPN (batch 2, 7 GT/image) vs the paper's "
+            "head (`paper_final`) from the cache",
+            f"{s['maskrcnn_train']:.1f} s vs {s['cache_train_paper_final']:.1f} s",
+            f"**{p['maskrcnn_train_ratio']:.1f}×**",
+            "≥ 10 " + ("✓" if p["maskrcnn_train_ratio"] >= 10 else "✗"),
+        ],
+        [
+            "the same vs the `blendmask` head",
+            f"{s['maskrcnn_train']:.1f} s vs {s['cache_train_blendmask']:.2f} s",
+            f"**{p['maskrcnn_train_ratio_blendmask']:.1f}×**",
+            "≥ 10 " + ("✓" if p["maskrcnn_train_ratio_blendmask"] >= 10 else "✗"),
+        ],
+        [
+            "`peers.sam_mask_ratio`: masks for 100 boxes, SAM ViT-B (`SamModel(SamConfig())`, 1024 px, image encoder "
+            "included) vs `paper_final` forward from the cache (read included)",
+            f"{s['sam_vit_b_100_boxes']:.1f} s vs {s['cache_forward_paper_final']:.1f} s",
+            f"**{p['sam_mask_ratio']:.1f}×**",
+            "≥ 20 " + ("✓" if p["sam_mask_ratio"] >= 20 else "✗"),
+        ],
+        [
+            "`cache_payoff.paper_scale_ratio`: head training, live frozen H-DETR R50 (800×1067) + `paper_final` step vs "
+            "the same step from the cache",
+            f"{c['paper_scale_live_s_per_image']:.1f} s vs {c['paper_scale_cache_s_per_image']:.1f} s",
+            f"**{c['paper_scale_ratio']:.1f}×**",
+            "—",
+        ],
     ]
     body = table(["benchmark", "measured (s/image)", "ratio", "goal"], rows, "llrl") + "\n\n" + provenance(meta)
-    return page("Peers: Mask R-CNN and SAM against the cached heads", f"benchmarks/results/{source}",
-                f"Setup: {escape(p['setup'])}.", section("table", body), paper_ratios_section())
+    return page(
+        "Peers: Mask R-CNN and SAM against the cached heads",
+        f"benchmarks/results/{source}",
+        f"Setup: {escape(p['setup'])}.",
+        section("table", body),
+        paper_ratios_section(),
+    )
 
 
 def paper_ratios_section() -> str:
@@ -294,98 +374,200 @@ def paper_ratios_section() -> str:
     data, meta = load(source)
     s = data["s_per_image"]
     rows = [
-        ["`peers.maskrcnn_train_ratio`", f"{s['maskrcnn_train']:.1f} s vs {s['cache_train_paper_final']:.1f} s",
-         f"**{data['maskrcnn_train_ratio']:.2f}×**"],
-        ["`peers.sam_mask_ratio`", f"{s['sam_vit_b_100_boxes']:.1f} s vs {s['cache_forward_paper_final']:.1f} s",
-         f"**{data['sam_mask_ratio']:.1f}×**"],
+        [
+            "`peers.maskrcnn_train_ratio`",
+            f"{s['maskrcnn_train']:.1f} s vs {s['cache_train_paper_final']:.1f} s",
+            f"**{data['maskrcnn_train_ratio']:.2f}×**",
+        ],
+        [
+            "`peers.sam_mask_ratio`",
+            f"{s['sam_vit_b_100_boxes']:.1f} s vs {s['cache_forward_paper_final']:.1f} s",
+            f"**{data['sam_mask_ratio']:.1f}×**",
+        ],
     ]
-    body = ("`paper_final` in the paper's form, after RoIAlign moved to torchvision's kernel on maps above "
-            "96×96 and the deformable encoder's last block to the kept level only. Not measured side by side "
-            "with the table above (another run, another load), so the two tables do not give the change's "
-            "speed-up; `benchmarks/results/roi_align_speed/` does, for the parts that changed.\n\n"
-            + table(["benchmark", "measured (s/image)", "ratio"], rows, "llr") + "\n\n" + provenance(meta))
+    body = (
+        "`paper_final` in the paper's form, after RoIAlign moved to torchvision's kernel on maps above "
+        "96×96 and the deformable encoder's last block to the kept level only. Not measured side by side "
+        "with the table above (another run, another load), so the two tables do not give the change's "
+        "speed-up; `benchmarks/results/roi_align_speed/` does, for the parts that changed.\n\n"
+        + table(["benchmark", "measured (s/image)", "ratio"], rows, "llr")
+        + "\n\n"
+        + provenance(meta)
+    )
     return f"## After the paper-form changes\n\nSetup: {escape(data['setup'])}.\n\n" + section("paper_form", body)
 
 
 def paper_scale_page() -> str:
     source = "paper_scale.json"
     data, meta = load(source)
-    mib = 2 ** 20
+    mib = 2**20
     projected = {(p["detector"], p["storage"]): p for p in data["projection"]["storage"]}
 
     def extract_row(e: dict) -> list[str]:
         if "error" in e:  # an option this run could not measure: its error, as the run recorded it
             return [e["detector"], e["storage"], str(e["images"]), escape(e["error"]), *[""] * 5]
         p = projected[e["detector"], e["storage"]]
-        return [e["detector"], e["storage"], str(e["images"]), f"{e['s_per_image']:.2f}",
-                f"{(e['extract_s'] - e['model_load_s']) / e['images']:.2f}", f"{e['bytes_per_image'] / mib:.2f}",
-                f"{p['train2017_TB']:.2f}", f"{p['extract_hours']:.0f}", f"{e['peak_GiB']:.2f}"]
+        return [
+            e["detector"],
+            e["storage"],
+            str(e["images"]),
+            f"{e['s_per_image']:.2f}",
+            f"{(e['extract_s'] - e['model_load_s']) / e['images']:.2f}",
+            f"{e['bytes_per_image'] / mib:.2f}",
+            f"{p['train2017_TB']:.2f}",
+            f"{p['extract_hours']:.0f}",
+            f"{e['peak_GiB']:.2f}",
+        ]
 
-    ext = table(["detector", "storage", "images", "s/image (end to end)", "s/image (after load)", "MiB/image",
-                 "train2017 TB", "train2017 extract h", "peak GiB"], [extract_row(e) for e in data["extract"]],
-                "lllrrrrrrr"[1:])
-    storage = table(["detector", "storage", "MiB/image", "COCO train2017 (118,287 images)"],
-                    [[p["detector"], p["storage"], f"{p['bytes_per_image'] / mib:.2f}", f"{p['train2017_TB']:.2f} TB"]
-                     for p in data["projection"]["storage"]], "llrr")
+    ext = table(
+        [
+            "detector",
+            "storage",
+            "images",
+            "s/image (end to end)",
+            "s/image (after load)",
+            "MiB/image",
+            "train2017 TB",
+            "train2017 extract h",
+            "peak GiB",
+        ],
+        [extract_row(e) for e in data["extract"]],
+        "lllrrrrrrr"[1:],
+    )
+    storage = table(
+        ["detector", "storage", "MiB/image", "COCO train2017 (118,287 images)"],
+        [
+            [p["detector"], p["storage"], f"{p['bytes_per_image'] / mib:.2f}", f"{p['train2017_TB']:.2f} TB"]
+            for p in data["projection"]["storage"]
+        ],
+        "llrr",
+    )
     heads = {(h["detector"], h["head"]): h for h in data["projection"]["heads"]}
-    train = table(["detector", "head", "batch", "s/step", "images/s", "peak GiB", "train queries/image",
-                   "paper schedule h", "eval s/image", "val2017 eval h"],
-                  [[t["detector"], t["head"], str(t["batch"]), f"{t['s_per_step']:.2f}", f"{t['images_per_s']:.2f}",
-                    f"{t['peak_GiB']:.3g}", f"{t['positives_per_image']:.1f}",
-                    f"{heads[t['detector'], t['head']]['paper_schedule_hours']:.0f}", f"{t['eval_s_per_image']:.3f}",
-                    f"{heads[t['detector'], t['head']]['val2017_eval_hours']:.2f}"] for t in data["train_eval"]],
-                  "llrrrrrrrr")
+    train = table(
+        [
+            "detector",
+            "head",
+            "batch",
+            "s/step",
+            "images/s",
+            "peak GiB",
+            "train queries/image",
+            "paper schedule h",
+            "eval s/image",
+            "val2017 eval h",
+        ],
+        [
+            [
+                t["detector"],
+                t["head"],
+                str(t["batch"]),
+                f"{t['s_per_step']:.2f}",
+                f"{t['images_per_s']:.2f}",
+                f"{t['peak_GiB']:.3g}",
+                f"{t['positives_per_image']:.1f}",
+                f"{heads[t['detector'], t['head']]['paper_schedule_hours']:.0f}",
+                f"{t['eval_s_per_image']:.3f}",
+                f"{heads[t['detector'], t['head']]['val2017_eval_hours']:.2f}",
+            ]
+            for t in data["train_eval"]
+        ],
+        "llrrrrrrrr",
+    )
     m = data["meta"]
-    how = (f"`--quick`: {m['plan']['images']} images for H-DETR, {m['plan']['option_images']} per further storage "
-           f"option, 1 for DINO; {m['plan']['warmup_steps']} warm-up + {m['plan']['steps']} timed step; eval at "
-           f"`eval.batch_size={m['eval_batch']}`; {m['elapsed_s']:.0f} s in all, started {m['started']}.")
-    return page("The paper's setting at its real size", f"benchmarks/results/{source}",
-                section("extract", ext + "\n\n" + how + " " + provenance(meta)),
-                section("train", train + "\n\n" + provenance(meta)),
-                section("projection", storage + "\n\nProjected from the bytes per image measured on the written caches "
-                        "(`du` of the chunk files that grow with the images). " + provenance(meta)),
-                "## History\n\n- When this was measured, evaluating `paper_final` at the default `eval.batch_size=8` "
-                "(800 RoIs at once) needed over 20 GB and was killed by the OOM killer on the 23 GB machine: the reason "
-                "for `eval.batch_size=2` in this run. Heads with RoI tokens have since run one image's boxes at a time "
-                "at inference (see the CHANGELOG).\n- `--c1 recompute` became the default (through `--c1 auto`) for "
-                "the native detectors after this run, so its row is `c1=none`'s bytes.")
+    how = (
+        f"`--quick`: {m['plan']['images']} images for H-DETR, {m['plan']['option_images']} per further storage "
+        f"option, 1 for DINO; {m['plan']['warmup_steps']} warm-up + {m['plan']['steps']} timed step; eval at "
+        f"`eval.batch_size={m['eval_batch']}`; {m['elapsed_s']:.0f} s in all, started {m['started']}."
+    )
+    return page(
+        "The paper's setting at its real size",
+        f"benchmarks/results/{source}",
+        section("extract", ext + "\n\n" + how + " " + provenance(meta)),
+        section("train", train + "\n\n" + provenance(meta)),
+        section(
+            "projection",
+            storage + "\n\nProjected from the bytes per image measured on the written caches "
+            "(`du` of the chunk files that grow with the images). " + provenance(meta),
+        ),
+        "## History\n\n- When this was measured, evaluating `paper_final` at the default `eval.batch_size=8` "
+        "(800 RoIs at once) needed over 20 GB and was killed by the OOM killer on the 23 GB machine: the reason "
+        "for `eval.batch_size=2` in this run. Heads with RoI tokens have since run one image's boxes at a time "
+        "at inference (see the CHANGELOG).\n- `--c1 recompute` became the default (through `--c1 auto`) for "
+        "the native detectors after this run, so its row is `c1=none`'s bytes.",
+    )
 
 
 def probes_page() -> str:
-    fp_source, hs_source, co_source = ("feature_probe/feature_probe.json", "head_speed/cpu-2026-11-29.json",
-                                       "compile-cpu-2026-11-29.json")
+    fp_source, hs_source, co_source = (
+        "feature_probe/feature_probe.json",
+        "head_speed/cpu-2026-11-29.json",
+        "compile-cpu-2026-11-29.json",
+    )
     fp, fp_meta = load(fp_source)
-    names = {"linear": "one logistic regression for all queries, fit on the train images",
-             "linear_on_val": "the same, fit on the very val pixels it is scored on (optimistic)",
-             "mlp": "one per-pixel MLP for all queries (C → 256 → 1), fit on the train images"}
-    probe = table(["read-out of the features", "val in-box IoU", "train in-box IoU"],
-                  [[names.get(k, k), f"{v['val_inbox_iou']:.3f}", f"{v['train_inbox_iou']:.3f}"]
-                   for k, v in fp["probes"].items()], "lrr")
-    probe += (f"\n\n{fp['train_positives']} train / {fp['val_positives']} val positives (200 train and 100 val images "
-              "of the demo cache), RoIAlign 32×32 of [upsample(E), C1] at stride 4. " + provenance(fp_meta))
+    names = {
+        "linear": "one logistic regression for all queries, fit on the train images",
+        "linear_on_val": "the same, fit on the very val pixels it is scored on (optimistic)",
+        "mlp": "one per-pixel MLP for all queries (C → 256 → 1), fit on the train images",
+    }
+    probe = table(
+        ["read-out of the features", "val in-box IoU", "train in-box IoU"],
+        [
+            [names.get(k, k), f"{v['val_inbox_iou']:.3f}", f"{v['train_inbox_iou']:.3f}"]
+            for k, v in fp["probes"].items()
+        ],
+        "lrr",
+    )
+    probe += (
+        f"\n\n{fp['train_positives']} train / {fp['val_positives']} val positives (200 train and 100 val images "
+        "of the demo cache), RoIAlign 32×32 of [upsample(E), C1] at stride 4. " + provenance(fp_meta)
+    )
     hs, hs_meta = load(hs_source)
-    speed = table(["head", "median s/step", "mean s/step", "× fastest"],
-                  [[k, f"{v['median_step_s']:.3f}", f"{v['mean_step_s']:.3f}", f"{v['relative']:.1f}"]
-                   for k, v in hs["heads"].items()], "lrrr")
-    speed += "\n\nTraining steps of 8 images on the same batches of the demo cache, side by side. " + provenance(hs_meta)
+    speed = table(
+        ["head", "median s/step", "mean s/step", "× fastest"],
+        [
+            [k, f"{v['median_step_s']:.3f}", f"{v['mean_step_s']:.3f}", f"{v['relative']:.1f}"]
+            for k, v in hs["heads"].items()
+        ],
+        "lrrr",
+    )
+    speed += "\n\nTraining steps of 8 images on the same batches of the demo cache, side by side. " + provenance(
+        hs_meta
+    )
     co, co_meta = load(co_source)
-    comp = table(["head", "mode", "first step", "later steps (median)"],
-                 [[r["head"], r["mode"] if r["mode"] == "eager" else f"`torch.compile({r['mode']})`",
-                   f"{r['first_step_s']:.1f} s" if r.get("first_step_s") is not None else escape(r.get("error", "fails")),
-                   f"{r['median_step_s']:.2f} s" if r.get("median_step_s") is not None else "–"] for r in co["runs"]],
-                 "llrr")
-    comp += f"\n\n{co['steps']} training steps of `box_baseline` at batch 8 on the demo cache, each mode in its own process. " + provenance(co_meta)
-    return page("Probes, head speed and torch.compile", "benchmarks/results/{feature_probe,head_speed,compile-cpu-*}.json",
-                "## What a read-out of the cached features reaches\n\n" + section("probe", probe),
-                "## Heads' time per training step\n\n" + section("speed", speed),
-                "## `torch.compile` of the head\n\n" + section("compile", comp))
+    comp = table(
+        ["head", "mode", "first step", "later steps (median)"],
+        [
+            [
+                r["head"],
+                r["mode"] if r["mode"] == "eager" else f"`torch.compile({r['mode']})`",
+                f"{r['first_step_s']:.1f} s" if r.get("first_step_s") is not None else escape(r.get("error", "fails")),
+                f"{r['median_step_s']:.2f} s" if r.get("median_step_s") is not None else "–",
+            ]
+            for r in co["runs"]
+        ],
+        "llrr",
+    )
+    comp += (
+        f"\n\n{co['steps']} training steps of `box_baseline` at batch 8 on the demo cache, each mode in its own process. "
+        + provenance(co_meta)
+    )
+    return page(
+        "Probes, head speed and torch.compile",
+        "benchmarks/results/{feature_probe,head_speed,compile-cpu-*}.json",
+        "## What a read-out of the cached features reaches\n\n" + section("probe", probe),
+        "## Heads' time per training step\n\n" + section("speed", speed),
+        "## `torch.compile` of the head\n\n" + section("compile", comp),
+    )
 
 
 def results_index(pages: dict[str, str]) -> str:
-    lines = ["# Results\n", "Every measured table in this documentation is rendered from a JSON file under "
-             "`benchmarks/results/` by `python benchmarks/render_docs.py`; CI checks that the committed pages equal "
-             "what the script renders. Each table names the date, machine and command of its measurement, and each "
-             "page keeps the history of its figures.\n"]
+    lines = [
+        "# Results\n",
+        "Every measured table in this documentation is rendered from a JSON file under "
+        "`benchmarks/results/` by `python benchmarks/render_docs.py`; CI checks that the committed pages equal "
+        "what the script renders. Each table names the date, machine and command of its measurement, and each "
+        "page keeps the history of its figures.\n",
+    ]
     for name, text in pages.items():
         if name != "index.md":
             lines.append(f"- [{text.splitlines()[0].lstrip('# ')}]({name})")
@@ -414,8 +596,11 @@ def render() -> tuple[dict[Path, str], dict[Path, Callable[[Path], None]]]:
 def check() -> list[str]:
     """What differs between the committed pages and what :func:`render` gives (empty: none)."""
     pages, plots = render()
-    problems = [f"{p.relative_to(ROOT)} differs from what benchmarks/render_docs.py renders"
-                for p, text in pages.items() if not p.is_file() or p.read_text() != text]
+    problems = [
+        f"{p.relative_to(ROOT)} differs from what benchmarks/render_docs.py renders"
+        for p, text in pages.items()
+        if not p.is_file() or p.read_text() != text
+    ]
     problems += [f"{p.relative_to(ROOT)} is missing" for p in plots if not p.is_file()]
     return problems
 

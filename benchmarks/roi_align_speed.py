@@ -61,6 +61,7 @@ def roi_calls(hw: tuple[int, int], n: int, backward: bool, method: str):
         else:
             with torch.no_grad():
                 roi_align([fmap], rois, M, 1.0 / STRIDE, 2, method=method)
+
     return run
 
 
@@ -76,6 +77,7 @@ def encoder_calls(hw: tuple[int, int], keep_only: bool):
     @torch.no_grad()
     def run() -> None:
         encoder(levels, output_level=0) if keep_only else encoder(levels)[0]
+
     return run
 
 
@@ -124,6 +126,7 @@ def head_step(hw: tuple[int, int], before: bool):
             head.zero_grad(set_to_none=True)
         finally:
             roi.DENSE_MAX_PIXELS = limit
+
     return run
 
 
@@ -135,9 +138,17 @@ def measure(repeats: int) -> dict:
         fh, fw = -(-hw[0] // STRIDE), -(-hw[1] // STRIDE)
         for what, n, backward in (("forward, 100 boxes", 100, False), ("forward + backward, 20 boxes", 20, True)):
             t = interleaved({m: roi_calls(hw, n, backward, m) for m in ("dense", "torchvision")}, repeats)
-            rows.append({"input_hw": hw, "map_hw": (fh, fw), "what": what, "dense_s": t["dense"],
-                         "torchvision_s": t["torchvision"], "dense_over_torchvision": t["dense"] / t["torchvision"],
-                         "auto": roi_method(fh, fw)})
+            rows.append(
+                {
+                    "input_hw": hw,
+                    "map_hw": (fh, fw),
+                    "what": what,
+                    "dense_s": t["dense"],
+                    "torchvision_s": t["torchvision"],
+                    "dense_over_torchvision": t["dense"] / t["torchvision"],
+                    "auto": roi_method(fh, fw),
+                }
+            )
             print(rows[-1], flush=True)
     calls = {"all_levels": encoder_calls(INPUTS[-1], False), "kept_level": encoder_calls(INPUTS[-1], True)}
     flops = {}
@@ -147,15 +158,25 @@ def measure(repeats: int) -> dict:
         flops[name] = counter.get_total_flops() / 1e9
     enc = interleaved(calls, repeats)
     step = interleaved({"before": head_step(INPUTS[-1], True), "after": head_step(INPUTS[-1], False)}, repeats)
-    return {"roi_align": rows, "dense_max_pixels": DENSE_MAX_PIXELS,
-            "paper_final_train_step_paper_size": {"input_hw": INPUTS[-1], "before_s": step["before"],
-                                                  "after_s": step["after"], "speedup": step["before"] / step["after"]},
-            "deformable_encoder_paper_size": {"input_hw": INPUTS[-1], "all_levels_s": enc["all_levels"],
-                                              "kept_level_s": enc["kept_level"],
-                                              "saved": 1 - enc["kept_level"] / enc["all_levels"],
-                                              "all_levels_matmul_gflop": flops["all_levels"],
-                                              "kept_level_matmul_gflop": flops["kept_level"],
-                                              "matmul_saved": 1 - flops["kept_level"] / flops["all_levels"]}}
+    return {
+        "roi_align": rows,
+        "dense_max_pixels": DENSE_MAX_PIXELS,
+        "paper_final_train_step_paper_size": {
+            "input_hw": INPUTS[-1],
+            "before_s": step["before"],
+            "after_s": step["after"],
+            "speedup": step["before"] / step["after"],
+        },
+        "deformable_encoder_paper_size": {
+            "input_hw": INPUTS[-1],
+            "all_levels_s": enc["all_levels"],
+            "kept_level_s": enc["kept_level"],
+            "saved": 1 - enc["kept_level"] / enc["all_levels"],
+            "all_levels_matmul_gflop": flops["all_levels"],
+            "kept_level_matmul_gflop": flops["kept_level"],
+            "matmul_saved": 1 - flops["kept_level"] / flops["all_levels"],
+        },
+    }
 
 
 def main() -> None:
@@ -163,26 +184,47 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    results = {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-               "load_average_at_start": os.getloadavg(), "platform": platform.platform(),
-               "torch": torch.__version__, **measure(args.repeats), "load_average_at_end": os.getloadavg()}
-    lines = ["| input (F) | RoIAlign | dense (before) s | torchvision s | dense / torchvision | auto takes |",
-             "|---|---|---:|---:|---:|---|"]
-    lines += [f"| {r['input_hw'][0]}x{r['input_hw'][1]} ({r['map_hw'][0]}x{r['map_hw'][1]}) | {r['what']} | "
-              f"{r['dense_s']:.3f} | {r['torchvision_s']:.3f} | {r['dense_over_torchvision']:.1f}x | {r['auto']} |"
-              for r in results["roi_align"]]
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        **measure(args.repeats),
+        "load_average_at_end": os.getloadavg(),
+    }
+    lines = [
+        "| input (F) | RoIAlign | dense (before) s | torchvision s | dense / torchvision | auto takes |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r['input_hw'][0]}x{r['input_hw'][1]} ({r['map_hw'][0]}x{r['map_hw'][1]}) | {r['what']} | "
+        f"{r['dense_s']:.3f} | {r['torchvision_s']:.3f} | {r['dense_over_torchvision']:.1f}x | {r['auto']} |"
+        for r in results["roi_align"]
+    ]
     e = results["deformable_encoder_paper_size"]
-    lines += ["", "| deformable encoder (depth 2, 4 levels x 256) at 800x1067 | s | matmul GFLOP |", "|---|---:|---:|",
-              f"| every level computed (before) | {e['all_levels_s']:.3f} | {e['all_levels_matmul_gflop']:.1f} |",
-              f"| the last block on the kept level only (after) | {e['kept_level_s']:.3f} | "
-              f"{e['kept_level_matmul_gflop']:.1f} |",
-              f"| saved | {100 * e['saved']:.0f}% | {100 * e['matmul_saved']:.0f}% |", ""]
+    lines += [
+        "",
+        "| deformable encoder (depth 2, 4 levels x 256) at 800x1067 | s | matmul GFLOP |",
+        "|---|---:|---:|",
+        f"| every level computed (before) | {e['all_levels_s']:.3f} | {e['all_levels_matmul_gflop']:.1f} |",
+        f"| the last block on the kept level only (after) | {e['kept_level_s']:.3f} | "
+        f"{e['kept_level_matmul_gflop']:.1f} |",
+        f"| saved | {100 * e['saved']:.0f}% | {100 * e['matmul_saved']:.0f}% |",
+        "",
+    ]
     p = results["paper_final_train_step_paper_size"]
-    lines += ["| paper_final training step, 1 image at 800x1067, 20 trained queries | s |", "|---|---:|",
-              f"| before (dense RoIAlign, every encoder level) | {p['before_s']:.2f} |",
-              f"| after | {p['after_s']:.2f} |", f"| speed-up | {p['speedup']:.2f}x |", "",
-              f"{results['date']}, {results['cpu']}, {results['threads']} threads, load average at start "
-              f"{results['load_average_at_start'][0]:.1f}, at end {results['load_average_at_end'][0]:.1f}"]
+    lines += [
+        "| paper_final training step, 1 image at 800x1067, 20 trained queries | s |",
+        "|---|---:|",
+        f"| before (dense RoIAlign, every encoder level) | {p['before_s']:.2f} |",
+        f"| after | {p['after_s']:.2f} |",
+        f"| speed-up | {p['speedup']:.2f}x |",
+        "",
+        f"{results['date']}, {results['cpu']}, {results['threads']} threads, load average at start "
+        f"{results['load_average_at_start'][0]:.1f}, at end {results['load_average_at_end'][0]:.1f}",
+    ]
     print(write_report(args.out, "roi_align_speed", results, "\n".join(lines)))
 
 

@@ -55,8 +55,16 @@ class Predictor:
     you trust, as such a file can run any code.
     """
 
-    def __init__(self, run: str | Path, *, detector: str | None = None, device: str = "auto",
-                 score_threshold: float = 0.0, batch_size: int = 1, trust_checkpoint: bool = False):
+    def __init__(
+        self,
+        run: str | Path,
+        *,
+        detector: str | None = None,
+        device: str = "auto",
+        score_threshold: float = 0.0,
+        batch_size: int = 1,
+        trust_checkpoint: bool = False,
+    ):
         _check_threshold(score_threshold)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise MfcacheError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -94,7 +102,7 @@ class Predictor:
         items = [images] if single else list(images)
         found: list[Instances] = []
         for start in range(0, len(items), self.batch_size):  # decoded chunk by chunk: a long list fits in memory
-            pixels = {i: to_image(x) for i, x in enumerate(items[start: start + self.batch_size], start=start + 1)}
+            pixels = {i: to_image(x) for i, x in enumerate(items[start : start + self.batch_size], start=start + 1)}
             found += segment(self._segmenter, pixels, min_score=threshold)
         return found[0] if single else found
 

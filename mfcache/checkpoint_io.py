@@ -70,8 +70,9 @@ def asked_for(error: Exception) -> str | None:
     return None
 
 
-def load_checkpoint(path: str | Path, *, what: str, map_location: str | torch.device = "cpu",
-                    allow: Sequence[type] = ()) -> object:
+def load_checkpoint(
+    path: str | Path, *, what: str, map_location: str | torch.device = "cpu", allow: Sequence[type] = ()
+) -> object:
     """``torch.load(path)`` without running code from the file.
 
     Loads with ``weights_only=True`` and the extra types ``allow`` (nothing broader); a
@@ -93,7 +94,8 @@ def load_checkpoint(path: str | Path, *, what: str, map_location: str | torch.de
             allowed = "".join(f", {t.__module__}.{t.__qualname__}" for t in allow)
             raise UntrustedFile(
                 f"{what} {path} asks for {asked_for(exc)}, and loading that could run code from the file, so it "
-                f"is refused (mfcache loads tensors, plain containers and numbers{allowed})") from None
+                f"is refused (mfcache loads tensors, plain containers and numbers{allowed})"
+            ) from None
         raise MfcacheError(_cannot_read(what, path, exc)) from None
     except Exception as exc:  # noqa: BLE001 - a corrupt, truncated or foreign file is the user's to fix
         raise MfcacheError(_cannot_read(what, path, exc)) from None

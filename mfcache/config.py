@@ -20,8 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mfcache.errors import MfcacheError
-from mfcache.options import (Check, above, anything, between, device_name, distinct_names, each, machine_workers,
-                             option, run_name)
+from mfcache.options import (
+    Check,
+    above,
+    anything,
+    between,
+    device_name,
+    distinct_names,
+    each,
+    machine_workers,
+    option,
+    run_name,
+)
 
 PRESET_DIR = Path(__file__).parent / "heads" / "presets"
 
@@ -36,46 +46,93 @@ class ExtractConfig:
     topk: int = option(100, low=1, help="Detections cached per image.")  # the paper's top-100 queries
     target_size: int = option(64, low=8, help="Side of the cached per-query GT mask crops.")  # heads resample
     batch_size: int = option(2, low=1, help="Detector batch size.")
-    block_size: int = option(16, low=1, help="Images per write (the resume unit); fixed when the split is "
-                                             "created.")  # each block owns whole chunks
-    chunk_tokens: int = option(0, low=0, help="Memory chunk length in tokens; 0 = derive from the image size "
-                                              "(not a CLI option).")
-    c1: str = option("auto", help="Backbone stride-4 map: {choices}.", choices={
-        "auto": "recompute where the detector can, else store; an existing cache keeps its own",
-        "store": "", "recompute": "from the image at training time", "none": ""})
-    dtype: str = option("float16", help="Storage dtype of features: {choices}.", choices={  # memory, c1, queries
-        "float16": "", "float32": "", "int8": "per-channel scales, ~1% error, half of float16"})
+    block_size: int = option(
+        16, low=1, help="Images per write (the resume unit); fixed when the split is created."
+    )  # each block owns whole chunks
+    chunk_tokens: int = option(
+        0, low=0, help="Memory chunk length in tokens; 0 = derive from the image size (not a CLI option)."
+    )
+    c1: str = option(
+        "auto",
+        help="Backbone stride-4 map: {choices}.",
+        choices={
+            "auto": "recompute where the detector can, else store; an existing cache keeps its own",
+            "store": "",
+            "recompute": "from the image at training time",
+            "none": "",
+        },
+    )
+    dtype: str = option(
+        "float16",
+        help="Storage dtype of features: {choices}.",
+        choices={  # memory, c1, queries
+            "float16": "",
+            "float32": "",
+            "int8": "per-channel scales, ~1% error, half of float16",
+        },
+    )
     levels: tuple[int, ...] = option((), low=0, help="Encoder levels to store, e.g. 0,1 (0 = finest); default all.")
-    compress: bool = option(False, check=anything,
-                            help="Blosc zstd + shuffle on the features (only pays on slow storage).")
-    resize: str = option("auto", help="Pixel path: {choices}.", choices={
-        "auto": "the detector's own: processor for hf: (float-noaa for RF-DETR), float for demo",
-        "processor": "the same pixels as the checkpoint's transformers image processor",
-        "float": "rescale, then resize the float image without rounding; the demo was trained on it",
-        "float-noaa": "the float path without antialiasing (RF-DETR's processor)"})
-    num_workers: int = option(machine_workers(), low=0, flag="--workers",
-                              help="Image-decoding processes (default: for this machine, 2 to 8).")
+    compress: bool = option(
+        False, check=anything, help="Blosc zstd + shuffle on the features (only pays on slow storage)."
+    )
+    resize: str = option(
+        "auto",
+        help="Pixel path: {choices}.",
+        choices={
+            "auto": "the detector's own: processor for hf: (float-noaa for RF-DETR), float for demo",
+            "processor": "the same pixels as the checkpoint's transformers image processor",
+            "float": "rescale, then resize the float image without rounding; the demo was trained on it",
+            "float-noaa": "the float path without antialiasing (RF-DETR's processor)",
+        },
+    )
+    num_workers: int = option(
+        machine_workers(), low=0, flag="--workers", help="Image-decoding processes (default: for this machine, 2 to 8)."
+    )
     device: str = option("auto", check=device_name, help="auto, cpu, cuda or cuda:N.")
-    amp: str = option("off", help="Mixed precision for the detector's forward pass: {choices} (the cache keeps "
-                                  "its --dtype; recorded in the fingerprint).", choices=AMP_CHOICES)
+    amp: str = option(
+        "off",
+        help="Mixed precision for the detector's forward pass: {choices} (the cache keeps "
+        "its --dtype; recorded in the fingerprint).",
+        choices=AMP_CHOICES,
+    )
     # mfcache/data/labels.py: the file is read and checked there; its map goes into the fingerprint
-    label_map: str = option("", check=anything, help="JSON file mapping detector labels to dataset categories: "
-                                                     '{"detector label": "category name" or category id or null}; '
-                                                     "labels it leaves out map by name (recorded in the fingerprint).")
-    class_agnostic: bool = option(False, check=anything, help="Every detection is a candidate whatever its label; "
-                                                              "eval scores all categories as one (recorded in the "
-                                                              "fingerprint).")
+    label_map: str = option(
+        "",
+        check=anything,
+        help="JSON file mapping detector labels to dataset categories: "
+        '{"detector label": "category name" or category id or null}; '
+        "labels it leaves out map by name (recorded in the fingerprint).",
+    )
+    class_agnostic: bool = option(
+        False,
+        check=anything,
+        help="Every detection is a candidate whatever its label; "
+        "eval scores all categories as one (recorded in the "
+        "fingerprint).",
+    )
     # mfcache/data/prompts.py: the file is read and checked there; its phrases go into the fingerprint
-    prompts: str = option("", check=anything, help="Open-vocabulary detectors: JSON file of the text prompt, a list "
-                                                   '["phrase", ...] or {"category name": "phrase"}; default: the '
-                                                   "dataset's category names (recorded in the fingerprint).")
-    views: int = option(1, low=1, help="Views cached per image: view 0 the plain image, views 1.. flipped and/or "
-                                       "rescaled (mfcache/data/views.py); training draws one per image per epoch "
-                                       "(recorded in the fingerprint).")
-    view_crop: float = option(0.0, check=between(0, 1), help="Probability a view >= 1 is first randomly cropped "
-                                                             "(DETR's random crop; each side 0.5..1.0 of the image's, "
-                                                             "mfcache/data/views.py); 0 = never. Needs --views > 1 "
-                                                             "(recorded in the fingerprint).")
+    prompts: str = option(
+        "",
+        check=anything,
+        help="Open-vocabulary detectors: JSON file of the text prompt, a list "
+        '["phrase", ...] or {"category name": "phrase"}; default: the '
+        "dataset's category names (recorded in the fingerprint).",
+    )
+    views: int = option(
+        1,
+        low=1,
+        help="Views cached per image: view 0 the plain image, views 1.. flipped and/or "
+        "rescaled (mfcache/data/views.py); training draws one per image per epoch "
+        "(recorded in the fingerprint).",
+    )
+    view_crop: float = option(
+        0.0,
+        check=between(0, 1),
+        help="Probability a view >= 1 is first randomly cropped "
+        "(DETR's random crop; each side 0.5..1.0 of the image's, "
+        "mfcache/data/views.py); 0 = never. Needs --views > 1 "
+        "(recorded in the fingerprint).",
+    )
 
 
 @dataclass(frozen=True)
@@ -85,55 +142,105 @@ class HeadConfig:
 
     name: str = option("box_baseline", check=run_name)
     description: str = option("", check=anything, help="One line shown by `mfcache heads`.")
-    region: str = option("box", help="Where masks are predicted: {choices}.", choices={
-        "box": "RoIAlign inside each box", "image": "q . F over the whole map, then crop"})
-    roi_size: int = option(32, choices=(16, 32, 64), help="M: masks are predicted at M x M inside the box "
-                                                         "({choices}).")
+    region: str = option(
+        "box",
+        help="Where masks are predicted: {choices}.",
+        choices={"box": "RoIAlign inside each box", "image": "q . F over the whole map, then crop"},
+    )
+    roi_size: int = option(32, choices=(16, 32, 64), help="M: masks are predicted at M x M inside the box ({choices}).")
     level: int = option(0, low=0, help="Encoder level fused with C1 (0 = finest, stride 8).")
     use_c1: bool = option(True, check=anything, help="Add the backbone's stride-4 map to the fused feature map.")
     channels: int = option(0, low=0, help="Fused-map channels (channel mapper d -> d'); 0 = the detector's d_model.")
-    encoder: str = option("none", choices=("none", "deformable", "swin", "convnext"),
-                          help="Image feature encoder on the cached memory: {choices}.")
+    encoder: str = option(
+        "none",
+        choices=("none", "deformable", "swin", "convnext"),
+        help="Image feature encoder on the cached memory: {choices}.",
+    )
     encoder_depth: int = option(1, low=1, help="Blocks of that encoder.")
-    encoder_activation: str = option("relu", help="deformable encoder: its FFN's activation, {choices} (Swin and "
-                                                  "ConvNeXt blocks always use GELU).", choices={
-        "relu": "Deformable DETR's", "gelu": "the paper's"})
-    neck: str = option("none", help="On C1: {choices}.", choices={
-        "none": "1x1 projection only if channels differ", "conv_gn": "1x1 conv + GroupNorm"})
+    encoder_activation: str = option(
+        "relu",
+        help="deformable encoder: its FFN's activation, {choices} (Swin and ConvNeXt blocks always use GELU).",
+        choices={"relu": "Deformable DETR's", "gelu": "the paper's"},
+    )
+    neck: str = option(
+        "none",
+        help="On C1: {choices}.",
+        choices={"none": "1x1 projection only if channels differ", "conv_gn": "1x1 conv + GroupNorm"},
+    )
     box_encoder_depth: int = option(0, low=0, help="Transformer layers over the M x M RoI tokens.")
-    box_encoder_query: bool = option(True, check=anything, help="box encoder: prepend the query as an extra token "
-                                                               "(it reads its RoI and is updated); false = the "
-                                                               "paper's, RoI tokens only.")
-    query_encoder: tuple[str, ...] = option((), choices=("self_attn", "box_cross_attn", "ffn"),
-                                            help="Query encoder layers in order, from: {choices}.")
-    predictor: str = option("dot", help="Mask predictor: {choices}.", choices={
-        "dot": "", "blender": "BlendMask", "fcn": "Mask R-CNN style"})
-    fused_norm: str = option("none", help="Normalisation of F before the mask predictor: {choices}.", choices={
-        "none": "the paper's raw sum", "layer": "LayerNorm over channels at each pixel",
-        "group": "GroupNorm (32 groups) over each image's map"})
-    dot_logit: str = option("fixed", help="dot predictor's logit: {choices}.", choices={
-        "fixed": "the paper's q . R / sqrt(C)", "affine": "s * q . R / sqrt(C) + b, learned scalars s (init 1) and b (init 0)"})
-    query_init: str = option("default", help="Query projection's init: {choices}.", choices={
-        "default": "PyTorch's Linear init", "zero": "zero weight and bias (every query starts as one shared map)",
-        "small": "weight x 0.1"})
+    box_encoder_query: bool = option(
+        True,
+        check=anything,
+        help="box encoder: prepend the query as an extra token "
+        "(it reads its RoI and is updated); false = the "
+        "paper's, RoI tokens only.",
+    )
+    query_encoder: tuple[str, ...] = option(
+        (), choices=("self_attn", "box_cross_attn", "ffn"), help="Query encoder layers in order, from: {choices}."
+    )
+    predictor: str = option(
+        "dot", help="Mask predictor: {choices}.", choices={"dot": "", "blender": "BlendMask", "fcn": "Mask R-CNN style"}
+    )
+    fused_norm: str = option(
+        "none",
+        help="Normalisation of F before the mask predictor: {choices}.",
+        choices={
+            "none": "the paper's raw sum",
+            "layer": "LayerNorm over channels at each pixel",
+            "group": "GroupNorm (32 groups) over each image's map",
+        },
+    )
+    dot_logit: str = option(
+        "fixed",
+        help="dot predictor's logit: {choices}.",
+        choices={
+            "fixed": "the paper's q . R / sqrt(C)",
+            "affine": "s * q . R / sqrt(C) + b, learned scalars s (init 1) and b (init 0)",
+        },
+    )
+    query_init: str = option(
+        "default",
+        help="Query projection's init: {choices}.",
+        choices={
+            "default": "PyTorch's Linear init",
+            "zero": "zero weight and bias (every query starts as one shared map)",
+            "small": "weight x 0.1",
+        },
+    )
     blender_bases: int = option(4, low=1, help="blender: K bases from the fused map.")
     blender_attn_size: int = option(14, low=1, help="blender: m, per-query K x m x m attentions.")
-    scoring: str = option("mask_prob", help="Mask score: {choices}.", choices={
-        "class": "", "mask_prob": "class x mean prob over pixels > 0.5", "mask_iou": "class x learned IoU"})
+    scoring: str = option(
+        "mask_prob",
+        help="Mask score: {choices}.",
+        choices={"class": "", "mask_prob": "class x mean prob over pixels > 0.5", "mask_iou": "class x learned IoU"},
+    )
     quality_weight: float = option(1.0, low=0, help="mask_iou: weight of the quality (IoU regression) loss.")
-    quality_head: str = option("pool", help="mask_iou: the quality head's read-out after its two convs: {choices}.",
-                               choices={"pool": "global average pool + one linear layer",
-                                        "mlp": "the paper's: flatten (pooled to 8 x 8) + a two-layer MLP (256)"})
-    loss: str = option("bce_dice", help="Mask loss: {choices}.", choices={
-        "bce_dice": "on the whole RoI", "point": "BCE + dice on sampled points"})
-    point_targets: str = option("cache", help="point loss: where the points' targets are read: {choices}.",
-                                choices={"cache": "the cached GT crop at its stored size (extract --target-size), "
-                                                  "PointRend's",
-                                         "roi": "the crop first resized to M x M (a reweighted BCE on that grid)"})
+    quality_head: str = option(
+        "pool",
+        help="mask_iou: the quality head's read-out after its two convs: {choices}.",
+        choices={
+            "pool": "global average pool + one linear layer",
+            "mlp": "the paper's: flatten (pooled to 8 x 8) + a two-layer MLP (256)",
+        },
+    )
+    loss: str = option(
+        "bce_dice",
+        help="Mask loss: {choices}.",
+        choices={"bce_dice": "on the whole RoI", "point": "BCE + dice on sampled points"},
+    )
+    point_targets: str = option(
+        "cache",
+        help="point loss: where the points' targets are read: {choices}.",
+        choices={
+            "cache": "the cached GT crop at its stored size (extract --target-size), PointRend's",
+            "roi": "the crop first resized to M x M (a reweighted BCE on that grid)",
+        },
+    )
     points: int = option(1024, low=1, help="point loss: N sampled points per mask.")
     oversample: float = option(3.0, low=1, help="point loss: k, candidates = k * N random points.")
-    importance: float = option(0.75, check=between(0, 1),
-                               help="point loss: beta, share of the N points taken as the most uncertain.")
+    importance: float = option(
+        0.75, check=between(0, 1), help="point loss: beta, share of the N points taken as the most uncertain."
+    )
 
 
 @dataclass(frozen=True)
@@ -143,10 +250,16 @@ class TrainConfig:
     steps: int = option(2000, low=1)
     batch_size: int = option(8, low=1)
     lr: float = option(1.5e-4, check=above(0))
-    betas: tuple[float, float] = option((0.9, 0.999), check=lambda v: None if len(v) == 2 and not each(
-        between(0, 1, open_high=True))(v) else "must be two numbers in [0, 1)")
+    betas: tuple[float, float] = option(
+        (0.9, 0.999),
+        check=lambda v: (
+            None if len(v) == 2 and not each(between(0, 1, open_high=True))(v) else "must be two numbers in [0, 1)"
+        ),
+    )
     weight_decay: float = option(5e-5, low=0)
-    lr_drops: tuple[float, ...] = option((0.9, 0.95), check=each(between(0, 1, open_low=True)))  # lr x0.1 at these fractions
+    lr_drops: tuple[float, ...] = option(
+        (0.9, 0.95), check=each(between(0, 1, open_low=True))
+    )  # lr x0.1 at these fractions
     grad_clip: float = option(1.0, low=0)
     min_iou: float = option(0.5, check=between(0, 1))  # a query trains on the GT it overlaps most if box IoU >= this
     bce_weight: float = option(1.0, low=0)
@@ -173,9 +286,14 @@ class EvalConfig:
     batch_size: int = option(8, low=1)
     max_detections: int = option(100, low=1)
     amp: str = option("off", choices=AMP_CHOICES)  # autocast of the head's forward
-    mask_prob_at: str = option("box", help="head.scoring = mask_prob: where the mean probability of the mask's "
-                                           "pixels > 0.5 is taken: {choices}.", choices={
-        "box": "on the M x M grid inside the box", "image": "on the mask pasted into the original image, the paper's"})
+    mask_prob_at: str = option(
+        "box",
+        help="head.scoring = mask_prob: where the mean probability of the mask's pixels > 0.5 is taken: {choices}.",
+        choices={
+            "box": "on the M x M grid inside the box",
+            "image": "on the mask pasted into the original image, the paper's",
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -269,8 +387,9 @@ def load_head_file(head: str) -> dict:
     return {"head": data, **sections}
 
 
-def resolve_run_config(head: str | None = None, overrides: list[str] | None = None,
-                       base: RunConfig | None = None) -> RunConfig:
+def resolve_run_config(
+    head: str | None = None, overrides: list[str] | None = None, base: RunConfig | None = None
+) -> RunConfig:
     """The one place a run's configuration is decided: defaults (or ``base``, e.g. the
     configuration stored in a run being resumed) < head preset/file < --set. Every field's
     range is checked (:func:`check_config`)."""
@@ -291,8 +410,10 @@ def choices(cls) -> dict[str, tuple]:
 
 
 # every field of every config has a check (tests/test_meaningful_runs.py asserts it)
-RANGES: dict[type, dict[str, Check]] = {cls: {f.name: f.metadata["check"] for f in dataclasses.fields(cls)}
-                                        for cls in (ExtractConfig, HeadConfig, TrainConfig, EvalConfig)}
+RANGES: dict[type, dict[str, Check]] = {
+    cls: {f.name: f.metadata["check"] for f in dataclasses.fields(cls)}
+    for cls in (ExtractConfig, HeadConfig, TrainConfig, EvalConfig)
+}
 HEAD_CHOICES = choices(HeadConfig)  # the heads builder (mfcache/heads) composes exactly these
 SECTIONS = {ExtractConfig: "extract", HeadConfig: "head", TrainConfig: "train", EvalConfig: "eval"}
 
@@ -326,16 +447,29 @@ def check_config(config, names: dict[str, str] | None = None) -> None:
 
 # Fields a resumed run may change: how long it trains (train.steps; the lr schedule is that of
 # the new length from the resumed step on) and how it runs, never what it learns from.
-RESUMABLE = ("train.steps", "train.num_workers", "train.device", "train.checkpoint_every", "train.log_every",
-             "train.eval_every", "train.tensorboard")
+RESUMABLE = (
+    "train.steps",
+    "train.num_workers",
+    "train.device",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.eval_every",
+    "train.tensorboard",
+)
 
 
 def _flat(config: RunConfig) -> dict[str, object]:
     return {f"{section}.{k}": v for section, values in config.to_dict().items() for k, v in values.items()}
 
 
-def resume_config(stored: RunConfig, *, at_step: int, run: str | Path, requested: RunConfig | None = None,
-                  overrides: list[str] | None = None) -> RunConfig:
+def resume_config(
+    stored: RunConfig,
+    *,
+    at_step: int,
+    run: str | Path,
+    requested: RunConfig | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
     """The configuration a run resumed at step ``at_step`` continues with: ``requested`` (a
     whole configuration, e.g. from ``--head``), else the ``stored`` one with ``overrides``
     (``--set`` strings) applied. Raises naming every changed field outside :data:`RESUMABLE`,
@@ -345,9 +479,13 @@ def resume_config(stored: RunConfig, *, at_step: int, run: str | Path, requested
     changed = [k for k in new if new[k] != old.get(k) and k not in RESUMABLE]
     if changed:
         what = ", ".join(f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in changed)
-        raise MfcacheError(f"{run} was trained with another configuration: {what}; resume it without "
-                           f"--head/--set (only {', '.join(RESUMABLE)} may change)")
+        raise MfcacheError(
+            f"{run} was trained with another configuration: {what}; resume it without "
+            f"--head/--set (only {', '.join(RESUMABLE)} may change)"
+        )
     if config.train.steps < at_step:
-        raise MfcacheError(f"{run} is already at step {at_step}: train.steps={config.train.steps} would end "
-                           "before it (use a larger train.steps to extend the run)")
+        raise MfcacheError(
+            f"{run} is already at step {at_step}: train.steps={config.train.steps} would end "
+            "before it (use a larger train.steps to extend the run)"
+        )
     return config

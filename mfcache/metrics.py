@@ -141,8 +141,7 @@ def coco_evaluate(
             evaluator.accumulate()
             evaluator.summarize()
         metrics[iou_type] = {
-            key: (None if stat < 0 else float(stat))
-            for key, stat in zip(SEGM_KEYS, evaluator.stats[: len(SEGM_KEYS)])
+            key: (None if stat < 0 else float(stat)) for key, stat in zip(SEGM_KEYS, evaluator.stats[: len(SEGM_KEYS)])
         }
         for entry, ap in zip(categories.values(), _category_ap(evaluator)):
             entry[f"{iou_type}_AP"] = ap
@@ -161,9 +160,13 @@ def _category_entries(coco_gt: COCO, image_ids: set[int]) -> dict[str, dict]:
     for a in coco_gt.dataset.get("annotations", []):
         if a["image_id"] in image_ids and not a.get("iscrowd", 0):
             counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
-    return {(name if names.count(name) == 1 else f"{name}#{c['id']}"): {"id": int(c["id"]),
-                                                                        "num_gt": counts.get(c["id"], 0)}
-            for name, c in zip(names, cats)}
+    return {
+        (name if names.count(name) == 1 else f"{name}#{c['id']}"): {
+            "id": int(c["id"]),
+            "num_gt": counts.get(c["id"], 0),
+        }
+        for name, c in zip(names, cats)
+    }
 
 
 def _category_ap(evaluator: COCOeval) -> list[float | None]:
@@ -225,6 +228,10 @@ def category_table(per_category: Mapping[str, Mapping], learned: Sequence[str] =
         table.add_column("masks")
     for name, entry in per_category.items():
         cells = ["-" if entry.get(k) is None else f"{100 * float(entry[k]):.1f}" for k in ("segm_AP", "bbox_AP")]
-        table.add_row(name, str(entry.get("num_gt", "")), *cells,
-                      *(["learned" if name in learned else "held out"] if learned else []))
+        table.add_row(
+            name,
+            str(entry.get("num_gt", "")),
+            *cells,
+            *(["learned" if name in learned else "held out"] if learned else []),
+        )
     return table

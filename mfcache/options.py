@@ -18,7 +18,9 @@ def _number(value) -> bool:
 
 
 def at_least(low: float) -> Check:
-    return lambda v: None if _number(v) and v >= low else f"must be {'' if _number(v) else 'a finite number '}>= {low:g}"
+    return lambda v: (
+        None if _number(v) and v >= low else f"must be {'' if _number(v) else 'a finite number '}>= {low:g}"
+    )
 
 
 def above(low: float) -> Check:
@@ -29,6 +31,7 @@ def between(low: float, high: float, *, open_low: bool = False, open_high: bool 
     def check(v):
         ok = _number(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
         return None if ok else f"must be in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
     return check
 
 
@@ -38,9 +41,11 @@ def one_of(*choices) -> Check:
 
 def each(check: Check) -> Check:
     """A check of every item of a tuple."""
+
     def check_all(values):
         problems = [p for p in map(check, values) if p]
         return f"must have every item {problems[0].removeprefix('must be ')}" if problems else None
+
     return check_all
 
 
@@ -54,7 +59,11 @@ def distinct_names(v) -> str | None:  # e.g. train.categories: distinct non-empt
 
 
 def run_name(v) -> str | None:  # a sweep makes a folder of this name
-    return None if v and v not in (".", "..") and not re.search(r"[/\\]", v) else "must be a non-empty folder name (no / or \\)"
+    return (
+        None
+        if v and v not in (".", "..") and not re.search(r"[/\\]", v)
+        else "must be a non-empty folder name (no / or \\)"
+    )
 
 
 def device_name(v) -> str | None:
@@ -67,8 +76,15 @@ def _prose(choices: dict[object, str]) -> str:
     return " or ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
 
 
-def option(default, *, help: str = "", choices: tuple | dict | None = None, low: float | None = None,
-           check: Check | None = None, flag: str | None = None):
+def option(
+    default,
+    *,
+    help: str = "",
+    choices: tuple | dict | None = None,
+    low: float | None = None,
+    check: Check | None = None,
+    flag: str | None = None,
+):
     """A config field that carries its description and its allowed values (one of ``choices``,
     a dict mapping each value to a note for the help; a number ``>= low``; or any other
     ``check``), so the range check, the heads builder (:data:`mfcache.config.HEAD_CHOICES`)
@@ -87,8 +103,7 @@ def option(default, *, help: str = "", choices: tuple | dict | None = None, low:
         check = at_least(low)
     if isinstance(default, tuple) and (choices is not None or low is not None):  # to every item
         check = each(check)
-    return field(default=default, metadata={"help": help, "choices": choices, "min": low, "check": check,
-                                            "flag": flag})
+    return field(default=default, metadata={"help": help, "choices": choices, "min": low, "check": check, "flag": flag})
 
 
 def machine_workers() -> int:

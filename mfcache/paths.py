@@ -18,6 +18,8 @@ def inside(folder: str | Path, name: str | Path, *, what: str) -> Path:
     folder = Path(folder)
     path = folder / name
     if not path.resolve().is_relative_to(folder.resolve()):
-        raise MfcacheError(f"{what} {name} would be written outside {folder} (to {path.resolve()}); "
-                           "remove the link or choose another output folder")
+        raise MfcacheError(
+            f"{what} {name} would be written outside {folder} (to {path.resolve()}); "
+            "remove the link or choose another output folder"
+        )
     return path

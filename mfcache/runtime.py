@@ -85,16 +85,24 @@ class LineProgress:
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
         now = time.monotonic()
-        self.tasks[len(self.tasks)] = {"description": description, "total": total, "completed": completed,
-                                       "start": completed, "status": fields.get("status", ""), "started": now,
-                                       "last": now, "printed": None}
+        self.tasks[len(self.tasks)] = {
+            "description": description,
+            "total": total,
+            "completed": completed,
+            "start": completed,
+            "status": fields.get("status", ""),
+            "started": now,
+            "last": now,
+            "printed": None,
+        }
         return len(self.tasks) - 1
 
     def advance(self, task: int, advance: float = 1) -> None:
         self.update(task, advance=advance)
 
-    def update(self, task: int, *, advance: float = 0, completed: float | None = None, status: str | None = None,
-               **_) -> None:
+    def update(
+        self, task: int, *, advance: float = 0, completed: float | None = None, status: str | None = None, **_
+    ) -> None:
         t = self.tasks[task]
         t["completed"] = completed if completed is not None else t["completed"] + advance
         if status is not None:

@@ -42,13 +42,42 @@ from torch import nn
 
 # Architecture arguments of each family: what a manifest records (everything else in the
 # configs is training only).
-HDETR_ARGS = ("backbone", "dilation", "num_feature_levels", "enc_layers", "dec_layers", "dim_feedforward",
-              "hidden_dim", "nheads", "enc_n_points", "dec_n_points", "with_box_refine", "two_stage",
-              "mixed_selection", "num_queries_one2one", "num_queries_one2many")
-DINO_ARGS = ("backbone", "dilation", "num_feature_levels", "return_interm_indices", "enc_layers", "dec_layers",
-             "dim_feedforward", "hidden_dim", "nheads", "enc_n_points", "dec_n_points", "num_queries",
-             "num_classes", "dn_labelbook_size", "two_stage_type", "dec_pred_class_embed_share",
-             "dec_pred_bbox_embed_share")
+HDETR_ARGS = (
+    "backbone",
+    "dilation",
+    "num_feature_levels",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "hidden_dim",
+    "nheads",
+    "enc_n_points",
+    "dec_n_points",
+    "with_box_refine",
+    "two_stage",
+    "mixed_selection",
+    "num_queries_one2one",
+    "num_queries_one2many",
+)
+DINO_ARGS = (
+    "backbone",
+    "dilation",
+    "num_feature_levels",
+    "return_interm_indices",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "hidden_dim",
+    "nheads",
+    "enc_n_points",
+    "dec_n_points",
+    "num_queries",
+    "num_classes",
+    "dn_labelbook_size",
+    "two_stage_type",
+    "dec_pred_class_embed_share",
+    "dec_pred_bbox_embed_share",
+)
 
 # DINO's model zoo has a 5-scale Swin-L checkpoint but no config file for it: it is the Swin-L
 # config with the 5-scale config's two architecture settings (DINO_5scale.py vs DINO_4scale.py).
@@ -82,8 +111,12 @@ class _DropPath(nn.Module):
 def install_stubs() -> None:
     """Modules the originals import that are not needed to build a model."""
     _module("MultiScaleDeformableAttention")  # the compiled CUDA op: used in forward only
-    layers = _module("timm.models.layers", DropPath=_DropPath, to_2tuple=lambda x: (x, x),
-                     trunc_normal_=lambda tensor, std=1.0, **_: nn.init.trunc_normal_(tensor, std=std))
+    layers = _module(
+        "timm.models.layers",
+        DropPath=_DropPath,
+        to_2tuple=lambda x: (x, x),
+        trunc_normal_=lambda tensor, std=1.0, **_: nn.init.trunc_normal_(tensor, std=std),
+    )
     _module("timm.models", layers=layers)
     _module("timm", models=sys.modules["timm.models"])
     _module("mmcv_custom", load_checkpoint=lambda *a, **k: None)  # H-DETR: pretrained Swin loading
@@ -176,8 +209,7 @@ def dino_models(repo: Path):
             args.backbone_dir = None
         model = _built(build_dino, args)
         changed = "&".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in overrides.items())
-        yield config + (f"?{changed}" if changed else ""), {k: getattr(args, k) for k in DINO_ARGS}, \
-            model.state_dict()
+        yield config + (f"?{changed}" if changed else ""), {k: getattr(args, k) for k in DINO_ARGS}, model.state_dict()
 
 
 # ---------------------------------------------------------------------------- manifests
@@ -209,8 +241,17 @@ def write_manifests(family: str, repo: Path, out: Path, source: str) -> list[Pat
         table = {k: list(v.shape) for k, v in state.items()}
         params = sum(math.prod(s) for s in table.values())
         name = manifest_name(family, arguments)
-        entry = groups.setdefault(name, {"family": family, "source": source, "configs": [],
-                                         "arguments": arguments, "parameters": params, "state_dict": table})
+        entry = groups.setdefault(
+            name,
+            {
+                "family": family,
+                "source": source,
+                "configs": [],
+                "arguments": arguments,
+                "parameters": params,
+                "state_dict": table,
+            },
+        )
         if (entry["arguments"], entry["state_dict"]) != (arguments, table):
             raise SystemExit(f"{config} and {entry['configs'][0]} share the name {name} but not the model")
         entry["configs"].append(config)

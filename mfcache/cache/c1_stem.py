@@ -31,10 +31,10 @@ from torch.export import Dim
 from zarr.codecs import BloscCodec
 
 from mfcache.cache.location import locate
+from mfcache.cache.schema import c1_size, checksum
 from mfcache.checkpoint_io import exported_here, files_trusted, remember_exported
 from mfcache.data.transforms import load_image, pad_batch, to_input
 from mfcache.detectors.base import Preprocess
-from mfcache.cache.schema import c1_size, checksum
 from mfcache.errors import MfcacheError, UntrustedFile
 
 if TYPE_CHECKING:
@@ -70,19 +70,31 @@ def export_stem(stem: nn.Module, root: zarr.Group) -> None:
     from 32 pixels, or from the stem's own ``min_side`` where it has one, to 16384."""
     example = torch.zeros(2, 3, 128, 192)
     low = max(MIN_SIDE, getattr(stem, "min_side", MIN_SIDE))
-    dims = {"b": Dim("batch", min=1, max=4096), "h": Dim("height", min=low, max=16384),
-            "w": Dim("width", min=low, max=16384)}
+    dims = {
+        "b": Dim("batch", min=1, max=4096),
+        "h": Dim("height", min=low, max=16384),
+        "w": Dim("width", min=low, max=16384),
+    }
     with torch.no_grad():
         # facts export cannot prove (Swin: ceil(ceil(H / 4) / window) >= 1, ...) become checks
         # the program makes when it runs, instead of failing the export
-        program = torch.export.export(stem.cpu().eval(), (example,),
-                                      dynamic_shapes=({0: dims["b"], 2: dims["h"], 3: dims["w"]},),
-                                      prefer_deferred_runtime_asserts_over_guards=True)
+        program = torch.export.export(
+            stem.cpu().eval(),
+            (example,),
+            dynamic_shapes=({0: dims["b"], 2: dims["h"], 3: dims["w"]},),
+            prefer_deferred_runtime_asserts_over_guards=True,
+        )
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     data = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
-    array = root.create_array(STEM_ARRAY + ".tmp", shape=data.shape, chunks=data.shape, dtype="uint8",
-                              compressors=BloscCodec(cname="zstd", clevel=3), overwrite=True)
+    array = root.create_array(
+        STEM_ARRAY + ".tmp",
+        shape=data.shape,
+        chunks=data.shape,
+        dtype="uint8",
+        compressors=BloscCodec(cname="zstd", clevel=3),
+        overwrite=True,
+    )
     array[:] = data
     remember_exported(data.tobytes())  # this user made it: their own caches need no --trust-checkpoint
     array.attrs["crc32"] = checksum(data)  # checked by C1Recomputer before the program is loaded
@@ -121,7 +133,8 @@ class C1Recomputer:
             return
         raise UntrustedFile(
             f"{self.cache_path} recomputes C1 with a program stored in the cache that was not exported "
-            f"by your own extraction, and loading it (torch.export) can run code from the cache")
+            f"by your own extraction, and loading it (torch.export) can run code from the cache"
+        )
 
     def __getstate__(self):
         return {**self.__dict__, "_stem": None}
@@ -130,8 +143,11 @@ class C1Recomputer:
         """The stored program's bytes, refused unless they are exactly those extraction wrote."""
         where = f"{self.cache_path}: array {STEM_ARRAY} (the C1 program)"
         try:
-            array = (zarr.open_array(str(self.cache_path / STEM_ARRAY), mode="r", zarr_format=3)
-                     if self.location.is_local else self.location.open_group("r")[STEM_ARRAY])
+            array = (
+                zarr.open_array(str(self.cache_path / STEM_ARRAY), mode="r", zarr_format=3)
+                if self.location.is_local
+                else self.location.open_group("r")[STEM_ARRAY]
+            )
             data = array[:]
         except Exception as exc:  # zarr raises many types for damaged metadata or chunks
             raise MfcacheError(f"{where} is unreadable ({type(exc).__name__}: {exc}): extract again") from None

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from zarr.storage import WrapperStore
@@ -41,7 +41,7 @@ _HELD: dict[str, Lease] = {}  # location url -> the lease this process holds
 
 
 def _utc(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class Lease:
@@ -61,8 +61,10 @@ class Lease:
         if self._lost is None and time.monotonic() > self._deadline:
             self._lost = f"it could not be renewed for {TTL - RENEW:.0f} s"
         if self._lost is not None:
-            raise MfcacheError(f"lost the writer lease of cache {self.location} ({self._lost}); finished blocks "
-                               "are kept: run the same command again to resume")
+            raise MfcacheError(
+                f"lost the writer lease of cache {self.location} ({self._lost}); finished blocks "
+                "are kept: run the same command again to resume"
+            )
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(RENEW):
@@ -81,8 +83,12 @@ class Lease:
         info["expires_utc"] = _utc(info["expires"])
         started = time.monotonic()
         try:
-            result = obstore.put(self.location.object_store(), LEASE_NAME, json.dumps(info).encode(),
-                                 mode={"e_tag": self._etag} if self._etag else "overwrite")
+            result = obstore.put(
+                self.location.object_store(),
+                LEASE_NAME,
+                json.dumps(info).encode(),
+                mode={"e_tag": self._etag} if self._etag else "overwrite",
+            )
         except (obstore.exceptions.PreconditionError, FileNotFoundError):
             self._lost = "another writer took it over"
             raise _Taken(self._lost) from None
@@ -127,9 +133,15 @@ def _read(location) -> tuple[dict, str | None] | None:
 
 def _this_process() -> dict:
     now = time.time()
-    return {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-            "started": _utc(now), "expires": now + TTL, "expires_utc": _utc(now + TTL),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]}
+    return {
+        "owner": uuid.uuid4().hex,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": _utc(now),
+        "expires": now + TTL,
+        "expires_utc": _utc(now + TTL),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200],
+    }
 
 
 def _gone(info: dict) -> str | None:
@@ -166,14 +178,17 @@ def acquire_lease(location) -> Lease:
         holder, etag = held
         why = _gone(holder)
         if why is None:
-            raise MfcacheError(f"cache {location} is being written by another extract ({_describe(holder)}); "
-                               f"its lease expires at {holder.get('expires_utc', '?')} unless renewed: wait for "
-                               "it to finish, or choose another --out") from None
+            raise MfcacheError(
+                f"cache {location} is being written by another extract ({_describe(holder)}); "
+                f"its lease expires at {holder.get('expires_utc', '?')} unless renewed: wait for "
+                "it to finish, or choose another --out"
+            ) from None
         try:  # take over the stale lease, unless someone else just did
             result = obstore.put(store, LEASE_NAME, body, mode={"e_tag": etag} if etag else "overwrite")
         except obstore.exceptions.PreconditionError:
-            raise MfcacheError(f"cache {location} was just taken by another extract; wait for it to finish, "
-                               "or choose another --out") from None
+            raise MfcacheError(
+                f"cache {location} was just taken by another extract; wait for it to finish, or choose another --out"
+            ) from None
         except Exception as exc:
             raise location.unreachable(exc) from None
     except obstore.exceptions.NotSupportedError:  # a store without conditional writes: last writer wins
@@ -182,14 +197,15 @@ def acquire_lease(location) -> Lease:
         raise location.unreachable(exc) from None
     held = _read(location)  # a store that ignored the condition: whoever wrote last holds it
     if held is None or held[0].get("owner") != info["owner"]:
-        raise MfcacheError(f"cache {location} was just taken by another extract "
-                           f"({_describe(held[0]) if held else 'unknown'}); choose another --out")
+        raise MfcacheError(
+            f"cache {location} was just taken by another extract "
+            f"({_describe(held[0]) if held else 'unknown'}); choose another --out"
+        )
     return Lease(location, info, result.get("e_tag"))
 
 
 def _describe(info: dict) -> str:
-    return (f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')}: "
-            f"{info.get('command')}")
+    return f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')}: {info.get('command')}"
 
 
 def check_out_prefix(location) -> None:
@@ -199,8 +215,7 @@ def check_out_prefix(location) -> None:
         return
     other = [name for name in location.top_level() if name != LEASE_NAME]
     if other:
-        raise MfcacheError(f"{location} exists and is not an mfcache cache (it holds {other[0]}); "
-                           "choose another --out")
+        raise MfcacheError(f"{location} exists and is not an mfcache cache (it holds {other[0]}); choose another --out")
 
 
 def held_lease(location) -> Lease | None:

@@ -63,8 +63,12 @@ class ReadThrough:
     max_bytes: int
 
 
-def locate(where: str | Path | CacheLocation, *, local_cache: str | Path | None = None,
-           local_cache_size: str | int | None = None) -> CacheLocation:
+def locate(
+    where: str | Path | CacheLocation,
+    *,
+    local_cache: str | Path | None = None,
+    local_cache_size: str | int | None = None,
+) -> CacheLocation:
     """The :class:`CacheLocation` of ``where`` (a path, a ``file://`` URL or an object-store
     URL); ``local_cache``: a folder to keep read chunks in (object storage only), at most
     ``local_cache_size`` bytes (an int or a size like ``500GB``)."""
@@ -77,13 +81,19 @@ def locate(where: str | Path | CacheLocation, *, local_cache: str | Path | None 
             raise MfcacheError("--local-cache-size needs --local-cache DIR")
         return location
     if location.is_local:
-        raise MfcacheError(f"--local-cache keeps chunks read from object storage; cache {location} is a local "
-                           "folder already: leave --local-cache out")
+        raise MfcacheError(
+            f"--local-cache keeps chunks read from object storage; cache {location} is a local "
+            "folder already: leave --local-cache out"
+        )
     size = local_cache_size if isinstance(local_cache_size, int) else parse_size(local_cache_size or "100GB")
     if size <= 0:
         raise MfcacheError("--local-cache-size must be more than 0")
-    return CacheLocation(scheme=location.scheme, bucket=location.bucket, prefix=location.prefix,
-                         read_through=ReadThrough(Path(local_cache).expanduser(), size))
+    return CacheLocation(
+        scheme=location.scheme,
+        bucket=location.bucket,
+        prefix=location.prefix,
+        read_through=ReadThrough(Path(local_cache).expanduser(), size),
+    )
 
 
 def _parse(where: str | Path) -> CacheLocation:
@@ -100,8 +110,10 @@ def _parse(where: str | Path) -> CacheLocation:
     if scheme not in SCHEMES:
         raise MfcacheError(f"{shown}: caches live in a local folder or at s3://, gs:// or az:// URLs")
     if parts.username or parts.password or parts.query or parts.fragment:
-        raise MfcacheError(f"{shown}: put credentials in the environment or the cloud's config files, "
-                           "not in the cache URL (it is printed and recorded in run folders)")
+        raise MfcacheError(
+            f"{shown}: put credentials in the environment or the cloud's config files, "
+            "not in the cache URL (it is printed and recorded in run folders)"
+        )
     if not parts.hostname:
         raise MfcacheError(f"{text}: no bucket named; write {scheme}://BUCKET/PREFIX")
     return CacheLocation(scheme=scheme, bucket=parts.netloc, prefix=parts.path.strip("/"))
@@ -114,8 +126,15 @@ class CacheLocation:
     (which holds no credentials, see :func:`locate`). Pickles as that: a DataLoader worker
     opens its own stores."""
 
-    def __init__(self, *, path: Path | None = None, scheme: str = "", bucket: str = "", prefix: str = "",
-                 read_through: ReadThrough | None = None):
+    def __init__(
+        self,
+        *,
+        path: Path | None = None,
+        scheme: str = "",
+        bucket: str = "",
+        prefix: str = "",
+        read_through: ReadThrough | None = None,
+    ):
         self.path, self.scheme, self.bucket, self.prefix = path, scheme, bucket, prefix
         self.read_through = read_through
         self._object_store = None  # opened on first use, per process
@@ -178,9 +197,13 @@ class CacheLocation:
         if self.read_through is not None:
             from mfcache.cache.readthrough import ReadThroughStore
 
-            store = ReadThroughStore(store, folder=self.read_through.folder / _slug(self),
-                                     limit_folder=self.read_through.folder, max_bytes=self.read_through.max_bytes,
-                                     fresh=fresh)
+            store = ReadThroughStore(
+                store,
+                folder=self.read_through.folder / _slug(self),
+                limit_folder=self.read_through.folder,
+                max_bytes=self.read_through.max_bytes,
+                fresh=fresh,
+            )
         return StrictWrapper(store)
 
     def open_group(self, mode: str) -> zarr.Group:
@@ -247,8 +270,9 @@ class CacheLocation:
             listed = obstore.list_with_delimiter(self.object_store(), None)
         except Exception as exc:
             raise self.unreachable(exc) from None
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in listed["common_prefixes"]] + \
-               [o["path"].rsplit("/", 1)[-1] for o in listed["objects"]]
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in listed["common_prefixes"]] + [
+            o["path"].rsplit("/", 1)[-1] for o in listed["objects"]
+        ]
 
     def is_cache(self) -> bool:
         """Whether a cache (its root metadata) exists here."""
@@ -303,8 +327,9 @@ def _open_object_store(location: CacheLocation):
         if not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_SKIP_SIGNATURE")):
             provider = _boto3_credentials(location)
         try:
-            return obs.S3Store(location.bucket, prefix=prefix, client_options=options or None,
-                               credential_provider=provider)
+            return obs.S3Store(
+                location.bucket, prefix=prefix, client_options=options or None, credential_provider=provider
+            )
         except Exception as exc:
             raise MfcacheError(f"cannot open {location}: {describe_store_error(exc)}") from None
     try:
@@ -325,6 +350,8 @@ def _boto3_credentials(location: CacheLocation):
         boto3 = None
     session = boto3.Session() if boto3 is not None else None
     if session is None or session.get_credentials() is None:
-        raise MfcacheError(f"no AWS credentials for {location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                           "or a profile in ~/.aws/credentials (AWS_PROFILE)")
+        raise MfcacheError(
+            f"no AWS credentials for {location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or a profile in ~/.aws/credentials (AWS_PROFILE)"
+        )
     return Boto3CredentialProvider(session)

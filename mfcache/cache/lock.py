@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from mfcache.distributed import World, broadcast_from_main
@@ -96,12 +96,16 @@ def acquire(path: str | Path) -> CacheLock:
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise MfcacheError(f"cache {path} is being written by another extract ({holder}); wait for it to "
-                               "finish, or choose another --out") from None
+            raise MfcacheError(
+                f"cache {path} is being written by another extract ({holder}); wait for it to "
+                "finish, or choose another --out"
+            ) from None
         except OSError as exc:
             os.close(fd)
-            raise MfcacheError(f"cannot lock {lock_file} ({exc.strerror or exc}): this file system has no "
-                               "file locks; write the cache on a local disk") from None
+            raise MfcacheError(
+                f"cannot lock {lock_file} ({exc.strerror or exc}): this file system has no "
+                "file locks; write the cache on a local disk"
+            ) from None
         try:  # the file locked must still be the one at the path, not one a finishing holder removed
             current = os.stat(lock_file).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -143,9 +147,12 @@ def writer_lock(path, world: World) -> Iterator[CacheLock | None]:
 
 
 def _this_process() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200],
+    }
 
 
 def _holder(fd: int) -> str:

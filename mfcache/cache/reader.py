@@ -27,6 +27,7 @@ from pycocotools.coco import COCO
 from zarr.core.sync import sync as zarr_sync
 
 from mfcache.cache.c1_stem import STEM_ARRAY, C1Recomputer
+from mfcache.cache.location import CacheLocation, locate
 from mfcache.cache.records import ImageRecord, served_sample
 from mfcache.cache.sample import Batch, Sample
 from mfcache.cache.schema import (
@@ -40,7 +41,6 @@ from mfcache.cache.schema import (
     checksum,
     checksum_parts,
 )
-from mfcache.cache.location import CacheLocation, locate
 from mfcache.cache.store import damage
 from mfcache.checkpoint_io import files_trusted, trusting
 from mfcache.data.views import view_rows
@@ -119,9 +119,7 @@ class Cache:
                     f"evaluate on, or pass --split {splits[0]} to score the head on the images it trained on"
                 )
             if len(matches) != 1:
-                raise MfcacheError(
-                    f"cache {self.path} has splits {', '.join(splits)}: choose one with --split"
-                )
+                raise MfcacheError(f"cache {self.path} has splits {', '.join(splits)}: choose one with --split")
             name = matches[0]
         if name not in splits:
             raise MfcacheError(f"cache {self.path} has no split {name!r} (it has {', '.join(splits)})")
@@ -141,8 +139,10 @@ class CacheSplit:
         try:
             self.group = cache.root[name]
         except Exception as exc:  # zarr raises many types for damaged metadata
-            raise MfcacheError(f"split {name!r} of {cache.path}: group metadata {name}/zarr.json "
-                               f"{damage(exc)}: the cache is damaged (mfcache verify {cache.path})") from None
+            raise MfcacheError(
+                f"split {name!r} of {cache.path}: group metadata {name}/zarr.json "
+                f"{damage(exc)}: the cache is damaged (mfcache verify {cache.path})"
+            ) from None
         self.attrs = dict(self.group.attrs)
         if not self.attrs.get("ready"):
             raise MfcacheError(f"split {name!r} of {cache.path} was never fully created; run extract again")
@@ -156,14 +156,14 @@ class CacheSplit:
         self.class_agnostic = bool(self.attrs.get("class_agnostic", False))
         self.recompute_c1 = cache.settings.c1 == "recompute"  # made from the image at read time
         self.has_c1 = self._has("c1") or self.recompute_c1
-        self._c1_recomputer = (C1Recomputer(cache.location, cache.detector.preprocess)
-                               if self.recompute_c1 else None)
+        self._c1_recomputer = C1Recomputer(cache.location, cache.detector.preprocess) if self.recompute_c1 else None
         self._file_names: dict[int, str] | None = None
         self.target_size = cache.settings.target_size
         self.stored_levels = list(cache.settings.levels)  # detector level indices in memory
         self.scales = {name: scale for name, scale in QUANTIZED.items() if self._has(scale)}
-        self.index["token_end"] = (self.index["token_offset"]
-                                   + self.index["level_hw"][:, self.stored_levels].prod(-1).sum(-1))
+        self.index["token_end"] = self.index["token_offset"] + self.index["level_hw"][:, self.stored_levels].prod(
+            -1
+        ).sum(-1)
 
     @property
     def num_rows(self) -> int:
@@ -173,8 +173,10 @@ class CacheSplit:
         """``[M, views]`` or ``[M, 1]`` (view 0): each complete image's rows (:mod:`mfcache.data.views`)."""
         return view_rows(self.index["done"] == DONE, self.cache.settings.views, all_views=all_views)
 
-    complete_rows = property(lambda self: self.view_rows()[:, 0],
-                             doc="[M] positions of the view-0 rows of the complete images: each image once.")
+    complete_rows = property(
+        lambda self: self.view_rows()[:, 0],
+        doc="[M] positions of the view-0 rows of the complete images: each image once.",
+    )
 
     @property
     def skipped(self) -> dict[int, str]:
@@ -202,9 +204,14 @@ class CacheSplit:
     def coco(self) -> COCO:
         """The split's ground truth, from the annotation file stored in the cache."""
         data = self._read_whole("annotations").tobytes()
-        if self.attrs.get("annotations_sha256") and hashlib.sha256(data).hexdigest() != self.attrs["annotations_sha256"]:
-            raise MfcacheError(f"split {self.name!r} of {self.cache.path}: array annotations does not match its "
-                               f"recorded sha256: the cache is damaged (mfcache verify {self.cache.path})")
+        if (
+            self.attrs.get("annotations_sha256")
+            and hashlib.sha256(data).hexdigest() != self.attrs["annotations_sha256"]
+        ):
+            raise MfcacheError(
+                f"split {self.name!r} of {self.cache.path}: array annotations does not match its "
+                f"recorded sha256: the cache is damaged (mfcache verify {self.cache.path})"
+            )
         coco = COCO()
         coco.dataset = json.loads(data)
         with contextlib.redirect_stdout(io.StringIO()):
@@ -224,8 +231,9 @@ class CacheSplit:
 
     def check_levels(self, levels: tuple[int, ...] | None) -> None:
         """Raise unless every detector level in ``levels`` (None = all) is stored."""
-        missing = sorted(set(range(len(self.cache.detector.strides)) if levels is None else levels)
-                         - set(self.stored_levels))
+        missing = sorted(
+            set(range(len(self.cache.detector.strides)) if levels is None else levels) - set(self.stored_levels)
+        )
         if missing:
             raise MfcacheError(
                 f"the head reads encoder levels {missing}, but cache {self.cache.path} stores only levels "
@@ -240,8 +248,10 @@ class CacheSplit:
     def _damaged(self, name: str, what: str, i: int | None = None) -> MfcacheError:
         """The one-line error for damage found in array ``name`` (of image position ``i``)."""
         image = "" if i is None else f" of image id {int(self.index['image_id'][i])} (position {i})"
-        return MfcacheError(f"split {self.name!r} of {self.cache.path}: array {name}{image}: {what}: "
-                            f"the cache is damaged (mfcache verify {self.cache.path} lists all damage)")
+        return MfcacheError(
+            f"split {self.name!r} of {self.cache.path}: array {name}{image}: {what}: "
+            f"the cache is damaged (mfcache verify {self.cache.path} lists all damage)"
+        )
 
     def array(self, name: str, i: int | None = None) -> zarr.Array:
         """Array ``name`` of the split, opened once (opening reads its metadata file); ``i``:
@@ -302,13 +312,12 @@ class CacheSplit:
                 for l, start, size in zip(self.stored_levels, plan.starts, plan.sizes):
                     rows = start - plan.lo
                     if 0 <= rows and rows + size <= len(value):
-                        if checksum(value[rows: rows + size]) != stored[self.part[f"memory[{l}]"]]:
+                        if checksum(value[rows : rows + size]) != stored[self.part[f"memory[{l}]"]]:
                             raise self._damaged(f"memory (level {l})", _MISMATCH, i)
             elif checksum(value) != stored[self.part[name]]:
                 raise self._damaged(name, _MISMATCH, i)
 
-    def read(self, i: int, *, levels: tuple[int, ...] | None = None, c1: bool = True,
-             targets: bool = True) -> Sample:
+    def read(self, i: int, *, levels: tuple[int, ...] | None = None, c1: bool = True, targets: bool = True) -> Sample:
         """Image ``i`` (a position in the split) as a :class:`~mfcache.cache.sample.Sample`:
         ``levels`` the requested detector levels (None = all; each must be stored), ``c1`` if
         asked for and the split has it (maps are channels-last views of the stored rows, not
@@ -316,8 +325,9 @@ class CacheSplit:
         back dequantised to float32."""
         return self.read_many([i], levels=levels, c1=c1, targets=targets)[0]
 
-    def read_many(self, positions: list[int], *, levels: tuple[int, ...] | None = None, c1: bool = True,
-                  targets: bool = True) -> list[Sample]:
+    def read_many(
+        self, positions: list[int], *, levels: tuple[int, ...] | None = None, c1: bool = True, targets: bool = True
+    ) -> list[Sample]:
         """:meth:`read` of several images, with all their chunk reads in flight at once."""
         self.check_levels(levels)
         wanted = [self.stored_levels.index(l) for l in (self.stored_levels if levels is None else levels)]
@@ -325,7 +335,9 @@ class CacheSplit:
         for plan in plans:  # metadata damage names the image it stops
             for name, _ in plan.requests.values():
                 self.array(name, plan.position)
-        data = self._fetch({(j, key): request for j, plan in enumerate(plans) for key, request in plan.requests.items()})
+        data = self._fetch(
+            {(j, key): request for j, plan in enumerate(plans) for key, request in plan.requests.items()}
+        )
         images = [{key: data[(j, key)] for key in plan.requests} for j, plan in enumerate(plans)]
         for j, (plan, image) in enumerate(zip(plans, images)):
             try:
@@ -343,8 +355,10 @@ class CacheSplit:
         Refuses an image that was not written, or whose index row (in RAM: the offsets about
         to be used) differs from what extraction wrote."""
         if self.index["done"][i] != DONE:
-            raise MfcacheError(f"split {self.name!r} of {self.cache.path}: image id {int(self.index['image_id'][i])} "
-                               f"(position {i}) was {'skipped' if self.index['done'][i] == SKIPPED else 'not written'}")
+            raise MfcacheError(
+                f"split {self.name!r} of {self.cache.path}: image id {int(self.index['image_id'][i])} "
+                f"(position {i}) was {'skipped' if self.index['done'][i] == SKIPPED else 'not written'}"
+            )
         for key in INDEX_ARRAYS:
             name = key.split("/", 1)[1]
             if key in self.part and checksum(self.index[name][i]) != self.index["checksum"][i, self.part[key]]:
@@ -361,24 +375,52 @@ class CacheSplit:
             c1_start = int(self.index["c1_offset"][i])
             requests["c1"] = ("c1", slice(c1_start, c1_start + c1_hw[0] * c1_hw[1]))
         if targets:
-            requests.update({"gt_id": ("targets/gt_id", i), "gt_iou": ("targets/gt_iou", i),
-                             "target_masks": ("targets/masks", i)})
+            requests.update(
+                {"gt_id": ("targets/gt_id", i), "gt_iou": ("targets/gt_iou", i), "target_masks": ("targets/masks", i)}
+            )
         requests.update({scale: (scale, i) for name, scale in self.scales.items() if name in requests})
-        return ReadPlan(position=i, requests=requests, level_hw=level_hw, sizes=sizes, starts=starts, lo=lo,
-                        wanted=wanted, recompute_c1=with_c1 and self.recompute_c1)
+        return ReadPlan(
+            position=i,
+            requests=requests,
+            level_hw=level_hw,
+            sizes=sizes,
+            starts=starts,
+            lo=lo,
+            wanted=wanted,
+            recompute_c1=with_c1 and self.recompute_c1,
+        )
 
     def _assemble(self, plan: ReadPlan, data: dict[str, np.ndarray]) -> Sample:
         """The :class:`Sample` of image ``plan.position`` from its checked reads."""
         i = plan.position
         record = ImageRecord(
-            **{name: data.get(name) for name in ("queries", "boxes", "scores", "labels", "query_index", "memory",
-                                                 "c1", "gt_id", "gt_iou", "target_masks")},
+            **{
+                name: data.get(name)
+                for name in (
+                    "queries",
+                    "boxes",
+                    "scores",
+                    "labels",
+                    "query_index",
+                    "memory",
+                    "c1",
+                    "gt_id",
+                    "gt_iou",
+                    "target_masks",
+                )
+            },
             scales={scale: data[scale] for scale in self.scales.values() if scale in data},
         )
-        sample = served_sample(record, image_id=self.index["image_id"][i], input_hw=self.index["input_hw"][i],
-                               orig_hw=self.index["orig_hw"][i], level_hw=plan.level_hw, wanted=plan.wanted,
-                               memory_start=plan.lo - int(self.index["token_offset"][i]),
-                               target_size=self.target_size)
+        sample = served_sample(
+            record,
+            image_id=self.index["image_id"][i],
+            input_hw=self.index["input_hw"][i],
+            orig_hw=self.index["orig_hw"][i],
+            level_hw=plan.level_hw,
+            wanted=plan.wanted,
+            memory_start=plan.lo - int(self.index["token_offset"][i]),
+            target_size=self.target_size,
+        )
         if plan.recompute_c1:
             sample.c1 = self._c1_recomputer(self.image_path(i), tuple(self.index["input_hw"][i].tolist()))
         return sample
@@ -392,11 +434,11 @@ class ReadPlan:
     position: int
     requests: dict[str, tuple[str, int | slice]]  # part -> (array name, its selection), for _fetch
     level_hw: np.ndarray  # [stored L, 2] valid (h, w) of each stored level
-    sizes: np.ndarray     # [stored L] tokens of each stored level
-    starts: np.ndarray    # [stored L] first row of each stored level in ``memory``
-    lo: int               # first ``memory`` row read (the wanted levels' span starts here)
-    wanted: list[int]     # indices into the stored levels, in the order the head reads them
-    recompute_c1: bool    # C1 is re-made from the image (not read)
+    sizes: np.ndarray  # [stored L] tokens of each stored level
+    starts: np.ndarray  # [stored L] first row of each stored level in ``memory``
+    lo: int  # first ``memory`` row read (the wanted levels' span starts here)
+    wanted: list[int]  # indices into the stored levels, in the order the head reads them
+    recompute_c1: bool  # C1 is re-made from the image (not read)
 
 
 _MISMATCH = "checksum mismatch (its stored bytes changed after extraction)"
@@ -413,8 +455,16 @@ class CacheDataset(torch.utils.data.Dataset):
     opens the store itself.
     """
 
-    def __init__(self, cache_path: str | Path | CacheLocation, split: str, *, levels: tuple[int, ...] | None,
-                 c1: bool, targets: bool, all_views: bool = False):
+    def __init__(
+        self,
+        cache_path: str | Path | CacheLocation,
+        split: str,
+        *,
+        levels: tuple[int, ...] | None,
+        c1: bool,
+        targets: bool,
+        all_views: bool = False,
+    ):
         self.cache_path, self.split_name = locate(cache_path), split
         self.kwargs = {"levels": levels, "c1": c1, "targets": targets}
         self.trusted = files_trusted()  # the workers that reopen the split inherit this choice

@@ -49,8 +49,9 @@ class ReadThroughStore(WrapperStore):
         self._lock = threading.Lock()
 
     def _with_store(self, store):
-        return type(self)(store, folder=self.folder, limit_folder=self.limit_folder, max_bytes=self.max_bytes,
-                          fresh=self.fresh)
+        return type(self)(
+            store, folder=self.folder, limit_folder=self.limit_folder, max_bytes=self.max_bytes, fresh=self.fresh
+        )
 
     def __getstate__(self):
         return {**self.__dict__, "_lock": None}

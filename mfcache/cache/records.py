@@ -54,8 +54,16 @@ class ImageRecord:
     scales: dict[str, np.ndarray] | None = None
 
 
-def image_sample(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray, input_hw: Sequence[int],
-                 image_id: int, orig_hw: Sequence[int]) -> Sample:
+def image_sample(
+    out: DetectorOutput,
+    top: TopK,
+    b: int,
+    *,
+    level_hw: np.ndarray,
+    input_hw: Sequence[int],
+    image_id: int,
+    orig_hw: Sequence[int],
+) -> Sample:
     """Image ``b`` of a detector batch, cropped to its valid region (on the detector's device
     and dtype): the top-k detections ``top`` and every encoder level, finest first.
     ``level_hw [L, 2]``: the planned valid size of each level (checked against the detector's)."""
@@ -64,7 +72,7 @@ def image_sample(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray
         raise MfcacheError(f"detector feature sizes {valid.tolist()} differ from the planned {level_hw.tolist()}")
     levels, start = [], 0
     for (height, width), (h, w) in zip(out.spatial_shapes.tolist(), level_hw.tolist()):
-        level = out.memory[b, start: start + height * width].view(height, width, -1)
+        level = out.memory[b, start : start + height * width].view(height, width, -1)
         levels.append(level[:h, :w].permute(2, 0, 1))
         start += height * width
     c1 = None
@@ -72,15 +80,22 @@ def image_sample(out: DetectorOutput, top: TopK, b: int, *, level_hw: np.ndarray
         h, w = c1_size(input_hw)
         c1 = out.c1[b, :, :h, :w]
     return Sample(
-        image_id=int(image_id), queries=top.queries[b], boxes=top.boxes[b].float(), scores=top.scores[b].float(),
-        labels=top.labels[b].long(), query_index=top.query_index[b].long(), levels=levels,
+        image_id=int(image_id),
+        queries=top.queries[b],
+        boxes=top.boxes[b].float(),
+        scores=top.scores[b].float(),
+        labels=top.labels[b].long(),
+        query_index=top.query_index[b].long(),
+        levels=levels,
         input_hw=torch.as_tensor(tuple(input_hw), dtype=torch.int64),
-        orig_hw=torch.as_tensor(tuple(orig_hw), dtype=torch.int64), c1=c1,
+        orig_hw=torch.as_tensor(tuple(orig_hw), dtype=torch.int64),
+        c1=c1,
     )
 
 
-def stored_features(sample: Sample, dtype: str, levels: Sequence[int] | None = None
-                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+def stored_features(
+    sample: Sample, dtype: str, levels: Sequence[int] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """The feature rows of a cropped sample exactly as the cache stores them:
     ``queries [K, D]``, ``memory [T, D]`` (the tokens of the stored ``levels``, None = all,
     finest first, each level row-major), ``c1 [h*w, C]`` (if the sample has one), in numpy
@@ -96,12 +111,12 @@ def stored_features(sample: Sample, dtype: str, levels: Sequence[int] | None = N
     if dtype != "int8":
         return {k: v.astype(STORAGE_DTYPES[dtype]) for k, v in features.items()}, None
     quantized = {k: quantize(v) for k, v in features.items()}
-    return ({k: q for k, (q, _) in quantized.items()},
-            {QUANTIZED[k]: scale for k, (_, scale) in quantized.items()})
+    return ({k: q for k, (q, _) in quantized.items()}, {QUANTIZED[k]: scale for k, (_, scale) in quantized.items()})
 
 
-def image_record(sample: Sample, *, gt: GroundTruth | None, target_size: int, dtype: str,
-                 levels: Sequence[int] | None = None) -> ImageRecord:
+def image_record(
+    sample: Sample, *, gt: GroundTruth | None, target_size: int, dtype: str, levels: Sequence[int] | None = None
+) -> ImageRecord:
     """The cache record of a cropped sample (:func:`image_sample`); with ``gt`` (the image's
     annotations) also its per-query targets. ``memory`` holds the stored ``levels`` (None =
     all); int8 is quantised per channel."""
@@ -110,8 +125,11 @@ def image_record(sample: Sample, *, gt: GroundTruth | None, target_size: int, dt
     targets = {}
     if gt is not None:
         gt_id, gt_iou, masks = query_targets(boxes, tuple(sample.input_hw.tolist()), gt, target_size)
-        targets = {"gt_id": gt_id.numpy().astype(np.int64), "gt_iou": gt_iou.numpy().astype(np.float32),
-                   "target_masks": pack_masks(masks)}
+        targets = {
+            "gt_id": gt_id.numpy().astype(np.int64),
+            "gt_iou": gt_iou.numpy().astype(np.float32),
+            "target_masks": pack_masks(masks),
+        }
     return ImageRecord(
         queries=features["queries"],
         boxes=boxes.numpy().astype(np.float32),
@@ -125,9 +143,17 @@ def image_record(sample: Sample, *, gt: GroundTruth | None, target_size: int, dt
     )
 
 
-def served_sample(record: ImageRecord, *, image_id: int, input_hw: Sequence[int], orig_hw: Sequence[int],
-                  level_hw: np.ndarray, wanted: Sequence[int], memory_start: int = 0,
-                  target_size: int | None = None) -> Sample:
+def served_sample(
+    record: ImageRecord,
+    *,
+    image_id: int,
+    input_hw: Sequence[int],
+    orig_hw: Sequence[int],
+    level_hw: np.ndarray,
+    wanted: Sequence[int],
+    memory_start: int = 0,
+    target_size: int | None = None,
+) -> Sample:
     """A record as the reader serves it: int8 dequantised to float32, float16 kept.
 
     ``level_hw [L, 2]``: the sizes of the stored levels, in ``record.memory``'s order;
@@ -144,15 +170,20 @@ def served_sample(record: ImageRecord, *, image_id: int, input_hw: Sequence[int]
     memory = features("memory")
     sizes = np.asarray(level_hw).prod(-1)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) - memory_start
-    levels = [torch.from_numpy(memory[starts[l]: starts[l] + sizes[l]].reshape(*level_hw[l], -1)).permute(2, 0, 1)
-              for l in wanted]
+    levels = [
+        torch.from_numpy(memory[starts[l] : starts[l] + sizes[l]].reshape(*level_hw[l], -1)).permute(2, 0, 1)
+        for l in wanted
+    ]
     c1 = None
     if record.c1 is not None:
         c1 = torch.from_numpy(features("c1").reshape(*c1_size(input_hw), -1)).permute(2, 0, 1)
     targets = {}
     if record.gt_id is not None:
-        targets = {"gt_id": torch.from_numpy(record.gt_id), "gt_iou": torch.from_numpy(record.gt_iou),
-                   "target_masks": unpack_masks(record.target_masks, target_size)}
+        targets = {
+            "gt_id": torch.from_numpy(record.gt_id),
+            "gt_iou": torch.from_numpy(record.gt_iou),
+            "target_masks": unpack_masks(record.target_masks, target_size),
+        }
     return Sample(
         image_id=int(image_id),
         queries=torch.from_numpy(features("queries")),

@@ -97,8 +97,19 @@ def _arrays(split: CacheSplit) -> list[dict]:
         members = sorted(split.group.members(max_depth=None))
     except Exception as exc:  # zarr raises many types for a metadata file that does not parse
         path = split.cache.path
-        raise MfcacheError(f"split {split.name!r} of {path}: unreadable array metadata ({type(exc).__name__}: "
-                           f"{exc}): the cache is damaged (mfcache verify {path} lists all damage)") from None
-    return [{"path": path, "shape": list(node.shape), "dtype": str(node.dtype), "chunks": list(node.chunks),
-             "bytes": node.nbytes, "stored": node.nbytes_stored()}
-            for path, node in members if isinstance(node, zarr.Array)]
+        raise MfcacheError(
+            f"split {split.name!r} of {path}: unreadable array metadata ({type(exc).__name__}: "
+            f"{exc}): the cache is damaged (mfcache verify {path} lists all damage)"
+        ) from None
+    return [
+        {
+            "path": path,
+            "shape": list(node.shape),
+            "dtype": str(node.dtype),
+            "chunks": list(node.chunks),
+            "bytes": node.nbytes,
+            "stored": node.nbytes_stored(),
+        }
+        for path, node in members
+        if isinstance(node, zarr.Array)
+    ]

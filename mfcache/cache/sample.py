@@ -93,17 +93,23 @@ class Batch:
         return cls(
             image_id=[s.image_id for s in samples],
             queries=torch.stack([s.queries for s in samples]).float(),
-            **{name: torch.stack([getattr(s, name) for s in samples])
-               for name in ("boxes", "scores", "labels", "query_index", "input_hw", "orig_hw")},
+            **{
+                name: torch.stack([getattr(s, name) for s in samples])
+                for name in ("boxes", "scores", "labels", "query_index", "input_hw", "orig_hw")
+            },
             levels=[pad_maps(maps) for maps in per_level],
-            level_hw=(torch.stack([valid_hw(maps) for maps in per_level], 1) if per_level
-                      else torch.zeros(len(samples), 0, 2, dtype=torch.int64)),
+            level_hw=(
+                torch.stack([valid_hw(maps) for maps in per_level], 1)
+                if per_level
+                else torch.zeros(len(samples), 0, 2, dtype=torch.int64)
+            ),
             **optional,
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         """The batch on ``device``; float16 maps (an fp16 cache's) become float32 there, so
         they cross to the device at half the bytes."""
+
         def move(t: Tensor) -> Tensor:
             t = t.to(device, non_blocking=non_blocking)
             return t.float() if t.dtype == torch.float16 else t
@@ -168,8 +174,12 @@ def pad_maps(maps: list[Tensor]) -> Tensor:
     width = max(m.shape[2] for m in maps)
     shape = (len(maps), height, width, maps[0].shape[0])
     if torch.utils.data.get_worker_info() is not None:
-        out = maps[0].new_empty(0).new(maps[0].untyped_storage()._new_shared(
-            int(np.prod(shape)) * maps[0].element_size())).view(shape)
+        out = (
+            maps[0]
+            .new_empty(0)
+            .new(maps[0].untyped_storage()._new_shared(int(np.prod(shape)) * maps[0].element_size()))
+            .view(shape)
+        )
     else:
         out = maps[0].new_empty(shape)
     out = out.permute(0, 3, 1, 2)  # channels-last, like the stored rows: contiguous copies below

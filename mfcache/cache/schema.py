@@ -98,8 +98,11 @@ STORAGE_DTYPES = {name: np.dtype(name).type for name in choices(ExtractConfig)["
 INDEX_ARRAYS = tuple(name for name in IMAGE_ARRAYS if name.startswith("index/"))
 DONE, SKIPPED = 1, 2
 # Arrays the checksums cover, in order: everything but the flags themselves, then the ragged rows.
-CHECKSUM_ARRAYS = (tuple(n for n in IMAGE_ARRAYS if n not in ("index/done", "index/checksum"))
-                   + tuple(RAGGED_ARRAYS) + tuple(SCALE_ARRAYS))
+CHECKSUM_ARRAYS = (
+    tuple(n for n in IMAGE_ARRAYS if n not in ("index/done", "index/checksum"))
+    + tuple(RAGGED_ARRAYS)
+    + tuple(SCALE_ARRAYS)
+)
 
 
 def c1_size(input_hw):
@@ -129,8 +132,11 @@ def checksum_parts(num_levels: int) -> tuple[str, ...]:
     :data:`CHECKSUM_ARRAYS` in order, ``memory`` split into ``memory[l]`` per detector level
     (so a reader of some levels checks just those). Parts a cache does not store (levels
     outside ``extract.levels``, ``c1`` unless stored, scales unless int8) hold 0."""
-    return tuple(part for name in CHECKSUM_ARRAYS
-                 for part in ([f"memory[{l}]" for l in range(num_levels)] if name == "memory" else [name]))
+    return tuple(
+        part
+        for name in CHECKSUM_ARRAYS
+        for part in ([f"memory[{l}]" for l in range(num_levels)] if name == "memory" else [name])
+    )
 
 
 def checksum(values: np.ndarray) -> int:
@@ -145,14 +151,15 @@ def memory_parts(memory: np.ndarray, level_hw: np.ndarray, levels: list[int]) ->
     checksum parts ``{"memory[l]": [h_l * w_l, D]}``; ``level_hw [L, 2]`` every level's shape."""
     sizes = level_hw[levels].prod(-1)
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    return {f"memory[{l}]": memory[starts[k]: starts[k + 1]] for k, l in enumerate(levels)}
+    return {f"memory[{l}]": memory[starts[k] : starts[k + 1]] for k, l in enumerate(levels)}
 
 
 def image_checksums(parts: dict[str, np.ndarray], num_levels: int) -> np.ndarray:
     """``[P]`` uint32: :func:`checksum` of each of one image's parts (:func:`checksum_parts`;
     ragged arrays: its valid rows, padding excluded); parts absent from ``parts`` hold 0."""
-    return np.array([checksum(parts[name]) if name in parts else 0 for name in checksum_parts(num_levels)],
-                    dtype=np.uint32)
+    return np.array(
+        [checksum(parts[name]) if name in parts else 0 for name in checksum_parts(num_levels)], dtype=np.uint32
+    )
 
 
 @dataclass(frozen=True)
@@ -164,17 +171,17 @@ class ExtractSettings:
     the pixel path (:func:`stored_resize`); ``levels`` and ``compress`` are in every schema-3
     fingerprint."""
 
-    topk: int               # detections stored per image
-    target_size: int        # side of the stored GT mask crops
-    c1: str                 # store | recompute | none
-    dtype: str              # storage dtype of queries, memory and c1 (STORAGE_DTYPES)
+    topk: int  # detections stored per image
+    target_size: int  # side of the stored GT mask crops
+    c1: str  # store | recompute | none
+    dtype: str  # storage dtype of queries, memory and c1 (STORAGE_DTYPES)
     levels: tuple[int, ...]  # detector level indices held in memory, finest first
     compress: bool = False
     resize: str = LEGACY_PREPROCESS["resize"]  # the detector's Preprocess.resize
-    amp: str = "off"        # mixed precision of the detector's forward pass
+    amp: str = "off"  # mixed precision of the detector's forward pass
     # detector labels -> dataset categories (mfcache.data.labels): None by name, "agnostic", or the map
     label_map: dict | str | None = field(default=None, hash=False)
-    views: int = 1          # rows per image (mfcache.data.views): image-major, view 0 the plain image
+    views: int = 1  # rows per image (mfcache.data.views): image-major, view 0 the plain image
     view_crop: float = 0.0  # probability a view >= 1 is cropped (mfcache.data.views.view_crop)
 
     @property
@@ -185,33 +192,71 @@ class ExtractSettings:
     @classmethod
     def from_fingerprint(cls, fp: dict) -> ExtractSettings:
         extract = fp["extract"]
-        return cls(topk=extract["topk"], target_size=extract["target_size"], c1=extract["c1"],
-                   dtype=extract["dtype"], levels=tuple(stored_levels(fp)), compress=extract["compress"],
-                   resize=stored_resize(fp), amp=extract.get("amp", "off"), label_map=extract.get("label_map"),
-                   views=extract.get("views", 1), view_crop=extract.get("view_crop", 0.0))
+        return cls(
+            topk=extract["topk"],
+            target_size=extract["target_size"],
+            c1=extract["c1"],
+            dtype=extract["dtype"],
+            levels=tuple(stored_levels(fp)),
+            compress=extract["compress"],
+            resize=stored_resize(fp),
+            amp=extract.get("amp", "off"),
+            label_map=extract.get("label_map"),
+            views=extract.get("views", 1),
+            view_crop=extract.get("view_crop", 0.0),
+        )
 
     def options(self) -> dict:
         """The fingerprint's ``extract`` dict, as written to disk (the keyword arguments of
         :func:`fingerprint`; ``resize`` is the detector's, not among them). ``view_crop`` only when
         it is not 0: a cache without crops has the fingerprint it had before the option."""
         crop = {"view_crop": self.view_crop} if self.view_crop else {}
-        return {"topk": self.topk, "target_size": self.target_size, "c1": self.c1, "dtype": self.dtype,
-                "levels": list(self.levels), "compress": self.compress, "amp": self.amp, "label_map": self.label_map,
-                "views": self.views, **crop}
+        return {
+            "topk": self.topk,
+            "target_size": self.target_size,
+            "c1": self.c1,
+            "dtype": self.dtype,
+            "levels": list(self.levels),
+            "compress": self.compress,
+            "amp": self.amp,
+            "label_map": self.label_map,
+            "views": self.views,
+            **crop,
+        }
 
 
-def fingerprint(info: DetectorInfo, *, topk: int, target_size: int, c1: str, dtype: str,
-                levels: tuple[int, ...] | None = None, compress: bool = False, amp: str = "off",
-                label_map: dict | str | None = None, views: int = 1, view_crop: float = 0.0) -> dict:
+def fingerprint(
+    info: DetectorInfo,
+    *,
+    topk: int,
+    target_size: int,
+    c1: str,
+    dtype: str,
+    levels: tuple[int, ...] | None = None,
+    compress: bool = False,
+    amp: str = "off",
+    label_map: dict | str | None = None,
+    views: int = 1,
+    view_crop: float = 0.0,
+) -> dict:
     """What a cache's contents depend on, besides the images and annotations.
     ``levels``: stored encoder level indices (None = all); ``label_map``: how detector labels
     become dataset categories (:mod:`mfcache.data.labels`: None by name, a map, ``"agnostic"``);
     ``views``: rows per image, ``view_crop``: the probability a view >= 1 is cropped
     (:mod:`mfcache.data.views`)."""
-    settings = ExtractSettings(topk=topk, target_size=target_size, c1=c1, dtype=dtype, compress=compress, amp=amp,
-                               levels=tuple(range(len(info.strides)) if levels is None else levels),
-                               resize=info.preprocess.resize, label_map=label_map, views=views,
-                               view_crop=view_crop)
+    settings = ExtractSettings(
+        topk=topk,
+        target_size=target_size,
+        c1=c1,
+        dtype=dtype,
+        compress=compress,
+        amp=amp,
+        levels=tuple(range(len(info.strides)) if levels is None else levels),
+        resize=info.preprocess.resize,
+        label_map=label_map,
+        views=views,
+        view_crop=view_crop,
+    )
     return {
         "schema_version": SCHEMA_VERSION,
         "detector": info.to_dict(),
@@ -299,8 +344,14 @@ def auto_chunk_tokens(tokens_per_image: np.ndarray) -> int:
     return int(min(4096, max(64, 2 ** round(np.log2(max(median / 4, 1))))))
 
 
-def plan_split(image_ids, orig_hw, info: DetectorInfo, chunk_tokens: int = 0,
-               levels: list[int] | tuple[int, ...] | None = None, input_hw: np.ndarray | None = None) -> SplitPlan:
+def plan_split(
+    image_ids,
+    orig_hw,
+    info: DetectorInfo,
+    chunk_tokens: int = 0,
+    levels: list[int] | tuple[int, ...] | None = None,
+    input_hw: np.ndarray | None = None,
+) -> SplitPlan:
     """Token and C1 offsets of every image: ``image_ids [N]``, ``orig_hw [N, 2]``; tokens
     count the stored ``levels`` only (None = all), ``level_hw`` holds every level.
     ``input_hw [N, 2]``: the detector input sizes when they are not the detector's resize
@@ -356,12 +407,15 @@ class StoragePlan:
             return "nothing left to write"
         parts = sorted(((int(v[positions].sum()) / n, k) for k, v in self.parts.items()), reverse=True)
         shown = ", ".join(f"{k} {format_bytes(b)}" for b, k in parts if b >= 0.01 * self.total(positions) / n)
-        return (f"{n} {unit}s, {format_bytes(self.total(positions) / n)} per {unit} ({shown}), "
-                f"{format_bytes(self.total(positions))} in all")
+        return (
+            f"{n} {unit}s, {format_bytes(self.total(positions) / n)} per {unit} ({shown}), "
+            f"{format_bytes(self.total(positions))} in all"
+        )
 
 
-def storage_plan(plan: SplitPlan, *, topk: int, d_model: int, c1_channels: int, dtype: str,
-                 target_size: int) -> StoragePlan:
+def storage_plan(
+    plan: SplitPlan, *, topk: int, d_model: int, c1_channels: int, dtype: str, target_size: int
+) -> StoragePlan:
     """What each image of ``plan`` will take on disk (``c1_channels`` 0: C1 not stored)."""
     size = np.dtype(STORAGE_DTYPES[dtype]).itemsize
     n = plan.num_rows

@@ -33,26 +33,30 @@ from pycocotools.coco import COCO
 from mfcache.cache.schema import DONE
 
 STATS_ATTR = "match_stats"
-REPORT_IOU = 0.5    # the train.min_iou default: extraction records the matched count at it
+REPORT_IOU = 0.5  # the train.min_iou default: extraction records the matched count at it
 RECALL_IOU = 0.5
-FEW_MATCHED = 0.5   # train warns when fewer than this share of the GT instances is matched
+FEW_MATCHED = 0.5  # train warns when fewer than this share of the GT instances is matched
 
 
 @dataclass(frozen=True)
 class MatchStats:
-    images: int          # complete images counted
-    gt_instances: int    # their non-crowd GT instances
+    images: int  # complete images counted
+    gt_instances: int  # their non-crowd GT instances
     min_iou: float
-    matched: int         # GT instances that are a cached query's best match at IoU >= min_iou
-    recalled: int        # GT instances some cached box overlaps at IoU >= RECALL_IOU
-    best_iou: float      # the highest query-GT box IoU stored (0 if none)
+    matched: int  # GT instances that are a cached query's best match at IoU >= min_iou
+    recalled: int  # GT instances some cached box overlaps at IoU >= RECALL_IOU
+    best_iou: float  # the highest query-GT box IoU stored (0 if none)
 
     def line(self) -> str:
         """``matched GT 812/1000 (81.2%) at box IoU >= 0.5; box recall@0.5 850/1000 (85.0%)``."""
+
         def share(n: int) -> str:
             return f"{n}/{self.gt_instances} ({100 * n / self.gt_instances:.1f}%)" if self.gt_instances else "0/0"
-        return (f"matched GT {share(self.matched)} at box IoU >= {self.min_iou:g}; "
-                f"box recall@{RECALL_IOU:g} {share(self.recalled)}")
+
+        return (
+            f"matched GT {share(self.matched)} at box IoU >= {self.min_iou:g}; "
+            f"box recall@{RECALL_IOU:g} {share(self.recalled)}"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,9 +124,14 @@ def group_stats(group: zarr.Group, min_iou: float = REPORT_IOU, views: int = 1) 
         gt_instances += len(gt)
         if len(gt) and boxes.shape[1]:
             recalled += int((_box_iou(boxes[row], gt).max(0) >= RECALL_IOU).sum())
-    return MatchStats(images=len(done), gt_instances=gt_instances, min_iou=float(min_iou),
-                      matched=matched_count(gt_id, gt_iou, min_iou), recalled=recalled,
-                      best_iou=float(gt_iou[gt_id >= 0].max()) if (gt_id >= 0).any() else 0.0)
+    return MatchStats(
+        images=len(done),
+        gt_instances=gt_instances,
+        min_iou=float(min_iou),
+        matched=matched_count(gt_id, gt_iou, min_iou),
+        recalled=recalled,
+        best_iou=float(gt_iou[gt_id >= 0].max()) if (gt_id >= 0).any() else 0.0,
+    )
 
 
 def stored_stats(group: zarr.Group) -> MatchStats | None:

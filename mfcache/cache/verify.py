@@ -37,8 +37,8 @@ from mfcache.cache.schema import (
     DONE,
     IMAGE_ARRAYS,
     RAGGED_ARRAYS,
-    SKIPPED,
     SCALE_ARRAYS,
+    SKIPPED,
     c1_size,
     checksum_parts,
     image_checksums,
@@ -54,8 +54,14 @@ from mfcache.errors import MfcacheError
 FINGERPRINT_KEYS = {"schema_version", "detector", "extract", "mfcache_version"}
 EXTRACT_KEYS = {"topk", "target_size", "c1", "dtype"}
 # Index arrays written whole when the split is created; the rest are written block by block.
-STATIC_INDEX = ("index/image_id", "index/orig_hw", "index/input_hw", "index/level_hw",
-                "index/token_offset", "index/c1_offset")
+STATIC_INDEX = (
+    "index/image_id",
+    "index/orig_hw",
+    "index/input_hw",
+    "index/level_hw",
+    "index/token_offset",
+    "index/c1_offset",
+)
 SPLIT_ATTRS = ("annotations_sha256", "label_to_category", "chunk_tokens", "c1_chunk", "block_size", "num_images")
 
 
@@ -137,10 +143,19 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
     index = {key: arrays[key][:] for key in IMAGE_ARRAYS if key.startswith("index/")}
     levels = stored_levels(cache.fingerprint)
     views = cache.settings.views  # rescaled views have their own input sizes (mfcache.data.views)
-    input_hw = (rows_input_hw(cache.detector.preprocess, index["index/image_id"], index["index/orig_hw"], views)
-                if views > 1 else None)
-    plan = plan_split(index["index/image_id"], index["index/orig_hw"], cache.detector, int(attrs["chunk_tokens"]),
-                      levels, input_hw=input_hw)
+    input_hw = (
+        rows_input_hw(cache.detector.preprocess, index["index/image_id"], index["index/orig_hw"], views)
+        if views > 1
+        else None
+    )
+    plan = plan_split(
+        index["index/image_id"],
+        index["index/orig_hw"],
+        cache.detector,
+        int(attrs["chunk_tokens"]),
+        levels,
+        input_hw=input_hw,
+    )
     if not _check_scales(arrays, ext, problem):
         return out
     ragged = _ragged_layout(plan, cache.detector, has_c1="c1" in arrays)
@@ -148,8 +163,9 @@ def _verify_split(cache: Cache, name: str, problems: list[str]) -> SplitReport:
     _check_flags(index, attrs, problem, out)
     _check_annotations(arrays["annotations"], attrs, problem)
     store_root = cache.location
-    _check_blocks(arrays, ragged, index, int(attrs["block_size"]), len(cache.detector.strides), levels,
-                  store_root, problem, out)
+    _check_blocks(
+        arrays, ragged, index, int(attrs["block_size"]), len(cache.detector.strides), levels, store_root, problem, out
+    )
     for array_name in STATIC_INDEX:
         _check_chunk_files(arrays[array_name], range(arrays[array_name].cdata_shape[0]), store_root, problem)
     return out
@@ -173,7 +189,9 @@ def _open_split(cache: Cache, name: str, problem) -> tuple[dict, dict[str, zarr.
     arrays = _open_arrays(group, cache.location, name, problem)
     if arrays is None:
         return None
-    if missing := [a for a in IMAGE_ARRAYS if a not in arrays] + [a for a in ("memory", "annotations") if a not in arrays]:
+    if missing := [a for a in IMAGE_ARRAYS if a not in arrays] + [
+        a for a in ("memory", "annotations") if a not in arrays
+    ]:
         problem(f"arrays missing: {', '.join(missing)}")
         return None
     return attrs, arrays
@@ -181,8 +199,14 @@ def _open_split(cache: Cache, name: str, problem) -> tuple[dict, dict[str, zarr.
 
 def _check_shapes(arrays: dict[str, zarr.Array], n: int, det, ext: dict, problem) -> bool:
     """Whether every per-image array has ``n`` rows and the fingerprint's trailing dims."""
-    dims = {"K": int(ext["topk"]), "D": det.d_model, "C": det.c1_channels, "L": len(det.strides),
-            "B": packed_bytes(int(ext["target_size"])), "P": len(checksum_parts(len(det.strides)))}
+    dims = {
+        "K": int(ext["topk"]),
+        "D": det.d_model,
+        "C": det.c1_channels,
+        "L": len(det.strides),
+        "B": packed_bytes(int(ext["target_size"])),
+        "P": len(checksum_parts(len(det.strides))),
+    }
     shapes_ok = True
     for array_name, (_, trailing, _) in IMAGE_ARRAYS.items():
         want = (n, *(dims[t] if isinstance(t, str) else t for t in trailing))
@@ -250,7 +274,11 @@ def _check_flags(index: dict, attrs: dict, problem, out: SplitReport) -> None:
     lost = [int(i) for i in index["index/image_id"][done == SKIPPED] if str(int(i)) not in reasons]
     if lost:
         problem(f"skipped images without a recorded reason: ids {lost[:10]}")
-    out.written, out.skipped, out.pending = int((done == DONE).sum()), int((done == SKIPPED).sum()), int((done == 0).sum())
+    out.written, out.skipped, out.pending = (
+        int((done == DONE).sum()),
+        int((done == SKIPPED).sum()),
+        int((done == 0).sum()),
+    )
 
 
 def _check_annotations(stored: zarr.Array, attrs: dict, problem) -> None:
@@ -263,8 +291,9 @@ def _check_annotations(stored: zarr.Array, attrs: dict, problem) -> None:
         problem(f"annotations unreadable: {exc}")
 
 
-def _check_blocks(arrays, ragged, index, block: int, num_levels: int, levels, store_root: CacheLocation, problem,
-                  out: SplitReport) -> None:
+def _check_blocks(
+    arrays, ragged, index, block: int, num_levels: int, levels, store_root: CacheLocation, problem, out: SplitReport
+) -> None:
     """Block by block: flags set block-wise, every chunk of a written block on disk and
     decodable (:func:`_read_block`), and each written image's parts matching their CRC-32."""
     done, n = index["index/done"], len(index["index/done"])
@@ -289,8 +318,10 @@ def _check_checksums(rows: dict, index: dict, start: int, stop: int, num_levels:
         parts.update(memory_parts(rows["memory"][i - start], index["index/level_hw"][i], levels))
         bad = [names[k] for k in np.flatnonzero(image_checksums(parts, num_levels) != index["index/checksum"][i])]
         if bad:
-            problem(f"image id {int(index['index/image_id'][i])} (position {i}): checksum mismatch in "
-                    f"{', '.join(bad)}, its stored data changed after writing (flipped bytes or a lost chunk)")
+            problem(
+                f"image id {int(index['index/image_id'][i])} (position {i}): checksum mismatch in "
+                f"{', '.join(bad)}, its stored data changed after writing (flipped bytes or a lost chunk)"
+            )
 
 
 def _read_block(arrays, ragged, index, start, stop, written, store_root, problem, out, levels):
@@ -326,10 +357,12 @@ def _read_block(arrays, ragged, index, start, stop, written, store_root, problem
             problem(f"{array_name} rows {lo}..{hi - 1}: {bad} non-finite values")
         if array_name in ragged:
             key = ragged[array_name][0]
-            count = {"memory": index["index/level_hw"][start:stop][:, levels].prod(-1).sum(-1),
-                     "c1": c1_size(index["index/input_hw"][start:stop]).prod(-1)}[array_name]
+            count = {
+                "memory": index["index/level_hw"][start:stop][:, levels].prod(-1).sum(-1),
+                "c1": c1_size(index["index/input_hw"][start:stop]).prod(-1),
+            }[array_name]
             offs = index[key][start:stop].astype(np.int64) - lo
-            rows[array_name] = [data[o: o + c] for o, c in zip(offs, count)]
+            rows[array_name] = [data[o : o + c] for o, c in zip(offs, count)]
         else:
             rows[array_name] = data
     return rows if ok else None
@@ -339,8 +372,11 @@ def _open_arrays(group: zarr.Group, location: CacheLocation, split: str, problem
     """Every array of the split that exists in the store, opened; None if any metadata file is
     unreadable (each reported)."""
     arrays = {}
-    present = [a for a in [*IMAGE_ARRAYS, *RAGGED_ARRAYS, *SCALE_ARRAYS, "annotations"]
-               if location.has(f"{split}/{a}/zarr.json")]
+    present = [
+        a
+        for a in [*IMAGE_ARRAYS, *RAGGED_ARRAYS, *SCALE_ARRAYS, "annotations"]
+        if location.has(f"{split}/{a}/zarr.json")
+    ]
     for array_name in present:
         try:
             arrays[array_name] = group[array_name]

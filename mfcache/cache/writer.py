@@ -87,8 +87,18 @@ def remove_partial_writes(root, split: str) -> int:
 
 
 def create_split(
-    root: zarr.Group, name: str, plan: SplitPlan, *, meta: dict, annotations: bytes,
-    topk: int, d_model: int, c1_channels: int, target_size: int, block_size: int, dtype: str,
+    root: zarr.Group,
+    name: str,
+    plan: SplitPlan,
+    *,
+    meta: dict,
+    annotations: bytes,
+    topk: int,
+    d_model: int,
+    c1_channels: int,
+    target_size: int,
+    block_size: int,
+    dtype: str,
     compress: bool = False,
 ) -> zarr.Group:
     """Create split ``name`` with every array allocated and the index written, or reopen
@@ -108,38 +118,82 @@ def create_split(
     group = root.create_group(name)
     n = plan.num_rows
     num_levels = plan.level_hw.shape[1]
-    dims = {"K": topk, "D": d_model, "C": c1_channels, "L": num_levels, "B": packed_bytes(target_size),
-            "P": len(checksum_parts(num_levels))}
-    features = (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize,
-                           blocksize=1 << 20),) if compress else None
+    dims = {
+        "K": topk,
+        "D": d_model,
+        "C": c1_channels,
+        "L": num_levels,
+        "B": packed_bytes(target_size),
+        "P": len(checksum_parts(num_levels)),
+    }
+    features = (
+        (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize, blocksize=1 << 20),)
+        if compress
+        else None
+    )
     arrays = dict(IMAGE_ARRAYS)
     if dtype == "int8":
-        arrays.update({k: ("float32", (trailing,), what) for k, (trailing, what) in SCALE_ARRAYS.items()
-                       if k != "scales/c1" or c1_channels})
+        arrays.update(
+            {
+                k: ("float32", (trailing,), what)
+                for k, (trailing, what) in SCALE_ARRAYS.items()
+                if k != "scales/c1" or c1_channels
+            }
+        )
     for array_name, (array_dtype, trailing, _) in arrays.items():
         shape = (n, *(dims[t] if isinstance(t, str) else t for t in trailing))
         group.create_array(
-            array_name, shape=shape, chunks=(min(block_size, max(n, 1)), *shape[1:]),
-            dtype=array_dtype or dtype, fill_value=0, compressors=features if array_name == "queries" else None,
+            array_name,
+            shape=shape,
+            chunks=(min(block_size, max(n, 1)), *shape[1:]),
+            dtype=array_dtype or dtype,
+            fill_value=0,
+            compressors=features if array_name == "queries" else None,
         )
-    group.create_array("memory", shape=(int(plan.token_offset[-1]), d_model),
-                       chunks=(plan.chunk_tokens, d_model), dtype=dtype, fill_value=0, compressors=features)
+    group.create_array(
+        "memory",
+        shape=(int(plan.token_offset[-1]), d_model),
+        chunks=(plan.chunk_tokens, d_model),
+        dtype=dtype,
+        fill_value=0,
+        compressors=features,
+    )
     if c1_channels:
-        group.create_array("c1", shape=(int(plan.c1_offset[-1]), c1_channels),
-                           chunks=(plan.c1_chunk, c1_channels), dtype=dtype, fill_value=0, compressors=features)
-    group.create_array("annotations", shape=(len(annotations),), chunks=(1 << 24,), dtype="uint8",
-                       compressors=BloscCodec(cname="zstd", clevel=3))
+        group.create_array(
+            "c1",
+            shape=(int(plan.c1_offset[-1]), c1_channels),
+            chunks=(plan.c1_chunk, c1_channels),
+            dtype=dtype,
+            fill_value=0,
+            compressors=features,
+        )
+    group.create_array(
+        "annotations",
+        shape=(len(annotations),),
+        chunks=(1 << 24,),
+        dtype="uint8",
+        compressors=BloscCodec(cname="zstd", clevel=3),
+    )
     group["annotations"][:] = np.frombuffer(annotations, dtype=np.uint8)
     for key, values in {
-        "index/image_id": plan.image_id, "index/orig_hw": plan.orig_hw, "index/input_hw": plan.input_hw,
-        "index/level_hw": plan.level_hw, "index/token_offset": plan.token_offset[:-1],
+        "index/image_id": plan.image_id,
+        "index/orig_hw": plan.orig_hw,
+        "index/input_hw": plan.input_hw,
+        "index/level_hw": plan.level_hw,
+        "index/token_offset": plan.token_offset[:-1],
         "index/c1_offset": plan.c1_offset[:-1],
     }.items():
         group[key].with_config({"write_empty_chunks": True})[:] = values  # every chunk file exists
-    group.attrs.update({
-        **meta, "chunk_tokens": plan.chunk_tokens, "c1_chunk": plan.c1_chunk, "block_size": block_size,
-        "num_images": n, "ready": True,
-    })
+    group.attrs.update(
+        {
+            **meta,
+            "chunk_tokens": plan.chunk_tokens,
+            "c1_chunk": plan.c1_chunk,
+            "block_size": block_size,
+            "num_images": n,
+            "ready": True,
+        }
+    )
     return group
 
 
@@ -159,8 +213,13 @@ class BlockWriter:
     """
 
     FIELDS = {
-        "queries": "queries", "boxes": "boxes", "scores": "scores", "labels": "labels",
-        "query_index": "query_index", "targets/gt_id": "gt_id", "targets/gt_iou": "gt_iou",
+        "queries": "queries",
+        "boxes": "boxes",
+        "scores": "scores",
+        "labels": "labels",
+        "query_index": "query_index",
+        "targets/gt_id": "gt_id",
+        "targets/gt_iou": "gt_iou",
         "targets/masks": "target_masks",
     }
 
@@ -171,8 +230,10 @@ class BlockWriter:
         self.has_c1 = "c1" in group
         self.scales = [name for name in SCALE_ARRAYS if name in group]
         self.num_levels = self.index["index/level_hw"].shape[1]
-        self.dtypes = {name: np.dtype(group[name].dtype)  # checksums are of the stored values
-                       for name in [*self.FIELDS, "memory", *(["c1"] if self.has_c1 else [])]}
+        self.dtypes = {
+            name: np.dtype(group[name].dtype)  # checksums are of the stored values
+            for name in [*self.FIELDS, "memory", *(["c1"] if self.has_c1 else [])]
+        }
         root = zarr.open_group(store=group.store, mode="r", zarr_format=3)
         self.levels = stored_levels(root.attrs["mfcache"])  # detector levels in memory
         if self.has_c1:
@@ -199,10 +260,16 @@ class BlockWriter:
         for i, r in enumerate(records):
             rows.append({name: self.index[name][start + i] for name in CHECKSUM_ARRAYS if name in self.index})
             if r is not None:
-                rows[-1].update({name: np.asarray(getattr(r, attr), dtype=self.dtypes[name])
-                                 for name, attr in self.FIELDS.items()})
-                rows[-1].update(memory_parts(np.asarray(r.memory, dtype=self.dtypes["memory"]),
-                                             self.index["index/level_hw"][start + i], self.levels))
+                rows[-1].update(
+                    {name: np.asarray(getattr(r, attr), dtype=self.dtypes[name]) for name, attr in self.FIELDS.items()}
+                )
+                rows[-1].update(
+                    memory_parts(
+                        np.asarray(r.memory, dtype=self.dtypes["memory"]),
+                        self.index["index/level_hw"][start + i],
+                        self.levels,
+                    )
+                )
                 if self.has_c1:
                     rows[-1]["c1"] = np.asarray(r.c1, dtype=self.dtypes["c1"])
                 rows[-1].update({name: np.asarray(r.scales[name], dtype=np.float32) for name in self.scales})
@@ -210,7 +277,8 @@ class BlockWriter:
             array = self.group[array_name]
             template = np.zeros(array.shape[1:], dtype=array.dtype)
             self._array(array_name)[start:stop] = np.stack(
-                [getattr(r, attr) if r is not None else template for r in records])
+                [getattr(r, attr) if r is not None else template for r in records]
+            )
         for name in self.scales:
             template = np.zeros(self.group[name].shape[1:], dtype=np.float32)
             self._array(name)[start:stop] = np.stack([r.scales[name] if r is not None else template for r in records])
@@ -218,8 +286,9 @@ class BlockWriter:
         if self.has_c1:
             self._write_ragged("c1", self.c1_offset, start, [r.c1 if r is not None else None for r in records])
         empty = np.zeros(self.group["index/checksum"].shape[1:], dtype=np.uint32)
-        checksum = np.stack([image_checksums(row, self.num_levels) if r is not None else empty
-                             for row, r in zip(rows, records)])
+        checksum = np.stack(
+            [image_checksums(row, self.num_levels) if r is not None else empty for row, r in zip(rows, records)]
+        )
         self._array("index/checksum")[start:stop] = checksum
         done = np.array([SKIPPED if r is None else DONE for r in records], dtype=np.uint8)
         self._array("index/done")[start:stop] = done
@@ -241,7 +310,7 @@ class BlockWriter:
             limit = int(offsets[start + i + 1]) - lo
             if at + len(part) > limit:
                 raise MfcacheError(f"{name} of image #{start + i} has {len(part)} rows, planned {limit - at}")
-            buffer[at: at + len(part)] = part
+            buffer[at : at + len(part)] = part
         array[lo:hi] = buffer
 
 

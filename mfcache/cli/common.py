@@ -47,8 +47,9 @@ def user_errors(fn=None, *, interrupted: str | Callable[[dict], str] = ""):
         except KeyboardInterrupt as exc:
             hint = interrupted(kwargs) if callable(interrupted) else interrupted
             text = "; ".join(part for part in (str(exc), hint) if part)
-            console.print(f"[bold red]interrupted[/bold red]{': ' + text if text else ''}",
-                          highlight=False, soft_wrap=True)
+            console.print(
+                f"[bold red]interrupted[/bold red]{': ' + text if text else ''}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
     return wrapper
@@ -58,17 +59,35 @@ RERUN = "work finished so far is kept; run the same command again to resume"
 
 # A cache is a folder or an object-store URL (s3://bucket/prefix, gs://..., az://...): taken as
 # text, since a Path would fold the URL's "//"; cache_place() gives the folder as a Path.
-CacheOpt = Annotated[str, typer.Option("--cache", help="Cache written by `mfcache extract`: a folder, or a "
-                                       "URL like s3://bucket/caches/x (also gs://, az://).")]
+CacheOpt = Annotated[
+    str,
+    typer.Option(
+        "--cache",
+        help="Cache written by `mfcache extract`: a folder, or a URL like s3://bucket/caches/x (also gs://, az://).",
+    ),
+]
 CacheArg = Annotated[str | None, typer.Argument(help="Cache folder or URL (or --cache).", show_default=False)]
-CacheOrOpt = Annotated[str | None, typer.Option("--cache", help="Cache folder or URL, as in the other commands.",
-                                                show_default=False)]
-LocalCacheOpt = Annotated[Path | None, typer.Option(
-    "--local-cache", help="Cache in object storage: keep the chunks read in this local folder, so later epochs "
-                          "and runs read them from disk.", show_default=False)]
-LocalCacheSizeOpt = Annotated[str | None, typer.Option(
-    "--local-cache-size", help="Most the --local-cache folder holds, e.g. 500GB (default 100GB); the chunks "
-                               "read longest ago are removed first.", show_default=False)]
+CacheOrOpt = Annotated[
+    str | None, typer.Option("--cache", help="Cache folder or URL, as in the other commands.", show_default=False)
+]
+LocalCacheOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--local-cache",
+        help="Cache in object storage: keep the chunks read in this local folder, so later epochs "
+        "and runs read them from disk.",
+        show_default=False,
+    ),
+]
+LocalCacheSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--local-cache-size",
+        help="Most the --local-cache folder holds, e.g. 500GB (default 100GB); the chunks "
+        "read longest ago are removed first.",
+        show_default=False,
+    ),
+]
 
 
 def cache_place(where: str, local_cache: Path | None = None, local_cache_size: str | None = None):
@@ -90,13 +109,23 @@ def one_cache(positional: str | None, option: str | None):
     return cache_place(positional if positional is not None else option)
 
 
-SplitOpt = Annotated[str | None, typer.Option("--split", help="Split of the cache (default: train* for training, val* for eval).")]
+SplitOpt = Annotated[
+    str | None, typer.Option("--split", help="Split of the cache (default: train* for training, val* for eval).")
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value, e.g. train.steps=500 or head.roi_size=64 (repeatable).")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N "
-                                               "(shorthand for --set train.device=...).")]
-StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Training steps (shorthand for "
-                                              "--set train.steps=N).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value, e.g. train.steps=500 or head.roi_size=64 (repeatable)."),
+]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N (shorthand for --set train.device=...)."
+    ),
+]
+StepsOpt = Annotated[
+    int | None, typer.Option("--steps", min=1, help="Training steps (shorthand for --set train.steps=N).")
+]
 
 
 def train_overrides(overrides: list[str] | None, *, steps: int | None, device: str | None) -> list[str] | None:
@@ -106,11 +135,20 @@ def train_overrides(overrides: list[str] | None, *, steps: int | None, device: s
 
 
 TRUST_FLAG = "--trust-checkpoint"  # the CLI's spelling of the trust_checkpoint setting (UntrustedFile)
-TrustOpt = Annotated[bool, typer.Option(
-    TRUST_FLAG,
-    help="Load checkpoints (and a cache's stored C1 program) with the full unpickler, accepting types beyond "
-         "tensors, containers and numbers. RISK: such a file can run any code on this machine; use only for "
-         "files from a source you trust.")]
-JsonOpt = Annotated[bool, typer.Option(
-    "--json", help="Print the result as one JSON document on stdout, and nothing else there (progress and "
-                   "messages still go to stderr).")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        TRUST_FLAG,
+        help="Load checkpoints (and a cache's stored C1 program) with the full unpickler, accepting types beyond "
+        "tensors, containers and numbers. RISK: such a file can run any code on this machine; use only for "
+        "files from a source you trust.",
+    ),
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print the result as one JSON document on stdout, and nothing else there (progress and "
+        "messages still go to stderr).",
+    ),
+]

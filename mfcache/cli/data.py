@@ -30,6 +30,7 @@ def shapes(
 
     with progress_bar(not quiet) as bar:
         task = bar.add_task("shapes", total=train + val, status="")
-        paths = write_shapes_dataset(out, num_train=train, num_val=val, seed=seed,
-                                     progress=lambda n: bar.advance(task, n))
+        paths = write_shapes_dataset(
+            out, num_train=train, num_val=val, seed=seed, progress=lambda n: bar.advance(task, n)
+        )
     stdout.print(f"wrote {train} train + {val} val images: annotations {paths['train']} and {paths['val']}")

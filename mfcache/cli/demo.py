@@ -19,7 +19,9 @@ def command(
     val_images: Annotated[int, typer.Option("--val", min=1, help="Generated validation images.")] = 100,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Mask-head training steps (batch 8).")] = 1500,
     head: Annotated[str, typer.Option("--head", help="Head preset (see `mfcache heads`) or TOML file.")] = DEMO_HEAD,
-    device: Annotated[str, typer.Option("--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N.")
+    ] = "auto",
     quiet: QuietOpt = False,
 ):
     """Run the whole pipeline on generated data and the built-in detector.
@@ -35,8 +37,16 @@ def command(
     from mfcache.metrics import metrics_table
     from mfcache.stages.demo import run_demo
 
-    result = run_demo(out, train_images=train_images, val_images=val_images, steps=steps, head=head, device=device,
-                      progress=not quiet, say=console.rule)
+    result = run_demo(
+        out,
+        train_images=train_images,
+        val_images=val_images,
+        steps=steps,
+        head=head,
+        device=device,
+        progress=not quiet,
+        say=console.rule,
+    )
     stdout.print(metrics_table(result.metrics, title=f"demo: COCO AP on {result.metrics['num_images']} val images"))
     if result.detector_trained:
         stdout.print(result.detector_note)

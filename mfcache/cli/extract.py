@@ -23,17 +23,30 @@ def _option(name: str):
     """The option of ExtractConfig field ``name``: its flag, help and lower bound, from the field
     (a list option, like --levels, is parsed from text here and checked item by item later)."""
     f = _FIELDS[name]
-    return typer.Option(FLAGS[name], help=f.metadata["help"],
-                        min=None if isinstance(f.default, tuple) else f.metadata["min"])
+    return typer.Option(
+        FLAGS[name], help=f.metadata["help"], min=None if isinstance(f.default, tuple) else f.metadata["min"]
+    )
 
 
 @user_errors(interrupted="finished blocks are kept; run the same command again to resume")
 def command(
-    detector: Annotated[str, typer.Option("--detector", help="Detector spec: 'demo', 'hf:<checkpoint dir>', 'hdetr:<file.pth>[?options]' or 'dino:<file.pth>[?options]'.")],
+    detector: Annotated[
+        str,
+        typer.Option(
+            "--detector",
+            help="Detector spec: 'demo', 'hf:<checkpoint dir>', 'hdetr:<file.pth>[?options]' or 'dino:<file.pth>[?options]'.",
+        ),
+    ],
     images: Annotated[Path, typer.Option("--images", help="Folder the annotation file's file_names are relative to.")],
     annotations: Annotated[Path, typer.Option("--annotations", help="COCO instances JSON of the split.")],
-    out: Annotated[str, typer.Option("--out", help="Cache folder, or an object-store URL like s3://bucket/caches/x "
-                                     "(also gs://, az://); created, or completed if it exists.")],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            help="Cache folder, or an object-store URL like s3://bucket/caches/x "
+            "(also gs://, az://); created, or completed if it exists.",
+        ),
+    ],
     split: SplitOpt = None,
     topk: Annotated[int, _option("topk")] = _D.topk,
     batch_size: Annotated[int, _option("batch_size")] = _D.batch_size,
@@ -45,9 +58,20 @@ def command(
     target_size: Annotated[int, _option("target_size")] = _D.target_size,
     workers: Annotated[int, _option("num_workers")] = _D.num_workers,
     block_size: Annotated[int, _option("block_size")] = _D.block_size,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images and bad annotations as skipped (see `mfcache inspect`) instead of stopping.")] = False,
-    ignore_free_space: Annotated[bool, typer.Option("--ignore-free-space", help="Go on even if the storage plan "
-                                                    "(printed before the first batch) needs more than the free space.")] = False,
+    skip_bad: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad",
+            help="Record unreadable images and bad annotations as skipped (see `mfcache inspect`) instead of stopping.",
+        ),
+    ] = False,
+    ignore_free_space: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-free-space",
+            help="Go on even if the storage plan (printed before the first batch) needs more than the free space.",
+        ),
+    ] = False,
     device: Annotated[str, _option("device")] = _D.device,
     amp: Annotated[str, _option("amp")] = _D.amp,
     label_map: Annotated[Path | None, _option("label_map")] = None,
@@ -90,22 +114,47 @@ def command(
         level_list = tuple(int(v) for v in levels.split(",") if v.strip())
     except ValueError:
         raise MfcacheError(f"--levels takes comma-separated level indices like 0,1; got {levels!r}") from None
-    config = ExtractConfig(topk=topk, batch_size=batch_size, c1=c1, dtype=dtype, target_size=target_size,
-                           num_workers=workers, device=device, block_size=block_size, levels=level_list,
-                           compress=compress, resize=resize, amp=amp, label_map=str(label_map or ""),
-                           class_agnostic=class_agnostic, prompts=str(prompts or ""), views=views,
-                           view_crop=view_crop)
+    config = ExtractConfig(
+        topk=topk,
+        batch_size=batch_size,
+        c1=c1,
+        dtype=dtype,
+        target_size=target_size,
+        num_workers=workers,
+        device=device,
+        block_size=block_size,
+        levels=level_list,
+        compress=compress,
+        resize=resize,
+        amp=amp,
+        label_map=str(label_map or ""),
+        class_agnostic=class_agnostic,
+        prompts=str(prompts or ""),
+        views=views,
+        view_crop=view_crop,
+    )
     check_config(config, FLAGS)  # before anything starts, naming the options as typed
     with trusting(trust_checkpoint):  # the detector's checkpoint
-        summary = extract(detector=detector, images=images, annotations=annotations, out=cache_place(out), split=split,
-                          config=config, skip_bad=skip_bad, ignore_free_space=ignore_free_space,
-                          progress=not quiet)
+        summary = extract(
+            detector=detector,
+            images=images,
+            annotations=annotations,
+            out=cache_place(out),
+            split=split,
+            config=config,
+            skip_bad=skip_bad,
+            ignore_free_space=ignore_free_space,
+            progress=not quiet,
+        )
     if world_from_env().rank:  # under torchrun, rank 0 reports for all
         return
     skipped = f", {summary.skipped} skipped: see `mfcache inspect {summary.cache}`" if summary.skipped else ""
     unit = " rows" if summary.views > 1 else ""
-    stdout.print(f"split {summary.split!r}: {summary.rows_line()} cached in {summary.cache} "
-                  f"({summary.written}{unit} written now{skipped})", highlight=False)
+    stdout.print(
+        f"split {summary.split!r}: {summary.rows_line()} cached in {summary.cache} "
+        f"({summary.written}{unit} written now{skipped})",
+        highlight=False,
+    )
     if summary.annotations:
         see = f" (see `mfcache inspect {summary.cache}`)" if summary.skipped_annotations else ""
         stdout.print(summary.annotations + see, highlight=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from mfcache.cli.common import JsonOpt, print_json, user_errors
 from mfcache.config import preset_names, resolve_run_config
 from mfcache.runtime import stdout
@@ -22,6 +21,7 @@ def command(as_json: JsonOpt = False):
     Example: mfcache heads
     """
     from rich.table import Table
+
     from mfcache.heads import build_head
 
     presets = []

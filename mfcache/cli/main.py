@@ -50,8 +50,10 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    show_version: Annotated[bool | None, typer.Option("--version", callback=_print_version, is_eager=True,
-                                                      help="Print the version and exit.")] = None,
+    show_version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
 ) -> None:
     pass
 

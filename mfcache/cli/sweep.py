@@ -7,8 +7,19 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import (RERUN, CacheOpt, DeviceOpt, JsonOpt, QuietOpt, SetOpt, StepsOpt, TrustOpt, print_json,
-                                cache_place, user_errors)
+from mfcache.cli.common import (
+    RERUN,
+    CacheOpt,
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    SetOpt,
+    StepsOpt,
+    TrustOpt,
+    cache_place,
+    print_json,
+    user_errors,
+)
 from mfcache.runtime import console, stdout
 
 
@@ -33,18 +44,28 @@ def command(
     Example: mfcache sweep --cache caches/ddetr --heads box_baseline --heads paper_final --steps 2000 --device cuda --out sweeps/ablation
     """
     from rich.table import Table
+
     from mfcache.checkpoint_io import trusting
     from mfcache.stages.sweep import AP_KEYS, sweep
 
     def report(row: dict, reused: bool) -> None:  # progress, on stderr
         ap = row["segm_AP"]
-        console.print(f"{row['name']}: mask AP {'-' if ap is None else f'{100 * ap:.1f}'}"
-                      f"{' (already done)' if reused else ''}")
+        console.print(
+            f"{row['name']}: mask AP {'-' if ap is None else f'{100 * ap:.1f}'}{' (already done)' if reused else ''}"
+        )
 
     cache = cache_place(cache)  # a folder (Path) or a place in object storage
     with trusting(trust_checkpoint):  # the run folders' checkpoints, a cache's stored C1 program
-        rows = sweep(cache_path=cache, heads=heads, out_dir=out, steps=steps, device=device, overrides=overrides,
-                     progress=not quiet, on_row=report)
+        rows = sweep(
+            cache_path=cache,
+            heads=heads,
+            out_dir=out,
+            steps=steps,
+            device=device,
+            overrides=overrides,
+            progress=not quiet,
+            on_row=report,
+        )
     if as_json:
         print_json(rows)  # exactly what sweep.json holds
         return

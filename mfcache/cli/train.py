@@ -8,8 +8,20 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import (CacheOpt, DeviceOpt, LocalCacheOpt, LocalCacheSizeOpt, QuietOpt, SetOpt, SplitOpt,
-                                StepsOpt, TrustOpt, cache_place, train_overrides, user_errors)
+from mfcache.cli.common import (
+    CacheOpt,
+    DeviceOpt,
+    LocalCacheOpt,
+    LocalCacheSizeOpt,
+    QuietOpt,
+    SetOpt,
+    SplitOpt,
+    StepsOpt,
+    TrustOpt,
+    cache_place,
+    train_overrides,
+    user_errors,
+)
 from mfcache.config import resolve_run_config
 from mfcache.runtime import stdout
 
@@ -31,13 +43,21 @@ def resume_command(args: dict) -> str:
 def command(
     cache: CacheOpt,
     out: Annotated[Path, typer.Option("--out", help="Run folder for the checkpoint, config and log.")],
-    head: Annotated[str | None, typer.Option("--head", help="Head preset name (see `mfcache heads`) or a TOML file.")] = None,
+    head: Annotated[
+        str | None, typer.Option("--head", help="Head preset name (see `mfcache heads`) or a TOML file.")
+    ] = None,
     overrides: SetOpt = None,
     steps: StepsOpt = None,
     device: DeviceOpt = None,
     split: SplitOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint, with the "
-                                         "configuration stored there (--set train.steps=N extends it).")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out from its checkpoint, with the "
+            "configuration stored there (--set train.steps=N extends it).",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
     local_cache: LocalCacheOpt = None,
@@ -61,13 +81,22 @@ def command(
     # resuming: the run's own configuration (+ --set), unless --head names one in full
     config = resolve_run_config(head, overrides) if head or not resume else None
     with trusting(trust_checkpoint):
-        last = train(cache_path=cache, run_dir=out, config=config, overrides=None if config else overrides,
-                     split=split, resume=resume, progress=not quiet)
+        last = train(
+            cache_path=cache,
+            run_dir=out,
+            config=config,
+            overrides=None if config else overrides,
+            split=split,
+            resume=resume,
+            progress=not quiet,
+        )
     if world_from_env().rank:  # under torchrun, rank 0 reports for all
         return
     if last.get("finished"):
-        stdout.print(f"{out} is already trained to step {last['step']}: to train it longer, "
-                      f"--resume --set train.steps=N with N > {last['step']}")
+        stdout.print(
+            f"{out} is already trained to step {last['step']}: to train it longer, "
+            f"--resume --set train.steps=N with N > {last['step']}"
+        )
         return
     loss = f"loss {last['loss']:.4f}" if last.get("loss") is not None else "no loss logged"
     stdout.print(f"trained {last['head']} to step {last['step']} ({loss}) in {last['seconds']:.0f} s: {out}")

@@ -76,7 +76,9 @@ class CocoDataset:
         self._validate(data)
         self.bad_files = self._check_file_names(data["images"], skip_bad)
         annotations, self.report = clean_annotations(
-            data["annotations"], source=self.annotation_file.name, skip_bad=skip_bad,
+            data["annotations"],
+            source=self.annotation_file.name,
+            skip_bad=skip_bad,
             image_hw={im["id"]: (im["height"], im["width"]) for im in data["images"]},
             category_ids={c["id"] for c in data["categories"]},
         )
@@ -124,8 +126,9 @@ class CocoDataset:
         with a value for which ``valid`` holds."""
         value = entry.get(key) if isinstance(entry, dict) else None
         if not valid(value):
-            raise MfcacheError(f"{self.annotation_file.name}: {what} lacks a valid '{key}' ({expected}), "
-                               f"got {short_repr(value)}")
+            raise MfcacheError(
+                f"{self.annotation_file.name}: {what} lacks a valid '{key}' ({expected}), got {short_repr(value)}"
+            )
 
     def _check_file_names(self, images: list[dict], skip_bad: bool) -> dict[int, str]:
         """``{image id: reason}`` for images whose ``file_name`` leads outside the image
@@ -134,8 +137,10 @@ class CocoDataset:
         if bad and not skip_bad:
             image_id, why = next(iter(bad.items()))
             more = f" ({len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise MfcacheError(f"{self.annotation_file.name}: image id {image_id}: {why}{more} "
-                               "(pass --skip-bad to record such images as skipped)")
+            raise MfcacheError(
+                f"{self.annotation_file.name}: image id {image_id}: {why}{more} "
+                "(pass --skip-bad to record such images as skipped)"
+            )
         return bad
 
     def __len__(self) -> int:
@@ -165,8 +170,10 @@ class CocoDataset:
             ids.append(int(ann["id"]))
         if not masks:
             return GroundTruth(
-                masks=torch.zeros(0, h, w, dtype=torch.bool), boxes=torch.zeros(0, 4),
-                category_ids=torch.zeros(0, dtype=torch.long), iscrowd=torch.zeros(0, dtype=torch.bool),
+                masks=torch.zeros(0, h, w, dtype=torch.bool),
+                boxes=torch.zeros(0, 4),
+                category_ids=torch.zeros(0, dtype=torch.long),
+                iscrowd=torch.zeros(0, dtype=torch.bool),
                 ann_ids=torch.zeros(0, dtype=torch.long),
             )
         return GroundTruth(

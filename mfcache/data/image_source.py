@@ -43,8 +43,9 @@ class ImageSource(Dataset):
     (``extract --view-crop``). Problems come back as a message, so the main process can report
     them in one line (or, with ``--skip-bad``, record them and go on)."""
 
-    def __init__(self, dataset: CocoDataset, positions: np.ndarray, preprocess: Preprocess, views: int = 1,
-                 crop: float = 0.0):
+    def __init__(
+        self, dataset: CocoDataset, positions: np.ndarray, preprocess: Preprocess, views: int = 1, crop: float = 0.0
+    ):
         self.dataset, self.positions, self.preprocess, self.views = dataset, positions, preprocess, views
         self.crop = crop
 

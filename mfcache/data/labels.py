@@ -32,19 +32,23 @@ from pathlib import Path
 
 from mfcache.errors import MfcacheError
 
-AGNOSTIC = "agnostic"            # extract.label_map of a class-agnostic cache
+AGNOSTIC = "agnostic"  # extract.label_map of a class-agnostic cache
 AGNOSTIC_CATEGORY = (1, "object")  # (id, name) every class-agnostic result carries
 LabelMap = dict[str, str | int | None]  # detector label -> category name | category id | None (dropped)
-MAP_HINT = ('map detector labels to them with --label-map FILE (JSON {"detector label": "category name or id"}) '
-            "or extract with --class-agnostic")
+MAP_HINT = (
+    'map detector labels to them with --label-map FILE (JSON {"detector label": "category name or id"}) '
+    "or extract with --class-agnostic"
+)
 
 
 def chosen_label_map(label_map_file: str | Path | None, class_agnostic: bool) -> LabelMap | str | None:
     """``extract``'s label mode from its options: None (by name), :data:`AGNOSTIC` or the
     file's map (:func:`read_label_map`); the two options exclude each other."""
     if label_map_file and class_agnostic:
-        raise MfcacheError("--label-map and --class-agnostic exclude each other: class-agnostic results carry "
-                           "one category whatever the detector's labels")
+        raise MfcacheError(
+            "--label-map and --class-agnostic exclude each other: class-agnostic results carry "
+            "one category whatever the detector's labels"
+        )
     if class_agnostic:
         return AGNOSTIC
     return read_label_map(label_map_file) if label_map_file else None
@@ -70,12 +74,16 @@ def read_label_map(path: str | Path) -> LabelMap:
     where = f"--label-map {path}"
     data = read_json_option(path, where)
     if not isinstance(data, dict) or not data:
-        raise MfcacheError(f'{where}: expected a non-empty JSON object {{"detector label": "dataset category"}}, '
-                           f"got {type(data).__name__ if not isinstance(data, dict) else 'an empty object'}")
+        raise MfcacheError(
+            f'{where}: expected a non-empty JSON object {{"detector label": "dataset category"}}, '
+            f"got {type(data).__name__ if not isinstance(data, dict) else 'an empty object'}"
+        )
     bad = [k for k, v in data.items() if not (v is None or isinstance(v, str) or type(v) is int)]
     if bad:
-        raise MfcacheError(f"{where}: the value of {', '.join(map(repr, bad[:5]))} must be a category name "
-                           "(string), a category id (integer) or null (drop the label)")
+        raise MfcacheError(
+            f"{where}: the value of {', '.join(map(repr, bad[:5]))} must be a category name "
+            "(string), a category id (integer) or null (drop the label)"
+        )
     return data
 
 
@@ -93,8 +101,14 @@ class LabelMapping:
     unmapped: dict[int, int]
 
 
-def resolve_labels(label_names: tuple[str, ...], categories: dict[int, str], label_map: LabelMap | str | None,
-                   annotations: list[dict], *, source: str = "--label-map") -> LabelMapping:
+def resolve_labels(
+    label_names: tuple[str, ...],
+    categories: dict[int, str],
+    label_map: LabelMap | str | None,
+    annotations: list[dict],
+    *,
+    source: str = "--label-map",
+) -> LabelMapping:
     """The :class:`LabelMapping` of a detector (``label_names``) on a dataset (``categories``
     ``{id: name}``, ``annotations`` its COCO annotations) under ``label_map`` (None, a
     :data:`LabelMap` or :data:`AGNOSTIC`). Unknown labels or categories in the map, or a
@@ -109,7 +123,8 @@ def resolve_labels(label_names: tuple[str, ...], categories: dict[int, str], lab
     if all(m == -1 for m in mapping):
         raise MfcacheError(
             f"none of the detector's labels ({_listed(label_names)}) {'is mapped to' if label_map else 'names'} "
-            f"a category of the dataset ({_listed(list(categories.values()))}); {MAP_HINT}")
+            f"a category of the dataset ({_listed(list(categories.values()))}); {MAP_HINT}"
+        )
     instances, reached = Counter(a["category_id"] for a in annotations if not a.get("iscrowd")), set(mapping)
     unmapped = {cid: instances.get(cid, 0) for cid in sorted(categories) if cid not in reached}
     return LabelMapping(mapping, False, unmapped)
@@ -121,8 +136,9 @@ def _by_name(categories: dict[int, str]) -> dict[str, int]:
     return {name: cid for cid, name in categories.items() if counts[name] == 1}
 
 
-def _checked_map(label_names: tuple[str, ...], categories: dict[int, str], label_map: LabelMap,
-                 source: str) -> dict[str, int]:
+def _checked_map(
+    label_names: tuple[str, ...], categories: dict[int, str], label_map: LabelMap, source: str
+) -> dict[str, int]:
     """``label_map`` with every category resolved to its id (-1 for null); every problem
     (unknown label, unknown or ambiguous category) in one :class:`MfcacheError` line."""
     by_name, problems, resolved = _by_name(categories), [], {}
@@ -142,12 +158,19 @@ def _checked_map(label_names: tuple[str, ...], categories: dict[int, str], label
         else:
             shared = sorted(cid for cid, name in categories.items() if name == target)
             close = difflib.get_close_matches(target, list(categories.values()), n=1)
-            problems.append(f"{label!r} -> {target!r}: " + (
-                f"categories {shared} share that name, give its id" if shared else
-                "no such dataset category" + (f" (did you mean {close[0]!r}?)" if close else "")))
+            problems.append(
+                f"{label!r} -> {target!r}: "
+                + (
+                    f"categories {shared} share that name, give its id"
+                    if shared
+                    else "no such dataset category" + (f" (did you mean {close[0]!r}?)" if close else "")
+                )
+            )
     if problems:
-        raise MfcacheError(f"{source}: {'; '.join(problems)}; the detector's labels are {_listed(label_names)}, "
-                           f"the dataset's categories {_listed([f'{n} ({c})' for c, n in sorted(categories.items())])}")
+        raise MfcacheError(
+            f"{source}: {'; '.join(problems)}; the detector's labels are {_listed(label_names)}, "
+            f"the dataset's categories {_listed([f'{n} ({c})' for c, n in sorted(categories.items())])}"
+        )
     return resolved
 
 
@@ -164,31 +187,46 @@ def unmapped_warning(mapping: LabelMapping, categories: dict[int, str]) -> str |
     most = sorted(mapping.unmapped.items(), key=lambda item: (-item[1], item[0]))  # the costliest first
     parts = [f"{categories[cid]!r} (id {cid}, {n} GT instances)" for cid, n in most]
     held = sum(mapping.unmapped.values())
-    return (f"{len(parts)} of {len(categories)} dataset categories have no detector label mapped to them and can "
-            f"never be predicted ({held} GT instances count as misses): {_listed(parts)}; {MAP_HINT}")
+    return (
+        f"{len(parts)} of {len(categories)} dataset categories have no detector label mapped to them and can "
+        f"never be predicted ({held} GT instances count as misses): {_listed(parts)}; {MAP_HINT}"
+    )
 
 
 def describe_labels(label_names: tuple[str, ...], attrs: dict, label_map: LabelMap | str | None) -> dict:
     """A split's label mapping as plain data (``mfcache inspect``)::
 
-        {"mode": "by name" | "label map" | "class-agnostic",
-         "pairs": [{"label", "category_id", "category"}] (labels that map to a category),
-         "unmapped_labels": [label, ...],
-         "unmapped_categories": [{"id", "name", "instances"}] (instances None if not recorded)}
+    {"mode": "by name" | "label map" | "class-agnostic",
+     "pairs": [{"label", "category_id", "category"}] (labels that map to a category),
+     "unmapped_labels": [label, ...],
+     "unmapped_categories": [{"id", "name", "instances"}] (instances None if not recorded)}
     """
     names = {int(k): v for k, v in attrs.get("category_names", {}).items()}
     agnostic = label_map == AGNOSTIC
     if agnostic:
         names = {AGNOSTIC_CATEGORY[0]: AGNOSTIC_CATEGORY[1]}
     mapping = list(attrs.get("label_to_category", []))
-    pairs = [{"label": label, "category_id": cid, "category": names.get(cid, str(cid))}
-             for label, cid in zip(label_names, mapping) if cid >= 0]
+    pairs = [
+        {"label": label, "category_id": cid, "category": names.get(cid, str(cid))}
+        for label, cid in zip(label_names, mapping)
+        if cid >= 0
+    ]
     recorded = {int(k): v for k, v in attrs.get("unmapped_categories", {}).items()}
-    unmapped = [] if agnostic else [{"id": cid, "name": name, "instances": recorded.get(cid)}
-                                    for cid, name in sorted(names.items()) if cid not in set(mapping)]
-    return {"mode": "class-agnostic" if agnostic else "label map" if label_map else "by name", "pairs": pairs,
-            "unmapped_labels": [label for label, cid in zip(label_names, mapping) if cid < 0],
-            "unmapped_categories": unmapped}
+    unmapped = (
+        []
+        if agnostic
+        else [
+            {"id": cid, "name": name, "instances": recorded.get(cid)}
+            for cid, name in sorted(names.items())
+            if cid not in set(mapping)
+        ]
+    )
+    return {
+        "mode": "class-agnostic" if agnostic else "label map" if label_map else "by name",
+        "pairs": pairs,
+        "unmapped_labels": [label for label, cid in zip(label_names, mapping) if cid < 0],
+        "unmapped_categories": unmapped,
+    }
 
 
 def describe_map(label_map: LabelMap | str | None) -> str:
@@ -205,7 +243,10 @@ def describe_change(have: LabelMap | str | None, wanted: LabelMap | str | None) 
     """Why a cache's label mapping ``have`` is not ``wanted``, in one line."""
     if isinstance(have, dict) and isinstance(wanted, dict):
         differ = [k for k in {**have, **wanted} if have.get(k, "(by name)") != wanted.get(k, "(by name)")]
-        shown = ", ".join(f"{k!r}: {json.dumps(have.get(k, '(by name)'))} in the cache, "
-                          f"{json.dumps(wanted.get(k, '(by name)'))} asked for" for k in differ[:3])
+        shown = ", ".join(
+            f"{k!r}: {json.dumps(have.get(k, '(by name)'))} in the cache, "
+            f"{json.dumps(wanted.get(k, '(by name)'))} asked for"
+            for k in differ[:3]
+        )
         return f"another label map ({shown}{', ...' if len(differ) > 3 else ''})"
     return f"{describe_map(have)} (asked for {describe_map(wanted)})"

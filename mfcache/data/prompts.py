@@ -41,8 +41,10 @@ def read_prompts(path: str | Path) -> PromptFile:
         return data
     if isinstance(data, dict) and data and all(v is None or isinstance(v, str) for v in data.values()):
         return data
-    raise MfcacheError(f'{where}: expected a non-empty JSON list of phrases ["phrase", ...] or an object '
-                       '{"category name": "phrase" or null}')
+    raise MfcacheError(
+        f'{where}: expected a non-empty JSON list of phrases ["phrase", ...] or an object '
+        '{"category name": "phrase" or null}'
+    )
 
 
 def check_phrases(phrases: Sequence[str], where: str = "the prompt") -> tuple[str, ...]:
@@ -55,14 +57,17 @@ def check_phrases(phrases: Sequence[str], where: str = "the prompt") -> tuple[st
     seen: dict[str, str] = {}
     for p in out:
         if p.lower() in seen:
-            raise MfcacheError(f"{where}: phrases {seen[p.lower()]!r} and {p!r} are the same to the model "
-                               "(it lowercases them); each class needs its own phrase")
+            raise MfcacheError(
+                f"{where}: phrases {seen[p.lower()]!r} and {p!r} are the same to the model "
+                "(it lowercases them); each class needs its own phrase"
+            )
         seen[p.lower()] = p
     return out
 
 
-def prompt_phrases(prompts: PromptFile | None, categories: dict[int, str], *,
-                   where: str = "--prompts") -> tuple[tuple[str, ...], LabelMap]:
+def prompt_phrases(
+    prompts: PromptFile | None, categories: dict[int, str], *, where: str = "--prompts"
+) -> tuple[tuple[str, ...], LabelMap]:
     """The phrases of the prompt and the label map they imply (phrase -> category id, for the
     phrases of an object-form file that differ from their category's name), from the file's
     ``prompts`` (None: the category names) and the dataset's ``categories`` ``{id: name}``."""
@@ -73,9 +78,11 @@ def prompt_phrases(prompts: PromptFile | None, categories: dict[int, str], *,
     names = {name: cid for cid, name in categories.items()}
     unknown = [k for k in prompts if k not in names]
     if unknown:
-        raise MfcacheError(f"{where}: {', '.join(map(repr, unknown[:SHOWN]))} "
-                           f"{'is not a dataset category' if len(unknown) == 1 else 'are not dataset categories'}; "
-                           f"the categories are {', '.join(categories[c] for c in sorted(categories))}")
+        raise MfcacheError(
+            f"{where}: {', '.join(map(repr, unknown[:SHOWN]))} "
+            f"{'is not a dataset category' if len(unknown) == 1 else 'are not dataset categories'}; "
+            f"the categories are {', '.join(categories[c] for c in sorted(categories))}"
+        )
     asked = [(cid, prompts.get(categories[cid], categories[cid])) for cid in sorted(categories)]
     asked = [(cid, phrase) for cid, phrase in asked if phrase is not None]
     phrases = check_phrases([phrase for _, phrase in asked], where)
@@ -101,8 +108,10 @@ def describe_prompt_change(have: Sequence[str], wanted: Sequence[str]) -> str:
     """Why a cache made with prompt ``have`` is not one with ``wanted``, in one line."""
     have, wanted = list(have), list(wanted)
     if not have or not wanted:
-        return f"{'no prompt' if not have else 'prompt ' + describe_prompt(have)} (asked for " \
-               f"{'no prompt' if not wanted else 'prompt ' + describe_prompt(wanted)})"
+        return (
+            f"{'no prompt' if not have else 'prompt ' + describe_prompt(have)} (asked for "
+            f"{'no prompt' if not wanted else 'prompt ' + describe_prompt(wanted)})"
+        )
     first = next((i for i, (a, b) in enumerate(zip(have, wanted)) if a != b), min(len(have), len(wanted)))
     if first < min(len(have), len(wanted)):
         why = f"phrase {first + 1} is {have[first]!r} in the cache, {wanted[first]!r} asked for"

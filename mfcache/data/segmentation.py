@@ -49,8 +49,9 @@ def polygon_points(part, height: int, width: int) -> np.ndarray:
         if not np.isfinite(points).all():
             raise ValueError(f"polygon coordinate {short_repr(points[~np.isfinite(points)][0])} is not a finite number")
         x, y = points[~inside.all(axis=1)][0]
-        raise ValueError(f"polygon point ({x:g}, {y:g}) lies more than one image size outside the "
-                         f"{width}x{height} (w x h) image")
+        raise ValueError(
+            f"polygon point ({x:g}, {y:g}) lies more than one image size outside the {width}x{height} (w x h) image"
+        )
     return points
 
 
@@ -80,8 +81,9 @@ def check_outline(parts: list[np.ndarray], height: int, width: int) -> None:
     :data:`OUTLINE_FLOOR`) pixels long."""
     length = outline_length(parts)
     if length > max(height * width, OUTLINE_FLOOR):
-        raise ValueError(f"polygon outline is {length:.0f} pixels long, longer than the {width}x{height} "
-                         "image has pixels")
+        raise ValueError(
+            f"polygon outline is {length:.0f} pixels long, longer than the {width}x{height} image has pixels"
+        )
 
 
 def string_counts(counts: str) -> np.ndarray:

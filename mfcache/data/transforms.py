@@ -95,8 +95,10 @@ def to_image(image: str | Path | Image.Image | np.ndarray | Tensor) -> Tensor:
         return _pixels(torch.from_numpy(np.ascontiguousarray(image)), "a numpy array [H, W, C]", shape)
     if isinstance(image, Tensor):
         return _pixels(image.detach().cpu(), "a tensor [C, H, W]", image.shape)
-    raise MfcacheError(f"cannot read an image from {type(image).__name__!r}: give a path, a PIL image, "
-                       "a numpy array [H, W, C] or a tensor [C, H, W]")
+    raise MfcacheError(
+        f"cannot read an image from {type(image).__name__!r}: give a path, a PIL image, "
+        "a numpy array [H, W, C] or a tensor [C, H, W]"
+    )
 
 
 def _pixels(x: Tensor, form: str, shape: tuple[int, ...]) -> Tensor:
@@ -105,12 +107,15 @@ def _pixels(x: Tensor, form: str, shape: tuple[int, ...]) -> Tensor:
     if x.dim() == 2:
         x = x[None]
     if x.dim() != 3 or x.shape[0] not in (1, 3, 4) or 0 in x.shape:
-        raise MfcacheError(f"an image must be {form} with 1, 3 or 4 channels (or [H, W] gray); "
-                           f"got shape {tuple(shape)}")
+        raise MfcacheError(
+            f"an image must be {form} with 1, 3 or 4 channels (or [H, W] gray); got shape {tuple(shape)}"
+        )
     if x.dtype.is_floating_point:
         if x.numel() and not (0.0 <= float(x.min()) and float(x.max()) <= 1.0):
-            raise MfcacheError(f"a float image must hold values in [0, 1]; got [{float(x.min()):g}, "
-                               f"{float(x.max()):g}] (give uint8 for 0..255)")
+            raise MfcacheError(
+                f"a float image must hold values in [0, 1]; got [{float(x.min()):g}, "
+                f"{float(x.max()):g}] (give uint8 for 0..255)"
+            )
         x = (x * 255.0).round().to(torch.uint8)
     elif x.dtype != torch.uint8:
         raise MfcacheError(f"an image must be uint8 or float in [0, 1], got {x.dtype}")

@@ -71,11 +71,15 @@ class AnnotationReport:
         notes = []
         if self.derived:
             (name, n), *rest = sorted(self.derived.items())
-            notes.append(f"derived {name} for {n} annotation{'s' * (n != 1)}"
-                         + "".join(f", {other} for {m}" for other, m in rest))
+            notes.append(
+                f"derived {name} for {n} annotation{'s' * (n != 1)}"
+                + "".join(f", {other} for {m}" for other, m in rest)
+            )
         if self.dropped_parts:
-            notes.append(f"dropped {self.dropped_parts} polygon part{'s' * (self.dropped_parts != 1)} "
-                         "with fewer than 3 points or no area")
+            notes.append(
+                f"dropped {self.dropped_parts} polygon part{'s' * (self.dropped_parts != 1)} "
+                "with fewer than 3 points or no area"
+            )
         if empty := len(self.left_out) - self.bad:
             notes.append(f"left out {empty} annotation{'s' * (empty != 1)} whose polygons mark no pixel")
         if self.bad:
@@ -106,8 +110,9 @@ def clean_segmentation(segmentation, height: int, width: int) -> tuple[list | di
     or no area). :class:`BadAnnotation` for anything wrong, :class:`EmptyAnnotation` when no
     polygon part is left."""
     if segmentation is None or segmentation == []:
-        raise BadAnnotation("segmentation", "is missing (a mask cannot be derived from a box); "
-                                            "give a polygon or an RLE")
+        raise BadAnnotation(
+            "segmentation", "is missing (a mask cannot be derived from a box); give a polygon or an RLE"
+        )
     try:
         if isinstance(segmentation, dict):
             rle_counts(segmentation, height, width)
@@ -138,8 +143,9 @@ def check_area(area) -> None:
         raise BadAnnotation("area", f"must be a finite number >= 0, got {short_repr(area)}")
 
 
-def clean_annotation(ann: dict, *, image_hw: dict[int, tuple[int, int]], category_ids: set[int]
-                     ) -> tuple[dict, list[str], int]:
+def clean_annotation(
+    ann: dict, *, image_hw: dict[int, tuple[int, int]], category_ids: set[int]
+) -> tuple[dict, list[str], int]:
     """One annotation, checked: ``(cleaned copy, names of the fields derived, polygon parts
     dropped)``. Raises :class:`BadAnnotation` or :class:`EmptyAnnotation`."""
     image_id, category_id = ann.get("image_id"), ann.get("category_id")
@@ -166,8 +172,9 @@ def clean_annotation(ann: dict, *, image_hw: dict[int, tuple[int, int]], categor
     return cleaned, derived, dropped
 
 
-def clean_annotations(annotations: list, *, source: str, image_hw: dict[int, tuple[int, int]],
-                      category_ids: set[int], skip_bad: bool) -> tuple[list[dict], AnnotationReport]:
+def clean_annotations(
+    annotations: list, *, source: str, image_hw: dict[int, tuple[int, int]], category_ids: set[int], skip_bad: bool
+) -> tuple[list[dict], AnnotationReport]:
     """Every annotation of a file (``source`` names it in messages), checked and cleaned.
     Raises :class:`MfcacheError` for an annotation without a unique integer id, and for the
     first bad annotation unless ``skip_bad`` (then it is left out and recorded)."""
@@ -195,6 +202,8 @@ def clean_annotations(annotations: list, *, source: str, image_hw: dict[int, tup
     if bad and not skip_bad:
         ann_id, why = bad[0]
         more = f" ({len(bad) - 1} more bad annotations)" if len(bad) > 1 else ""
-        raise MfcacheError(f"{source}: annotation id {ann_id}: {why}{more}; fix the file or pass --skip-bad "
-                           "to leave bad annotations out")
+        raise MfcacheError(
+            f"{source}: annotation id {ann_id}: {why}{more}; fix the file or pass --skip-bad "
+            "to leave bad annotations out"
+        )
     return kept, report

@@ -40,7 +40,7 @@ from mfcache.detectors.base import Preprocess
 
 SCALES = (0.6, 0.7, 0.8, 0.9, 1.0)  # of the detector's own input size
 CROP_SIDES = (0.5, 1.0)  # a crop's height and width, each a uniform fraction of the image's
-CROP_STREAM = 1 << 52    # added to the (image, view) seed: crops draw from a stream of their own
+CROP_STREAM = 1 << 52  # added to the (image, view) seed: crops draw from a stream of their own
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,11 @@ def view_transform(image_id: int, view: int, *, crop: float = 0.0, hw: tuple[int
     g = torch.Generator().manual_seed(int(image_id) * 1_000_003 + int(view))
     flip = view % 2 == 1
     scales = SCALES if flip else tuple(s for s in SCALES if s != 1.0)
-    return ViewTransform(flip=flip, scale=scales[int(torch.randint(len(scales), (1,), generator=g))],
-                         crop=view_crop(image_id, view, hw, crop) if crop > 0 else None)
+    return ViewTransform(
+        flip=flip,
+        scale=scales[int(torch.randint(len(scales), (1,), generator=g))],
+        crop=view_crop(image_id, view, hw, crop) if crop > 0 else None,
+    )
 
 
 def view_crop(image_id: int, view: int, hw: tuple[int, int], p: float) -> tuple[int, int, int, int] | None:
@@ -101,10 +104,14 @@ def view_preprocess(preprocess: Preprocess, t: ViewTransform) -> Preprocess:
     if t.scale == 1.0:
         return preprocess
     if preprocess.fixed_size is not None:
-        return dataclasses.replace(preprocess, fixed_size=tuple(max(1, round(s * t.scale))
-                                                                for s in preprocess.fixed_size))
-    return dataclasses.replace(preprocess, shortest_edge=max(1, round(preprocess.shortest_edge * t.scale)),
-                               longest_edge=max(1, round(preprocess.longest_edge * t.scale)))
+        return dataclasses.replace(
+            preprocess, fixed_size=tuple(max(1, round(s * t.scale)) for s in preprocess.fixed_size)
+        )
+    return dataclasses.replace(
+        preprocess,
+        shortest_edge=max(1, round(preprocess.shortest_edge * t.scale)),
+        longest_edge=max(1, round(preprocess.longest_edge * t.scale)),
+    )
 
 
 def row_views(num_rows: int, views: int) -> np.ndarray:
@@ -130,8 +137,10 @@ def rows_input_hw(preprocess: Preprocess, image_ids, orig_hw, views: int) -> np.
     ``orig_hw [R, 2]`` (each image repeated ``views`` times; a cropped view's is its crop's,
     :func:`rows_frames`), rescaled as each view says."""
     orig_hw = np.asarray(orig_hw).reshape(-1, 2)
-    out = [view_preprocess(preprocess, view_transform(int(i), int(v))).input_size(int(h), int(w))
-           for i, v, (h, w) in zip(image_ids, row_views(len(orig_hw), views), orig_hw)]
+    out = [
+        view_preprocess(preprocess, view_transform(int(i), int(v))).input_size(int(h), int(w))
+        for i, v, (h, w) in zip(image_ids, row_views(len(orig_hw), views), orig_hw)
+    ]
     return np.asarray(out, dtype=np.int32).reshape(-1, 2)
 
 
@@ -154,15 +163,28 @@ def crop_ground_truth(gt, box: tuple[int, int, int, int]):
     dropped, boxes ``[G', 4]`` xyxy recomputed from the cropped masks as
     :meth:`~mfcache.data.coco.CocoDataset.ground_truth` makes them (``x2 = last column + 1``)."""
     top, left, h, w = box
-    masks = gt.masks[:, top:top + h, left:left + w]
+    masks = gt.masks[:, top : top + h, left : left + w]
     keep = masks.flatten(1).any(1)
     masks = masks[keep]
     rows, cols = masks.any(2), masks.any(1)  # [G', h], [G', w]
     ys, xs = torch.arange(h), torch.arange(w)
-    boxes = torch.stack([torch.where(cols, xs, w).amin(1), torch.where(rows, ys, h).amin(1),
-                         torch.where(cols, xs, -1).amax(1) + 1, torch.where(rows, ys, -1).amax(1) + 1], 1)
-    return dataclasses.replace(gt, masks=masks, boxes=boxes.float().reshape(-1, 4), category_ids=gt.category_ids[keep],
-                               iscrowd=gt.iscrowd[keep], ann_ids=gt.ann_ids[keep])
+    boxes = torch.stack(
+        [
+            torch.where(cols, xs, w).amin(1),
+            torch.where(rows, ys, h).amin(1),
+            torch.where(cols, xs, -1).amax(1) + 1,
+            torch.where(rows, ys, -1).amax(1) + 1,
+        ],
+        1,
+    )
+    return dataclasses.replace(
+        gt,
+        masks=masks,
+        boxes=boxes.float().reshape(-1, 4),
+        category_ids=gt.category_ids[keep],
+        iscrowd=gt.iscrowd[keep],
+        ann_ids=gt.ann_ids[keep],
+    )
 
 
 def apply_view(pixels: torch.Tensor, gt, t: ViewTransform):
@@ -170,7 +192,7 @@ def apply_view(pixels: torch.Tensor, gt, t: ViewTransform):
     scale is the detector's resize: :func:`view_preprocess`)."""
     if t.crop is not None:
         top, left, h, w = t.crop
-        pixels, gt = pixels[:, top:top + h, left:left + w], crop_ground_truth(gt, t.crop)
+        pixels, gt = pixels[:, top : top + h, left : left + w], crop_ground_truth(gt, t.crop)
     if t.flip:
         pixels, gt = flip_pixels(pixels), flip_ground_truth(gt, pixels.shape[-1])
     return pixels, gt

@@ -43,8 +43,10 @@ def read_split(data: Path, split: str) -> CocoDataset:
     coco = CocoDataset(data / "annotations" / f"{split}.json", data / split)
     version = coco.data.get("info", {}).get("generator_version")
     if version != GENERATOR_VERSION:
-        raise MfcacheError(f"{coco.annotation_file}: shapes generator version {version!r}, but this mfcache "
-                           f"generates version {GENERATOR_VERSION!r}; rewrite the data set")
+        raise MfcacheError(
+            f"{coco.annotation_file}: shapes generator version {version!r}, but this mfcache "
+            f"generates version {GENERATOR_VERSION!r}; rewrite the data set"
+        )
     return coco
 
 
@@ -53,8 +55,9 @@ def category_to_label(coco: CocoDataset, id2label: dict[int, str]) -> dict[int, 
     index = {name: int(i) for i, name in id2label.items()}
     missing = [name for name in coco.category_names.values() if name not in index]
     if missing:
-        raise MfcacheError(f"{coco.annotation_file}: category {missing[0]!r} is not one of the model's "
-                           f"labels {sorted(index)}")
+        raise MfcacheError(
+            f"{coco.annotation_file}: category {missing[0]!r} is not one of the model's labels {sorted(index)}"
+        )
     return {cid: index[name] for cid, name in coco.category_names.items()}
 
 

@@ -16,8 +16,13 @@ TOPK = 100  # detections per image kept for evaluation, as transformers' post-pr
 
 
 @torch.no_grad()
-def evaluate_bbox(model: nn.Module, coco: CocoDataset, device: torch.device, batch_size: int = 8,
-                  preprocess: Preprocess = DEMO_PREPROCESS) -> dict:
+def evaluate_bbox(
+    model: nn.Module,
+    coco: CocoDataset,
+    device: torch.device,
+    batch_size: int = 8,
+    preprocess: Preprocess = DEMO_PREPROCESS,
+) -> dict:
     """bbox COCO AP of ``model`` on every image of ``coco`` (top-100 (query, class) pairs
     per image, as transformers' post-processing ranks them). Leaves the model in eval mode."""
     model.eval()
@@ -27,7 +32,7 @@ def evaluate_bbox(model: nn.Module, coco: CocoDataset, device: torch.device, bat
     to_category = torch.tensor([label_to_category.get(i, -1) for i in range(model.config.num_labels)])
     results = []
     for start in range(0, len(coco), batch_size):
-        images = coco.images[start:start + batch_size]
+        images = coco.images[start : start + batch_size]
         inputs = [to_input(load_image(coco.image_path(im)), preprocess) for im in images]
         pixel_values, pixel_mask = pad_batch(inputs, preprocess)
         raw = model(pixel_values=pixel_values.to(device), pixel_mask=pixel_mask.to(device, torch.long))
@@ -35,14 +40,22 @@ def evaluate_bbox(model: nn.Module, coco: CocoDataset, device: torch.device, bat
         wh = torch.tensor([[im.width, im.height] for im in images], dtype=torch.float32, device=device)
         cx, cy, w, h = raw.pred_boxes.float().unbind(-1)
         xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1) * wh.repeat(1, 2)[:, None]
-        top = select_topk(DetectorOutput(queries=raw.last_hidden_state, logits=raw.logits, boxes=xyxy,
-                                         memory=raw.encoder_last_hidden_state,
-                                         spatial_shapes=torch.zeros(0, 2, dtype=torch.long),
-                                         valid=torch.zeros(len(images), 0, 2, dtype=torch.long)),
-                          TOPK, sigmoid=True)
+        top = select_topk(
+            DetectorOutput(
+                queries=raw.last_hidden_state,
+                logits=raw.logits,
+                boxes=xyxy,
+                memory=raw.encoder_last_hidden_state,
+                spatial_shapes=torch.zeros(0, 2, dtype=torch.long),
+                valid=torch.zeros(len(images), 0, 2, dtype=torch.long),
+            ),
+            TOPK,
+            sigmoid=True,
+        )
         categories = to_category[top.labels.cpu()]
         for b, im in enumerate(images):
             keep = categories[b] >= 0
-            results += results_from_detections(im.id, top.boxes[b].cpu()[keep], top.scores[b].cpu()[keep],
-                                               categories[b][keep], None)
+            results += results_from_detections(
+                im.id, top.boxes[b].cpu()[keep], top.scores[b].cpu()[keep], categories[b][keep], None
+            )
     return coco_evaluate(coco.coco, results, iou_types=("bbox",))["bbox"]

@@ -64,17 +64,25 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 def preprocessor_config(preprocess: Preprocess) -> dict:
     """A transformers ``preprocessor_config.json`` for DETR-style resizing (what
     :func:`mfcache.detectors.hf.read_preprocess` reads back)."""
-    config = {"image_processor_type": "DeformableDetrImageProcessor", "do_resize": True,
-              "size": {"shortest_edge": preprocess.shortest_edge, "longest_edge": preprocess.longest_edge},
-              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-              "image_mean": list(preprocess.mean), "image_std": list(preprocess.std), "do_pad": True}
+    config = {
+        "image_processor_type": "DeformableDetrImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": preprocess.shortest_edge, "longest_edge": preprocess.longest_edge},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(preprocess.mean),
+        "image_std": list(preprocess.std),
+        "do_pad": True,
+    }
     if preprocess.pad_size is not None:
         config["pad_size"] = {"height": preprocess.pad_size[0], "width": preprocess.pad_size[1]}
     return config
 
 
-def export_model(model: nn.Module, out: Path, generator: dict, preprocess: Preprocess,
-                 training: dict | None = None) -> None:
+def export_model(
+    model: nn.Module, out: Path, generator: dict, preprocess: Preprocess, training: dict | None = None
+) -> None:
     """``save_pretrained(out)`` + ``preprocessor_config.json`` + ``shapes_generator.json``
     (+ ``training.json``: how the weights were trained and their val bbox AP), replacing
     ``out`` whole: the files are written to ``out.tmp``, which then takes ``out``'s place

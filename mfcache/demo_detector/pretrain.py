@@ -61,13 +61,16 @@ class SegmentationHead(nn.Module):
     def __init__(self, in_channels: list[int], num_classes: int, width: int = 64):
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
-        self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.Conv2d(width, num_classes, 1))
+        self.fuse = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, num_classes, 1)
+        )
 
     def forward(self, maps: list[Tensor]) -> Tensor:
         size = maps[0].shape[-2:]
-        fused = sum(F.interpolate(lat(m), size=size, mode="bilinear", align_corners=False) if i else lat(m)
-                    for i, (lat, m) in enumerate(zip(self.lateral, maps)))
+        fused = sum(
+            F.interpolate(lat(m), size=size, mode="bilinear", align_corners=False) if i else lat(m)
+            for i, (lat, m) in enumerate(zip(self.lateral, maps))
+        )
         return self.fuse(F.relu(fused))
 
 
@@ -108,7 +111,7 @@ def labels_at(logits: Tensor, labels: Tensor) -> Tensor:
     """``labels [B, H, W]`` subsampled to the ``h x w`` of ``logits [B, K, h, w]``: the
     label at the centre of each output cell."""
     stride_y, stride_x = labels.shape[1] // logits.shape[2], labels.shape[2] // logits.shape[3]
-    return labels[:, stride_y // 2::stride_y, stride_x // 2::stride_x][:, : logits.shape[2], : logits.shape[3]]
+    return labels[:, stride_y // 2 :: stride_y, stride_x // 2 :: stride_x][:, : logits.shape[2], : logits.shape[3]]
 
 
 def segmentation_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -117,9 +120,20 @@ def segmentation_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels_at(logits, labels), ignore_index=IGNORE)
 
 
-def pretrain(data: Path, out: Path, *, minutes: float, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
-             shortest_edge: int = DEMO_PREPROCESS.shortest_edge, longest_edge: int = DEMO_PREPROCESS.longest_edge,
-             workers: int = 1, device: str = "auto", progress: bool = True) -> dict:
+def pretrain(
+    data: Path,
+    out: Path,
+    *,
+    minutes: float,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    seed: int = 0,
+    shortest_edge: int = DEMO_PREPROCESS.shortest_edge,
+    longest_edge: int = DEMO_PREPROCESS.longest_edge,
+    workers: int = 1,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
     """Train backbone + :class:`SegmentationHead` for ``minutes``; writes ``out/backbone.pt``
     (the backbone's state dict, batch norms trainable) and ``out/pretrain.json``; returns
     the summary ``{"steps", "images_seen", "minutes", "last_loss", "val_pixel_accuracy"}``."""
@@ -135,17 +149,22 @@ def pretrain(data: Path, out: Path, *, minutes: float, batch_size: int = 8, lr: 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     preprocess = replace(DEMO_PREPROCESS, shortest_edge=shortest_edge, longest_edge=longest_edge)
     dataset = SemanticShapes(train_coco, to_label, preprocess)
-    loader = DataLoader(dataset, batch_sampler=FlipStepBatches(len(dataset), batch_size, seed, 0, UNBOUNDED),
-                        collate_fn=segmentation_collate, num_workers=workers,
-                        worker_init_fn=worker_init if workers else None,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        dataset,
+        batch_sampler=FlipStepBatches(len(dataset), batch_size, seed, 0, UNBOUNDED),
+        collate_fn=segmentation_collate,
+        num_workers=workers,
+        worker_init_fn=worker_init if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+    )
     started, step, losses = time.perf_counter(), 0, []
     deadline = started + minutes * 60
     with progress_bar(progress) as bar:
         task = bar.add_task("pretrain backbone", total=None, status="")
         for pixel_values, labels in loader:
-            loss = segmentation_loss(head(list(backbone(pixel_values.to(torch_device)).feature_maps)),
-                                     labels.to(torch_device))
+            loss = segmentation_loss(
+                head(list(backbone(pixel_values.to(torch_device)).feature_maps)), labels.to(torch_device)
+            )
             if not torch.isfinite(loss):
                 raise MfcacheError(f"pretraining diverged: loss {loss.item()} at step {step}; try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -158,9 +177,17 @@ def pretrain(data: Path, out: Path, *, minutes: float, batch_size: int = 8, lr: 
                 break
     accuracy = pixel_accuracy(backbone, head, SemanticShapes(val_coco, to_label, preprocess), torch_device)
     save_checkpoint(out / BACKBONE_FILE, backbone.state_dict(), what="the pretrained backbone")
-    summary = {"steps": step, "images_seen": step * batch_size, "minutes": (time.perf_counter() - started) / 60,
-               "last_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "val_pixel_accuracy": accuracy,
-               "seed": seed, "lr": lr, "batch_size": batch_size, "device": str(torch_device)}
+    summary = {
+        "steps": step,
+        "images_seen": step * batch_size,
+        "minutes": (time.perf_counter() - started) / 60,
+        "last_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "val_pixel_accuracy": accuracy,
+        "seed": seed,
+        "lr": lr,
+        "batch_size": batch_size,
+        "device": str(torch_device),
+    }
     atomic_write(out / "pretrain.json", (json.dumps(summary, indent=2) + "\n").encode(), "the pretraining summary")
     return summary
 
@@ -186,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mfcache.demo_detector.pretrain",
         description="Pretrain the demo detector's backbone on shapes semantic segmentation. Example: python -m "
-                    "mfcache.demo_detector.pretrain --data /tmp/shapes --out /tmp/demo-pretrain --minutes 10")
+        "mfcache.demo_detector.pretrain --data /tmp/shapes --out /tmp/demo-pretrain --minutes 10",
+    )
     parser.add_argument("--data", required=True, type=Path, help="shapes data set folder (annotations/, train/, val/)")
     parser.add_argument("--out", required=True, type=Path, help="folder for backbone.pt and pretrain.json")
     parser.add_argument("--minutes", type=float, default=10.0)
@@ -198,13 +226,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
-        summary = pretrain(args.data, args.out, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
-                           seed=args.seed, workers=args.workers, device=args.device, progress=not args.no_progress)
+        summary = pretrain(
+            args.data,
+            args.out,
+            minutes=args.minutes,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            workers=args.workers,
+            device=args.device,
+            progress=not args.no_progress,
+        )
     except MfcacheError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
-    console.print(f"done: {summary['steps']} steps, val pixel accuracy {summary['val_pixel_accuracy']:.3f}, "
-                  f"backbone in {args.out / BACKBONE_FILE}")
+    console.print(
+        f"done: {summary['steps']} steps, val pixel accuracy {summary['val_pixel_accuracy']:.3f}, "
+        f"backbone in {args.out / BACKBONE_FILE}"
+    )
     return 0
 
 

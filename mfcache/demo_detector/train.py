@@ -91,8 +91,18 @@ class DetectorTrainConfig:
         return replace(DEMO_PREPROCESS, shortest_edge=self.shortest_edge, longest_edge=self.longest_edge)
 
 
-RUN_DEFINING = ("batch_size", "lr", "backbone_lr_scale", "weight_decay", "grad_clip", "warmup_steps", "seed",
-                "shortest_edge", "longest_edge", "backbone_init")
+RUN_DEFINING = (
+    "batch_size",
+    "lr",
+    "backbone_lr_scale",
+    "weight_decay",
+    "grad_clip",
+    "warmup_steps",
+    "seed",
+    "shortest_edge",
+    "longest_edge",
+    "backbone_init",
+)
 
 
 def lr_factor(step: int, warmup_steps: int, drop_step: int | None = None) -> float:
@@ -117,10 +127,17 @@ def make_optimizer(model: nn.Module, config: DetectorTrainConfig) -> torch.optim
     for name, p in model.named_parameters():
         (backbone if ".backbone." in f".{name}" else rest).append(p)
     return torch.optim.AdamW(
-        [{"params": rest, "lr": config.lr, "base_lr": config.lr},
-         {"params": backbone, "lr": config.lr * config.backbone_lr_scale,
-          "base_lr": config.lr * config.backbone_lr_scale}],
-        lr=config.lr, weight_decay=config.weight_decay)
+        [
+            {"params": rest, "lr": config.lr, "base_lr": config.lr},
+            {
+                "params": backbone,
+                "lr": config.lr * config.backbone_lr_scale,
+                "base_lr": config.lr * config.backbone_lr_scale,
+            },
+        ],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
 
 
 # --------------------------------------------------------------------------- persistence
@@ -128,9 +145,12 @@ def _rng_states() -> dict:
     """Every generator's state as tensors, numbers and tuples, so the checkpoint loads with
     the weights-only unpickler (numpy's key array travels as an int64 tensor)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_states(states: dict) -> None:
@@ -156,11 +176,15 @@ def read_resume_state(config: DetectorTrainConfig, generator: dict, resume: bool
     state = load_checkpoint(path, what="demo training checkpoint")
     for name in RUN_DEFINING:
         if state["config"][name] != getattr(config, name):
-            raise MfcacheError(f"--resume: {name}={getattr(config, name)!r} differs from the checkpoint's "
-                               f"{state['config'][name]!r}; leave it as it was or start a new --out")
+            raise MfcacheError(
+                f"--resume: {name}={getattr(config, name)!r} differs from the checkpoint's "
+                f"{state['config'][name]!r}; leave it as it was or start a new --out"
+            )
     if state["generator"] != generator:
-        raise MfcacheError(f"--resume: {config.data} is not the data set the checkpoint was trained on "
-                           f"({state['generator']} vs {generator})")
+        raise MfcacheError(
+            f"--resume: {config.data} is not the data set the checkpoint was trained on "
+            f"({state['generator']} vs {generator})"
+        )
     return state
 
 
@@ -173,8 +197,10 @@ def initial_model(config: DetectorTrainConfig, device: torch.device, *, new_run:
         try:
             model.model.backbone.model.load_state_dict(weights)
         except (RuntimeError, TypeError, AttributeError) as exc:
-            raise MfcacheError(f"--backbone-init {config.backbone_init}: not a backbone.pt written by "
-                               f"mfcache.demo_detector.pretrain ({type(exc).__name__})") from None
+            raise MfcacheError(
+                f"--backbone-init {config.backbone_init}: not a backbone.pt written by "
+                f"mfcache.demo_detector.pretrain ({type(exc).__name__})"
+            ) from None
     return model.to(device)
 
 
@@ -192,8 +218,11 @@ class DetectorTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config.device)
         self.train_coco, self.val_coco = read_split(Path(config.data), "train"), read_split(Path(config.data), "val")
-        self.generator = {"generator_version": GENERATOR_VERSION, "seed": int(self.train_coco.data["info"]["seed"]),
-                          "num_train": len(self.train_coco)}
+        self.generator = {
+            "generator_version": GENERATOR_VERSION,
+            "seed": int(self.train_coco.data["info"]["seed"]),
+            "num_train": len(self.train_coco),
+        }
         state = read_resume_state(config, self.generator, resume)
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -219,11 +248,16 @@ class DetectorTrainer:
         """The batches of steps ``step`` .. ``stop``: :class:`FlipStepBatches` keys, loaded."""
         config = self.config
         sampler = FlipStepBatches(len(self.dataset), self.batch_size, config.seed, self.step, self.stop)
-        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=detector_collate,
-                          num_workers=config.workers, worker_init_fn=worker_init if config.workers else None,
-                          # its own generator: making an iterator must not draw from the global RNG
-                          # (dropout's), or a resumed run would drift from an uninterrupted one
-                          generator=torch.Generator().manual_seed(config.seed))
+        return DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=detector_collate,
+            num_workers=config.workers,
+            worker_init_fn=worker_init if config.workers else None,
+            # its own generator: making an iterator must not draw from the global RNG
+            # (dropout's), or a resumed run would drift from an uninterrupted one
+            generator=torch.Generator().manual_seed(config.seed),
+        )
 
     def run(self) -> dict:
         """Train from ``step`` until ``max_steps`` / ``epochs`` / ``minutes`` stop it, evaluating
@@ -235,16 +269,21 @@ class DetectorTrainer:
         self.started = last_checkpoint = time.perf_counter()
         deadline = self.started + config.minutes * 60 if config.minutes is not None else math.inf
         with progress_bar(config.progress) as bar:
-            task = bar.add_task("train demo", total=None if self.stop == UNBOUNDED else self.stop,
-                                completed=self.step, status="")
+            task = bar.add_task(
+                "train demo", total=None if self.stop == UNBOUNDED else self.stop, completed=self.step, status=""
+            )
             for batch in loader:
                 t0 = time.perf_counter()
                 self.losses.append(self.train_step(batch))
                 now = time.perf_counter()
                 self.train_s += now - t0
                 self.images += len(batch["labels"])
-                bar.update(task, completed=self.step, status=f"ep {self.step / self.per_epoch:.2f} loss "
-                           f"{self.losses[-1]:.3f} {self.images / max(now - self.started, 1e-9):.1f} img/s")
+                bar.update(
+                    task,
+                    completed=self.step,
+                    status=f"ep {self.step / self.per_epoch:.2f} loss "
+                    f"{self.losses[-1]:.3f} {self.images / max(now - self.started, 1e-9):.1f} img/s",
+                )
                 if self.step % self.per_epoch == 0:
                     self.evaluate(partial=False)
                 if time.perf_counter() >= deadline:
@@ -255,8 +294,12 @@ class DetectorTrainer:
         if self.evaluated_at != self.step:
             self.evaluate(partial=self.step % self.per_epoch != 0)
         self.checkpoint()
-        return {"step": self.step, "epoch": self.step / self.per_epoch, "best_ap": self.best_ap,
-                "last_metrics": self.last_metrics}
+        return {
+            "step": self.step,
+            "epoch": self.step / self.per_epoch,
+            "best_ap": self.best_ap,
+            "last_metrics": self.last_metrics,
+        }
 
     def train_step(self, batch: dict) -> float:
         """One optimiser step on ``batch`` (:func:`detector_collate`'s); returns the loss. A
@@ -265,8 +308,11 @@ class DetectorTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(self.step, config.warmup_steps, config.lr_drop_step)
         labels = [{k: v.to(self.device) for k, v in t.items()} for t in batch["labels"]]
-        loss = self.model(pixel_values=batch["pixel_values"].to(self.device),
-                          pixel_mask=batch["pixel_mask"].to(self.device, torch.long), labels=labels).loss
+        loss = self.model(
+            pixel_values=batch["pixel_values"].to(self.device),
+            pixel_mask=batch["pixel_mask"].to(self.device, torch.long),
+            labels=labels,
+        ).loss
         if not torch.isfinite(loss):
             raise MfcacheError(f"training diverged: loss {loss.item()} at step {self.step}; try a lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
@@ -281,28 +327,44 @@ class DetectorTrainer:
         exported when it is the best so far. Returns the metrics."""
         self.evaluated_at = self.step
         t0 = time.perf_counter()
-        metrics = evaluate_bbox(self.model, self.val_coco, self.device, self.config.eval_batch_size,
-                                self.config.preprocess)
+        metrics = evaluate_bbox(
+            self.model, self.val_coco, self.device, self.config.eval_batch_size, self.config.preprocess
+        )
         self.model.train()
         self.last_metrics = metrics
-        record = {"event": "eval", "step": self.step, "epoch": self.step / self.per_epoch, "partial": partial,
-                  "eval_s": round(time.perf_counter() - t0, 1), "bbox": metrics}
+        record = {
+            "event": "eval",
+            "step": self.step,
+            "epoch": self.step / self.per_epoch,
+            "partial": partial,
+            "eval_s": round(time.perf_counter() - t0, 1),
+            "bbox": metrics,
+        }
         if metrics["AP"] is not None and metrics["AP"] > self.best_ap:
             self.best_ap = metrics["AP"]
             record["best"] = True
             self.export(metrics)
         self.log(record)
-        console.print(f"step {self.step} (epoch {self.step / self.per_epoch:.2f}): bbox AP {metrics['AP']:.3f} "
-                      f"AP50 {metrics['AP50']:.3f}" + (" (best)" if record.get("best") else ""))
+        console.print(
+            f"step {self.step} (epoch {self.step / self.per_epoch:.2f}): bbox AP {metrics['AP']:.3f} "
+            f"AP50 {metrics['AP50']:.3f}" + (" (best)" if record.get("best") else "")
+        )
         return metrics
 
     def export(self, metrics: dict) -> None:
         """``OUT/export``: the model now, with ``training.json`` saying how it was trained and
         its val bbox ``metrics``."""
-        training = {"step": self.step, "epoch": self.step / self.per_epoch, "images_seen": self.step * self.batch_size,
-                    "hours": self.total_seconds() / 3600, "device": str(self.device),
-                    "threads": torch.get_num_threads(), "val_bbox": metrics, "val_images": len(self.val_coco),
-                    "config": asdict(self.config)}
+        training = {
+            "step": self.step,
+            "epoch": self.step / self.per_epoch,
+            "images_seen": self.step * self.batch_size,
+            "hours": self.total_seconds() / 3600,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "val_bbox": metrics,
+            "val_images": len(self.val_coco),
+            "config": asdict(self.config),
+        }
         export_model(self.model, self.out / EXPORT, self.generator, self.config.preprocess, training)
 
     def checkpoint(self) -> None:
@@ -310,17 +372,35 @@ class DetectorTrainer:
         ``OUT/checkpoint.pt``. ``images_per_s``: wall clock of this invocation, evaluation
         included; ``step_images_per_s``: forward + backward + optimiser step alone."""
         elapsed = time.perf_counter() - self.started
-        self.log({"event": "checkpoint", "step": self.step, "epoch": self.step / self.per_epoch,
-                  "train_loss": float(np.mean(self.losses)) if self.losses else None,
-                  "images_per_s": self.images / max(elapsed, 1e-9),
-                  "step_images_per_s": self.images / max(self.train_s, 1e-9), "elapsed_s": round(elapsed, 1)})
+        self.log(
+            {
+                "event": "checkpoint",
+                "step": self.step,
+                "epoch": self.step / self.per_epoch,
+                "train_loss": float(np.mean(self.losses)) if self.losses else None,
+                "images_per_s": self.images / max(elapsed, 1e-9),
+                "step_images_per_s": self.images / max(self.train_s, 1e-9),
+                "elapsed_s": round(elapsed, 1),
+            }
+        )
         self.losses.clear()
-        save_checkpoint(self.out / CHECKPOINT, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-            "epoch": self.step // self.per_epoch, "best_ap": self.best_ap, "last_metrics": self.last_metrics,
-            "evaluated_at": self.evaluated_at, "seconds": self.total_seconds(),
-            "rng": _rng_states(), "config": asdict(self.config), "generator": self.generator,
-        }, what="the demo training checkpoint")
+        save_checkpoint(
+            self.out / CHECKPOINT,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "epoch": self.step // self.per_epoch,
+                "best_ap": self.best_ap,
+                "last_metrics": self.last_metrics,
+                "evaluated_at": self.evaluated_at,
+                "seconds": self.total_seconds(),
+                "rng": _rng_states(),
+                "config": asdict(self.config),
+                "generator": self.generator,
+            },
+            what="the demo training checkpoint",
+        )
 
     def total_seconds(self) -> float:
         """Wall time of every invocation of this run so far."""
@@ -343,7 +423,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DetectorTrainConfig, bool
     parser = argparse.ArgumentParser(
         prog="python -m mfcache.demo_detector.train",
         description="Train the demo detector on a shapes data set. Example: python -m "
-                    "mfcache.demo_detector.train --data /tmp/shapes --out /tmp/demo-run --minutes 60")
+        "mfcache.demo_detector.train --data /tmp/shapes --out /tmp/demo-run --minutes 60",
+    )
     defaults = DetectorTrainConfig(data="", out="")
     parser.add_argument("--data", required=True, help="shapes data set folder (annotations/, train/, val/)")
     parser.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, export/")
@@ -369,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     except MfcacheError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
-    console.print(f"done: step {summary['step']}, best bbox AP {summary['best_ap']:.3f}, "
-                  f"export in {Path(config.out) / EXPORT}")
+    console.print(
+        f"done: step {summary['step']}, best bbox AP {summary['best_ap']:.3f}, export in {Path(config.out) / EXPORT}"
+    )
     return 0
 
 

@@ -45,12 +45,16 @@ def _native_loader(family: str) -> Callable[[str], Detector]:
 
 
 LOADERS: dict[str, Callable[[str], Detector]] = {
-    "hf": _load_hf, "demo": _load_demo, "hdetr": _native_loader("hdetr"), "dino": _native_loader("dino"),
+    "hf": _load_hf,
+    "demo": _load_demo,
+    "hdetr": _native_loader("hdetr"),
+    "dino": _native_loader("dino"),
 }
 
 
-def load_detector(spec: str, *, device: str | torch.device = "cpu", resize: str | None = None,
-                  prompts: Sequence[str] | None = None) -> Detector:
+def load_detector(
+    spec: str, *, device: str | torch.device = "cpu", resize: str | None = None, prompts: Sequence[str] | None = None
+) -> Detector:
     """Build the frozen detector named by ``spec``: eval mode, no grads, on ``device``.
 
     ``resize`` picks the pixel path (:class:`~mfcache.detectors.base.Preprocess` ``.resize``:

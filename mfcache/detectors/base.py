@@ -49,8 +49,13 @@ class DetectorOutput:
 
     def float(self) -> DetectorOutput:
         """The outputs with every floating tensor in float32 (after a mixed-precision forward)."""
-        return DetectorOutput(**{f.name: v.float() if v is not None and v.is_floating_point() else v
-                                 for f in fields(self) for v in [getattr(self, f.name)]})
+        return DetectorOutput(
+            **{
+                f.name: v.float() if v is not None and v.is_floating_point() else v
+                for f in fields(self)
+                for v in [getattr(self, f.name)]
+            }
+        )
 
 
 # Preprocess.resize: how pixels are resampled (see there); extract --resize also takes "auto"
@@ -185,8 +190,10 @@ class Detector(nn.Module):
     def set_prompts(self, phrases: Sequence[str]) -> None:
         """Make ``phrases`` (one per class) this detector's classes: its labels, in that order
         (``info.label_names == info.prompts == tuple(phrases)``). Detectors with fixed classes refuse."""
-        raise MfcacheError(f"{self.info.spec} ({self.info.family}) has fixed classes; --prompts applies to "
-                           "open-vocabulary detectors (grounding-dino, mm-grounding-dino, omdet-turbo)")
+        raise MfcacheError(
+            f"{self.info.spec} ({self.info.family}) has fixed classes; --prompts applies to "
+            "open-vocabulary detectors (grounding-dino, mm-grounding-dino, omdet-turbo)"
+        )
 
 
 @dataclass

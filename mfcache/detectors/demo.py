@@ -48,8 +48,13 @@ def demo_config():
 
     from mfcache.data.shapes import CATEGORIES
 
-    backbone = ResNetConfig(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 2, 1],
-                            layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    backbone = ResNetConfig(
+        embedding_size=32,
+        hidden_sizes=[32, 64, 128, 256],
+        depths=[1, 1, 2, 1],
+        layer_type="basic",
+        out_features=["stage2", "stage3", "stage4"],
+    )
     return DeformableDetrConfig(
         backbone_config=backbone,
         d_model=128,
@@ -93,12 +98,15 @@ def check_generator(weights: Path) -> dict:
         info = json.loads(path.read_text())
         version = info["generator_version"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MfcacheError(f"{path}: cannot read the shapes generator version of the demo weights "
-                           f"({type(exc).__name__}: {exc})") from None
+        raise MfcacheError(
+            f"{path}: cannot read the shapes generator version of the demo weights ({type(exc).__name__}: {exc})"
+        ) from None
     if str(version) != GENERATOR_VERSION:
-        raise MfcacheError(f"{path}: demo weights were trained on shapes generator version {version!r}, "
-                           f"but this mfcache generates version {GENERATOR_VERSION!r}; retrain them with "
-                           "python -m mfcache.demo_detector.train")
+        raise MfcacheError(
+            f"{path}: demo weights were trained on shapes generator version {version!r}, "
+            f"but this mfcache generates version {GENERATOR_VERSION!r}; retrain them with "
+            "python -m mfcache.demo_detector.train"
+        )
     return info
 
 
@@ -115,5 +123,6 @@ def load_demo(weights: Path | None = None) -> Detector:
         preprocess = read_preprocess(own, DEMO_PREPROCESS) if own.is_file() else DEMO_PREPROCESS
         return load_hf(str(weights), spec="demo", preprocess=preprocess)
     model = build_demo_model(DEMO_SEED)
-    return HFDeformableDetr(model, spec="demo", preprocess=DEMO_PREPROCESS,
-                            weights_sha256=state_dict_sha256(model), trained=False)
+    return HFDeformableDetr(
+        model, spec="demo", preprocess=DEMO_PREPROCESS, weights_sha256=state_dict_sha256(model), trained=False
+    )

@@ -24,9 +24,9 @@ from mfcache.detectors.hf_base import HFDetector, input_hw_from_mask
 from mfcache.detectors.hf_deformable import HFDeformableDetr
 from mfcache.detectors.hf_detr import HFConditionalDetr, HFDabDetr, HFDetr
 from mfcache.detectors.hf_grounding import HFGroundingDino, HFMMGroundingDino
-from mfcache.detectors.hf_omdet import HFOmDetTurbo
 from mfcache.detectors.hf_lwdetr import HFLwDetr, HFRfDetr
-from mfcache.detectors.hf_rtdetr import HFDFine, HFDeimV2, HFRTDetr, HFRTDetrV2
+from mfcache.detectors.hf_omdet import HFOmDetTurbo
+from mfcache.detectors.hf_rtdetr import HFDeimV2, HFDFine, HFRTDetr, HFRTDetrV2
 from mfcache.errors import MfcacheError
 from mfcache.hashing import file_sha256
 
@@ -34,16 +34,30 @@ __all__ = ["ADAPTERS", "HFDeformableDetr", "HFDetector", "input_hw_from_mask", "
 
 ADAPTERS: dict[str, type[HFDetector]] = {
     cls.family: cls
-    for cls in (HFDetr, HFConditionalDetr, HFDabDetr, HFDeformableDetr, HFRTDetr, HFRTDetrV2, HFDFine, HFDeimV2,
-                HFLwDetr, HFRfDetr)
+    for cls in (
+        HFDetr,
+        HFConditionalDetr,
+        HFDabDetr,
+        HFDeformableDetr,
+        HFRTDetr,
+        HFRTDetrV2,
+        HFDFine,
+        HFDeimV2,
+        HFLwDetr,
+        HFRfDetr,
+    )
 }
 ADAPTERS.update({cls.family: cls for cls in (HFGroundingDino, HFMMGroundingDino, HFOmDetTurbo)})  # text prompts
 
 
 # --------------------------------------------------------------------------- loading
 def _looks_like_path(path: str) -> bool:
-    return (path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") > 1
-            or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path))
+    return (
+        path.startswith(("/", ".", "~"))
+        or "\\" in path
+        or path.count("/") > 1
+        or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path)
+    )
 
 
 def _resolve(path: str, filename: str, *, required: bool) -> Path | None:
@@ -68,8 +82,10 @@ def _resolve(path: str, filename: str, *, required: bool) -> Path | None:
         else:
             found = cached_file(path, filename, _raise_exceptions_for_missing_entries=False)
     except Exception as exc:  # noqa: BLE001 - any hub failure is the user's to fix
-        raise MfcacheError(f"cannot load {path!r}: no such local directory, and the hub could not "
-                           f"provide {filename} ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise MfcacheError(
+            f"cannot load {path!r}: no such local directory, and the hub could not "
+            f"provide {filename} ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
     if found is None and required:
         raise MfcacheError(f"{path!r}: the hub repo has no {filename}")
     return Path(found) if found is not None else None
@@ -108,12 +124,16 @@ def read_preprocess(path: Path | None, default: Preprocess = Preprocess()) -> Pr
         longest = int(size.get("longest_edge") or cfg.get("max_size") or default.longest_edge)
         fixed_size = None
     elif size is not None:
-        raise MfcacheError(f"{path}: resize rule {size!r} is not supported; mfcache resizes by "
-                           "shortest_edge/longest_edge or to a fixed height/width")
+        raise MfcacheError(
+            f"{path}: resize rule {size!r} is not supported; mfcache resizes by "
+            "shortest_edge/longest_edge or to a fixed height/width"
+        )
     resample = cfg.get("resample", BILINEAR)
     if resample != BILINEAR:
-        raise MfcacheError(f"{path}: resample {resample!r} is not supported; mfcache resizes bilinearly "
-                           f"(resample {BILINEAR}, what DETR-family processors use)")
+        raise MfcacheError(
+            f"{path}: resample {resample!r} is not supported; mfcache resizes bilinearly "
+            f"(resample {BILINEAR}, what DETR-family processors use)"
+        )
     rescale_factor = float(cfg.get("rescale_factor", default.rescale_factor)) if cfg.get("do_rescale", True) else 1.0
     if "do_normalize" not in cfg:
         mean, std = default.mean, default.std
@@ -125,15 +145,24 @@ def read_preprocess(path: Path | None, default: Preprocess = Preprocess()) -> Pr
     pad_size = cfg.get("pad_size") if cfg.get("do_pad", True) else None
     if pad_size is not None:
         if not (isinstance(pad_size, dict) and "height" in pad_size and "width" in pad_size):
-            raise MfcacheError(f"{path}: pad_size {pad_size!r} must be {{\"height\": h, \"width\": w}}")
+            raise MfcacheError(f'{path}: pad_size {pad_size!r} must be {{"height": h, "width": w}}')
         pad_size = (int(pad_size["height"]), int(pad_size["width"]))
-    return Preprocess(shortest_edge=shortest, longest_edge=longest, mean=mean, std=std,
-                      pad_divisor=default.pad_divisor, fixed_size=fixed_size, pad_size=pad_size or default.pad_size,
-                      resize=default.resize, rescale_factor=rescale_factor)
+    return Preprocess(
+        shortest_edge=shortest,
+        longest_edge=longest,
+        mean=mean,
+        std=std,
+        pad_divisor=default.pad_divisor,
+        fixed_size=fixed_size,
+        pad_size=pad_size or default.pad_size,
+        resize=default.resize,
+        rescale_factor=rescale_factor,
+    )
 
 
-def load_hf(path: str, spec: str | None = None, *, preprocess: Preprocess | None = None,
-            trained: bool = True) -> Detector:
+def load_hf(
+    path: str, spec: str | None = None, *, preprocess: Preprocess | None = None, trained: bool = True
+) -> Detector:
     """Load a saved transformers detector (a local directory; a hub id needs network).
 
     The adapter is chosen by ``config.json``'s ``model_type``; ``preprocess`` overrides
@@ -148,8 +177,9 @@ def load_hf(path: str, spec: str | None = None, *, preprocess: Preprocess | None
         raise MfcacheError(f"cannot read {config_path}: {exc}") from None
     adapter = ADAPTERS.get(model_type)
     if adapter is None:
-        raise MfcacheError(f"{path}: model_type {model_type!r} is not supported; "
-                           f"supported: {', '.join(sorted(ADAPTERS))}")
+        raise MfcacheError(
+            f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}"
+        )
     import transformers
 
     model_cls = getattr(transformers, adapter.model_class_for(model_config.get("architectures")))
@@ -163,11 +193,14 @@ def load_hf(path: str, spec: str | None = None, *, preprocess: Preprocess | None
         raise MfcacheError(f"{path}: cannot load the model: {_first_line(exc)}") from None
     if loading.get("missing_keys"):
         missing = sorted(loading["missing_keys"])
-        raise MfcacheError(f"{path}: checkpoint lacks {len(missing)} weights the model needs "
-                           f"(e.g. {missing[0]}); refusing to run a partly random detector")
+        raise MfcacheError(
+            f"{path}: checkpoint lacks {len(missing)} weights the model needs "
+            f"(e.g. {missing[0]}); refusing to run a partly random detector"
+        )
     if preprocess is None:
-        found = (_resolve(path, "preprocessor_config.json", required=False)
-                 or _resolve(path, "processor_config.json", required=False))
+        found = _resolve(path, "preprocessor_config.json", required=False) or _resolve(
+            path, "processor_config.json", required=False
+        )
         preprocess = read_preprocess(found, adapter.default_preprocess)
     weights = _resolve(path, "model.safetensors", required=False)
     sha = file_sha256(weights) if weights is not None else state_dict_sha256(model)
@@ -182,5 +215,7 @@ def _load_tokenizer(source: str, path: str):
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as exc:
-        raise MfcacheError(f"{path}: cannot load the tokenizer its text prompts need ({_first_line(exc)}); save "
-                           "the model's processor into the directory (processor.save_pretrained(dir))") from None
+        raise MfcacheError(
+            f"{path}: cannot load the tokenizer its text prompts need ({_first_line(exc)}); save "
+            "the model's processor into the directory (processor.save_pretrained(dir))"
+        ) from None

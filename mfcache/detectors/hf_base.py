@@ -64,7 +64,7 @@ def valid_from_level_mask(mask: Tensor, shapes: list[tuple[int, int]]) -> Tensor
     mask = mask.bool()
     out, start = [], 0
     for h, w in shapes:
-        m = mask[:, start:start + h * w].view(-1, h, w)
+        m = mask[:, start : start + h * w].view(-1, h, w)
         out.append(torch.stack([m[:, :, 0].sum(1), m[:, 0, :].sum(1)], dim=1))
         start += h * w
     return torch.stack(out, dim=1)
@@ -84,8 +84,9 @@ class HFDetector(Detector):
     default_preprocess: ClassVar[Preprocess] = Preprocess()  # the family's image-processor defaults
     _c1_output_index = 0  # which output of the C1 module is the map, when it returns several (Swin: 1)
 
-    def __init__(self, model: nn.Module, *, spec: str, preprocess: Preprocess, weights_sha256: str,
-                 trained: bool = True):
+    def __init__(
+        self, model: nn.Module, *, spec: str, preprocess: Preprocess, weights_sha256: str, trained: bool = True
+    ):
         super().__init__()
         self.model = model
         _freeze(model)
@@ -166,8 +167,9 @@ class HFDetector(Detector):
     def _collect(self, raw: Any, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:
         raise NotImplementedError
 
-    def _stashed_output(self, raw: Any, pixel_mask: Tensor, memory: Tensor,
-                        logits: Tensor | None = None) -> DetectorOutput:
+    def _stashed_output(
+        self, raw: Any, pixel_mask: Tensor, memory: Tensor, logits: Tensor | None = None
+    ) -> DetectorOutput:
         """The output of a family whose hooks stashed ``spatial_shapes`` and ``level_mask``: the
         decoder's queries, ``logits`` (default: the model's), boxes in input pixels, ``memory``
         ``[B, sum(h*w), D]``, the levels' shapes and valid sizes, and C1 if one was stashed."""

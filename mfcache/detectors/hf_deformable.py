@@ -26,7 +26,8 @@ class HFDeformableDetr(HFDetector):
 
     def _install_hooks(self) -> None:
         self._handles.append(
-            self.model.model.encoder.register_forward_pre_hook(self._encoder_pre_hook, with_kwargs=True))
+            self.model.model.encoder.register_forward_pre_hook(self._encoder_pre_hook, with_kwargs=True)
+        )
 
     def _encoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         shapes = kwargs.get("spatial_shapes_list")

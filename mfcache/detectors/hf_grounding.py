@@ -68,7 +68,8 @@ class HFGroundingDino(HFOpenVocabDetector):
 
     def _install_hooks(self) -> None:
         self._handles.append(
-            self.model.model.encoder.register_forward_pre_hook(self._encoder_pre_hook, with_kwargs=True))
+            self.model.model.encoder.register_forward_pre_hook(self._encoder_pre_hook, with_kwargs=True)
+        )
 
     def _encoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._stash["spatial_shapes"] = [(int(h), int(w)) for h, w in kwargs["spatial_shapes_list"]]
@@ -79,10 +80,14 @@ class HFGroundingDino(HFOpenVocabDetector):
         tokens = self.tokenizer(text, return_offsets_mapping=True, return_token_type_ids=True)
         ids, limit = tokens["input_ids"], int(self.model.config.max_text_len)
         if len(ids) > limit:
-            raise MfcacheError(f"the prompt of {self.info.spec} is {len(ids)} tokens ({len(phrases)} phrases); "
-                               f"the model reads at most {limit} (max_text_len): use fewer or shorter phrases")
-        owner = [next((k for k, (a, b) in enumerate(spans) if e > s and a <= s and e <= b), -1)
-                 for s, e in tokens["offset_mapping"]]
+            raise MfcacheError(
+                f"the prompt of {self.info.spec} is {len(ids)} tokens ({len(phrases)} phrases); "
+                f"the model reads at most {limit} (max_text_len): use fewer or shorter phrases"
+            )
+        owner = [
+            next((k for k, (a, b) in enumerate(spans) if e > s and a <= s and e <= b), -1)
+            for s, e in tokens["offset_mapping"]
+        ]
         separators = set(self.model.model.special_tokens.tolist())
         for k, phrase in enumerate(phrases):
             mine = [i for i, o in zip(ids, owner) if o == k]
@@ -90,19 +95,30 @@ class HFGroundingDino(HFOpenVocabDetector):
                 why = "has no tokens" if not mine else "holds a token the model reads as a phrase separator (. or ?)"
                 raise MfcacheError(f"the prompt of {self.info.spec}: phrase {phrase!r} {why}")
         as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
-        return {"_input_ids": as_row(ids), "_attention_mask": as_row(tokens["attention_mask"]),
-                "_token_type_ids": as_row(tokens["token_type_ids"]), "_token_phrase": as_row(owner)[0]}
+        return {
+            "_input_ids": as_row(ids),
+            "_attention_mask": as_row(tokens["attention_mask"]),
+            "_token_type_ids": as_row(tokens["token_type_ids"]),
+            "_token_phrase": as_row(owner)[0],
+        }
 
     def _run_model(self, pixel_values: Tensor, pixel_mask: Tensor) -> Any:
         batch = pixel_values.shape[0]  # the same text for every image
-        return self.model(pixel_values=pixel_values, pixel_mask=pixel_mask.to(torch.long),
-                          input_ids=self._input_ids.expand(batch, -1),
-                          attention_mask=self._attention_mask.expand(batch, -1),
-                          token_type_ids=self._token_type_ids.expand(batch, -1))
+        return self.model(
+            pixel_values=pixel_values,
+            pixel_mask=pixel_mask.to(torch.long),
+            input_ids=self._input_ids.expand(batch, -1),
+            attention_mask=self._attention_mask.expand(batch, -1),
+            token_type_ids=self._token_type_ids.expand(batch, -1),
+        )
 
     def _collect(self, raw: Any, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:
-        return self._stashed_output(raw, pixel_mask, raw.encoder_last_hidden_state_vision,
-                                    logits=phrase_logits(raw.logits, self._token_phrase, len(self.info.prompts)))
+        return self._stashed_output(
+            raw,
+            pixel_mask,
+            raw.encoder_last_hidden_state_vision,
+            logits=phrase_logits(raw.logits, self._token_phrase, len(self.info.prompts)),
+        )
 
 
 class HFMMGroundingDino(HFGroundingDino):

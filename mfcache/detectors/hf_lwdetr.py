@@ -59,7 +59,8 @@ class HFViTDetrFamily(HFDetector):
             raise MfcacheError(
                 f"{kwargs['spec']}: {self.family} has a ViT backbone without a padding mask, so padding "
                 "would change every image's outputs; preprocessing must resize to a fixed size "
-                '(preprocessor_config.json size {"height": h, "width": w}, as its processor does)')
+                '(preprocessor_config.json size {"height": h, "width": w}, as its processor does)'
+            )
         super().__init__(model, **kwargs)
 
     # ----------------------------------------------------------------- model parts
@@ -94,8 +95,9 @@ class HFViTDetrFamily(HFDetector):
 
     # ----------------------------------------------------------------- hooks and output
     def _install_hooks(self) -> None:
-        self._handles.append(self._detection_model().decoder.register_forward_pre_hook(
-            self._decoder_pre_hook, with_kwargs=True))
+        self._handles.append(
+            self._detection_model().decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True)
+        )
 
     def _decoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._stash["memory"] = kwargs["encoder_hidden_states"]  # [B, sum(h*w), d_model], projector maps
@@ -119,8 +121,9 @@ class HFLwDetr(HFViTDetrFamily):
         patch, scales = self._patch(), self.model.config.projector_scale_factors
         strides = [patch / float(s) for s in scales]
         if not scales or any(s != int(s) for s in strides):
-            raise MfcacheError(f"lw_detr: projector_scale_factors {list(scales)} with patch size {patch} "
-                               "do not give whole strides")
+            raise MfcacheError(
+                f"lw_detr: projector_scale_factors {list(scales)} with patch size {patch} do not give whole strides"
+            )
         return [int(s) for s in strides]
 
 

@@ -72,14 +72,17 @@ class HFOmDetTurbo(HFOpenVocabDetector):
     def _projection_hook(self, level: int):
         def hook(module: nn.Module, args: Any, output: Tensor) -> None:
             self._stash[f"memory{level}"] = output  # [B, decoder_hidden_dim, h_l, w_l]
+
         return hook
 
     def _encode_prompts(self, phrases: tuple[str, ...]) -> dict[str, Tensor]:
         lengths = [len(ids) for ids in self.tokenizer(list(phrases))["input_ids"]]
         if max(lengths) > CLIP_TEXT_LENGTH:
             long = phrases[lengths.index(max(lengths))]
-            raise MfcacheError(f"the prompt of {self.info.spec}: phrase {long!r} is {max(lengths)} tokens; "
-                               f"the model reads at most {CLIP_TEXT_LENGTH}")
+            raise MfcacheError(
+                f"the prompt of {self.info.spec}: phrase {long!r} is {max(lengths)} tokens; "
+                f"the model reads at most {CLIP_TEXT_LENGTH}"
+            )
         as_text = dict(padding="max_length", truncation=True, max_length=CLIP_TEXT_LENGTH, return_tensors="pt")
         device = next(self.model.parameters()).device
         classes = self.tokenizer(list(phrases), **as_text).to(device)
@@ -94,9 +97,13 @@ class HFOmDetTurbo(HFOpenVocabDetector):
         """``OmDetTurboForObjectDetection.forward`` with the prompt's text embedded once."""
         model, batch = self.model, pixel_values.shape[0]
         encoded = model.encoder(model.vision_backbone(pixel_values), return_dict=True)
-        return model.decoder(encoded.extracted_states, self._class_features.expand(-1, batch, -1),
-                             self._task_features.expand(-1, batch, -1), self._task_mask.expand(batch, -1),
-                             return_dict=True)
+        return model.decoder(
+            encoded.extracted_states,
+            self._class_features.expand(-1, batch, -1),
+            self._task_features.expand(-1, batch, -1),
+            self._task_mask.expand(batch, -1),
+            return_dict=True,
+        )
 
     def _collect(self, raw: Any, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:
         maps = [self._stash[f"memory{level}"] for level in range(len(self.model.decoder.channel_projection_layers))]

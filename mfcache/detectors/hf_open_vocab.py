@@ -49,8 +49,10 @@ class HFOpenVocabDetector(HFDetector):
 
     def _check_prompted(self) -> None:
         if not self.info.prompts:
-            raise MfcacheError(f"{self.info.spec}: an open-vocabulary detector needs its text prompt "
-                               "(set_prompts, or extract's --prompts / the dataset's category names)")
+            raise MfcacheError(
+                f"{self.info.spec}: an open-vocabulary detector needs its text prompt "
+                "(set_prompts, or extract's --prompts / the dataset's category names)"
+            )
 
     def forward(self, pixel_values: Tensor, pixel_mask: Tensor):
         self._check_prompted()

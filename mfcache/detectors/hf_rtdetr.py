@@ -43,12 +43,15 @@ class HFRTDetrFamily(HFDetector):
         if anchor:
             anchor_hw = (int(anchor), int(anchor)) if isinstance(anchor, int) else tuple(int(v) for v in anchor)
             if self.info.preprocess.fixed_size is None or tuple(self.info.preprocess.fixed_size) != anchor_hw:
-                raise MfcacheError(f"{self.info.spec}: the model's anchors are fixed for {anchor_hw[0]}x"
-                                   f"{anchor_hw[1]} inputs; preprocessing must resize to exactly that size")
+                raise MfcacheError(
+                    f"{self.info.spec}: the model's anchors are fixed for {anchor_hw[0]}x"
+                    f"{anchor_hw[1]} inputs; preprocessing must resize to exactly that size"
+                )
 
     def _install_hooks(self) -> None:
         self._handles.append(
-            self.model.model.decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True))
+            self.model.model.decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True)
+        )
 
     def _decoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._stash["memory"] = kwargs["encoder_hidden_states"]  # [B, sum(h*w), d_model]

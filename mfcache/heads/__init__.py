@@ -38,19 +38,28 @@ def check_head_config(c: HeadConfig, *, channels: int, c1_channels: int, num_lev
     if not 0 <= c.level < num_levels:
         raise MfcacheError(f"head.level {c.level} is out of range: the cache has {num_levels} levels")
     if c.use_c1 and not c1_channels:
-        raise MfcacheError("head.use_c1 = true but the cache holds no C1 map (extracted with --c1 none, or a "
-                           "detector without a stride-4 map: ViT backbones); use --set head.use_c1=false")
+        raise MfcacheError(
+            "head.use_c1 = true but the cache holds no C1 map (extracted with --c1 none, or a "
+            "detector without a stride-4 map: ViT backbones); use --set head.use_c1=false"
+        )
     if c.neck != "none" and not c.use_c1:
         raise MfcacheError(f"head.neck = {c.neck!r} needs head.use_c1 = true (the neck maps C1)")
-    if "box_cross_attn" in c.query_encoder and "self_attn" in c.query_encoder[c.query_encoder.index("box_cross_attn"):]:
-        raise MfcacheError("head.query_encoder: self_attn must come before box_cross_attn "
-                           "(it runs on all K queries of an image, before selection)")
+    if (
+        "box_cross_attn" in c.query_encoder
+        and "self_attn" in c.query_encoder[c.query_encoder.index("box_cross_attn") :]
+    ):
+        raise MfcacheError(
+            "head.query_encoder: self_attn must come before box_cross_attn "
+            "(it runs on all K queries of an image, before selection)"
+        )
     attention = c.box_encoder_depth > 0 or c.query_encoder or c.encoder in ("deformable", "swin")
     if attention and channels % ATTENTION_HEADS:
         raise MfcacheError(f"head.channels ({channels}) must be divisible by {ATTENTION_HEADS} for attention layers")
     if c.region == "image" and (c.predictor != "dot" or c.box_encoder_depth or "box_cross_attn" in c.query_encoder):
-        raise MfcacheError("head.region = 'image' works with predictor = 'dot' and no box-level parts "
-                           "(box_encoder_depth = 0, no box_cross_attn)")
+        raise MfcacheError(
+            "head.region = 'image' works with predictor = 'dot' and no box-level parts "
+            "(box_encoder_depth = 0, no box_cross_attn)"
+        )
     if c.predictor == "fcn" and c.query_encoder:
         raise MfcacheError("head.predictor = 'fcn' ignores the queries: set head.query_encoder = []")
 
@@ -74,8 +83,7 @@ def _no_encoder(c: HeadConfig, *, d_model: int, num_levels: int) -> None:
 
 
 def _deformable_encoder(c: HeadConfig, *, d_model: int, num_levels: int) -> nn.Module:
-    return DeformableEncoder(dim=d_model, num_levels=num_levels, depth=c.encoder_depth,
-                             activation=c.encoder_activation)
+    return DeformableEncoder(dim=d_model, num_levels=num_levels, depth=c.encoder_depth, activation=c.encoder_activation)
 
 
 def _swin_encoder(c: HeadConfig, *, d_model: int, num_levels: int) -> nn.Module:
@@ -87,7 +95,10 @@ def _convnext_encoder(c: HeadConfig, *, d_model: int, num_levels: int) -> nn.Mod
 
 
 ENCODERS: dict[str, Callable[..., nn.Module | None]] = {
-    "none": _no_encoder, "deformable": _deformable_encoder, "swin": _swin_encoder, "convnext": _convnext_encoder,
+    "none": _no_encoder,
+    "deformable": _deformable_encoder,
+    "swin": _swin_encoder,
+    "convnext": _convnext_encoder,
 }
 
 
@@ -96,8 +107,9 @@ def _dot_predictor(c: HeadConfig, *, channels: int) -> nn.Module:
 
 
 def _blender_predictor(c: HeadConfig, *, channels: int) -> nn.Module:
-    return BlenderPredictor(channels=channels, bases=c.blender_bases, attn_size=c.blender_attn_size,
-                            roi_size=c.roi_size)
+    return BlenderPredictor(
+        channels=channels, bases=c.blender_bases, attn_size=c.blender_attn_size, roi_size=c.roi_size
+    )
 
 
 def _fcn_predictor(c: HeadConfig, *, channels: int) -> nn.Module:
@@ -105,12 +117,15 @@ def _fcn_predictor(c: HeadConfig, *, channels: int) -> nn.Module:
 
 
 PREDICTORS: dict[str, Callable[..., nn.Module]] = {
-    "dot": _dot_predictor, "blender": _blender_predictor, "fcn": _fcn_predictor,
+    "dot": _dot_predictor,
+    "blender": _blender_predictor,
+    "fcn": _fcn_predictor,
 }
 
 
-def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels: int,
-               strides: Sequence[int] | None = None) -> MaskHead:
+def build_head(
+    config: HeadConfig, *, d_model: int, c1_channels: int, num_levels: int, strides: Sequence[int] | None = None
+) -> MaskHead:
     """The head ``config`` describes, sized for a cache's detector (c1_channels 0 = no C1 cached;
     ``strides``: each level's stride, by default 8 * 2^l, Deformable DETR's)."""
     c = config
@@ -126,23 +141,32 @@ def build_head(config: HeadConfig, *, d_model: int, c1_channels: int, num_levels
         neck = conv_gn(c1_channels, channels)
     else:
         neck = nn.Conv2d(c1_channels, channels, 1) if c1_channels != channels else nn.Identity()
-    fusion = FusedMap(encoder=encoder, multi_scale=multi_scale, index=levels.index(c.level),
-                      upsample=strides[c.level] / FUSED_STRIDE,  # F has stride 4 (LW/RF-DETR: 14 / 4 = 3.5)
-                      mapper=nn.Conv2d(d_model, channels, 1) if channels != d_model else nn.Identity(), neck=neck,
-                      norm=fused_norm(c.fused_norm, channels))
+    fusion = FusedMap(
+        encoder=encoder,
+        multi_scale=multi_scale,
+        index=levels.index(c.level),
+        upsample=strides[c.level] / FUSED_STRIDE,  # F has stride 4 (LW/RF-DETR: 14 / 4 = 3.5)
+        mapper=nn.Conv2d(d_model, channels, 1) if channels != d_model else nn.Identity(),
+        neck=neck,
+        norm=fused_norm(c.fused_norm, channels),
+    )
     feature_size = c.roi_size // 2 if c.predictor == "fcn" else c.roi_size
     if c.region == "image":
-        predictor: nn.Module = ImageDotPredictor(channels=channels, roi_size=c.roi_size,
-                                                   affine=c.dot_logit == "affine")
+        predictor: nn.Module = ImageDotPredictor(channels=channels, roi_size=c.roi_size, affine=c.dot_logit == "affine")
     else:
         predictor = PREDICTORS[c.predictor](c, channels=channels)
     query_proj = None if c.predictor == "fcn" else query_projection(d_model, channels, c.query_init)
     return ComposedHead(
-        levels=levels, uses_c1=c.use_c1, roi_size=c.roi_size, feature_size=feature_size, fusion=fusion,
+        levels=levels,
+        uses_c1=c.use_c1,
+        roi_size=c.roi_size,
+        feature_size=feature_size,
+        fusion=fusion,
         query_proj=query_proj,
         query_encoder=QueryEncoder(dim=channels, kinds=c.query_encoder),
         box_encoder=BoxEncoder(dim=channels, depth=c.box_encoder_depth, query_token=c.box_encoder_query)
-        if c.box_encoder_depth else None,
+        if c.box_encoder_depth
+        else None,
         predictor=predictor,
         scorer=MaskIoUHead(channels=channels, readout=c.quality_head) if c.scoring == "mask_iou" else None,
         needs_roi_features=c.region == "box" and c.predictor == "fcn",

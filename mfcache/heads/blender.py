@@ -35,7 +35,8 @@ class BlenderPredictor(nn.Module):
         self.num_bases, self.attn_size, self.roi_size = bases, attn_size, roi_size
         hidden = min(channels, 64)  # the tower runs on the whole stride-4 map: keep it light
         self.bases = nn.Sequential(
-            nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.ReLU(),
             nn.Conv2d(hidden, bases, 1),
         )
         self.attention = nn.Linear(channels, bases * attn_size * attn_size)

@@ -29,21 +29,43 @@ from mfcache.heads.scoring import MaskIoUHead
 class ComposedHead(MaskHead):
     """See the module docstring; ``forward`` follows :class:`MaskHead`."""
 
-    def __init__(self, *, levels: tuple[int, ...], uses_c1: bool, roi_size: int, feature_size: int,
-                 fusion: FusedMap, query_proj: nn.Module | None, query_encoder: QueryEncoder,
-                 box_encoder: BoxEncoder | None, predictor: nn.Module, scorer: MaskIoUHead | None,
-                 needs_roi_features: bool, channels: int):
+    def __init__(
+        self,
+        *,
+        levels: tuple[int, ...],
+        uses_c1: bool,
+        roi_size: int,
+        feature_size: int,
+        fusion: FusedMap,
+        query_proj: nn.Module | None,
+        query_encoder: QueryEncoder,
+        box_encoder: BoxEncoder | None,
+        predictor: nn.Module,
+        scorer: MaskIoUHead | None,
+        needs_roi_features: bool,
+        channels: int,
+    ):
         super().__init__()
         self.levels, self.uses_c1, self.roi_size, self.feature_size = levels, uses_c1, roi_size, feature_size
         self.fusion, self.query_proj, self.query_encoder = fusion, query_proj, query_encoder
         self.box_encoder, self.predictor, self.scorer = box_encoder, predictor, scorer
         self.uses_tokens = box_encoder is not None or len(query_encoder.box_layers) > 0
         self.needs_roi_features = needs_roi_features or scorer is not None or self.uses_tokens
-        self.roi_pos = nn.Parameter(torch.randn(feature_size * feature_size, channels) * 0.02) if self.uses_tokens else None
+        self.roi_pos = (
+            nn.Parameter(torch.randn(feature_size * feature_size, channels) * 0.02) if self.uses_tokens else None
+        )
 
-    def forward(self, queries: Tensor, boxes: Tensor, levels: list[Tensor], c1: Tensor | None,
-                select: Tensor | None = None, *, level_hw: Tensor | None = None,
-                c1_hw: Tensor | None = None) -> HeadOutput:
+    def forward(
+        self,
+        queries: Tensor,
+        boxes: Tensor,
+        levels: list[Tensor],
+        c1: Tensor | None,
+        select: Tensor | None = None,
+        *,
+        level_hw: Tensor | None = None,
+        c1_hw: Tensor | None = None,
+    ) -> HeadOutput:
         fused = self.fusion(levels, c1, level_hw, c1_hw)
         q = None
         if self.query_proj is not None:  # None: a predictor that ignores queries (fcn)
@@ -54,8 +76,10 @@ class ComposedHead(MaskHead):
             return self.boxes_stage(fused, q, rois)
         # inference with RoI tokens: one image's boxes at a time, so memory (a transformer over
         # every box's M x M tokens) is bounded by one image's detections, whatever eval.batch_size
-        parts = [(sel, self.boxes_stage(fused, None if q is None else q[sel], rois[sel]))
-                 for _, sel in per_image(rois[:, 0].long())]
+        parts = [
+            (sel, self.boxes_stage(fused, None if q is None else q[sel], rois[sel]))
+            for _, sel in per_image(rois[:, 0].long())
+        ]
         if not parts:
             return self.boxes_stage(fused, q, rois)
         logits = parts[0][1].mask_logits.new_empty(len(rois), *parts[0][1].mask_logits.shape[1:])

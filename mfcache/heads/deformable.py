@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mfcache.ops.deformable_attention import MSDeformAttn
 from mfcache.heads.position import sine_position
-
+from mfcache.ops.deformable_attention import MSDeformAttn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -29,8 +28,9 @@ class DeformableEncoderBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, dim))
 
-    def forward(self, tokens: Tensor, pos: Tensor, reference: Tensor, shapes: list[tuple[int, int]],
-                rows: slice = slice(None)) -> Tensor:
+    def forward(
+        self, tokens: Tensor, pos: Tensor, reference: Tensor, shapes: list[tuple[int, int]], rows: slice = slice(None)
+    ) -> Tensor:
         """tokens, pos [B, T, C] (all levels flattened, T = sum h*w); reference [B, T, 2] ->
         the refined tokens ``[B, T', C]`` of positions ``rows`` only (all by default): they
         attend to every token, but nothing is computed for the others."""
@@ -51,15 +51,22 @@ class DeformableEncoder(nn.Module):
     def __init__(self, *, dim: int, num_levels: int, depth: int, activation: str = "relu"):
         super().__init__()
         self.level_embed = nn.Parameter(torch.randn(num_levels, dim) * 0.02)
-        self.blocks = nn.ModuleList(DeformableEncoderBlock(dim=dim, num_levels=num_levels, hidden=2 * dim,
-                                                           activation=activation) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            DeformableEncoderBlock(dim=dim, num_levels=num_levels, hidden=2 * dim, activation=activation)
+            for _ in range(depth)
+        )
 
     def forward(self, levels: list[Tensor], output_level: int | None = None) -> list[Tensor] | Tensor:
         shapes = [tuple(x.shape[-2:]) for x in levels]
         dim = levels[0].shape[1]
         tokens = torch.cat([x.flatten(2).transpose(1, 2) for x in levels], 1)
-        pos = torch.cat([sine_position(h, w, dim, device=tokens.device, dtype=tokens.dtype) + self.level_embed[l]
-                         for l, (h, w) in enumerate(shapes)], 0)
+        pos = torch.cat(
+            [
+                sine_position(h, w, dim, device=tokens.device, dtype=tokens.dtype) + self.level_embed[l]
+                for l, (h, w) in enumerate(shapes)
+            ],
+            0,
+        )
         reference = torch.cat([_centres(h, w, tokens) for h, w in shapes], 0)
         batch = tokens.shape[0]
         pos, reference = pos.expand(batch, -1, -1), reference.expand(batch, -1, -1)

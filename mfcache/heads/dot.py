@@ -20,11 +20,11 @@ from mfcache.heads.region import FUSED_STRIDE, crop_maps
 from mfcache.heads.roi import rows_per_image
 
 
-def dot_crops(queries: Tensor, fused: Sequence[Tensor], rois: Tensor, output_size: int,
-              sampling_ratio: int) -> Tensor:
+def dot_crops(queries: Tensor, fused: Sequence[Tensor], rois: Tensor, output_size: int, sampling_ratio: int) -> Tensor:
     """``queries [N, C]``, ``fused``: one ``[C, h_b, w_b]`` map per image, ``rois [N, 5]`` ->
     ``[N, 1, M, M]``: ``q . F[b]`` over the whole map of each query's image (one matmul per
     image, not per query), cropped to the box."""
+
     def rows(b: int, sel: Tensor) -> Tensor:
         full = torch.einsum("nc,chw->nhw", queries[sel], fused[b])[:, None]
         return crop_maps(full, rois[sel, 1:], output_size, 1.0 / FUSED_STRIDE, sampling_ratio)
@@ -49,8 +49,9 @@ class DotPredictor(nn.Module):
         self.logit_scale = nn.Parameter(torch.ones(())) if affine else None
         self.logit_bias = nn.Parameter(torch.zeros(())) if affine else None
 
-    def forward(self, *, queries: Tensor, fused: Sequence[Tensor], rois: Tensor, roi_features: Tensor | None = None,
-                **_) -> Tensor:
+    def forward(
+        self, *, queries: Tensor, fused: Sequence[Tensor], rois: Tensor, roi_features: Tensor | None = None, **_
+    ) -> Tensor:
         if roi_features is not None:
             dots = torch.einsum("nc,nchw->nhw", queries, roi_features)[:, None]
         else:

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 def conv_gn(in_channels: int, out_channels: int) -> nn.Sequential:
     """The paper's C1 neck: 1x1 conv + GroupNorm (32 groups, or fewer if channels need)."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.GroupNorm(math.gcd(32, out_channels), out_channels))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1), nn.GroupNorm(math.gcd(32, out_channels), out_channels)
+    )
 
 
 class PixelLayerNorm(nn.LayerNorm):
@@ -39,7 +41,7 @@ def image_valid_region(x: Tensor, b: int, hw: list[int] | None) -> Tensor:
     """``x [B, C, H, W]`` -> image ``b``'s valid ``[1, C, h, w]`` (``hw`` = (h, w); None: all of
     it), dense and channels-last: on the CPU, a strided view of the padded batch sends the
     convolutions' weight gradients down a slow path."""
-    own = x[b:b + 1] if hw is None else x[b:b + 1, :, :hw[0], :hw[1]]
+    own = x[b : b + 1] if hw is None else x[b : b + 1, :, : hw[0], : hw[1]]
     return own.contiguous(memory_format=torch.channels_last)
 
 
@@ -56,14 +58,24 @@ class FusedMap(nn.Module):
     on its own (:func:`fused_norm`).
     """
 
-    def __init__(self, *, encoder: nn.Module | None, multi_scale: bool, index: int, upsample: float,
-                 mapper: nn.Module, neck: nn.Module | None, norm: nn.Module | None = None):
+    def __init__(
+        self,
+        *,
+        encoder: nn.Module | None,
+        multi_scale: bool,
+        index: int,
+        upsample: float,
+        mapper: nn.Module,
+        neck: nn.Module | None,
+        norm: nn.Module | None = None,
+    ):
         super().__init__()
         self.encoder, self.multi_scale, self.index, self.upsample = encoder, multi_scale, index, upsample
         self.mapper, self.neck, self.norm = mapper, neck, norm
 
-    def forward(self, levels: list[Tensor], c1: Tensor | None, level_hw: Tensor | None = None,
-                c1_hw: Tensor | None = None) -> list[Tensor]:
+    def forward(
+        self, levels: list[Tensor], c1: Tensor | None, level_hw: Tensor | None = None, c1_hw: Tensor | None = None
+    ) -> list[Tensor]:
         batch = levels[0].shape[0]
         level_sizes = [[None] * len(levels)] * batch if level_hw is None else level_hw.tolist()
         c1_sizes = [None] * batch if c1_hw is None else c1_hw.tolist()
@@ -82,7 +94,9 @@ class FusedMap(nn.Module):
             memory = levels[self.index]
             if self.encoder is not None:
                 memory = self.encoder(memory)
-        fused = F.interpolate(self.mapper(memory), scale_factor=float(self.upsample), mode="bilinear", align_corners=False)
+        fused = F.interpolate(
+            self.mapper(memory), scale_factor=float(self.upsample), mode="bilinear", align_corners=False
+        )
         if self.neck is not None:
             c1 = self.neck(c1)
             fused = fused + F.pad(c1, (0, fused.shape[-1] - c1.shape[-1], 0, fused.shape[-2] - c1.shape[-2]))

@@ -52,7 +52,11 @@ def _feed_forward(*, dim: int) -> nn.Module:
     return FeedForward(dim=dim, hidden=2 * dim)
 
 
-QUERY_LAYERS = {"self_attn": SelfAttention, "box_cross_attn": BoxCrossAttention, "ffn": _feed_forward}  # kind -> builder(dim=)
+QUERY_LAYERS = {
+    "self_attn": SelfAttention,
+    "box_cross_attn": BoxCrossAttention,
+    "ffn": _feed_forward,
+}  # kind -> builder(dim=)
 
 
 class QueryEncoder(nn.Module):

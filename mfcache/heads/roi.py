@@ -81,8 +81,9 @@ def roi_method(height: int, width: int, method: str = "auto") -> str:
     return method
 
 
-def crop_map(features: Tensor, boxes: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int,
-             method: str = "auto") -> Tensor:
+def crop_map(
+    features: Tensor, boxes: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int, method: str = "auto"
+) -> Tensor:
     """RoIAlign of one image: ``features [C, h, w]``, ``boxes [n, 4]`` xyxy input px ->
     ``[n, C, M, M]`` (aligned=True, bins sampled and clamped against ``h x w``), by the path
     :func:`roi_method` chooses for this map."""
@@ -91,8 +92,9 @@ def crop_map(features: Tensor, boxes: Tensor, output_size: int, spatial_scale: f
 
         # float32 at least (coordinates too): torchvision's kernel takes one dtype for both
         dtype = torch.promote_types(features.dtype, torch.float32)
-        out = tv_roi_align(features[None].to(dtype), [boxes.to(dtype)], output_size, spatial_scale,
-                           sampling_ratio, aligned=True)
+        out = tv_roi_align(
+            features[None].to(dtype), [boxes.to(dtype)], output_size, spatial_scale, sampling_ratio, aligned=True
+        )
         return out.to(features.dtype)
     # coordinates in float32 at least, even under autocast (a bf16 coordinate of 300 px is off by up to 1 px)
     b = boxes.to(torch.promote_types(features.dtype, torch.float32)) * spatial_scale - 0.5
@@ -102,8 +104,14 @@ def crop_map(features: Tensor, boxes: Tensor, output_size: int, spatial_scale: f
     return torch.einsum("ncmw,nkw->ncmk", rows, wx)
 
 
-def roi_align(features: Tensor | Sequence[Tensor], rois: Tensor, output_size: int, spatial_scale: float,
-              sampling_ratio: int = 2, method: str = "auto") -> Tensor:
+def roi_align(
+    features: Tensor | Sequence[Tensor],
+    rois: Tensor,
+    output_size: int,
+    spatial_scale: float,
+    sampling_ratio: int = 2,
+    method: str = "auto",
+) -> Tensor:
     """features [B, C, H, W], or B maps [C, h_b, w_b] each at its image's own size; rois [N, 5]
     (batch index, x1, y1, x2, y2 in input pixels) -> [N, C, output_size, output_size], as
     ``torchvision.ops.roi_align(..., aligned=True)`` on each RoI's image alone (``method``:
@@ -112,4 +120,5 @@ def roi_align(features: Tensor | Sequence[Tensor], rois: Tensor, output_size: in
     return rows_per_image(  # one call per image, not per box
         rois[:, 0].long(),
         lambda b, sel: crop_map(features[b], rois[sel, 1:], m, spatial_scale, sampling_ratio, method),
-        features[0].new_empty(0, features[0].shape[0], m, m))
+        features[0].new_empty(0, features[0].shape[0], m, m),
+    )

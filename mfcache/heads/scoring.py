@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 MLP_GRID = 8  # the MLP read-out flattens an 8 x 8 map (S = 16 exactly; larger S average-pooled to it)
 
 
@@ -27,13 +26,22 @@ class MaskIoUHead(nn.Module):
         if readout == "pool":
             head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1)]
         elif readout == "mlp":  # the paper's flatten + MLP
-            head = [nn.AdaptiveAvgPool2d(MLP_GRID), nn.Flatten(), nn.Linear(hidden * MLP_GRID * MLP_GRID, mlp_hidden),
-                    nn.ReLU(), nn.Linear(mlp_hidden, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, 1)]
+            head = [
+                nn.AdaptiveAvgPool2d(MLP_GRID),
+                nn.Flatten(),
+                nn.Linear(hidden * MLP_GRID * MLP_GRID, mlp_hidden),
+                nn.ReLU(),
+                nn.Linear(mlp_hidden, mlp_hidden),
+                nn.ReLU(),
+                nn.Linear(mlp_hidden, 1),
+            ]
         else:
             raise ValueError(f"readout must be pool or mlp, got {readout!r}")
         self.layers = nn.Sequential(
-            nn.Conv2d(channels + 1, hidden, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(channels + 1, hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 3, stride=2, padding=1),
+            nn.ReLU(),
             *head,
         )
 

@@ -31,13 +31,16 @@ def _canvas_layout(shapes: list[tuple[int, int]], device: torch.device) -> tuple
     for _, w in shapes[:-1]:
         starts.append(starts[-1] + w + 1)
     width = starts[-1] + shapes[-1][1] + 1
-    flat = [(torch.arange(h, device=device)[:, None] * width + x0 + torch.arange(w, device=device)).flatten()
-            for (h, w), x0 in zip(shapes, starts)]
+    flat = [
+        (torch.arange(h, device=device)[:, None] * width + x0 + torch.arange(w, device=device)).flatten()
+        for (h, w), x0 in zip(shapes, starts)
+    ]
     return height, width, torch.tensor(starts, device=device), torch.cat(flat)
 
 
-def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
-                   attention_weights: Tensor) -> Tensor:
+def ms_deform_attn(
+    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
     """Deformable attention over all levels in one sampling call.
 
     value:              [N, S, M, Dh]  S = sum(h*w) tokens, M heads, Dh channels per head
@@ -101,8 +104,14 @@ class MSDeformAttn(nn.Module):
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
 
-    def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor, spatial_shapes: Tensor,
-                padding_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        input_flatten: Tensor,
+        spatial_shapes: Tensor,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
         b, q, _ = query.shape
         s = input_flatten.shape[1]
         m, num_levels, p = self.n_heads, self.n_levels, self.n_points
@@ -117,8 +126,10 @@ class MSDeformAttn(nn.Module):
             normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (w, h)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
-            locations = (reference_points[:, :, None, :, None, :2]
-                         + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5)
+            locations = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
         else:
             raise ValueError(f"reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
         return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))

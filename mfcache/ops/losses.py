@@ -18,8 +18,12 @@ def resize_targets(targets: Tensor, size: int) -> Tensor:
     downsampled edge pixel is fractional rather than aliased)."""
     t = targets.float()[:, None]
     if t.shape[-1] != size:
-        t = F.interpolate(t, size=(size, size), mode="area" if t.shape[-1] > size else "bilinear",
-                          **({} if t.shape[-1] > size else {"align_corners": False}))
+        t = F.interpolate(
+            t,
+            size=(size, size),
+            mode="area" if t.shape[-1] > size else "bilinear",
+            **({} if t.shape[-1] > size else {"align_corners": False}),
+        )
     return t[:, 0]
 
 
@@ -48,8 +52,9 @@ def point_sample(maps: Tensor, points: Tensor) -> Tensor:
     return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)[..., 0]
 
 
-def uncertain_points(logits: Tensor, *, num_points: int, oversample: float, importance: float,
-                     generator: torch.Generator | None = None) -> Tensor:
+def uncertain_points(
+    logits: Tensor, *, num_points: int, oversample: float, importance: float, generator: torch.Generator | None = None
+) -> Tensor:
     """PointRend's training-time sampling: draw ``oversample * num_points`` uniform random
     points, keep the ``importance * num_points`` most uncertain (logit nearest 0, read off
     bilinearly) and add uniform random points up to ``num_points``.
@@ -66,8 +71,15 @@ def uncertain_points(logits: Tensor, *, num_points: int, oversample: float, impo
     return torch.cat([chosen, rest], 1)
 
 
-def point_values(logits: Tensor, targets: Tensor, *, num_points: int, oversample: float, importance: float,
-                 generators: Sequence[tuple[int, torch.Generator]] | None = None) -> tuple[Tensor, Tensor]:
+def point_values(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    num_points: int,
+    oversample: float,
+    importance: float,
+    generators: Sequence[tuple[int, torch.Generator]] | None = None,
+) -> tuple[Tensor, Tensor]:
     """The point loss's samples: ``num_points`` points per mask chosen by :func:`uncertain_points`
     on ``logits [N, 1, M, M]``, and (logits ``[N, P]``, targets ``[N, P]``) there. ``targets
     [N, S, S]`` (bool or float) cover the same box at any size S. The points are (x, y) in
@@ -86,28 +98,40 @@ def point_values(logits: Tensor, targets: Tensor, *, num_points: int, oversample
         rows = [n for n, _ in generators]
         if sum(rows) != len(logits):
             raise ValueError(f"generators cover {sum(rows)} rows, the loss has {len(logits)}")
-        points = torch.cat([uncertain_points(part, generator=g, **options)
-                            for part, (_, g) in zip(logits.split(rows), generators)]) if rows else \
-            logits.new_zeros(0, num_points, 2)
+        points = (
+            torch.cat(
+                [uncertain_points(part, generator=g, **options) for part, (_, g) in zip(logits.split(rows), generators)]
+            )
+            if rows
+            else logits.new_zeros(0, num_points, 2)
+        )
     point_logits = point_sample(logits, points)[:, 0]
     return point_logits, point_sample(targets[:, None].to(point_logits.dtype), points)[:, 0]
 
 
-def point_mask_losses(logits: Tensor, targets: Tensor, *, num_points: int, oversample: float,
-                      importance: float, generators: Sequence[tuple[int, torch.Generator]] | None = None
-                      ) -> dict[str, Tensor]:
+def point_mask_losses(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    num_points: int,
+    oversample: float,
+    importance: float,
+    generators: Sequence[tuple[int, torch.Generator]] | None = None,
+) -> dict[str, Tensor]:
     """BCE + dice (means) on the points of :func:`point_values` (PointRend's / Mask2Former's
     point loss): logits ``[N, 1, M, M]``, targets ``[N, S, S]`` -> ``{"bce", "dice"}``."""
-    point_logits, point_targets = point_values(logits, targets, num_points=num_points, oversample=oversample,
-                                               importance=importance, generators=generators)
+    point_logits, point_targets = point_values(
+        logits, targets, num_points=num_points, oversample=oversample, importance=importance, generators=generators
+    )
     return {
         "bce": F.binary_cross_entropy_with_logits(point_logits, point_targets),
         "dice": dice_loss(point_logits, point_targets),
     }
 
 
-def image_generators(rows: Sequence[int], image_ids: Sequence[int], *, seed: int, step: int,
-                     device: torch.device | str = "cpu") -> list[tuple[int, torch.Generator]]:
+def image_generators(
+    rows: Sequence[int], image_ids: Sequence[int], *, seed: int, step: int, device: torch.device | str = "cpu"
+) -> list[tuple[int, torch.Generator]]:
     """One generator per image for :func:`point_mask_losses`, seeded by (``seed``, ``step``,
     image id): a pure function of the image and the step, whatever the batch or the rank."""
     out = []
@@ -141,8 +165,13 @@ class MaskPrediction(Protocol):
     quality: Tensor | None
 
 
-def head_loss(out: MaskPrediction, targets: Tensor, head: HeadConfig, train: TrainConfig,
-              generators: Sequence[tuple[int, torch.Generator]] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def head_loss(
+    out: MaskPrediction,
+    targets: Tensor,
+    head: HeadConfig,
+    train: TrainConfig,
+    generators: Sequence[tuple[int, torch.Generator]] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The training loss of a head's output on its selected detections: ``out.mask_logits
     [N, 1, M, M]``, ``targets [N, S, S]`` bool or float, the GT crops at the size they are
     cached at (S = ``extract --target-size``; or already at M). BCE + dice on the whole RoI
@@ -153,9 +182,14 @@ def head_loss(out: MaskPrediction, targets: Tensor, head: HeadConfig, train: Tra
     Returns (loss, its parts, unweighted)."""
     roi_targets = resize_targets(targets, out.mask_logits.shape[-1])
     if head.loss == "point":
-        parts = point_mask_losses(out.mask_logits, targets if head.point_targets == "cache" else roi_targets,
-                                  num_points=head.points, oversample=head.oversample, importance=head.importance,
-                                  generators=generators)
+        parts = point_mask_losses(
+            out.mask_logits,
+            targets if head.point_targets == "cache" else roi_targets,
+            num_points=head.points,
+            oversample=head.oversample,
+            importance=head.importance,
+            generators=generators,
+        )
     else:
         parts = mask_losses(out.mask_logits, roi_targets)
     targets = roi_targets

@@ -133,9 +133,7 @@ def _paste(
     for start in range(0, n, per_chunk):
         sl = slice(start, min(start + per_chunk, n))
         # One host sync per chunk to get the chunk's pixel window.
-        wx0, wx1, wy0, wy1 = torch.stack(
-            [lo_x[sl].min(), hi_x[sl].max(), lo_y[sl].min(), hi_y[sl].max()]
-        ).tolist()
+        wx0, wx1, wy0, wy1 = torch.stack([lo_x[sl].min(), hi_x[sl].max(), lo_y[sl].min(), hi_y[sl].max()]).tolist()
         wx0, wx1 = max(0, math.floor(wx0)), min(width, math.ceil(wx1))
         wy0, wy1 = max(0, math.floor(wy0)), min(height, math.ceil(wy1))
         if wx0 >= wx1 or wy0 >= wy1:
@@ -267,8 +265,12 @@ def crop_mask_targets(gt_masks: Tensor, boxes: Tensor, gt_index: Tensor, size: i
         dim=1,
     )  # [n_matched, 5]: (batch index, x0, y0, x1, y1)
     crops = roi_align(
-        gt_masks[:, None].float(), rois, output_size=size, spatial_scale=1.0,
-        sampling_ratio=2, aligned=True,
+        gt_masks[:, None].float(),
+        rois,
+        output_size=size,
+        spatial_scale=1.0,
+        sampling_ratio=2,
+        aligned=True,
     )  # [n_matched, 1, size, size]
     out[matched] = crops[:, 0] >= 0.5
     return out
@@ -290,9 +292,7 @@ def unpack_masks(packed: np.ndarray | Tensor, size: int) -> Tensor:
     packed = np.asarray(packed, dtype=np.uint8)
     n_bytes = -(-size * size // 8)
     if packed.shape[-1] != n_bytes:
-        raise ValueError(
-            f"packed masks of size {size} need {n_bytes} bytes, got last dim {packed.shape[-1]}"
-        )
+        raise ValueError(f"packed masks of size {size} need {n_bytes} bytes, got last dim {packed.shape[-1]}")
     bits = np.unpackbits(packed, axis=-1, count=size * size)
     return torch.from_numpy(bits.reshape(*packed.shape[:-1], size, size)).bool()
 

@@ -36,8 +36,10 @@ def held_out(coco: COCO, learned: tuple[str, ...], where: str) -> list[str]:
         return []
     unknown = [n for n in learned if n not in names]
     if unknown:
-        raise MfcacheError(f"train.categories: {', '.join(map(repr, unknown))} not among the categories of {where} "
-                           f"({', '.join(names)})")
+        raise MfcacheError(
+            f"train.categories: {', '.join(map(repr, unknown))} not among the categories of {where} "
+            f"({', '.join(names)})"
+        )
     return [n for n in names if n not in learned]
 
 
@@ -45,8 +47,10 @@ def held_out_annotations(coco: COCO, held: list[str]) -> Tensor:
     """``[A]`` int64, sorted: the annotation ids of the ``held`` categories' instances (the
     ``gt_id`` values whose queries :func:`learned_mask` leaves out of the loss)."""
     ids = {i for i, n in category_names(coco).items() if n in held}
-    return torch.tensor(sorted(int(a["id"]) for a in coco.dataset.get("annotations", [])
-                               if int(a["category_id"]) in ids), dtype=torch.int64)
+    return torch.tensor(
+        sorted(int(a["id"]) for a in coco.dataset.get("annotations", []) if int(a["category_id"]) in ids),
+        dtype=torch.int64,
+    )
 
 
 def learned_mask(gt_id: Tensor, excluded: Tensor) -> Tensor:
@@ -57,14 +61,17 @@ def learned_mask(gt_id: Tensor, excluded: Tensor) -> Tensor:
     return ~torch.isin(gt_id, excluded.to(gt_id.device))
 
 
-def check_learnable(gt_id: np.ndarray, gt_iou: np.ndarray, excluded: Tensor, min_iou: float, where: str,
-                    learned: tuple[str, ...]) -> None:
+def check_learnable(
+    gt_id: np.ndarray, gt_iou: np.ndarray, excluded: Tensor, min_iou: float, where: str, learned: tuple[str, ...]
+) -> None:
     """Refuse a subset with no positive left: no query of the split (``gt_id``, ``gt_iou [N, K]``
     of its complete images) matches a learned category's instance at ``min_iou``."""
     positive = (gt_id >= 0) & (gt_iou >= min_iou) & ~np.isin(gt_id, excluded.numpy())
     if not positive.any():
-        raise MfcacheError(f"train.categories={','.join(learned)}: no query of {where} matches an instance of "
-                           f"these categories at box IoU >= train.min_iou={min_iou:g}: nothing to train on")
+        raise MfcacheError(
+            f"train.categories={','.join(learned)}: no query of {where} matches an instance of "
+            f"these categories at box IoU >= train.min_iou={min_iou:g}: nothing to train on"
+        )
 
 
 def subset_summary(per_category: dict[str, dict], learned: tuple[str, ...]) -> dict:
@@ -72,8 +79,10 @@ def subset_summary(per_category: dict[str, dict], learned: tuple[str, ...]) -> d
     categories and over the held-out ones (those of ``per_category``, as
     :func:`mfcache.metrics.coco_evaluate` reports it, not in ``learned``), categories without
     GT (AP None) left out of the means; ``gap``: learned minus held-out segm AP."""
-    groups = {"learned": [n for n in per_category if n in learned],
-              "held_out": [n for n in per_category if n not in learned]}
+    groups = {
+        "learned": [n for n in per_category if n in learned],
+        "held_out": [n for n in per_category if n not in learned],
+    }
     summary: dict = dict(groups)
     for key, names in groups.items():
         for metric in ("segm_AP", "bbox_AP"):

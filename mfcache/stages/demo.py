@@ -24,15 +24,17 @@ from mfcache.runtime import console, progress_bar
 
 DEMO_OVERLAYS = 4  # val images drawn as ground truth | prediction panels
 DEMO_HEAD = "blendmask"  # on the small demo detector's features, the head that learns masks fastest (docs/heads.md)
-DEMO_LR = 1e-3           # a short schedule: 30 epochs of the 400 demo images at the default 1500 steps
+DEMO_LR = 1e-3  # a short schedule: 30 epochs of the 400 demo images at the default 1500 steps
 # The demo stores C1 (not --c1 auto's recompute): its maps are ~86 KB per image (~43 MB for the
 # 500 images), and re-making one costs ~14-18 ms of a CPU reader per training sample against
 # ~9 ms to read the stored sample (docs/commands/index.md, extract --c1): on a CPU that would slow the 12,000 samples of training.
 DEMO_C1 = "store"
 
-UNTRAINED_NOTE = ("the demo detector is UNTRAINED (random weights from a fixed seed): its boxes are random, so "
-                  "these APs are near zero. The pipeline is real; the numbers are not meaningful until a trained "
-                  "demo detector ships.")
+UNTRAINED_NOTE = (
+    "the demo detector is UNTRAINED (random weights from a fixed seed): its boxes are random, so "
+    "these APs are near zero. The pipeline is real; the numbers are not meaningful until a trained "
+    "demo detector ships."
+)
 
 
 @dataclass
@@ -58,15 +60,25 @@ def demo_detector_note() -> str:
 
     try:
         t = json.loads((DEMO_WEIGHTS / TRAINING_FILE).read_text())
-        return (f"demo detector: trained {t['epoch']:.0f} epochs ({t['images_seen']:,} images, {t['hours']:.1f} h on "
-                f"{t['device']}); bbox AP {t['val_bbox']['AP']:.3f} on {t['val_images']} shapes val images")
+        return (
+            f"demo detector: trained {t['epoch']:.0f} epochs ({t['images_seen']:,} images, {t['hours']:.1f} h on "
+            f"{t['device']}); bbox AP {t['val_bbox']['AP']:.3f} on {t['val_images']} shapes val images"
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return "demo detector: trained weights (no training.json next to them)"
 
 
-def run_demo(out: Path, *, train_images: int = 400, val_images: int = 100, steps: int = 1500,
-             head: str = DEMO_HEAD, device: str = "auto", progress: bool = True,
-             say: Callable[[str], None] | None = None) -> DemoResult:
+def run_demo(
+    out: Path,
+    *,
+    train_images: int = 400,
+    val_images: int = 100,
+    steps: int = 1500,
+    head: str = DEMO_HEAD,
+    device: str = "auto",
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> DemoResult:
     """Generate the data, extract, train and evaluate under ``out`` (see the module docstring),
     resuming whatever an earlier run finished. ``say`` receives each stage's heading as it
     starts (default: a rule on the console); ``progress``: progress bars; ``device``: where
@@ -78,8 +90,14 @@ def run_demo(out: Path, *, train_images: int = 400, val_images: int = 100, steps
 
     started = time.perf_counter()
     say = say or console.rule
-    config = resolve_run_config(head, [f"train.steps={steps}", f"train.lr={DEMO_LR}",  # a bad head fails first
-                                       f"train.device={device}"])
+    config = resolve_run_config(
+        head,
+        [
+            f"train.steps={steps}",
+            f"train.lr={DEMO_LR}",  # a bad head fails first
+            f"train.device={device}",
+        ],
+    )
     out = Path(out)
     cache, run, overlays_dir = out / "cache", out / "run", out / "overlays"
     demo_cache(out, train_images=train_images, val_images=val_images, device=device, progress=progress, say=say)
@@ -87,20 +105,39 @@ def run_demo(out: Path, *, train_images: int = 400, val_images: int = 100, steps
     train(cache_path=cache, run_dir=run, config=config, resume=(run / "checkpoint.pt").exists(), progress=progress)
     say("4/4  eval: COCO AP with pycocotools")
     overlays: list[Path] = []
-    metrics = evaluate(cache_path=cache, run_dir=run, out=out / "metrics.json", progress=progress, device=device,
-                       on_results=lambda split, results: overlays.extend(
-                           visualize_split(split, results, overlays_dir, DEMO_OVERLAYS)))
+    metrics = evaluate(
+        cache_path=cache,
+        run_dir=run,
+        out=out / "metrics.json",
+        progress=progress,
+        device=device,
+        on_results=lambda split, results: overlays.extend(visualize_split(split, results, overlays_dir, DEMO_OVERLAYS)),
+    )
     shutil.copyfile(out / "metrics.json", run / "metrics.json")
     json.loads((out / "metrics.json").read_text())  # written and readable
     trained = bool(metrics["detector"]["trained"])
-    return DemoResult(metrics=metrics, metrics_path=out / "metrics.json", overlays=overlays,
-                      overlays_dir=overlays_dir, cache=cache, run=run,
-                      seconds=time.perf_counter() - started, detector_trained=trained,
-                      detector_note=demo_detector_note() if trained else UNTRAINED_NOTE)
+    return DemoResult(
+        metrics=metrics,
+        metrics_path=out / "metrics.json",
+        overlays=overlays,
+        overlays_dir=overlays_dir,
+        cache=cache,
+        run=run,
+        seconds=time.perf_counter() - started,
+        detector_trained=trained,
+        detector_note=demo_detector_note() if trained else UNTRAINED_NOTE,
+    )
 
 
-def demo_cache(out: Path, *, train_images: int = 400, val_images: int = 100, device: str = "auto",
-               progress: bool = True, say: Callable[[str], None] | None = None) -> Path:
+def demo_cache(
+    out: Path,
+    *,
+    train_images: int = 400,
+    val_images: int = 100,
+    device: str = "auto",
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> Path:
     """Stages 1-2 of the demo: the shapes data under ``out/data`` (generated once) and its
     train and val splits extracted by the demo detector into ``out/cache`` (finished splits are
     skipped). Returns the cache folder."""
@@ -114,8 +151,15 @@ def demo_cache(out: Path, *, train_images: int = 400, val_images: int = 100, dev
         _write_data(data, train_images, val_images, progress)
     say("2/4  extract: frozen demo detector -> Zarr cache")
     for split in ("train", "val"):
-        extract(detector="demo", images=data / split, annotations=data / "annotations" / f"{split}.json",
-                out=cache, split=split, config=ExtractConfig(device=device, c1=DEMO_C1), progress=progress)
+        extract(
+            detector="demo",
+            images=data / split,
+            annotations=data / "annotations" / f"{split}.json",
+            out=cache,
+            split=split,
+            config=ExtractConfig(device=device, c1=DEMO_C1),
+            progress=progress,
+        )
     return cache
 
 
@@ -125,5 +169,6 @@ def _write_data(data: Path, train_images: int, val_images: int, progress: bool) 
 
     with progress_bar(progress) as bar:
         task = bar.add_task("shapes", total=train_images + val_images, status="")
-        write_shapes_dataset(data, num_train=train_images, num_val=val_images, seed=0,
-                             progress=lambda n: bar.advance(task, n))
+        write_shapes_dataset(
+            data, num_train=train_images, num_val=val_images, seed=0, progress=lambda n: bar.advance(task, n)
+        )

@@ -37,13 +37,20 @@ def metrics_path(run_dir: Path, checkpoint: str = "last") -> Path:
 
 
 @torch.no_grad()
-def predict_split(head: MaskHead, config: RunConfig, data: CacheSplit, device: torch.device,
-                  progress: bool = True, box_filled: bool = False) -> dict[str, list[dict]]:
+def predict_split(
+    head: MaskHead,
+    config: RunConfig,
+    data: CacheSplit,
+    device: torch.device,
+    progress: bool = True,
+    box_filled: bool = False,
+) -> dict[str, list[dict]]:
     """COCO results for every image of ``data``: ``{"head": [...]}`` and, with
     ``box_filled``, the same detections with each mask set to its whole box."""
     dataset = CacheDataset(data.cache.path, data.name, levels=head.levels, c1=head.uses_c1, targets=False)
-    loader = DataLoader(dataset, batch_size=config.eval.batch_size, collate_fn=Batch.collate,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset, batch_size=config.eval.batch_size, collate_fn=Batch.collate, pin_memory=device.type == "cuda"
+    )
     to_category = torch.as_tensor(data.label_to_category)
     results: dict[str, list[dict]] = {"head": [], **({"box_filled": []} if box_filled else {})}
     with progress_bar(progress) as bar:
@@ -56,10 +63,20 @@ def predict_split(head: MaskHead, config: RunConfig, data: CacheSplit, device: t
     return results
 
 
-def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: Path | None = None,
-             box_filled: bool = True, progress: bool = True, device: str = "auto",
-             overrides: list[str] | None = None, force: bool = False, checkpoint: str = "last",
-             on_results: Callable[[CacheSplit, list[dict]], None] | None = None) -> dict:
+def evaluate(
+    *,
+    cache_path: Path,
+    run_dir: Path,
+    split: str | None = None,
+    out: Path | None = None,
+    box_filled: bool = True,
+    progress: bool = True,
+    device: str = "auto",
+    overrides: list[str] | None = None,
+    force: bool = False,
+    checkpoint: str = "last",
+    on_results: Callable[[CacheSplit, list[dict]], None] | None = None,
+) -> dict:
     """COCO segm + bbox AP of a trained head on a cache split; writes ``metrics.json``
     (default: :func:`metrics_path`) and returns the metrics. ``checkpoint``: the run's
     ``last`` head or its ``best`` (``best.pt``, kept by ``train.eval_every``); the metrics
@@ -88,13 +105,22 @@ def evaluate(*, cache_path: Path, run_dir: Path, split: str | None = None, out: 
     config = eval_config(run.config, overrides)
     trained = run_progress(Path(run_dir), state, checkpoint)
     if not trained["finished"]:  # before the work: the user may rather wait for the run
-        console.print(f"[bold yellow]warning:[/bold yellow] {unfinished_line(Path(run_dir), trained, checkpoint)}",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold yellow]warning:[/bold yellow] {unfinished_line(Path(run_dir), trained, checkpoint)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     results = predict_split(run.head, config, data, torch_device, progress=progress, box_filled=box_filled)
-    metrics = {**score(data, results), "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
-               "config": config.to_dict(), "cache": source,
-               "checkpoint": {"file": CHECKPOINTS[checkpoint], "step": state["step"]},
-               "step": trained["step"], "steps": trained["steps"], "finished": trained["finished"]}
+    metrics = {
+        **score(data, results),
+        "detector": {"spec": cache.detector.spec, "trained": cache.detector.trained},
+        "config": config.to_dict(),
+        "cache": source,
+        "checkpoint": {"file": CHECKPOINTS[checkpoint], "step": state["step"]},
+        "step": trained["step"],
+        "steps": trained["steps"],
+        "finished": trained["finished"],
+    }
     if run.config.train.categories and "per_category" in metrics:  # learned vs held-out categories
         metrics["category_subset"] = subset_summary(metrics["per_category"], run.config.train.categories)
     with write_errors("the metrics", out):
@@ -113,8 +139,11 @@ def cache_record(cache: Cache, data: CacheSplit) -> dict:
     preprocessing, extract options) and ``annotations_sha256`` (the split's annotation file)."""
     canonical = json.dumps(cache.fingerprint, sort_keys=True, separators=(",", ":"), default=str)
     where = str(Path(cache.path).resolve()) if cache.location.is_local else str(cache.location)
-    return {"path": where, "fingerprint_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
-            "annotations_sha256": data.attrs.get("annotations_sha256")}
+    return {
+        "path": where,
+        "fingerprint_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
+        "annotations_sha256": data.attrs.get("annotations_sha256"),
+    }
 
 
 def check_previous(out: Path, source: dict) -> None:
@@ -129,14 +158,18 @@ def check_previous(out: Path, source: dict) -> None:
     except (OSError, ValueError):
         previous = None
     if not isinstance(previous, dict) or "segm" not in previous:
-        raise MfcacheError(f"{out} exists and is not a metrics file mfcache wrote; pass --force to overwrite it, "
-                           "or --out to write elsewhere")
+        raise MfcacheError(
+            f"{out} exists and is not a metrics file mfcache wrote; pass --force to overwrite it, "
+            "or --out to write elsewhere"
+        )
     theirs = previous.get("cache")
     keys = ("fingerprint_sha256", "annotations_sha256")
     if isinstance(theirs, dict) and any(theirs.get(k) != source[k] for k in keys):
-        raise MfcacheError(f"{out} holds metrics of another cache ({theirs.get('path')}, detector "
-                           f"{previous.get('detector', {}).get('spec')!r}); pass --force to overwrite them, or --out "
-                           "to write elsewhere")
+        raise MfcacheError(
+            f"{out} holds metrics of another cache ({theirs.get('path')}, detector "
+            f"{previous.get('detector', {}).get('spec')!r}); pass --force to overwrite them, or --out "
+            "to write elsewhere"
+        )
 
 
 def eval_config(config: RunConfig, overrides: list[str] | None) -> RunConfig:
@@ -144,8 +177,9 @@ def eval_config(config: RunConfig, overrides: list[str] | None) -> RunConfig:
     results); anything else is what the head was trained with and cannot change here."""
     others = [o for o in overrides or [] if not o.strip().startswith("eval.")]
     if others:
-        raise MfcacheError(f"eval takes only --set eval.* options (the head was trained with the rest): "
-                           f"{', '.join(others)}")
+        raise MfcacheError(
+            f"eval takes only --set eval.* options (the head was trained with the rest): {', '.join(others)}"
+        )
     return resolve_run_config(None, overrides, base=config) if overrides else config
 
 
@@ -159,11 +193,17 @@ def score(data: CacheSplit, results: dict[str, list[dict]]) -> dict:
     agnostic = data.class_agnostic  # all GT and results one class (mfcache.data.labels)
     metrics = coco_evaluate(coco_gt, results["head"], image_ids=evaluated, class_agnostic=agnostic, per_category=True)
     if "box_filled" in results:
-        metrics["box_filled"] = {"segm": coco_evaluate(coco_gt, results["box_filled"], iou_types=("segm",),
-                                                       image_ids=evaluated, class_agnostic=agnostic)["segm"]}
+        metrics["box_filled"] = {
+            "segm": coco_evaluate(
+                coco_gt, results["box_filled"], iou_types=("segm",), image_ids=evaluated, class_agnostic=agnostic
+            )["segm"]
+        }
     return {
         **metrics,
-        "split": data.name, "num_images": len(evaluated), "class_agnostic": agnostic, "skipped_images": sorted(data.skipped),
+        "split": data.name,
+        "num_images": len(evaluated),
+        "class_agnostic": agnostic,
+        "skipped_images": sorted(data.skipped),
         "skipped_annotations": sorted(data.skipped_annotations),  # left out of the GT at extract
         "num_detections": len(results["head"]),
     }

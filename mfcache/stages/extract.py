@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from mfcache.cache.c1_stem import STEM_ARRAY, c1_note, export_detector_stem, resolve_c1
 from mfcache.cache.location import CacheLocation, describe_store_error, locate
 from mfcache.cache.lock import writer_lock
-from mfcache.cache.records import ImageRecord, image_sample, image_record
+from mfcache.cache.records import ImageRecord, image_record, image_sample
+from mfcache.cache.sample import Sample
 from mfcache.cache.schema import SKIPPED, SplitPlan, fingerprint, format_bytes, plan_split, storage_plan
 from mfcache.cache.stats import STATS_ATTR, MatchStats, group_stats, stored_stats
 from mfcache.cache.writer import (
@@ -34,11 +35,10 @@ from mfcache.cache.writer import (
     stored_fingerprint,
 )
 from mfcache.config import ExtractConfig, check_config
-from mfcache.cache.sample import Sample
 from mfcache.data.coco import CocoDataset, GroundTruth
+from mfcache.data.image_source import DecodedRow, ImageSource, UnreadableRow
 from mfcache.data.labels import LabelMap, chosen_label_map, resolve_labels, unmapped_warning
 from mfcache.data.prompts import PromptFile, prompt_phrases, read_prompts, with_implied_map
-from mfcache.data.image_source import DecodedRow, ImageSource, UnreadableRow
 from mfcache.data.views import rows_frames, rows_input_hw
 from mfcache.detectors import load_detector, run_detector
 from mfcache.detectors.base import Detector, select_topk
@@ -122,9 +122,11 @@ def _write_block(writer: BlockWriter, start: int, parts: dict[int, ImageRecord |
         raise
     except Exception as exc:  # a request to object storage failed
         if isinstance(out, CacheLocation) and not out.is_local:
-            raise MfcacheError(f"cannot write images {start}..{start + len(records) - 1} to {out} "
-                               f"({describe_store_error(exc)}); finished blocks are kept: run the same "
-                               "command again") from None
+            raise MfcacheError(
+                f"cannot write images {start}..{start + len(records) - 1} to {out} "
+                f"({describe_store_error(exc)}); finished blocks are kept: run the same "
+                "command again"
+            ) from None
         raise
 
 
@@ -165,9 +167,18 @@ def own_blocks(pending: np.ndarray, block: int, world: World) -> np.ndarray:
     return pending[(pending // block) % world.size == world.rank]
 
 
-def extract(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None = None,
-            config: ExtractConfig = ExtractConfig(), skip_bad: bool = False, ignore_free_space: bool = False,
-            progress: bool = True) -> ExtractSummary:
+def extract(
+    *,
+    detector: str,
+    images: Path,
+    annotations: Path,
+    out: Path,
+    split: str | None = None,
+    config: ExtractConfig = ExtractConfig(),
+    skip_bad: bool = False,
+    ignore_free_space: bool = False,
+    progress: bool = True,
+) -> ExtractSummary:
     """Cache detector ``detector`` (a spec) on one COCO split; returns what was done.
 
     With ``skip_bad``, images that cannot be read are recorded as skipped (``index/done ==
@@ -200,10 +211,19 @@ def extract(*, detector: str, images: Path, annotations: Path, out: Path, split:
     world, created = init_world(device)
     try:
         with writer_lock(out, world):  # one writer per cache, held to the end (rank 0 for the job)
-            return _extract(detector=detector, images=images, annotations=annotations, out=out, split=split,
-                            config=config, skip_bad=skip_bad, ignore_free_space=ignore_free_space,
-                            progress=progress and world.is_main,
-                            world=world, device=world.device(device))
+            return _extract(
+                detector=detector,
+                images=images,
+                annotations=annotations,
+                out=out,
+                split=split,
+                config=config,
+                skip_bad=skip_bad,
+                ignore_free_space=ignore_free_space,
+                progress=progress and world.is_main,
+                world=world,
+                device=world.device(device),
+            )
     finally:
         close_world(created)
 
@@ -215,14 +235,14 @@ class _Job:
     dataset: CocoDataset
     split: str
     model: Detector
-    topk: int            # detections per image: at most what the detector has
-    levels: list[int]    # detector levels stored in memory, finest first
-    meta: dict           # the split's attrs: annotation hash, label -> category map, ...
-    c1: str              # the C1 policy (store | recompute | none: --c1 auto resolved, as fingerprinted)
-    amp: str = "off"     # mixed precision of the detector's forward pass
+    topk: int  # detections per image: at most what the detector has
+    levels: list[int]  # detector levels stored in memory, finest first
+    meta: dict  # the split's attrs: annotation hash, label -> category map, ...
+    c1: str  # the C1 policy (store | recompute | none: --c1 auto resolved, as fingerprinted)
+    amp: str = "off"  # mixed precision of the detector's forward pass
     label_map: LabelMap | str | None = None  # extract.label_map of the fingerprint (mfcache.data.labels)
     warning: str | None = None  # dataset categories no detector label maps to
-    views: int = 1       # rows per image, image-major (mfcache.data.views)
+    views: int = 1  # rows per image, image-major (mfcache.data.views)
     view_crop: float = 0.0  # probability a view >= 1 is cropped (mfcache.data.views.view_crop)
 
     @property
@@ -230,15 +250,35 @@ class _Job:
         return self.meta["class_agnostic"]
 
 
-def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
-             config: ExtractConfig, skip_bad: bool, ignore_free_space: bool, progress: bool, world: World,
-             device: torch.device) -> ExtractSummary:
+def _extract(
+    *,
+    detector: str,
+    images: Path,
+    annotations: Path,
+    out: Path,
+    split: str | None,
+    config: ExtractConfig,
+    skip_bad: bool,
+    ignore_free_space: bool,
+    progress: bool,
+    world: World,
+    device: torch.device,
+) -> ExtractSummary:
     out = locate(out)
     # under torchrun every step of the setup ends on all ranks together: a failure on any rank
     # is the same one-line error on all of them, none is left waiting (mfcache.distributed.together)
     with together(world):
-        job = _prepare(detector=detector, images=images, annotations=annotations, out=out, split=split,
-                       config=config, skip_bad=skip_bad, world=world, device=device)
+        job = _prepare(
+            detector=detector,
+            images=images,
+            annotations=annotations,
+            out=out,
+            split=split,
+            config=config,
+            skip_bad=skip_bad,
+            world=world,
+            device=device,
+        )
     group, plan = _create_split(job, out, config, world)
     if job.warning and world.is_main:  # before the long part: the user may stop and fix the mapping
         console.print(f"[bold yellow]warning:[/bold yellow] {job.warning}", highlight=False, soft_wrap=True)
@@ -251,10 +291,24 @@ def _extract(*, detector: str, images: Path, annotations: Path, out: Path, split
             if job.c1 == "recompute" and not out.has_node(STEM_ARRAY):  # after the plan is accepted
                 export_detector_stem(job.model, out.open_group("r+"))
         pending = _own_pending(writer, todo, job.split, out, block, world=world)
-    assemble = _BlockAssembler(writer, block, plan.num_rows, out,
-                               {"target_size": config.target_size, "dtype": config.dtype, "levels": job.levels})
-    stopped = _run_detector(job, plan, _loader(job, pending, block, config), assemble, total=len(pending),
-                            skip_bad=skip_bad, progress=progress, world=world, device=device)
+    assemble = _BlockAssembler(
+        writer,
+        block,
+        plan.num_rows,
+        out,
+        {"target_size": config.target_size, "dtype": config.dtype, "levels": job.levels},
+    )
+    stopped = _run_detector(
+        job,
+        plan,
+        _loader(job, pending, block, config),
+        assemble,
+        total=len(pending),
+        skip_bad=skip_bad,
+        progress=progress,
+        world=world,
+        device=device,
+    )
     stopped = _agree_on_stop(stopped, world, device)
     if stopped is not None:
         raise Interrupted(stopped, _cached_line(group, plan.num_rows))
@@ -277,8 +331,18 @@ def _cached_line(group: zarr.Group, num_rows: int) -> str:
     return f"with {done} of {num_rows} images cached"
 
 
-def _prepare(*, detector: str, images: Path, annotations: Path, out: Path, split: str | None,
-             config: ExtractConfig, skip_bad: bool, world: World, device: torch.device) -> _Job:
+def _prepare(
+    *,
+    detector: str,
+    images: Path,
+    annotations: Path,
+    out: Path,
+    split: str | None,
+    config: ExtractConfig,
+    skip_bad: bool,
+    world: World,
+    device: torch.device,
+) -> _Job:
     """Check the options, load the annotations and the detector, and decide the stored top-k,
     levels, C1 policy and split attrs: a bad option or a label mismatch leaves no empty cache behind."""
     check_config(config)
@@ -294,17 +358,27 @@ def _prepare(*, detector: str, images: Path, annotations: Path, out: Path, split
     label_map = _apply_prompts(model, prompts, dataset.category_names, label_map, f"--prompts {config.prompts}")
     info = model.info
     num_classes = len(info.label_names)
-    labels = resolve_labels(info.label_names, dataset.category_names, label_map, dataset.data["annotations"],
-                            source=f"--label-map {config.label_map}")
+    labels = resolve_labels(
+        info.label_names,
+        dataset.category_names,
+        label_map,
+        dataset.data["annotations"],
+        source=f"--label-map {config.label_map}",
+    )
     # class-agnostic: one detection per query (its best label), so top-k never lists a query twice
     topk = min(config.topk, info.num_queries * (num_classes if info.sigmoid and not labels.agnostic else 1))
     levels = sorted(set(config.levels)) if config.levels else list(range(len(info.strides)))
     if levels[0] < 0 or levels[-1] >= len(info.strides):
-        raise MfcacheError(f"--levels {','.join(map(str, config.levels))}: the detector has levels "
-                           f"0..{len(info.strides) - 1} (strides {list(info.strides)})")
+        raise MfcacheError(
+            f"--levels {','.join(map(str, config.levels))}: the detector has levels "
+            f"0..{len(info.strides) - 1} (strides {list(info.strides)})"
+        )
     meta = {
-        "annotations_sha256": dataset.sha256, "annotation_file": str(annotations), "images_dir": str(images),
-        "label_to_category": labels.label_to_category, "class_agnostic": labels.agnostic,
+        "annotations_sha256": dataset.sha256,
+        "annotation_file": str(annotations),
+        "images_dir": str(images),
+        "label_to_category": labels.label_to_category,
+        "class_agnostic": labels.agnostic,
         "category_names": {str(k): v for k, v in dataset.category_names.items()},
         "unmapped_categories": {str(k): v for k, v in labels.unmapped.items()},
         "skipped_annotations": {str(k): v for k, v in dataset.report.left_out.items()},
@@ -314,16 +388,37 @@ def _prepare(*, detector: str, images: Path, annotations: Path, out: Path, split
         raise MfcacheError("--views > 1 needs --c1 store, none or auto: recomputed C1 would miss the views' transforms")
     if config.view_crop and config.views == 1:  # only views >= 1 are cropped
         raise MfcacheError("--view-crop needs --views > 1: view 0 is never cropped")
-    c1 = resolve_c1(config.c1, existing=existing["extract"]["c1"] if existing else None,
-                    can_recompute=info.c1_channels > 0 and model.c1_stem() is not None and Path(images).is_dir()
-                    and config.views == 1)
-    return _Job(dataset=dataset, split=split, model=model, topk=topk, levels=levels, meta=meta, c1=c1,
-                amp=config.amp, label_map=label_map, warning=unmapped_warning(labels, dataset.category_names),
-                views=config.views, view_crop=config.view_crop)
+    c1 = resolve_c1(
+        config.c1,
+        existing=existing["extract"]["c1"] if existing else None,
+        can_recompute=info.c1_channels > 0
+        and model.c1_stem() is not None
+        and Path(images).is_dir()
+        and config.views == 1,
+    )
+    return _Job(
+        dataset=dataset,
+        split=split,
+        model=model,
+        topk=topk,
+        levels=levels,
+        meta=meta,
+        c1=c1,
+        amp=config.amp,
+        label_map=label_map,
+        warning=unmapped_warning(labels, dataset.category_names),
+        views=config.views,
+        view_crop=config.view_crop,
+    )
 
 
-def _apply_prompts(model: Detector, prompts: PromptFile | None, categories: dict[int, str],
-                   label_map: LabelMap | str | None, where: str) -> LabelMap | str | None:
+def _apply_prompts(
+    model: Detector,
+    prompts: PromptFile | None,
+    categories: dict[int, str],
+    label_map: LabelMap | str | None,
+    where: str,
+) -> LabelMap | str | None:
     """Give an open-vocabulary detector its prompt (``prompts``, the ``--prompts`` file, or the
     category names) and return the label mode with the map the file implies; a detector with
     fixed classes refuses ``--prompts``."""
@@ -340,10 +435,20 @@ def _create_split(job: _Job, out: Path, config: ExtractConfig, world: World) -> 
     a refused cache is the same error on every rank); they open the finished layout after it."""
     info = job.model.info
     with together(world):
-        ids, orig_hw = rows_frames([im.id for im in job.dataset.images],  # images x views, a crop's frame its own
-                                   [(im.height, im.width) for im in job.dataset.images], job.views, job.view_crop)
-        plan = plan_split(ids, orig_hw, info, config.chunk_tokens, job.levels,
-                          input_hw=rows_input_hw(info.preprocess, ids, orig_hw, job.views) if job.views > 1 else None)
+        ids, orig_hw = rows_frames(
+            [im.id for im in job.dataset.images],  # images x views, a crop's frame its own
+            [(im.height, im.width) for im in job.dataset.images],
+            job.views,
+            job.view_crop,
+        )
+        plan = plan_split(
+            ids,
+            orig_hw,
+            info,
+            config.chunk_tokens,
+            job.levels,
+            input_hw=rows_input_hw(info.preprocess, ids, orig_hw, job.views) if job.views > 1 else None,
+        )
         if world.is_main:  # rank 0 creates the root and the split's layout alone; nothing writes yet
             group = _open_layout(job, out, config, plan)
             remove_partial_writes(out, job.split)
@@ -357,46 +462,79 @@ def _open_layout(job: _Job, out: Path, config: ExtractConfig, plan: SplitPlan) -
     """The split's group in cache ``out``, root and layout created if missing; a cache made
     with another fingerprint is refused (:func:`open_root`)."""
     info = job.model.info
-    root = open_root(out, fingerprint(info, topk=job.topk, target_size=config.target_size, c1=job.c1,
-                                      dtype=config.dtype, levels=job.levels, compress=config.compress,
-                                      amp=config.amp, label_map=job.label_map, views=job.views,
-                                      view_crop=job.view_crop))
+    root = open_root(
+        out,
+        fingerprint(
+            info,
+            topk=job.topk,
+            target_size=config.target_size,
+            c1=job.c1,
+            dtype=config.dtype,
+            levels=job.levels,
+            compress=config.compress,
+            amp=config.amp,
+            label_map=job.label_map,
+            views=job.views,
+            view_crop=job.view_crop,
+        ),
+    )
     return create_split(
-        root, job.split, plan, meta=job.meta, annotations=job.dataset.stored, topk=job.topk,
-        d_model=info.d_model, c1_channels=info.c1_channels if job.c1 == "store" else 0,
-        target_size=config.target_size, block_size=config.block_size, dtype=config.dtype,
+        root,
+        job.split,
+        plan,
+        meta=job.meta,
+        annotations=job.dataset.stored,
+        topk=job.topk,
+        d_model=info.d_model,
+        c1_channels=info.c1_channels if job.c1 == "store" else 0,
+        target_size=config.target_size,
+        block_size=config.block_size,
+        dtype=config.dtype,
         compress=config.compress,
     )
 
 
-def _check_space(job: _Job, plan: SplitPlan, todo: np.ndarray, out: Path, config: ExtractConfig, *,
-                 ignore: bool, say: bool) -> None:
+def _check_space(
+    job: _Job, plan: SplitPlan, todo: np.ndarray, out: Path, config: ExtractConfig, *, ignore: bool, say: bool
+) -> None:
     """Print (with ``say``) the storage plan of what is left to write (images, bytes per image
     by array, total, free space under ``out``) and refuse, before the first batch, a plan the
     disk cannot hold, unless ``ignore``; the layout just created is a few kB of metadata."""
     info = job.model.info
-    storage = storage_plan(plan, topk=job.topk, d_model=info.d_model, target_size=config.target_size,
-                           c1_channels=info.c1_channels if job.c1 == "store" else 0, dtype=config.dtype)
+    storage = storage_plan(
+        plan,
+        topk=job.topk,
+        d_model=info.d_model,
+        target_size=config.target_size,
+        c1_channels=info.c1_channels if job.c1 == "store" else 0,
+        dtype=config.dtype,
+    )
     free = shutil.disk_usage(out.path).free if out.is_local else None  # object storage: no free space to check
     need = storage.total(todo)
     if say:
         space = f"{format_bytes(free)} free on {out}" if free is not None else f"writing to {out}"
-        console.print(f"plan for split {job.split!r} ({c1_note(job.c1, config.c1, info.c1_channels)}): "
-                      f"{storage.line(todo, 'row' if job.views > 1 else 'image')}; {space}",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"plan for split {job.split!r} ({c1_note(job.c1, config.c1, info.c1_channels)}): "
+            f"{storage.line(todo, 'row' if job.views > 1 else 'image')}; {space}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if free is not None and need > free and not ignore:
         less = "--dtype int8, --c1 recompute or none, --levels" if job.c1 == "store" else "--dtype int8, --levels"
         raise MfcacheError(
             f"split {job.split!r} needs {format_bytes(need)} but {out} has {format_bytes(free)} free: free space, "
-            f"store less ({less}), or pass --ignore-free-space to go on")
+            f"store less ({less}), or pass --ignore-free-space to go on"
+        )
 
 
-def _own_pending(writer: BlockWriter, todo: np.ndarray, split: str, out: Path, block: int, *,
-                 world: World) -> np.ndarray:
+def _own_pending(
+    writer: BlockWriter, todo: np.ndarray, split: str, out: Path, block: int, *, world: World
+) -> np.ndarray:
     """The positions of ``todo`` (every image still to write) that this rank writes: its whole blocks."""
     if world.enabled and (writer.index["index/done"] == SKIPPED).any():
-        raise MfcacheError(f"split {split!r} of {out} has skipped images: retry them with a single process "
-                           "(without torchrun)")
+        raise MfcacheError(
+            f"split {split!r} of {out} has skipped images: retry them with a single process (without torchrun)"
+        )
     return own_blocks(todo, block, world)
 
 
@@ -416,7 +554,7 @@ def detector_batches(pending: np.ndarray, block: int, batch_size: int, views: in
         rows = np.arange(b0, min(b0 + block, len(pending)))
         for v in range(views):
             same_view = rows[pending[rows] % views == v].tolist()
-            batches += [same_view[j:j + batch_size] for j in range(0, len(same_view), batch_size)]
+            batches += [same_view[j : j + batch_size] for j in range(0, len(same_view), batch_size)]
     return batches
 
 
@@ -425,21 +563,38 @@ def _loader(job: _Job, pending: np.ndarray, block: int, config: ExtractConfig) -
     return DataLoader(
         ImageSource(job.dataset, pending, job.model.info.preprocess, job.views, job.view_crop),
         batch_sampler=detector_batches(pending, block, config.batch_size, job.views),
-        num_workers=config.num_workers, collate_fn=list, worker_init_fn=ignore_stop_signals,
-        persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
+        num_workers=config.num_workers,
+        collate_fn=list,
+        worker_init_fn=ignore_stop_signals,
+        persistent_workers=False,
+        prefetch_factor=4 if config.num_workers else None,
     )
 
 
-def _run_detector(job: _Job, plan: SplitPlan, loader: DataLoader, assemble: _BlockAssembler, *, total: int,
-                  skip_bad: bool, progress: bool, world: World, device: torch.device) -> int | None:
+def _run_detector(
+    job: _Job,
+    plan: SplitPlan,
+    loader: DataLoader,
+    assemble: _BlockAssembler,
+    *,
+    total: int,
+    skip_bad: bool,
+    progress: bool,
+    world: World,
+    device: torch.device,
+) -> int | None:
     """The detector over every batch of ``loader``; each image's outputs (or its skip reason)
     go to the writer thread, which writes a block once all its images are in. Returns the stop
     signal that ended it after a batch, every finished block written (None: all done); a
     block left unfinished is not written, so it reads as pending and the next run redoes it."""
     model, info = job.model, job.model.info
     where = f"{info.family} on {device.type}" + (f", rank 0 of {world.size}" if world.enabled else "")
-    with (StopSignals() as stop, worker_batches(loader) as batches, progress_bar(progress) as bar,
-          BackgroundWriter(assemble, depth=WRITE_QUEUE * assemble.block) as background):
+    with (
+        StopSignals() as stop,
+        worker_batches(loader) as batches,
+        progress_bar(progress) as bar,
+        BackgroundWriter(assemble, depth=WRITE_QUEUE * assemble.block) as background,
+    ):
         task = bar.add_task(f"extract {job.split}", total=total, status=where)
         for items in batches:
             good = [item for item in items if isinstance(item, DecodedRow)]
@@ -451,8 +606,15 @@ def _run_detector(job: _Job, plan: SplitPlan, loader: DataLoader, assemble: _Blo
                 top = select_topk(out_batch, job.topk, sigmoid=info.sigmoid, agnostic=job.agnostic)
             for b, item in enumerate(good):
                 i = item.position
-                sample = image_sample(out_batch, top, b, level_hw=plan.level_hw[i], input_hw=plan.input_hw[i],
-                                      image_id=plan.image_id[i], orig_hw=plan.orig_hw[i])
+                sample = image_sample(
+                    out_batch,
+                    top,
+                    b,
+                    level_hw=plan.level_hw[i],
+                    input_hw=plan.input_hw[i],
+                    image_id=plan.image_id[i],
+                    orig_hw=plan.orig_hw[i],
+                )
                 part = Detected(sample.cpu(), item.gt)
                 background.submit(i, part if records_on_writer_thread(device) else assemble.record(part))
             for item in items:
@@ -470,8 +632,17 @@ def _run_detector(job: _Job, plan: SplitPlan, loader: DataLoader, assemble: _Blo
     return None
 
 
-def _finish(job: _Job, group: zarr.Group, writer: BlockWriter, plan: SplitPlan, *, written: int, out: Path,
-            world: World, device: torch.device) -> ExtractSummary:
+def _finish(
+    job: _Job,
+    group: zarr.Group,
+    writer: BlockWriter,
+    plan: SplitPlan,
+    *,
+    written: int,
+    out: Path,
+    world: World,
+    device: torch.device,
+) -> ExtractSummary:
     """Wait for every rank's blocks, then sum up; a finished split gets its match stats."""
     if world.enabled:  # every rank's blocks are written once all ranks get here
         written = int(all_sum(written, device))
@@ -479,11 +650,18 @@ def _finish(job: _Job, group: zarr.Group, writer: BlockWriter, plan: SplitPlan, 
     done = group["index/done"][:] if world.enabled else writer.index["index/done"]
     complete = world.is_main and not (done == 0).any()
     match = record_match_stats(group, recompute=written > 0, views=job.views) if complete else None
-    return ExtractSummary(split=job.split, num_rows=plan.num_rows, written=written,
-                          cache=out.path if out.is_local else out, c1=job.c1,
-                          views=job.views, skipped=int((done == SKIPPED).sum()), match=match,
-                          annotations=job.dataset.report.summary(),
-                          skipped_annotations=len(job.dataset.report.left_out))
+    return ExtractSummary(
+        split=job.split,
+        num_rows=plan.num_rows,
+        written=written,
+        cache=out.path if out.is_local else out,
+        c1=job.c1,
+        views=job.views,
+        skipped=int((done == SKIPPED).sum()),
+        match=match,
+        annotations=job.dataset.report.summary(),
+        skipped_annotations=len(job.dataset.report.left_out),
+    )
 
 
 def record_match_stats(group, *, recompute: bool, views: int = 1) -> MatchStats:

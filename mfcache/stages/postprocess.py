@@ -26,8 +26,7 @@ from mfcache.runtime import autocast
 def run_head(head: torch.nn.Module, batch: Batch, select: Tensor | None = None) -> HeadOutput:
     """``head`` (or its DDP wrapper) on ``batch``: the ``select [B, K]`` detections (None = all),
     each image read from its own valid maps."""
-    return head(batch.queries, batch.boxes, batch.levels, batch.c1, select, level_hw=batch.level_hw,
-                c1_hw=batch.c1_hw)
+    return head(batch.queries, batch.boxes, batch.levels, batch.c1, select, level_hw=batch.level_hw, c1_hw=batch.c1_hw)
 
 
 def first_detections(query_index: Tensor, select: Tensor) -> Tensor:
@@ -48,8 +47,7 @@ def once_per_query(query_index: Tensor, select: Tensor) -> Tensor:
     return select & (first_detections(query_index, select) == positions)
 
 
-def kept_queries(labels: Tensor, to_category: Tensor, max_detections: int, query_index: Tensor | None = None
-                 ) -> Tensor:
+def kept_queries(labels: Tensor, to_category: Tensor, max_detections: int, query_index: Tensor | None = None) -> Tensor:
     """``[B, K]`` bool: the detections evaluation reports, i.e. labels that map to a dataset
     category (``to_category [num labels]``, -1 = none), the first ``max_detections`` of each
     image in score order (the cache stores queries in score order). With ``query_index
@@ -64,8 +62,9 @@ def kept_queries(labels: Tensor, to_category: Tensor, max_detections: int, query
     return mapped & (mapped.cumsum(1) <= max_detections)
 
 
-def mask_probs(head: MaskHead, batch: Batch, select: Tensor | None = None, amp: str = "off"
-               ) -> tuple[Tensor, Tensor | None]:
+def mask_probs(
+    head: MaskHead, batch: Batch, select: Tensor | None = None, amp: str = "off"
+) -> tuple[Tensor, Tensor | None]:
     """Mask probabilities ``[B, K, M, M]`` float32 inside each detection's box, and the head's
     predicted quality ``[B, K]`` (None if the head has no scoring branch). With ``select
     [B, K]`` only the selected detections get masks; the others are left at zero. The head
@@ -96,21 +95,29 @@ def foreground_prob(mask_prob: Tensor) -> Tensor:
     return (mask_prob * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp(min=1.0)
 
 
-def pasted_foreground_prob(box_probs: Tensor, boxes: Tensor, image_hw: tuple[int, int],
-                           chunk_pixels: int = 1 << 24) -> Tensor:
+def pasted_foreground_prob(
+    box_probs: Tensor, boxes: Tensor, image_hw: tuple[int, int], chunk_pixels: int = 1 << 24
+) -> Tensor:
     """:func:`foreground_prob` of the masks pasted into the image: ``box_probs [N, M, M]``,
     ``boxes [N, 4]`` xyxy original px, ``image_hw`` (H, W) -> ``[N]``. Each pixel of the image
     counts once (a box's part outside the image, none; a large box, many pixels per mask cell),
     as the paper's s_i is taken on the final mask. A few masks at a time (at most
     ``chunk_pixels`` float pixels), never all N pasted at once."""
     per_chunk = max(1, chunk_pixels // max(1, image_hw[0] * image_hw[1]))
-    parts = [foreground_prob(paste_masks(box_probs[s:s + per_chunk], boxes[s:s + per_chunk], image_hw,
-                                         threshold=None)) for s in range(0, len(box_probs), per_chunk)]
+    parts = [
+        foreground_prob(paste_masks(box_probs[s : s + per_chunk], boxes[s : s + per_chunk], image_hw, threshold=None))
+        for s in range(0, len(box_probs), per_chunk)
+    ]
     return torch.cat(parts) if parts else box_probs.new_zeros(0)
 
 
-def mask_scores(class_scores: Tensor, mask_prob: Tensor, scoring: str, quality: Tensor | None = None,
-                foreground: Tensor | None = None) -> Tensor:
+def mask_scores(
+    class_scores: Tensor,
+    mask_prob: Tensor,
+    scoring: str,
+    quality: Tensor | None = None,
+    foreground: Tensor | None = None,
+) -> Tensor:
     """[N] class scores x (for ``mask_prob``) the mean probability of the pixels > 0.5 of
     each [N, M, M] mask (the paper's baseline rescoring; ``foreground [N]``: that mean taken
     elsewhere, e.g. :func:`pasted_foreground_prob`), or x (for ``mask_iou``) the head's
@@ -163,9 +170,14 @@ class Instances:
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
         on_device = index.to(self.box_probs.device) if isinstance(index, Tensor) else index
-        return replace(self, boxes=self.boxes[index], scores=self.scores[index], labels=self.labels[index],
-                       box_probs=self.box_probs[on_device],
-                       _masks=None if self._masks is None else self._masks[index])
+        return replace(
+            self,
+            boxes=self.boxes[index],
+            scores=self.scores[index],
+            labels=self.labels[index],
+            box_probs=self.box_probs[on_device],
+            _masks=None if self._masks is None else self._masks[index],
+        )
 
     @property
     def masks(self) -> Tensor:
@@ -203,12 +215,20 @@ class Instances:
 def _kept(batch: Batch, b: int, to_category: Tensor, config: RunConfig) -> Tensor:
     """Indices ``[n]`` of image ``b``'s detections that evaluation reports (:func:`kept_queries`)."""
     labels = batch.labels[b].cpu()
-    return torch.nonzero(kept_queries(labels[None], to_category, config.eval.max_detections,
-                                      batch.query_index[b].cpu()[None])[0]).flatten()
+    return torch.nonzero(
+        kept_queries(labels[None], to_category, config.eval.max_detections, batch.query_index[b].cpu()[None])[0]
+    ).flatten()
 
 
-def image_instances(batch: Batch, b: int, prob: Tensor, to_category: Tensor, config: RunConfig,
-                    quality: Tensor | None = None, min_score: float = 0.0) -> Instances:
+def image_instances(
+    batch: Batch,
+    b: int,
+    prob: Tensor,
+    to_category: Tensor,
+    config: RunConfig,
+    quality: Tensor | None = None,
+    min_score: float = 0.0,
+) -> Instances:
     """Image ``b`` of ``batch``, whose mask probabilities are ``prob [K, M, M]``, as
     :class:`Instances`: the detections :func:`kept_queries` selects scoring at least
     ``min_score`` (only those are pasted), boxes and masks in original pixels. ``quality
@@ -219,17 +239,25 @@ def image_instances(batch: Batch, b: int, prob: Tensor, to_category: Tensor, con
     foreground = None
     if config.head.scoring == "mask_prob" and config.eval.mask_prob_at == "image":
         foreground = pasted_foreground_prob(prob[keep], boxes.to(prob.device), orig_hw)
-    scores = mask_scores(batch.scores[b][keep], prob[keep], config.head.scoring,
-                         None if quality is None else quality[keep], foreground)
+    scores = mask_scores(
+        batch.scores[b][keep], prob[keep], config.head.scoring, None if quality is None else quality[keep], foreground
+    )
     if min_score > 0:
         passing = (scores >= min_score).cpu()
         keep, scores, boxes = keep[passing], scores[passing.to(scores.device)], boxes[passing.to(boxes.device)]
-    return Instances(boxes.cpu(), scores.cpu(), to_category[batch.labels[b].cpu()][keep], box_probs=prob[keep],
-                     image_size=orig_hw, mask_threshold=config.eval.mask_threshold)
+    return Instances(
+        boxes.cpu(),
+        scores.cpu(),
+        to_category[batch.labels[b].cpu()][keep],
+        box_probs=prob[keep],
+        image_size=orig_hw,
+        mask_threshold=config.eval.mask_threshold,
+    )
 
 
-def image_results(batch: Batch, b: int, found: Instances, to_category: Tensor, config: RunConfig,
-                  box_filled: bool = False) -> dict[str, list[dict]]:
+def image_results(
+    batch: Batch, b: int, found: Instances, to_category: Tensor, config: RunConfig, box_filled: bool = False
+) -> dict[str, list[dict]]:
     """COCO results of image ``b`` of ``batch``, whose :class:`Instances` are ``found``
     (:func:`image_instances`, every detection evaluation reports): ``{"head": [...]}`` and,
     with ``box_filled``, the same detections with each mask set to its whole box (scored by
@@ -241,22 +269,27 @@ def image_results(batch: Batch, b: int, found: Instances, to_category: Tensor, c
         boxes = found.boxes.to(found.box_probs.device)
         filled = paste_masks(torch.ones_like(found.box_probs), boxes, found.image_size, threshold=0.5)
         results["box_filled"] = results_from_detections(
-            image_id, found.boxes, batch.scores[b][keep].cpu(), found.labels, encode_rle(filled.cpu()))
+            image_id, found.boxes, batch.scores[b][keep].cpu(), found.labels, encode_rle(filled.cpu())
+        )
     return results
 
 
-def batch_instances(head: MaskHead, batch: Batch, to_category: Tensor, config: RunConfig,
-                    min_score: float = 0.0) -> list[Instances]:
+def batch_instances(
+    head: MaskHead, batch: Batch, to_category: Tensor, config: RunConfig, min_score: float = 0.0
+) -> list[Instances]:
     """:func:`image_instances` of every image of ``batch`` (on the head's device), the head run
     once on the detections evaluation reports."""
     kept = kept_queries(batch.labels, to_category, config.eval.max_detections, batch.query_index)
     prob, quality = mask_probs(head, batch, kept, amp=config.eval.amp)
-    return [image_instances(batch, b, prob[b], to_category, config, None if quality is None else quality[b],
-                            min_score) for b in range(len(batch))]
+    return [
+        image_instances(batch, b, prob[b], to_category, config, None if quality is None else quality[b], min_score)
+        for b in range(len(batch))
+    ]
 
 
-def batch_results(head: MaskHead, batch: Batch, to_category: Tensor, config: RunConfig,
-                  box_filled: bool = False) -> list[dict[str, list[dict]]]:
+def batch_results(
+    head: MaskHead, batch: Batch, to_category: Tensor, config: RunConfig, box_filled: bool = False
+) -> list[dict[str, list[dict]]]:
     """:func:`image_results` of every image of ``batch``: its :func:`batch_instances` as COCO results."""
     found = batch_instances(head, batch, to_category, config)
     return [image_results(batch, b, image, to_category, config, box_filled) for b, image in enumerate(found)]

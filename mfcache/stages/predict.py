@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mfcache.cache.reader import Cache
-from mfcache.cache.records import image_sample, image_record, served_sample
+from mfcache.cache.records import image_record, image_sample, served_sample
 from mfcache.cache.sample import Batch
 from mfcache.cache.schema import ExtractSettings, fingerprint
 from mfcache.data.labels import AGNOSTIC_CATEGORY
@@ -45,6 +45,7 @@ from mfcache.stages.postprocess import Instances, batch_instances
 from mfcache.stages.predict_inputs import ImageInput, find_images
 from mfcache.stages.predict_outputs import MASK_MODES, planned_paths, stale_instance_pngs, write_image_outputs
 from mfcache.stages.runs import LoadedRun, load_run, read_checkpoint, read_run_info
+
 
 @dataclass
 class PredictSummary:
@@ -89,11 +90,12 @@ def run_categories(run_dir: Path, info: DetectorInfo, extract: ExtractSettings) 
     meta = read_run_info(run_dir)
     try:
         split = Cache(meta["cache"]).split(meta["split"])
-        return (torch.as_tensor(split.label_to_category, dtype=torch.int64),
-                {int(k): v for k, v in split.attrs["category_names"].items()})
+        return (
+            torch.as_tensor(split.label_to_category, dtype=torch.int64),
+            {int(k): v for k, v in split.attrs["category_names"].items()},
+        )
     except (TypeError, KeyError, ValueError, MfcacheError):  # the cache moved or is gone: fall back
-        return (torch.arange(1, len(info.label_names) + 1),
-                {i + 1: name for i, name in enumerate(info.label_names)})
+        return (torch.arange(1, len(info.label_names) + 1), {i + 1: name for i, name in enumerate(info.label_names)})
 
 
 def load_segmenter(run_dir: Path, *, detector: str | None = None, device: str = "auto") -> Segmenter:
@@ -106,18 +108,31 @@ def load_segmenter(run_dir: Path, *, detector: str | None = None, device: str = 
     extract = ExtractSettings.from_fingerprint(state["fingerprint"])  # of the cache the head was trained on
     spec = detector or state["fingerprint"]["detector"]["spec"]
     try:  # that cache's pixel path: the head learned from those outputs
-        model = load_detector(spec, device=torch_device, resize=extract.resize,  # and that cache's prompt
-                              prompts=state["fingerprint"]["detector"].get("prompts"))
+        model = load_detector(
+            spec,
+            device=torch_device,
+            resize=extract.resize,  # and that cache's prompt
+            prompts=state["fingerprint"]["detector"].get("prompts"),
+        )
     except MfcacheError as exc:
         if detector:
             raise
-        raise MfcacheError(f"{exc} (the detector the run's cache was extracted with: name it as it is now with "
-                           "--detector, or detector= in the Python API)") from None
-    run = load_run(run_dir, fingerprint(model.info, **extract.options()), torch_device, state=state,
-                   detector=model.info.spec)
+        raise MfcacheError(
+            f"{exc} (the detector the run's cache was extracted with: name it as it is now with "
+            "--detector, or detector= in the Python API)"
+        ) from None
+    run = load_run(
+        run_dir, fingerprint(model.info, **extract.options()), torch_device, state=state, detector=model.info.spec
+    )
     to_category, category_names = run_categories(run_dir, model.info, extract)
-    return Segmenter(model=model, run=run, extract=extract, device=torch_device, to_category=to_category,
-                     category_names=category_names)
+    return Segmenter(
+        model=model,
+        run=run,
+        extract=extract,
+        device=torch_device,
+        to_category=to_category,
+        category_names=category_names,
+    )
 
 
 @torch.no_grad()
@@ -130,10 +145,21 @@ def segment(segmenter: Segmenter, pixels: dict[int, torch.Tensor], *, min_score:
     return [replace(f, category_names=s.category_names) for f in found]
 
 
-def predict_images(*, detector: str | None = None, run_dir: Path, inputs: Sequence[str | Path], out: Path,
-                   score_threshold: float = 0.3, device: str = "auto", batch_size: int = 1,
-                   progress: bool = True, recursive: bool = False, skip_bad: bool = False,
-                   overlays: bool = True, masks: str = "none") -> PredictSummary:
+def predict_images(
+    *,
+    detector: str | None = None,
+    run_dir: Path,
+    inputs: Sequence[str | Path],
+    out: Path,
+    score_threshold: float = 0.3,
+    device: str = "auto",
+    batch_size: int = 1,
+    progress: bool = True,
+    recursive: bool = False,
+    skip_bad: bool = False,
+    overlays: bool = True,
+    masks: str = "none",
+) -> PredictSummary:
     """Segment the images ``inputs`` (files or folders, :func:`find_images`) with detector
     spec ``detector`` (None: the run's, :func:`load_segmenter`) and the head of ``run_dir``;
     writes ``out/results.json``, ``out/images.json``, ``out/overlays/`` (unless not
@@ -154,56 +180,83 @@ def predict_images(*, detector: str | None = None, run_dir: Path, inputs: Sequen
     stage = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
     options = {"score_threshold": score_threshold, "overlays": overlays, "masks": masks}
     try:
-        results, images, per_image, skipped = _predict_all(segmenter, items, stage, batch_size=batch_size,
-                                                            skip_bad=skip_bad, progress=progress, **options)
+        results, images, per_image, skipped = _predict_all(
+            segmenter, items, stage, batch_size=batch_size, skip_bad=skip_bad, progress=progress, **options
+        )
         categories = [{"id": cid, "name": name} for cid, name in sorted(segmenter.category_names.items())]
         (stage / "results.json").write_text(json.dumps(results))
-        (stage / "images.json").write_text(json.dumps({"images": images, "categories": categories,
-                                                       "annotations": []}, indent=1))
+        (stage / "images.json").write_text(
+            json.dumps({"images": images, "categories": categories, "annotations": []}, indent=1)
+        )
         _publish(stage, out, [item.name for item in items if item.image_id not in skipped], masks=masks)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     for record in per_image:  # where each file now is
         for key in ("overlay", "masks"):
             record[key] = str(out / record[key]) if record[key] else None
-    return PredictSummary(num_images=len(images), num_detections=len(results), results=out / "results.json",
-                          images=out / "images.json", overlays=out / "overlays" if overlays else None,
-                          masks=out / "masks" if masks != "none" else None, per_image=per_image,
-                          skipped=[{"image_id": i, "file": str(path), "error": why} for i, (path, why) in skipped.items()])
+    return PredictSummary(
+        num_images=len(images),
+        num_detections=len(results),
+        results=out / "results.json",
+        images=out / "images.json",
+        overlays=out / "overlays" if overlays else None,
+        masks=out / "masks" if masks != "none" else None,
+        per_image=per_image,
+        skipped=[{"image_id": i, "file": str(path), "error": why} for i, (path, why) in skipped.items()],
+    )
 
 
-def _predict_all(segmenter: Segmenter, items: list[ImageInput], stage: Path, *, batch_size: int, skip_bad: bool,
-                 progress: bool, **options) -> tuple[list[dict], list[dict], list[dict], dict[int, tuple]]:
+def _predict_all(
+    segmenter: Segmenter,
+    items: list[ImageInput],
+    stage: Path,
+    *,
+    batch_size: int,
+    skip_bad: bool,
+    progress: bool,
+    **options,
+) -> tuple[list[dict], list[dict], list[dict], dict[int, tuple]]:
     """Run every image of ``items`` and stage its outputs; returns the COCO results, the
     COCO images, the per-image records and ``{image_id: (path, error)}`` of skipped images."""
     results, images, per_image, skipped = [], [], [], {}
     with progress_bar(progress) as bar:
-        task = bar.add_task("predict", total=len(items), status=f"{segmenter.model.info.family} on "
-                                                               f"{segmenter.device.type}")
+        task = bar.add_task(
+            "predict", total=len(items), status=f"{segmenter.model.info.family} on {segmenter.device.type}"
+        )
         for start in range(0, len(items), batch_size):
-            chunk = items[start: start + batch_size]
+            chunk = items[start : start + batch_size]
             pixels, alphas = {}, {}
             for item in chunk:
                 try:
-                    pixels[item.image_id], alphas[item.image_id] = load_image_alpha(item.path,
-                                                                                   alpha=options["overlays"])
+                    pixels[item.image_id], alphas[item.image_id] = load_image_alpha(
+                        item.path, alpha=options["overlays"]
+                    )
                 except MfcacheError as exc:
                     if not skip_bad:
                         raise MfcacheError(f"{exc} (pass --skip-bad to skip unreadable images and go on)") from None
                     skipped[item.image_id] = (item.path, str(exc))
-                    console.print(f"[bold yellow]warning:[/bold yellow] skipped: {exc}", highlight=False,
-                                  soft_wrap=True)
+                    console.print(
+                        f"[bold yellow]warning:[/bold yellow] skipped: {exc}", highlight=False, soft_wrap=True
+                    )
             found_all = segment(segmenter, pixels) if pixels else []
             for item, found in zip([i for i in chunk if i.image_id in pixels], found_all):
                 results += found.to_coco(item.image_id)
                 height, width = found.image_size
-                images.append({"id": item.image_id, "file_name": str(item.path.resolve()), "height": height,
-                               "width": width})
-                drawn = write_image_outputs(stage, item.name, pixels[item.image_id], found,
-                                            image_alpha=alphas[item.image_id], **options)
-                per_image.append({"image_id": item.image_id, "file": str(item.path), "detections": len(found),
-                                  "drawn": drawn, **planned_paths(item.name, overlays=options["overlays"],
-                                                                  masks=options["masks"])})
+                images.append(
+                    {"id": item.image_id, "file_name": str(item.path.resolve()), "height": height, "width": width}
+                )
+                drawn = write_image_outputs(
+                    stage, item.name, pixels[item.image_id], found, image_alpha=alphas[item.image_id], **options
+                )
+                per_image.append(
+                    {
+                        "image_id": item.image_id,
+                        "file": str(item.path),
+                        "detections": len(found),
+                        "drawn": drawn,
+                        **planned_paths(item.name, overlays=options["overlays"], masks=options["masks"]),
+                    }
+                )
             bar.advance(task, len(chunk))
     if not images:
         raise MfcacheError(f"none of the {len(items)} images could be decoded (see the warnings above)")
@@ -213,8 +266,11 @@ def _predict_all(segmenter: Segmenter, items: list[ImageInput], stage: Path, *, 
 def _publish(stage: Path, out: Path, names: list[str], *, masks: str) -> None:
     """Move everything staged into ``out``, every target checked first (nothing resolves
     outside ``out``); instance mask PNGs a previous run left for these images are removed."""
-    moves = [(path, inside(out, path.relative_to(stage), what="output"))
-             for path in sorted(stage.rglob("*")) if path.is_file()]
+    moves = [
+        (path, inside(out, path.relative_to(stage), what="output"))
+        for path in sorted(stage.rglob("*"))
+        if path.is_file()
+    ]
     if masks == "instance":
         for name in names:
             for old in stale_instance_pngs(out / "masks" / name):
@@ -224,8 +280,9 @@ def _publish(stage: Path, out: Path, names: list[str], *, masks: str) -> None:
         shutil.move(source, target)
 
 
-def detect(model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, head: MaskHead,
-           device: torch.device) -> Batch:
+def detect(
+    model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, head: MaskHead, device: torch.device
+) -> Batch:
     """The detector's outputs for a few images (``{image_id: uint8 [3, H, W]}``) as the head
     would read them from a cache made with ``extract``: top-k detections, stored in the
     cache's dtype and served back (:mod:`mfcache.cache.records`), batched as the reader
@@ -239,15 +296,21 @@ def detect(model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, 
     for b, (image_id, image) in enumerate(pixels.items()):
         input_hw = tuple(inputs[b].shape[1:])
         level_hw = np.asarray(level_shapes(input_hw, info.strides))
-        crop = image_sample(outputs, top, b, level_hw=level_hw, input_hw=input_hw, image_id=image_id,
-                            orig_hw=image.shape[1:]).cpu()
+        crop = image_sample(
+            outputs, top, b, level_hw=level_hw, input_hw=input_hw, image_id=image_id, orig_hw=image.shape[1:]
+        ).cpu()
         c1 = crop.c1 if head.uses_c1 else None
         if not head.uses_c1 or extract.c1 == "recompute":
             crop.c1 = None  # recomputed C1 is not stored: the reader serves the stem's float32 map
-        record = image_record(crop, gt=None, target_size=extract.target_size, dtype=extract.dtype,
-                              levels=stored)
-        sample = served_sample(record, image_id=image_id, input_hw=input_hw, orig_hw=image.shape[1:],
-                               level_hw=level_hw[stored], wanted=[stored.index(l) for l in head.levels])
+        record = image_record(crop, gt=None, target_size=extract.target_size, dtype=extract.dtype, levels=stored)
+        sample = served_sample(
+            record,
+            image_id=image_id,
+            input_hw=input_hw,
+            orig_hw=image.shape[1:],
+            level_hw=level_hw[stored],
+            wanted=[stored.index(l) for l in head.levels],
+        )
         if c1 is not None and extract.c1 == "recompute":
             sample.c1 = c1.float()
         samples.append(sample)

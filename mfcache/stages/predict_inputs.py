@@ -36,8 +36,9 @@ class ImageInput:
     name: str
 
 
-def find_images(inputs: Sequence[str | Path], *, recursive: bool = False,
-                exclude: str | Path | None = None) -> list[ImageInput]:
+def find_images(
+    inputs: Sequence[str | Path], *, recursive: bool = False, exclude: str | Path | None = None
+) -> list[ImageInput]:
     """The images ``inputs`` (files and folders) name, in order, with unique output names;
     ``exclude``: a folder never read (the output folder). One error line for a missing
     argument or when no image is found."""
@@ -45,8 +46,10 @@ def find_images(inputs: Sequence[str | Path], *, recursive: bool = False,
     found: list[tuple[Path, str]] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += [(path, path.relative_to(item).with_suffix("").as_posix())
-                      for path in folder_images(item, recursive=recursive, exclude=skip)]
+            found += [
+                (path, path.relative_to(item).with_suffix("").as_posix())
+                for path in folder_images(item, recursive=recursive, exclude=skip)
+            ]
         elif item.is_file():
             found.append((item, item.stem))
         else:

@@ -41,8 +41,17 @@ def planned_paths(name: str, *, overlays: bool, masks: str) -> dict[str, Path | 
     return {"overlay": Path("overlays") / f"{name}.png" if overlays else None, "masks": mask_path}
 
 
-def write_image_outputs(stage: Path, name: str, image: Tensor, found: Instances, *, score_threshold: float,
-                        overlays: bool = True, masks: str = "none", image_alpha: Tensor | None = None) -> int:
+def write_image_outputs(
+    stage: Path,
+    name: str,
+    image: Tensor,
+    found: Instances,
+    *,
+    score_threshold: float,
+    overlays: bool = True,
+    masks: str = "none",
+    image_alpha: Tensor | None = None,
+) -> int:
     """Write image ``name``'s overlay and mask PNGs (see the module docstring) under ``stage``
     for its detections ``found`` (all of them, in results.json order) scoring at least
     ``score_threshold``; ``image`` ``uint8 [3, H, W]``, ``image_alpha`` ``uint8 [H, W]`` or
@@ -59,8 +68,9 @@ def write_image_outputs(stage: Path, name: str, image: Tensor, found: Instances,
     if overlays:
         colors = palette(len(drawn))[order.numpy()]
         texts = tag_texts(drawn.names, drawn.scores)
-        picture = overlay_map(image, top, painted.boxes, colors, [texts[i] for i in order.tolist()],
-                              image_alpha=image_alpha)
+        picture = overlay_map(
+            image, top, painted.boxes, colors, [texts[i] for i in order.tolist()], image_alpha=image_alpha
+        )
         _save(picture, stage / "overlays" / f"{name}.png")
     if masks == "label":
         ids = torch.cat([torch.zeros(1, dtype=torch.int64), positions[order] + 1])  # paint rank -> k

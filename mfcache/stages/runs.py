@@ -35,8 +35,13 @@ LOG = "log.jsonl"
 def head_for(info: DetectorInfo, extract: ExtractSettings, head: HeadConfig) -> MaskHead:
     """A new head for a detector (``info``) cached with ``extract`` (C1 is an input only if the
     cache has it)."""
-    return build_head(head, d_model=info.d_model, c1_channels=info.c1_channels if extract.c1 != "none" else 0,
-                      num_levels=len(info.strides), strides=info.strides)
+    return build_head(
+        head,
+        d_model=info.d_model,
+        c1_channels=info.c1_channels if extract.c1 != "none" else 0,
+        num_levels=len(info.strides),
+        strides=info.strides,
+    )
 
 
 def read_checkpoint(run_dir: Path, device: torch.device | str = "cpu", which: str = "last") -> dict:
@@ -47,8 +52,10 @@ def read_checkpoint(run_dir: Path, device: torch.device | str = "cpu", which: st
     path = Path(run_dir) / CHECKPOINTS[which]
     if not path.is_file():
         if which == "best":
-            raise MfcacheError(f"no best checkpoint in {run_dir} (expected {BEST}: training keeps one when it "
-                               "validates periodically, with --set train.eval_every=N)")
+            raise MfcacheError(
+                f"no best checkpoint in {run_dir} (expected {BEST}: training keeps one when it "
+                "validates periodically, with --set train.eval_every=N)"
+            )
         raise MfcacheError(f"no trained head in {run_dir} (expected {CHECKPOINT}; run `mfcache train`)")
     return load_checkpoint(path, what="run checkpoint", map_location=device)
 
@@ -75,10 +82,15 @@ def _last_state(run_dir: Path) -> dict | None:
 def unfinished_line(run_dir: Path, progress: dict, which: str = "last") -> str:
     """One line saying that the run in ``run_dir`` has not reached its last step (``progress``:
     :func:`run_progress`), which step was evaluated, and how to finish it."""
-    head = (f"these metrics are of its head at step {progress['step']}" if which == "last" else
-            f"these metrics are of {CHECKPOINTS[which]}, the head of step {progress['step']}")
-    return (f"the run in {run_dir} is not finished: trained to step {progress['last_step']} of "
-            f"{progress['steps']} (still training, or stopped early: `mfcache train --resume` continues it); {head}")
+    head = (
+        f"these metrics are of its head at step {progress['step']}"
+        if which == "last"
+        else f"these metrics are of {CHECKPOINTS[which]}, the head of step {progress['step']}"
+    )
+    return (
+        f"the run in {run_dir} is not finished: trained to step {progress['last_step']} of "
+        f"{progress['steps']} (still training, or stopped early: `mfcache train --resume` continues it); {head}"
+    )
 
 
 def checkpoint_to_resume(run_dir: Path, resume: bool) -> dict | None:
@@ -93,14 +105,30 @@ def checkpoint_to_resume(run_dir: Path, resume: bool) -> dict | None:
     return None
 
 
-def save_run_checkpoint(run_dir: Path, *, head: MaskHead, optimizer: torch.optim.Optimizer, config: RunConfig,
-                        step: int, fingerprint: dict, split: str, scaler: torch.amp.GradScaler | None = None,
-                        best: dict | None = None) -> None:
+def save_run_checkpoint(
+    run_dir: Path,
+    *,
+    head: MaskHead,
+    optimizer: torch.optim.Optimizer,
+    config: RunConfig,
+    step: int,
+    fingerprint: dict,
+    split: str,
+    scaler: torch.amp.GradScaler | None = None,
+    best: dict | None = None,
+) -> None:
     """The run's checkpoint at ``step``, written atomically (the previous one survives a kill);
     with ``scaler`` (``train.amp=fp16``) its loss scale too, with ``best`` the record of
     ``best.pt`` (``{"step", "segm_AP", "split"}``) so a resumed run keeps comparing against it."""
-    payload = {"model": head.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
-               "step": step, "fingerprint": fingerprint, "rng": torch.get_rng_state(), "split": split}
+    payload = {
+        "model": head.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": config.to_dict(),
+        "step": step,
+        "fingerprint": fingerprint,
+        "rng": torch.get_rng_state(),
+        "split": split,
+    }
     if scaler is not None and scaler.is_enabled():
         payload["scaler"] = scaler.state_dict()
     if best is not None:
@@ -108,22 +136,33 @@ def save_run_checkpoint(run_dir: Path, *, head: MaskHead, optimizer: torch.optim
     save_checkpoint(Path(run_dir) / CHECKPOINT, payload)
 
 
-def save_best_checkpoint(run_dir: Path, *, head: MaskHead, config: RunConfig, step: int, fingerprint: dict,
-                         split: str, best: dict) -> None:
+def save_best_checkpoint(
+    run_dir: Path, *, head: MaskHead, config: RunConfig, step: int, fingerprint: dict, split: str, best: dict
+) -> None:
     """``best.pt``: the head at ``step`` with its val record ``best`` (``{"step", "segm_AP",
     "split"}``), written atomically. What ``eval`` and ``predict`` read, no optimizer: it is
     evaluated, not resumed."""
-    save_checkpoint(Path(run_dir) / BEST, {"model": head.state_dict(), "config": config.to_dict(), "step": step,
-                                           "fingerprint": fingerprint, "split": split, "best": best},
-                    what="the best checkpoint")
+    save_checkpoint(
+        Path(run_dir) / BEST,
+        {
+            "model": head.state_dict(),
+            "config": config.to_dict(),
+            "step": step,
+            "fingerprint": fingerprint,
+            "split": split,
+            "best": best,
+        },
+        what="the best checkpoint",
+    )
 
 
 def write_run_info(run_dir: Path, config: RunConfig, cache_path: Path, split: str) -> None:
     """``config.json``: the resolved config, and the cache and split the run trains on."""
     with write_errors("the run folder", run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_INFO).write_text(json.dumps(
-            {"config": config.to_dict(), "cache": str(cache_path), "split": split}, indent=2))
+        (run_dir / RUN_INFO).write_text(
+            json.dumps({"config": config.to_dict(), "cache": str(cache_path), "split": split}, indent=2)
+        )
 
 
 def read_run_info(run_dir: Path) -> dict | None:
@@ -143,8 +182,9 @@ class LoadedRun:
     fingerprint: dict
 
 
-def load_run(run_dir: Path, wanted: dict, device: torch.device, *, state: dict | None = None,
-             detector: str | None = None) -> LoadedRun:
+def load_run(
+    run_dir: Path, wanted: dict, device: torch.device, *, state: dict | None = None, detector: str | None = None
+) -> LoadedRun:
     """The trained head of ``run_dir`` (its checkpoint ``state``, read if not given), refused
     unless the cache it was trained on has fingerprint ``wanted`` (the cache about to be read,
     or, for ``predict``, what a cache of ``detector`` with the run's extract settings would be)."""
@@ -153,8 +193,10 @@ def load_run(run_dir: Path, wanted: dict, device: torch.device, *, state: dict |
     stored = state["fingerprint"]
     problem = fingerprint_mismatch(stored, wanted)
     if problem:
-        raise MfcacheError(f"the head in {run_dir} was trained on a cache made with {problem}"
-                           + (f", not with detector {detector!r}" if detector else ""))
+        raise MfcacheError(
+            f"the head in {run_dir} was trained on a cache made with {problem}"
+            + (f", not with detector {detector!r}" if detector else "")
+        )
     config = RunConfig.from_dict(state["config"])
     head = head_for(DetectorInfo.from_dict(stored["detector"]), ExtractSettings.from_fingerprint(stored), config.head)
     head.load_state_dict(state["model"])

@@ -36,7 +36,7 @@ class StepBatches(Sampler):
         per_epoch = self.n // self.bs
         epoch, pos = divmod(step, per_epoch)
         perm = torch.randperm(self.n, generator=self.epoch_generator(epoch))
-        return perm[pos * self.bs: (pos + 1) * self.bs].tolist()
+        return perm[pos * self.bs : (pos + 1) * self.bs].tolist()
 
     def __iter__(self):
         return (self.batch(s) for s in range(self.start, self.stop))
@@ -79,7 +79,7 @@ class RankSlice(Sampler):
         self.batches, self.world = batches, world
 
     def __iter__(self):
-        return (b[self.world.rank:: self.world.size] for b in self.batches)
+        return (b[self.world.rank :: self.world.size] for b in self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)

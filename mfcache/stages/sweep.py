@@ -19,12 +19,12 @@ import torch
 
 from mfcache.cache.reader import Cache
 from mfcache.config import RESUMABLE, RunConfig, load_head_file, preset_names, resolve_run_config
-from mfcache.stages.evaluate import evaluate
-from mfcache.stages.runs import CHECKPOINT, head_for
-from mfcache.stages.train import train
 from mfcache.errors import MfcacheError
 from mfcache.outputs import check_folder, write_errors
 from mfcache.runtime import resolve_device
+from mfcache.stages.evaluate import evaluate
+from mfcache.stages.runs import CHECKPOINT, head_for
+from mfcache.stages.train import train
 from mfcache.stopping import Interrupted, StopSignals
 
 ROW_FILE = "sweep_row.json"
@@ -81,8 +81,9 @@ class ResidentPeak:
             self.peak_mb = max(self.peak_mb, self._sample())
 
 
-def train_and_evaluate(*, cache_path: Path, config: RunConfig, run_dir: Path, split: str | None, eval_split: str | None,
-             progress: bool) -> dict:
+def train_and_evaluate(
+    *, cache_path: Path, config: RunConfig, run_dir: Path, split: str | None, eval_split: str | None, progress: bool
+) -> dict:
     """Train + evaluate one head in ``run_dir`` and return its sweep row.
 
     ``peak_memory_mb``: on CUDA the peak allocated memory while training; on the CPU the
@@ -94,11 +95,18 @@ def train_and_evaluate(*, cache_path: Path, config: RunConfig, run_dir: Path, sp
     resume = (run_dir / CHECKPOINT).exists()
     cache = Cache(cache_path)
     with ResidentPeak() as resident:
-        last = train(cache_path=cache_path, run_dir=run_dir, config=config, split=split, resume=resume,
-                     progress=progress)
+        last = train(
+            cache_path=cache_path, run_dir=run_dir, config=config, split=split, resume=resume, progress=progress
+        )
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else resident.peak_mb
-    metrics = evaluate(cache_path=cache_path, run_dir=run_dir, split=eval_split, box_filled=False,
-                       progress=progress, device=config.train.device)
+    metrics = evaluate(
+        cache_path=cache_path,
+        run_dir=run_dir,
+        split=eval_split,
+        box_filled=False,
+        progress=progress,
+        device=config.train.device,
+    )
     row = {
         "name": config.head.name,
         **{f"segm_{k}": metrics["segm"].get(k) for k in AP_KEYS},
@@ -112,9 +120,19 @@ def train_and_evaluate(*, cache_path: Path, config: RunConfig, run_dir: Path, sp
     return row
 
 
-def sweep(*, cache_path: Path, heads: list[str], out_dir: Path, steps: int | None = None, device: str | None = None,
-          overrides: list[str] | None = None, split: str | None = None, eval_split: str | None = None,
-          progress: bool = True, on_row=None) -> list[dict]:
+def sweep(
+    *,
+    cache_path: Path,
+    heads: list[str],
+    out_dir: Path,
+    steps: int | None = None,
+    device: str | None = None,
+    overrides: list[str] | None = None,
+    split: str | None = None,
+    eval_split: str | None = None,
+    progress: bool = True,
+    on_row=None,
+) -> list[dict]:
     """Train and evaluate each head of ``heads`` (preset names, TOML files or ``["all"]``)
     on ``cache_path``; ``steps`` and ``device`` override ``train.steps`` and ``train.device``
     (training and evaluation), and ``overrides`` are ``--set`` strings applied to every head. Writes ``out_dir/sweep.{json,md,png}``; returns the rows.
@@ -125,14 +143,19 @@ def sweep(*, cache_path: Path, heads: list[str], out_dir: Path, steps: int | Non
     and row kept: the same call again resumes."""
     out_dir = Path(out_dir)
     names = resolve_heads(heads)
-    extra = [*(overrides or []), *([f"train.steps={steps}"] if steps is not None else []),
-             *([f"train.device={device}"] if device else [])]
+    extra = [
+        *(overrides or []),
+        *([f"train.steps={steps}"] if steps is not None else []),
+        *([f"train.device={device}"] if device else []),
+    ]
     configs = [resolve_run_config(name, extra) for name in names]
     taken: dict[str, str] = {}
     for name, config in zip(names, configs):
         if config.head.name in taken:
-            raise MfcacheError(f"heads {taken[config.head.name]!r} and {name!r} share the name "
-                               f"{config.head.name!r}; give one a different `name`")
+            raise MfcacheError(
+                f"heads {taken[config.head.name]!r} and {name!r} share the name "
+                f"{config.head.name!r}; give one a different `name`"
+            )
         taken[config.head.name] = name
     cache = Cache(cache_path)  # a missing or foreign cache, or a missing split, fails before any run folder is made
     cache.split(split, role="train")
@@ -145,14 +168,25 @@ def sweep(*, cache_path: Path, heads: list[str], out_dir: Path, steps: int | Non
         for config in configs:
             if stop.signum is not None:  # a signal between heads (during an eval): stop before the next
                 raise Interrupted(stop.signum, f"after {len(rows)} of {len(configs)} heads")
-            rows.append(_sweep_head(config, cache_path, out_dir, split=split, eval_split=eval_split,
-                                    progress=progress, on_row=on_row))
+            rows.append(
+                _sweep_head(
+                    config, cache_path, out_dir, split=split, eval_split=eval_split, progress=progress, on_row=on_row
+                )
+            )
             write_outputs(rows, out_dir)  # after every head, so an interrupted sweep keeps its table
     return rows
 
 
-def _sweep_head(config: RunConfig, cache_path: Path, out_dir: Path, *, split: str | None, eval_split: str | None,
-                progress: bool, on_row) -> dict:
+def _sweep_head(
+    config: RunConfig,
+    cache_path: Path,
+    out_dir: Path,
+    *,
+    split: str | None,
+    eval_split: str | None,
+    progress: bool,
+    on_row,
+) -> dict:
     """The sweep row of one head: read back if its run folder is finished, else trained and
     evaluated (a run interrupted mid-training resumes from its checkpoint)."""
     run_dir = out_dir / config.head.name
@@ -161,11 +195,11 @@ def _sweep_head(config: RunConfig, cache_path: Path, out_dir: Path, *, split: st
     if reused:
         row = json.loads(row_file.read_text())
         if _what_it_learns(RunConfig.from_dict(row["config"])) != _what_it_learns(config):
-            raise MfcacheError(f"{run_dir} holds a run with another configuration; "
-                               "delete it or choose another --out")
+            raise MfcacheError(f"{run_dir} holds a run with another configuration; delete it or choose another --out")
     else:
-        row = train_and_evaluate(cache_path=cache_path, config=config, run_dir=run_dir, split=split,
-                       eval_split=eval_split, progress=progress)
+        row = train_and_evaluate(
+            cache_path=cache_path, config=config, run_dir=run_dir, split=split, eval_split=eval_split, progress=progress
+        )
     if on_row is not None:
         on_row(row, reused)
     return row
@@ -189,8 +223,10 @@ def _fmt_ap(value) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """Mask AP (in %) and cost per head, one row each."""
-    lines = ["| head | AP | AP50 | APs | APm | APl | params | train s | peak MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| head | AP | AP50 | APs | APm | APl | params | train s | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         aps = " | ".join(_fmt_ap(r[f"segm_{k}"]) for k in AP_KEYS)
         memory = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"

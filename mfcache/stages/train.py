@@ -31,16 +31,31 @@ from mfcache.outputs import check_folder, write_errors
 from mfcache.runtime import autocast, console, progress_bar, resolve_device
 from mfcache.stages.categories import check_learnable, held_out, held_out_annotations, learned_mask
 from mfcache.stages.postprocess import once_per_query, run_head
-from mfcache.stages.runs import (CHECKPOINT, LOG, checkpoint_to_resume, head_for, save_best_checkpoint,
-                                 save_run_checkpoint, write_run_info)
+from mfcache.stages.runs import (
+    CHECKPOINT,
+    LOG,
+    checkpoint_to_resume,
+    head_for,
+    save_best_checkpoint,
+    save_run_checkpoint,
+    write_run_info,
+)
 from mfcache.stages.sampling import RankSlice, lr_at, step_batches
 from mfcache.stages.validation import PeriodicValidation
 from mfcache.stages.watch import Scalars, require_tensorboard, settings_summary
 from mfcache.stopping import Interrupted, StopSignals, ignore_stop_signals, worker_batches
 
 
-def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, overrides: list[str] | None = None,
-          split: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+def train(
+    *,
+    cache_path: Path,
+    run_dir: Path,
+    config: RunConfig | None = None,
+    overrides: list[str] | None = None,
+    split: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
     """Train ``config.head`` on a cache split; returns the final log entry, with ``seconds``
     and the ``head`` name (``finished``: the run was already at its last step).
 
@@ -71,8 +86,13 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, o
     check_folder(run_dir, "--out (the run folder)")  # a file or a read-only place: before any work
     state = checkpoint_to_resume(run_dir, resume)
     if state is not None:
-        config = resume_config(RunConfig.from_dict(state["config"]), at_step=state["step"], run=run_dir,
-                               requested=config, overrides=overrides)
+        config = resume_config(
+            RunConfig.from_dict(state["config"]),
+            at_step=state["step"],
+            run=run_dir,
+            requested=config,
+            overrides=overrides,
+        )
         split = split or state.get("split")
     elif config is None:
         config = resolve_run_config(None, overrides)
@@ -87,17 +107,28 @@ def train(*, cache_path: Path, run_dir: Path, config: RunConfig | None = None, o
             cache, data = _open_split(cache_path, split, state, run_dir)
             _check_positives(data, config.train.min_iou, warn=world.is_main)
             excluded, held = _held_out(data, config)
-        trainer = Trainer(cache, data, config, world=world, device=world.device(device), state=state,
-                          excluded=excluded)
+        trainer = Trainer(cache, data, config, world=world, device=world.device(device), state=state, excluded=excluded)
         with together(world):
             if world.is_main:
                 write_run_info(run_dir, config, cache_path, data.name)
         if world.is_main and progress:
-            console.print(settings_summary(
-                config, cache=cache_path, split=data.name, images=len(data.complete_rows), run_dir=run_dir,
-                device=trainer.device, ranks=world.size, step=trainer.step,
-                validation=trainer.validation.data.name if trainer.validation else None, held_out=held),
-                highlight=False, soft_wrap=True, markup=False)
+            console.print(
+                settings_summary(
+                    config,
+                    cache=cache_path,
+                    split=data.name,
+                    images=len(data.complete_rows),
+                    run_dir=run_dir,
+                    device=trainer.device,
+                    ranks=world.size,
+                    step=trainer.step,
+                    validation=trainer.validation.data.name if trainer.validation else None,
+                    held_out=held,
+                ),
+                highlight=False,
+                soft_wrap=True,
+                markup=False,
+            )
         return trainer.run(run_dir, progress=progress and world.is_main)
     finally:
         close_world(created)
@@ -122,8 +153,10 @@ def _check_positives(data: CacheSplit, min_iou: float, warn: bool) -> MatchStats
     stats = split_stats(data.group, min_iou, data.cache.settings.views)
     where = f"split {data.name!r} of {data.cache.path}"
     if stats.gt_instances == 0:
-        raise MfcacheError(f"{where} has no ground-truth instances to train on (its annotation file "
-                           f"{data.attrs.get('annotation_file')} lists none)")
+        raise MfcacheError(
+            f"{where} has no ground-truth instances to train on (its annotation file "
+            f"{data.attrs.get('annotation_file')} lists none)"
+        )
     if stats.matched == 0:
         raise MfcacheError(
             f"{where} has nothing to train on: none of its {stats.gt_instances} GT instances is the best match "
@@ -132,9 +165,12 @@ def _check_positives(data: CacheSplit, min_iou: float, warn: bool) -> MatchStats
             "that finds these objects"
         )
     if warn and stats.matched < FEW_MATCHED * stats.gt_instances:
-        console.print(f"[bold yellow]warning:[/bold yellow] {where}: only {stats.line()} "
-                      f"(fewer than {FEW_MATCHED:.0%}); the head learns from the matched ones alone",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold yellow]warning:[/bold yellow] {where}: only {stats.line()} "
+            f"(fewer than {FEW_MATCHED:.0%}); the head learns from the matched ones alone",
+            highlight=False,
+            soft_wrap=True,
+        )
     return stats
 
 
@@ -151,8 +187,14 @@ def _held_out(data: CacheSplit, config: RunConfig) -> tuple[torch.Tensor, list[s
     excluded = held_out_annotations(coco, held)
     if held:
         rows = np.flatnonzero(data.index["done"] == DONE)
-        check_learnable(data.group["targets/gt_id"][:][rows], data.group["targets/gt_iou"][:][rows], excluded,
-                        tc.min_iou, where, tc.categories)
+        check_learnable(
+            data.group["targets/gt_id"][:][rows],
+            data.group["targets/gt_iou"][:][rows],
+            excluded,
+            tc.min_iou,
+            where,
+            tc.categories,
+        )
     return excluded, held
 
 
@@ -161,16 +203,26 @@ class Trainer:
     data loader that serves step ``step`` onwards (``state``: the checkpoint to resume;
     ``excluded [A]``: annotation ids whose queries never train, ``train.categories``)."""
 
-    def __init__(self, cache: Cache, data: CacheSplit, config: RunConfig, *, world: World, device: torch.device,
-                 state: dict | None = None, excluded: torch.Tensor | None = None):
+    def __init__(
+        self,
+        cache: Cache,
+        data: CacheSplit,
+        config: RunConfig,
+        *,
+        world: World,
+        device: torch.device,
+        state: dict | None = None,
+        excluded: torch.Tensor | None = None,
+    ):
         self.cache, self.data, self.config, self.world, self.device = cache, data, config, world, device
         self.excluded = (excluded if excluded is not None else torch.zeros(0, dtype=torch.int64)).to(device)
         tc = config.train
         torch.manual_seed(tc.seed)
         self.head: MaskHead = head_for(cache.detector, cache.settings, config.head).to(device)
         self.model = torch.nn.parallel.DistributedDataParallel(self.head) if world.enabled else self.head
-        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=tc.lr, betas=tc.betas,
-                                           weight_decay=tc.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.head.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay
+        )
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
         self.scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
         self.step = 0
@@ -190,17 +242,28 @@ class Trainer:
         """Batches of steps ``self.step`` .. ``train.steps`` (this rank's slice of each)."""
         tc = self.config.train
         views = self.cache.settings.views  # extract --views: one view per image per epoch
-        dataset = CacheDataset(self.cache.path, self.data.name, levels=self.head.levels, c1=self.head.uses_c1,
-                               targets=True, all_views=views > 1)
+        dataset = CacheDataset(
+            self.cache.path,
+            self.data.name,
+            levels=self.head.levels,
+            c1=self.head.uses_c1,
+            targets=True,
+            all_views=views > 1,
+        )
         if len(dataset) == 0:
             raise MfcacheError(f"split {self.data.name!r} has no images to train on")
         batches = step_batches(len(dataset), tc.batch_size, tc.seed, self.step, tc.steps, views=views)
-        return DataLoader(dataset, batch_sampler=RankSlice(batches, self.world) if self.world.enabled else batches,
-                          collate_fn=collate, num_workers=tc.num_workers,
-                          pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals,
-                          # its own generator: starting the loader must not draw from the global RNG,
-                          # or a resumed run's random ops (point sampling) would be shifted by one draw
-                          generator=torch.Generator().manual_seed(tc.seed))
+        return DataLoader(
+            dataset,
+            batch_sampler=RankSlice(batches, self.world) if self.world.enabled else batches,
+            collate_fn=collate,
+            num_workers=tc.num_workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=ignore_stop_signals,
+            # its own generator: starting the loader must not draw from the global RNG,
+            # or a resumed run's random ops (point sampling) would be shifted by one draw
+            generator=torch.Generator().manual_seed(tc.seed),
+        )
 
     def run(self, run_dir: Path, progress: bool) -> dict:
         """Train to ``train.steps``, logging and checkpointing into ``run_dir``; returns the
@@ -229,8 +292,9 @@ class Trainer:
                     scalars.write(entry)
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                     self.checkpoint(run_dir)
-                bar.update(task, advance=1, status=f"loss {entry['loss']:.4f}" if entry["loss"] is not None
-                           else "no positives")
+                bar.update(
+                    task, advance=1, status=f"loss {entry['loss']:.4f}" if entry["loss"] is not None else "no positives"
+                )
                 if stop.requested(self.device, self.world.enabled):  # after a whole step: resumes exactly
                     break
         if self.step < tc.steps or not checkpoint_path.exists():
@@ -248,8 +312,10 @@ class Trainer:
         lr = lr_at(self.step, tc.steps, tc.lr, tc.lr_drops)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        select = once_per_query(batch.query_index, (batch.gt_id >= 0) & (batch.gt_iou >= tc.min_iou)
-                                & learned_mask(batch.gt_id, self.excluded))
+        select = once_per_query(
+            batch.query_index,
+            (batch.gt_id >= 0) & (batch.gt_iou >= tc.min_iou) & learned_mask(batch.gt_id, self.excluded),
+        )
         self.step += 1
         local = int(select.sum())
         positives = int(all_sum(local, self.device))  # over every rank's slice of the batch
@@ -258,8 +324,11 @@ class Trainer:
         if not local:  # run one query at weight 0, so every rank's DDP reduces the same graph
             select = select.clone()
             select.view(-1)[0] = True
-        generators = (image_generators(select.sum(1).tolist(), batch.image_id, seed=tc.seed, step=self.step,
-                                       device=self.device) if self.config.head.loss == "point" else None)
+        generators = (
+            image_generators(select.sum(1).tolist(), batch.image_id, seed=tc.seed, step=self.step, device=self.device)
+            if self.config.head.loss == "point"
+            else None
+        )
         with autocast(self.device, tc.amp):  # the head's forward; its loss in float32
             out = run_head(self.model, batch, select).float()
         loss, parts = head_loss(out, batch.target_masks[select], self.config.head, tc, generators)
@@ -278,8 +347,13 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), tc.grad_clip)
         self.scaler.step(self.optimizer)  # skipped (and the scale lowered) if fp16 gradients overflowed
         self.scaler.update()
-        return {"step": self.step, "loss": value, **{k: v.item() for k, v in parts.items()},
-                "positives": positives, "lr": lr}
+        return {
+            "step": self.step,
+            "loss": value,
+            **{k: v.item() for k, v in parts.items()},
+            "positives": positives,
+            "lr": lr,
+        }
 
     def validate(self, run_dir: Path, entry: dict, say: bool) -> None:
         """Rank 0: this step's val segm AP into ``entry["val"]`` and, when it is the best so
@@ -288,28 +362,54 @@ class Trainer:
             entry["val"] = record = self.validation(self.head, self.config, self.device, self.step)
             if record.get("best"):
                 self.best = self.validation.best
-                save_best_checkpoint(run_dir, head=self.head, config=self.config, step=self.step,
-                                     fingerprint=self.cache.fingerprint, split=self.data.name, best=self.best)
+                save_best_checkpoint(
+                    run_dir,
+                    head=self.head,
+                    config=self.config,
+                    step=self.step,
+                    fingerprint=self.cache.fingerprint,
+                    split=self.data.name,
+                    best=self.best,
+                )
             if say:
                 ap = record["segm"]["AP"]
-                console.print(f"step {self.step}: val segm AP {'-' if ap is None else f'{100 * ap:.1f}%'} on "
-                              f"{record['split']!r}" + (" (best so far: best.pt)" if record.get("best") else
-                                                        f" (best {100 * self.best['segm_AP']:.1f}% at step "
-                                                        f"{self.best['step']})"),
-                              highlight=False, soft_wrap=True, markup=False)
+                console.print(
+                    f"step {self.step}: val segm AP {'-' if ap is None else f'{100 * ap:.1f}%'} on "
+                    f"{record['split']!r}"
+                    + (
+                        " (best so far: best.pt)"
+                        if record.get("best")
+                        else f" (best {100 * self.best['segm_AP']:.1f}% at step {self.best['step']})"
+                    ),
+                    highlight=False,
+                    soft_wrap=True,
+                    markup=False,
+                )
         self.world.barrier()
 
     def checkpoint(self, run_dir: Path) -> None:
         """Save the run at the current step (rank 0 only), with the record of ``best.pt``."""
         if self.world.is_main:
-            save_run_checkpoint(run_dir, head=self.head, optimizer=self.optimizer, config=self.config,
-                                step=self.step, fingerprint=self.cache.fingerprint, split=self.data.name,
-                                scaler=self.scaler, best=self.best)
+            save_run_checkpoint(
+                run_dir,
+                head=self.head,
+                optimizer=self.optimizer,
+                config=self.config,
+                step=self.step,
+                fingerprint=self.cache.fingerprint,
+                split=self.data.name,
+                scaler=self.scaler,
+                best=self.best,
+            )
 
 
 def _non_finite(value: float, step: int, checkpoint_path: Path) -> str:
     if checkpoint_path.exists():
-        return (f"loss became non-finite ({value}) at step {step}; nothing was updated, the last good checkpoint "
-                f"is {checkpoint_path}: lower train.lr or set train.grad_clip and --resume")
-    return (f"loss became non-finite ({value}) at step {step}, before the first checkpoint: lower train.lr or "
-            "set train.grad_clip")
+        return (
+            f"loss became non-finite ({value}) at step {step}; nothing was updated, the last good checkpoint "
+            f"is {checkpoint_path}: lower train.lr or set train.grad_clip and --resume"
+        )
+    return (
+        f"loss became non-finite ({value}) at step {step}, before the first checkpoint: lower train.lr or "
+        "set train.grad_clip"
+    )

@@ -29,7 +29,9 @@ class PeriodicValidation:
     def __init__(self, data: CacheSplit, every: int, best: dict | None = None):
         self.data, self.every, self.best = data, every, best
         self._coco = None  # the GT, parsed at the first validation (rank 0 alone validates)
-        self.image_ids = data.index["image_id"][data.complete_rows].tolist()  # images skipped at extraction are not scored
+        self.image_ids = data.index["image_id"][
+            data.complete_rows
+        ].tolist()  # images skipped at extraction are not scored
 
     @classmethod
     def open(cls, cache: Cache, every: int, best: dict | None) -> PeriodicValidation | None:

@@ -33,8 +33,18 @@ from mfcache.data.transforms import load_image
 from mfcache.errors import MfcacheError
 from mfcache.paths import inside
 
-__all__ = ["decode_results", "instance_map", "label_edges", "overlay", "overlay_map", "paint_order", "palette",
-           "side_by_side", "tag_texts", "visualize_split"]
+__all__ = [
+    "decode_results",
+    "instance_map",
+    "label_edges",
+    "overlay",
+    "overlay_map",
+    "paint_order",
+    "palette",
+    "side_by_side",
+    "tag_texts",
+    "visualize_split",
+]
 
 _GOLDEN = 0.618033988749895
 
@@ -75,9 +85,18 @@ def _font(height: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=max(10, round(height / 40)))
 
 
-def overlay(image: Tensor, masks: Tensor, boxes: Tensor, labels: Sequence[str], scores: Tensor | None = None,
-            *, alpha: float = 0.5, outline: int = 2, colors: np.ndarray | None = None,
-            image_alpha: Tensor | None = None) -> Image.Image:
+def overlay(
+    image: Tensor,
+    masks: Tensor,
+    boxes: Tensor,
+    labels: Sequence[str],
+    scores: Tensor | None = None,
+    *,
+    alpha: float = 0.5,
+    outline: int = 2,
+    colors: np.ndarray | None = None,
+    image_alpha: Tensor | None = None,
+) -> Image.Image:
     """Draw N instances on ``image`` and return a PIL image of the same size: RGB, or RGBA
     carrying ``image_alpha`` (``uint8 [H, W]``, the input's own alpha channel) unchanged.
 
@@ -91,14 +110,24 @@ def overlay(image: Tensor, masks: Tensor, boxes: Tensor, labels: Sequence[str], 
     n = masks.shape[0]
     height, width = image.shape[1:]
     if masks.shape[1:] != (height, width) or boxes.shape != (n, 4) or len(labels) != n:
-        raise ValueError(f"image {tuple(image.shape)}, masks {tuple(masks.shape)}, boxes {tuple(boxes.shape)} "
-                         f"and {len(labels)} labels disagree")
+        raise ValueError(
+            f"image {tuple(image.shape)}, masks {tuple(masks.shape)}, boxes {tuple(boxes.shape)} "
+            f"and {len(labels)} labels disagree"
+        )
     colors = palette(n) if colors is None else np.asarray(colors, dtype=np.uint8)
     order = paint_order(scores, n)
     texts = tag_texts(labels, scores)
     top = instance_map([masks.cpu().bool()[order]], (height, width))
-    return overlay_map(image, top, boxes[order], colors[order.numpy()], [texts[i] for i in order.tolist()],
-                       alpha=alpha, outline=outline, image_alpha=image_alpha)
+    return overlay_map(
+        image,
+        top,
+        boxes[order],
+        colors[order.numpy()],
+        [texts[i] for i in order.tolist()],
+        alpha=alpha,
+        outline=outline,
+        image_alpha=image_alpha,
+    )
 
 
 def paint_order(scores: Tensor | None, n: int) -> Tensor:
@@ -127,8 +156,17 @@ def instance_map(chunks: Iterable[Tensor], image_hw: tuple[int, int]) -> Tensor:
     return top
 
 
-def overlay_map(image: Tensor, top: Tensor, boxes: Tensor, colors: np.ndarray, texts: Sequence[str], *,
-                alpha: float = 0.5, outline: int = 2, image_alpha: Tensor | None = None) -> Image.Image:
+def overlay_map(
+    image: Tensor,
+    top: Tensor,
+    boxes: Tensor,
+    colors: np.ndarray,
+    texts: Sequence[str],
+    *,
+    alpha: float = 0.5,
+    outline: int = 2,
+    image_alpha: Tensor | None = None,
+) -> Image.Image:
     """:func:`overlay` from the instances' :func:`instance_map` ``top [H, W]`` (instance
     ``i`` = value ``i + 1``, in paint order), with ``boxes [N, 4]``, ``colors [N, 3]`` uint8
     and tag ``texts`` in that same order. Blends in uint8 except on the covered pixels, so a
@@ -171,8 +209,9 @@ def _draw_tag(canvas: Image.Image, box: tuple[int, int, int, int], text: str, rg
     canvas.paste(tag, (c0, r0))
 
 
-def side_by_side(left: Image.Image, right: Image.Image, titles: tuple[str, str] = ("", ""),
-                 gap: int = 8) -> Image.Image:
+def side_by_side(
+    left: Image.Image, right: Image.Image, titles: tuple[str, str] = ("", ""), gap: int = 8
+) -> Image.Image:
     """Two images next to each other on a white sheet, each under its title."""
     font = _font(max(400, min(left.height, right.height)))
     title_h = font.getbbox("Ag")[3] + 8 if any(titles) else 0
@@ -211,8 +250,15 @@ def stale_panels(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _PANEL.match(p.name) and p.is_file() and not p.is_symlink())
 
 
-def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, score_threshold: float = 0.3,
-                    images_dir: Path | None = None) -> list[Path]:
+def visualize_split(
+    split,
+    results: Sequence[dict],
+    out_dir: Path,
+    n: int,
+    *,
+    score_threshold: float = 0.3,
+    images_dir: Path | None = None,
+) -> list[Path]:
     """Ground truth | prediction panels for the first ``n`` complete images of a cache split
     (:class:`mfcache.cache.reader.CacheSplit`), written to ``out_dir/<image_id>.png``;
     returns the paths. A panel that would land outside ``out_dir``'s parent (``out_dir`` or
@@ -240,8 +286,9 @@ def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, sc
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # out_dir is a folder of its parent (the metrics folder): a link there must not lead elsewhere
-    targets = {image_id: inside(out_dir.parent, Path(out_dir.name) / f"{image_id}.png", what="panel")
-               for image_id in image_ids}
+    targets = {
+        image_id: inside(out_dir.parent, Path(out_dir.name) / f"{image_id}.png", what="panel") for image_id in image_ids
+    }
     for old in stale_panels(out_dir):
         old.unlink()
     written = []
@@ -255,8 +302,10 @@ def visualize_split(split, results: Sequence[dict], out_dir: Path, n: int, *, sc
             masks, boxes, scores, categories = decode_results(items, height, width)
             labels = [(predicted if kind == "prediction" else names).get(c, str(c)) for c in categories]
             panels.append(overlay(image, masks, boxes, labels, scores if kind == "prediction" else None))
-        titles = (f"ground truth ({len(gt)})", f"prediction ({len(by_image.get(image_id, []))}, "
-                                              f"score >= {score_threshold:g})")
+        titles = (
+            f"ground truth ({len(gt)})",
+            f"prediction ({len(by_image.get(image_id, []))}, score >= {score_threshold:g})",
+        )
         path = targets[image_id]
         tmp = path.with_suffix(".tmp.png")
         side_by_side(*panels, titles=titles).save(tmp)

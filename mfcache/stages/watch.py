@@ -24,39 +24,64 @@ TENSORBOARD = "tensorboard"  # the event files' folder in the run folder
 _IN_HEADER = {"steps", "batch_size", "device", "lr", "amp", "eval_every", "tensorboard"}
 
 
-def settings_summary(config: RunConfig, *, cache: Path, split: str, images: int, run_dir: Path, device: torch.device,
-                     ranks: int, step: int, validation: str | None, held_out: list[str] | None = None) -> str:
+def settings_summary(
+    config: RunConfig,
+    *,
+    cache: Path,
+    split: str,
+    images: int,
+    run_dir: Path,
+    device: torch.device,
+    ranks: int,
+    step: int,
+    validation: str | None,
+    held_out: list[str] | None = None,
+) -> str:
     """A few lines for stderr: the head, cache, split, device, steps and batch, then every head,
     train and eval setting that differs from its default (whole config: ``RUN/config.json``).
     ``step`` > 0: the run resumes there; ``validation``: the split validated on; ``held_out``:
     the categories whose instances ``train.categories`` leaves out of the loss."""
     tc = config.train
     start = f" (resuming at step {step})" if step else ""
-    lines = [f"training {config.head.name}{start}: cache {cache}, split {split} ({images} images), run {run_dir}",
-             f"  {device}{f' x {ranks} ranks' if ranks > 1 else ''}, {tc.steps} steps, batch {tc.batch_size}, "
-             f"lr {tc.lr:g}, amp {tc.amp}, "
-             + (f"val segm AP every {tc.eval_every} steps on {validation!r} (best.pt kept)" if validation
-                else "no periodic validation")
-             + (f", tensorboard {run_dir / TENSORBOARD}" if tc.tensorboard else "")]
+    lines = [
+        f"training {config.head.name}{start}: cache {cache}, split {split} ({images} images), run {run_dir}",
+        f"  {device}{f' x {ranks} ranks' if ranks > 1 else ''}, {tc.steps} steps, batch {tc.batch_size}, "
+        f"lr {tc.lr:g}, amp {tc.amp}, "
+        + (
+            f"val segm AP every {tc.eval_every} steps on {validation!r} (best.pt kept)"
+            if validation
+            else "no periodic validation"
+        )
+        + (f", tensorboard {run_dir / TENSORBOARD}" if tc.tensorboard else ""),
+    ]
     for section, skip in (("head", {"name", "description"}), ("train", _IN_HEADER), ("eval", set())):
         changed = non_default(getattr(config, section), skip)
         rest = "the rest at defaults" if section == "train" else "defaults"  # the line above has steps, lr, ...
         lines.append(f"  {section}: {', '.join(changed) if changed else rest}")
     if held_out:
-        lines.append(f"  masks learned from {', '.join(tc.categories)} only; held out (instances left out of the "
-                     f"loss): {', '.join(held_out)}")
+        lines.append(
+            f"  masks learned from {', '.join(tc.categories)} only; held out (instances left out of the "
+            f"loss): {', '.join(held_out)}"
+        )
     lines.append(f"  full configuration: {run_dir / RUN_INFO}")
     return "\n".join(lines)
 
 
 def non_default(settings, skip: set[str] = frozenset()) -> list[str]:
     """``["roi_size=64", ...]``: the fields of a config dataclass that differ from their defaults."""
+
     def shown(value) -> str:
         if isinstance(value, tuple):
             return "[" + ", ".join(map(shown, value)) + "]"
-        return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
-    return [f"{f.name}={shown(getattr(settings, f.name))}" for f in dataclasses.fields(settings)
-            if f.name not in skip and getattr(settings, f.name) != f.default]
+        return (
+            f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+        )
+
+    return [
+        f"{f.name}={shown(getattr(settings, f.name))}"
+        for f in dataclasses.fields(settings)
+        if f.name not in skip and getattr(settings, f.name) != f.default
+    ]
 
 
 def require_tensorboard() -> None:
@@ -64,8 +89,10 @@ def require_tensorboard() -> None:
     try:
         import torch.utils.tensorboard  # noqa: F401  (raises ImportError without the tensorboard package)
     except ImportError:
-        raise MfcacheError("train.tensorboard=true needs the tensorboard package: pip install 'mfcache[tensorboard]' "
-                           "(or pip install tensorboard), or leave train.tensorboard off") from None
+        raise MfcacheError(
+            "train.tensorboard=true needs the tensorboard package: pip install 'mfcache[tensorboard]' "
+            "(or pip install tensorboard), or leave train.tensorboard off"
+        ) from None
 
 
 class Scalars:

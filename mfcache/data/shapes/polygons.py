@@ -70,8 +70,9 @@ def _boundary_loops(mask: np.ndarray) -> list[np.ndarray]:
             if current == first and (first_step is None or step == first_step):
                 break
             loop.append(current)
-            previous, current = current, (
-                following.pop(current) if current in following else saddles.pop((current, step))
+            previous, current = (
+                current,
+                (following.pop(current) if current in following else saddles.pop((current, step))),
             )
         codes = np.asarray(loop)
         loops.append(np.stack([codes % stride, codes // stride], axis=1))

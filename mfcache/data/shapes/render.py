@@ -99,8 +99,20 @@ def _shape_outlines(rng: np.random.Generator, name: str, r: float) -> list[tuple
         a, b = r, r * rng.uniform(0.7, 1.0)  # arm half-lengths
         t = r * rng.uniform(0.2, 0.35)  # arm half-thickness
         pts = np.array(
-            [(-t, -b), (t, -b), (t, -t), (a, -t), (a, t), (t, t),
-             (t, b), (-t, b), (-t, t), (-a, t), (-a, -t), (-t, -t)],
+            [
+                (-t, -b),
+                (t, -b),
+                (t, -t),
+                (a, -t),
+                (a, t),
+                (t, t),
+                (t, b),
+                (-t, b),
+                (-t, t),
+                (-a, t),
+                (-a, -t),
+                (-t, -t),
+            ],
             float,
         )
         return [(pts, 1)]
@@ -197,9 +209,7 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int)
     return np.clip(np.asarray(field), 0.0, 1.0)
 
 
-def _stripes(
-    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, lo: float, hi: float
-) -> np.ndarray:
+def _stripes(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Soft stripes in [0, 1] with a random direction, phase and period in [lo, hi] px."""
     theta = rng.uniform(0.0, math.pi)
     period = rng.uniform(lo, hi)

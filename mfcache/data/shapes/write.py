@@ -88,10 +88,7 @@ def _coco_document(
         },
         "images": images,
         "annotations": annotations,
-        "categories": [
-            {"id": i + 1, "name": name, "supercategory": "shape"}
-            for i, name in enumerate(CATEGORIES)
-        ],
+        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CATEGORIES)],
     }
 
 
@@ -184,9 +181,7 @@ def _write_split(
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(count):
-        record, anns = _write_image(
-            image_dir, _SPLITS.index(split), index, len(annotations) + 1, **settings
-        )
+        record, anns = _write_image(image_dir, _SPLITS.index(split), index, len(annotations) + 1, **settings)
         images.append(record)
         annotations += anns
         if progress is not None:
@@ -198,21 +193,14 @@ def _write_split(
     return json_path, image_dir
 
 
-def _check_arguments(
-    num_train: int, num_val: int, seed: int, min_size: int, max_size: int
-) -> None:
+def _check_arguments(num_train: int, num_val: int, seed: int, min_size: int, max_size: int) -> None:
     """Raise MfcacheError for negative counts or seed, or sizes outside MIN_SIZE..max."""
     if num_train < 0 or num_val < 0:
-        raise MfcacheError(
-            f"image counts must be >= 0, got num_train={num_train}, num_val={num_val}"
-        )
+        raise MfcacheError(f"image counts must be >= 0, got num_train={num_train}, num_val={num_val}")
     if seed < 0:
         raise MfcacheError(f"seed must be >= 0, got {seed}")
     if not MIN_SIZE <= min_size <= max_size:
-        raise MfcacheError(
-            f"need {MIN_SIZE} <= min_size <= max_size, "
-            f"got min_size={min_size}, max_size={max_size}"
-        )
+        raise MfcacheError(f"need {MIN_SIZE} <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
 
 
 def write_shapes_dataset(

@@ -12,11 +12,16 @@ output at stride 4 (ResNet ``layer1``, 256 channels for R50; Swin stage 0 before
 
 from __future__ import annotations
 
-
 from mfcache.detectors.base import DetectorInfo, Preprocess
 from mfcache.detectors.native.architecture import resolve_options
-from mfcache.detectors.native.checkpoint import (load_weights, parse_options, parse_spec, read_labels,
-                                                 read_state_dict, rename_keys)
+from mfcache.detectors.native.checkpoint import (
+    load_weights,
+    parse_options,
+    parse_spec,
+    read_labels,
+    read_state_dict,
+    rename_keys,
+)
 from mfcache.detectors.native.coco_labels import COCO91_LABELS
 from mfcache.detectors.native.detector import NativeDetector
 from mfcache.detectors.native.dino import Dino, DinoConfig
@@ -69,12 +74,20 @@ def load_native(family: str, arg: str) -> NativeDetector:
     except ValueError:
         raise MfcacheError(f"{spec}: shortest_edge / longest_edge must be integers") from None
     model.info = DetectorInfo(
-        spec=spec, family=family, d_model=cfg.d_model, num_queries=cfg.num_queries, label_names=names,
-        strides=model.strides, c1_channels=model.c1_channels, sigmoid=True, weights_sha256=file_sha256(path),
+        spec=spec,
+        family=family,
+        d_model=cfg.d_model,
+        num_queries=cfg.num_queries,
+        label_names=names,
+        strides=model.strides,
+        c1_channels=model.c1_channels,
+        sigmoid=True,
+        weights_sha256=file_sha256(path),
         # the original repos resize PIL images (PIL's uint8 kernel), which neither mfcache path
         # reproduces bit for bit; native caches stay on the float path they were made with
-        preprocess=Preprocess(shortest_edge=shortest, longest_edge=longest, pad_divisor=model.strides[-1],
-                              resize="float"),
+        preprocess=Preprocess(
+            shortest_edge=shortest, longest_edge=longest, pad_divisor=model.strides[-1], resize="float"
+        ),
     )
     return model
 

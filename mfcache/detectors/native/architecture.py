@@ -40,8 +40,12 @@ from mfcache.detectors.native.swin import SWINS, window_of
 from mfcache.errors import MfcacheError
 
 BODY = "backbone.0.body."
-RESNET_BLOCKS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
-                 ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101"}
+RESNET_BLOCKS = {
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
+}
 DEFAULT_ONE2ONE = 300  # H-DETR's num_queries_one2one in every released config but n900 / n1800
 
 
@@ -83,12 +87,15 @@ def _backbone(state: dict[str, Tensor]) -> dict[str, Reading]:
         out = {}
         name = next((n for n, (dim, d, h, _) in SWINS.items() if (dim, d, h) == key), None)
         if name is not None:
-            out["backbone"] = Reading(name, f"a Swin with embed_dim {key[0]}, depths {list(key[1])}, "
-                                            f"heads {list(key[2])} ({name})")
+            out["backbone"] = Reading(
+                name, f"a Swin with embed_dim {key[0]}, depths {list(key[1])}, heads {list(key[2])} ({name})"
+            )
         window = window_of(int(tables[0].shape[0]))
         if window is not None:
-            out["window"] = Reading(window, f"{BODY}layers.0.blocks.0.attn.relative_position_bias_table is "
-                                            f"{_shape(tables[0])}: window {window}")
+            out["window"] = Reading(
+                window,
+                f"{BODY}layers.0.blocks.0.attn.relative_position_bias_table is {_shape(tables[0])}: window {window}",
+            )
         return out
     if BODY + "conv1.weight" in state:
         blocks = _counts(state, re.escape(BODY) + r"layer(\d)\.(\d+)\.")
@@ -96,7 +103,9 @@ def _backbone(state: dict[str, Tensor]) -> dict[str, Reading]:
         name = RESNET_BLOCKS.get((tuple(blocks.get(i, 0) for i in range(1, 5)), bottleneck))
         if name is not None:
             kind = "bottleneck" if bottleneck else "basic"
-            return {"backbone": Reading(name, f"a ResNet with {[blocks[i] for i in range(1, 5)]} {kind} blocks ({name})")}
+            return {
+                "backbone": Reading(name, f"a ResNet with {[blocks[i] for i in range(1, 5)]} {kind} blocks ({name})")
+            }
     return {}
 
 
@@ -113,21 +122,28 @@ def _transformer(state: dict[str, Tensor], nheads: int) -> dict[str, Reading]:
     if all(p is not None for p in projs):
         one_by_one = sum(1 for p in projs if p.shape[-1] == 1)
         out["backbone_levels"] = Reading(one_by_one, f"{one_by_one} of the input_proj.N.0 convolutions are 1x1")
-    for option, prefix in (("enc_layers", "transformer.encoder.layers."), ("dec_layers", "transformer.decoder.layers.")):
+    for option, prefix in (
+        ("enc_layers", "transformer.encoder.layers."),
+        ("dec_layers", "transformer.decoder.layers."),
+    ):
         n = _count(state, prefix)
         if n:
             out[option] = Reading(n, f"the checkpoint has {n} {prefix}N")
     linear1 = state.get("transformer.encoder.layers.0.linear1.weight")
     if linear1 is not None:
-        out["dim_feedforward"] = Reading(int(linear1.shape[0]), f"transformer.encoder.layers.0.linear1.weight is "
-                                                                f"{_shape(linear1)}")
-    for option, key in (("enc_n_points", "transformer.encoder.layers.0.self_attn.attention_weights.weight"),
-                        ("dec_n_points", "transformer.decoder.layers.0.cross_attn.attention_weights.weight")):
+        out["dim_feedforward"] = Reading(
+            int(linear1.shape[0]), f"transformer.encoder.layers.0.linear1.weight is {_shape(linear1)}"
+        )
+    for option, key in (
+        ("enc_n_points", "transformer.encoder.layers.0.self_attn.attention_weights.weight"),
+        ("dec_n_points", "transformer.decoder.layers.0.cross_attn.attention_weights.weight"),
+    ):
         weights = state.get(key)
         if weights is not None and weights.shape[0] % (nheads * levels) == 0:
             points = int(weights.shape[0]) // (nheads * levels)
-            out[option] = Reading(points, f"{key} is {_shape(weights)} = {nheads} heads x {levels} levels x "
-                                          f"{points} points")
+            out[option] = Reading(
+                points, f"{key} is {_shape(weights)} = {nheads} heads x {levels} levels x {points} points"
+            )
     for key in ("class_embed.0.weight", "transformer.decoder.class_embed.0.weight"):
         if key in state:
             out["num_classes"] = Reading(int(state[key].shape[0]), f"{key} is {_shape(state[key])}")
@@ -137,19 +153,33 @@ def _transformer(state: dict[str, Tensor], nheads: int) -> dict[str, Reading]:
 
 def _hdetr(state: dict[str, Tensor]) -> dict[str, Reading]:
     two_stage = "transformer.enc_output.weight" in state
-    out = {"two_stage": Reading(two_stage, "the checkpoint " + ("has" if two_stage else "has no")
-                                + " transformer.enc_output (the two-stage proposal head)")}
+    out = {
+        "two_stage": Reading(
+            two_stage,
+            "the checkpoint "
+            + ("has" if two_stage else "has no")
+            + " transformer.enc_output (the two-stage proposal head)",
+        )
+    }
     on_decoder = any(k.startswith("transformer.decoder.bbox_embed.") for k in state)
-    out["box_refine"] = Reading(two_stage or on_decoder, "the checkpoint " + (
-        "is two-stage" if two_stage else "has " + ("" if on_decoder else "no ") + "transformer.decoder.bbox_embed.N")
-        + " (box refinement hangs the box heads on the decoder)")
+    out["box_refine"] = Reading(
+        two_stage or on_decoder,
+        "the checkpoint "
+        + ("is two-stage" if two_stage else "has " + ("" if on_decoder else "no ") + "transformer.decoder.bbox_embed.N")
+        + " (box refinement hangs the box heads on the decoder)",
+    )
     embed = state.get("query_embed.weight")
     if two_stage:
-        out["mixed_selection"] = Reading(embed is not None, "a two-stage checkpoint " + (
-            "with" if embed is not None else "without") + " query_embed.weight (the content queries of mixed selection)")
+        out["mixed_selection"] = Reading(
+            embed is not None,
+            "a two-stage checkpoint "
+            + ("with" if embed is not None else "without")
+            + " query_embed.weight (the content queries of mixed selection)",
+        )
     if embed is not None:
-        out["query_rows"] = Reading(int(embed.shape[0]), f"query_embed.weight is {_shape(embed)} "
-                                                         "(one-to-one + one-to-many queries)")
+        out["query_rows"] = Reading(
+            int(embed.shape[0]), f"query_embed.weight is {_shape(embed)} (one-to-one + one-to-many queries)"
+        )
     return out
 
 
@@ -177,8 +207,10 @@ def _split_queries(options: dict, rows: Reading, where: str) -> dict:
     """H-DETR's one-to-one / one-to-many counts from ``query_embed``'s rows."""
     q, o2m = options.get("num_queries"), options.get("num_queries_one2many")
     if q is not None and o2m is not None and q + o2m != rows.value:
-        raise MfcacheError(f"{where}: num_queries={q} + num_queries_one2many={o2m} = {q + o2m} contradicts the "
-                           f"checkpoint: {rows.because}")
+        raise MfcacheError(
+            f"{where}: num_queries={q} + num_queries_one2many={o2m} = {q + o2m} contradicts the "
+            f"checkpoint: {rows.because}"
+        )
     if q is None:
         q = rows.value - o2m if o2m is not None else min(DEFAULT_ONE2ONE, rows.value)
     if not 0 < q <= rows.value:
@@ -186,16 +218,19 @@ def _split_queries(options: dict, rows: Reading, where: str) -> dict:
     return {**options, "num_queries": q, "num_queries_one2many": rows.value - q}
 
 
-def resolve_options(family: str, options: dict, state: dict[str, Tensor], where: str,
-                    given_as: dict[str, str] | None = None) -> dict:
+def resolve_options(
+    family: str, options: dict, state: dict[str, Tensor], where: str, given_as: dict[str, str] | None = None
+) -> dict:
     """The spec's options completed from the checkpoint; an option that contradicts it is an error.
     ``given_as`` names how an option was given when not by itself (``num_classes``: a labels file)."""
     read = read_architecture(family, state, options.get("nheads", NativeConfig.nheads))
     if "backbone" not in read and "backbone" not in options:
         first = next((k for k in state if k.startswith("backbone.0.")), None)
         if first is not None:
-            raise MfcacheError(f"{where}: the checkpoint's backbone ({first}, ...) is none that mfcache builds "
-                               "(ResNet 18/34/50/101, Swin tiny/small/base/large)")
+            raise MfcacheError(
+                f"{where}: the checkpoint's backbone ({first}, ...) is none that mfcache builds "
+                "(ResNet 18/34/50/101, Swin tiny/small/base/large)"
+            )
     out = dict(options)
     for key, reading in read.items():
         if key == "query_rows":

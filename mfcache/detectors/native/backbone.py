@@ -42,8 +42,9 @@ class ResNetBody(nn.Module):
 
     def __init__(self, name: str, return_layers: tuple[int, ...], dilation: bool = False):
         super().__init__()
-        body = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d,
-                                                  replace_stride_with_dilation=[False, False, dilation])
+        body = getattr(torchvision.models, name)(
+            weights=None, norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, dilation]
+        )
         del body.fc, body.avgpool
         self.body = body
         self.return_layers = return_layers  # 1..4 = layer1..layer4

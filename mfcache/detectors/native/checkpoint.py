@@ -96,8 +96,9 @@ def parse_options(cfg_cls: type, options: dict[str, str], where: str) -> tuple[d
     fields = {f.name: str(f.type) for f in dataclasses.fields(cfg_cls)}
     unknown = sorted(set(options) - set(fields) - set(EXTRA_OPTIONS))
     if unknown:
-        raise MfcacheError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: "
-                           f"{', '.join(sorted(fields) + list(EXTRA_OPTIONS))}")
+        raise MfcacheError(
+            f"{where}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields) + list(EXTRA_OPTIONS))}"
+        )
     values = {k: _coerce(k, v, fields[k], where) for k, v in options.items() if k in fields}
     extra = {k: v for k, v in options.items() if k in EXTRA_OPTIONS}
     return values, extra
@@ -149,8 +150,8 @@ def map_state_dict(state: dict[str, Tensor], expected: dict[str, Tensor]) -> dic
     for alias, canonical in ALIASES:
         for key in expected:
             for a, b in ((alias, canonical), (canonical, alias)):
-                if key.startswith(a) and key not in out and b + key[len(a):] in out:
-                    out[key] = out[b + key[len(a):]]
+                if key.startswith(a) and key not in out and b + key[len(a) :] in out:
+                    out[key] = out[b + key[len(a) :]]
     return out
 
 
@@ -162,22 +163,32 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], where: str, family:
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         parts = ([f"missing {_names(missing)}"] if missing else []) + (
-            [f"unexpected {_names(unexpected)}"] if unexpected else [])
-        raise MfcacheError(f"{where}: checkpoint does not fit the {family} architecture: {'; '.join(parts)}; "
-                           "check the spec options (nheads, num_queries, ...)")
-    differ = [a + k[len(a):] for a, c in ALIASES for k in expected if k.startswith(a)
-              and c + k[len(a):] in state and not torch.equal(state[k], state[c + k[len(a):]])]
+            [f"unexpected {_names(unexpected)}"] if unexpected else []
+        )
+        raise MfcacheError(
+            f"{where}: checkpoint does not fit the {family} architecture: {'; '.join(parts)}; "
+            "check the spec options (nheads, num_queries, ...)"
+        )
+    differ = [
+        a + k[len(a) :]
+        for a, c in ALIASES
+        for k in expected
+        if k.startswith(a) and c + k[len(a) :] in state and not torch.equal(state[k], state[c + k[len(a) :]])
+    ]
     if differ:
         raise MfcacheError(f"{where}: the heads listed twice in the checkpoint differ: {_names(differ)}")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(state[k].shape) != tuple(v.shape)]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
     if wrong:
-        raise MfcacheError(f"{where}: {len(wrong)} weight(s) have other shapes than the {family} architecture "
-                           f"(checkpoint vs model), e.g. {'; '.join(wrong[:2])}; check the spec options "
-                           "(nheads, num_queries, ...)")
+        raise MfcacheError(
+            f"{where}: {len(wrong)} weight(s) have other shapes than the {family} architecture "
+            f"(checkpoint vs model), e.g. {'; '.join(wrong[:2])}; check the spec options "
+            "(nheads, num_queries, ...)"
+        )
     model.load_state_dict(state, strict=True)
-
-
 
 
 def random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, Tensor]:
@@ -197,10 +208,10 @@ def random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict
             fan_in = 1
             for size in shape[1:]:
                 fan_in *= size
-            scale = 0.3 / max(1.0, fan_in ** 0.5) if len(shape) > 1 else 0.1
+            scale = 0.3 / max(1.0, fan_in**0.5) if len(shape) > 1 else 0.1
             state[key] = torch.randn(shape, generator=gen) * scale
     prefix = "transformer.decoder."
     for key in state:  # the per-layer heads are one module under two names in the originals
-        if key.startswith(prefix) and key[len(prefix):] in state:
-            state[key] = state[key[len(prefix):]]
+        if key.startswith(prefix) and key[len(prefix) :] in state:
+            state[key] = state[key[len(prefix) :]]
     return state

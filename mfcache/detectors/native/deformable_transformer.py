@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfcache.ops.deformable_attention import MSDeformAttn
 from mfcache.detectors.native.position import box_sine_embedding
+from mfcache.ops.deformable_attention import MSDeformAttn
 
 
 def inverse_sigmoid(x: Tensor, eps: float) -> Tensor:
@@ -63,8 +63,11 @@ def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
     into each level by its valid ratio (Deformable DETR ``get_reference_points``)."""
     refs = []
     for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=ratios.device),
-                                      torch.linspace(0.5, w - 0.5, w, device=ratios.device), indexing="ij")
+        ref_y, ref_x = torch.meshgrid(
+            torch.linspace(0.5, h - 0.5, h, device=ratios.device),
+            torch.linspace(0.5, w - 0.5, w, device=ratios.device),
+            indexing="ij",
+        )
         ref_y = ref_y.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)
         ref_x = ref_x.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack((ref_x, ref_y), -1))
@@ -81,15 +84,17 @@ def encoder_proposals(memory: Tensor, pad_mask: Tensor, spatial_shapes: Tensor) 
     b = memory.shape[0]
     proposals, start = [], 0
     for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        m = pad_mask[:, start:start + h * w].view(b, h, w)
+        m = pad_mask[:, start : start + h * w].view(b, h, w)
         valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
-        grid_y, grid_x = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                                        torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
-                                        indexing="ij")
+        grid_y, grid_x = torch.meshgrid(
+            torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
+            torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+            indexing="ij",
+        )
         grid = torch.stack([grid_x, grid_y], -1)
         scale = torch.stack([valid_w, valid_h], 1).view(b, 1, 1, 2)
         grid = (grid[None].expand(b, -1, -1, -1) + 0.5) / scale
-        wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
+        wh = torch.ones_like(grid) * 0.05 * (2.0**lvl)
         proposals.append(torch.cat((grid, wh), -1).view(b, -1, 4))
         start += h * w
     proposals = torch.cat(proposals, 1)
@@ -112,8 +117,9 @@ class EncoderLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
-                pad_mask: Tensor) -> Tensor:
+    def forward(
+        self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor, pad_mask: Tensor
+    ) -> Tensor:
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes, pad_mask))
         return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
 
@@ -131,8 +137,15 @@ class DecoderLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, pad_mask: Tensor) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: Tensor,
+        pad_mask: Tensor,
+    ) -> Tensor:
         q = tgt + query_pos
         tgt = self.norm2(tgt + self.self_attn(q, q, tgt, need_weights=False)[0])
         tgt = self.norm1(tgt + self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, pad_mask))
@@ -189,13 +202,22 @@ class Decoder(nn.Module):
         self.bbox_embed: nn.ModuleList | None = None
         self.class_embed: nn.ModuleList | None = None
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, ratios: Tensor, pad_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: Tensor,
+        ratios: Tensor,
+        pad_mask: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         output = tgt
         for lid, layer in enumerate(self.layers):
             used = reference_points
-            output = layer(output, query_pos, _level_references(reference_points, ratios), memory,
-                           spatial_shapes, pad_mask)
+            output = layer(
+                output, query_pos, _level_references(reference_points, ratios), memory, spatial_shapes, pad_mask
+            )
             if self.bbox_embed is not None:
                 reference_points = refine_boxes(self.bbox_embed[lid], output, reference_points, self.refine_eps)
         return output, used
@@ -204,15 +226,27 @@ class Decoder(nn.Module):
 def encoder_for(cfg) -> Encoder:
     """``transformer.encoder`` as a native config (d_model, dim_feedforward, nheads,
     num_feature_levels, enc_n_points, enc_layers) describes it."""
-    return Encoder(EncoderLayer(d_model=cfg.d_model, dim_feedforward=cfg.dim_feedforward,
-                                n_levels=cfg.num_feature_levels, n_heads=cfg.nheads,
-                                n_points=cfg.enc_n_points), cfg.enc_layers)
+    return Encoder(
+        EncoderLayer(
+            d_model=cfg.d_model,
+            dim_feedforward=cfg.dim_feedforward,
+            n_levels=cfg.num_feature_levels,
+            n_heads=cfg.nheads,
+            n_points=cfg.enc_n_points,
+        ),
+        cfg.enc_layers,
+    )
 
 
 def decoder_layer_for(cfg) -> DecoderLayer:
     """One ``transformer.decoder`` layer as a native config describes it."""
-    return DecoderLayer(d_model=cfg.d_model, dim_feedforward=cfg.dim_feedforward,
-                        n_levels=cfg.num_feature_levels, n_heads=cfg.nheads, n_points=cfg.dec_n_points)
+    return DecoderLayer(
+        d_model=cfg.d_model,
+        dim_feedforward=cfg.dim_feedforward,
+        n_levels=cfg.num_feature_levels,
+        n_heads=cfg.nheads,
+        n_points=cfg.dec_n_points,
+    )
 
 
 class DinoDecoder(Decoder):
@@ -232,8 +266,16 @@ class DinoDecoder(Decoder):
         self.norm = nn.LayerNorm(d_model)
         self.d_model = d_model
 
-    def forward(self, tgt: Tensor, query_pos: Tensor | None, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, ratios: Tensor, pad_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor | None,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: Tensor,
+        ratios: Tensor,
+        pad_mask: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         output = tgt
         for lid, layer in enumerate(self.layers):
             used = reference_points

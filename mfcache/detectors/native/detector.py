@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from mfcache.detectors.base import Detector, DetectorOutput
 from mfcache.detectors.native.backbone import build_backbone
-from mfcache.detectors.native.deformable_transformer import MLP, refine_boxes, clones, valid_ratios
+from mfcache.detectors.native.deformable_transformer import MLP, clones, refine_boxes, valid_ratios
 from mfcache.detectors.native.position import image_position_embedding
 
 
@@ -24,15 +24,15 @@ class NativeConfig:
     """Architecture options shared by the family configs (defaults: the published R50 models)."""
 
     backbone: str = "resnet50"
-    window: int = 0              # Swin window size; 0: the backbone's default (see swin.SWINS)
-    dilation: bool = False       # ResNet DC5: layer4 dilated, stride 16
+    window: int = 0  # Swin window size; 0: the backbone's default (see swin.SWINS)
+    dilation: bool = False  # ResNet DC5: layer4 dilated, stride 16
     d_model: int = 256
     nheads: int = 8
     enc_layers: int = 6
     dec_layers: int = 6
     dim_feedforward: int = 2048
     num_feature_levels: int = 4
-    backbone_levels: int = 3     # C3-C5 (4-scale); 4 = C2-C5 (DINO 5-scale)
+    backbone_levels: int = 3  # C3-C5 (4-scale); 4 = C2-C5 (DINO 5-scale)
     enc_n_points: int = 4
     dec_n_points: int = 4
     num_classes: int = 91
@@ -48,8 +48,9 @@ def input_projections(in_channels: list[int], num_levels: int, d_model: int) -> 
     projs = [nn.Sequential(nn.Conv2d(c, d_model, kernel_size=1), nn.GroupNorm(groups, d_model)) for c in in_channels]
     c = in_channels[-1]
     for _ in range(num_levels - len(in_channels)):
-        projs.append(nn.Sequential(nn.Conv2d(c, d_model, kernel_size=3, stride=2, padding=1),
-                                   nn.GroupNorm(groups, d_model)))
+        projs.append(
+            nn.Sequential(nn.Conv2d(c, d_model, kernel_size=3, stride=2, padding=1), nn.GroupNorm(groups, d_model))
+        )
         c = d_model
     return nn.ModuleList(projs)
 
@@ -78,8 +79,9 @@ class NativeDetector(Detector):
         num_pred = self.num_heads()
         self.class_embed = clones(nn.Linear(cfg.d_model, cfg.num_classes), num_pred)
         self.bbox_embed = clones(MLP(cfg.d_model, cfg.d_model, 4, 3), num_pred)
-        strides = body.strides + [body.strides[-1] * 2 ** (i + 1)
-                                  for i in range(cfg.num_feature_levels - cfg.backbone_levels)]
+        strides = body.strides + [
+            body.strides[-1] * 2 ** (i + 1) for i in range(cfg.num_feature_levels - cfg.backbone_levels)
+        ]
         self.strides = tuple(strides)
         self.c1_channels = body.c1_channels
 
@@ -112,8 +114,12 @@ class NativeDetector(Detector):
                 src = proj(feats[-1] if lvl == len(feats) else srcs[-1])
             srcs.append(src)
             masks.append(_level_mask(pad_mask, src.shape[-2:]))
-        pos = [image_position_embedding(m, self.cfg.d_model // 2, temperature=self.pos_temperature,
-                                        offset=self.pos_offset).to(s.dtype) for s, m in zip(srcs, masks)]
+        pos = [
+            image_position_embedding(
+                m, self.cfg.d_model // 2, temperature=self.pos_temperature, offset=self.pos_offset
+            ).to(s.dtype)
+            for s, m in zip(srcs, masks)
+        ]
         return c1, srcs, masks, pos
 
     def forward(self, pixel_values: Tensor, pixel_mask: Tensor) -> DetectorOutput:
@@ -122,20 +128,26 @@ class NativeDetector(Detector):
             c1, srcs, masks, pos = self._levels(pixel_values, ~pixel_mask.bool())
             shapes = torch.tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=pixel_values.device)
             src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
-            pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.transformer.level_embed[lvl]
-                                  for lvl, p in enumerate(pos)], 1)
+            pos_flat = torch.cat(
+                [p.flatten(2).transpose(1, 2) + self.transformer.level_embed[lvl] for lvl, p in enumerate(pos)], 1
+            )
             pad_flat = torch.cat([m.flatten(1) for m in masks], 1)
             ratios = valid_ratios(masks)
             memory = self.transformer.encoder(src_flat, pos_flat, shapes, ratios, pad_flat)
             queries, references = self.decode(memory, pad_flat, shapes, ratios)
             last = self.cfg.dec_layers - 1
             logits = self.class_embed[last](queries)
-            boxes = refine_boxes(self.bbox_embed[last], queries, references,  # cxcywh, relative to the real image
-                                 self.transformer.decoder.refine_eps)
+            boxes = refine_boxes(
+                self.bbox_embed[last],
+                queries,
+                references,  # cxcywh, relative to the real image
+                self.transformer.decoder.refine_eps,
+            )
         real_hw = torch.stack([pixel_mask.any(2).sum(1), pixel_mask.any(1).sum(1)], 1).to(boxes.dtype)
         scale = torch.stack([real_hw[:, 1], real_hw[:, 0]] * 2, 1)[:, None]
         cx, cy, w, h = boxes.unbind(-1)
         xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1) * scale
         valid = torch.stack([torch.stack([(~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)], 1) for m in masks], 1)
-        return DetectorOutput(queries=queries, logits=logits, boxes=xyxy, memory=memory, spatial_shapes=shapes,
-                              valid=valid, c1=c1)
+        return DetectorOutput(
+            queries=queries, logits=logits, boxes=xyxy, memory=memory, spatial_shapes=shapes, valid=valid, c1=c1
+        )

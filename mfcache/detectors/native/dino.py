@@ -16,8 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mfcache.detectors.native.deformable_transformer import (MLP, DinoDecoder, decoder_layer_for, encoder_for,
-                                                             encoder_proposals)
+from mfcache.detectors.native.deformable_transformer import (
+    MLP,
+    DinoDecoder,
+    decoder_layer_for,
+    encoder_for,
+    encoder_proposals,
+)
 from mfcache.detectors.native.detector import NativeConfig, NativeDetector
 
 
@@ -64,7 +69,7 @@ class Dino(NativeDetector):
     also listed as ``transformer.decoder.{class,bbox}_embed.N`` in the originals' state dicts."""
 
     pos_temperature = 20.0  # DINO configs: pe_temperatureH = pe_temperatureW = 20
-    pos_offset = 0.0        # PositionEmbeddingSineHW normalises without the -0.5 shift
+    pos_offset = 0.0  # PositionEmbeddingSineHW normalises without the -0.5 shift
 
     def __init__(self, cfg: DinoConfig):
         super().__init__(cfg)

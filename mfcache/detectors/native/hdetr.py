@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mfcache.detectors.native.deformable_transformer import (Decoder, decoder_layer_for, encoder_for,
-                                                             encoder_proposals)
+from mfcache.detectors.native.deformable_transformer import Decoder, decoder_layer_for, encoder_for, encoder_proposals
 from mfcache.detectors.native.detector import NativeConfig, NativeDetector
 from mfcache.detectors.native.position import proposal_position_embedding
 
@@ -30,7 +29,7 @@ class HDetrConfig(NativeConfig):
     """Defaults: the released H-DETR R50 two-stage + box refine + mixed selection model
     (``dim_feedforward 2048``, 300 one-to-one and 1500 one-to-many queries)."""
 
-    num_queries: int = 300            # num_queries_one2one: the queries used at inference
+    num_queries: int = 300  # num_queries_one2one: the queries used at inference
     num_queries_one2many: int = 1500  # only sizes query_embed
     two_stage: bool = True
     box_refine: bool = True
@@ -56,8 +55,9 @@ class HDetrTransformer(nn.Module):
         else:
             self.reference_points = nn.Linear(d, 2)
 
-    def _queries(self, query_embed: Tensor | None, memory: Tensor, pad_mask: Tensor,
-                 spatial_shapes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _queries(
+        self, query_embed: Tensor | None, memory: Tensor, pad_mask: Tensor, spatial_shapes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(content queries [B, Q, D], positional queries [B, Q, D], references [B, Q, 2|4]);
         ``query_embed`` is the top-level ``query_embed.weight`` (None for plain two-stage)."""
         cfg, d, b = self.cfg, self.cfg.d_model, memory.shape[0]
@@ -80,8 +80,9 @@ class HDetrTransformer(nn.Module):
             tgt = embed[None].expand(b, -1, -1)
         return tgt, query_pos, coords.sigmoid()
 
-    def decode(self, query_embed: Tensor | None, memory: Tensor, pad_mask: Tensor, spatial_shapes: Tensor,
-               ratios: Tensor) -> tuple[Tensor, Tensor]:
+    def decode(
+        self, query_embed: Tensor | None, memory: Tensor, pad_mask: Tensor, spatial_shapes: Tensor, ratios: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """-> (last decoder layer output [B, Q, D], the references it used [B, Q, 2|4])."""
         tgt, query_pos, references = self._queries(query_embed, memory, pad_mask, spatial_shapes)
         return self.decoder(tgt, query_pos, references, memory, spatial_shapes, ratios, pad_mask)

@@ -25,8 +25,9 @@ def _interleave(x: Tensor) -> Tensor:
     return torch.stack((x[..., 0::2].sin(), x[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
-def image_position_embedding(pad_mask: Tensor, num_feats: int, *, temperature: float = 10000.0,
-                             offset: float = 0.0) -> Tensor:
+def image_position_embedding(
+    pad_mask: Tensor, num_feats: int, *, temperature: float = 10000.0, offset: float = 0.0
+) -> Tensor:
     """DETR's normalised 2-d sine embedding of a feature map.
 
     pad_mask [B, H, W] bool, True = padding -> [B, 2*num_feats, H, W] (y features, then x).

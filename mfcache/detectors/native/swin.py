@@ -219,10 +219,11 @@ class SwinTrunk(nn.Module):
         size = window or default
         self.out_indices = out_indices
         self.patch_embed = PatchEmbed(dim)
-        self.layers = nn.ModuleList(SwinStage(dim * 2 ** i, d, h, size, i < 3)
-                                    for i, (d, h) in enumerate(zip(depths, heads)))
+        self.layers = nn.ModuleList(
+            SwinStage(dim * 2**i, d, h, size, i < 3) for i, (d, h) in enumerate(zip(depths, heads))
+        )
         for i in out_indices:
-            self.add_module(f"norm{i}", nn.LayerNorm(dim * 2 ** i))
+            self.add_module(f"norm{i}", nn.LayerNorm(dim * 2**i))
 
 
 class SwinBody(nn.Module):
