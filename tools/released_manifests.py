@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("family", choices=("hdetr", "dino"))
     parser.add_argument("repo", type=Path, help="a checkout of the original repository")
     parser.add_argument("--source", required=True, help="owner/name@commit of that checkout (recorded)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "tests" / "data" / "released")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "tests" / "fixtures" / "released")
     args = parser.parse_args()
     paths = write_manifests(args.family, args.repo.resolve(), args.out, args.source)
     print(f"{len(paths)} manifests in {args.out}")

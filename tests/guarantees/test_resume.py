@@ -136,7 +136,7 @@ def test_sigterm_to_the_process_group_keeps_finished_blocks_and_the_same_command
     """scancel / a pod eviction: SIGTERM to the command and its 2 loader workers at once. It
     stops after the batch in progress with one line and status 143, no worker is left, and the
     same command again completes the cache an uninterrupted run writes."""
-    from test_interrupt import group_gone
+    from tests.guarantees.test_interrupt import group_gone
 
     out = tmp_path / "cache"
     command = [sys.executable, "-c", SLOW_BATCHES, *args(data, out)]

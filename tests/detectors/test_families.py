@@ -11,7 +11,7 @@ from typing import Callable
 
 import pytest
 import torch
-from batches import padded_batch
+from tests.helpers.batches import padded_batch
 
 from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.data.shapes import CATEGORIES

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from mfcache.cli.main import app
 from mfcache.config import preset_names
-from test_cli import COMMANDS
+from tests.cli.test_commands import COMMANDS
 
 runner = CliRunner()
 

@@ -1,7 +1,7 @@
 """Every released H-DETR and DINO configuration loads strictly through the spec the docs give
 (``docs/detectors.md``, "Released checkpoints"; the README's short table names the same specs).
 
-``tests/data/released/*.json`` are the key -> shape tables of the originals' models, built by
+``tests/fixtures/released/*.json`` are the key -> shape tables of the originals' models, built by
 the original repositories' code (``tools/released_manifests.py``), with the config files that
 build each and their architecture arguments. Each test writes a checkpoint in the released
 format (``torch.save({"model": state_dict, "args": Namespace, ...})``) whose tensors have those
@@ -22,8 +22,8 @@ import torch
 from mfcache.detectors import load_detector
 from mfcache.errors import MfcacheError
 
-ROOT = Path(__file__).parents[1]
-MANIFESTS = {p.stem: json.loads(p.read_text()) for p in sorted((ROOT / "tests" / "data" / "released").glob("*.json"))}
+ROOT = Path(__file__).parents[2]
+MANIFESTS = {p.stem: json.loads(p.read_text()) for p in sorted((ROOT / "tests" / "fixtures" / "released").glob("*.json"))}
 TABLE_PAGE, TABLE_SECTION = ROOT / "docs" / "detectors.md", "### Released checkpoints"
 
 # The originals' backbone arguments -> (native backbone, window), from their backbone code:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from mfcache.cli.main import app
 from mfcache.stopping import Interrupted, StopSignals, ignore_stop_signals, worker_batches
-from test_resume import train_cache  # noqa: F401 - a fixture shared with the resume tests
+from tests.guarantees.test_resume import train_cache  # noqa: F401 - a fixture shared with the resume tests
 
 runner = CliRunner()
 # a head with random ops (point sampling), so an off-by-one in the RNG after resuming shows

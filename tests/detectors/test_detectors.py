@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import batches
+from tests.helpers import batches
 
 from mfcache.detectors import load_detector
 from mfcache.detectors.base import DetectorOutput, Preprocess, level_shapes, select_topk

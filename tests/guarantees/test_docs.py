@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from mfcache.cli.main import app
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 MARKER = "<!-- runnable -->"

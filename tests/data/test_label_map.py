@@ -16,7 +16,7 @@ import zarr
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from cli_errors import one_error_line
+from tests.helpers.cli import one_error_line
 from mfcache.cache.reader import Cache
 from mfcache.cli.main import app
 from mfcache.config import ExtractConfig

@@ -21,7 +21,7 @@ from mfcache.cli.main import app
 from mfcache.data.coco import CocoDataset
 from mfcache.data.segmentation import OUTLINE_FLOOR, outline_length, segmentation_rle
 from mfcache.data.shapes import write_shapes_dataset
-from cli_errors import one_error_line
+from tests.helpers.cli import one_error_line
 
 runner = CliRunner()
 # Address space for a whole `extract` subprocess: a normal run of the tiny dataset peaks at

@@ -23,7 +23,7 @@ from mfcache.data.transforms import load_image
 from mfcache.errors import MfcacheError
 from mfcache.metrics import coco_evaluate
 from mfcache.stages.extract import extract
-from cli_errors import one_error_line
+from tests.helpers.cli import one_error_line
 
 runner = CliRunner()
 CONFIG = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu",

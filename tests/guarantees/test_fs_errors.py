@@ -15,7 +15,7 @@ from mfcache.stages import train as training
 from mfcache.cli.main import app
 from mfcache.config import ExtractConfig
 from mfcache.stages.extract import extract
-from cli_errors import one_error_line
+from tests.helpers.cli import one_error_line
 
 runner = CliRunner()
 FAST = ["--set", "train.batch_size=2", "--set", "train.num_workers=0", "--set", "train.device=cpu"]

@@ -24,7 +24,7 @@ def command_paths(group=None, prefix=()):
 
 
 COMMANDS = list(command_paths())
-COMMANDS_PAGE = (Path(__file__).parents[1] / "docs" / "commands" / "index.md").read_text()
+COMMANDS_PAGE = (Path(__file__).parents[2] / "docs" / "commands" / "index.md").read_text()
 
 
 def test_the_commands_are_the_documented_set():

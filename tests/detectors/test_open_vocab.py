@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from batches import padded_batch
-from cli_errors import one_error_line
+from tests.helpers.batches import padded_batch
+from tests.helpers.cli import one_error_line
 from typer.testing import CliRunner
 
 from mfcache.cli.main import app

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 import torch
-from test_families import LABELS, _batch, save_family
+from tests.detectors.test_families import LABELS, _batch, save_family
 
 from mfcache.config import ExtractConfig, HeadConfig, resolve_run_config
 from mfcache.data.transforms import to_input

@@ -32,7 +32,7 @@ from mfcache.stages.runs import CHECKPOINT
 from mfcache.stages.train import train
 from mfcache.errors import MfcacheError, UntrustedFile
 from mfcache.stages.extract import extract
-from test_native import HDETR_TINY, random_checkpoint, spec
+from tests.detectors.test_native import HDETR_TINY, random_checkpoint, spec
 
 runner = CliRunner()
 
