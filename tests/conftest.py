@@ -42,11 +42,8 @@ def demo_layout(shapes_data, tmp_path_factory):
     import json
     import shutil
 
-    from typer.testing import CliRunner
+    from tests.helpers.cli import run_ok
 
-    from mfcache.cli.main import app
-
-    runner = CliRunner()
     root = tmp_path_factory.mktemp("api")
     demo = root / "mfcache-demo"
     val = json.loads((shapes_data / "annotations" / "val.json").read_text())
@@ -63,6 +60,5 @@ def demo_layout(shapes_data, tmp_path_factory):
                   "--workers", 0],
                  ["train", "--cache", demo / "cache", "--split", "val", "--out", demo / "run",
                   "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "eval.batch_size=1"]):
-        result = runner.invoke(app, [str(a) for a in args] + ["-q"])
-        assert result.exit_code == 0, result.output
+        run_ok(*args, "-q")
     return root

@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from mfcache.api import Instances, Predictor
-from mfcache.cli.main import app
 from mfcache.data.shapes import CATEGORIES
 from mfcache.errors import MfcacheError
+from tests.helpers.cli import invoke
 
-runner = CliRunner()
 
 README = Path(__file__).parents[1] / "README.md"
 API_PAGE = Path(__file__).parents[1] / "docs" / "api.md"
@@ -68,8 +66,8 @@ def predicted(demo_dir, tmp_path_factory):
     (image path, its results.json entries)."""
     image = sorted((demo_dir / "mfcache-demo" / "data" / "val").glob("*.png"))[0]
     out = tmp_path_factory.mktemp("predicted")
-    result = runner.invoke(app, ["predict", "--run", str(demo_dir / "mfcache-demo" / "run"), str(image),
-                                 "--out", str(out), "--device", "cpu", "-q"])
+    result = invoke("predict", "--run", demo_dir / "mfcache-demo" / "run", image,
+                    "--out", out, "--device", "cpu", "-q")
     assert result.exit_code == 0, result.output
     return image, json.loads((out / "results.json").read_text())
 

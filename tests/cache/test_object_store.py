@@ -19,20 +19,19 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from typer.testing import CliRunner
 
 from mfcache.cache.lease import LEASE_NAME, TTL, acquire_lease
 from mfcache.cache.location import locate, parse_size
 from mfcache.cache.readthrough import ReadThroughStore, trim
 from mfcache.cache.reader import Cache
 from mfcache.cache.verify import verify
-from mfcache.cli.main import app
 from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.data.shapes import write_shapes_dataset
 from mfcache.errors import MfcacheError
 from mfcache.stages.evaluate import evaluate
 from mfcache.stages.extract import extract
 from mfcache.stages.train import train
+from tests.helpers.cli import invoke
 
 moto_server = pytest.importorskip("moto.server")  # in the dev extra: CI runs these tests
 
@@ -93,7 +92,7 @@ def folder_cache(data):
 def bucket_cache(s3, data):
     url = f"s3://{BUCKET}/caches/shapes"
     for split in ("train", "val"):
-        result = CliRunner().invoke(app, ["extract", *EXTRACT_ARGS, *split_args(data, split), "--out", url])
+        result = invoke("extract", *EXTRACT_ARGS, *split_args(data, split), "--out", url)
         assert result.exit_code == 0, result.output
     return url
 
@@ -125,7 +124,7 @@ def test_a_bucket_cache_gives_the_folder_cache_metrics_exactly(s3, data, folder_
     args = ["eval", "--cache", bucket_cache, "--run", str(tmp_path / "run_bucket"), "--local-cache", str(local),
             "--local-cache-size", "1GB", "-q", "--device", "cpu"]
     for attempt in range(2):
-        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / f"local{attempt}.json")])
+        result = invoke(*args, "--out", tmp_path / f"local{attempt}.json")
         assert result.exit_code == 0, result.output
         assert json.loads((tmp_path / f"local{attempt}.json").read_text())["segm"] == metrics["folder"]["segm"]
     assert any(p.is_file() for p in local.rglob("c/*"))
@@ -163,7 +162,7 @@ def test_a_second_writer_is_refused_naming_the_holder(s3, data, tmp_path):
     url = f"s3://{BUCKET}/caches/contended"
     lease = acquire_lease(locate(url))
     try:
-        result = CliRunner().invoke(app, ["extract", *EXTRACT_ARGS, *split_args(data, "val"), "--out", url])
+        result = invoke("extract", *EXTRACT_ARGS, *split_args(data, "val"), "--out", url)
         line = one_error(result)
         assert "being written by another extract" in line and f"pid {os.getpid()}" in line
         assert "lease expires at" in line and "UTC" in line
@@ -286,22 +285,22 @@ def test_a_truncated_object_is_one_error_line(s3, data, bucket_cache, tmp_path):
     url = f"s3://{BUCKET}/caches/truncated"
     run = tmp_path / "run"
     train(cache_path=locate(url), run_dir=run, config=resolve_run_config(None, TRAIN), split="train", progress=False)
-    line = one_error(CliRunner().invoke(app, ["eval", "--cache", url, "--run", str(run), "-q", "--device", "cpu"]))
+    line = one_error(invoke("eval", "--cache", url, "--run", run, "-q", "--device", "cpu"))
     assert "split 'val'" in line and "array memory" in line and "image id" in line and "damaged" in line
     assert not verify(url).ok
 
 
 def test_bad_places_are_one_error_line_without_credentials(s3, data, monkeypatch):
-    line = one_error(CliRunner().invoke(app, ["inspect", "s3://no-such-bucket-here/x"]))
+    line = one_error(invoke("inspect", "s3://no-such-bucket-here/x"))
     assert "does not exist" in line
-    line = one_error(CliRunner().invoke(app, ["verify", f"s3://user:{SECRET}@{BUCKET}/x"]))
+    line = one_error(invoke("verify", f"s3://user:{SECRET}@{BUCKET}/x"))
     assert SECRET not in line and "not in the cache URL" in line
-    line = one_error(CliRunner().invoke(app, ["inspect", f"s3://{BUCKET}/caches/none"]))
+    line = one_error(invoke("inspect", f"s3://{BUCKET}/caches/none"))
     assert "no mfcache cache at" in line
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(data / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(data / "none"))
-    line = one_error(CliRunner().invoke(app, ["extract", *EXTRACT_ARGS, *split_args(data, "val"),
-                                              "--out", f"s3://{BUCKET}/caches/nocreds"]))
+    line = one_error(invoke("extract", *EXTRACT_ARGS, *split_args(data, "val"),
+                            "--out", f"s3://{BUCKET}/caches/nocreds"))
     assert "no AWS credentials" in line

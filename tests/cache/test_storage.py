@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from typer.testing import CliRunner
 
 from mfcache.cache.reader import Cache
 from mfcache.cache.schema import dequantize, quantize
 from mfcache.cache.verify import verify
 from mfcache.cache.writer import BackgroundWriter
-from mfcache.cli.main import app
 from mfcache.config import ExtractConfig
 from mfcache.errors import MfcacheError
 from mfcache.stages.extract import extract
+from tests.helpers.cli import invoke
 
 
 def cache(data, out, **options):
@@ -95,7 +94,7 @@ def test_compressed_cache_equals_uncompressed(shapes_data, reference, tmp_path):
     for i in (0, 4):
         a, b = reference.read(i), split.read(i)
         assert all(torch.equal(x, y) for x, y in zip(a.levels, b.levels)) and torch.equal(a.c1, b.c1)
-    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "zstd")])
+    result = invoke("inspect", tmp_path / "zstd")
     assert result.exit_code == 0 and "compress=True" in result.output
 
 

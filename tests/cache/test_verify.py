@@ -5,13 +5,12 @@ import shutil
 import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
 
 from mfcache.cache.verify import verify
-from mfcache.cli.main import app
 from mfcache.config import ExtractConfig
 from mfcache.data.shapes import write_shapes_dataset
 from mfcache.stages.extract import extract
+from tests.helpers.cli import invoke
 
 CONFIG = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu", c1="store")  # c1 checked too
 
@@ -42,7 +41,7 @@ def test_healthy_cache_passes_with_a_summary(healthy):
     assert report.ok, report.problems
     (split,) = report.splits
     assert (split.num_images, split.written, split.skipped, split.pending) == (5, 5, 0, 0)
-    result = CliRunner().invoke(app, ["verify", str(healthy)])
+    result = invoke("verify", healthy)
     assert result.exit_code == 0 and "OK" in result.output
 
 
@@ -97,5 +96,5 @@ def test_malformed_fingerprint_and_cli_report(cache):
     del fp["extract"]
     root.attrs["mfcache"] = fp
     assert "fingerprint lacks extract" in problems(cache)
-    result = CliRunner().invoke(app, ["verify", str(cache)])
+    result = invoke("verify", cache)
     assert result.exit_code == 1 and "damaged" in result.output and "fingerprint lacks extract" in result.output

@@ -2,21 +2,18 @@
 progress and diagnostics on stderr, nothing wrapped in a file or a pipe; `--version`, `-h`."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from mfcache.cli.main import app
 from mfcache.config import preset_names
 from tests.cli.test_commands import COMMANDS
+from tests.helpers.cli import invoke, run_mfcache, run_ok
 
-runner = CliRunner()
+# what a narrow terminal would say; a pipe must ignore it
+NARROW = {"COLUMNS": "80"}
 
 
 @pytest.fixture(scope="module")
@@ -40,23 +37,10 @@ def made(shapes_data, tmp_path_factory):
     return root
 
 
-def invoke(*args, code=0):
-    """``mfcache ARGS`` in-process (stdout and stderr kept apart; neither is a terminal)."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    return result
-
-
-def mfcache(*args, cwd=None):
-    """``mfcache ARGS`` as a user's shell runs it with both streams piped."""
-    env = {**os.environ, "COLUMNS": "80"}  # what a narrow terminal would say; a pipe must ignore it
-    command = [sys.executable, "-c", "from mfcache.cli.main import main; main()", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
-
-
 def test_eval_pipes_its_table_to_stdout_whole_and_progress_to_stderr(made):
     out = made / ("a-folder-with-a-long-name-" * 4) / "metrics.json"
-    done = mfcache("eval", "--cache", made / "cache", "--run", made / "run", "--out", out, "--device", "cpu")
+    done = run_mfcache("eval", "--cache", made / "cache", "--run", made / "run", "--out", out, "--device", "cpu",
+                       env=NARROW)
     assert done.returncode == 0, done.stderr
     assert f"metrics written to {out}\n" in done.stdout  # one line, however long
     assert "COCO AP on val (2 images), in %" in done.stdout and "as fractions in [0, 1]" in done.stdout
@@ -68,13 +52,13 @@ def test_eval_pipes_its_table_to_stdout_whole_and_progress_to_stderr(made):
 
 
 def test_version():
-    done = mfcache("--version")
+    done = run_mfcache("--version", env=NARROW)
     assert done.returncode == 0 and done.stdout == f"mfcache {version('mfcache')}\n" and not done.stderr
 
 
 @pytest.mark.parametrize("command", [(), *COMMANDS], ids=lambda c: " ".join(c) or "mfcache")
 def test_h_is_help_everywhere(command):
-    assert "Usage: mfcache" in " ".join(invoke(*command, "-h").stdout.split())
+    assert "Usage: mfcache" in " ".join(run_ok(*command, "-h").stdout.split())
 
 
 def json_of(result) -> object:
@@ -83,17 +67,17 @@ def json_of(result) -> object:
 
 
 def test_eval_json_is_metrics_json(made, tmp_path):
-    result = invoke("eval", "--cache", made / "cache", "--run", made / "run", "--out", tmp_path / "m.json",
+    result = run_ok("eval", "--cache", made / "cache", "--run", made / "run", "--out", tmp_path / "m.json",
                     "--device", "cpu", "--json")
     assert json_of(result) == json.loads((tmp_path / "m.json").read_text())
     assert "eval" in result.stderr  # progress, on stderr
 
 
 def test_inspect_and_verify_json(made, tmp_path):
-    described = json_of(invoke("inspect", made / "cache", "--json"))
+    described = json_of(run_ok("inspect", made / "cache", "--json"))
     assert [s["name"] for s in described["splits"]] == ["train", "val"]
     assert described["detector"]["spec"] == "demo" and "error" not in described
-    verified = json_of(invoke("verify", made / "cache", "--json"))
+    verified = json_of(run_ok("verify", made / "cache", "--json"))
     assert verified["ok"] is True and verified["problems"] == []
     assert [(s["name"], s["written"]) for s in verified["splits"]] == [("train", 2), ("val", 2)]
 
@@ -101,35 +85,37 @@ def test_inspect_and_verify_json(made, tmp_path):
     shutil.copytree(made / "cache", damaged)
     chunk = next(p for p in sorted((damaged / "val" / "queries").rglob("*")) if p.is_file() and p.name != "zarr.json")
     chunk.write_bytes(chunk.read_bytes()[:10])
-    result = invoke("verify", damaged, "--json", code=1)
+    result = invoke("verify", damaged, "--json")
+    assert result.exit_code == 1, result.output
     report = json_of(result)
     assert report["ok"] is False and any("split val: queries" in p for p in report["problems"])
-    human = invoke("verify", damaged, code=1)
+    human = invoke("verify", damaged)
+    assert human.exit_code == 1, human.output
     assert "is damaged" in human.stdout and "split val: queries" in human.stdout and not human.stderr
 
 
 def test_heads_json_and_table(made):
-    presets = json_of(invoke("heads", "--json"))["presets"]
+    presets = json_of(run_ok("heads", "--json"))["presets"]
     assert [p["name"] for p in presets] == preset_names()
     assert all(p["params"] > 0 and p["description"] for p in presets)
-    table = invoke("heads")
+    table = run_ok("heads")
     assert all(name in table.stdout for name in preset_names()) and not table.stderr
 
 
 def test_sweep_json_is_sweep_json(made, tmp_path):
-    result = invoke("sweep", "--cache", made / "cache", "--heads", "box_baseline", "--steps", 1,
+    result = run_ok("sweep", "--cache", made / "cache", "--heads", "box_baseline", "--steps", 1,
                     "--set", "train.batch_size=2", "--set", "train.device=cpu", "--out", tmp_path / "s", "--json")
     rows = json_of(result)
     assert rows == json.loads((tmp_path / "s" / "sweep.json").read_text()) and rows[0]["name"] == "box_baseline"
     assert "box_baseline: mask AP" in result.stderr  # the per-head line is progress
-    table = invoke("sweep", "--cache", made / "cache", "--heads", "box_baseline", "--steps", 1,  # reuses the run
+    table = run_ok("sweep", "--cache", made / "cache", "--heads", "box_baseline", "--steps", 1,  # reuses the run
                    "--set", "train.batch_size=2", "--set", "train.device=cpu", "--out", tmp_path / "s")
     assert "mask AP (%) of 1 heads" in table.stdout and "(already done)" in table.stderr
 
 
 def test_predict_json_counts_each_image(made, shapes_data, tmp_path):
     images = sorted((shapes_data / "val").glob("*.png"))[:2]
-    result = invoke("predict", "--run", made / "run", *images, "--out", tmp_path / "p", "--device", "cpu",
+    result = run_ok("predict", "--run", made / "run", *images, "--out", tmp_path / "p", "--device", "cpu",
                     "--score-threshold", 0.05, "--json")
     summary = json_of(result)
     written = json.loads((tmp_path / "p" / "results.json").read_text())
@@ -144,5 +130,6 @@ def test_predict_json_counts_each_image(made, shapes_data, tmp_path):
 
 
 def test_errors_go_to_stderr_and_leave_stdout_empty(tmp_path):
-    result = invoke("eval", "--cache", tmp_path / "missing", "--run", tmp_path, "--json", code=1)
+    result = invoke("eval", "--cache", tmp_path / "missing", "--run", tmp_path, "--json")
+    assert result.exit_code == 1, result.output
     assert result.stdout == "" and result.stderr.startswith("error:")

@@ -13,17 +13,14 @@ import sys
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
-from typer.testing import CliRunner
 
 from mfcache.cache.reader import Cache
 from mfcache.cache.verify import verify
-from mfcache.cli.main import app
 from mfcache.data.coco import CocoDataset
 from mfcache.data.segmentation import OUTLINE_FLOOR, outline_length, segmentation_rle
 from mfcache.data.shapes import write_shapes_dataset
-from tests.helpers.cli import one_error_line
+from tests.helpers.cli import extract_demo, invoke, one_error_line
 
-runner = CliRunner()
 # Address space for a whole `extract` subprocess: a normal run of the tiny dataset peaks at
 # ~4.5 GiB of virtual memory (torch maps much it never touches); the NaN polygon used to
 # make pycocotools allocate 24 GB.
@@ -57,25 +54,19 @@ def rle_annotation(ann: dict) -> dict:
     return next(a for a in ann["annotations"] if isinstance(a["segmentation"], dict))
 
 
-def extract_cli(data, annotations, out, *extra):
-    return runner.invoke(app, ["extract", "--detector", "demo", "--images", str(data / "train"), "--annotations",
-                               str(annotations), "--out", str(out), "--workers", "0", "--topk", "10",
-                               "--target-size", "8", "--block-size", "2", "--device", "cpu", "-q", *extra])
-
-
-
 def stored_annotations(out, split="edited") -> dict:
     return Cache(out).split(split).coco().dataset
 
 
 # -- errors: one line naming the annotation id and the field, nothing written -----------------
 
+
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 1e9], ids=["nan", "inf", "-inf", "far"])
 def test_bad_polygon_coordinate_is_one_line_before_anything_is_written(data, tmp_path, value):
     def change(ann):
         polygon_annotation(ann)["segmentation"][0][3] = value
     ann_id = polygon_annotation(source(data))["id"]
-    result = extract_cli(data, edited(data, change), tmp_path / "cache")
+    result = extract_demo(data, tmp_path / "cache", annotations=edited(data, change))
     one_error_line(result, f"annotation id {ann_id}", "segmentation", "--skip-bad")
     assert not (tmp_path / "cache").exists()
 
@@ -85,7 +76,8 @@ def test_ill_typed_bbox_is_an_error(data, tmp_path, bbox):
     def change(ann):
         ann["annotations"][1]["bbox"] = bbox
     ann_id = source(data)["annotations"][1]["id"]
-    one_error_line(extract_cli(data, edited(data, change), tmp_path / "cache"), f"annotation id {ann_id}", "bbox")
+    one_error_line(extract_demo(data, tmp_path / "cache", annotations=edited(data, change)),
+                   f"annotation id {ann_id}", "bbox")
     assert not (tmp_path / "cache").exists()
 
 
@@ -94,7 +86,8 @@ def test_ill_typed_area_is_an_error(data, tmp_path, area):
     def change(ann):
         ann["annotations"][2]["area"] = area
     ann_id = source(data)["annotations"][2]["id"]
-    one_error_line(extract_cli(data, edited(data, change), tmp_path / "cache"), f"annotation id {ann_id}", "area")
+    one_error_line(extract_demo(data, tmp_path / "cache", annotations=edited(data, change)),
+                   f"annotation id {ann_id}", "area")
 
 
 @pytest.mark.parametrize("segmentation", ["absent", [], "abc", [["1", "2", "3", "4", "5", "6"]], [[1, 2, 3, 4, 5]]])
@@ -105,7 +98,7 @@ def test_missing_or_ill_typed_segmentation_is_an_error(data, tmp_path, segmentat
         else:
             ann["annotations"][0]["segmentation"] = segmentation
     ann_id = source(data)["annotations"][0]["id"]
-    result = extract_cli(data, edited(data, change), tmp_path / "cache")
+    result = extract_demo(data, tmp_path / "cache", annotations=edited(data, change))
     one_error_line(result, f"annotation id {ann_id}", "segmentation")
     if segmentation in ("absent", []):
         assert "cannot be derived" in " ".join(result.output.split())
@@ -124,7 +117,7 @@ def test_rle_of_another_size_is_an_error(data, tmp_path, kind):
             assert sum(runs) == h * w
         target["segmentation"]["size"] = [h + 1, w]
     ann_id = rle_annotation(source(data))["id"]
-    one_error_line(extract_cli(data, edited(data, change), tmp_path / "cache"),
+    one_error_line(extract_demo(data, tmp_path / "cache", annotations=edited(data, change)),
                    f"annotation id {ann_id}", "segmentation", "RLE size")
 
 
@@ -132,16 +125,18 @@ def test_rle_whose_runs_do_not_cover_the_image_is_an_error(data, tmp_path):
     def change(ann):
         target = rle_annotation(ann)
         target["segmentation"] = {"size": target["segmentation"]["size"], "counts": [5, 10, 99999]}
-    one_error_line(extract_cli(data, edited(data, change), tmp_path / "cache"), "RLE counts cover 100014 pixels")
+    one_error_line(extract_demo(data, tmp_path / "cache", annotations=edited(data, change)),
+                   "RLE counts cover 100014 pixels")
 
 
 def test_iscrowd_other_than_0_or_1_is_an_error(data, tmp_path):
     def change(ann):
         ann["annotations"][0]["iscrowd"] = 2
-    one_error_line(extract_cli(data, edited(data, change), tmp_path / "cache"), "iscrowd", "0 or 1")
+    one_error_line(extract_demo(data, tmp_path / "cache", annotations=edited(data, change)), "iscrowd", "0 or 1")
 
 
 # -- --skip-bad: recorded, counted, left out of the stored file -------------------------------
+
 
 def test_skip_bad_records_bad_annotations_and_stores_the_cleaned_file(data, tmp_path):
     ann = source(data)
@@ -151,7 +146,7 @@ def test_skip_bad_records_bad_annotations_and_stores_the_cleaned_file(data, tmp_
         del a["annotations"][0]["segmentation"]
         next(x for x in a["annotations"] if isinstance(x.get("segmentation"), list))["segmentation"][0][0] = math.nan
     out = tmp_path / "cache"
-    result = extract_cli(data, edited(data, change), out, "--skip-bad")
+    result = extract_demo(data, out, "--skip-bad", annotations=edited(data, change))
     assert result.exit_code == 0, result.output
     assert "skipped 2 bad annotations" in " ".join(result.output.split())
     split = Cache(out).split("edited")
@@ -161,7 +156,7 @@ def test_skip_bad_records_bad_annotations_and_stores_the_cleaned_file(data, tmp_
     stored = stored_annotations(out)
     assert {a["id"] for a in stored["annotations"]} == {a["id"] for a in ann["annotations"]} - set(bad)
     assert verify(out).ok
-    shown = " ".join(runner.invoke(app, ["inspect", str(out)]).output.split())
+    shown = " ".join(invoke("inspect", out).output.split())
     assert f"skipped annotation id {bad[0]}: segmentation is missing" in shown
 
 
@@ -173,7 +168,7 @@ def test_degenerate_polygons_are_dropped_and_said(data, tmp_path):
     ann = source(data)
     empty, extended = ann["annotations"][0]["id"], polygon_annotation(ann)["id"]
     out = tmp_path / "cache"
-    result = extract_cli(data, edited(data, change), out)
+    result = extract_demo(data, out, annotations=edited(data, change))
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "dropped 1 polygon part" in text and "left out 1 annotation whose polygons mark no pixel" in text
@@ -184,12 +179,13 @@ def test_degenerate_polygons_are_dropped_and_said(data, tmp_path):
 
 # -- derived fields -----------------------------------------------------------------------------
 
+
 def test_missing_bbox_area_iscrowd_are_derived_from_the_mask(data, tmp_path):
     def change(ann):
         for a in ann["annotations"]:
             del a["bbox"], a["area"], a["iscrowd"]
     out = tmp_path / "cache"
-    result = extract_cli(data, edited(data, change), out)
+    result = extract_demo(data, out, annotations=edited(data, change))
     assert result.exit_code == 0, result.output
     n = len(source(data)["annotations"])
     text = " ".join(result.output.split())
@@ -217,13 +213,13 @@ def test_extract_train_eval_on_a_file_with_derived_fields(data, tmp_path):
     path = edited(data, change)
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
     for split in ("train", "val"):  # the same images twice: eval needs a split of its own
-        result = extract_cli(data, path, cache, "--split", split, "--skip-bad")
+        result = extract_demo(data, cache, "--split", split, "--skip-bad", annotations=path)
         assert result.exit_code == 0 and "derived area" in result.output, result.output
-    result = runner.invoke(app, ["train", "--cache", str(cache), "--split", "train", "--out", str(run_dir),
-                                 "--set", "train.steps=2", "--set", "train.batch_size=2", "-q"])
+    result = invoke("train", "--cache", cache, "--split", "train", "--out", run_dir,
+                    "--set", "train.steps=2", "--set", "train.batch_size=2", "-q")
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["eval", "--cache", str(cache), "--run", str(run_dir), "--split", "val",
-                                 "--out", str(tmp_path / "metrics.json"), "-q"])
+    result = invoke("eval", "--cache", cache, "--run", run_dir, "--split", "val",
+                    "--out", tmp_path / "metrics.json", "-q")
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
@@ -232,6 +228,7 @@ def test_extract_train_eval_on_a_file_with_derived_fields(data, tmp_path):
 
 
 # -- file_name containment ----------------------------------------------------------------------
+
 
 def test_file_name_outside_images_is_refused(data, tmp_path):
     first = sorted(source(data)["images"], key=lambda im: im["id"])[0]
@@ -243,10 +240,11 @@ def test_file_name_outside_images_is_refused(data, tmp_path):
             next(im for im in ann["images"] if im["id"] == first["id"])["file_name"] = name
         return edited(data, change)
     for name in (f"../{first['file_name']}", str(outside), f"sub/../../{first['file_name']}"):
-        one_error_line(extract_cli(data, renamed(name), tmp_path / "cache"), f"image id {first['id']}", "file_name",
+        one_error_line(extract_demo(data, tmp_path / "cache", annotations=renamed(name)), f"image id {first['id']}",
+                       "file_name",
                        "--images", "--skip-bad")
         assert not (tmp_path / "cache").exists()
-    result = extract_cli(data, renamed(f"../{first['file_name']}"), tmp_path / "cache", "--skip-bad")
+    result = extract_demo(data, tmp_path / "cache", "--skip-bad", annotations=renamed(f"../{first['file_name']}"))
     assert result.exit_code == 0, result.output
     skipped = Cache(tmp_path / "cache").split("edited").skipped
     assert list(skipped) == [first["id"]] and "outside --images" in skipped[first["id"]]
@@ -260,10 +258,11 @@ def test_file_name_inside_images_may_use_subfolders(data, tmp_path):
     def change(ann):
         next(im for im in ann["images"] if im["id"] == first["id"])["file_name"] = f"sub/./x/../{first['file_name']}"
     (data / "train" / "sub" / "x").mkdir()
-    assert extract_cli(data, edited(data, change), tmp_path / "cache").exit_code == 0
+    assert extract_demo(data, tmp_path / "cache", annotations=edited(data, change)).exit_code == 0
 
 
 # -- bounded rasterisation ----------------------------------------------------------------------
+
 
 def _limited_extract(args: list[str]) -> subprocess.CompletedProcess:
     """``python -m mfcache extract ARGS`` with its address space capped at EXTRACT_ADDRESS_SPACE."""

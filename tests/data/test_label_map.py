@@ -14,11 +14,8 @@ import pytest
 import torch
 import zarr
 from pycocotools.coco import COCO
-from typer.testing import CliRunner
 
-from tests.helpers.cli import one_error_line
 from mfcache.cache.reader import Cache
-from mfcache.cli.main import app
 from mfcache.config import ExtractConfig
 from mfcache.data.labels import AGNOSTIC_CATEGORY, resolve_labels
 from mfcache.data.shapes import CATEGORIES
@@ -28,8 +25,8 @@ from mfcache.stages.evaluate import evaluate, predict_split, score
 from mfcache.stages.extract import extract
 from mfcache.stages.postprocess import kept_queries
 from mfcache.stages.runs import load_run
+from tests.helpers.cli import invoke, one_error_line, run_ok
 
-runner = CliRunner()
 EXTRACT = ExtractConfig(topk=40, target_size=16, block_size=4, num_workers=0, device="cpu")
 TRAIN = ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.num_workers=0",
          "--set", "train.device=cpu", "-q"]
@@ -39,13 +36,6 @@ RENAMED = {"ring": (16, "donut"), "star": (12, "asterisk"), "crescent": (13, "mo
 # by name or by id, as a user would mix them
 FULL_MAP = {"ring": "donut", "star": 12, "crescent": "moon", "ell": "L", "cross": "plus", "triangle": 11}
 PARTIAL_MAP = {"ring": "donut", "star": 12, "crescent": "moon", "ell": "L"}  # wedge and plus unreachable
-
-
-def cli(*args, ok=True):
-    result = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 def write_json(path, data):
@@ -86,7 +76,7 @@ def caches(data):
            "map": extract_to(data, "full_map", label_map=FULL_MAP),
            "agnostic": extract_to(data, "agnostic", class_agnostic=True)}
     for kind in ("map", "agnostic"):
-        cli("train", "--cache", out[kind], "--out", data["root"] / f"run_{kind}", *TRAIN)
+        run_ok("train", "--cache", out[kind], "--out", data["root"] / f"run_{kind}", *TRAIN)
     return out
 
 
@@ -96,8 +86,8 @@ def split_arrays(cache, *names):
 
 
 def test_renamed_categories_without_a_map_are_refused_with_the_fix(data):
-    result = cli("extract", "--detector", "demo", "--images", data["images"], "--annotations", data["renamed"],
-                 "--out", data["root"] / "refused", "--workers", 0, "-q", ok=False)
+    result = invoke("extract", "--detector", "demo", "--images", data["images"], "--annotations", data["renamed"],
+                    "--out", data["root"] / "refused", "--workers", 0, "-q")
     one_error_line(result, "none of the detector's labels", "donut", "--label-map FILE", "--class-agnostic")
     assert not (data["root"] / "refused" / "zarr.json").exists()
 
@@ -112,16 +102,16 @@ def test_renamed_categories_without_a_map_are_refused_with_the_fix(data):
 ])
 def test_a_bad_label_map_is_one_error_line_and_leaves_no_cache(data, tmp_path, text, needles):
     (tmp_path / "map.json").write_text(text)
-    result = cli("extract", "--detector", "demo", "--images", data["images"], "--annotations", data["renamed"],
-                 "--out", tmp_path / "cache", "--label-map", tmp_path / "map.json", "--workers", 0, "-q", ok=False)
+    result = invoke("extract", "--detector", "demo", "--images", data["images"], "--annotations", data["renamed"],
+                    "--out", tmp_path / "cache", "--label-map", tmp_path / "map.json", "--workers", 0, "-q")
     one_error_line(result, f"--label-map {tmp_path / 'map.json'}", *needles)
     assert not (tmp_path / "cache" / "zarr.json").exists()
 
 
 def test_label_map_and_class_agnostic_exclude_each_other(data, tmp_path):
-    result = cli("extract", "--detector", "demo", "--images", data["images"], "--annotations", data["renamed"],
-                 "--out", tmp_path / "cache", "--label-map", write_json(tmp_path / "m.json", FULL_MAP),
-                 "--class-agnostic", "-q", ok=False)
+    result = invoke("extract", "--detector", "demo", "--images", data["images"], "--annotations", data["renamed"],
+                    "--out", tmp_path / "cache", "--label-map", write_json(tmp_path / "m.json", FULL_MAP),
+                    "--class-agnostic", "-q")
     one_error_line(result, "--label-map and --class-agnostic exclude each other")
 
 
@@ -129,9 +119,9 @@ def test_partial_map_warns_with_the_unreachable_categories_and_inspect_shows_the
     renamed = json.loads(data["renamed"].read_text())
     instances = Counter(a["category_id"] for a in renamed["annotations"] if not a["iscrowd"])
     write_json(data["root"] / "partial.json", PARTIAL_MAP)
-    result = cli("extract", "--detector", "demo", "--images", data["images"], "--annotations", data["renamed"],
-                 "--out", data["root"] / "partial", "--label-map", data["root"] / "partial.json", "--topk", 40,
-                 "--target-size", 16, "--workers", 0, "-q")
+    result = run_ok("extract", "--detector", "demo", "--images", data["images"], "--annotations", data["renamed"],
+                    "--out", data["root"] / "partial", "--label-map", data["root"] / "partial.json", "--topk", 40,
+                    "--target-size", 16, "--workers", 0, "-q")
     text = " ".join(result.output.split())
     warning = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1, result.output
@@ -141,7 +131,7 @@ def test_partial_map_warns_with_the_unreachable_categories_and_inspect_shows_the
 
     split = Cache(data["root"] / "partial").split("val")
     assert split.label_to_category.tolist() == [16, 12, 13, 14, -1, -1]  # cross and triangle: no category
-    shown = " ".join(cli("inspect", data["root"] / "partial").output.split())
+    shown = " ".join(run_ok("inspect", data["root"] / "partial").output.split())
     assert "labels (label map): ring -> donut (16), star -> asterisk (12), crescent -> moon (13), ell -> L (14)" in shown
     assert f"never predicted): wedge ({instances[11]} GT), plus ({instances[15]} GT)" in shown
 
@@ -207,10 +197,10 @@ def test_class_agnostic_caches_each_query_once_and_eval_scores_one_class(data, c
     assert metrics["segm"] == expected["segm"] and metrics["bbox"] == expected["bbox"]
     assert metrics["bbox"]["AP50"] > 0.5
 
-    title = " ".join(cli("eval", "--cache", caches["agnostic"], "--run", data["root"] / "run_agnostic",
-                         "--out", data["root"] / "agnostic_metrics.json", "-q").output.split())
+    title = " ".join(run_ok("eval", "--cache", caches["agnostic"], "--run", data["root"] / "run_agnostic",
+                            "--out", data["root"] / "agnostic_metrics.json", "-q").output.split())
     assert "class-agnostic: all categories as one" in title
-    shown = " ".join(cli("inspect", caches["agnostic"]).output.split())
+    shown = " ".join(run_ok("inspect", caches["agnostic"]).output.split())
     assert "labels (class-agnostic): every detection is a candidate, in one category 'object'" in shown
 
 
@@ -220,7 +210,7 @@ def test_predict_writes_the_dataset_categories_or_the_one_class_agnostic_categor
     for run, categories in (("run_map", [{"id": i, "name": n} for i, n in renamed]),
                             ("run_agnostic", [{"id": 1, "name": "object"}])):
         out = tmp_path / run
-        cli("predict", "--detector", "demo", "--run", data["root"] / run, image, "--out", out, "-q")
+        run_ok("predict", "--detector", "demo", "--run", data["root"] / run, image, "--out", out, "-q")
         images = json.loads((out / "images.json").read_text())
         results = json.loads((out / "results.json").read_text())
         assert images["categories"] == categories
@@ -232,10 +222,10 @@ def test_a_changed_mapping_is_another_cache(data, caches):
     write_json(data["root"] / "other.json", {**FULL_MAP, "cross": None})
     for option, why in ((["--label-map", data["root"] / "other.json"], "'cross': \"plus\" in the cache, null asked for"),
                         (["--class-agnostic"], "(asked for class-agnostic labels)")):
-        result = cli("extract", "--detector", "demo", "--images", data["images"], "--annotations", data["renamed"],
-                     "--out", caches["map"], "--topk", 40, "--target-size", 16, "--workers", 0, "-q", *option, ok=False)
+        result = invoke("extract", "--detector", "demo", "--images", data["images"], "--annotations", data["renamed"],
+                        "--out", caches["map"], "--topk", 40, "--target-size", 16, "--workers", 0, "-q", *option)
         one_error_line(result, f"cache {caches['map']} was made with", why, "another label mapping is another cache")
-    result = cli("eval", "--cache", caches["agnostic"], "--run", data["root"] / "run_map", "-q", ok=False)
+    result = invoke("eval", "--cache", caches["agnostic"], "--run", data["root"] / "run_map", "-q")
     one_error_line(result, "was trained on a cache made with label map", "asked for class-agnostic labels")
 
 

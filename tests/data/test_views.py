@@ -28,6 +28,7 @@ from mfcache.detectors import load_detector
 from mfcache.errors import MfcacheError
 from mfcache.stages.extract import detector_batches, extract
 from mfcache.stages.sampling import StepBatches, ViewStepBatches, step_batches
+from tests.helpers.cli import invoke
 
 TARGET = 16
 
@@ -108,11 +109,9 @@ def test_the_summary_counts_images_and_views_apart(caches, shapes_data):
     assert (again.num_images, again.views, again.written) == (2 * n, 2, 0)
     assert again.rows_line() == f"{n} images x 2 views ({2 * n} rows)"
     assert run_extract(shapes_data, caches[0], 1).rows_line() == f"{n} images"
-    from typer.testing import CliRunner
 
-    from mfcache.cli.main import app
 
-    shown = " ".join(CliRunner().invoke(app, ["inspect", str(caches[1])]).output.split())
+    shown = " ".join(invoke("inspect", caches[1]).output.split())
     assert f"split val: {n}/{n} images complete (2 views each, {2 * n} rows)" in shown  # not "n/2n": half done
     assert "per image (2 views)" in shown
 

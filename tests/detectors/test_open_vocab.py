@@ -16,10 +16,8 @@ import numpy as np
 import pytest
 import torch
 from tests.helpers.batches import padded_batch
-from tests.helpers.cli import one_error_line
-from typer.testing import CliRunner
+from tests.helpers.cli import invoke, one_error_line, run_ok
 
-from mfcache.cli.main import app
 from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.data.prompts import prompt_phrases, read_prompts, with_implied_map
 from mfcache.data.shapes import CATEGORIES
@@ -29,7 +27,6 @@ from mfcache.errors import MfcacheError
 
 transformers = pytest.importorskip("transformers")
 T = transformers
-runner = CliRunner()
 WORDS = (*CATEGORIES, "circle", "moon", "detect")
 SIZES = [(64, 91), (48, 64)]  # unpadded inputs (Grounding DINO: shortest edge 64, longest 100)
 FIXED = (64, 64)  # OmDet-Turbo's input size
@@ -137,13 +134,6 @@ def saved(request, tmp_path_factory):
 def grounding_saved(tmp_path_factory):
     """One family only: the prompt -> category mapping is the same for every family."""
     return _save("grounding-dino", tmp_path_factory)
-
-
-def cli(*args, ok=True):
-    result = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 def _extract(path, shapes, out, split="val", **options):
@@ -303,9 +293,9 @@ def test_extract_train_evaluate_predict_with_the_recorded_prompt(saved, shapes, 
     assert cache.detector.family == name and cache.detector.prompts == CATEGORIES == cache.detector.label_names
     assert cache.fingerprint["detector"]["prompts"] == list(CATEGORIES)
     assert cache.split("val").label_to_category.tolist() == [1, 2, 3, 4, 5, 6]  # the phrases name the categories
-    shown = " ".join(cli("inspect", extracted).output.split())
+    shown = " ".join(run_ok("inspect", extracted).output.split())
     assert 'prompt 6 phrases: "ring", "star", "crescent", "ell", "cross", "triangle"' in shown
-    assert json.loads(cli("inspect", extracted, "--json").output)["detector"]["prompts"] == list(CATEGORIES)
+    assert json.loads(run_ok("inspect", extracted, "--json").output)["detector"]["prompts"] == list(CATEGORIES)
 
     run = resolve_run_config(None, ["train.steps=1", "train.batch_size=2", "train.device=cpu", "train.min_iou=0"])
     train(cache_path=extracted, run_dir=tmp_path / "run", config=run, split="train", progress=False)
@@ -323,9 +313,9 @@ def test_a_changed_prompt_is_another_cache(saved, shapes, extracted, tmp_path):
     name, family, path, *_ = saved
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({"crescent": "moon"}))
-    result = cli("extract", "--detector", f"hf:{path}", "--images", shapes / "val", "--annotations",
-                 shapes / "annotations" / "val.json", "--out", extracted, "--topk", EXTRACT.topk, "--target-size",
-                 EXTRACT.target_size, "--workers", 0, "--device", "cpu", "--prompts", prompts, "-q", ok=False)
+    result = invoke("extract", "--detector", f"hf:{path}", "--images", shapes / "val", "--annotations",
+                    shapes / "annotations" / "val.json", "--out", extracted, "--topk", EXTRACT.topk, "--target-size",
+                    EXTRACT.target_size, "--workers", 0, "--device", "cpu", "--prompts", prompts, "-q")
     one_error_line(result, f"cache {extracted} was made with another prompt",
                    "phrase 3 is 'crescent' in the cache, 'moon' asked for", "another prompt is another cache")
 
@@ -380,9 +370,9 @@ def test_a_bad_prompt_file_is_one_clear_error(tmp_path, text, needle):
 
 def test_a_detector_with_fixed_classes_refuses_prompts(shapes, tmp_path):
     (tmp_path / "p.json").write_text('["ring"]')
-    result = cli("extract", "--detector", "demo", "--images", shapes / "val", "--annotations",
-                 shapes / "annotations" / "val.json", "--out", tmp_path / "cache", "--workers", 0,
-                 "--prompts", tmp_path / "p.json", "-q", ok=False)
+    result = invoke("extract", "--detector", "demo", "--images", shapes / "val", "--annotations",
+                    shapes / "annotations" / "val.json", "--out", tmp_path / "cache", "--workers", 0,
+                    "--prompts", tmp_path / "p.json", "-q")
     one_error_line(result, "demo (deformable_detr) has fixed classes; --prompts applies to open-vocabulary detectors")
     assert not (tmp_path / "cache" / "zarr.json").exists()
 

@@ -11,11 +11,7 @@ may move), and runs on the CPU, so the figures below are the ones the test repro
 
 import json
 
-from typer.testing import CliRunner
-
-from mfcache.cli.main import app
-
-runner = CliRunner()
+from tests.helpers.cli import run_ok
 
 SEED, NUM_TRAIN, NUM_VAL = 7, 48, 24
 HEAD, STEPS, BATCH, LR = "blendmask", 200, 4, 1e-3
@@ -35,23 +31,17 @@ BBOX_AP_FLOOR = 0.47
 MARGIN_OVER_BOX_FILLED = 0.1
 
 
-def mfcache(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 def test_a_short_run_learns_masks_well_above_filled_boxes(tmp_path):
     data, cache, run = tmp_path / "data", tmp_path / "cache", tmp_path / "run"
-    mfcache("data", "shapes", "--out", data, "--train", NUM_TRAIN, "--val", NUM_VAL, "--seed", SEED, "-q")
+    run_ok("data", "shapes", "--out", data, "--train", NUM_TRAIN, "--val", NUM_VAL, "--seed", SEED, "-q")
     for split in ("train", "val"):
-        mfcache("extract", "--detector", "demo", "--images", data / split,
-                "--annotations", data / "annotations" / f"{split}.json", "--out", cache,
-                "--workers", 0, "--device", "cpu", "-q")
-    mfcache("train", "--cache", cache, "--out", run, "--head", HEAD,
-            "--set", f"train.steps={STEPS}", "--set", f"train.batch_size={BATCH}", "--set", f"train.lr={LR}",
-            "--set", "train.num_workers=0", "--set", "train.device=cpu", "-q")
-    mfcache("eval", "--cache", cache, "--run", run, "--out", tmp_path / "metrics.json", "--device", "cpu", "-q")
+        run_ok("extract", "--detector", "demo", "--images", data / split,
+               "--annotations", data / "annotations" / f"{split}.json", "--out", cache,
+               "--workers", 0, "--device", "cpu", "-q")
+    run_ok("train", "--cache", cache, "--out", run, "--head", HEAD,
+           "--set", f"train.steps={STEPS}", "--set", f"train.batch_size={BATCH}", "--set", f"train.lr={LR}",
+           "--set", "train.num_workers=0", "--set", "train.device=cpu", "-q")
+    run_ok("eval", "--cache", cache, "--run", run, "--out", tmp_path / "metrics.json", "--device", "cpu", "-q")
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["num_images"] == NUM_VAL

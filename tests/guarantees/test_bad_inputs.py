@@ -10,22 +10,19 @@ import pytest
 import torch
 import zarr
 from PIL import Image
-from typer.testing import CliRunner
 
 from mfcache.cache import writer as writer_module
 from mfcache.cache.reader import Cache
 from mfcache.cache.verify import verify
 from mfcache.cache.writer import open_root
-from mfcache.cli.main import app
 from mfcache.config import ExtractConfig
 from mfcache.data.shapes import CATEGORIES, write_shapes_dataset
 from mfcache.data.transforms import load_image
 from mfcache.errors import MfcacheError
 from mfcache.metrics import coco_evaluate
 from mfcache.stages.extract import extract
-from tests.helpers.cli import one_error_line
+from tests.helpers.cli import extract_demo, invoke, one_error_line
 
-runner = CliRunner()
 CONFIG = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu",
                        c1="store")  # the disk-full test counts the writes of memory and c1
 
@@ -36,14 +33,6 @@ def data(tmp_path):
     return tmp_path / "d"
 
 
-def cli(data, out, *extra, annotations=None):
-    ann = annotations or data / "annotations" / "train.json"
-    return runner.invoke(app, ["extract", "--detector", "demo", "--images", str(data / "train"), "--annotations",
-                               str(ann), "--out", str(out), "--workers", "0", "--topk", "10", "--target-size", "8",
-                               "--block-size", "2", "--device", "cpu", "-q", *extra])
-
-
-
 @pytest.mark.parametrize("option, value, allowed", [
     ("--c1", "stored", "auto, store, recompute, none"),
     ("--dtype", "int4", "float16, float32, int8"),
@@ -51,7 +40,7 @@ def cli(data, out, *extra, annotations=None):
     ("--levels", "-1", ">= 0"),
 ])
 def test_a_bad_option_value_is_one_line_naming_the_option(data, tmp_path, option, value, allowed):
-    result = cli(data, tmp_path / "cache", option, value)
+    result = extract_demo(data, tmp_path / "cache", option, value)
     one_error_line(result, f"{option} must", allowed, repr(value) if option != "--levels" else "(-1,)")
     assert not (tmp_path / "cache").exists()  # refused before anything is made
 
@@ -70,18 +59,18 @@ def test_missing_image_keeps_finished_blocks_and_skip_bad_records_it(data, tmp_p
     saved = path.read_bytes()
     path.unlink()
     out = tmp_path / "cache"
-    one_error_line(cli(data, out), "image file not found", path.name, "--skip-bad")
+    one_error_line(extract_demo(data, out), "image file not found", path.name, "--skip-bad")
     assert done(out).tolist() == [1, 1, 0, 0, 0, 0]  # the first block survived the error
-    assert cli(data, out, "--skip-bad").exit_code == 0
+    assert extract_demo(data, out, "--skip-bad").exit_code == 0
     assert done(out).tolist() == [1, 1, 1, 2, 1, 1]
     split = Cache(out).split()
     assert list(split.skipped) == [image_id] and "not found" in split.skipped[image_id]
     split.require_complete()  # skipped counts as finished
     assert 3 not in split.done.tolist() and verify(out).ok
-    shown = " ".join(runner.invoke(app, ["inspect", str(out)]).output.split())
+    shown = " ".join(invoke("inspect", out).output.split())
     assert f"skipped image id {image_id}: image file not found" in shown
     path.write_bytes(saved)  # fixed: a run without --skip-bad tries it again
-    assert cli(data, out).exit_code == 0
+    assert extract_demo(data, out).exit_code == 0
     assert done(out).tolist() == [1] * 6 and Cache(out).split().skipped == {} and verify(out).ok
 
 
@@ -90,7 +79,7 @@ def test_unreadable_image(data, tmp_path, damage):
     path, _ = image_file(data, 0)
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 3] if damage == "truncated" else b"not an image at all" * 10)
-    one_error_line(cli(data, tmp_path / "cache"), "cannot decode image", path.name)
+    one_error_line(extract_demo(data, tmp_path / "cache"), "cannot decode image", path.name)
 
 
 def edit_annotations(data, change):
@@ -104,16 +93,16 @@ def edit_annotations(data, change):
 def test_bad_annotation_files(data, tmp_path):
     bad = data / "annotations" / "bad.json"
     bad.write_text('{"images": [')
-    one_error_line(cli(data, tmp_path / "c", annotations=bad), "malformed annotation JSON", "bad.json")
+    one_error_line(extract_demo(data, tmp_path / "c", annotations=bad), "malformed annotation JSON", "bad.json")
     path = edit_annotations(data, lambda a: a["annotations"][0].update(image_id=987654))
-    one_error_line(cli(data, tmp_path / "c", annotations=path), "unknown image id 987654")
+    one_error_line(extract_demo(data, tmp_path / "c", annotations=path), "unknown image id 987654")
     path = edit_annotations(data, lambda a: a["annotations"][0].update(category_id=4321))
-    one_error_line(cli(data, tmp_path / "c", annotations=path), "unknown category id 4321")
+    one_error_line(extract_demo(data, tmp_path / "c", annotations=path), "unknown category id 4321")
 
 
 def test_cache_of_another_detector_or_annotation_file(data, tmp_path):
     out = tmp_path / "cache"
-    assert cli(data, out).exit_code == 0
+    assert extract_demo(data, out).exit_code == 0
     before = done(out).copy()
     fp = dict(zarr.open_group(out, mode="r").attrs["mfcache"])
     fp["detector"] = {**fp["detector"], "weights_sha256": "0" * 64}
@@ -124,7 +113,7 @@ def test_cache_of_another_detector_or_annotation_file(data, tmp_path):
     other_dir = tmp_path / "other"
     other_dir.mkdir()
     shutil.move(other, other_dir / renamed.name)
-    one_error_line(cli(data, out, annotations=other_dir / "train.json"), "another annotation file")
+    one_error_line(extract_demo(data, out, annotations=other_dir / "train.json"), "another annotation file")
     np.testing.assert_array_equal(done(out), before)
     assert verify(out).ok
 

@@ -19,6 +19,7 @@ from mfcache.config import TrainConfig, preset_names, resolve_run_config
 from mfcache.heads import build_head
 from mfcache.ops.losses import head_loss, resize_targets
 from mfcache.stages.postprocess import run_head
+from tests.helpers.cli import run_ok
 
 D, C1, LEVELS, K = 32, 8, 4, 3
 STRIDES = tuple(8 * 2 ** l for l in range(LEVELS))
@@ -164,23 +165,13 @@ def cache_and_run(shapes_data, tmp_path_factory, batch_size: int):
     them at batch 4; made once per batch size."""
     if batch_size not in _caches:
         root = tmp_path_factory.mktemp(f"batch{batch_size}")
-        cli("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations",
-            shapes_data / "annotations" / "val.json", "--out", root / "cache", "--batch-size", batch_size,
-            "--workers", 0, "-q")
-        cli("train", "--cache", root / "cache", "--out", root / "run", "--head", "neck_conv_gn",
-            "--set", "train.steps=2", "--set", "train.batch_size=4", "-q")
+        run_ok("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations",
+               shapes_data / "annotations" / "val.json", "--out", root / "cache", "--batch-size", batch_size,
+               "--workers", 0, "-q")
+        run_ok("train", "--cache", root / "cache", "--out", root / "run", "--head", "neck_conv_gn",
+               "--set", "train.steps=2", "--set", "train.batch_size=4", "-q")
         _caches[batch_size] = root
     return _caches[batch_size]
-
-
-def cli(*args):
-    from typer.testing import CliRunner
-
-    from mfcache.cli.main import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def test_eval_results_and_ap_do_not_depend_on_the_batch_size(shapes_data, tmp_path_factory):
@@ -215,8 +206,8 @@ def test_predict_on_cached_images_equals_eval(shapes_data, tmp_path_factory, tmp
     from mfcache.stages.evaluate import evaluate
 
     cached = cache_and_run(shapes_data, tmp_path_factory, batch_size)
-    cli("predict", "--detector", "demo", "--run", cached / "run", shapes_data / "val", "--out", tmp_path / "out",
-        "--batch-size", batch_size, "-q")
+    run_ok("predict", "--detector", "demo", "--run", cached / "run", shapes_data / "val", "--out", tmp_path / "out",
+           "--batch-size", batch_size, "-q")
     captured = {}
     evaluate(cache_path=cached / "cache", run_dir=cached / "run", out=tmp_path / "metrics.json", progress=False,
              on_results=lambda split, results: captured.update(results=results))

@@ -15,17 +15,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from mfcache.cli.main import app
+from tests.helpers.cli import invoke
 
 ROOT = Path(__file__).parents[2]
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 MARKER = "<!-- runnable -->"
 BLOCK = re.compile(re.escape(MARKER) + r"\n```(bash|python)\n(.*?)```", re.DOTALL)
-
-runner = CliRunner()
 
 
 def pages() -> list[Path]:
@@ -58,7 +56,7 @@ def test_generated_pages_equal_what_the_script_renders():
 
 
 def _help_options(args: list[str]) -> set[str]:
-    result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    result = invoke(*args, "--help", env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert result.exit_code == 0, result.output
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*|-[a-zA-Z])(?![\w-])", result.output))
 
@@ -117,7 +115,7 @@ def test_runnable_blocks_run(path, demo_layout, tmp_path, monkeypatch):
             exec(compile(code, where, "exec"), {"__name__": "__docs__"})
             continue
         for args in shell_commands(code):
-            result = runner.invoke(app, [*args, "-q"] if args[0] in {"extract", "train", "eval"} else args)
+            result = invoke(*args, *(["-q"] if args[0] in {"extract", "train", "eval"} else []))
             assert result.exit_code == 0, f"{where}: mfcache {shlex.join(args)}\n{result.output}"
 
 

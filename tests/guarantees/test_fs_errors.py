@@ -8,22 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from mfcache.stages import evaluate as evaluation
 from mfcache.stages import train as training
-from mfcache.cli.main import app
 from mfcache.config import ExtractConfig
 from mfcache.stages.extract import extract
-from tests.helpers.cli import one_error_line
+from tests.helpers.cli import invoke, one_error_line
 
-runner = CliRunner()
 FAST = ["--set", "train.batch_size=2", "--set", "train.num_workers=0", "--set", "train.device=cpu"]
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +26,7 @@ def cache(shapes_data, tmp_path_factory):
                 out=root / "cache", config=ExtractConfig(topk=10, target_size=16, num_workers=0, device="cpu",
                                                          c1="store"),  # the plan's c1 term is checked
                 progress=False)
-    result = cli("train", "--cache", root / "cache", "--out", root / "run", "--set", "train.steps=1", *FAST, "-q")
+    result = invoke("train", "--cache", root / "cache", "--out", root / "run", "--set", "train.steps=1", *FAST, "-q")
     assert result.exit_code == 0, result.output
     return root
 
@@ -129,9 +121,10 @@ def full_disk(monkeypatch, when):
 
 # --- an --out that names a file (or, for eval, a folder) ---
 
+
 def test_train_out_naming_a_file(cache, tmp_path):
     (tmp_path / "taken").write_text("x")
-    one_error_line(cli("train", "--cache", cache / "cache", "--out", tmp_path / "taken", "--set", "train.steps=1", *FAST, "-q"),
+    one_error_line(invoke("train", "--cache", cache / "cache", "--out", tmp_path / "taken", "--set", "train.steps=1", *FAST, "-q"),
               "--out", "is a file")
 
 
@@ -140,7 +133,7 @@ def test_predict_out_naming_a_file(cache, shapes_data, tmp_path, monkeypatch):
     forbid(monkeypatch, mfcache.stages.predict, "load_detector")
     (tmp_path / "taken").write_text("x")
     image = sorted((shapes_data / "val").glob("*.png"))[0]
-    one_error_line(cli("predict", "--detector", "demo", "--run", cache / "run", image, "--out", tmp_path / "taken", "-q"),
+    one_error_line(invoke("predict", "--detector", "demo", "--run", cache / "run", image, "--out", tmp_path / "taken", "-q"),
               "--out", "is a file")
 
 
@@ -148,26 +141,27 @@ def test_sweep_out_naming_a_file(cache, tmp_path, monkeypatch):
     import mfcache.stages.sweep
     forbid(monkeypatch, mfcache.stages.sweep, "train")
     (tmp_path / "taken").write_text("x")
-    one_error_line(cli("sweep", "--cache", cache / "cache", "--heads", "box_baseline", "--steps", 1, "--out",
-                  tmp_path / "taken", "-q"), "--out", "is a file")
+    one_error_line(invoke("sweep", "--cache", cache / "cache", "--heads", "box_baseline", "--steps", 1, "--out",
+                     tmp_path / "taken", "-q"), "--out", "is a file")
 
 
 def test_eval_out_naming_a_folder_fails_before_evaluating(cache, tmp_path, monkeypatch):
     forbid(monkeypatch, evaluation, "predict_split")
     (tmp_path / "metrics").mkdir()
-    one_error_line(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out", tmp_path / "metrics", "-q"),
+    one_error_line(invoke("eval", "--cache", cache / "cache", "--run", cache / "run", "--out", tmp_path / "metrics", "-q"),
               "is a folder")
 
 
 # --- read-only folders ---
+
 
 def test_a_new_cache_in_a_read_only_folder(shapes_data, tmp_path, monkeypatch, restore_modes):
     import mfcache.stages.extract
     forbid(monkeypatch, mfcache.stages.extract, "load_detector")
     restore_modes.append(tmp_path / "ro")
     read_only(monkeypatch, tmp_path / "ro")
-    one_error_line(cli("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations",
-                  shapes_data / "annotations" / "val.json", "--out", tmp_path / "ro" / "cache", "--workers", 0, "-q"),
+    one_error_line(invoke("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations",
+                     shapes_data / "annotations" / "val.json", "--out", tmp_path / "ro" / "cache", "--workers", 0, "-q"),
               "cannot write", "read-only")
     assert not (tmp_path / "ro" / "cache").exists()
 
@@ -176,26 +170,27 @@ def test_metrics_in_a_read_only_folder_fail_before_evaluating(cache, tmp_path, m
     forbid(monkeypatch, evaluation, "predict_split")
     restore_modes.append(tmp_path / "ro")
     read_only(monkeypatch, tmp_path / "ro")
-    one_error_line(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out",
-                  tmp_path / "ro" / "metrics.json", "-q"), "cannot write", "read-only")
+    one_error_line(invoke("eval", "--cache", cache / "cache", "--run", cache / "run", "--out",
+                     tmp_path / "ro" / "metrics.json", "-q"), "cannot write", "read-only")
 
 
 def test_a_run_in_a_read_only_folder(cache, tmp_path, monkeypatch, restore_modes):
     forbid(monkeypatch, training, "Cache")
     restore_modes.append(tmp_path / "ro")
     read_only(monkeypatch, tmp_path / "ro")
-    one_error_line(cli("train", "--cache", cache / "cache", "--out", tmp_path / "ro" / "run", "--set", "train.steps=1",
-                  *FAST, "-q"), "cannot write", "read-only")
+    one_error_line(invoke("train", "--cache", cache / "cache", "--out", tmp_path / "ro" / "run", "--set", "train.steps=1",
+                     *FAST, "-q"), "cannot write", "read-only")
 
 
 # --- a full disk ---
+
 
 def test_disk_full_while_training_keeps_the_last_checkpoint(cache, tmp_path, monkeypatch):
     run = tmp_path / "run"
     # the disk fills up once the first checkpoint (step 2) is written
     full_disk(monkeypatch, lambda path: path.is_relative_to(run) and (run / "checkpoint.pt").exists())
-    result = cli("train", "--cache", cache / "cache", "--out", run, "--set", "train.steps=6",
-                 "--set", "train.checkpoint_every=2", "--set", "train.log_every=1", *FAST, "-q")
+    result = invoke("train", "--cache", cache / "cache", "--out", run, "--set", "train.steps=6",
+                    "--set", "train.checkpoint_every=2", "--set", "train.log_every=1", *FAST, "-q")
     one_error_line(result, "disk full")
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
     assert not list(run.glob("*.tmp"))
@@ -205,8 +200,8 @@ def test_disk_full_while_saving_a_checkpoint(cache, tmp_path, monkeypatch):
     run = tmp_path / "run"
     full_disk(monkeypatch, lambda path: path.is_relative_to(run) and path.suffix == ".tmp"
               and (run / "checkpoint.pt").exists())
-    result = cli("train", "--cache", cache / "cache", "--out", run, "--set", "train.steps=4",
-                 "--set", "train.checkpoint_every=2", *FAST, "-q")
+    result = invoke("train", "--cache", cache / "cache", "--out", run, "--set", "train.steps=4",
+                    "--set", "train.checkpoint_every=2", *FAST, "-q")
     one_error_line(result, "checkpoint", "disk full")
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
     assert not list(run.glob("*.tmp"))
@@ -215,12 +210,13 @@ def test_disk_full_while_saving_a_checkpoint(cache, tmp_path, monkeypatch):
 def test_disk_full_while_writing_metrics(cache, tmp_path, monkeypatch):
     out = tmp_path / "m" / "metrics.json"
     full_disk(monkeypatch, lambda path: path.is_relative_to(tmp_path / "m"))
-    one_error_line(cli("eval", "--cache", cache / "cache", "--run", cache / "run", "--out", out, "-q"),
+    one_error_line(invoke("eval", "--cache", cache / "cache", "--run", cache / "run", "--out", out, "-q"),
               "metrics", "disk full")
     assert not out.exists() and not list((tmp_path / "m").glob("*.tmp"))
 
 
 # --- the storage plan: printed before the first batch, refused when the disk cannot hold it ---
+
 
 def test_extract_refuses_a_plan_larger_than_the_free_space(shapes_data, tmp_path, monkeypatch):
     from collections import namedtuple
@@ -232,7 +228,7 @@ def test_extract_refuses_a_plan_larger_than_the_free_space(shapes_data, tmp_path
     forbid(monkeypatch, mfcache.stages.extract, "_run_detector")  # refused before the first batch
     args = ["extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations",
             shapes_data / "annotations" / "val.json", "--out", tmp_path / "cache", "--workers", 0, "-q"]
-    one_error_line(cli(*args), "needs", "4.9 KiB free", "--ignore-free-space")
+    one_error_line(invoke(*args), "needs", "4.9 KiB free", "--ignore-free-space")
     # nothing of the plan was written: only the layout (metadata, the planned index, the annotations)
     # and the lock file; no image's data, no done flag, and not the C1 program --c1 auto would export
     chunks = [p.relative_to(tmp_path / "cache").parts for p in (tmp_path / "cache").rglob("c/*")]
@@ -243,7 +239,7 @@ def test_extract_refuses_a_plan_larger_than_the_free_space(shapes_data, tmp_path
     assert not (tmp_path / "cache" / "c1_stem").exists()
     monkeypatch.undo()
     monkeypatch.setattr(mfcache.stages.extract.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
-    result = cli(*args[:-1], "--ignore-free-space")
+    result = invoke(*args[:-1], "--ignore-free-space")
     assert result.exit_code == 0, result.output
     assert "plan for split 'val' (C1 recomputed from the images, --c1 auto): 4 images" in " ".join(result.output.split())
 

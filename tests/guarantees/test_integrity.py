@@ -18,18 +18,17 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from typer.testing import CliRunner
 
 from mfcache.cache.lock import LOCK_NAME, acquire
 from mfcache.cache.reader import Cache
 from mfcache.cache.report import describe
 from mfcache.cache.schema import checksum
 from mfcache.cache.verify import verify
-from mfcache.cli.main import app
 from mfcache.config import ExtractConfig
 from mfcache.data.shapes import write_shapes_dataset
 from mfcache.errors import MfcacheError
 from mfcache.stages.extract import extract
+from tests.helpers.cli import invoke
 
 # C1 stored (not the demo's --c1 auto = recompute): the stored c1 array is among what these tests damage
 CONFIG = ExtractConfig(topk=10, target_size=8, block_size=2, num_workers=0, device="cpu", c1="store")
@@ -54,8 +53,8 @@ def healthy(data):
 
 @pytest.fixture(scope="module")
 def run(healthy, data):
-    result = CliRunner().invoke(app, ["train", "--cache", str(healthy), "--out", str(data / "run"),
-                                      "--set", "train.steps=2", "--set", "train.batch_size=2", "-q"])
+    result = invoke("train", "--cache", healthy, "--out", data / "run",
+                    "--set", "train.steps=2", "--set", "train.batch_size=2", "-q")
     assert result.exit_code == 0, result.output
     return data / "run"
 
@@ -94,7 +93,8 @@ DAMAGE = {"deleted": (delete, "is missing"), "flipped": (flip, "checksum mismatc
           "truncated": (truncate, "unreadable")}
 
 
-def one_error_line(output: str) -> str:
+def the_error_line(output: str) -> str:
+    """The one ``error:`` line of ``output`` (a command's, other lines allowed), no traceback."""
     lines = [line for line in output.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in output, output
@@ -106,17 +106,17 @@ def test_train_and_eval_refuse_a_damaged_chunk(cache, run, tmp_path, kind):
     damage, what = DAMAGE[kind]
     for split in ("train", "val"):
         damage(memory_chunk(cache, split, 0))
-    result = CliRunner().invoke(app, ["train", "--cache", str(cache), "--out", str(tmp_path / "run"),
-                                      "--set", "train.steps=2", "--set", "train.batch_size=2", "-q"])
+    result = invoke("train", "--cache", cache, "--out", tmp_path / "run",
+                    "--set", "train.steps=2", "--set", "train.batch_size=2", "-q")
     assert result.exit_code == 1
-    line = one_error_line(result.output)  # read in a DataLoader worker (train.num_workers=2)
+    line = the_error_line(result.output)  # read in a DataLoader worker (train.num_workers=2)
     assert "split 'train'" in line and "array memory" in line and what in line
     assert f"image id {image_id(cache, 'train', 0)} " in line
 
-    result = CliRunner().invoke(app, ["eval", "--cache", str(cache), "--run", str(run),
-                                      "--out", str(tmp_path / "metrics.json"), "-q"])
+    result = invoke("eval", "--cache", cache, "--run", run,
+                    "--out", tmp_path / "metrics.json", "-q")
     assert result.exit_code == 1
-    line = one_error_line(result.output)
+    line = the_error_line(result.output)
     assert "split 'val'" in line and "array memory" in line and what in line
     assert f"image id {image_id(cache, 'val', 0)} " in line
     assert not (tmp_path / "metrics.json").exists()
@@ -125,17 +125,17 @@ def test_train_and_eval_refuse_a_damaged_chunk(cache, run, tmp_path, kind):
 def test_corrupt_metadata_is_one_line_everywhere(cache, run, tmp_path):
     (cache / "val" / "memory" / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
     (cache / "train" / "queries" / "zarr.json").write_text("{")
-    result = CliRunner().invoke(app, ["eval", "--cache", str(cache), "--run", str(run),
-                                      "--out", str(tmp_path / "metrics.json"), "-q"])
-    line = one_error_line(result.output)
+    result = invoke("eval", "--cache", cache, "--run", run,
+                    "--out", tmp_path / "metrics.json", "-q")
+    line = the_error_line(result.output)
     assert result.exit_code == 1
     assert "split 'val'" in line and "array memory" in line and "not valid JSON" in line and "image id" in line
-    result = CliRunner().invoke(app, ["train", "--cache", str(cache), "--out", str(tmp_path / "run"),
-                                      "--set", "train.steps=2", "-q"])
-    line = one_error_line(result.output)
+    result = invoke("train", "--cache", cache, "--out", tmp_path / "run",
+                    "--set", "train.steps=2", "-q")
+    line = the_error_line(result.output)
     assert result.exit_code == 1 and "split 'train'" in line and "array queries" in line and "image id" in line
 
-    result = CliRunner().invoke(app, ["inspect", str(cache)])
+    result = invoke("inspect", cache)
     assert result.exit_code == 1 and "Traceback" not in result.output
     text = " ".join(result.output.split())  # rich may wrap the one message
     assert text.count("error:") == 1 and "unreadable array metadata" in text, text  # after what it could show
@@ -162,10 +162,10 @@ def test_describe_is_plain_data_and_stops_at_damage(cache):
     damaged = describe(cache)
     assert "unreadable array metadata" in damaged["error"] and "split 'val'" in damaged["error"]
     assert damaged["splits"][0] == train and "arrays" not in damaged["splits"][1]
-    result = CliRunner().invoke(app, ["verify", str(cache)])
+    result = invoke("verify", cache)
     assert result.exit_code == 1 and "Traceback" not in result.output
     (cache / "zarr.json").write_text("not json")
-    result = CliRunner().invoke(app, ["verify", str(cache)])
+    result = invoke("verify", cache)
     assert result.exit_code == 1 and "cannot open cache" in result.output and "Traceback" not in result.output
 
 
@@ -223,6 +223,7 @@ def test_int8_scales_are_checked(data, tmp_path):
 
 # --- one writer per cache ---------------------------------------------------------------
 
+
 def extract_command(data, out):
     return [sys.executable, "-m", "mfcache", "extract", "--detector", "demo", "--images", str(data / "d" / "train"),
             "--annotations", str(data / "d" / "annotations" / "train.json"), "--out", str(out), "-q", *EXTRACT_ARGS]
@@ -232,11 +233,11 @@ def test_a_second_extract_is_refused_at_once_naming_the_holder(data, tmp_path):
     out = tmp_path / "locked"
     lock = acquire(out)
     try:
-        result = CliRunner().invoke(app, ["extract", "--detector", "demo", "--images", str(data / "d" / "train"),
-                                          "--annotations", str(data / "d" / "annotations" / "train.json"),
-                                          "--out", str(out), "-q", *EXTRACT_ARGS])
+        result = invoke("extract", "--detector", "demo", "--images", data / "d" / "train",
+                        "--annotations", data / "d" / "annotations" / "train.json",
+                        "--out", out, "-q", *EXTRACT_ARGS)
         assert result.exit_code == 1
-        line = one_error_line(result.output)
+        line = the_error_line(result.output)
         assert f"pid {os.getpid()} on host " in line and "started " in line and "being written" in line
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing created
     finally:
@@ -254,7 +255,7 @@ def test_two_extracts_at_once_one_wins_and_its_cache_verifies(data, healthy, tmp
     assert codes == [0, 1], outputs
     loser = outputs[[p.returncode for p in procs].index(1)]
     winner_pid = procs[[p.returncode for p in procs].index(0)].pid
-    line = one_error_line(loser)
+    line = the_error_line(loser)
     assert f"pid {winner_pid} on host" in line
     assert verify(out).ok
     ours, reference = Cache(out).split("train"), Cache(healthy).split("train")

@@ -11,13 +11,11 @@ import time
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from mfcache.cli.main import app
 from mfcache.stopping import Interrupted, StopSignals, ignore_stop_signals, worker_batches
-from tests.guarantees.test_resume import train_cache  # noqa: F401 - a fixture shared with the resume tests
+from tests.helpers.cli import invoke
+from tests.helpers.processes import group_gone
 
-runner = CliRunner()
 # a head with random ops (point sampling), so an off-by-one in the RNG after resuming shows
 SETTINGS = ["head.loss=point", "head.points=64", "train.steps=8", "train.batch_size=2", "train.log_every=1",
             "train.checkpoint_every=100", "train.device=cpu", "train.min_iou=0.1"]
@@ -25,10 +23,6 @@ SETTINGS = ["head.loss=point", "head.points=64", "train.steps=8", "train.batch_s
 
 def sets(*items):
     return [w for s in items for w in ("--set", s)]
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -43,27 +37,27 @@ def log(run):
 
 def test_resume_takes_the_configuration_from_the_checkpoint(cache, tmp_path):
     run = tmp_path / "run"
-    first = cli("train", "--cache", cache, "--out", run, "--head", "blendmask",
-                *sets("train.steps=2", "train.batch_size=2", "train.num_workers=0", "train.device=cpu"), "-q")
+    first = invoke("train", "--cache", cache, "--out", run, "--head", "blendmask",
+                   *sets("train.steps=2", "train.batch_size=2", "train.num_workers=0", "train.device=cpu"), "-q")
     assert first.exit_code == 0, first.output
 
-    done = cli("train", "--cache", cache, "--out", run, "--resume", "-q")  # nothing retyped
+    done = invoke("train", "--cache", cache, "--out", run, "--resume", "-q")  # nothing retyped
     assert done.exit_code == 0, done.output
     assert "already trained to step 2" in " ".join(done.output.split())
 
-    longer = cli("train", "--cache", cache, "--out", run, "--resume", "--set", "train.steps=4", "-q")
+    longer = invoke("train", "--cache", cache, "--out", run, "--resume", "--set", "train.steps=4", "-q")
     assert longer.exit_code == 0, longer.output
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["step"] == 4 and state["config"]["head"]["name"] == "blendmask"
     assert state["config"]["train"]["steps"] == 4 and state["config"]["train"]["batch_size"] == 2
     assert [e["step"] for e in log(run)] == [2, 4]  # log_every 25: the last step of each part
 
-    changed = cli("train", "--cache", cache, "--out", run, "--resume", "--set", "train.lr=0.1",
-                  "--set", "head.roi_size=16", "-q")
+    changed = invoke("train", "--cache", cache, "--out", run, "--resume", "--set", "train.lr=0.1",
+                     "--set", "head.roi_size=16", "-q")
     assert changed.exit_code == 1 and "Traceback" not in changed.output
     text = " ".join(changed.output.split())
     assert text.startswith("error:") and "train.lr" in text and "head.roi_size" in text
-    shorter = cli("train", "--cache", cache, "--out", run, "--resume", "--set", "train.steps=3", "-q")
+    shorter = invoke("train", "--cache", cache, "--out", run, "--resume", "--set", "train.steps=3", "-q")
     assert shorter.exit_code == 1 and "already at step 4" in " ".join(shorter.output.split())
 
 
@@ -98,19 +92,6 @@ def reference(cache, tmp_path_factory):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     return run
-
-
-def group_gone(pgid, seconds=30):
-    """Whether every process of group ``pgid`` (the command and its loader workers) has ended
-    within ``seconds``: nothing is left running after the command exits."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # Each signal goes to the whole process group (a terminal's Ctrl-C, scancel, a pod eviction),
@@ -252,12 +233,12 @@ def test_eval_of_an_unfinished_run_says_so_and_records_its_step(cache, tmp_path,
         return lr_at(*args)
 
     monkeypatch.setattr(training, "lr_at", warned_in_step_2)
-    stopped = cli("train", "--cache", cache, "--out", run, *sets("train.steps=6", "train.batch_size=2",
-                  "train.num_workers=0", "train.device=cpu", "train.min_iou=0.1"), "-q")
+    stopped = invoke("train", "--cache", cache, "--out", run, *sets("train.steps=6", "train.batch_size=2",
+                     "train.num_workers=0", "train.device=cpu", "train.min_iou=0.1"), "-q")
     assert stopped.exit_code == 138, stopped.output  # 128 + SIGUSR1
     assert " ".join(stopped.output.split()).startswith("interrupted: SIGUSR1 at step 2 of 6;")
 
-    evaluated = cli("eval", "--cache", cache, "--run", run, "--split", "train", "--device", "cpu", "-q")
+    evaluated = invoke("eval", "--cache", cache, "--run", run, "--split", "train", "--device", "cpu", "-q")
     assert evaluated.exit_code == 0, evaluated.output
     warnings = [line for line in evaluated.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and f"the run in {run} is not finished: trained to step 2 of 6" in warnings[0]
@@ -265,8 +246,8 @@ def test_eval_of_an_unfinished_run_says_so_and_records_its_step(cache, tmp_path,
     assert (metrics["step"], metrics["steps"], metrics["finished"]) == (2, 6, False)
 
     monkeypatch.setattr(training, "lr_at", lr_at)
-    assert cli("train", "--cache", cache, "--out", run, "--resume", "-q").exit_code == 0
-    evaluated = cli("eval", "--cache", cache, "--run", run, "--split", "train", "--device", "cpu", "-q")
+    assert invoke("train", "--cache", cache, "--out", run, "--resume", "-q").exit_code == 0
+    evaluated = invoke("eval", "--cache", cache, "--run", run, "--split", "train", "--device", "cpu", "-q")
     assert evaluated.exit_code == 0 and "warning" not in evaluated.stderr, evaluated.output
     metrics = json.loads((run / "metrics.json").read_text())
     assert (metrics["step"], metrics["steps"], metrics["finished"]) == (6, 6, True)

@@ -10,11 +10,9 @@ import pytest
 import torch
 import zarr
 from torchvision.ops import box_iou
-from typer.testing import CliRunner
 
 from mfcache.stages import train as training
 from mfcache.cache.stats import STATS_ATTR, group_stats
-from mfcache.cli.main import app
 from mfcache.config import (
     RANGES,
     EvalConfig,
@@ -26,14 +24,10 @@ from mfcache.config import (
 )
 from mfcache.errors import MfcacheError
 from mfcache.stages.extract import extract
+from tests.helpers.cli import invoke
 
-runner = CliRunner()
 EXTRACT = ExtractConfig(topk=10, target_size=16, block_size=4, num_workers=0, device="cpu")
 FAST = ["train.batch_size=2", "train.num_workers=0", "train.device=cpu", "train.log_every=1"]
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def error_lines(result) -> list[str]:
@@ -52,6 +46,7 @@ def cache(shapes_data, tmp_path_factory):
 
 
 # --- matched GT and box recall, per split ---
+
 
 def oracle(shapes_data, cache_dir, split, min_iou):
     """The counts by brute force: every (query, GT) IoU in original pixels, from the
@@ -88,7 +83,7 @@ def test_extract_and_inspect_print_the_counts(cache, tmp_path):
     cache_dir, summaries = cache
     line = summaries["train"].match.line()
     assert line.startswith("matched GT ") and "box recall@0.5" in line
-    out = cli("inspect", cache_dir)
+    out = invoke("inspect", cache_dir)
     assert out.exit_code == 0, out.output
     assert f"targets: {summaries['train'].match.line()}" in " ".join(out.output.split())
 
@@ -98,7 +93,7 @@ def test_extract_and_inspect_print_the_counts(cache, tmp_path):
     for split in ("train", "val"):
         group = zarr.open_group(old / split, mode="r+")
         group.attrs.__delitem__(STATS_ATTR)
-    again = cli("inspect", old)
+    again = invoke("inspect", old)
     assert again.exit_code == 0, again.output
     text = " ".join(again.output.split())
     assert f"targets: {summaries['val'].match.line()} (computed now" in text
@@ -108,8 +103,8 @@ def test_training_refuses_a_split_without_positives(cache, tmp_path):
     cache_dir, _ = cache
     best = float(zarr.open_group(cache_dir / "train", mode="r")["targets/gt_iou"][:].max())
     run = tmp_path / "run"
-    result = cli("train", "--cache", cache_dir, "--out", run, "--set", "train.steps=2",
-                 "--set", f"train.min_iou={min(1.0, best + 1e-3)}", *sum((["--set", s] for s in FAST), []), "-q")
+    result = invoke("train", "--cache", cache_dir, "--out", run, "--set", "train.steps=2",
+                    "--set", f"train.min_iou={min(1.0, best + 1e-3)}", *sum((["--set", s] for s in FAST), []), "-q")
     lines = error_lines(result)
     assert len(lines) == 1 and "nothing to train on" in lines[0] and "train.min_iou" in lines[0], result.output
     assert not (run / "checkpoint.pt").exists()
@@ -125,8 +120,8 @@ def test_training_warns_when_few_gt_are_matched(cache, tmp_path):
             break
     else:
         pytest.skip("no threshold gives a few matched GT on this cache")
-    result = cli("train", "--cache", cache_dir, "--out", tmp_path / "run", "--set", "train.steps=1",
-                 "--set", f"train.min_iou={t}", *sum((["--set", s] for s in FAST), []), "-q")
+    result = invoke("train", "--cache", cache_dir, "--out", tmp_path / "run", "--set", "train.steps=1",
+                    "--set", f"train.min_iou={t}", *sum((["--set", s] for s in FAST), []), "-q")
     assert result.exit_code == 0, result.output
     assert "warning:" in result.output and "matched GT" in result.output
 
@@ -143,6 +138,7 @@ def test_a_split_without_gt_is_refused(shapes_data, tmp_path):
 
 # --- eval never scores the training images unless asked ---
 
+
 def test_eval_on_a_train_only_cache_needs_the_split_named(cache, tmp_path):
     cache_dir, _ = cache
     only_train = tmp_path / "cache"
@@ -150,15 +146,16 @@ def test_eval_on_a_train_only_cache_needs_the_split_named(cache, tmp_path):
     run = tmp_path / "run"
     training.train(cache_path=only_train, run_dir=run, config=resolve_run_config(None, ["train.steps=1", *FAST]),
                  progress=False)
-    lines = error_lines(cli("eval", "--cache", only_train, "--run", run, "-q"))
+    lines = error_lines(invoke("eval", "--cache", only_train, "--run", run, "-q"))
     assert len(lines) == 1 and "--split train" in lines[0]
     assert not (run / "metrics.json").exists()
-    ok = cli("eval", "--cache", only_train, "--run", run, "--split", "train", "-q")
+    ok = invoke("eval", "--cache", only_train, "--run", run, "--split", "train", "-q")
     assert ok.exit_code == 0, ok.output
     assert json.loads((run / "metrics.json").read_text())["split"] == "train"
 
 
 # --- every config field's range is checked where the config is resolved ---
+
 
 def test_every_config_field_has_a_range_check():
     for cls in (ExtractConfig, HeadConfig, TrainConfig, EvalConfig):
@@ -183,8 +180,8 @@ def test_an_out_of_range_value_is_a_clear_error(bad):
 def test_every_mistake_is_reported_at_once_before_training(cache, tmp_path):
     cache_dir, _ = cache
     run = tmp_path / "run"
-    result = cli("train", "--cache", cache_dir, "--out", run, "--set", "train.steps=0", "--set", "train.batch_size=0",
-                 "--set", "train.lr=nan", "--set", "train.log_every=0", "-q")
+    result = invoke("train", "--cache", cache_dir, "--out", run, "--set", "train.steps=0", "--set", "train.batch_size=0",
+                    "--set", "train.lr=nan", "--set", "train.log_every=0", "-q")
     lines = error_lines(result)
     assert [line.split()[1] for line in lines] == ["train.steps", "train.batch_size", "train.lr", "train.log_every"]
     assert not run.exists()

@@ -16,6 +16,7 @@ from mfcache.cache.verify import verify
 from mfcache.config import ExtractConfig
 from mfcache.data.shapes import write_shapes_dataset
 from mfcache.stages.extract import extract
+from tests.helpers.processes import group_gone
 
 BLOCK = 3
 # The real command, with each block write slowed down (before its data, and between its
@@ -136,8 +137,6 @@ def test_sigterm_to_the_process_group_keeps_finished_blocks_and_the_same_command
     """scancel / a pod eviction: SIGTERM to the command and its 2 loader workers at once. It
     stops after the batch in progress with one line and status 143, no worker is left, and the
     same command again completes the cache an uninterrupted run writes."""
-    from tests.guarantees.test_interrupt import group_gone
-
     out = tmp_path / "cache"
     command = [sys.executable, "-c", SLOW_BATCHES, *args(data, out)]
     command[command.index("--workers") + 1] = "2"
@@ -182,15 +181,6 @@ import json  # noqa: E402
 from mfcache.stages import train as training  # noqa: E402
 from mfcache.config import resolve_run_config  # noqa: E402
 from mfcache.errors import MfcacheError  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def train_cache(shapes_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "cache"
-    extract(detector="demo", images=shapes_data / "train", annotations=shapes_data / "annotations" / "train.json",
-            out=out, config=ExtractConfig(topk=10, target_size=16, block_size=4, num_workers=0, device="cpu"),
-            progress=False)
-    return out
 
 
 def run_config():

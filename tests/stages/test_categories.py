@@ -8,15 +8,14 @@ import pycocotools.mask as mask_utils
 import pytest
 import torch
 from pycocotools.coco import COCO
-from typer.testing import CliRunner
 
-from mfcache.cli.main import app
 from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.errors import MfcacheError
 from mfcache.metrics import coco_evaluate
 from mfcache.stages import train as training
 from mfcache.stages.categories import learned_mask, subset_summary
 from mfcache.stages.evaluate import evaluate
+from tests.helpers.cli import invoke
 
 SETTINGS = ["train.batch_size=8", "train.num_workers=0", "train.device=cpu", "train.min_iou=0.1",
             "head.roi_size=16", "train.steps=1"]
@@ -84,9 +83,9 @@ def test_learned_mask_drops_only_the_excluded_instances():
 
 
 def test_the_start_of_training_says_what_is_held_out(cache, tmp_path):
-    result = CliRunner().invoke(app, ["train", "--cache", str(cache), "--out", str(tmp_path / "run"),
-                                      *[a for s in SETTINGS for a in ("--set", s)],
-                                      "--set", "train.categories=ring,star,crescent,ell"])
+    result = invoke("train", "--cache", cache, "--out", tmp_path / "run",
+                    *[a for s in SETTINGS for a in ("--set", s)],
+                    "--set", "train.categories=ring,star,crescent,ell")
     assert result.exit_code == 0, result.output
     text = " ".join(result.stderr.split())
     assert "categories=[ring, star, crescent, ell]" in text
@@ -100,8 +99,8 @@ def test_an_unknown_category_is_one_line_before_any_work(cache, tmp_path):
         training.train(cache_path=cache, run_dir=tmp_path / "run", progress=False,
                        config=resolve_run_config(None, [*SETTINGS, "train.categories=ring,circle"]))
     assert not (tmp_path / "run" / "config.json").exists()
-    result = CliRunner().invoke(app, ["train", "--cache", str(cache), "--out", str(tmp_path / "cli"),
-                                      "--set", "train.categories=Ring"])
+    result = invoke("train", "--cache", cache, "--out", tmp_path / "cli",
+                    "--set", "train.categories=Ring")
     assert result.exit_code == 1 and result.output.startswith("error: train.categories: 'Ring' not among")
     with pytest.raises(MfcacheError, match="train.categories must be distinct non-empty names"):
         resolve_run_config(None, ["train.categories=ring,ring"])

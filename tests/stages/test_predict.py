@@ -10,23 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
-from typer.testing import CliRunner
 
 from mfcache.cache.reader import Cache
-from mfcache.cli.main import app
 from mfcache.data.shapes import CATEGORIES
 from mfcache.errors import MfcacheError
 from mfcache.stages.evaluate import evaluate
 from mfcache.stages.predict_inputs import find_images
 from mfcache.stages.visualize import visualize_split
-
-runner = CliRunner()
-
-
-def cli(*args, ok=True):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert (result.exit_code == 0) == ok, result.output
-    return result.output
+from tests.helpers.cli import invoke, one_error_line, run_ok
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +29,10 @@ def trained(shapes_data, tmp_path_factory):
     keep = {im["id"] for im in val["images"][:2]}
     subset = {**val, "images": val["images"][:2], "annotations": [a for a in val["annotations"] if a["image_id"] in keep]}
     (root / "val.json").write_text(json.dumps(subset))
-    cli("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations", root / "val.json",
-        "--out", root / "cache", "--batch-size", 1, "--workers", 0, "-q")
-    cli("train", "--cache", root / "cache", "--out", root / "run", "--set", "train.steps=2",
-        "--set", "train.batch_size=2", "--set", "eval.batch_size=1", "-q")
+    run_ok("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations", root / "val.json",
+           "--out", root / "cache", "--batch-size", 1, "--workers", 0, "-q")
+    run_ok("train", "--cache", root / "cache", "--out", root / "run", "--set", "train.steps=2",
+           "--set", "train.batch_size=2", "--set", "eval.batch_size=1", "-q")
     return root
 
 
@@ -67,8 +58,8 @@ def mixed_folder(shapes_data, folder):
 def test_predict_mixed_formats_loads_in_pycocotools_and_matches_eval(trained, shapes_data, tmp_path):
     first, size = mixed_folder(shapes_data, tmp_path / "in")
     out = tmp_path / "out"
-    printed = cli("predict", "--detector", "demo", "--run", trained / "run", tmp_path / "in", "--out", out,
-                  "--score-threshold", 0, "-q")
+    printed = run_ok("predict", "--detector", "demo", "--run", trained / "run", tmp_path / "in", "--out", out,
+                     "--score-threshold", 0, "-q").output
     assert "5 images" in printed and "overlays" in printed
 
     gt = COCO(str(out / "images.json"))
@@ -108,12 +99,12 @@ def test_predict_on_an_int8_cache_matches_eval(shapes_data, tmp_path):
     first = val["images"][0]
     subset = {**val, "images": [first], "annotations": [a for a in val["annotations"] if a["image_id"] == first["id"]]}
     (tmp_path / "val.json").write_text(json.dumps(subset))
-    cli("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations", tmp_path / "val.json",
-        "--out", tmp_path / "cache", "--dtype", "int8", "--batch-size", 1, "--workers", 0, "-q")
-    cli("train", "--cache", tmp_path / "cache", "--out", tmp_path / "run", "--set", "train.steps=1",
-        "--set", "train.batch_size=1", "--set", "eval.batch_size=1", "-q")
-    cli("predict", "--detector", "demo", "--run", tmp_path / "run", shapes_data / "val" / first["file_name"],
-        "--out", tmp_path / "out", "-q")
+    run_ok("extract", "--detector", "demo", "--images", shapes_data / "val", "--annotations", tmp_path / "val.json",
+           "--out", tmp_path / "cache", "--dtype", "int8", "--batch-size", 1, "--workers", 0, "-q")
+    run_ok("train", "--cache", tmp_path / "cache", "--out", tmp_path / "run", "--set", "train.steps=1",
+           "--set", "train.batch_size=1", "--set", "eval.batch_size=1", "-q")
+    run_ok("predict", "--detector", "demo", "--run", tmp_path / "run", shapes_data / "val" / first["file_name"],
+           "--out", tmp_path / "out", "-q")
     captured = {}
     evaluate(cache_path=tmp_path / "cache", run_dir=tmp_path / "run", out=tmp_path / "metrics.json", progress=False,
              on_results=lambda split, results: captured.update(results=results))
@@ -128,7 +119,7 @@ def test_predict_falls_back_to_detector_labels_without_the_cache(trained, shapes
     meta = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**meta, "cache": str(tmp_path / "moved")}))
     image = sorted((shapes_data / "train").glob("*.png"))[0]
-    cli("predict", "--detector", "demo", "--run", run, image, "--out", tmp_path / "out", "-q")
+    run_ok("predict", "--detector", "demo", "--run", run, image, "--out", tmp_path / "out", "-q")
     written = json.loads((tmp_path / "out" / "images.json").read_text())
     assert [c["name"] for c in written["categories"]] == list(CATEGORIES)
     assert (tmp_path / "out" / "overlays" / f"{image.stem}.png").is_file()
@@ -140,27 +131,26 @@ def test_predict_errors_name_the_culprit_and_leave_nothing(trained, shapes_data,
     shutil.copy(sorted((shapes_data / "val").glob("*.png"))[0], folder / "good.png")  # sorts after broken.png
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out"
-    printed = cli("predict", "--detector", "demo", "--run", trained / "run", folder, "--out", out, "-q", ok=False)
-    assert printed.startswith("error:") and "broken.png" in printed and "Traceback" not in printed
+    one_error_line(invoke("predict", "--detector", "demo", "--run", trained / "run", folder, "--out", out, "-q"),
+                   "broken.png")
     assert sorted(p.name for p in out.iterdir()) == []  # nothing half-written, no staging folder
-    printed = cli("predict", "--detector", "demo", "--run", trained / "run", tmp_path / "nope.png", "--out", out, "-q",
-                  ok=False)
-    assert "nope.png" in printed
+    one_error_line(invoke("predict", "--detector", "demo", "--run", trained / "run", tmp_path / "nope.png",
+                          "--out", out, "-q"), "nope.png")
 
 
 def test_predict_rejects_a_run_trained_for_another_detector(trained, shapes_data, tmp_path):
     from mfcache.detectors.demo import build_demo_model
 
     build_demo_model(seed=1).save_pretrained(tmp_path / "other")
-    printed = cli("predict", "--detector", f"hf:{tmp_path / 'other'}", "--run", trained / "run",
-                  shapes_data / "val", "--out", tmp_path / "out", "-q", ok=False)
-    assert "error:" in printed and "another detector" in " ".join(printed.split())
+    result = invoke("predict", "--detector", f"hf:{tmp_path / 'other'}", "--run", trained / "run",
+                    shapes_data / "val", "--out", tmp_path / "out", "-q")
+    one_error_line(result, "another detector")
     assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_eval_visualize_writes_panels(trained, tmp_path):
-    printed = cli("eval", "--cache", trained / "cache", "--run", trained / "run", "--out", tmp_path / "m" / "metrics.json",
-                  "--visualize", 2, "-q")
+    printed = run_ok("eval", "--cache", trained / "cache", "--run", trained / "run",
+                     "--out", tmp_path / "m" / "metrics.json", "--visualize", 2, "-q").output
     split = Cache(trained / "cache").split("val")
     panels = sorted((tmp_path / "m" / "visualize").iterdir())
     ids = [int(i) for i in split.index["image_id"][:2]]
@@ -174,22 +164,15 @@ def test_eval_visualize_writes_panels(trained, tmp_path):
     # a moved image folder is named with --images
     moved = tmp_path / "moved"
     shutil.copytree(split.attrs["images_dir"], moved)
-    cli("eval", "--cache", trained / "cache", "--run", trained / "run", "--out", tmp_path / "n" / "metrics.json",
-        "--visualize", 1, "--images", moved, "-q")
+    run_ok("eval", "--cache", trained / "cache", "--run", trained / "run", "--out", tmp_path / "n" / "metrics.json",
+           "--visualize", 1, "--images", moved, "-q")
     assert len(list((tmp_path / "n" / "visualize").iterdir())) == 1
-    printed = cli("eval", "--cache", trained / "cache", "--run", trained / "run", "--out", tmp_path / "o" / "metrics.json",
-                  "--visualize", 1, "--images", tmp_path / "gone", "-q", ok=False)
-    assert "is gone" in " ".join(printed.split())
+    result = invoke("eval", "--cache", trained / "cache", "--run", trained / "run",
+                    "--out", tmp_path / "o" / "metrics.json", "--visualize", 1, "--images", tmp_path / "gone", "-q")
+    one_error_line(result, "is gone")
 
 
 # --- predict options: --skip-bad, --recursive, --masks, --no-overlays; eval --force and stale panels ---
-
-
-def invoke(*args, code=0):
-    """``mfcache ARGS`` in-process, stdout and stderr kept apart."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    return result
 
 
 def test_skip_bad_reports_and_skips_corrupt_images(trained, shapes_data, tmp_path):
@@ -206,7 +189,7 @@ def test_skip_bad_reports_and_skips_corrupt_images(trained, shapes_data, tmp_pat
     failed = invoke("predict", "--run", trained / "run", folder, "--out", out, "-q", code=1)
     assert "b_cut.jpg" in failed.stderr and "--skip-bad" in failed.stderr and not any(out.iterdir())
 
-    done = invoke("predict", "--run", trained / "run", folder, "--out", out, "-q", "--skip-bad", "--json")
+    done = run_ok("predict", "--run", trained / "run", folder, "--out", out, "-q", "--skip-bad", "--json")
     summary = json.loads(done.stdout)
     assert [(s["image_id"], s["file"]) for s in summary["skipped"]] == [(2, str(folder / "b_cut.jpg")),
                                                                      (4, str(folder / "d_junk.png"))]
@@ -217,7 +200,7 @@ def test_skip_bad_reports_and_skips_corrupt_images(trained, shapes_data, tmp_pat
     assert sorted(coco.imgs) == [1, 3]
     assert {r["image_id"] for r in json.loads((out / "results.json").read_text())} == {1, 3}
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["a.png", "c.png"]
-    printed = invoke("predict", "--run", trained / "run", folder, "--out", out, "-q", "--skip-bad").stdout
+    printed = run_ok("predict", "--run", trained / "run", folder, "--out", out, "-q", "--skip-bad").stdout
     assert "2 images" in printed and "2 skipped" in printed and "b_cut.jpg" in printed
 
     only_bad = tmp_path / "bad"
@@ -238,7 +221,7 @@ def test_recursive_folders_keep_relative_names(trained, shapes_data, tmp_path):
     (out / "overlays").mkdir(parents=True)
     shutil.copy(image, out / "overlays" / "old.png")
 
-    summary = json.loads(invoke("predict", "--run", trained / "run", folder, "--out", out, "-q", "-r",
+    summary = json.loads(run_ok("predict", "--run", trained / "run", folder, "--out", out, "-q", "-r",
                                 "--json").stdout)
     files = [Path(im["file"]).relative_to(folder).as_posix() for im in summary["per_image"]]
     assert files == ["a.png", "sub/a.jpg", "sub/a.png", "sub/deeper/a.png"]  # not .hidden/, not --out
@@ -270,7 +253,7 @@ def test_mask_pngs_decode_to_the_results_masks(trained, shapes_data, tmp_path):
     image = sorted((shapes_data / "val").glob("*.png"))[0]
     threshold = 0.05
     out = tmp_path / "inst"
-    summary = json.loads(invoke("predict", "--run", trained / "run", image, "--out", out, "-q", "--masks", "instance",
+    summary = json.loads(run_ok("predict", "--run", trained / "run", image, "--out", out, "-q", "--masks", "instance",
                                 "--no-overlays", "--score-threshold", threshold, "--json").stdout)
     assert not (out / "overlays").exists() and summary["overlays"] is None
     assert summary["per_image"][0]["overlay"] is None
@@ -285,7 +268,7 @@ def test_mask_pngs_decode_to_the_results_masks(trained, shapes_data, tmp_path):
         assert np.array_equal(np.asarray(Image.open(png)), mask_utils.decode(r["segmentation"]).astype(bool))
 
     out = tmp_path / "label"
-    invoke("predict", "--run", trained / "run", image, "--out", out, "-q", "--masks", "label",
+    run_ok("predict", "--run", trained / "run", image, "--out", out, "-q", "--masks", "label",
            "--score-threshold", threshold)
     label = np.asarray(Image.open(out / "masks" / f"{image.stem}.png"))
     assert label.dtype == np.uint16 and (out / "overlays" / f"{image.stem}.png").is_file()
@@ -319,17 +302,17 @@ def test_masks_are_pasted_a_chunk_at_a_time(trained, shapes_data, tmp_path, monk
 def test_eval_refuses_metrics_of_another_cache_without_force(trained, tmp_path):
     out = tmp_path / "metrics.json"
     args = ("eval", "--cache", trained / "cache", "--run", trained / "run", "--out", out, "-q")
-    invoke(*args)
+    run_ok(*args)
     metrics = json.loads(out.read_text())
     assert metrics["cache"]["path"] == str((trained / "cache").resolve())
     assert len(metrics["cache"]["fingerprint_sha256"]) == 64 and metrics["cache"]["annotations_sha256"]
-    invoke(*args)  # the same cache again: replaced
+    run_ok(*args)  # the same cache again: replaced
     other = {**metrics, "cache": {**metrics["cache"], "fingerprint_sha256": "0" * 64, "path": "/elsewhere"}}
     out.write_text(json.dumps(other))
     failed = invoke(*args, code=1)
     assert "another cache" in failed.stderr and "/elsewhere" in failed.stderr and "--force" in failed.stderr
     assert json.loads(out.read_text()) == other  # untouched
-    invoke(*args, "--force")
+    run_ok(*args, "--force")
     assert json.loads(out.read_text())["cache"] == metrics["cache"]
     out.write_text("my notes")
     assert "not a metrics file" in invoke(*args, code=1).stderr and out.read_text() == "my notes"
@@ -338,13 +321,13 @@ def test_eval_refuses_metrics_of_another_cache_without_force(trained, tmp_path):
 def test_eval_visualize_replaces_stale_panels_only(trained, tmp_path):
     out = tmp_path / "m" / "metrics.json"
     args = ("eval", "--cache", trained / "cache", "--run", trained / "run", "--out", out, "-q")
-    invoke(*args, "--visualize", 2)
+    run_ok(*args, "--visualize", 2)
     panels = tmp_path / "m" / "visualize"
     first = sorted(p.name for p in panels.iterdir())
     assert len(first) == 2
     (panels / "99999.png").write_bytes(b"stale")  # a panel of an image this eval does not draw
     (panels / "mine.png").write_bytes(b"kept")  # not a name mfcache writes
     (panels / "notes.txt").write_text("kept")
-    invoke(*args, "--visualize", 1)
+    run_ok(*args, "--visualize", 1)
     left = sorted(p.name for p in panels.iterdir())
     assert len(left) == 3 and {"mine.png", "notes.txt"} < set(left) and set(left) - {"mine.png", "notes.txt"} < set(first)

@@ -4,12 +4,9 @@ import json
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
-from mfcache.cli.main import app
 from mfcache.config import preset_names
-
-runner = CliRunner()
+from tests.helpers.cli import invoke
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +39,7 @@ def test_sweep_two_heads_without_the_detector(tiny_cache, tmp_path, monkeypatch)
     out = tmp_path / "sweep"
     args = ["sweep", "--cache", str(tiny_cache), "--heads", "box_baseline", "--heads", "mask_scoring",
             "--steps", "2", "--set", "train.batch_size=2", "--out", str(out), "-q"]
-    result = runner.invoke(app, args)
+    result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert "mfcache.detectors.hf" not in sys.modules
     rows = json.loads((out / "sweep.json").read_text())
@@ -61,7 +58,7 @@ def test_sweep_two_heads_without_the_detector(tiny_cache, tmp_path, monkeypatch)
 
     # resumable: finished heads are read back, not retrained
     mtime = (out / "box_baseline" / "checkpoint.pt").stat().st_mtime_ns
-    again = runner.invoke(app, args)
+    again = invoke(*args)
     assert again.exit_code == 0, again.output
     assert again.output.count("already done") == 2
     assert (out / "box_baseline" / "checkpoint.pt").stat().st_mtime_ns == mtime
@@ -69,14 +66,14 @@ def test_sweep_two_heads_without_the_detector(tiny_cache, tmp_path, monkeypatch)
 
 
 def test_sweep_unknown_head_is_one_line_error(tiny_cache, tmp_path):
-    result = runner.invoke(app, ["sweep", "--cache", str(tiny_cache), "--heads", "nope", "--out", str(tmp_path / "s")])
+    result = invoke("sweep", "--cache", tiny_cache, "--heads", "nope", "--out", tmp_path / "s")
     assert result.exit_code == 1
     assert "unknown head preset 'nope'" in result.output
     assert not (tmp_path / "s").exists()
 
 
 def test_heads_lists_every_preset_with_its_size():
-    result = runner.invoke(app, ["heads"], terminal_width=200)
+    result = invoke("heads", terminal_width=200)
     assert result.exit_code == 0, result.output
     for name in preset_names():
         assert name in result.output
@@ -85,7 +82,7 @@ def test_heads_lists_every_preset_with_its_size():
 
 @pytest.mark.parametrize("command", [["heads"], ["sweep"]])
 def test_help_has_an_example(command):
-    result = runner.invoke(app, [*command, "--help"])
+    result = invoke(*command, "--help")
     assert result.exit_code == 0
     assert "Example: mfcache " + command[0] in " ".join(result.output.split())
 
@@ -146,14 +143,14 @@ def test_sigterm_during_a_heads_eval_stops_before_the_next_head_and_the_sweep_re
     out = tmp_path / "sweep"
     args = ["sweep", "--cache", str(tiny_cache), "--heads", "box_baseline", "--heads", "blendmask",
             "--steps", "1", "--set", "train.batch_size=2", "--set", "train.num_workers=0", "--out", str(out), "-q"]
-    stopped = runner.invoke(app, args)
+    stopped = invoke(*args)
     assert stopped.exit_code == 143, stopped.output
     assert stopped.output.splitlines()[-1] == ("interrupted: SIGTERM after 1 of 2 heads; work finished so far is "
                                                "kept; run the same command again to resume")
     assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == ["box_baseline"]
     assert not (out / "blendmask").exists()
 
-    again = runner.invoke(app, args)
+    again = invoke(*args)
     assert again.exit_code == 0, again.output
     assert again.output.count("already done") == 1
     assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == ["box_baseline", "blendmask"]

@@ -7,13 +7,11 @@ import sys
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from mfcache.cli.main import app
 from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.stages import train as training
+from tests.helpers.cli import invoke, run_ok
 
-runner = CliRunner()
 SETTINGS = ["train.batch_size=2", "train.num_workers=0", "train.device=cpu", "train.min_iou=0.1", "head.roi_size=16"]
 
 
@@ -39,15 +37,9 @@ def log(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def invoke(*args, code=0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    return result
-
-
 def test_settings_printed_at_start_and_steps_device_take_effect(cache, tmp_path):
     run = tmp_path / "run"
-    result = invoke("train", "--cache", cache, "--out", run, "--steps", "2", "--device", "cpu",
+    result = run_ok("train", "--cache", cache, "--out", run, "--steps", "2", "--device", "cpu",
                     *[a for s in SETTINGS if not s.startswith("train.device") for a in ("--set", s)])
     stored = json.loads((run / "config.json").read_text())["config"]
     assert stored["train"]["steps"] == 2 and stored["train"]["device"] == "cpu"
@@ -60,16 +52,16 @@ def test_settings_printed_at_start_and_steps_device_take_effect(cache, tmp_path)
     assert lines[at + 3] == "  train: min_iou=0.1, num_workers=0"
     assert lines[at + 4] == "  eval: defaults"
     assert lines[at + 5] == f"  full configuration: {run / 'config.json'}"
-    plain = invoke("train", "--cache", cache, "--out", tmp_path / "plain", "--steps", "1", "--device", "cpu").stderr
+    plain = run_ok("train", "--cache", cache, "--out", tmp_path / "plain", "--steps", "1", "--device", "cpu").stderr
     assert "  train: the rest at defaults" in plain.splitlines()  # not "defaults": --steps / --device are set
     # before the training's progress; -q prints none of it
     progress = [i for i, line in enumerate(lines) if line.startswith("train: ")]
     assert progress and min(progress) > at + 5
-    quiet = invoke("train", "--cache", cache, "--out", tmp_path / "quiet", "--steps", "1", "-q",
+    quiet = run_ok("train", "--cache", cache, "--out", tmp_path / "quiet", "--steps", "1", "-q",
                    *[a for s in SETTINGS for a in ("--set", s)])
     assert "training box_baseline" not in quiet.output
     # --steps extends a run on --resume as --set train.steps does
-    invoke("train", "--cache", cache, "--out", run, "--resume", "--steps", "3", "-q")
+    run_ok("train", "--cache", cache, "--out", run, "--resume", "--steps", "3", "-q")
     assert [e["step"] for e in log(run)][-1] == 3
     bad = invoke("train", "--cache", cache, "--out", tmp_path / "bad", "--device", "tpu", code=1)
     assert "error: train.device must be auto, cpu, cuda or cuda:N, got 'tpu'" in bad.output
@@ -94,7 +86,7 @@ def test_eval_every_logs_val_ap_and_keeps_the_best_checkpoint(cache, tmp_path):
     assert best["step"] == first_max["step"] and first_max["val"].get("best") is True
     assert torch.load(run / "checkpoint.pt", weights_only=True)["best"] == best["best"]
     # `eval --checkpoint best` evaluates that head: the AP training recorded, its own metrics file
-    done = invoke("eval", "--cache", cache, "--run", run, "--checkpoint", "best", "--device", "cpu", "-q", "--json")
+    done = run_ok("eval", "--cache", cache, "--run", run, "--checkpoint", "best", "--device", "cpu", "-q", "--json")
     metrics = json.loads(done.stdout)
     assert metrics["segm"]["AP"] == pytest.approx(max(aps), abs=1e-12)
     assert metrics["checkpoint"] == {"file": "best.pt", "step": first_max["step"]}
@@ -184,11 +176,11 @@ def test_sweep_steps_and_device(cache, tmp_path):
     out = tmp_path / "sweep"
     args = ["sweep", "--cache", cache, "--heads", "box_baseline", "--out", out, "--steps", "2", "--device", "cpu",
             "-q", *[a for s in SETTINGS if not s.startswith("train.device") for a in ("--set", s)]]
-    invoke(*args)
+    run_ok(*args)
     row, = json.loads((out / "sweep.json").read_text())
     assert row["config"]["train"]["steps"] == 2 and row["config"]["train"]["device"] == "cpu"
     # how a head ran (its device) is not what it learned: a rerun elsewhere reuses it
-    again = invoke(*[a if a != "cpu" else "auto" for a in args])
+    again = run_ok(*[a if a != "cpu" else "auto" for a in args])
     assert "already done" in again.output
     longer = invoke(*[a if a != "2" else "3" for a in args], code=1)
     assert "holds a run with another configuration" in longer.output
