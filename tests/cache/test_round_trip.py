@@ -114,7 +114,9 @@ def test_another_detector_is_refused(tmp_path):
 
 
 def test_collate_pads_to_the_batch(tmp_path):
-    group, _, records = make_cache(tmp_path / "c", SIZES)
+    """Two images of different sizes in one batch: maps padded to the larger height and width with
+    zeros, each image's values (queries, boxes, targets, level-0 memory, C1) exactly those written."""
+    group, plan, records = make_cache(tmp_path / "c", SIZES)
     BlockWriter(group).write(0, records[:2])
     ds = CacheDataset(tmp_path / "c", "train", levels=(0,), c1=True, targets=True)
     batch = Batch.collate([ds[0], ds[1]])
@@ -122,6 +124,18 @@ def test_collate_pads_to_the_batch(tmp_path):
     assert batch.levels[0].shape == (2, D, 10, 12)  # ceil(80/8), ceil(96/8)
     assert batch.c1.shape == (2, C, 20, 24)
     assert batch.target_masks.shape == (2, K, S, S)
+    for b, record in enumerate(records[:2]):
+        assert torch.equal(batch.queries[b], torch.from_numpy(record.queries.astype(np.float32)))
+        assert torch.equal(batch.boxes[b], torch.from_numpy(record.boxes))
+        targets = np.unpackbits(record.target_masks, axis=-1)[:, :S * S].reshape(K, S, S)
+        assert torch.equal(batch.target_masks[b].bool(), torch.from_numpy(targets.astype(bool)))
+        h, w = plan.level_hw[b][0].tolist()  # level 0's tokens come first in memory, row-major
+        level = torch.from_numpy(record.memory[:h * w].astype(np.float32)).T.reshape(D, h, w)
+        h4, w4 = (-(-plan.input_hw[b] // 4)).tolist()
+        c1 = torch.from_numpy(record.c1.astype(np.float32)).T.reshape(C, h4, w4)
+        for name, got, want in (("level 0", batch.levels[0][b], level), ("c1", batch.c1[b], c1)):
+            assert torch.equal(got[:, :want.shape[1], :want.shape[2]], want), (b, name)
+            assert not got[:, want.shape[1]:].any() and not got[:, :, want.shape[2]:].any(), (b, name)
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])

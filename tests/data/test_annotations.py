@@ -258,7 +258,18 @@ def test_file_name_inside_images_may_use_subfolders(data, tmp_path):
     def change(ann):
         next(im for im in ann["images"] if im["id"] == first["id"])["file_name"] = f"sub/./x/../{first['file_name']}"
     (data / "train" / "sub" / "x").mkdir()
-    assert extract_demo(data, tmp_path / "cache", annotations=edited(data, change)).exit_code == 0
+    out = tmp_path / "cache"
+    assert extract_demo(data, out, annotations=edited(data, change)).exit_code == 0
+    # the image was read from the subfolder: cached with its instances, as the file names it
+    stored = stored_annotations(out)
+    image = next(im for im in stored["images"] if im["id"] == first["id"])
+    assert image["file_name"] == f"sub/./x/../{first['file_name']}"
+    index = Cache(out).split("edited").index
+    row = index["image_id"].tolist().index(first["id"])
+    assert index["orig_hw"][row].tolist() == [first["height"], first["width"]]
+    assert len(stored["images"]) == len(source(data)["images"])
+    assert ([a["id"] for a in stored["annotations"] if a["image_id"] == first["id"]]
+            == [a["id"] for a in source(data)["annotations"] if a["image_id"] == first["id"]])
 
 
 # -- bounded rasterisation ----------------------------------------------------------------------

@@ -161,8 +161,21 @@ def test_fused_map_is_at_stride_4_for_any_level_stride(stride, level_hw, fused_h
 
     head = build_head(HeadConfig(use_c1=False, neck="none"), d_model=16, c1_channels=0, num_levels=1,
                       strides=(stride,))
-    fused = head.fusion([torch.randn(1, 16, *level_hw)], None)
-    assert tuple(fused[0].shape[-2:]) == fused_hw
+    # a level whose channels 0 and 1 hold the input-pixel y and x of each cell's centre
+    h, w = level_hw
+    ys, xs = (torch.arange(h) + 0.5) * stride, (torch.arange(w) + 0.5) * stride
+    level = torch.zeros(1, 16, h, w)
+    level[0, 0], level[0, 1] = ys[:, None].expand(h, w), xs[None, :].expand(h, w)
+    fused = head.fusion([level], None)[0]
+    assert tuple(fused.shape[-2:]) == fused_hw
+    # F's pixel (v, u) covers input pixels [4v, 4v + 4), centre 4v + 2: between the first and last
+    # cell centres (bilinear upsampling is exact on a ramp there) F holds that very position
+    fy, fx = (torch.arange(fused_hw[0]) + 0.5) * 4, (torch.arange(fused_hw[1]) + 0.5) * 4
+    rows, cols = (fy >= ys[0]) & (fy <= ys[-1]), (fx >= xs[0]) & (fx <= xs[-1])
+    assert rows.sum() >= 2 and cols.sum() >= 2
+    inner = fused[:, rows][:, :, cols]
+    torch.testing.assert_close(inner[0], fy[rows][:, None].expand(-1, int(cols.sum())))
+    torch.testing.assert_close(inner[1], fx[cols][None, :].expand(int(rows.sum()), -1))
 
 
 @pytest.mark.parametrize("saved", [k for k in FAMILIES if k != "lw_detr_one_level"], indirect=True)  # same plumbing

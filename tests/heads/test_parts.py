@@ -1,6 +1,7 @@
 """The head design space: every preset builds, runs forward and backward; parts checked
 against hand-computed references."""
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,8 @@ from mfcache.heads import build_head
 from mfcache.heads.blender import blend
 from mfcache.heads.region import crop_maps
 from mfcache.heads.roi import roi_align
-from mfcache.ops.losses import mask_iou, point_mask_losses, point_sample, quality_loss, resize_targets, uncertain_points
+from mfcache.ops.losses import (head_loss, mask_iou, point_mask_losses, point_sample, resize_targets,
+                                uncertain_points)
 
 D, C1 = 32, 8
 
@@ -31,25 +33,46 @@ def tiny_batch(b=2, k=5, h8=6, w8=7, levels=4):
 
 @pytest.mark.parametrize("preset", preset_names())
 def test_every_preset_trains_one_step(preset):
-    config = resolve_run_config(preset).head
+    """The preset's training loss (its own: BCE + dice on the RoI or on sampled points, plus
+    the quality regression where it scores by mask IoU) against a target mask: every parameter
+    gets a finite gradient, and one small step down that gradient lowers the loss."""
+    run = resolve_run_config(preset)
+    config = run.head
     assert config.description, f"preset {preset} has no description"
     head = build_head(config, d_model=D, c1_channels=C1, num_levels=4)
     x = tiny_batch()
     select = torch.zeros(2, 5, dtype=torch.bool)
     select[0, :2] = select[1, 3] = True
-    out = head(x["queries"], x["boxes"], [x["levels"][l] for l in head.levels], x["c1"], select)
     m = head.roi_size
+    # a target that is not trivial: each selected query's mask is a different box in its RoI
+    targets = torch.zeros(3, 64, 64, dtype=torch.bool)
+    for i, (top, left) in enumerate([(4, 8), (20, 10), (30, 24)]):
+        targets[i, top:top + 28, left:left + 30] = True
+    targets = resize_targets(targets, m)
+
+    # a point loss draws its points uniformly here (no importance sampling, which follows the
+    # logits), so the loss before and after the step is taken at the same points
+    loss_config = dataclasses.replace(config, importance=0.0)
+
+    def loss_and_output():
+        torch.manual_seed(7)  # the same point draws and dropout for both evaluations
+        out = head(x["queries"], x["boxes"], [x["levels"][l] for l in head.levels], x["c1"], select)
+        return head_loss(out, targets, loss_config, run.train)[0], out
+
+    loss, out = loss_and_output()
     assert out.mask_logits.shape == (3, 1, m, m)
     assert (out.quality is not None) == (config.scoring == "mask_iou")
-    targets = resize_targets(torch.rand(3, 64, 64) > 0.5, m)
-    losses = (point_mask_losses(out.mask_logits, targets, num_points=64, oversample=3.0, importance=0.75)
-              if config.loss == "point" else {"bce": out.mask_logits.mean(), "dice": 0})
-    loss = losses["bce"] + losses["dice"]
-    if out.quality is not None:
-        loss = loss + quality_loss(out.quality, out.mask_logits, targets)
     loss.backward()
-    for name, p in head.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), f"{preset}: no finite grad for {name}"
+    grads = {name: p.grad for name, p in head.named_parameters()}
+    for name, grad in grads.items():
+        assert grad is not None and torch.isfinite(grad).all(), f"{preset}: no finite grad for {name}"
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+    assert norm > 0, f"{preset}: the loss does not depend on the head"
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            p -= 1e-3 * grads[name] / norm  # a step of length 1e-3 down the gradient
+        stepped, _ = loss_and_output()
+    assert stepped < loss, f"{preset}: one step down the gradient did not lower the loss ({loss} -> {stepped})"
     # without a selection every query gets a mask, and the selected ones are the same masks
     head.eval()
     with torch.no_grad():
@@ -165,9 +188,31 @@ def test_bad_combinations_are_clear_errors(override, message):
 @pytest.mark.parametrize("name, value", [(name, value) for name, values in HEAD_CHOICES.items()
                                          for value in values])
 def test_the_builder_builds_every_choice_the_config_declares(name, value):
-    """HeadConfig's choices (config.HEAD_CHOICES) are the one table: each one builds."""
+    """HeadConfig's choices (config.HEAD_CHOICES) are the one table: each one builds a head that
+    predicts finite masks of its RoI size, and a choice of the head's modules gives another head
+    than the default (other modules or parameters, or other masks from the same weights' seed);
+    ``loss`` and the scorings other than mask_iou act after the head and leave it as it is."""
     config = HeadConfig(**{name: (value,) if name == "query_encoder" else value})
-    build_head(config, d_model=D, c1_channels=C1, num_levels=4)
+    default = HeadConfig()
+
+    def built(config):
+        torch.manual_seed(0)
+        head = build_head(config, d_model=D, c1_channels=C1, num_levels=4).eval()
+        x = tiny_batch()
+        with torch.no_grad():
+            logits = head(x["queries"], x["boxes"], [x["levels"][l] for l in head.levels], x["c1"]).mask_logits
+        modules = (repr(head), sorted((n, tuple(p.shape)) for n, p in head.named_parameters()))
+        return head, modules, logits
+
+    head, modules, logits = built(config)
+    m = value if name == "roi_size" else default.roi_size
+    assert head.roi_size == m and logits.shape == (2 * 5, 1, m, m) and torch.isfinite(logits).all()
+    _, default_modules, default_logits = built(default)
+    same = modules == default_modules and torch.equal(logits, default_logits)
+    if config == default or name == "loss" or (name == "scoring" and value != "mask_iou"):
+        assert same, f"head.{name}={value!r} changed the head"
+    else:
+        assert not same, f"head.{name}={value!r} built the default head"
 
 
 def test_swin_shift_mask_and_window_padding():
