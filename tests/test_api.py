@@ -14,11 +14,12 @@ from PIL import Image
 from mfcache.api import Instances, Predictor
 from mfcache.data.shapes import CATEGORIES
 from mfcache.errors import MfcacheError
+from tests.helpers import ROOT
 from tests.helpers.cli import invoke
 
 
-README = Path(__file__).parents[1] / "README.md"
-API_PAGE = Path(__file__).parents[1] / "docs" / "api.md"
+README = ROOT / "README.md"
+API_PAGE = ROOT / "docs" / "api.md"
 MARKER = "<!-- runnable -->"
 
 # The README's "Python API" example, verbatim: test_readme_shows_this_example checks that the README's
@@ -179,7 +180,7 @@ def test_the_readme_example_runs(demo_dir, predicted, monkeypatch, capsys):
 @pytest.mark.parametrize("page", [README, API_PAGE], ids=lambda p: p.name)
 def test_readme_shows_this_example(page):
     """The Python API block of README.md and docs/api.md is EXAMPLE, the text
-    test_the_readme_example_runs runs (tests/test_docs.py runs every runnable block too)."""
+    test_the_readme_example_runs runs (tests/guarantees/test_docs.py runs every runnable block too)."""
     blocks = re.findall(re.escape(MARKER) + r"\n```python\n(.*?)```", page.read_text(), re.DOTALL)
     assert EXAMPLE in blocks, f"{page.name} has no runnable Python block equal to the API example"
 

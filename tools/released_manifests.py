@@ -10,7 +10,7 @@ architecture, the config files that build it, and the architecture arguments the
 
 Config files that build the same table from the same architecture arguments (they differ in
 epochs, loss weights, weight decay, drop path...) share one manifest. The tests load every
-manifest into mfcache's native models (``tests/test_native_released.py``).
+manifest into mfcache's native models (``tests/detectors/test_native_released.py``).
 
 How the shipped manifests were made (the originals are read, never copied into mfcache):
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
+
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 SECTIONS = ("environment", "agreement", "demo", "extraction", "training", "projection")
 

@@ -4,9 +4,8 @@ val segm AP at validated ones (an entry may carry both, or a validation alone)."
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
 
 
 def test_curves_come_from_the_run_log(tmp_path):

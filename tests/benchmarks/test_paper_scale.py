@@ -9,9 +9,8 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
 
 
 def test_tiny_run_writes_measured_bytes_training_eval_and_projection(tmp_path):

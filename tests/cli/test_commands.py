@@ -66,7 +66,7 @@ def test_pipeline_end_to_end(shapes_data, tmp_path):
         assert all(v is None or 0.0 <= v <= 1.0 for v in metrics[iou_type].values())
     assert set(metrics["box_filled"]) == {"segm"}
     # 3 steps teach the head nothing (segm AP 0.0), but the boxes are the frozen detector's:
-    # bbox AP 0.667 on these 4 val images (2026-11-29). Mask accuracy: tests/test_accuracy.py.
+    # bbox AP 0.667 on these 4 val images (2026-11-29). Mask accuracy: tests/guarantees/test_accuracy.py.
     assert metrics["bbox"]["AP"] >= 0.4
     assert metrics["config"]["train"]["steps"] == 3
 

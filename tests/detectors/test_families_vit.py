@@ -1,5 +1,5 @@
 """LW-DETR and RF-DETR (ViT backbones, no transformer encoder), checked against the model
-itself as tests/test_families.py checks the other families: a tiny random model is saved with
+itself as tests/detectors/test_families.py checks the other families: a tiny random model is saved with
 its processor, loaded through ``hf:<dir>``, and the adapter's outputs are compared with the
 model's own outputs, its projector maps (the memory its decoder attends to) and its
 processor's ``post_process_object_detection``; then extract -> train 1 step -> evaluate."""

@@ -21,8 +21,8 @@ import torch
 
 from mfcache.detectors import load_detector
 from mfcache.errors import MfcacheError
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).parents[2]
 MANIFESTS = {p.stem: json.loads(p.read_text()) for p in sorted((ROOT / "tests" / "fixtures" / "released").glob("*.json"))}
 TABLE_PAGE, TABLE_SECTION = ROOT / "docs" / "detectors.md", "### Released checkpoints"
 

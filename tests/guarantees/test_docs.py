@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from mfcache.cli.main import app
+from tests.helpers import ROOT
 from tests.helpers.cli import invoke
 
-ROOT = Path(__file__).parents[2]
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 MARKER = "<!-- runnable -->"
