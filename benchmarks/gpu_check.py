@@ -353,7 +353,7 @@ def section_agreement(run: Run) -> dict:
 
 
 def agreement(run: Run) -> dict:
-    """Every comparison of the CPU against ``run.device`` (which tests/test_gpu_check.py sets to
+    """Every comparison of the CPU against ``run.device`` (which tests/benchmarks/test_gpu_check.py sets to
     the CPU itself, to run this code before it meets a GPU)."""
     items: list[dict] = []
     size = AGREE_SIZES["quick" if run.quick else "full"]

@@ -409,7 +409,7 @@ def choices(cls) -> dict[str, tuple]:
     return {f.name: f.metadata["choices"] for f in dataclasses.fields(cls) if f.metadata["choices"] is not None}
 
 
-# every field of every config has a check (tests/test_meaningful_runs.py asserts it)
+# every field of every config has a check (tests/guarantees/test_meaningful_runs.py asserts it)
 RANGES: dict[type, dict[str, Check]] = {
     cls: {f.name: f.metadata["check"] for f in dataclasses.fields(cls)}
     for cls in (ExtractConfig, HeadConfig, TrainConfig, EvalConfig)

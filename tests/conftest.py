@@ -1,5 +1,4 @@
 import os
-
 import tempfile
 
 import pytest
@@ -42,11 +41,8 @@ def demo_layout(shapes_data, tmp_path_factory):
     import json
     import shutil
 
-    from typer.testing import CliRunner
+    from tests.helpers.cli import run_ok
 
-    from mfcache.cli.main import app
-
-    runner = CliRunner()
     root = tmp_path_factory.mktemp("api")
     demo = root / "mfcache-demo"
     val = json.loads((shapes_data / "annotations" / "val.json").read_text())
@@ -58,11 +54,37 @@ def demo_layout(shapes_data, tmp_path_factory):
     keep = {im["id"] for im in images}
     subset = {**val, "images": images, "annotations": [a for a in val["annotations"] if a["image_id"] in keep]}
     (demo / "data" / "annotations" / "val.json").write_text(json.dumps(subset))
-    for args in (["extract", "--detector", "demo", "--images", demo / "data" / "val", "--annotations",
-                  demo / "data" / "annotations" / "val.json", "--out", demo / "cache", "--batch-size", 1,
-                  "--workers", 0],
-                 ["train", "--cache", demo / "cache", "--split", "val", "--out", demo / "run",
-                  "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "eval.batch_size=1"]):
-        result = runner.invoke(app, [str(a) for a in args] + ["-q"])
-        assert result.exit_code == 0, result.output
+    for args in (
+        [
+            "extract",
+            "--detector",
+            "demo",
+            "--images",
+            demo / "data" / "val",
+            "--annotations",
+            demo / "data" / "annotations" / "val.json",
+            "--out",
+            demo / "cache",
+            "--batch-size",
+            1,
+            "--workers",
+            0,
+        ],
+        [
+            "train",
+            "--cache",
+            demo / "cache",
+            "--split",
+            "val",
+            "--out",
+            demo / "run",
+            "--set",
+            "train.steps=2",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "eval.batch_size=1",
+        ],
+    ):
+        run_ok(*args, "-q")
     return root

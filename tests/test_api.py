@@ -10,23 +10,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from mfcache.api import Instances, Predictor
-from mfcache.cli.main import app
 from mfcache.data.shapes import CATEGORIES
 from mfcache.errors import MfcacheError
+from tests.helpers import ROOT
+from tests.helpers.cli import invoke
 
-runner = CliRunner()
-
-README = Path(__file__).parents[1] / "README.md"
-API_PAGE = Path(__file__).parents[1] / "docs" / "api.md"
+README = ROOT / "README.md"
+API_PAGE = ROOT / "docs" / "api.md"
 MARKER = "<!-- runnable -->"
 
 # The README's "Python API" example, verbatim: test_readme_shows_this_example checks that the README's
 # block (the ```python block after MARKER) is this text, test_the_readme_example_runs runs it. It
 # assumes `mfcache demo` ran in the current folder (the fixture below builds that layout, smaller).
-EXAMPLE = '''\
+EXAMPLE = """\
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +46,7 @@ for name, score, box in zip(confident.names, confident.scores, confident.boxes):
 pil = Image.open(image)
 results = predictor([pil, np.asarray(pil.convert("RGB"))])
 coco = results[0].to_coco(image_id=1)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +66,7 @@ def predicted(demo_dir, tmp_path_factory):
     (image path, its results.json entries)."""
     image = sorted((demo_dir / "mfcache-demo" / "data" / "val").glob("*.png"))[0]
     out = tmp_path_factory.mktemp("predicted")
-    result = runner.invoke(app, ["predict", "--run", str(demo_dir / "mfcache-demo" / "run"), str(image),
-                                 "--out", str(out), "--device", "cpu", "-q"])
+    result = invoke("predict", "--run", demo_dir / "mfcache-demo" / "run", image, "--out", out, "--device", "cpu", "-q")
     assert result.exit_code == 0, result.output
     return image, json.loads((out / "results.json").read_text())
 
@@ -78,8 +75,13 @@ def image_forms(path: Path) -> dict:
     pil = Image.open(path)
     hwc = np.asarray(pil.convert("RGB"))
     chw = torch.from_numpy(hwc.copy()).permute(2, 0, 1)
-    return {"str": str(path), "pil": pil, "rgba numpy": np.dstack([hwc, np.full(hwc.shape[:2], 7, np.uint8)]),
-            "tensor": chw, "float tensor": chw.float() / 255}
+    return {
+        "str": str(path),
+        "pil": pil,
+        "rgba numpy": np.dstack([hwc, np.full(hwc.shape[:2], 7, np.uint8)]),
+        "tensor": chw,
+        "float tensor": chw.float() / 255,
+    }
 
 
 def test_every_image_form_gives_what_predict_writes(predictor, predicted):
@@ -124,12 +126,15 @@ def test_score_threshold_keeps_the_confident_detections(predictor, predicted):
     assert len(none) == 0 and none.image_size == everything.image_size and none.to_coco(1) == []
 
 
-@pytest.mark.parametrize("bad, needle", [
-    (np.zeros((5, 5, 2), np.uint8), "1, 3 or 4 channels"),
-    (torch.full((3, 5, 5), 2.0), "values in [0, 1]"),
-    (np.zeros((5, 5, 3), np.int32), "uint8 or float"),
-    (b"\x89PNG", "cannot read an image from 'bytes'"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (np.zeros((5, 5, 2), np.uint8), "1, 3 or 4 channels"),
+        (torch.full((3, 5, 5), 2.0), "values in [0, 1]"),
+        (np.zeros((5, 5, 3), np.int32), "uint8 or float"),
+        (b"\x89PNG", "cannot read an image from 'bytes'"),
+    ],
+)
 def test_bad_images_are_one_clear_error(predictor, bad, needle):
     with pytest.raises(MfcacheError) as caught:
         predictor(bad)
@@ -161,11 +166,19 @@ def test_loading_errors_name_the_python_arguments(demo_dir, tmp_path):
     state = torch.load(moved / "checkpoint.pt", weights_only=True)
     state["fingerprint"]["detector"]["spec"] = f"hf:{tmp_path / 'gone'}"
     torch.save(state, moved / "checkpoint.pt")
-    with pytest.raises(MfcacheError, match="the detector the run's cache was extracted with.*detector= in the Python API"):
+    with pytest.raises(
+        MfcacheError, match="the detector the run's cache was extracted with.*detector= in the Python API"
+    ):
         Predictor(moved)
     assert Predictor(moved, detector="demo").detector == "demo"
-    assert len(Predictor(copy, trust_checkpoint=True, device="cpu")(sorted((demo_dir / "mfcache-demo" / "data" / "val")
-                                                                          .glob("*.png"))[0])) > 0
+    assert (
+        len(
+            Predictor(copy, trust_checkpoint=True, device="cpu")(
+                sorted((demo_dir / "mfcache-demo" / "data" / "val").glob("*.png"))[0]
+            )
+        )
+        > 0
+    )
 
 
 def test_the_readme_example_runs(demo_dir, predicted, monkeypatch, capsys):
@@ -174,21 +187,22 @@ def test_the_readme_example_runs(demo_dir, predicted, monkeypatch, capsys):
     exec(compile(EXAMPLE, "README example", "exec"), namespace)
     assert namespace["coco"] == predicted[1]
     n = len(predicted[1])
-    assert re.search(rf"^{n} instances in a \(\d+, \d+\) image: masks \({n}, \d+, \d+\)$", capsys.readouterr().out,
-                     re.MULTILINE)
+    assert re.search(
+        rf"^{n} instances in a \(\d+, \d+\) image: masks \({n}, \d+, \d+\)$", capsys.readouterr().out, re.MULTILINE
+    )
 
 
 @pytest.mark.parametrize("page", [README, API_PAGE], ids=lambda p: p.name)
 def test_readme_shows_this_example(page):
     """The Python API block of README.md and docs/api.md is EXAMPLE, the text
-    test_the_readme_example_runs runs (tests/test_docs.py runs every runnable block too)."""
+    test_the_readme_example_runs runs (tests/guarantees/test_docs.py runs every runnable block too)."""
     blocks = re.findall(re.escape(MARKER) + r"\n```python\n(.*?)```", page.read_text(), re.DOTALL)
     assert EXAMPLE in blocks, f"{page.name} has no runnable Python block equal to the API example"
 
 
 def test_import_mfcache_stays_light():
     """``import mfcache`` (the CLI's first import) loads neither torch nor the API."""
-    from test_layout import loaded_after
+    from tests.test_layout import loaded_after
 
     light = loaded_after("import mfcache")
     assert "torch" not in light and "mfcache.api" not in light

@@ -12,7 +12,7 @@ def test_defaults_follow_the_paper_recipe():
 
 def test_preset_then_overrides_in_that_order(tmp_path):
     head_file = tmp_path / "mine.toml"
-    head_file.write_text('roi_size = 64\n[train]\nsteps = 7\nlr = 1e-3\n')
+    head_file.write_text("roi_size = 64\n[train]\nsteps = 7\nlr = 1e-3\n")
     config = resolve_run_config(str(head_file), ["train.steps=9", "head.use_c1=false", "train.betas=[0.8, 0.9]"])
     assert config.head == HeadConfig(name="mine", roi_size=64, use_c1=False)
     assert (config.train.steps, config.train.lr, config.train.betas) == (9, 1e-3, (0.8, 0.9))
@@ -23,12 +23,15 @@ def test_round_trip_through_dict():
     assert RunConfig.from_dict(config.to_dict()) == config
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["train.nope=1"], "unknown train option"),
-    (["steps=1"], "--set expects"),
-    (["train.steps=abc"], "expected int"),
-    (["head.use_c1=1"], "expected true or false"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["train.nope=1"], "unknown train option"),
+        (["steps=1"], "--set expects"),
+        (["train.steps=abc"], "expected int"),
+        (["head.use_c1=1"], "expected true or false"),
+    ],
+)
 def test_bad_overrides_are_clear_errors(bad, message):
     with pytest.raises(MfcacheError, match=message):
         resolve_run_config(None, bad)
@@ -42,4 +45,6 @@ def test_unknown_preset_lists_the_presets():
 
 def test_parse_overrides_types():
     assert parse_overrides(["eval.mask_threshold=0.4", "head.name=x"]) == {
-        "eval": {"mask_threshold": 0.4}, "head": {"name": "x"}}
+        "eval": {"mask_threshold": 0.4},
+        "head": {"name": "x"},
+    }

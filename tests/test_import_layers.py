@@ -16,8 +16,18 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mfcache"
 FRONT_ENDS = {"api", "__main__", "cli"}
-LAYERS = {"cli": 5, "api": 5, "__main__": 5, "stages": 4, "demo_detector": 4, "cache": 3,
-          "heads": 2, "detectors": 2, "data": 2, "ops": 1}
+LAYERS = {
+    "cli": 5,
+    "api": 5,
+    "__main__": 5,
+    "stages": 4,
+    "demo_detector": 4,
+    "cache": 3,
+    "heads": 2,
+    "detectors": 2,
+    "data": 2,
+    "ops": 1,
+}
 
 
 def layer(module: str) -> int:

@@ -14,6 +14,26 @@ def test_train_and_eval_import_no_detector_code():
     modules = loaded_after("import mfcache.stages.train, mfcache.stages.evaluate, mfcache.stages.sweep")
     assert not {m for m in modules if m.split(".")[0] in ("transformers", "timm")}
     detector_modules = {m for m in modules if m.startswith("mfcache.detectors")}
-    assert detector_modules <= {"mfcache.detectors", "mfcache.detectors.base"}, detector_modules  # the spec/info types only
-    assert not {m for m in modules if m.startswith(("mfcache.stages.extract", "mfcache.stages.predict",
-                                                    "mfcache.demo_detector"))}
+    assert detector_modules <= {"mfcache.detectors", "mfcache.detectors.base"}, (
+        detector_modules
+    )  # the spec/info types only
+    assert not {
+        m
+        for m in modules
+        if m.startswith(("mfcache.stages.extract", "mfcache.stages.predict", "mfcache.demo_detector"))
+    }
+
+
+def test_the_tests_mirror_the_package():
+    """tests/ has one folder per subpackage of mfcache (its tests), plus guarantees/ (the end-to-end
+    promises), benchmarks/ (the scripts), helpers/ and fixtures/; every test folder is a package."""
+    import importlib.util
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    subpackages = {p.parent.name for p in (tests.parent / "mfcache").glob("*/__init__.py")} | {"cli"}
+    assert all(importlib.util.find_spec(f"mfcache.{name}") for name in subpackages)
+    assert folders == subpackages | {"guarantees", "benchmarks", "helpers", "fixtures"}
+    for folder in folders - {"fixtures"}:
+        assert (tests / folder / "__init__.py").is_file(), folder

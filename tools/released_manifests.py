@@ -10,7 +10,7 @@ architecture, the config files that build it, and the architecture arguments the
 
 Config files that build the same table from the same architecture arguments (they differ in
 epochs, loss weights, weight decay, drop path...) share one manifest. The tests load every
-manifest into mfcache's native models (``tests/test_native_released.py``).
+manifest into mfcache's native models (``tests/detectors/test_native_released.py``).
 
 How the shipped manifests were made (the originals are read, never copied into mfcache):
 
@@ -270,7 +270,7 @@ def main() -> None:
     parser.add_argument("family", choices=("hdetr", "dino"))
     parser.add_argument("repo", type=Path, help="a checkout of the original repository")
     parser.add_argument("--source", required=True, help="owner/name@commit of that checkout (recorded)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "tests" / "data" / "released")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "tests" / "fixtures" / "released")
     args = parser.parse_args()
     paths = write_manifests(args.family, args.repo.resolve(), args.out, args.source)
     print(f"{len(paths)} manifests in {args.out}")
