@@ -31,6 +31,7 @@ from mfcache.errors import MfcacheError
 from mfcache.stages.evaluate import evaluate
 from mfcache.stages.extract import extract
 from mfcache.stages.train import train
+from tests.helpers.caches import extract_splits
 from tests.helpers.cli import invoke
 
 moto_server = pytest.importorskip("moto.server")  # in the dev extra: CI runs these tests
@@ -103,16 +104,7 @@ def split_args(data, split):
 
 @pytest.fixture(scope="module")
 def folder_cache(data):
-    for split in ("train", "val"):
-        extract(
-            detector="demo",
-            images=data / "d" / split,
-            annotations=data / "d" / "annotations" / f"{split}.json",
-            out=data / "folder",
-            config=CONFIG,
-            progress=False,
-        )
-    return data / "folder"
+    return extract_splits(data / "d", data / "folder", CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from mfcache.config import ExtractConfig
 from mfcache.data.shapes import write_shapes_dataset
 from mfcache.errors import MfcacheError
 from mfcache.stages.extract import extract
+from tests.helpers.caches import extract_splits
 from tests.helpers.cli import invoke
 
 # C1 stored (not the demo's --c1 auto = recompute): the stored c1 array is among what these tests damage
@@ -57,16 +58,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def healthy(data):
-    for split in ("train", "val"):
-        extract(
-            detector="demo",
-            images=data / "d" / split,
-            annotations=data / "d" / "annotations" / f"{split}.json",
-            out=data / "cache",
-            config=CONFIG,
-            progress=False,
-        )
-    return data / "cache"
+    return extract_splits(data / "d", data / "cache", CONFIG)
 
 
 @pytest.fixture(scope="module")
