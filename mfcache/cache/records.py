@@ -1,19 +1,21 @@
 """Detector outputs -> stored record -> :class:`~mfcache.cache.sample.Sample`: the one path an
 image takes into the cache and back out, used by extraction (writing), the reader (serving)
-and ``predict`` (which stores and serves in memory, so the head sees exactly what training
-data looked like).
+and ``predict`` (which serves the detector's outputs at the cache's precision, so the head
+sees exactly what training data looked like).
 
 * :func:`image_sample`: image ``b`` of a detector batch as a full-precision :class:`Sample`
   on the detector's device, every level cropped to the image's valid region.
 * :func:`image_record`: that sample as the cache stores it (:class:`ImageRecord`: numpy,
   the storage dtype, int8 quantised per image and channel, targets matched and packed).
 * :func:`served_sample`: a record (as written, or as read back) as the reader serves it.
+* :func:`as_served`: a sample as the reader would serve it once stored, without a record
+  (the same rounding: :func:`stored_features`, then what :func:`served_sample` does).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -167,13 +169,7 @@ def served_sample(
         rows = getattr(record, name)
         return dequantize(rows, scales[QUANTIZED[name]]) if QUANTIZED[name] in scales else rows
 
-    memory = features("memory")
-    sizes = np.asarray(level_hw).prod(-1)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) - memory_start
-    levels = [
-        torch.from_numpy(memory[starts[l] : starts[l] + sizes[l]].reshape(*level_hw[l], -1)).permute(2, 0, 1)
-        for l in wanted
-    ]
+    levels = _level_maps(features("memory"), level_hw, wanted, memory_start)
     c1 = None
     if record.c1 is not None:
         c1 = torch.from_numpy(features("c1").reshape(*c1_size(input_hw), -1)).permute(2, 0, 1)
@@ -197,3 +193,43 @@ def served_sample(
         c1=c1,
         **targets,
     )
+
+
+def as_served(sample: Sample, *, dtype: str, levels: Sequence[int], wanted: Sequence[int], store_c1: bool) -> Sample:
+    """``sample`` (:func:`image_sample`) as the reader serves it from a cache made with
+    ``dtype`` and the encoder ``levels`` (stored, finest first), on the CPU and without a
+    record: queries, the ``wanted`` levels (positions among ``levels``) and, with
+    ``store_c1``, C1 rounded to ``dtype`` (float16 kept, int8 quantised per channel over all
+    stored tokens and dequantised to float32); without ``store_c1`` C1 stays float32, as the
+    reader's recomputing stem serves it. Boxes, scores, labels and sizes are served as computed."""
+    sample = sample.cpu()
+    c1 = sample.c1
+    rounded = replace(sample, c1=c1 if store_c1 else None)
+    features, scales = stored_features(rounded, dtype, levels)
+    if scales is not None:
+        features = {k: dequantize(v, scales[QUANTIZED[k]]) for k, v in features.items()}
+    level_hw = np.asarray([sample.levels[l].shape[1:] for l in levels])
+    if store_c1 and c1 is not None:
+        c1 = torch.from_numpy(features["c1"].reshape(*c1.shape[1:], -1)).permute(2, 0, 1)
+    elif c1 is not None:
+        c1 = c1.float()
+    return replace(
+        sample,
+        queries=torch.from_numpy(features["queries"]),
+        labels=sample.labels.long(),
+        query_index=sample.query_index.long(),
+        levels=_level_maps(features["memory"], level_hw, wanted),
+        c1=c1,
+    )
+
+
+def _level_maps(memory: np.ndarray, level_hw: np.ndarray, wanted: Sequence[int], start: int = 0) -> list[torch.Tensor]:
+    """The ``[D, h, w]`` maps of the ``wanted`` levels (positions in ``level_hw [L, 2]``) of
+    ``memory [T, D]``: each level's tokens row-major, finest first, ``memory`` beginning at
+    token row ``start`` of the image's (views, not copies)."""
+    sizes = np.asarray(level_hw).prod(-1)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) - start
+    return [
+        torch.from_numpy(memory[starts[l] : starts[l] + sizes[l]].reshape(*level_hw[l], -1)).permute(2, 0, 1)
+        for l in wanted
+    ]

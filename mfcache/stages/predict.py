@@ -1,8 +1,8 @@
 """Inference on arbitrary images: the frozen detector, then a trained mask head.
 
 Each image goes through exactly the path training data took: the detector's outputs are
-cropped, stored and served back as the cache does (:mod:`mfcache.cache.records`: the cache's
-dtype, int8 quantised per image and channel), batched by :meth:`~mfcache.cache.sample.Batch.collate`
+cropped and served at the cache's precision (:func:`mfcache.cache.records.as_served`: the
+cache's dtype, int8 quantised per image and channel), batched by :meth:`~mfcache.cache.sample.Batch.collate`
 (which records each image's valid map sizes, so the head sees each image alone whatever its
 batch mates) and post-processed by :mod:`mfcache.stages.postprocess`, as evaluation does. Predicting on an image the cache
 holds therefore gives exactly the results ``mfcache eval`` computes for it, at any
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mfcache.cache.reader import Cache
-from mfcache.cache.records import image_record, image_sample, served_sample
+from mfcache.cache.records import as_served, image_sample
 from mfcache.cache.sample import Batch
 from mfcache.cache.schema import ExtractSettings, fingerprint
 from mfcache.data.labels import AGNOSTIC_CATEGORY
@@ -284,9 +284,9 @@ def detect(
     model, pixels: dict[int, torch.Tensor], *, extract: ExtractSettings, head: MaskHead, device: torch.device
 ) -> Batch:
     """The detector's outputs for a few images (``{image_id: uint8 [3, H, W]}``) as the head
-    would read them from a cache made with ``extract``: top-k detections, stored in the
-    cache's dtype and served back (:mod:`mfcache.cache.records`), batched as the reader
-    batches (CPU tensors)."""
+    reads them from a cache made with ``extract``: the top-k detections and the head's
+    levels (and C1 if it reads it) at the cache's precision (:func:`~mfcache.cache.records.as_served`),
+    batched as the reader batches (CPU tensors)."""
     info = model.info
     inputs = [to_input(image, info.preprocess) for image in pixels.values()]
     outputs = run_detector(model, inputs, device=device, amp=extract.amp)  # as the cache was made
@@ -295,23 +295,19 @@ def detect(
     samples = []
     for b, (image_id, image) in enumerate(pixels.items()):
         input_hw = tuple(inputs[b].shape[1:])
-        level_hw = np.asarray(level_shapes(input_hw, info.strides))
-        crop = image_sample(
-            outputs, top, b, level_hw=level_hw, input_hw=input_hw, image_id=image_id, orig_hw=image.shape[1:]
-        ).cpu()
-        c1 = crop.c1 if head.uses_c1 else None
-        if not head.uses_c1 or extract.c1 == "recompute":
-            crop.c1 = None  # recomputed C1 is not stored: the reader serves the stem's float32 map
-        record = image_record(crop, gt=None, target_size=extract.target_size, dtype=extract.dtype, levels=stored)
-        sample = served_sample(
-            record,
-            image_id=image_id,
+        sample = image_sample(
+            outputs,
+            top,
+            b,
+            level_hw=np.asarray(level_shapes(input_hw, info.strides)),
             input_hw=input_hw,
+            image_id=image_id,
             orig_hw=image.shape[1:],
-            level_hw=level_hw[stored],
-            wanted=[stored.index(l) for l in head.levels],
         )
-        if c1 is not None and extract.c1 == "recompute":
-            sample.c1 = c1.float()
-        samples.append(sample)
+        if not head.uses_c1:
+            sample.c1 = None
+        wanted = [stored.index(level) for level in head.levels]
+        samples.append(
+            as_served(sample, dtype=extract.dtype, levels=stored, wanted=wanted, store_c1=extract.c1 == "store")
+        )
     return Batch.collate(samples)

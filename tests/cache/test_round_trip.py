@@ -182,3 +182,51 @@ def test_collated_maps_hold_each_image_and_zero_padding(tmp_path, num_workers):
             h, w = want.shape[1:]
             assert torch.equal(got[:, :h, :w], want), name
             assert not got[:, h:].any() and not got[:, :, w:].any(), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("store_c1", [True, False])
+def test_as_served_equals_the_record_written_and_served(dtype, store_c1):
+    """``predict`` serves the detector's outputs at the cache's precision without a record
+    (``as_served``); that is bit for bit what a record written and served back holds."""
+    from mfcache.cache.records import as_served, image_record, served_sample
+    from mfcache.cache.sample import Sample
+
+    gen = torch.Generator().manual_seed(0)
+    level_hw = np.array([[12, 10], [6, 5], [3, 3], [2, 2]])
+    sample = Sample(
+        image_id=7,
+        queries=torch.randn(K, D, generator=gen) * 3,
+        boxes=torch.rand(K, 4, generator=gen) * 40,
+        scores=torch.rand(K, generator=gen),
+        labels=torch.randint(0, 2, (K,), generator=gen),
+        query_index=torch.randperm(10, generator=gen)[:K],
+        levels=[torch.randn(D, h, w, generator=gen) * (l + 1) for l, (h, w) in enumerate(level_hw)],
+        input_hw=torch.tensor([96, 80]),
+        orig_hw=torch.tensor([48, 40]),
+        c1=torch.randn(C, 24, 20, generator=gen),
+    )
+    stored, wanted = [0, 1, 3], [0, 2]  # levels kept in the cache; the head reads the 1st and 3rd of them
+    record = image_record(
+        dataclasses.replace(sample, c1=sample.c1 if store_c1 else None),
+        gt=None,
+        target_size=S,
+        dtype=dtype,
+        levels=stored,
+    )
+    read = served_sample(
+        record, image_id=7, input_hw=(96, 80), orig_hw=(48, 40), level_hw=level_hw[stored], wanted=wanted
+    )
+    served = as_served(sample, dtype=dtype, levels=stored, wanted=wanted, store_c1=store_c1)
+    for name in ("queries", "boxes", "scores", "labels", "query_index", "input_hw", "orig_hw"):
+        a, b = getattr(served, name), getattr(read, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert len(served.levels) == len(read.levels) == 2
+    for a, b in zip(served.levels, read.levels):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    if store_c1:
+        assert served.c1.dtype == read.c1.dtype and torch.equal(served.c1, read.c1)
+    else:  # a recomputed C1 is served at float32 by the reader's stem, not from the record
+        assert read.c1 is None and served.c1.dtype == torch.float32 and torch.equal(served.c1, sample.c1)
+    if dtype != "float32":  # and the rounding is real: the served values are not the computed ones
+        assert not torch.equal(served.levels[0].float(), sample.levels[0])
