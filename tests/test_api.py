@@ -202,7 +202,7 @@ def test_readme_shows_this_example(page):
 
 def test_import_mfcache_stays_light():
     """``import mfcache`` (the CLI's first import) loads neither torch nor the API."""
-    from tests.test_layout import loaded_after
+    from tests.helpers.processes import loaded_after
 
     light = loaded_after("import mfcache")
     assert "torch" not in light and "mfcache.api" not in light

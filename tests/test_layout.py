@@ -1,13 +1,6 @@
 """The package's layout keeps its promises: training and evaluation read the cache alone."""
 
-import subprocess
-import sys
-
-
-def loaded_after(statement: str) -> set[str]:
-    """The modules a fresh interpreter holds after ``statement``."""
-    code = f"import sys; {statement}; print('\\n'.join(sys.modules))"
-    return set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split())
+from tests.helpers.processes import loaded_after
 
 
 def test_train_and_eval_import_no_detector_code():
@@ -37,3 +30,21 @@ def test_the_tests_mirror_the_package():
     assert folders == subpackages | {"guarantees", "benchmarks", "helpers", "fixtures"}
     for folder in folders - {"fixtures"}:
         assert (tests / folder / "__init__.py").is_file(), folder
+
+
+def test_test_modules_share_code_through_helpers_only():
+    """A test module imports shared code from tests/helpers (or data from tests/fixtures), never
+    from another test module: running or moving one test file cannot break another."""
+    import ast
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    wrong = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name.startswith("tests.") and not name.startswith(("tests.helpers", "tests.fixtures")):
+                    wrong.append(f"{path.relative_to(tests)} imports {name}")
+    assert not wrong, wrong

@@ -5,24 +5,9 @@ import re
 
 import pytest
 
-from mfcache.cli.main import app
 from tests.helpers import ROOT
-from tests.helpers.cli import invoke, run_ok
+from tests.helpers.cli import COMMANDS, invoke, run_ok
 
-
-def command_paths(group=None, prefix=()):
-    """Every leaf command of the app, e.g. ("data", "shapes"), read from the app itself."""
-    import typer.main
-
-    group = group or typer.main.get_command(app)
-    for name, command in sorted(group.commands.items()):
-        if hasattr(command, "commands"):
-            yield from command_paths(command, (*prefix, name))
-        else:
-            yield (*prefix, name)
-
-
-COMMANDS = list(command_paths())
 COMMANDS_PAGE = (ROOT / "docs" / "commands" / "index.md").read_text()
 
 

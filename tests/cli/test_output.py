@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from mfcache.config import preset_names
-from tests.cli.test_commands import COMMANDS
-from tests.helpers.cli import invoke, run_mfcache, run_ok
+from tests.helpers.cli import COMMANDS, invoke, run_mfcache, run_ok
 
 # what a narrow terminal would say; a pipe must ignore it
 NARROW = {"COLUMNS": "80"}

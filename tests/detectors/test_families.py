@@ -16,16 +16,11 @@ from mfcache.config import ExtractConfig, resolve_run_config
 from mfcache.data.shapes import CATEGORIES
 from mfcache.detectors import load_detector
 from mfcache.detectors.base import Preprocess, level_shapes, select_topk
-from tests.helpers.batches import padded_batch
+from tests.helpers.families import LABELS, family_batch, save_family
 
 transformers = pytest.importorskip("transformers")
 T = transformers
 
-LABELS = dict(
-    num_labels=len(CATEGORIES),
-    id2label=dict(enumerate(CATEGORIES)),
-    label2id={name: i for i, name in enumerate(CATEGORIES)},
-)
 DETR_SIZES = [(70, 100), (96, 64)]  # unpadded inputs; not multiples of 32: exercises the ceil rule
 FIXED = (64, 64)  # RT-DETR-family input size
 
@@ -210,21 +205,6 @@ FAMILIES = {
 }
 
 
-def _batch(sizes, pad):
-    return padded_batch(sizes, pad, fill=torch.rand)
-
-
-def save_family(name: str, family, tmp_path_factory):
-    """``family``'s tiny random model (seed 0) and its processor saved to a new folder ->
-    (name, family, folder, the model)."""
-    path = tmp_path_factory.mktemp(name)
-    torch.manual_seed(0)
-    model = family.build().eval()
-    model.save_pretrained(path)
-    family.processor().save_pretrained(path)
-    return name, family, path, model
-
-
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def saved(request, tmp_path_factory):
     return save_family(request.param, FAMILIES[request.param], tmp_path_factory)
@@ -252,7 +232,7 @@ def test_adapter_matches_the_model(saved):
             None,
         )
         sizes = DETR_SIZES
-    pv, pm = _batch(sizes, info.preprocess.pad_divisor)
+    pv, pm = family_batch(sizes, info.preprocess.pad_divisor)
     out = det(pv, pm)
     with torch.no_grad():
         raw = model(pixel_values=pv, pixel_mask=pm.long())

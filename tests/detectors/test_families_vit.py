@@ -19,7 +19,7 @@ from mfcache.data.transforms import to_input
 from mfcache.detectors import load_detector
 from mfcache.detectors.base import IMAGENET_MEAN, IMAGENET_STD, level_shapes, select_topk
 from mfcache.errors import MfcacheError
-from tests.detectors.test_families import LABELS, _batch, save_family
+from tests.helpers.families import LABELS, family_batch, save_family
 
 transformers = pytest.importorskip("transformers")
 T = transformers
@@ -176,7 +176,7 @@ def test_adapter_matches_the_model(saved):
     )
 
     sizes = [(family.size, family.size)] * 2
-    pv, pm = _batch(sizes, pre.pad_divisor)
+    pv, pm = family_batch(sizes, pre.pad_divisor)
     out = det(pv, pm)
     with torch.no_grad():
         raw = model(pixel_values=pv, pixel_mask=pm.long())

@@ -30,8 +30,8 @@ from mfcache.errors import MfcacheError, UntrustedFile
 from mfcache.stages.extract import extract
 from mfcache.stages.runs import CHECKPOINT
 from mfcache.stages.train import train
-from tests.detectors.test_native import HDETR_TINY, random_checkpoint, spec
 from tests.helpers.cli import invoke, one_error_line
+from tests.helpers.native import HDETR_TINY, random_checkpoint, spec
 
 
 class System:

@@ -84,3 +84,18 @@ def extract_demo(data, out, *extra, annotations=None) -> Result:
         "-q",
         *extra,
     )
+
+
+def command_paths(group=None, prefix=()):
+    """Every leaf command of the app, e.g. ("data", "shapes"), read from the app itself."""
+    import typer.main
+
+    group = group or typer.main.get_command(app)
+    for name, command in sorted(group.commands.items()):
+        if hasattr(command, "commands"):
+            yield from command_paths(command, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+COMMANDS = list(command_paths())

@@ -1,6 +1,8 @@
-"""Waiting on the processes a test started."""
+"""Processes a test starts: waiting for them to end, the modules a fresh interpreter imports."""
 
 import os
+import subprocess
+import sys
 import time
 
 
@@ -15,3 +17,9 @@ def group_gone(pgid, seconds=30):
             return True
         time.sleep(0.05)
     return False
+
+
+def loaded_after(statement: str) -> set[str]:
+    """The modules a fresh interpreter holds after ``statement``."""
+    code = f"import sys; {statement}; print('\\n'.join(sys.modules))"
+    return set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split())
