@@ -12,6 +12,8 @@ from mfcache.cli.common import (
     CacheOpt,
     DeviceOpt,
     JsonOpt,
+    LocalCacheOpt,
+    LocalCacheSizeOpt,
     QuietOpt,
     SetOpt,
     StepsOpt,
@@ -34,6 +36,8 @@ def command(
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
     as_json: JsonOpt = False,
+    local_cache: LocalCacheOpt = None,
+    local_cache_size: LocalCacheSizeOpt = None,
 ):
     """Train and evaluate many heads from one cache, then tabulate them.
 
@@ -54,7 +58,7 @@ def command(
             f"{row['name']}: mask AP {'-' if ap is None else f'{100 * ap:.1f}'}{' (already done)' if reused else ''}"
         )
 
-    cache = cache_place(cache)  # a folder (Path) or a place in object storage
+    cache = cache_place(cache, local_cache, local_cache_size)  # a folder (Path) or a place in object storage
     with trusting(trust_checkpoint):  # the run folders' checkpoints, a cache's stored C1 program
         rows = sweep(
             cache_path=cache,

@@ -362,3 +362,86 @@ def test_bad_places_are_one_error_line_without_credentials(s3, data, monkeypatch
         invoke("extract", *EXTRACT_ARGS, *split_args(data, "val"), "--out", f"s3://{BUCKET}/caches/nocreds")
     )
     assert "no AWS credentials" in line
+
+
+def test_a_sweep_reads_a_bucket_through_a_local_folder(s3, data, folder_cache, bucket_cache, tmp_path):
+    """``sweep --local-cache`` trains and evaluates every head from the bucket through one local
+    folder of chunks; its rows equal the same sweep over the folder cache."""
+    rows = {}
+    for name, cache, extra in (
+        ("folder", folder_cache, []),
+        ("bucket", bucket_cache, ["--local-cache", str(tmp_path / "chunks"), "--local-cache-size", "1GB"]),
+    ):
+        args = ["sweep", "--cache", str(cache), "--heads", "box_baseline", "--out", tmp_path / name, *extra]
+        result = invoke(*args, *[a for s in TRAIN for a in ("--set", s)], "--json", "-q")
+        assert result.exit_code == 0, result.output
+        rows[name] = json.loads((tmp_path / name / "sweep.json").read_text())
+    keys = ("name", "segm_AP", "segm_AP50", "params")
+    assert [{k: r[k] for k in keys} for r in rows["bucket"]] == [{k: r[k] for k in keys} for r in rows["folder"]]
+    assert rows["bucket"][0]["segm_AP50"] is not None
+    assert any(p.is_file() for p in (tmp_path / "chunks").rglob("c/*"))  # the chunks were kept locally
+
+
+def test_two_nodes_extract_one_cache_in_a_bucket(s3, data, tmp_path):
+    """``torchrun --nnodes 2`` (two launchers on this host, one process each, as two machines
+    would run it) writes one cache in a bucket, whole blocks per rank, equal to one process's."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    url = f"s3://{BUCKET}/caches/two-nodes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "mfcache",
+                "extract",
+                *EXTRACT_ARGS,
+                *split_args(data, "train"),
+                "--out",
+                url,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-4000:]
+    assert verify(url).ok and not locate(url).has(LEASE_NAME)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's processes (OMP_NUM_THREADS=1): the same float sums
+    try:
+        extract(
+            detector="demo",
+            images=data / "d" / "train",
+            annotations=data / "d" / "annotations" / "train.json",
+            out=tmp_path / "one",
+            config=CONFIG,
+            progress=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    both, one = locate(url).open_group("r")["train"], zarr.open_group(tmp_path / "one" / "train", mode="r")
+    arrays = {p: n for p, n in one.members(max_depth=None) if isinstance(n, zarr.Array)}
+    assert "memory" in arrays and "index/done" in arrays
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(both[name][:], array[:], err_msg=name)
