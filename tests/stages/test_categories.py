@@ -9,7 +9,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from mfcache.config import ExtractConfig, resolve_run_config
+from mfcache.config import resolve_run_config
 from mfcache.errors import MfcacheError
 from mfcache.metrics import coco_evaluate
 from mfcache.stages import train as training
@@ -25,24 +25,6 @@ SETTINGS = [
     "head.roi_size=16",
     "train.steps=1",
 ]
-
-
-@pytest.fixture(scope="module")
-def cache(shapes_data, tmp_path_factory):
-    """The shapes data's train (8 images: one batch of 8 is the whole split) and val (4) images."""
-    from mfcache.stages.extract import extract
-
-    out = tmp_path_factory.mktemp("subset") / "cache"
-    for split in ("train", "val"):
-        extract(
-            detector="demo",
-            images=shapes_data / split,
-            annotations=shapes_data / "annotations" / f"{split}.json",
-            out=out,
-            config=ExtractConfig(topk=10, target_size=16, num_workers=0, device="cpu", c1="store"),
-            progress=False,
-        )
-    return out
 
 
 @pytest.fixture(scope="module")

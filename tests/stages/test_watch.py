@@ -15,25 +15,6 @@ from tests.helpers.cli import invoke, run_ok
 SETTINGS = ["train.batch_size=2", "train.num_workers=0", "train.device=cpu", "train.min_iou=0.1", "head.roi_size=16"]
 
 
-@pytest.fixture(scope="module")
-def cache(shapes_data, tmp_path_factory):
-    """A cache of the shapes data's train (8) and val (4) images (C1 stored: recomputing it costs a
-    validation more than the head does)."""
-    from mfcache.stages.extract import extract
-
-    out = tmp_path_factory.mktemp("watch") / "cache"
-    for split in ("train", "val"):
-        extract(
-            detector="demo",
-            images=shapes_data / split,
-            annotations=shapes_data / "annotations" / f"{split}.json",
-            out=out,
-            config=ExtractConfig(topk=10, target_size=16, num_workers=0, device="cpu", c1="store"),
-            progress=False,
-        )
-    return out
-
-
 def config(*extra):
     return resolve_run_config(None, [*SETTINGS, *extra])
 
