@@ -48,3 +48,23 @@ def test_test_modules_share_code_through_helpers_only():
                 if name.startswith("tests.") and not name.startswith(("tests.helpers", "tests.fixtures")):
                     wrong.append(f"{path.relative_to(tests)} imports {name}")
     assert not wrong, wrong
+
+
+def test_the_documented_layout_is_the_tree():
+    """docs/development.md's "How the code is laid out" names every subpackage and top-level module of
+    mfcache/, and every file it names exists (a module renamed or removed fails here)."""
+    import re
+
+    from tests.helpers import ROOT
+
+    page = (ROOT / "docs" / "development.md").read_text()
+    block = page.split("## How the code is laid out", 1)[1].split("```", 2)[1]
+    package = ROOT / "mfcache"
+    folders = {p.parent.name for p in package.glob("*/__init__.py")}
+    modules = {p.name for p in package.glob("*.py")} - {"__init__.py", "__main__.py"}
+    unnamed = {f"{f}/" for f in folders if f"mfcache/{f}/" not in block}
+    unnamed |= {m for m in modules if not re.search(rf"\b{re.escape(m)}", block)}
+    assert not unnamed, f"not in the layout: {sorted(unnamed)}"
+    existing = {p.name for p in package.rglob("*.py")}
+    stale = {name for name in re.findall(r"\b([a-z_0-9]+\.py)\b", block) if name not in existing}
+    assert not stale, f"named in the layout but not in mfcache/: {sorted(stale)}"
