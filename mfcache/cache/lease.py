@@ -5,9 +5,10 @@ Object stores have no ``flock``. The writer (rank 0 of a torchrun job, for the w
 (``If-None-Match: *``, obstore's ``mode="create"``), so of two extracts started together
 exactly one gets it; the other is refused with one line naming the holder (owner token, host,
 pid, command) and when its lease expires. The holder renews the lease every ``RENEW``
-seconds from a thread (a conditional write on its own ETag, so a lease taken over is noticed,
-not overwritten); a writer that could not renew for ``TTL - RENEW`` seconds stops writing
-(:class:`LeaseGuard` refuses every write), before anyone else may take the lease.
+seconds from a thread (a conditional write on the version it wrote last, so a lease taken over
+is noticed, not overwritten: S3 and Azure match its ETag, Google Cloud Storage its generation,
+so both are kept, :func:`_version`); a writer that could not renew for ``TTL - RENEW`` seconds
+stops writing (:class:`LeaseGuard` refuses every write), before anyone else may take the lease.
 
 A killed writer leaves its lease behind: it expires ``TTL`` seconds after its last renewal, and
 the same command on the same host takes it over at once when the process named in it is gone
@@ -47,8 +48,8 @@ def _utc(seconds: float) -> str:
 class Lease:
     """The lease this process holds on a cache in object storage; :meth:`release` it."""
 
-    def __init__(self, location, info: dict, etag: str | None):
-        self.location, self.info, self._etag = location, info, etag
+    def __init__(self, location, info: dict, version: dict | None):
+        self.location, self.info, self._version = location, info, version
         self._deadline = time.monotonic() + TTL - RENEW  # writes stop before the lease can lapse
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -87,12 +88,12 @@ class Lease:
                 self.location.object_store(),
                 LEASE_NAME,
                 json.dumps(info).encode(),
-                mode={"e_tag": self._etag} if self._etag else "overwrite",
+                mode=self._version or "overwrite",
             )
         except (obstore.exceptions.PreconditionError, FileNotFoundError):
             self._lost = "another writer took it over"
             raise _Taken(self._lost) from None
-        self.info, self._etag = info, result.get("e_tag")
+        self.info, self._version = info, _version(result)
         self._deadline = started + TTL - RENEW
 
     def release(self) -> None:
@@ -113,13 +114,22 @@ class _Taken(Exception):
     pass
 
 
-def _read(location) -> tuple[dict, str | None] | None:
-    """The lease object's contents and ETag, or None where there is none."""
+def _version(meta) -> dict | None:
+    """What a conditional update of the object that ``meta`` (a put's result, a get's or head's
+    metadata) describes must match: obstore's ``UpdateVersion``, with the ETag (S3, Azure) and
+    the version (Google Cloud Storage's generation, ``x-goog-if-generation-match``: object_store
+    refuses an update on GCS without it); None where the store gave neither."""
+    version = {key: meta[key] for key in ("e_tag", "version") if meta.get(key)}
+    return version or None
+
+
+def _read(location) -> tuple[dict, dict | None] | None:
+    """The lease object's contents and version (:func:`_version`), or None where there is none."""
     import obstore
 
     try:
         result = obstore.get(location.object_store(), LEASE_NAME)
-        data, etag = result.bytes().to_bytes(), result.meta.get("e_tag")
+        data, version = result.bytes().to_bytes(), _version(result.meta)
     except FileNotFoundError:
         return None
     except Exception as exc:
@@ -128,7 +138,7 @@ def _read(location) -> tuple[dict, str | None] | None:
         info = json.loads(data)
     except ValueError:
         info = None
-    return (info if isinstance(info, dict) else {}), etag
+    return (info if isinstance(info, dict) else {}), version
 
 
 def _this_process() -> dict:
@@ -175,7 +185,7 @@ def acquire_lease(location) -> Lease:
         held = _read(location)
         if held is None:  # released between the two requests: try once more
             return acquire_lease(location)
-        holder, etag = held
+        holder, version = held
         why = _gone(holder)
         if why is None:
             raise MfcacheError(
@@ -184,7 +194,7 @@ def acquire_lease(location) -> Lease:
                 "it to finish, or choose another --out"
             ) from None
         try:  # take over the stale lease, unless someone else just did
-            result = obstore.put(store, LEASE_NAME, body, mode={"e_tag": etag} if etag else "overwrite")
+            result = obstore.put(store, LEASE_NAME, body, mode=version or "overwrite")
         except obstore.exceptions.PreconditionError:
             raise MfcacheError(
                 f"cache {location} was just taken by another extract; wait for it to finish, or choose another --out"
@@ -201,7 +211,7 @@ def acquire_lease(location) -> Lease:
             f"cache {location} was just taken by another extract "
             f"({_describe(held[0]) if held else 'unknown'}); choose another --out"
         )
-    return Lease(location, info, result.get("e_tag"))
+    return Lease(location, info, _version(result))
 
 
 def _describe(info: dict) -> str:

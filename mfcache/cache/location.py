@@ -19,7 +19,9 @@ Credentials come from each cloud's usual places and never from the URL: AWS from
 chain (``~/.aws/credentials``, ``~/.aws/config``, ``AWS_PROFILE``, SSO, instance roles);
 ``AWS_ENDPOINT_URL`` names an S3-compatible server (MinIO, Ceph), plain ``http://`` allowed.
 Google Cloud from ``GOOGLE_APPLICATION_CREDENTIALS`` / ``GOOGLE_SERVICE_ACCOUNT`` or the
-gcloud application-default credentials; Azure from ``AZURE_STORAGE_ACCOUNT_NAME`` with
+gcloud application-default credentials (a GCS emulator is reached the way object_store
+documents: a service-account key with ``gcs_base_url`` and ``"disable_oauth": true`` in
+``GOOGLE_SERVICE_ACCOUNT_KEY``, and ``GOOGLE_ALLOW_HTTP=true``; ``tests/helpers/gcs.py``); Azure from ``AZURE_STORAGE_ACCOUNT_NAME`` with
 ``AZURE_STORAGE_ACCOUNT_KEY`` / ``AZURE_STORAGE_SAS_KEY`` or the Azure CLI login. A URL
 with a user name, password or query string is refused, so what is printed, stored in a run
 folder or in metrics is the URL itself and never holds a secret.
