@@ -233,7 +233,7 @@ BAD = [
 @pytest.mark.parametrize("bad", BAD)
 def test_an_out_of_range_value_is_a_clear_error(bad):
     field = bad.split("=")[0]
-    with pytest.raises(MfcacheError, match=rf"^{field} must"):
+    with pytest.raises(MfcacheError, match=rf"^`{field}` must"):
         resolve_run_config(None, [bad])
 
 
