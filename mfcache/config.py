@@ -360,7 +360,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict]:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or section not in ("head", "train", "eval"):
-            raise MfcacheError(f"--set expects head.KEY=VALUE, train.KEY=VALUE or eval.KEY=VALUE, got {item!r}")
+            raise MfcacheError(f"`overrides` expects head.KEY=VALUE, train.KEY=VALUE or eval.KEY=VALUE, got {item!r}")
         nested.setdefault(section, {})[name] = _parse_value(value.strip())
     return nested
 
@@ -418,27 +418,27 @@ HEAD_CHOICES = choices(HeadConfig)  # the heads builder (mfcache/heads) composes
 SECTIONS = {ExtractConfig: "extract", HeadConfig: "head", TrainConfig: "train", EvalConfig: "eval"}
 
 
-def config_problems(config, names: dict[str, str] | None = None) -> list[str]:
+def config_problems(config) -> list[str]:
     """One line per field of ``config`` (a :class:`RunConfig` or one of its sections, or an
-    :class:`ExtractConfig`) whose value is out of range, e.g. ``train.steps must be ... got 0``.
-    ``names`` calls fields by other names (e.g. the CLI's ``--c1`` for ``extract.c1``)."""
+    :class:`ExtractConfig`) whose value is out of range, each naming the field by its key in
+    backquotes (:mod:`mfcache.errors`), e.g. "`train.steps` must be >= 1, got 0"."""
     if isinstance(config, RunConfig):
-        return [p for part in (config.head, config.train, config.eval) for p in config_problems(part, names)]
+        return [p for part in (config.head, config.train, config.eval) for p in config_problems(part)]
     section, problems = SECTIONS[type(config)], []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         problem = RANGES[type(config)][f.name](value)
         if problem:
-            problems.append(f"{(names or {}).get(f.name, f'{section}.{f.name}')} {problem}, got {value!r}")
+            problems.append(f"`{section}.{f.name}` {problem}, got {value!r}")
     if isinstance(config, TrainConfig) and config.bce_weight == 0 and config.dice_weight == 0:
-        problems.append("train.bce_weight and train.dice_weight are both 0: the head would learn nothing")
+        problems.append("`train.bce_weight` and `train.dice_weight` are both 0: the head would learn nothing")
     return problems
 
 
-def check_config(config, names: dict[str, str] | None = None) -> None:
-    """Raise :class:`MfcacheError` listing every out-of-range field, one line each (``names``:
-    as in :func:`config_problems`)."""
-    problems = config_problems(config, names)
+def check_config(config) -> None:
+    """Raise :class:`MfcacheError` listing every out-of-range field, one line each
+    (:func:`config_problems`)."""
+    problems = config_problems(config)
     if problems:
         raise MfcacheError("\n".join(problems))
 
@@ -481,7 +481,7 @@ def resume_config(
         what = ", ".join(f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in changed)
         raise MfcacheError(
             f"{run} was trained with another configuration: {what}; resume it without "
-            f"--head/--set (only {', '.join(RESUMABLE)} may change)"
+            f"`train.config`/`overrides` (only {', '.join(RESUMABLE)} may change)"
         )
     if config.train.steps < at_step:
         raise MfcacheError(

@@ -27,7 +27,7 @@ def test_round_trip_through_dict():
     "bad, message",
     [
         (["train.nope=1"], "unknown train option"),
-        (["steps=1"], "--set expects"),
+        (["steps=1"], "`overrides` expects"),
         (["train.steps=abc"], "expected int"),
         (["head.use_c1=1"], "expected true or false"),
     ],

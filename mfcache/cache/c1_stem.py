@@ -107,7 +107,9 @@ def export_detector_stem(model: Detector, root: zarr.Group) -> None:
     """``--c1 recompute``: store ``model``'s C1 stem (:meth:`Detector.c1_stem`) in the cache."""
     stem = model.c1_stem()
     if stem is None:
-        raise MfcacheError(f"--c1 recompute is not available for {model.info.family} detectors; use store or none")
+        raise MfcacheError(
+            f"`extract.c1` recompute is not available for {model.info.family} detectors; use store or none"
+        )
     export_stem(stem, root)
 
 

@@ -191,13 +191,13 @@ def acquire_lease(location) -> Lease:
             raise MfcacheError(
                 f"cache {location} is being written by another extract ({_describe(holder)}); "
                 f"its lease expires at {holder.get('expires_utc', '?')} unless renewed: wait for "
-                "it to finish, or choose another --out"
+                "it to finish, or choose another `extract.out`"
             ) from None
         try:  # take over the stale lease, unless someone else just did
             result = obstore.put(store, LEASE_NAME, body, mode=version or "overwrite")
         except obstore.exceptions.PreconditionError:
             raise MfcacheError(
-                f"cache {location} was just taken by another extract; wait for it to finish, or choose another --out"
+                f"cache {location} was just taken by another extract; wait for it to finish, or choose another `extract.out`"
             ) from None
         except Exception as exc:
             raise location.unreachable(exc) from None
@@ -209,7 +209,7 @@ def acquire_lease(location) -> Lease:
     if held is None or held[0].get("owner") != info["owner"]:
         raise MfcacheError(
             f"cache {location} was just taken by another extract "
-            f"({_describe(held[0]) if held else 'unknown'}); choose another --out"
+            f"({_describe(held[0]) if held else 'unknown'}); choose another `extract.out`"
         )
     return Lease(location, info, _version(result))
 
@@ -225,7 +225,9 @@ def check_out_prefix(location) -> None:
         return
     other = [name for name in location.top_level() if name != LEASE_NAME]
     if other:
-        raise MfcacheError(f"{location} exists and is not an mfcache cache (it holds {other[0]}); choose another --out")
+        raise MfcacheError(
+            f"{location} exists and is not an mfcache cache (it holds {other[0]}); choose another `extract.out`"
+        )
 
 
 def held_lease(location) -> Lease | None:

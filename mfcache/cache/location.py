@@ -46,11 +46,11 @@ REMOTE_CONCURRENCY = 64  # requests in flight to object storage (zarr's default,
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)b?\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str, flag: str = "--local-cache-size") -> int:
+def parse_size(text: str) -> int:
     """``500GB`` -> 500e9 bytes, ``2GiB`` -> 2 * 2**30, ``1000`` -> 1000 bytes."""
     match = _SIZE.match(str(text))
     if not match:
-        raise MfcacheError(f"{flag} takes a size like 500GB, 64GiB or 800MB; got {text!r}")
+        raise MfcacheError(f"`local_cache_size` takes a size like 500GB, 64GiB or 800MB; got {text!r}")
     number, unit, binary = match.groups()
     power = "kmgtp".find(unit.lower()) + 1 if unit else 0
     return int(float(number) * ((1024 if binary else 1000) ** power))
@@ -80,16 +80,16 @@ def locate(
         location = _parse(where)
     if local_cache is None:
         if local_cache_size is not None:
-            raise MfcacheError("--local-cache-size needs --local-cache DIR")
+            raise MfcacheError("`local_cache_size` needs `local_cache` DIR")
         return location
     if location.is_local:
         raise MfcacheError(
-            f"--local-cache keeps chunks read from object storage; cache {location} is a local "
-            "folder already: leave --local-cache out"
+            f"`local_cache` keeps chunks read from object storage; cache {location} is a local "
+            "folder already: leave `local_cache` out"
         )
     size = local_cache_size if isinstance(local_cache_size, int) else parse_size(local_cache_size or "100GB")
     if size <= 0:
-        raise MfcacheError("--local-cache-size must be more than 0")
+        raise MfcacheError("`local_cache_size` must be more than 0")
     return CacheLocation(
         scheme=location.scheme,
         bucket=location.bucket,

@@ -49,9 +49,9 @@ def check_out_folder(path: Path) -> None:
     """Refuse an ``--out`` that is a file, or a folder holding something other than an
     mfcache cache (an empty folder, or one with only a cache lock in it, becomes one)."""
     if path.exists() and not path.is_dir():
-        raise MfcacheError(f"{path} is a file, not a cache folder; choose another --out")
+        raise MfcacheError(f"{path} is a file, not a cache folder; choose another `extract.out`")
     if path.is_dir() and not (path / "zarr.json").exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
-        raise MfcacheError(f"{path} exists and is not an mfcache cache; choose another --out")
+        raise MfcacheError(f"{path} exists and is not an mfcache cache; choose another `extract.out`")
 
 
 class CacheLock:
@@ -98,7 +98,7 @@ def acquire(path: str | Path) -> CacheLock:
             os.close(fd)
             raise MfcacheError(
                 f"cache {path} is being written by another extract ({holder}); wait for it to "
-                "finish, or choose another --out"
+                "finish, or choose another `extract.out`"
             ) from None
         except OSError as exc:
             os.close(fd)

@@ -116,10 +116,10 @@ class Cache:
             if role == "eval" and not matches and all(s.startswith("train") for s in splits):
                 raise MfcacheError(
                     f"cache {self.path} has only training splits ({', '.join(splits)}): extract a val split to "
-                    f"evaluate on, or pass --split {splits[0]} to score the head on the images it trained on"
+                    f"evaluate on, or pass `split` {splits[0]} to score the head on the images it trained on"
                 )
             if len(matches) != 1:
-                raise MfcacheError(f"cache {self.path} has splits {', '.join(splits)}: choose one with --split")
+                raise MfcacheError(f"cache {self.path} has splits {', '.join(splits)}: choose one with `split`")
             name = matches[0]
         if name not in splits:
             raise MfcacheError(f"cache {self.path} has no split {name!r} (it has {', '.join(splits)})")
@@ -237,7 +237,7 @@ class CacheSplit:
         if missing:
             raise MfcacheError(
                 f"the head reads encoder levels {missing}, but cache {self.cache.path} stores only levels "
-                f"{self.stored_levels} (extract --levels): extract again with them, or pick another head"
+                f"{self.stored_levels} (`extract.levels`): extract again with them, or pick another head"
             )
 
     def _has(self, name: str) -> bool:

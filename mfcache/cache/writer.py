@@ -58,7 +58,7 @@ def open_root(path, fingerprint: dict) -> zarr.Group:
         return root
     problem = fingerprint_mismatch(stored, fingerprint)
     if problem:
-        raise MfcacheError(f"cache {location} was made with {problem}; use another --out")
+        raise MfcacheError(f"cache {location} was made with {problem}; use another `extract.out`")
     return root
 
 
@@ -110,7 +110,7 @@ def create_split(
             if group.attrs.get("annotations_sha256") != meta["annotations_sha256"]:
                 raise MfcacheError(
                     f"split {name!r} of this cache was made from another annotation file "
-                    f"({group.attrs.get('annotation_file')}); use another --split or --out"
+                    f"({group.attrs.get('annotation_file')}); use another `split` or `extract.out`"
                 )
             return group
         # A killed creation left a partial layout and no data: start it again.

@@ -1,18 +1,22 @@
-"""What every command shares: one-line user errors and option types."""
+"""What every command shares: one-line user errors (the settings they name spelled as options: CLI_NAMES) and
+option types."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from mfcache.errors import MfcacheError, UntrustedFile
+from mfcache.config import ExtractConfig
+from mfcache.errors import MfcacheError
 from mfcache.runtime import console
 
 
@@ -25,7 +29,8 @@ def print_json(document) -> None:
 
 def user_errors(fn=None, *, interrupted: str | Callable[[dict], str] = ""):
     """Turn :class:`MfcacheError` into red ``error:`` lines on stderr (one per line of its
-    message: a config with several mistakes lists them all) and exit code 1.
+    message, its settings named as options (:data:`CLI_NAMES`): a config with several
+    mistakes lists them all) and exit code 1.
 
     On Ctrl-C (or a training run stopped by SIGINT/SIGTERM, which saved a checkpoint and
     says so) print ``interrupted`` and what to do next: ``interrupted`` is a fixed text or a
@@ -40,8 +45,7 @@ def user_errors(fn=None, *, interrupted: str | Callable[[dict], str] = ""):
         try:
             return fn(*args, **kwargs)
         except MfcacheError as exc:
-            message = exc.with_fix(TRUST_FLAG) if isinstance(exc, UntrustedFile) else str(exc)
-            for line in message.splitlines() or [""]:
+            for line in exc.spelled(CLI_NAMES).splitlines() or [""]:
                 console.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
@@ -134,7 +138,7 @@ def train_overrides(overrides: list[str] | None, *, steps: int | None, device: s
     return [*(overrides or []), *extra] or None
 
 
-TRUST_FLAG = "--trust-checkpoint"  # the CLI's spelling of the trust_checkpoint setting (UntrustedFile)
+TRUST_FLAG = "--trust-checkpoint"  # the CLI's spelling of `trust_checkpoint=True` (UntrustedFile)
 TrustOpt = Annotated[
     bool,
     typer.Option(
@@ -152,3 +156,62 @@ JsonOpt = Annotated[
         "messages still go to stderr).",
     ),
 ]
+
+
+# ExtractConfig field -> its `mfcache extract` option: the field's own flag, else --field-name
+EXTRACT_FLAGS = {
+    f.name: f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in dataclasses.fields(ExtractConfig)
+}
+_CONFIG_KEY = re.compile(r"(?:head|train|eval)\.\w+(?:=\S+)?")  # as --set takes it: train.steps, head.use_c1=false
+
+
+class OptionNames(Mapping):
+    """Setting key (as library messages name it, :mod:`mfcache.errors`) -> how the CLI spells
+    it: ``flags``, and any other config key as ``--set`` takes it (`head.use_c1=false` ->
+    ``--set head.use_c1=false``; a bare `train.steps` -> ``train.steps``)."""
+
+    def __init__(self, flags: dict[str, str]):
+        self.flags = flags
+
+    def __getitem__(self, key: str) -> str:
+        if key in self.flags:
+            return self.flags[key]
+        if _CONFIG_KEY.fullmatch(key):
+            return f"--set {key}" if "=" in key else key
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.flags)
+
+    def __len__(self) -> int:
+        return len(self.flags)
+
+
+# The options of the settings library messages name: a stage's keyword as `section.name` (the
+# stage function's keyword: extract(skip_bad=...) is `extract.skip_bad`), a keyword several
+# stages share, or an ExtractConfig field (`extract.dtype`).
+CLI_NAMES = OptionNames(
+    {
+        **{f"extract.{name}": flag for name, flag in EXTRACT_FLAGS.items()},
+        "extract.out": "--out",
+        "extract.images": "--images",
+        "extract.skip_bad": "--skip-bad",
+        "extract.ignore_free_space": "--ignore-free-space",
+        "train.run_dir": "--out",
+        "train.config": "--head",
+        "train.resume": "--resume",
+        "evaluate.out": "--out",
+        "evaluate.force": "--force",
+        "visualize.images_dir": "--images",
+        "predict.masks": "--masks",
+        "predict.skip_bad": "--skip-bad",
+        "predict.recursive": "--recursive",
+        "sweep.out_dir": "--out",
+        "split": "--split",
+        "detector": "--detector",
+        "overrides": "--set",
+        "local_cache": "--local-cache",
+        "local_cache_size": "--local-cache-size",
+        "trust_checkpoint=True": TRUST_FLAG,
+    }
+)

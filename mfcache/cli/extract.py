@@ -8,15 +8,13 @@ from typing import Annotated
 
 import typer
 
-from mfcache.cli.common import QuietOpt, SplitOpt, TrustOpt, cache_place, user_errors
+from mfcache.cli.common import EXTRACT_FLAGS, QuietOpt, SplitOpt, TrustOpt, cache_place, user_errors
 from mfcache.config import ExtractConfig, check_config
 from mfcache.errors import MfcacheError
 from mfcache.runtime import stdout
 
 _D = ExtractConfig()
 _FIELDS = {f.name: f for f in dataclasses.fields(ExtractConfig)}
-# ExtractConfig field -> its option (errors name the option: "--c1 must be one of ...")
-FLAGS = {name: f.metadata["flag"] or "--" + name.replace("_", "-") for name, f in _FIELDS.items()}
 
 
 def _option(name: str):
@@ -24,7 +22,7 @@ def _option(name: str):
     (a list option, like --levels, is parsed from text here and checked item by item later)."""
     f = _FIELDS[name]
     return typer.Option(
-        FLAGS[name], help=f.metadata["help"], min=None if isinstance(f.default, tuple) else f.metadata["min"]
+        EXTRACT_FLAGS[name], help=f.metadata["help"], min=None if isinstance(f.default, tuple) else f.metadata["min"]
     )
 
 
@@ -133,7 +131,7 @@ def command(
         views=views,
         view_crop=view_crop,
     )
-    check_config(config, FLAGS)  # before anything starts, naming the options as typed
+    check_config(config)  # before anything starts (its errors name the options as typed: CLI_NAMES)
     with trusting(trust_checkpoint):  # the detector's checkpoint
         summary = extract(
             detector=detector,

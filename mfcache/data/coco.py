@@ -139,7 +139,7 @@ class CocoDataset:
             more = f" ({len(bad) - 1} more)" if len(bad) > 1 else ""
             raise MfcacheError(
                 f"{self.annotation_file.name}: image id {image_id}: {why}{more} "
-                "(pass --skip-bad to record such images as skipped)"
+                "(pass `extract.skip_bad` to record such images as skipped)"
             )
         return bad
 

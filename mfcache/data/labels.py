@@ -35,7 +35,12 @@ from mfcache.errors import MfcacheError
 AGNOSTIC = "agnostic"  # extract.label_map of a class-agnostic cache
 AGNOSTIC_CATEGORY = (1, "object")  # (id, name) every class-agnostic result carries
 LabelMap = dict[str, str | int | None]  # detector label -> category name | category id | None (dropped)
-MAP_HINT = (
+MAP_HINT = (  # the fix an error names, in setting keys (mfcache.errors)
+    'map detector labels to them with `extract.label_map` FILE (JSON {"detector label": "category name or id"}) '
+    "or extract with `extract.class_agnostic`"
+)
+# the same fix in the warning extract prints (a warning is not spelled for the CLI: it names the options)
+MAP_HINT_OPTIONS = (
     'map detector labels to them with --label-map FILE (JSON {"detector label": "category name or id"}) '
     "or extract with --class-agnostic"
 )
@@ -46,7 +51,7 @@ def chosen_label_map(label_map_file: str | Path | None, class_agnostic: bool) ->
     file's map (:func:`read_label_map`); the two options exclude each other."""
     if label_map_file and class_agnostic:
         raise MfcacheError(
-            "--label-map and --class-agnostic exclude each other: class-agnostic results carry "
+            "`extract.label_map` and `extract.class_agnostic` exclude each other: class-agnostic results carry "
             "one category whatever the detector's labels"
         )
     if class_agnostic:
@@ -71,7 +76,7 @@ def read_label_map(path: str | Path) -> LabelMap:
     """The JSON object of ``--label-map`` ``path``, its shape checked (string keys; string,
     integer or null values); one-line :class:`MfcacheError` otherwise. Names are checked
     against the detector and the dataset by :func:`resolve_labels`."""
-    where = f"--label-map {path}"
+    where = f"`extract.label_map` {path}"
     data = read_json_option(path, where)
     if not isinstance(data, dict) or not data:
         raise MfcacheError(
@@ -107,7 +112,7 @@ def resolve_labels(
     label_map: LabelMap | str | None,
     annotations: list[dict],
     *,
-    source: str = "--label-map",
+    source: str = "`extract.label_map`",
 ) -> LabelMapping:
     """The :class:`LabelMapping` of a detector (``label_names``) on a dataset (``categories``
     ``{id: name}``, ``annotations`` its COCO annotations) under ``label_map`` (None, a
@@ -189,7 +194,7 @@ def unmapped_warning(mapping: LabelMapping, categories: dict[int, str]) -> str |
     held = sum(mapping.unmapped.values())
     return (
         f"{len(parts)} of {len(categories)} dataset categories have no detector label mapped to them and can "
-        f"never be predicted ({held} GT instances count as misses): {_listed(parts)}; {MAP_HINT}"
+        f"never be predicted ({held} GT instances count as misses): {_listed(parts)}; {MAP_HINT_OPTIONS}"
     )
 
 

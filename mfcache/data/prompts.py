@@ -35,7 +35,7 @@ SHOWN = 6  # phrases named in one-line messages
 def read_prompts(path: str | Path) -> PromptFile:
     """The JSON of ``--prompts`` ``path``, its shape checked (a non-empty list of strings, or
     an object of strings or nulls); one-line :class:`MfcacheError` otherwise."""
-    where = f"--prompts {path}"
+    where = f"`extract.prompts` {path}"
     data = read_json_option(path, where)
     if isinstance(data, list) and data and all(isinstance(v, str) for v in data):
         return data
@@ -66,7 +66,7 @@ def check_phrases(phrases: Sequence[str], where: str = "the prompt") -> tuple[st
 
 
 def prompt_phrases(
-    prompts: PromptFile | None, categories: dict[int, str], *, where: str = "--prompts"
+    prompts: PromptFile | None, categories: dict[int, str], *, where: str = "`extract.prompts`"
 ) -> tuple[tuple[str, ...], LabelMap]:
     """The phrases of the prompt and the label map they imply (phrase -> category id, for the
     phrases of an object-form file that differ from their category's name), from the file's

@@ -98,10 +98,10 @@ def file_name_problem(file_name) -> str | None:
     if not isinstance(file_name, str) or not file_name.strip():
         return f"file_name must be a non-empty path, got {short_repr(file_name)}"
     if os.path.isabs(file_name) or file_name.startswith(("/", "\\")):
-        return f"file_name {file_name!r} is an absolute path; it must be relative to --images"
+        return f"file_name {file_name!r} is an absolute path; it must be relative to the image folder"
     parts = os.path.normpath(file_name).replace("\\", "/").split("/")
     if parts[0] in ("..", "."):
-        return f"file_name {file_name!r} leads outside --images"
+        return f"file_name {file_name!r} leads outside the image folder"
     return None
 
 
@@ -203,7 +203,7 @@ def clean_annotations(
         ann_id, why = bad[0]
         more = f" ({len(bad) - 1} more bad annotations)" if len(bad) > 1 else ""
         raise MfcacheError(
-            f"{source}: annotation id {ann_id}: {why}{more}; fix the file or pass --skip-bad "
+            f"{source}: annotation id {ann_id}: {why}{more}; fix the file or pass `extract.skip_bad` "
             "to leave bad annotations out"
         )
     return kept, report

@@ -191,7 +191,7 @@ class Detector(nn.Module):
         """Make ``phrases`` (one per class) this detector's classes: its labels, in that order
         (``info.label_names == info.prompts == tuple(phrases)``). Detectors with fixed classes refuse."""
         raise MfcacheError(
-            f"{self.info.spec} ({self.info.family}) has fixed classes; --prompts applies to "
+            f"{self.info.spec} ({self.info.family}) has fixed classes; `extract.prompts` applies to "
             "open-vocabulary detectors (grounding-dino, mm-grounding-dino, omdet-turbo)"
         )
 

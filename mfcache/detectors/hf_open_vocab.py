@@ -51,7 +51,7 @@ class HFOpenVocabDetector(HFDetector):
         if not self.info.prompts:
             raise MfcacheError(
                 f"{self.info.spec}: an open-vocabulary detector needs its text prompt "
-                "(set_prompts, or extract's --prompts / the dataset's category names)"
+                "(set_prompts, or `extract.prompts` / the dataset's category names)"
             )
 
     def forward(self, pixel_values: Tensor, pixel_mask: Tensor):

@@ -39,8 +39,8 @@ def check_head_config(c: HeadConfig, *, channels: int, c1_channels: int, num_lev
         raise MfcacheError(f"head.level {c.level} is out of range: the cache has {num_levels} levels")
     if c.use_c1 and not c1_channels:
         raise MfcacheError(
-            "head.use_c1 = true but the cache holds no C1 map (extracted with --c1 none, or a "
-            "detector without a stride-4 map: ViT backbones); use --set head.use_c1=false"
+            "head.use_c1 = true but the cache holds no C1 map (extracted with `extract.c1` none, or a "
+            "detector without a stride-4 map: ViT backbones); use `head.use_c1=false`"
         )
     if c.neck != "none" and not c.use_c1:
         raise MfcacheError(f"head.neck = {c.neck!r} needs head.use_c1 = true (the neck maps C1)")

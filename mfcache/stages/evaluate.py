@@ -92,7 +92,7 @@ def evaluate(
     records ``step`` (of the head evaluated), ``steps`` (the run's schedule) and ``finished``
     (:func:`~mfcache.stages.runs.run_progress`)."""
     out = Path(out) if out else metrics_path(run_dir, checkpoint)
-    check_file(out, "--out (the metrics file)")  # now, not after the whole evaluation
+    check_file(out, "`evaluate.out` (the metrics file)")  # now, not after the whole evaluation
     cache = Cache(cache_path)
     data = cache.split(split, role="eval")
     data.require_complete()
@@ -159,16 +159,16 @@ def check_previous(out: Path, source: dict) -> None:
         previous = None
     if not isinstance(previous, dict) or "segm" not in previous:
         raise MfcacheError(
-            f"{out} exists and is not a metrics file mfcache wrote; pass --force to overwrite it, "
-            "or --out to write elsewhere"
+            f"{out} exists and is not a metrics file mfcache wrote; pass `evaluate.force` to overwrite it, "
+            "or `evaluate.out` to write elsewhere"
         )
     theirs = previous.get("cache")
     keys = ("fingerprint_sha256", "annotations_sha256")
     if isinstance(theirs, dict) and any(theirs.get(k) != source[k] for k in keys):
         raise MfcacheError(
             f"{out} holds metrics of another cache ({theirs.get('path')}, detector "
-            f"{previous.get('detector', {}).get('spec')!r}); pass --force to overwrite them, or --out "
-            "to write elsewhere"
+            f"{previous.get('detector', {}).get('spec')!r}); pass `evaluate.force` to overwrite them, or "
+            "`evaluate.out` to write elsewhere"
         )
 
 
@@ -178,7 +178,7 @@ def eval_config(config: RunConfig, overrides: list[str] | None) -> RunConfig:
     others = [o for o in overrides or [] if not o.strip().startswith("eval.")]
     if others:
         raise MfcacheError(
-            f"eval takes only --set eval.* options (the head was trained with the rest): {', '.join(others)}"
+            f"eval takes only `overrides` eval.* options (the head was trained with the rest): {', '.join(others)}"
         )
     return resolve_run_config(None, overrides, base=config) if overrides else config
 

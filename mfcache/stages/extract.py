@@ -206,7 +206,9 @@ def extract(
     call again resumes."""
     out = locate(out)  # a folder, or a prefix in object storage (mfcache.cache.location)
     if out.is_local:
-        check_folder(out.path, "--out (the cache folder)")  # a file or a read-only place: before anything is made
+        check_folder(
+            out.path, "`extract.out` (the cache folder)"
+        )  # a file or a read-only place: before anything is made
     device = resolve_device(config.device)
     world, created = init_world(device)
     try:
@@ -352,10 +354,10 @@ def _prepare(
     if not len(dataset):
         raise MfcacheError(f"{annotations} lists no images")
     if world.enabled and skip_bad:  # skip reasons live in the split's attrs: one writer only
-        raise MfcacheError("--skip-bad needs a single process: run extract without torchrun")
+        raise MfcacheError("`extract.skip_bad` needs a single process: run extract without torchrun")
     split = split or split_name(Path(annotations))
     model = load_detector(detector, device=device, resize=None if config.resize == "auto" else config.resize)
-    label_map = _apply_prompts(model, prompts, dataset.category_names, label_map, f"--prompts {config.prompts}")
+    label_map = _apply_prompts(model, prompts, dataset.category_names, label_map, f"`extract.prompts` {config.prompts}")
     info = model.info
     num_classes = len(info.label_names)
     labels = resolve_labels(
@@ -363,14 +365,14 @@ def _prepare(
         dataset.category_names,
         label_map,
         dataset.data["annotations"],
-        source=f"--label-map {config.label_map}",
+        source=f"`extract.label_map` {config.label_map}",
     )
     # class-agnostic: one detection per query (its best label), so top-k never lists a query twice
     topk = min(config.topk, info.num_queries * (num_classes if info.sigmoid and not labels.agnostic else 1))
     levels = sorted(set(config.levels)) if config.levels else list(range(len(info.strides)))
     if levels[0] < 0 or levels[-1] >= len(info.strides):
         raise MfcacheError(
-            f"--levels {','.join(map(str, config.levels))}: the detector has levels "
+            f"`extract.levels` {','.join(map(str, config.levels))}: the detector has levels "
             f"0..{len(info.strides) - 1} (strides {list(info.strides)})"
         )
     meta = {
@@ -385,9 +387,11 @@ def _prepare(
     }
     existing = stored_fingerprint(out)
     if config.views > 1 and config.c1 == "recompute":  # C1 is re-made from the plain image only
-        raise MfcacheError("--views > 1 needs --c1 store, none or auto: recomputed C1 would miss the views' transforms")
+        raise MfcacheError(
+            "`extract.views` > 1 needs `extract.c1` store, none or auto: recomputed C1 would miss the views' transforms"
+        )
     if config.view_crop and config.views == 1:  # only views >= 1 are cropped
-        raise MfcacheError("--view-crop needs --views > 1: view 0 is never cropped")
+        raise MfcacheError("`extract.view_crop` needs `extract.views` > 1: view 0 is never cropped")
     c1 = resolve_c1(
         config.c1,
         existing=existing["extract"]["c1"] if existing else None,
@@ -520,10 +524,12 @@ def _check_space(
             soft_wrap=True,
         )
     if free is not None and need > free and not ignore:
-        less = "--dtype int8, --c1 recompute or none, --levels" if job.c1 == "store" else "--dtype int8, --levels"
+        less = "`extract.dtype` int8, `extract.c1` recompute or none, `extract.levels`"
+        if job.c1 != "store":
+            less = "`extract.dtype` int8, `extract.levels`"
         raise MfcacheError(
             f"split {job.split!r} needs {format_bytes(need)} but {out} has {format_bytes(free)} free: free space, "
-            f"store less ({less}), or pass --ignore-free-space to go on"
+            f"store less ({less}), or pass `extract.ignore_free_space` to go on"
         )
 
 
@@ -600,7 +606,7 @@ def _run_detector(
             good = [item for item in items if isinstance(item, DecodedRow)]
             for item in items:
                 if isinstance(item, UnreadableRow) and not skip_bad:
-                    raise MfcacheError(f"{item.reason} (pass --skip-bad to record it as skipped and go on)")
+                    raise MfcacheError(f"{item.reason} (pass `extract.skip_bad` to record it as skipped and go on)")
             if good:
                 out_batch = run_detector(model, [item.input for item in good], device=device, amp=job.amp)
                 top = select_topk(out_batch, job.topk, sigmoid=info.sigmoid, agnostic=job.agnostic)

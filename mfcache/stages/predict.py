@@ -118,8 +118,7 @@ def load_segmenter(run_dir: Path, *, detector: str | None = None, device: str = 
         if detector:
             raise
         raise MfcacheError(
-            f"{exc} (the detector the run's cache was extracted with: name it as it is now with "
-            "--detector, or detector= in the Python API)"
+            f"{exc} (the detector the run's cache was extracted with: name it as it is now with `detector`)"
         ) from None
     run = load_run(
         run_dir, fingerprint(model.info, **extract.options()), torch_device, state=state, detector=model.info.spec
@@ -168,7 +167,7 @@ def predict_images(
     input order. With ``skip_bad`` an image that cannot be decoded is reported (a warning
     line) and left out, its id unused; without, it stops everything."""
     if masks not in MASK_MODES:
-        raise MfcacheError(f"unknown --masks {masks!r}; choose one of {', '.join(MASK_MODES)}")
+        raise MfcacheError(f"unknown `predict.masks` {masks!r}; choose one of {', '.join(MASK_MODES)}")
     out = Path(out)
     items = find_images(inputs, recursive=recursive, exclude=out)
     for item in items:  # before any work: nothing may resolve outside --out
@@ -233,7 +232,9 @@ def _predict_all(
                     )
                 except MfcacheError as exc:
                     if not skip_bad:
-                        raise MfcacheError(f"{exc} (pass --skip-bad to skip unreadable images and go on)") from None
+                        raise MfcacheError(
+                            f"{exc} (pass `predict.skip_bad` to skip unreadable images and go on)"
+                        ) from None
                     skipped[item.image_id] = (item.path, str(exc))
                     console.print(
                         f"[bold yellow]warning:[/bold yellow] skipped: {exc}", highlight=False, soft_wrap=True

@@ -56,7 +56,7 @@ def find_images(
             raise MfcacheError(f"no such image or folder: {item}")
     if not found:
         nested = not recursive and any(p.is_dir() and any(c.is_dir() for c in p.iterdir()) for p in map(Path, inputs))
-        hint = " (its subfolders are read with --recursive)" if nested else ""
+        hint = " (its subfolders are read with `predict.recursive`)" if nested else ""
         raise MfcacheError(f"no image files in {', '.join(map(str, inputs)) or 'the arguments'}{hint}")
     seen: set[str] = set()
     images = []

@@ -54,7 +54,7 @@ def read_checkpoint(run_dir: Path, device: torch.device | str = "cpu", which: st
         if which == "best":
             raise MfcacheError(
                 f"no best checkpoint in {run_dir} (expected {BEST}: training keeps one when it "
-                "validates periodically, with --set train.eval_every=N)"
+                "validates periodically, with `train.eval_every=N`)"
             )
         raise MfcacheError(f"no trained head in {run_dir} (expected {CHECKPOINT}; run `mfcache train`)")
     return load_checkpoint(path, what="run checkpoint", map_location=device)
@@ -98,7 +98,9 @@ def checkpoint_to_resume(run_dir: Path, resume: bool) -> dict | None:
     run. A folder that holds a run is refused without ``resume``; ``resume`` without one is too."""
     if (Path(run_dir) / CHECKPOINT).exists():
         if not resume:
-            raise MfcacheError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+            raise MfcacheError(
+                f"{run_dir} already holds a run: pass `train.resume` to continue it, or choose another `train.run_dir`"
+            )
         return read_checkpoint(run_dir)
     if resume:
         raise MfcacheError(f"nothing to resume: no {CHECKPOINT} in {run_dir}")

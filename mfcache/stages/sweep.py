@@ -154,13 +154,13 @@ def sweep(
         if config.head.name in taken:
             raise MfcacheError(
                 f"heads {taken[config.head.name]!r} and {name!r} share the name "
-                f"{config.head.name!r}; give one a different `name`"
+                f"{config.head.name!r}; give one a different `head.name`"
             )
         taken[config.head.name] = name
     cache = Cache(cache_path)  # a missing or foreign cache, or a missing split, fails before any run folder is made
     cache.split(split, role="train")
     cache.split(eval_split, role="eval")
-    check_folder(out_dir, "--out (the sweep folder)")
+    check_folder(out_dir, "`sweep.out_dir` (the sweep folder)")
     with write_errors("the sweep folder", out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -195,7 +195,9 @@ def _sweep_head(
     if reused:
         row = json.loads(row_file.read_text())
         if _what_it_learns(RunConfig.from_dict(row["config"])) != _what_it_learns(config):
-            raise MfcacheError(f"{run_dir} holds a run with another configuration; delete it or choose another --out")
+            raise MfcacheError(
+                f"{run_dir} holds a run with another configuration; delete it or choose another `sweep.out_dir`"
+            )
     else:
         row = train_and_evaluate(
             cache_path=cache_path, config=config, run_dir=run_dir, split=split, eval_split=eval_split, progress=progress

@@ -83,7 +83,7 @@ def train(
     categories' instances alone; queries on the others' are left out of the loss
     (:mod:`mfcache.stages.categories`)."""
     run_dir = Path(run_dir)
-    check_folder(run_dir, "--out (the run folder)")  # a file or a read-only place: before any work
+    check_folder(run_dir, "`train.run_dir` (the run folder)")  # a file or a read-only place: before any work
     state = checkpoint_to_resume(run_dir, resume)
     if state is not None:
         config = resume_config(
@@ -161,7 +161,7 @@ def _check_positives(data: CacheSplit, min_iou: float, warn: bool) -> MatchStats
         raise MfcacheError(
             f"{where} has nothing to train on: none of its {stats.gt_instances} GT instances is the best match "
             f"of a cached query at box IoU >= train.min_iou={min_iou:g} (the best query-GT IoU is "
-            f"{stats.best_iou:.2f}); lower train.min_iou, or extract with a larger --topk or a detector "
+            f"{stats.best_iou:.2f}); lower `train.min_iou`, or extract with a larger `extract.topk` or a detector "
             "that finds these objects"
         )
     if warn and stats.matched < FEW_MATCHED * stats.gt_instances:
@@ -407,9 +407,9 @@ def _non_finite(value: float, step: int, checkpoint_path: Path) -> str:
     if checkpoint_path.exists():
         return (
             f"loss became non-finite ({value}) at step {step}; nothing was updated, the last good checkpoint "
-            f"is {checkpoint_path}: lower train.lr or set train.grad_clip and --resume"
+            f"is {checkpoint_path}: lower `train.lr` or set `train.grad_clip` and `train.resume`"
         )
     return (
-        f"loss became non-finite ({value}) at step {step}, before the first checkpoint: lower train.lr or "
-        "set train.grad_clip"
+        f"loss became non-finite ({value}) at step {step}, before the first checkpoint: lower `train.lr` or "
+        "set `train.grad_clip`"
     )

@@ -273,7 +273,11 @@ def visualize_split(
     recorded = images_dir is None
     images_dir = Path(split.attrs["images_dir"] if recorded else images_dir)
     if not images_dir.is_dir():
-        where = "recorded at extraction; name its new place with --images" if recorded else "given with --images"
+        where = (
+            "recorded at extraction; name its new place with `visualize.images_dir`"
+            if recorded
+            else "given with `visualize.images_dir`"
+        )
         raise MfcacheError(f"cannot draw split {split.name!r}: its image folder {images_dir} ({where}) is gone")
     coco = split.coco()
     names = {c["id"]: c["name"] for c in coco.dataset.get("categories", [])}

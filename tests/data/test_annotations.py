@@ -277,14 +277,14 @@ def test_file_name_outside_images_is_refused(data, tmp_path):
             extract_demo(data, tmp_path / "cache", annotations=renamed(name)),
             f"image id {first['id']}",
             "file_name",
-            "--images",
+            "the image folder",
             "--skip-bad",
         )
         assert not (tmp_path / "cache").exists()
     result = extract_demo(data, tmp_path / "cache", "--skip-bad", annotations=renamed(f"../{first['file_name']}"))
     assert result.exit_code == 0, result.output
     skipped = Cache(tmp_path / "cache").split("edited").skipped
-    assert list(skipped) == [first["id"]] and "outside --images" in skipped[first["id"]]
+    assert list(skipped) == [first["id"]] and "outside the image folder" in skipped[first["id"]]
 
 
 def test_file_name_inside_images_may_use_subfolders(data, tmp_path):

@@ -221,7 +221,7 @@ def test_another_views_is_another_cache(caches, shapes_data):
 
 def test_recomputed_c1_is_refused_with_views(shapes_data, tmp_path):
     cfg = ExtractConfig(topk=10, target_size=TARGET, num_workers=0, device="cpu", c1="recompute", views=2)
-    with pytest.raises(MfcacheError, match="--views > 1 needs --c1"):
+    with pytest.raises(MfcacheError, match="`extract.views` > 1 needs `extract.c1`"):
         extract(
             detector="demo",
             images=shapes_data / "train",
@@ -349,9 +349,9 @@ def test_no_crop_keeps_the_fingerprint_and_another_crop_is_another_cache(caches,
 
 
 def test_view_crop_needs_views_and_a_probability(shapes_data, tmp_path):
-    with pytest.raises(MfcacheError, match="--view-crop needs --views > 1"):
+    with pytest.raises(MfcacheError, match="`extract.view_crop` needs `extract.views` > 1"):
         run_extract(shapes_data, tmp_path / "c", 1, crop=0.5)
-    with pytest.raises(MfcacheError, match="view_crop must be in .0, 1"):
+    with pytest.raises(MfcacheError, match="`extract.view_crop` must be in .0, 1"):
         check_config(config(2, 1.5))
 
 

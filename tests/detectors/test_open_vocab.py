@@ -463,7 +463,7 @@ def test_prompt_file_forms():
 )
 def test_a_bad_prompt_file_is_one_clear_error(tmp_path, text, needle):
     (tmp_path / "p.json").write_text(text)
-    with pytest.raises(MfcacheError, match=f"--prompts {tmp_path / 'p.json'}: .*") as caught:
+    with pytest.raises(MfcacheError, match=f"`extract.prompts` {tmp_path / 'p.json'}: .*") as caught:
         read_prompts(tmp_path / "p.json")
     assert needle in str(caught.value) and "\n" not in str(caught.value)
 

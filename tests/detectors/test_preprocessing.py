@@ -198,7 +198,7 @@ def test_a_cache_made_on_one_path_is_refused_for_the_other(shapes_data, tmp_path
         run_extract(shapes_data, annotations, tmp_path / "cache", c1="none", resize="processor")
     run_extract(shapes_data, annotations, tmp_path / "cache", c1="none", resize="float")  # the same: resumes
     with pytest.raises(
-        MfcacheError, match="extract.resize must be one of auto, processor, float, float-noaa, got 'fast'"
+        MfcacheError, match="`extract.resize` must be one of auto, processor, float, float-noaa, got 'fast'"
     ):
         run_extract(shapes_data, annotations, tmp_path / "other", resize="fast")
 

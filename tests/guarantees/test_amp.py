@@ -152,5 +152,5 @@ def test_eval_takes_eval_settings_only(tmp_path):
     config = resolve_run_config("blendmask")
     assert eval_config(config, ["eval.amp=bf16", "eval.mask_threshold=0.4"]).eval.amp == "bf16"
     assert eval_config(config, None) is config
-    with pytest.raises(MfcacheError, match="only --set eval"):
+    with pytest.raises(MfcacheError, match="only `overrides` eval"):
         eval_config(config, ["train.lr=0.1"])

@@ -233,7 +233,7 @@ BAD = [
 @pytest.mark.parametrize("bad", BAD)
 def test_an_out_of_range_value_is_a_clear_error(bad):
     field = bad.split("=")[0]
-    with pytest.raises(MfcacheError, match=rf"^{field} must"):
+    with pytest.raises(MfcacheError, match=rf"^`{field}` must"):
         resolve_run_config(None, [bad])
 
 
@@ -262,5 +262,5 @@ def test_every_mistake_is_reported_at_once_before_training(cache, tmp_path):
 
 
 def test_extract_config_is_checked():
-    with pytest.raises(MfcacheError, match="extract.topk must be >= 1"):
+    with pytest.raises(MfcacheError, match="`extract.topk` must be >= 1"):
         check_config(ExtractConfig(topk=0))

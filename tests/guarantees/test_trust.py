@@ -87,7 +87,7 @@ def test_a_malicious_native_checkpoint_never_runs(tmp_path, payload):
         load_detector(spec("hdetr", tmp_path / "evil.pth", HDETR_TINY))
     message = str(error.value)
     assert "\n" not in message and f"asks for {asked}," in message
-    assert "pass trust_checkpoint=True" in message  # the setting; the CLI names its flag (test below)
+    assert "pass `trust_checkpoint=True`" in message  # the setting; the CLI names its flag (test below)
     assert isinstance(error.value, UntrustedFile)
     assert not marker.exists()
 

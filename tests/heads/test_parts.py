@@ -183,12 +183,12 @@ def test_image_and_box_region_agree_up_to_sampling():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"encoder": "resnet"}, "head.encoder must be one of"),
+        ({"encoder": "resnet"}, "`head.encoder` must be one of"),
         ({"query_encoder": ("box_cross_attn", "self_attn")}, "self_attn must come before"),
         ({"region": "image", "predictor": "fcn"}, "region = 'image'"),
         ({"neck": "conv_gn", "use_c1": False}, "needs head.use_c1"),
         ({"channels": 30, "query_encoder": ("ffn", "self_attn")}, "divisible by 4"),
-        ({"scoring": "iou"}, "head.scoring must be one of"),
+        ({"scoring": "iou"}, "`head.scoring` must be one of"),
     ],
 )
 def test_bad_combinations_are_clear_errors(override, message):

@@ -113,7 +113,7 @@ def test_an_unknown_category_is_one_line_before_any_work(cache, tmp_path):
     assert not (tmp_path / "run" / "config.json").exists()
     result = invoke("train", "--cache", cache, "--out", tmp_path / "cli", "--set", "train.categories=Ring")
     assert result.exit_code == 1 and result.output.startswith("error: train.categories: 'Ring' not among")
-    with pytest.raises(MfcacheError, match="train.categories must be distinct non-empty names"):
+    with pytest.raises(MfcacheError, match="`train.categories` must be distinct non-empty names"):
         resolve_run_config(None, ["train.categories=ring,ring"])
     assert resolve_run_config(None, ['train.categories=["ring", "star"]']).train.categories == ("ring", "star")
 
