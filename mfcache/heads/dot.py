@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mfcache.heads.region import FUSED_STRIDE, crop_maps
+from mfcache.heads.region import FUSED_STRIDE, roi_align_map_per_box
 from mfcache.heads.roi import rows_per_image
 
 
@@ -27,7 +27,7 @@ def dot_crops(queries: Tensor, fused: Sequence[Tensor], rois: Tensor, output_siz
 
     def rows(b: int, sel: Tensor) -> Tensor:
         full = torch.einsum("nc,chw->nhw", queries[sel], fused[b])[:, None]
-        return crop_maps(full, rois[sel, 1:], output_size, 1.0 / FUSED_STRIDE, sampling_ratio)
+        return roi_align_map_per_box(full, rois[sel, 1:], output_size, 1.0 / FUSED_STRIDE, sampling_ratio)
 
     return rows_per_image(rois[:, 0].long(), rows, fused[0].new_empty(0, 1, output_size, output_size))
 

@@ -81,7 +81,7 @@ def roi_method(height: int, width: int, method: str = "auto") -> str:
     return method
 
 
-def crop_map(
+def roi_align_image(
     features: Tensor, boxes: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int, method: str = "auto"
 ) -> Tensor:
     """RoIAlign of one image: ``features [C, h, w]``, ``boxes [n, 4]`` xyxy input px ->
@@ -119,6 +119,6 @@ def roi_align(
     m = output_size
     return rows_per_image(  # one call per image, not per box
         rois[:, 0].long(),
-        lambda b, sel: crop_map(features[b], rois[sel, 1:], m, spatial_scale, sampling_ratio, method),
+        lambda b, sel: roi_align_image(features[b], rois[sel, 1:], m, spatial_scale, sampling_ratio, method),
         features[0].new_empty(0, features[0].shape[0], m, m),
     )

@@ -11,7 +11,7 @@ from mfcache.config import HEAD_CHOICES, HeadConfig, preset_names, resolve_run_c
 from mfcache.errors import MfcacheError
 from mfcache.heads import build_head
 from mfcache.heads.blender import blend
-from mfcache.heads.region import crop_maps
+from mfcache.heads.region import roi_align_map_per_box
 from mfcache.heads.roi import roi_align
 from mfcache.ops.losses import head_loss, mask_iou, point_mask_losses, point_sample, resize_targets, uncertain_points
 
@@ -146,7 +146,7 @@ def test_image_level_crop_is_roi_align_of_the_full_map():
     maps = torch.randn(3, 2, 10, 12)
     boxes = torch.tensor([[0.0, 0, 40, 30], [5, 7, 20, 33], [-4, 2, 50, 60]])
     rois = torch.cat([torch.arange(3.0)[:, None], boxes], 1)
-    torch.testing.assert_close(crop_maps(maps, boxes, 8, 0.25, 2), roi_align(maps, rois, 8, 0.25, 2))
+    torch.testing.assert_close(roi_align_map_per_box(maps, boxes, 8, 0.25, 2), roi_align(maps, rois, 8, 0.25, 2))
 
 
 def test_box_dot_product_without_roi_features_is_the_same_as_with_them():
