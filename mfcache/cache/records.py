@@ -216,8 +216,6 @@ def as_served(sample: Sample, *, dtype: str, levels: Sequence[int], wanted: Sequ
     return replace(
         sample,
         queries=torch.from_numpy(features["queries"]),
-        labels=sample.labels.long(),
-        query_index=sample.query_index.long(),
         levels=_level_maps(features["memory"], level_hw, wanted),
         c1=c1,
     )

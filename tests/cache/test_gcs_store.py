@@ -17,20 +17,17 @@ import pytest
 from mfcache.cache.lease import LEASE_NAME, TTL, acquire_lease
 from mfcache.cache.location import locate
 from mfcache.cache.verify import verify
-from mfcache.config import ExtractConfig, resolve_run_config
-from mfcache.data.shapes import write_shapes_dataset
+from mfcache.config import resolve_run_config
 from mfcache.errors import MfcacheError
 from mfcache.stages.evaluate import evaluate
 from mfcache.stages.train import train
-from tests.helpers.caches import extract_splits
+from tests.helpers.caches import STORE_CONFIG, STORE_TRAIN, extract_splits
 from tests.helpers.cli import extract_demo, one_error_line
 
 pytest.importorskip("gcp_storage_emulator")  # in the dev extra: CI runs these tests
 from tests.helpers import gcs  # noqa: E402  (imports the emulator)
 
 BUCKET = "mfcache-test"
-CONFIG = ExtractConfig(topk=10, target_size=8, block_size=2, batch_size=2, num_workers=0, device="cpu", c1="store")
-TRAIN = ["train.steps=2", "train.batch_size=2", "train.num_workers=0", "train.device=cpu", "head.roi_size=16"]
 
 
 @pytest.fixture(scope="module")
@@ -49,23 +46,16 @@ def server():
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gcs")
-    write_shapes_dataset(root / "d", num_train=6, num_val=3, seed=2, min_size=64, max_size=96)
-    return root
-
-
-def test_a_gs_cache_gives_the_folder_cache_metrics_exactly(server, data, tmp_path):
+def test_a_gs_cache_gives_the_folder_cache_metrics_exactly(server, store_data, tmp_path):
     caches = {
-        "folder": extract_splits(data / "d", data / "folder", CONFIG),
-        "bucket": extract_splits(data / "d", f"gs://{BUCKET}/caches/shapes", CONFIG),
+        "folder": extract_splits(store_data / "d", store_data / "folder", STORE_CONFIG),
+        "bucket": extract_splits(store_data / "d", f"gs://{BUCKET}/caches/shapes", STORE_CONFIG),
     }
     assert verify(caches["bucket"]).ok, verify(caches["bucket"]).problems
     metrics = {}
     for name, cache in caches.items():
         run = tmp_path / f"run_{name}"
-        train(cache_path=locate(cache), run_dir=run, config=resolve_run_config(None, TRAIN), progress=False)
+        train(cache_path=locate(cache), run_dir=run, config=resolve_run_config(None, STORE_TRAIN), progress=False)
         metrics[name] = evaluate(
             cache_path=locate(cache), run_dir=run, out=tmp_path / f"{name}.json", progress=False, device="cpu"
         )
@@ -75,11 +65,11 @@ def test_a_gs_cache_gives_the_folder_cache_metrics_exactly(server, data, tmp_pat
     assert json.loads((tmp_path / "bucket.json").read_text())["cache"]["path"] == caches["bucket"]
 
 
-def test_a_second_writer_is_refused_naming_the_holder(server, data):
+def test_a_second_writer_is_refused_naming_the_holder(server, store_data):
     url = f"gs://{BUCKET}/caches/contended"
     lease = acquire_lease(locate(url))
     try:
-        result = extract_demo(data / "d", url, "--c1", "store")
+        result = extract_demo(store_data / "d", url, "--c1", "store")
         one_error_line(result, "being written by another extract", f"pid {os.getpid()}", "lease expires at")
     finally:
         lease.release()

@@ -25,21 +25,19 @@ from mfcache.cache.location import locate, parse_size
 from mfcache.cache.reader import Cache
 from mfcache.cache.readthrough import ReadThroughStore, trim
 from mfcache.cache.verify import verify
-from mfcache.config import ExtractConfig, resolve_run_config
-from mfcache.data.shapes import write_shapes_dataset
+from mfcache.config import resolve_run_config
 from mfcache.errors import MfcacheError
 from mfcache.stages.evaluate import evaluate
 from mfcache.stages.extract import extract
 from mfcache.stages.train import train
-from tests.helpers.caches import extract_splits
+from tests.helpers.caches import STORE_CONFIG, STORE_TRAIN, extract_splits
 from tests.helpers.cli import invoke
 
 moto_server = pytest.importorskip("moto.server")  # in the dev extra: CI runs these tests
 
 SECRET = "fake-secret-key-for-tests-0123456789"
 BUCKET = "mfcache-test"
-BLOCK = 2
-CONFIG = ExtractConfig(topk=10, target_size=8, block_size=BLOCK, batch_size=2, num_workers=0, device="cpu", c1="store")
+BLOCK = STORE_CONFIG.block_size
 EXTRACT_ARGS = [
     "--detector",
     "demo",
@@ -59,7 +57,6 @@ EXTRACT_ARGS = [
     "store",
     "-q",
 ]
-TRAIN = ["train.steps=2", "train.batch_size=2", "train.num_workers=0", "train.device=cpu", "head.roi_size=16"]
 
 
 @pytest.fixture(scope="module")
@@ -91,27 +88,25 @@ def s3():
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("object_store")
-    write_shapes_dataset(root / "d", num_train=6, num_val=3, seed=2, min_size=64, max_size=96)
-    return root
-
-
-def split_args(data, split):
-    return ["--images", str(data / "d" / split), "--annotations", str(data / "d" / "annotations" / f"{split}.json")]
-
-
-@pytest.fixture(scope="module")
-def folder_cache(data):
-    return extract_splits(data / "d", data / "folder", CONFIG)
+def split_args(store_data, split):
+    return [
+        "--images",
+        str(store_data / "d" / split),
+        "--annotations",
+        str(store_data / "d" / "annotations" / f"{split}.json"),
+    ]
 
 
 @pytest.fixture(scope="module")
-def bucket_cache(s3, data):
+def folder_cache(store_data):
+    return extract_splits(store_data / "d", store_data / "folder", STORE_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def bucket_cache(s3, store_data):
     url = f"s3://{BUCKET}/caches/shapes"
     for split in ("train", "val"):
-        result = invoke("extract", *EXTRACT_ARGS, *split_args(data, split), "--out", url)
+        result = invoke("extract", *EXTRACT_ARGS, *split_args(store_data, split), "--out", url)
         assert result.exit_code == 0, result.output
     return url
 
@@ -122,12 +117,12 @@ def one_error(result) -> str:
     return lines[0]
 
 
-def test_a_bucket_cache_gives_the_folder_cache_metrics_exactly(s3, data, folder_cache, bucket_cache, tmp_path):
+def test_a_bucket_cache_gives_the_folder_cache_metrics_exactly(s3, store_data, folder_cache, bucket_cache, tmp_path):
     assert verify(bucket_cache).ok, verify(bucket_cache).problems
     metrics = {}
     for name, cache in (("folder", folder_cache), ("bucket", bucket_cache)):
         run = tmp_path / f"run_{name}"
-        train(cache_path=locate(cache), run_dir=run, config=resolve_run_config(None, TRAIN), progress=False)
+        train(cache_path=locate(cache), run_dir=run, config=resolve_run_config(None, STORE_TRAIN), progress=False)
         metrics[name] = evaluate(
             cache_path=locate(cache), run_dir=run, out=tmp_path / f"{name}.json", progress=False, device="cpu"
         )
@@ -190,11 +185,11 @@ def test_the_read_through_folder_stays_under_its_size(tmp_path):
     assert ReadThroughStore.kept("val/queries/c/0/0/0") and not ReadThroughStore.kept("val/index/done/c/0")
 
 
-def test_a_second_writer_is_refused_naming_the_holder(s3, data, tmp_path):
+def test_a_second_writer_is_refused_naming_the_holder(s3, store_data, tmp_path):
     url = f"s3://{BUCKET}/caches/contended"
     lease = acquire_lease(locate(url))
     try:
-        result = invoke("extract", *EXTRACT_ARGS, *split_args(data, "val"), "--out", url)
+        result = invoke("extract", *EXTRACT_ARGS, *split_args(store_data, "val"), "--out", url)
         line = one_error(result)
         assert "being written by another extract" in line and f"pid {os.getpid()}" in line
         assert "lease expires at" in line and "UTC" in line
@@ -281,10 +276,10 @@ def done_flags(url):
         return None
 
 
-def test_a_writer_killed_mid_block_is_resumed_exactly(s3, data, tmp_path):
+def test_a_writer_killed_mid_block_is_resumed_exactly(s3, store_data, tmp_path):
     url = f"s3://{BUCKET}/caches/killed"
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, "extract", *EXTRACT_ARGS, *split_args(data, "train"), "--out", url],
+        [sys.executable, "-c", CHILD, "extract", *EXTRACT_ARGS, *split_args(store_data, "train"), "--out", url],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
@@ -306,20 +301,20 @@ def test_a_writer_killed_mid_block_is_resumed_exactly(s3, data, tmp_path):
     assert locate(url).has(LEASE_NAME)
     extract(
         detector="demo",
-        images=data / "d" / "train",
-        annotations=data / "d" / "annotations" / "train.json",
+        images=store_data / "d" / "train",
+        annotations=store_data / "d" / "annotations" / "train.json",
         out=locate(url),
-        config=CONFIG,
+        config=STORE_CONFIG,
         progress=False,
     )
     assert not locate(url).has(LEASE_NAME) and verify(url).ok
     reference = tmp_path / "reference"
     extract(
         detector="demo",
-        images=data / "d" / "train",
-        annotations=data / "d" / "annotations" / "train.json",
+        images=store_data / "d" / "train",
+        annotations=store_data / "d" / "annotations" / "train.json",
         out=reference,
-        config=CONFIG,
+        config=STORE_CONFIG,
         progress=False,
     )
     resumed, whole = locate(url).open_group("r")["train"], zarr.open_group(reference / "train", mode="r")
@@ -328,7 +323,7 @@ def test_a_writer_killed_mid_block_is_resumed_exactly(s3, data, tmp_path):
         np.testing.assert_array_equal(resumed[name][:], array[:], err_msg=name)
 
 
-def test_a_truncated_object_is_one_error_line(s3, data, bucket_cache, tmp_path):
+def test_a_truncated_object_is_one_error_line(s3, store_data, bucket_cache, tmp_path):
     source = bucket_cache.removeprefix(f"s3://{BUCKET}/")
     for item in s3.list_objects_v2(Bucket=BUCKET, Prefix=source + "/")["Contents"]:  # a copy to damage
         s3.copy_object(
@@ -341,13 +336,15 @@ def test_a_truncated_object_is_one_error_line(s3, data, bucket_cache, tmp_path):
     s3.put_object(Bucket=BUCKET, Key=key, Body=body[: len(body) // 2])
     url = f"s3://{BUCKET}/caches/truncated"
     run = tmp_path / "run"
-    train(cache_path=locate(url), run_dir=run, config=resolve_run_config(None, TRAIN), split="train", progress=False)
+    train(
+        cache_path=locate(url), run_dir=run, config=resolve_run_config(None, STORE_TRAIN), split="train", progress=False
+    )
     line = one_error(invoke("eval", "--cache", url, "--run", run, "-q", "--device", "cpu"))
     assert "split 'val'" in line and "array memory" in line and "image id" in line and "damaged" in line
     assert not verify(url).ok
 
 
-def test_bad_places_are_one_error_line_without_credentials(s3, data, monkeypatch):
+def test_bad_places_are_one_error_line_without_credentials(s3, store_data, monkeypatch):
     line = one_error(invoke("inspect", "s3://no-such-bucket-here/x"))
     assert "does not exist" in line
     line = one_error(invoke("verify", f"s3://user:{SECRET}@{BUCKET}/x"))
@@ -356,15 +353,15 @@ def test_bad_places_are_one_error_line_without_credentials(s3, data, monkeypatch
     assert "no mfcache cache at" in line
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(data / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(data / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(store_data / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(store_data / "none"))
     line = one_error(
-        invoke("extract", *EXTRACT_ARGS, *split_args(data, "val"), "--out", f"s3://{BUCKET}/caches/nocreds")
+        invoke("extract", *EXTRACT_ARGS, *split_args(store_data, "val"), "--out", f"s3://{BUCKET}/caches/nocreds")
     )
     assert "no AWS credentials" in line
 
 
-def test_a_sweep_reads_a_bucket_through_a_local_folder(s3, data, folder_cache, bucket_cache, tmp_path):
+def test_a_sweep_reads_a_bucket_through_a_local_folder(s3, store_data, folder_cache, bucket_cache, tmp_path):
     """``sweep --local-cache`` trains and evaluates every head from the bucket through one local
     folder of chunks; its rows equal the same sweep over the folder cache."""
     rows = {}
@@ -373,7 +370,7 @@ def test_a_sweep_reads_a_bucket_through_a_local_folder(s3, data, folder_cache, b
         ("bucket", bucket_cache, ["--local-cache", str(tmp_path / "chunks"), "--local-cache-size", "1GB"]),
     ):
         args = ["sweep", "--cache", str(cache), "--heads", "box_baseline", "--out", tmp_path / name, *extra]
-        result = invoke(*args, *[a for s in TRAIN for a in ("--set", s)], "--json", "-q")
+        result = invoke(*args, *[a for s in STORE_TRAIN for a in ("--set", s)], "--json", "-q")
         assert result.exit_code == 0, result.output
         rows[name] = json.loads((tmp_path / name / "sweep.json").read_text())
     keys = ("name", "segm_AP", "segm_AP50", "params")
@@ -382,7 +379,7 @@ def test_a_sweep_reads_a_bucket_through_a_local_folder(s3, data, folder_cache, b
     assert any(p.is_file() for p in (tmp_path / "chunks").rglob("c/*"))  # the chunks were kept locally
 
 
-def test_two_nodes_extract_one_cache_in_a_bucket(s3, data, tmp_path):
+def test_two_nodes_extract_one_cache_in_a_bucket(s3, store_data, tmp_path):
     """``torchrun --nnodes 2`` (two launchers on this host, one process each, as two machines
     would run it) writes one cache in a bucket, whole blocks per rank, equal to one process's."""
     import socket
@@ -412,7 +409,7 @@ def test_two_nodes_extract_one_cache_in_a_bucket(s3, data, tmp_path):
                 "mfcache",
                 "extract",
                 *EXTRACT_ARGS,
-                *split_args(data, "train"),
+                *split_args(store_data, "train"),
                 "--out",
                 url,
             ],
@@ -430,14 +427,7 @@ def test_two_nodes_extract_one_cache_in_a_bucket(s3, data, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun's processes (OMP_NUM_THREADS=1): the same float sums
     try:
-        extract(
-            detector="demo",
-            images=data / "d" / "train",
-            annotations=data / "d" / "annotations" / "train.json",
-            out=tmp_path / "one",
-            config=CONFIG,
-            progress=False,
-        )
+        extract_splits(store_data / "d", tmp_path / "one", STORE_CONFIG, splits=("train",))
     finally:
         torch.set_num_threads(threads)
     both, one = locate(url).open_group("r")["train"], zarr.open_group(tmp_path / "one" / "train", mode="r")
